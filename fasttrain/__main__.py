@@ -1,0 +1,7 @@
+"""`python -m fasttrain ...`: see fasttrain.cli."""
+import sys
+
+from fasttrain.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

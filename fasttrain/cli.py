@@ -1,0 +1,154 @@
+"""Command line: `python -m fasttrain [train] --config FILE [--section.key VALUE ...]`,
+`python -m fasttrain eval --checkpoint PATH [--tta]`, `python -m fasttrain plot RUN_DIR`.
+
+Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
+missing data, a bad checkpoint, a diverged run) end with one clear `error:` line and a non-zero exit
+code, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from fasttrain.checkpoint import CheckpointError
+from fasttrain.config import ConfigError, config_to_dict, load_config
+
+EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
+EXIT_USAGE = 2        # the command line or config is wrong
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fasttrain",
+        description="Train an Efficient-ResNet on CIFAR-10. Any config key is a flag: --optim.lr 0.2",
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint; 'auto' picks the newest valid one in the run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build config, model and data lookup, print them and exit without training")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
+    return p
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fasttrain eval", allow_abbrev=False,
+                                description="Test accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--data.dir", dest="data_dir", help="where CIFAR-10 is (default: $FASTTRAIN_DATA, ./data)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def _plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fasttrain plot", allow_abbrev=False,
+                                description="Draw a run's curves (loss, accuracy, lr, images/s) to a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+    return p
+
+
+def resolve_resume(resume: str | None, cfg) -> str | None:
+    """'auto' means the newest valid checkpoint in the run folder (output.dir)."""
+    if resume != "auto":
+        return resume
+    if not cfg.output.dir:
+        raise ConfigError("--resume auto needs the run folder: pass --output.dir RUN_DIR")
+    from fasttrain.checkpoint import find_resume_checkpoint
+
+    found = find_resume_checkpoint(Path(cfg.output.dir))
+    return str(found) if found else None
+
+
+def dry_run(cfg, as_json: bool) -> int:
+    from fasttrain.data.cifar import find_cifar10, resolve_data_dir
+    from fasttrain.model import build_model, count_params, forward_flops
+
+    model = build_model(cfg.model)
+    params = count_params(model)
+    root = resolve_data_dir(cfg.data.dir)
+    found = find_cifar10(root)
+    data = (f"{found.path} ({found.layout.kind} version)" if found else
+            f"no CIFAR-10 under {root}" + (" (training would download it)" if cfg.data.download else ""))
+    report = {"params": params, "forward_flops": forward_flops(model), "max_params": cfg.model.max_params,
+              "data": data, "config": config_to_dict(cfg)}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print(yaml.safe_dump(report["config"], sort_keys=False).rstrip())
+        print(f"# trainable parameters: {params:,} (budget {cfg.model.max_params:,})")
+        print(f"# forward FLOPs per image: {report['forward_flops']:,}")
+        print(f"# data: {report['data']}")
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    args, rest = _train_parser().parse_known_args(argv)
+    cfg = load_config(args.config, rest)
+    if args.dry_run:
+        return dry_run(cfg, args.json)
+    from fasttrain.distributed import init_distributed, shutdown
+    from fasttrain.trainer import Trainer, resolve_device
+
+    dist_info = init_distributed(resolve_device(args.device).type)
+    try:
+        trainer = Trainer(cfg, device=args.device, resume=resolve_resume(args.resume, cfg),
+                          overwrite=args.overwrite, dist_info=dist_info)
+        trainer.fit()
+    finally:
+        shutdown(dist_info)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    args = _eval_parser().parse_args(argv)
+    from fasttrain.trainer import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, tta=args.tta, device=args.device, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"test accuracy: {result['test_acc']:.2f}%{' (flip TTA)' if args.tta else ''}  "
+              f"[{result['checkpoint']}, epoch {result['epoch']}, {result['params']:,} params, "
+              f"trained on {result['trained_on']}]")
+    return 0
+
+
+def cmd_plot(argv: list[str]) -> int:
+    args = _plot_parser().parse_args(argv)
+    from fasttrain.plot import plot_run
+
+    out = plot_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    from fasttrain.data.cifar import DataError
+    from fasttrain.trainer import TrainingError
+
+    try:
+        return COMMANDS[command](argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except ImportError as e:  # an optional extra (dali, plot, tensorboard) that is not installed
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR

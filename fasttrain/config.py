@@ -1,0 +1,359 @@
+"""Typed run configuration: YAML files map onto dataclasses, strictly.
+
+A config has five sections (``data``, ``model``, ``optim``, ``train``, ``output``) plus a ``name``.
+Loading is strict so that a typo never silently trains the wrong thing:
+
+* an unknown key is an error naming the key and listing the valid ones;
+* a duplicate key in a YAML mapping is an error (PyYAML would silently keep the last one);
+* a value of the wrong type is an error naming the key and the expected type;
+* out-of-range values (negative lr, zero epochs, ...) are errors naming the valid range.
+
+Every key can be overridden from the command line as a dotted flag (``--optim.lr 0.2``); the value
+is parsed as YAML (so ``[4,4,3]``, ``true`` and ``1e-3`` work) and then type-checked like the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# The sections. Units and meanings are in the comments; defaults are the paper's recipe.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    dir: Optional[str] = None        # folder holding CIFAR-10; None: $FASTTRAIN_DATA, else ./data
+    download: bool = True            # fetch the official tarball when nothing is found
+    loader: str = "auto"             # auto | dali | torch  (see README: why auto picks what it does)
+    val_size: int = 0                # images held out from the END of the training set for tuning
+    train_subset: int = 0            # use only the first N training images (0: all); smoke runs
+    test_subset: int = 0             # evaluate on the first N test images (0: all)
+    crop_padding: int = 4            # pixels of zero padding before the random 32x32 crop (0: off)
+    flip: bool = True                # random horizontal flip, p = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])  # per RGB, 0-1
+    std: list[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])   # per RGB, 0-1
+
+
+@dataclass
+class ModelConfig:
+    layers: int = 3                                                  # N: residual stages
+    blocks: list[int] = field(default_factory=lambda: [4, 4, 3])     # B_i: BasicBlocks per stage
+    conv_kernel: list[int] = field(default_factory=lambda: [3, 3, 3])      # F_i
+    shortcut_kernel: list[int] = field(default_factory=lambda: [1, 1, 1])  # K_i (projection conv)
+    base_channels: int = 64          # C_1; stage i has C_1 * 2^(i-1) channels
+    pool_kernel: int = 8             # P: average-pool kernel before the head
+    dropout: float = 0.0             # after the blocks, before the head
+    se: bool = True                  # squeeze-and-excitation on/off
+    se_placement: str = "stem"       # stem (the paper: one SE after the stem) | blocks (SE-ResNet)
+    se_reduction: int = 16           # SE bottleneck ratio r
+    se_impl: str = "torch"           # torch | triton (fused kernel, fasttrain.kernels.se)
+    num_classes: int = 10
+    max_params: int = 5_000_000      # trainable-parameter budget; a bigger model is refused
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                # sgd | adamw
+    impl: str = "torch"              # torch | fused (one-launch Lookahead-SGD, fasttrain.kernels)
+    lr: float = 0.1                  # peak learning rate (per the global batch, see README)
+    momentum: float = 0.9            # SGD momentum (AdamW: beta1 comes from `betas`)
+    nesterov: bool = False
+    weight_decay: float = 5e-4       # L2 as in torch SGD (decoupled for AdamW)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
+    eps: float = 1e-8                # AdamW only
+    clip: str = "value"              # none | value (the paper: clamp each gradient element) | norm
+    clip_value: float = 0.1          # the clamp for clip=value, the max global L2 norm for norm
+    lookahead_k: int = 5             # Lookahead sync period in steps (0: no Lookahead)
+    lookahead_alpha: float = 0.5     # slow-weight step size
+    schedule: str = "cosine"         # cosine | linear | constant (each after optional warmup)
+    warmup_epochs: float = 0.0       # linear warmup from 0, in epochs (fractions allowed)
+    final_lr_frac: float = 0.0       # lr at the end, as a fraction of `lr`
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128            # per process; the global batch is batch_size * world size
+    eval_batch_size: int = 1000
+    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    compile: bool = False            # torch.compile the model
+    compile_mode: str = "default"    # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    eval_every: int = 1              # evaluate every N epochs (and always at the end)
+    tta: bool = False                # test-time horizontal-flip augmentation in evaluation
+    seed: int = 0
+    deterministic: bool = False      # cuDNN deterministic algorithms (slower)
+    checkpoint_every: int = 1        # write last.pt every N epochs (and at the end)
+    sync_bn: bool = False            # SyncBatchNorm under DistributedDataParallel
+
+
+@dataclass
+class OutputConfig:
+    dir: Optional[str] = None        # run folder; None: runs/<config name>-<time>
+    tensorboard: bool = False        # also write TensorBoard event files
+    progress: bool = True            # rich progress bar (falls back to lines without a TTY)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Allowed values of the string-valued choices: checked by `validate`.
+CHOICES = {
+    "data.loader": ("auto", "dali", "torch"),
+    "model.se_placement": ("stem", "blocks"),
+    "model.se_impl": ("torch", "triton"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.impl": ("torch", "fused"),
+    "optim.clip": ("none", "value", "norm"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with duplicate-key detection (safe loader only: a config can never construct objects)
+# --------------------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key {key!r} (line {seen[key].start_mark.line + 1} and line "
+                f"{key_node.start_mark.line + 1}): keep one of them"
+            )
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# dict -> dataclasses, type-checked
+# --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key` and the expected type."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown key {key!r}; valid keys in {where}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Any) -> Config:
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: ["--optim.lr", "0.2", "--train.epochs=5"] -> nested dict merged over the file
+# --------------------------------------------------------------------------------------------
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn dotted flags into {"optim.lr": 0.2, ...}; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value, e.g. {arg} 0.1")
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        if key in out:
+            raise ConfigError(f"--{key} is given twice on the command line: keep one")
+        out[key] = parse_yaml(text, f"--{key}") if text.strip() else ""
+    return out
+
+
+def _apply_overrides(values: dict, overrides: dict[str, Any]) -> dict:
+    for dotted, value in overrides.items():
+        *path, last = dotted.split(".")
+        node = values
+        for part in path:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--{dotted}: {part!r} is not a section")
+            node = child
+        node[last] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (the shipped ones are in configs/)")
+        values = parse_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        values.setdefault("name", p.stem)
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        values = _apply_overrides(values, ov)
+    return config_from_dict(values)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Range checks: each error names the key, the value and what is allowed
+# --------------------------------------------------------------------------------------------
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is out of range: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        _require(value in allowed, dotted, value, "one of " + ", ".join(allowed))
+
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    _require(d.val_size >= 0, "data.val_size", d.val_size, "must be >= 0")
+    _require(d.train_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0 (0: all)")
+    _require(d.test_subset >= 0, "data.test_subset", d.test_subset, "must be >= 0 (0: all)")
+    _require(0 <= d.crop_padding < 32, "data.crop_padding", d.crop_padding,
+             "0 <= padding < 32 (the image is 32x32)")
+    for key in ("mean", "std"):
+        v = getattr(d, key)
+        _require(len(v) == 3, f"data.{key}", v, "three values, one per RGB channel")
+    _require(all(s > 0 for s in d.std), "data.std", d.std, "every std must be > 0")
+
+    _require(m.layers >= 1, "model.layers", m.layers, "must be >= 1")
+    for key in ("blocks", "conv_kernel", "shortcut_kernel"):
+        v = getattr(m, key)
+        _require(len(v) == m.layers, f"model.{key}", v, f"one entry per layer (model.layers = {m.layers})")
+    _require(all(b >= 1 for b in m.blocks), "model.blocks", m.blocks, "every stage needs >= 1 block")
+    _require(all(k >= 1 and k % 2 == 1 for k in m.conv_kernel), "model.conv_kernel", m.conv_kernel,
+             "odd kernel sizes >= 1 (so padding keeps the spatial size)")
+    _require(all(k >= 1 and k % 2 == 1 for k in m.shortcut_kernel), "model.shortcut_kernel",
+             m.shortcut_kernel, "odd kernel sizes >= 1")
+    _require(m.base_channels >= 1, "model.base_channels", m.base_channels, "must be >= 1")
+    final_size = 32 // 2 ** (m.layers - 1)
+    _require(final_size >= 1, "model.layers", m.layers, "at most 6 stages for 32x32 inputs")
+    _require(1 <= m.pool_kernel <= final_size, "model.pool_kernel", m.pool_kernel,
+             f"1..{final_size} (the last stage's feature map is {final_size}x{final_size})")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
+    _require(m.se_reduction >= 1, "model.se_reduction", m.se_reduction, "must be >= 1")
+    _require(m.num_classes >= 2, "model.num_classes", m.num_classes, "must be >= 2")
+    _require(m.max_params >= 1, "model.max_params", m.max_params, "must be >= 1")
+
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "0 <= momentum < 1")
+    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "two values in [0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _require(o.clip_value > 0, "optim.clip_value", o.clip_value, "must be > 0")
+    _require(o.lookahead_k >= 0, "optim.lookahead_k", o.lookahead_k, "must be >= 0 (0: off)")
+    _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "0 < alpha <= 1")
+    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _require(0 <= o.final_lr_frac <= 1, "optim.final_lr_frac", o.final_lr_frac, "0..1")
+    _require(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "0 <= ls < 1")
+    _require(o.impl == "torch" or o.name == "sgd", "optim.impl", o.impl,
+             "the fused step implements SGD only: use optim.name sgd or optim.impl torch")
+
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
+    _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
+    _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")

@@ -1,0 +1,173 @@
+"""Optimizers, Lookahead, gradient clipping and learning-rate schedules.
+
+Nothing here reads a tensor back to the host: the step count and learning rate are Python numbers
+the loop already knows, so a training step never waits on the GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from fasttrain.config import OptimConfig
+
+
+class Lookahead(torch.optim.Optimizer):
+    """Lookahead (Zhang et al. 2019) around any optimizer: every k inner steps,
+    slow += alpha * (fast - slow); fast = slow.
+
+    Slow weights start as a copy of the parameters at construction, as in the paper's code. They
+    live in this optimizer's state and travel in ``state_dict()`` under the key ``lookahead``
+    (one tensor per parameter, in parameter order, plus the step count), so a checkpoint resumes
+    the same trajectory and loads with ``torch.load(weights_only=True)``. They are kept apart from
+    the inner optimizer's per-parameter state because some optimizers (Adam) initialise their
+    state only when it is empty.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
+        if k < 1:
+            raise ValueError(f"Lookahead k must be >= 1, got {k}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"Lookahead alpha must be in (0, 1], got {alpha}")
+        self.optimizer = optimizer
+        self.k, self.alpha = k, alpha
+        self.lookahead_step = 0
+        self.slow = [p.detach().clone() for p in self._params()]
+
+    # Share the inner optimizer's groups and state: schedules and clipping see one optimizer.
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def __repr__(self) -> str:
+        return f"Lookahead(k={self.k}, alpha={self.alpha}, {self.optimizer!r})"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.lookahead_step += 1
+        if self.lookahead_step % self.k == 0:
+            fast = self._params()
+            torch._foreach_lerp_(self.slow, fast, self.alpha)  # slow += alpha * (fast - slow)
+            torch._foreach_copy_(fast, self.slow)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state = self.optimizer.state_dict()
+        state["lookahead"] = {"step": self.lookahead_step, "k": self.k, "alpha": self.alpha,
+                              "slow": [s.clone() for s in self.slow]}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        la = state_dict.pop("lookahead", None)
+        if la is None:
+            raise ValueError("this optimizer state has no Lookahead slow weights: it was saved without "
+                             "Lookahead (set optim.lookahead_k 0 to resume it)")
+        params = self._params()
+        if len(la["slow"]) != len(params):
+            raise ValueError(f"Lookahead state holds {len(la['slow'])} slow tensors, the model has {len(params)}")
+        self.optimizer.load_state_dict(state_dict)
+        self.lookahead_step = int(la["step"])
+        with torch.no_grad():
+            for s, saved in zip(self.slow, la["slow"]):
+                s.copy_(saved)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW, with Lookahead when k > 0, or the fused one-launch Lookahead-SGD."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.impl == "fused":
+        from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD
+
+        return FusedLookaheadSGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov, clip_value=cfg.clip_value if cfg.clip == "value" else None,
+            lookahead_k=cfg.lookahead_k, lookahead_alpha=cfg.lookahead_alpha,
+        )
+    if cfg.name == "sgd":
+        inner = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay, foreach=True)
+    else:
+        inner = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, foreach=True)
+    return Lookahead(inner, cfg.lookahead_k, cfg.lookahead_alpha) if cfg.lookahead_k > 0 else inner
+
+
+def clips_inside_step(optimizer: torch.optim.Optimizer) -> bool:
+    """The fused optimizer clamps gradients by value inside its kernel."""
+    return getattr(optimizer, "clips_by_value", False) or type(optimizer).__name__ == "FusedLookaheadSGD"
+
+
+def clip_gradients(params: list[nn.Parameter], cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> None:
+    """Clip in place without a host sync (foreach kernels; the norm stays on the device)."""
+    if cfg.clip == "value" and not clips_inside_step(optimizer):
+        torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+    elif cfg.clip == "norm":
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_value, foreach=True)
+
+
+class LRSchedule:
+    """Per-step learning rate: linear warmup from 0, then cosine / linear decay, or constant.
+
+    Sized from the real step count (epochs x batches per epoch), so changing the batch size or
+    the data subset keeps the shape of the schedule. ``state_dict`` holds the step for resume.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
+        self.optimizer = optimizer
+        self.peak = cfg.lr
+        self.final = cfg.lr * cfg.final_lr_frac
+        self.kind = cfg.schedule
+        self.total_steps = max(1, steps_per_epoch * epochs)
+        self.warmup_steps = min(self.total_steps - 1, round(cfg.warmup_epochs * steps_per_epoch))
+        self.step_count = 0
+        self.apply()
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.peak
+        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        t = min(max(t, 0.0), 1.0)
+        shape = 0.5 * (1.0 + math.cos(math.pi * t)) if self.kind == "cosine" else 1.0 - t
+        return self.final + (self.peak - self.final) * shape
+
+    def apply(self) -> float:
+        lr = self.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self) -> float:
+        """Advance one optimizer step and set the next step's learning rate."""
+        self.step_count += 1
+        return self.apply()
+
+    @property
+    def lr(self) -> float:
+        return self.lr_at(self.step_count)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.apply()

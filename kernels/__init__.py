@@ -1,0 +1,1 @@
+"""Triton kernels of fasttrain, installed as ``fasttrain.kernels``."""
