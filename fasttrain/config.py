@@ -180,7 +180,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in typing.get_args(tp):
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, inner, key)
+        try:
+            return _coerce(value, inner, key)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -239,7 +242,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+        if not arg.startswith("--") or len(arg) < 3:
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
         if "=" in arg:
             key, text = arg[2:].split("=", 1)

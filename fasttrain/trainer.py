@@ -319,7 +319,8 @@ class Trainer:
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- the run
-    def fit(self) -> dict:
+    def fit(self, stop_after_epochs: int | None = None) -> dict:
+        """Train to `train.epochs` (or stop early after `stop_after_epochs` in total, checkpointed)."""
         cfg, con = self.cfg, self.console
         wall_start = time.perf_counter()
         epochs = cfg.train.epochs
@@ -341,7 +342,8 @@ class Trainer:
 
         final_test = final_val = None
         imgs_per_s = []
-        for epoch in range(self.start_epoch, epochs):
+        end_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
+        for epoch in range(self.start_epoch, end_epoch):
             lr = self.schedule.lr
             synchronize(self.device)
             t0 = time.perf_counter()
@@ -366,7 +368,7 @@ class Trainer:
                 "images_per_second": seen_all / epoch_seconds if epoch_seconds > 0 else float("nan"),
             }
             imgs_per_s.append(row["images_per_second"])
-            last = epoch + 1 == epochs
+            last = epoch + 1 == end_epoch
             if (epoch + 1) % cfg.train.eval_every == 0 or last:
                 if self.data.val is not None:
                     row["val_acc"] = final_val = evaluate(self.net, self.data.val, self.precision, self.device,

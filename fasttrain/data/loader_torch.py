@@ -1,0 +1,143 @@
+"""GPU-resident torch data path: the uint8 images live on the device, augmentation is batched tensor ops.
+
+Per training epoch, a CPU generator seeded from (seed, epoch) draws the shuffle, the crop offsets and the
+flip bits in one go (so CPU and GPU runs see the same stream, and a resumed run continues it); they
+reach the device in one copy. Each batch is then one gather from the zero-padded uint8 images (crop
+and flip folded into per-sample row/column index grids) plus the normalization: no host sync per step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator for one epoch. SeedSequence mixes (seed, epoch) so that, unlike seed + epoch,
+    run seed=1 epoch=0 does not replay run seed=0 epoch=1."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(state))
+    return generator
+
+
+def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        array = array.copy()  # torch.from_numpy warns on read-only buffers (np.frombuffer views)
+    return torch.as_tensor(array)
+
+
+class TorchLoader:
+    """The loader protocol (docs/ARCHITECTURE.md) over an in-memory NHWC uint8 array.
+
+    `num_samples` is what this rank yields per epoch (after sharding and dropping the remainder).
+    Iterating without `set_epoch` moves on to the next epoch, so repeated passes never repeat the
+    stream silently; `set_epoch(e)` pins it (resume, distributed).
+    """
+
+    def __init__(
+        self,
+        x_nhwc_uint8: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor,
+        *,
+        batch_size: int,
+        train: bool,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool = True,
+        crop_padding: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
+    ):
+        images, labels = _as_tensor(x_nhwc_uint8), _as_tensor(y).long()
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"{len(images)} images but labels of shape {list(labels.shape)}")
+        if not 0 <= rank < world_size or batch_size < 1 or crop_padding < 0 or seed < 0:
+            raise ValueError(f"bad rank={rank}/world_size={world_size}, batch_size={batch_size}, "
+                             f"crop_padding={crop_padding} or seed={seed}")
+        self.batch_size, self.train, self.dtype, self.channels_last = batch_size, train, dtype, channels_last
+        self.device = torch.device(device)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.drop_last = train if drop_last is None else drop_last
+        self.padding = crop_padding if train else 0
+        self.flip = flip and train
+        self.image_hw = tuple(images.shape[1:3])
+        self._dataset_size = len(images)
+
+        if train:  # every rank takes the same count, so distributed ranks step in lockstep
+            per_rank = len(images) // world_size
+        else:  # contiguous, disjoint shards covering the set once; only this rank's shard is kept
+            start, stop = rank * len(images) // world_size, (rank + 1) * len(images) // world_size
+            images, labels = images[start:stop], labels[start:stop]
+            per_rank = stop - start
+        self.num_samples = per_rank - per_rank % batch_size if self.drop_last else per_rank
+        if self.drop_last and self.num_samples == 0:
+            raise ValueError(f"batch_size={batch_size} leaves no full batch of the {self._dataset_size} images "
+                             f"on each of {world_size} rank(s)")
+
+        # the one host-to-device copy of the data set; the padded copy is built once, on the device
+        images, self._labels = images.to(self.device), labels.to(self.device)
+        if self.padding:
+            p, (h, w) = self.padding, self.image_hw
+            padded = images.new_zeros((len(images), h + 2 * p, w + 2 * p, 3))
+            padded[:, p:p + h, p:p + w] = images
+            images = padded
+        self._images = images
+        # normalization constants broadcast over NHWC batches, kept in fp32
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 1, 1, 3)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 1, 1, 3)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self._train_batches(epoch) if self.train else self._eval_batches()
+
+    def _epoch_draws(self, epoch: int) -> torch.Tensor:
+        """This rank's [num_samples, 4] (index, row offset, col offset, flip) for `epoch`, on the device.
+
+        Everything is drawn for the whole data set before sharding, so a sample's augmentation does not
+        depend on world_size and the ranks' slices of one permutation are disjoint.
+        """
+        generator, n = epoch_generator(self.seed, epoch), self._dataset_size
+        order = torch.randperm(n, generator=generator)
+        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
+        flips = torch.randint(0, 2, (n,), generator=generator) * int(self.flip)
+        draws = torch.cat([order[:, None], offsets, flips[:, None]], dim=1)
+        return draws[self.rank::self.world_size][:self.num_samples].to(self.device)
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index, row_offset, col_offset, flip = self._epoch_draws(epoch).unbind(1)
+        (h, w), device = self.image_hw, self.device
+        rows = row_offset[:, None] + torch.arange(h, device=device)  # [M, h] rows of the padded image
+        forward, backward = torch.arange(w, device=device), torch.arange(w - 1, -1, -1, device=device)
+        cols = col_offset[:, None] + torch.where(flip[:, None].bool(), backward, forward)  # [M, w]
+        for start in range(0, self.num_samples, self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            # one gather does crop and flip: [B,1,1] x [B,h,1] x [B,1,w] indices -> [B, h, w, 3] uint8
+            pixels = self._images[index[batch, None, None], rows[batch, :, None], cols[batch, None, :]]
+            yield self._normalize(pixels), self._labels[index[batch]]
+
+    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.num_samples, self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            yield self._normalize(self._images[batch]), self._labels[batch]
+
+    def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> (x/255 - mean)/std in fp32, cast to the output dtype, viewed as [B, 3, H, W]."""
+        x = pixels.float().div_(255).sub_(self._mean).div_(self._std).to(self.dtype)
+        x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW is exactly channels_last: no copy
+        return x if self.channels_last else x.contiguous()

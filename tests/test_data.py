@@ -1,0 +1,407 @@
+"""CIFAR-10 readers: both official versions as folders and tarballs, the restricted unpickler, validation
+errors, data-dir resolution, the download (md5, offline), build_data, and the real data set."""
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+
+from fasttrain.data import DataBundle, TorchLoader, build_data
+from fasttrain.data import cifar
+from fasttrain.data.cifar import DataError, find_cifar10, load_cifar10, resolve_data_dir, split_validation
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PER_BATCH = 20  # a miniature CIFAR: 5 training batches and a test batch of 20 images each
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writers for the two official layouts
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the official batches: every str and bytes as a py2 str
+    (BINSTRING), and numpy's array reconstructor under its old name numpy.core.multiarray."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if getattr(obj, "__module__", "") == "numpy._core.multiarray":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n" + obj.__name__.encode() + b"\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def py2_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def planes(images_nhwc: np.ndarray) -> np.ndarray:
+    """[N, 32, 32, 3] -> the official [N, 3072] rows (R plane, G plane, B plane)."""
+    return images_nhwc.transpose(0, 3, 1, 2).reshape(len(images_nhwc), -1)
+
+
+def make_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    train_x = rng.integers(0, 256, (5 * PER_BATCH, 32, 32, 3), dtype=np.uint8)
+    test_x = rng.integers(0, 256, (PER_BATCH, 32, 32, 3), dtype=np.uint8)
+    train_y, test_y = rng.integers(0, 10, 5 * PER_BATCH), rng.integers(0, 10, PER_BATCH)
+    return train_x, train_y, test_x, test_y
+
+
+def batches(arrays):
+    train_x, train_y, test_x, test_y = arrays
+    for i in range(5):
+        part = slice(i * PER_BATCH, (i + 1) * PER_BATCH)
+        yield i + 1, train_x[part], train_y[part]
+    yield None, test_x, test_y
+
+
+def write_binary(root: Path, arrays) -> Path:
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    for number, x, y in batches(arrays):
+        table = np.concatenate([y.astype(np.uint8)[:, None], planes(x)], axis=1)
+        (folder / (f"data_batch_{number}.bin" if number else "test_batch.bin")).write_bytes(table.tobytes())
+    (folder / "batches.meta.txt").write_text("\n".join(CLASSES) + "\n\n")
+    return folder
+
+
+def write_python(root: Path, arrays) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for number, x, y in batches(arrays):
+        name = f"data_batch_{number}" if number else "test_batch"
+        batch = {b"batch_label": b"batch " + name.encode(), b"labels": [int(v) for v in y],
+                 b"data": planes(x), b"filenames": [b"img_%d.png" % i for i in range(len(x))]}
+        (folder / name).write_bytes(py2_pickle(batch))
+    meta = {b"num_cases_per_batch": PER_BATCH, b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(py2_pickle(meta))
+    return folder
+
+
+def pack(folder: Path, tarball: Path) -> Path:
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return tarball
+
+
+FORMS = {
+    "binary-folder": lambda root, arrays: write_binary(root, arrays),
+    "python-folder": lambda root, arrays: write_python(root, arrays),
+    "binary-tarball": lambda root, arrays: pack(write_binary(root / "src", arrays), root / "cifar-10-binary.tar.gz"),
+    "python-tarball": lambda root, arrays: pack(write_python(root / "src", arrays), root / "cifar-10-python.tar.gz"),
+}
+
+
+@pytest.fixture(autouse=True)
+def miniature_batches(monkeypatch):
+    monkeypatch.setattr(cifar, "RECORDS_PER_BATCH", PER_BATCH)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reads_every_official_form_exactly(tmp_path, form):
+    arrays = make_arrays()
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    FORMS[form](data_root, arrays)
+    loaded = load_cifar10(data_root, download=False)
+    train_x, train_y, test_x, test_y = arrays
+    assert loaded.train_x.dtype == np.uint8 and loaded.train_x.flags.c_contiguous
+    assert loaded.train_y.dtype == np.int64 and loaded.test_y.dtype == np.int64
+    np.testing.assert_array_equal(loaded.train_x, train_x)  # NHWC, RGB, pixel for pixel
+    np.testing.assert_array_equal(loaded.train_y, train_y)
+    np.testing.assert_array_equal(loaded.test_x, test_x)
+    np.testing.assert_array_equal(loaded.test_y, test_y)
+    assert loaded.classes == CLASSES
+    assert form.split("-")[0] in loaded.source
+
+
+def test_plane_layout_is_rgb_row_major(tmp_path):
+    """A hand-built record: pixel (row 1, col 2) is red 200, green 100, blue 50."""
+    arrays = make_arrays()
+    folder = write_binary(tmp_path, arrays)
+    record = np.zeros(1 + 3072, np.uint8)
+    record[0] = 7
+    for channel, value in enumerate((200, 100, 50)):
+        record[1 + channel * 1024 + 1 * 32 + 2] = value
+    raw = bytearray((folder / "data_batch_1.bin").read_bytes())
+    raw[:3073] = record.tobytes()
+    (folder / "data_batch_1.bin").write_bytes(bytes(raw))
+    loaded = load_cifar10(tmp_path, download=False)
+    assert loaded.train_y[0] == 7
+    assert loaded.train_x[0, 1, 2].tolist() == [200, 100, 50]
+    assert loaded.train_x[0].sum() == 350
+
+
+def test_find_prefers_folders_and_accepts_the_folder_itself(tmp_path):
+    arrays = make_arrays()
+    assert find_cifar10(tmp_path) is None
+    pack(write_python(tmp_path / "src", arrays), tmp_path / "cifar-10-python.tar.gz")
+    assert find_cifar10(tmp_path).path.name == "cifar-10-python.tar.gz"
+    folder = write_binary(tmp_path, arrays)
+    assert find_cifar10(tmp_path).path == folder
+    assert find_cifar10(folder).path == folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# The restricted unpickler
+
+
+class RunsShell:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class RunsEval:
+    def __reduce__(self):
+        return eval, ("__import__('os').system('false')",)
+
+
+@pytest.mark.parametrize("payload", ["system", "eval"])
+def test_malicious_pickle_is_refused(tmp_path, payload):
+    folder = write_python(tmp_path, make_arrays())
+    sentinel = tmp_path / "SENTINEL"
+    evil = RunsShell(f"touch {sentinel}") if payload == "system" else RunsEval()
+    (folder / "data_batch_2").write_bytes(py2_pickle({b"data": evil, b"labels": []}))
+    with pytest.raises(DataError, match=r"data_batch_2.*refused to unpickle the global (posix|os|__builtin__)\."):
+        load_cifar10(tmp_path, download=False)
+    assert not sentinel.exists()
+
+
+def test_unpickler_admits_only_numpy_array_globals():
+    unpickler = cifar._CifarUnpickler(b"", "somefile")
+    assert unpickler.find_class("numpy.core.multiarray", "_reconstruct") is cifar._numpy_reconstruct()
+    assert unpickler.find_class("numpy._core.multiarray", "_reconstruct") is cifar._numpy_reconstruct()
+    assert unpickler.find_class("numpy", "ndarray") is np.ndarray
+    assert unpickler.find_class("numpy", "dtype") is np.dtype
+    for module, name in [("numpy", "load"), ("numpy.core.multiarray", "scalar"), ("builtins", "getattr"),
+                         ("subprocess", "Popen"), ("copy_reg", "_reconstructor")]:
+        with pytest.raises(DataError, match=f"somefile: refused to unpickle the global {module}.{name}"):
+            unpickler.find_class(module, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation errors
+
+
+def test_truncated_binary_batch(tmp_path):
+    folder = write_binary(tmp_path, make_arrays())
+    path = folder / "data_batch_3.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+    expected = f"{PER_BATCH * 3073:,}"
+    with pytest.raises(DataError, match=rf"data_batch_3.bin: .* expected {expected} .*truncated.*fresh copy"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_binary_label_out_of_range(tmp_path):
+    folder = write_binary(tmp_path, make_arrays())
+    raw = bytearray((folder / "test_batch.bin").read_bytes())
+    raw[5 * 3073] = 10  # the label byte of image 5
+    (folder / "test_batch.bin").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"test_batch.bin: label 10 of image 5 is outside 0..9"):
+        load_cifar10(tmp_path, download=False)
+
+
+def rewrite_python_batch(folder: Path, name: str, **changes):
+    batch = pickle.loads((folder / name).read_bytes(), encoding="bytes")
+    batch.update({key.encode(): value for key, value in changes.items()})
+    (folder / name).write_bytes(py2_pickle(batch))
+
+
+def test_python_label_out_of_range(tmp_path):
+    folder = write_python(tmp_path, make_arrays())
+    rewrite_python_batch(folder, "data_batch_4", labels=[3] * (PER_BATCH - 1) + [11])
+    with pytest.raises(DataError, match=rf"data_batch_4: label 11 of image {PER_BATCH - 1} is outside 0..9"):
+        load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(data=np.zeros((PER_BATCH, 3000), np.uint8)), r"b'data' is uint8 \[20, 3000\], expected uint8 \[20, 3072\]"),
+    (dict(data=np.zeros((PER_BATCH, 3072), np.float32)), r"b'data' is float32"),
+    (dict(labels=[1, 2, 3]), r"b'labels' must be 20 integers"),
+])
+def test_python_wrong_shapes(tmp_path, change, message):
+    folder = write_python(tmp_path, make_arrays())
+    rewrite_python_batch(folder, "data_batch_1", **change)
+    with pytest.raises(DataError, match=rf"data_batch_1: {message}"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_truncated_pickle(tmp_path):
+    folder = write_python(tmp_path, make_arrays())
+    path = folder / "data_batch_5"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"data_batch_5: cannot unpickle it .*truncated or corrupt"):
+        load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("writer, missing", [(write_binary, "test_batch.bin"), (write_binary, "batches.meta.txt"),
+                                             (write_python, "data_batch_2")])
+def test_missing_file_in_folder(tmp_path, writer, missing):
+    folder = writer(tmp_path, make_arrays())
+    (folder / missing).unlink()
+    with pytest.raises(DataError, match=rf"{missing} is missing.*incomplete.*fresh copy"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_tarball_missing_member_and_truncated(tmp_path):
+    folder = write_binary(tmp_path / "src", make_arrays())
+    (folder / "data_batch_5.bin").unlink()
+    tarball = pack(folder, tmp_path / "cifar-10-binary.tar.gz")
+    with pytest.raises(DataError, match=r"lacks cifar-10-batches-bin/data_batch_5.bin"):
+        load_cifar10(tmp_path, download=False)
+    tarball.write_bytes(tarball.read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz: cannot read the tarball .*truncated or corrupt"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_nothing_found_says_where_to_put_files(tmp_path):
+    with pytest.raises(DataError) as caught:
+        load_cifar10(tmp_path, download=False)
+    message = str(caught.value)
+    for needle in ["cifar-10-batches-bin", "data_batch_1.bin", "cifar-10-batches-py", "cifar-10-binary.tar.gz",
+                   "cifar-10-python.tar.gz", "FASTTRAIN_DATA", "--data.dir", str(tmp_path)]:
+        assert needle in message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data dir, download
+
+
+def test_resolve_data_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTTRAIN_DATA", raising=False)
+    assert resolve_data_dir(None) == tmp_path / "data"
+    monkeypatch.setenv("FASTTRAIN_DATA", str(tmp_path / "from-env"))
+    assert resolve_data_dir(None) == tmp_path / "from-env"
+    assert resolve_data_dir("flag") == tmp_path / "flag"
+    assert resolve_data_dir(str(tmp_path / "abs")) == tmp_path / "abs"
+
+
+@pytest.fixture
+def served_tarball(tmp_path, monkeypatch):
+    """The python tarball behind a file:// URL, standing in for the canonical address."""
+    arrays = make_arrays(seed=1)
+    tarball = pack(write_python(tmp_path / "server" / "src", arrays), tmp_path / "server" / "cifar-10-python.tar.gz")
+    monkeypatch.setattr(cifar, "CIFAR10_URL", tarball.as_uri())
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", hashlib.md5(tarball.read_bytes()).hexdigest())
+    return arrays
+
+
+def test_download_verifies_md5_and_renames_atomically(tmp_path, served_tarball, capsys):
+    root = tmp_path / "fresh" / "data"
+    loaded = load_cifar10(root, download=True)
+    np.testing.assert_array_equal(loaded.train_x, served_tarball[0])
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]  # no temp file left
+    assert "downloading" in capsys.readouterr().err  # plain progress: pytest's stderr is not a terminal
+    load_cifar10(root, download=True)  # the second time reads the tarball, no download
+
+
+def test_download_with_wrong_md5_is_deleted(tmp_path, served_tarball, monkeypatch):
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", "0" * 32)
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=r"md5 is [0-9a-f]{32}, not 0{32}.*deleted"):
+        load_cifar10(root, download=True)
+    assert list(root.iterdir()) == []
+
+
+def test_offline_download_says_where_to_put_files(tmp_path, monkeypatch):
+    def no_network(url, timeout=None):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "urlopen", no_network)
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=r"(?s)downloading https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
+                                        r"failed .*name resolution.*cifar-10-batches-bin.*FASTTRAIN_DATA=DIR"):
+        load_cifar10(root, download=True)
+    assert list(root.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation split, build_data
+
+
+def test_split_validation_holds_out_the_end():
+    train_x, train_y, test_x, test_y = make_arrays()
+    arrays = cifar.CifarArrays(train_x, train_y, test_x, test_y, CLASSES, "test")
+    tx, ty, vx, vy = split_validation(arrays, 30)
+    np.testing.assert_array_equal(vx, train_x[-30:])
+    np.testing.assert_array_equal(ty, train_y[:-30])
+    assert len(tx) == 70 and len(vy) == 30
+    assert split_validation(arrays, 0)[2:] == (None, None)
+    with pytest.raises(DataError, match="val_size=100"):
+        split_validation(arrays, 100)
+
+
+def data_cfg(root, **overrides):
+    cfg = dict(dir=str(root), download=False, loader="auto", val_size=10, train_subset=0, test_subset=0,
+               crop_padding=4, flip=True, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
+    return SimpleNamespace(**{**cfg, **overrides})
+
+
+def test_build_data(tmp_path):
+    arrays = make_arrays()
+    write_binary(tmp_path, arrays)
+    common = dict(eval_batch_size=16, device="cpu", dtype=torch.bfloat16, channels_last=True, seed=3)
+    bundle = build_data(data_cfg(tmp_path, train_subset=64, test_subset=12), batch_size=32, **common)
+    assert isinstance(bundle, DataBundle) and isinstance(bundle.train, TorchLoader)
+    assert (bundle.train.num_samples, bundle.val.num_samples, bundle.test.num_samples) == (64, 10, 12)
+    assert bundle.classes == CLASSES and "binary" in bundle.source
+    images, labels = next(iter(bundle.val))
+    assert images.dtype == torch.bfloat16 and images.shape == (10, 3, 32, 32)
+    np.testing.assert_array_equal(labels.numpy(), arrays[1][-10:])  # held out from the end
+    assert build_data(data_cfg(tmp_path, val_size=0), batch_size=32, **common).val is None
+    with pytest.raises(DataError, match=r"batch_size=64 is larger than .*\(90 images / 2 rank\(s\) = 45\)"):
+        build_data(data_cfg(tmp_path), batch_size=64, rank=1, world_size=2, **common)
+    with pytest.raises(DataError, match="data.loader must be auto, dali or torch"):
+        build_data(data_cfg(tmp_path, loader="pil"), batch_size=32, **common)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real data set (CI sets FASTTRAIN_DATA)
+
+
+def test_real_cifar10(monkeypatch):
+    monkeypatch.setattr(cifar, "RECORDS_PER_BATCH", 10_000)
+    root = os.environ.get("FASTTRAIN_DATA")
+    if not root:
+        pytest.fail("FASTTRAIN_DATA is not set. Build the data once and point the variable at it:\n"
+                    "  python ../shared/data/cifar10-jpeg75/build.py DIR; export FASTTRAIN_DATA=DIR")
+    arrays = load_cifar10(root, download=False)
+    assert arrays.train_x.shape == (50_000, 32, 32, 3) and arrays.test_x.shape == (10_000, 32, 32, 3)
+    assert arrays.train_x.dtype == np.uint8 and arrays.train_y.dtype == np.int64
+    assert np.bincount(arrays.train_y).tolist() == [5_000] * 10
+    assert np.bincount(arrays.test_y).tolist() == [1_000] * 10
+    assert arrays.classes == CLASSES
+    # the first training image is a frog, the first test image a cat (official order)
+    assert (arrays.train_y[0], arrays.test_y[0]) == (6, 3)
+    assert abs(arrays.train_x.mean() / 255 - 0.473) < 0.01

@@ -1,0 +1,180 @@
+"""TorchLoader on CPU: every augmented image is an exact crop/flip of its source, offsets and flips have
+the right statistics, epochs/seeds/shards behave, and the output has the promised dtype and layout.
+
+Labels are set to the image index, so every output sample names its source image."""
+import numpy as np
+import pytest
+import torch
+
+from fasttrain.data.loader_torch import TorchLoader
+
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+def random_images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+
+
+def make_loader(images, *, train=True, batch_size=64, **overrides):
+    # mean 0, std 1: the output is x/255, so the source pixels come back exactly
+    options = dict(batch_size=batch_size, train=train, device="cpu", dtype=torch.float32, mean=[0.0] * 3,
+                   std=[1.0] * 3)
+    return TorchLoader(images, np.arange(len(images)), **{**options, **overrides})
+
+
+def epoch(loader, number=None):
+    """All batches of one epoch, concatenated: (images, labels)."""
+    if number is not None:
+        loader.set_epoch(number)
+    batches = list(loader)
+    return torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches])
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Normalized [B, 3, 32, 32] output with mean 0, std 1 -> the uint8 NHWC pixels."""
+    return torch.round(images.float() * 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def recover_augmentation(images: torch.Tensor, labels: torch.Tensor, sources: np.ndarray, padding=4):
+    """For every output image, the (row offset, col offset, flip) whose crop of the zero-padded source
+    equals it pixel for pixel. Fails unless exactly one candidate matches."""
+    zero_pad_hw = (0, 0, padding, padding, padding, padding)  # NHWC: pad W and H, not C
+    padded = torch.nn.functional.pad(torch.from_numpy(sources[labels.numpy()]), zero_pad_hw)
+    pixels = to_pixels(images)
+    side = 2 * padding + 1
+    matches = torch.zeros(len(pixels), side, side, 2, dtype=torch.bool)
+    center = pixels[:, 16, 16]  # 24 random bits: a cheap key that rules out almost every candidate
+    for dy in range(side):
+        for dx in range(side):
+            for flip in (0, 1):
+                key = padded[:, dy + 16, dx + (15 if flip else 16)]  # where the crop's center comes from
+                hits = (key == center).all(1).nonzero()[:, 0]
+                crop = padded[hits, dy:dy + 32, dx:dx + 32]
+                crop = crop.flip(2) if flip else crop
+                matches[hits, dy, dx, flip] = (crop == pixels[hits]).flatten(1).all(1)  # every pixel
+    assert (matches.flatten(1).sum(1) == 1).all(), "some outputs are not exactly one crop/flip of their source"
+    found = matches.flatten(1).nonzero()[:, 1]  # per sample, the flat index of its (row, col, flip) match
+    return found // 2 // side, found // 2 % side, found % 2
+
+
+def chi_square_uniform(values: torch.Tensor, bins: int) -> float:
+    counts = torch.bincount(values, minlength=bins).double()
+    expected = len(values) / bins
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_augmentation_is_exact_crop_and_flip_with_uniform_statistics():
+    sources = random_images(512)
+    loader = make_loader(sources)
+    images, labels = zip(*(epoch(loader, e) for e in range(4)))
+    rows, cols, flips = recover_augmentation(torch.cat(images), torch.cat(labels), sources)
+    assert len(rows) == 4 * 512
+    assert set(rows.tolist()) == set(range(9)) and set(cols.tolist()) == set(range(9))
+    # chi-square, 8 degrees of freedom: 26.1 is the 0.1% tail (the draws are seeded, so no flakiness)
+    assert chi_square_uniform(rows, 9) < 26.1 and chi_square_uniform(cols, 9) < 26.1
+    assert abs(flips.double().mean().item() - 0.5) < 0.04  # 2,048 draws: 3.6 standard deviations
+
+
+def test_no_crop_no_flip_yields_the_source_images():
+    sources = random_images(128)
+    images, labels = epoch(make_loader(sources, crop_padding=0, flip=False))
+    assert torch.equal(to_pixels(images), torch.from_numpy(sources[labels.numpy()]))
+
+
+def test_eval_is_exact_normalization_every_image_once_in_order():
+    sources = random_images(101)
+    loader = make_loader(sources, train=False, batch_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    assert len(loader) == 4 and loader.num_samples == 101
+    assert [len(labels) for _, labels in loader] == [32, 32, 32, 5]  # last batch kept
+    images, labels = epoch(loader)
+    assert torch.equal(labels, torch.arange(101))
+    mean, std = np.float32(CIFAR_MEAN), np.float32(CIFAR_STD)
+    expected = (sources.astype(np.float32) / np.float32(255) - mean) / std  # fp32, same order of operations
+    assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy(expected))
+    assert torch.equal(epoch(loader)[0], images)  # eval ignores the epoch
+
+
+def test_epoch_yields_each_index_once_and_drops_the_remainder():
+    loader = make_loader(random_images(500), batch_size=64)
+    assert len(loader) == 7 and loader.num_samples == 448
+    sizes = [len(labels) for _, labels in loader]
+    assert sizes == [64] * 7
+    _, labels = epoch(loader, 0)
+    assert len(labels) == 448 and len(set(labels.tolist())) == 448 and labels.max() < 500
+
+
+def test_epochs_differ_and_replay_exactly():
+    loader = make_loader(random_images(256))
+    images0, labels0 = epoch(loader, 0)
+    images1, labels1 = epoch(loader, 1)
+    assert not torch.equal(labels0, labels1)
+    assert sorted(labels0.tolist()) != labels0.tolist()  # shuffled
+    replay_images, replay_labels = epoch(loader, 0)  # set_epoch pins the stream: a resumed run continues it
+    assert torch.equal(replay_labels, labels0) and torch.equal(replay_images, images0)
+    _, next_labels = epoch(loader)  # no set_epoch: iterating moves on to epoch 1
+    assert torch.equal(next_labels, labels1)
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    sources = random_images(256)
+    first, second, other = (make_loader(sources, seed=s) for s in (7, 7, 8))
+    for (x1, y1), (x2, y2) in zip(first, second):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(epoch(first, 3)[1], epoch(other, 3)[1])
+
+
+@pytest.mark.parametrize("count", [512, 515])
+def test_two_rank_training_shards_are_disjoint_slices_of_the_epoch(count):
+    sources = random_images(count)
+    whole = make_loader(sources, drop_last=False)
+    ranks = [make_loader(sources, rank=r, world_size=2, seed=0) for r in range(2)]
+    assert [len(r) for r in ranks] == [4, 4] and [r.num_samples for r in ranks] == [256, 256]
+    (images0, labels0), (images1, labels1) = (epoch(r, 5) for r in ranks)
+    assert not set(labels0.tolist()) & set(labels1.tolist())
+    whole_images, whole_labels = epoch(whole, 5)
+    assert torch.equal(labels0, whole_labels[0::2][:256]) and torch.equal(labels1, whole_labels[1::2][:256])
+    assert torch.equal(images1, whole_images[1::2][:256])  # same draws as the single-process run
+    if count == 512:
+        assert sorted(labels0.tolist() + labels1.tolist()) == list(range(512))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_eval_shards_are_contiguous_and_cover_the_set_once(world_size):
+    sources = random_images(101)
+    labels = [epoch(make_loader(sources, train=False, batch_size=16, rank=r, world_size=world_size))[1]
+              for r in range(world_size)]
+    assert torch.equal(torch.cat(labels), torch.arange(101))
+    assert max(map(len, labels)) - min(map(len, labels)) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_dtype_and_memory_layout(dtype, channels_last, train):
+    sources = random_images(64)
+    loader = make_loader(sources, train=train, batch_size=32, dtype=dtype, channels_last=channels_last,
+                         mean=CIFAR_MEAN, std=CIFAR_STD)
+    images, labels = next(iter(loader))
+    assert images.shape == (32, 3, 32, 32) and images.dtype == dtype
+    assert labels.dtype == torch.int64 and labels.shape == (32,)
+    if channels_last:
+        assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    else:
+        assert images.is_contiguous()
+    if dtype == torch.bfloat16:  # normalized in fp32, then cast once
+        reference = make_loader(sources, train=train, batch_size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+        assert torch.equal(images, next(iter(reference))[0].to(torch.bfloat16))
+
+
+def test_training_without_drop_last_keeps_the_partial_batch():
+    loader = make_loader(random_images(100), batch_size=64, drop_last=False)
+    assert len(loader) == 2 and [len(y) for _, y in loader] == [64, 36]
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="no full batch"):
+        make_loader(random_images(100), batch_size=101)
+    with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
+        make_loader(random_images(10).astype(np.float32))
+    with pytest.raises(ValueError, match="rank=2/world_size=2"):
+        make_loader(random_images(10), rank=2, world_size=2)

@@ -1,0 +1,84 @@
+"""The paper's architecture family: exact parameter counts, every knob, the budget, FLOPs."""
+import pytest
+import torch
+
+from fasttrain.config import ConfigError, ModelConfig, load_config
+from fasttrain.model import ResNet, SqueezeExcite, build_model, count_params, forward_flops
+
+
+def test_seed_config_is_the_papers_best_model_exactly():
+    model = build_model(load_config("configs/seed.yaml").model)
+    assert count_params(model) == 4_697_742
+    assert forward_flops(model) == 2 * 798_690_304  # the paper's multiply-adds per image
+
+
+def test_resnet18_comparison_exactly():
+    assert count_params(build_model(load_config("configs/resnet18.yaml").model)) == 11_173_962
+
+
+def test_budget_refuses_a_bigger_model_with_count_and_budget():
+    cfg = load_config("configs/resnet18.yaml").model
+    cfg.max_params = 5_000_000
+    with pytest.raises(ConfigError, match=r"11,173,962.*5,000,000"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(layers=2, blocks=[1, 1], conv_kernel=[3, 5], shortcut_kernel=[1, 3], pool_kernel=16, base_channels=8),
+    dict(layers=4, blocks=[1, 2, 1, 1], conv_kernel=[3] * 4, shortcut_kernel=[1] * 4, pool_kernel=2, base_channels=4),
+    dict(layers=3, blocks=[1, 1, 1], conv_kernel=[3] * 3, shortcut_kernel=[1] * 3, pool_kernel=4, base_channels=8,
+         se_placement="blocks", dropout=0.2),
+    dict(layers=3, blocks=[2, 1, 1], conv_kernel=[5, 3, 3], shortcut_kernel=[3, 1, 1], pool_kernel=8, base_channels=8,
+         se=False),
+])
+def test_knobs_build_and_run(kw):
+    cfg = ModelConfig(**kw)
+    model = build_model(cfg)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    # the stage widths double from C_1
+    widths = [stage[0].conv1.out_channels for stage in model.stages]
+    assert widths == [cfg.base_channels * 2 ** i for i in range(cfg.layers)]
+    # the blocks per stage and the conv kernels per stage follow B_i and F_i
+    assert [len(s) for s in model.stages] == cfg.blocks
+    assert [s[0].conv1.kernel_size[0] for s in model.stages] == cfg.conv_kernel
+
+
+def test_se_placement():
+    base = dict(layers=3, blocks=[1, 1, 1], conv_kernel=[3] * 3, shortcut_kernel=[1] * 3, base_channels=8)
+    stem = build_model(ModelConfig(**base, se_placement="stem"))
+    blocks = build_model(ModelConfig(**base, se_placement="blocks"))
+    none = build_model(ModelConfig(**base, se=False))
+    assert isinstance(stem.stem_se, SqueezeExcite) and all(b.se is None for s in stem.stages for b in s)
+    assert blocks.stem_se is None and all(isinstance(b.se, SqueezeExcite) for s in blocks.stages for b in s)
+    assert none.stem_se is None and sum(isinstance(m, SqueezeExcite) for m in none.modules()) == 0
+
+
+def test_se_gates_channels_in_unit_interval():
+    se = SqueezeExcite(16, 4)
+    x = torch.rand(2, 16, 5, 5) + 0.1
+    y = se(x)
+    ratio = y / x  # the gate: one value per (image, channel), in (0, 1)
+    assert torch.allclose(ratio, ratio[:, :, :1, :1].expand_as(ratio), atol=1e-6)
+    assert (ratio > 0).all() and (ratio < 1).all()
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(layers=3, blocks=[1, 1, 1], conv_kernel=[3] * 3, shortcut_kernel=[1] * 3,
+                                    base_channels=8)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    ref = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_is_deterministic_given_seed():
+    cfg = ModelConfig(layers=2, blocks=[1, 1], conv_kernel=[3, 3], shortcut_kernel=[1, 1], base_channels=4,
+                      pool_kernel=16)
+    torch.manual_seed(3)
+    a = ResNet(cfg).state_dict()
+    torch.manual_seed(3)
+    b = ResNet(cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

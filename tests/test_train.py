@@ -1,0 +1,137 @@
+"""The trainer end to end on real data (FASTTRAIN_DATA): it learns, resumes exactly, and the CLI works."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fasttrain.checkpoint import CheckpointError, load_checkpoint
+from fasttrain.config import ConfigError, load_config
+from fasttrain.console import RunConsole
+from fasttrain.trainer import Trainer
+
+TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
+        "--model.base_channels", "4", "--model.se_reduction", "2", "--train.batch_size", "64",
+        "--train.eval_batch_size", "100", "--optim.lookahead_k", "3", "--train.epochs", "2",
+        "--output.progress", "false"]
+
+
+def tiny_config(cifar_dir, tmp_path, *extra):
+    return load_config("configs/smoke.yaml", TINY + ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path)]
+                       + list(extra))
+
+
+def quiet():
+    return RunConsole(progress=False, enabled=False)
+
+
+def run_cli(*args, env_extra=None, check=True):
+    env = dict(os.environ, **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "fasttrain", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_smoke_config_learns(cifar_dir, tmp_path):
+    cfg = load_config("configs/smoke.yaml", ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path)])
+    summary = Trainer(cfg, device="cpu", console=quiet()).fit()
+    assert summary["final_test_acc"] > 25.0, summary  # chance is 10%
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for key in ("epoch", "lr", "train_loss", "train_acc", "test_acc", "epoch_seconds", "images_per_second"):
+        assert rows[-1][key] is not None
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("params", "final_test_acc", "best_test_acc", "epochs", "train_seconds", "device", "torch", "git_sha"):
+        assert key in saved
+    assert saved["params"] == 19_996 and saved["best_test_acc"] >= saved["final_test_acc"]
+    assert load_config(tmp_path / "config.yaml", ["--name", "smoke"]) == cfg  # the resolved config is saved
+
+
+def test_resume_is_exact(cifar_dir, tmp_path):
+    """2 epochs in one go == 1 epoch, stop, resume from last.pt, 1 more epoch (CPU, fixed seed).
+
+    Lookahead k=3 with 10 steps per epoch puts the checkpoint mid-period, so the slow weights and
+    the step count must travel in the checkpoint too.
+    """
+    torch.manual_seed(123)  # the global RNG must not leak into the run
+    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a"), device="cpu", console=quiet())
+    straight.fit()
+    half = Trainer(tiny_config(cifar_dir, tmp_path / "b"), device="cpu", console=quiet())
+    half.fit(stop_after_epochs=1)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    torch.manual_seed(999)
+    resumed = Trainer(tiny_config(cifar_dir, tmp_path / "b"), device="cpu", console=quiet(),
+                      resume=tmp_path / "b" / "last.pt")
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
+    Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet()).fit()
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+        Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet())
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_resume_with_another_architecture_lists_keys(cifar_dir, tmp_path):
+    Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet()).fit()
+    other = tiny_config(cifar_dir, tmp_path, "--model.blocks", "[2,1,1]", "--model.base_channels", "8")
+    with pytest.raises(CheckpointError, match=r"another architecture[\s\S]*stages\.0\.1\.conv1\.weight"):
+        Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
+
+
+def test_cli_dry_run_json(cifar_dir):
+    proc = run_cli("--config", "configs/seed.yaml", "--dry-run", "--json", "--data.dir", str(cifar_dir))
+    report = json.loads(proc.stdout)
+    assert report["params"] == 4_697_742
+    assert report["config"]["model"]["blocks"] == [4, 4, 3]
+    assert "cifar-10-batches" in report["data"]
+    text = run_cli("--config", "configs/seed.yaml", "--dry-run").stdout
+    assert "4,697,742" in text and "lookahead_k: 5" in text
+
+
+def test_cli_train_then_eval(cifar_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("--config", "configs/smoke.yaml", *TINY, "--train.epochs", "1", "--output.dir", str(run),
+                   "--device", "cpu", env_extra={"FASTTRAIN_DATA": str(cifar_dir)})
+    assert "epoch   1/1" in proc.stdout and "final_test_acc" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    out = run_cli("eval", "--checkpoint", str(run / "last.pt"), "--json", "--device", "cpu",
+                  "--data.dir", str(cifar_dir))
+    result = json.loads(out.stdout)
+    assert result["test_acc"] == pytest.approx(summary["final_test_acc"])
+    assert result["epoch"] == 1 and result["params"] == summary["params"]
+    tta = json.loads(run_cli("eval", "--checkpoint", str(run / "last.pt"), "--json", "--tta", "--device", "cpu",
+                             "--data.dir", str(cifar_dir)).stdout)
+    assert tta["tta"] is True and 0.0 <= tta["test_acc"] <= 100.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.lr", "-1"], "optim.lr = -1.0 is out of range"),
+    (["--optim.lrr", "1"], "unknown key 'optim.lrr'"),
+    (["--train.epochs", "many"], "train.epochs: expected int"),
+    (["--model.base_channels", "128"], "over the budget"),
+])
+def test_cli_bad_input_is_one_clear_error(args, message, tmp_path):
+    proc = run_cli("--config", "configs/seed.yaml", "--dry-run", *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_data_is_a_clear_error(tmp_path):
+    proc = run_cli("--config", "configs/smoke.yaml", "--data.dir", str(tmp_path / "empty"), "--data.download",
+                   "false", "--output.dir", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cifar-10-batches-bin" in proc.stderr and "FASTTRAIN_DATA" in proc.stderr
