@@ -390,13 +390,9 @@ def test_build_data(tmp_path):
 # The real data set (CI sets FASTTRAIN_DATA)
 
 
-def test_real_cifar10(monkeypatch):
+def test_real_cifar10(monkeypatch, cifar_dir):
     monkeypatch.setattr(cifar, "RECORDS_PER_BATCH", 10_000)
-    root = os.environ.get("FASTTRAIN_DATA")
-    if not root:
-        pytest.fail("FASTTRAIN_DATA is not set. Build the data once and point the variable at it:\n"
-                    "  python ../shared/data/cifar10-jpeg75/build.py DIR; export FASTTRAIN_DATA=DIR")
-    arrays = load_cifar10(root, download=False)
+    arrays = load_cifar10(cifar_dir, download=False)
     assert arrays.train_x.shape == (50_000, 32, 32, 3) and arrays.test_x.shape == (10_000, 32, 32, 3)
     assert arrays.train_x.dtype == np.uint8 and arrays.train_y.dtype == np.int64
     assert np.bincount(arrays.train_y).tolist() == [5_000] * 10
