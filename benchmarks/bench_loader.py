@@ -1,0 +1,403 @@
+"""Data-loader throughput: the DALI GPU pipeline vs the GPU-resident torch path vs the paper's way.
+
+    python benchmarks/bench_loader.py                  # on a CUDA machine (refuses without one)
+    python benchmarks/bench_loader.py --cpu-smoke      # a tiny CPU run that exercises every path
+
+Three training loaders over the same uint8 CIFAR-shaped arrays (synthetic by default: throughput
+does not depend on pixel values; `--data DIR` reads real CIFAR-10), each with pad-4 crop, flip,
+normalise:
+  * ``dali``        `fasttrain.data.dali.DaliLoader` (ops on the GPU; dataset resident in device
+                    memory, plus ``dali-host``: dataset in host memory, copied per batch),
+  * ``torch``       `fasttrain.data.loader_torch.TorchLoader` (GPU-resident, batched tensor ops),
+  * ``torchvision`` the paper's pipeline: a map-style Dataset of PIL images with RandomCrop(32, 4),
+                    RandomHorizontalFlip, ToTensor, Normalize in CPU worker processes, pinned
+                    batches copied to the GPU (what `datasets.CIFAR10` + `DataLoader` do).
+
+Two measurements per loader:
+  * alone: whole epochs, images/s from CUDA events around them (after a warm-up epoch); each
+    batch is left on the GPU as the trainer would get it, and the end event waits on all of it.
+  * in a training step of the seed network (configs/seed.yaml's model and optimizer, bf16
+    autocast, channels_last, the trainer's step) -- the number that matters -- next to the same
+    step on one pre-made batch (no loader), so the loader's cost shows as the gap.
+
+Prints a table last and writes JSON to benchmarks/results/loader-<device>.json (device name,
+versions, git sha, command). The target: the DALI pipeline alone above 200,000 images/s on an
+H100.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere, without installing the package
+    sys.path.insert(0, str(REPO))
+
+TARGET_IMAGES_PER_S = 200_000
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+class Timer:
+    """Wall time of queued device work: CUDA events on the current stream (the start event after
+    a synchronize, so nothing earlier is counted; the end event waited on), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's way: torchvision transforms in DataLoader workers
+# --------------------------------------------------------------------------------------------
+class ArrayCifar(torch.utils.data.Dataset):
+    """`torchvision.datasets.CIFAR10` without the download: PIL images from an NHWC uint8 array,
+    the transform applied per sample in the worker."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+class TorchvisionLoader:
+    """The paper's loader, moved to the device the way a training loop does it (pinned memory,
+    non_blocking copy), yielding the same (images, labels) as the other two."""
+
+    def __init__(self, x, y, *, batch_size: int, device: torch.device, workers: int, seed: int):
+        from torchvision import transforms
+
+        transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+        self.device = device
+        self.batch_size = batch_size
+        self.loader = torch.utils.data.DataLoader(
+            ArrayCifar(x, y, transform), batch_size=batch_size, shuffle=True, drop_last=True,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield images.to(memory_format=torch.channels_last), labels.to(self.device,
+                                                                          non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The measurements
+# --------------------------------------------------------------------------------------------
+def bench_alone(loader, epochs: int, device: torch.device) -> dict:
+    """Images/s over `epochs` whole epochs, after one warm-up epoch."""
+    loader.set_epoch(0)
+    for _ in loader:  # warm-up: pipeline build, allocator, worker start
+        pass
+    count = 0
+    with Timer(device) as timer:
+        for epoch in range(1, epochs + 1):
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                count += labels.shape[0]
+    return {"images": count, "seconds": timer.seconds, "images_per_s": count / timer.seconds}
+
+
+def make_train_step(model_cfg, optim_cfg, device: torch.device, autocast_dtype):
+    """The trainer's step on the seed network: bf16 autocast forward, CE loss, backward,
+    clip, optimizer (Lookahead-SGD per the config)."""
+    import torch.nn.functional as F
+
+    from fasttrain.model import build_model
+    from fasttrain.optim import build_optimizer, clip_gradients
+
+    model = build_model(model_cfg).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.parameters(), optim_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else torch.autocast(device.type, enabled=False))
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        with autocast:
+            loss = F.cross_entropy(model(images).float(), labels,
+                                   label_smoothing=optim_cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(params, optim_cfg, optimizer)
+        optimizer.step()
+
+    return step
+
+
+def bench_train(step, batches: Callable[[], Iterable], steps: int, warmup: int,
+                device: torch.device) -> dict:
+    """Images/s of `steps` training steps fed by `batches()` (re-iterated across epochs)."""
+    def stream():
+        epoch = 0
+        while True:
+            yield from batches(epoch)
+            epoch += 1
+
+    it = stream()
+    for _ in range(warmup):
+        step(*next(it))
+    count = 0
+    with Timer(device) as timer:
+        for _ in range(steps):
+            images, labels = next(it)
+            step(images, labels)
+            count += labels.shape[0]
+    return {"images": count, "seconds": timer.seconds, "images_per_s": count / timer.seconds}
+
+
+def epochs_of(loader):
+    def batches(epoch: int):
+        loader.set_epoch(epoch)
+        return iter(loader)
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_label(device: torch.device) -> tuple[str, str]:
+    """(human name, file-name slug) of the device."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return name, slug
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'loader':<14}{'mode':<12}{'images/s':>14}{'images':>10}{'seconds':>10}  note",
+             "-" * 72]
+    for r in rows:
+        ips = f"{r['images_per_s']:,.0f}" if "images_per_s" in r else "-"
+        lines.append(f"{r['loader']:<14}{r['mode']:<12}{ips:>14}{r.get('images', 0):>10}"
+                     f"{r.get('seconds', 0.0):>10.3f}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+def load_arrays(args) -> tuple[np.ndarray, np.ndarray, str]:
+    if args.data:
+        from fasttrain.data.cifar import load_cifar10
+
+        arrays = load_cifar10(args.data, download=False)
+        x, y, what = arrays.train_x, arrays.train_y, arrays.source
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, size=args.images).astype(np.int64)
+        what = f"synthetic uint8 [{args.images}, 32, 32, 3]"
+    if args.images and len(x) > args.images:
+        x, y = x[:args.images], y[:args.images]
+    return x, y, what
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny run on the CPU (exercises every path; numbers meaningless)")
+    p.add_argument("--data", default=None, help="CIFAR-10 folder (default: synthetic images)")
+    p.add_argument("--images", type=int, default=None,
+                   help="training images (default 50000; 512 with --cpu-smoke)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 (64 for smoke)")
+    p.add_argument("--epochs", type=int, default=None, help="timed epochs alone (default 5)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 100)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="torchvision DataLoader workers (default min(8, cores); 0 for smoke)")
+    p.add_argument("--config", default=str(REPO / "configs" / "seed.yaml"))
+    p.add_argument("--loaders", default="dali,dali-host,torch,torchvision",
+                   help="comma-separated subset of dali, dali-host, torch, torchvision")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/loader-<device>.json)")
+    args = p.parse_args(argv)
+    smoke = args.cpu_smoke
+    defaults = dict(images=512 if smoke else 50_000, batch_size=64 if smoke else 512,
+                    epochs=1 if smoke else 5, steps=3 if smoke else 100,
+                    workers=0 if smoke else min(8, os.cpu_count() or 1))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("bench_loader: no CUDA device. This benchmark measures GPU data paths; run it on the "
+              "GPU machine, or pass --cpu-smoke for a tiny CPU run that only checks it works.",
+              file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    from fasttrain.config import load_config
+    from fasttrain.data.dali import DaliLoader, dali_available
+    from fasttrain.data.loader_torch import TorchLoader
+
+    x, y, data_what = load_arrays(args)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    common = dict(batch_size=args.batch_size, train=True, device=device, dtype=dtype, mean=MEAN,
+                  std=STD, channels_last=True, crop_padding=4, flip=True, seed=0)
+    wanted = [name.strip() for name in args.loaders.split(",") if name.strip()]
+    unknown = set(wanted) - {"dali", "dali-host", "torch", "torchvision"}
+    if unknown:
+        print(f"bench_loader: unknown loader(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+
+    factories = {
+        "dali": lambda: DaliLoader(x, y, residency="device", **common),
+        # on the CPU both residencies are the host one: measure it once
+        "dali-host": (lambda: DaliLoader(x, y, residency="host", **common))
+        if device.type == "cuda" else None,
+        "torch": lambda: TorchLoader(x, y, **common),
+        "torchvision": lambda: TorchvisionLoader(x, y, batch_size=args.batch_size, device=device,
+                                                 workers=args.workers, seed=0),
+    }
+    rows: list[dict] = []
+    loaders = {}
+    for name in wanted:
+        if factories[name] is None:
+            continue
+        if name.startswith("dali") and not dali_available():
+            rows.append({"loader": name, "mode": "alone", "note": "skipped: DALI not installed"})
+            continue
+        loaders[name] = factories[name]()
+        result = bench_alone(loaders[name], args.epochs, device)
+        rows.append({"loader": name, "mode": "alone", **result})
+        print(f"{name:<12} alone  {result['images_per_s']:>12,.0f} images/s", flush=True)
+
+    if not args.no_train:
+        cfg = load_config(args.config)
+        model_cfg = cfg.model
+        if args.cpu_smoke:  # the seed network's shape, shrunk so a CPU step takes milliseconds
+            model_cfg = dataclasses.replace(model_cfg, base_channels=8, blocks=[1] * model_cfg.layers)
+        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+        warmup = 1 if args.cpu_smoke else 20
+        # the reference: the same step on one resident batch, no loader at all
+        torch.manual_seed(0)
+        step = make_train_step(model_cfg, cfg.optim, device, autocast_dtype)
+        images = torch.randn(args.batch_size, 3, 32, 32, device=device, dtype=dtype)
+        images = images.to(memory_format=torch.channels_last)
+        labels = torch.randint(0, 10, (args.batch_size,), device=device)
+        result = bench_train(step, lambda epoch: [(images, labels)] * 1000, args.steps, warmup,
+                             device)
+        rows.append({"loader": "none", "mode": "train-step", **result,
+                     "note": "one resident batch: the step alone"})
+        print(f"{'none':<12} train  {result['images_per_s']:>12,.0f} images/s", flush=True)
+        for name, loader in loaders.items():
+            torch.manual_seed(0)
+            step = make_train_step(model_cfg, cfg.optim, device, autocast_dtype)
+            result = bench_train(step, epochs_of(loader), args.steps, warmup, device)
+            rows.append({"loader": name, "mode": "train-step", **result})
+            print(f"{name:<12} train  {result['images_per_s']:>12,.0f} images/s", flush=True)
+
+    dali_alone = next((r.get("images_per_s") for r in rows
+                       if r["loader"] == "dali" and r["mode"] == "alone"), None)
+    name, slug = device_label(device)
+    try:
+        import nvidia.dali as dali
+        dali_version = dali.__version__
+    except Exception:
+        dali_version = None
+    import torchvision
+
+    report = {
+        "benchmark": "loader",
+        "device": name,
+        "cpu_smoke": args.cpu_smoke,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dali": dali_version,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else
+                                                           list(argv))),
+        "data": data_what,
+        "batch_size": args.batch_size,
+        "dtype": str(dtype),
+        "torchvision_workers": args.workers,
+        "results": rows,
+        "target": {"dali_alone_images_per_s": TARGET_IMAGES_PER_S,
+                   "measured": dali_alone,
+                   "met": None if dali_alone is None or args.cpu_smoke
+                   else dali_alone >= TARGET_IMAGES_PER_S},
+    }
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"loader-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    print()
+    print(f"{name}; {data_what}; batch {args.batch_size}; {dtype}; torch {torch.__version__}, "
+          f"DALI {dali_version}")
+    print(table(rows))
+    if dali_alone is not None and not args.cpu_smoke:
+        verdict = "met" if dali_alone >= TARGET_IMAGES_PER_S else "NOT met"
+        print(f"target: DALI alone > {TARGET_IMAGES_PER_S:,} images/s: {verdict}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

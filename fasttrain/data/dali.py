@@ -1,0 +1,440 @@
+"""The DALI data path: the same loader protocol as `loader_torch.TorchLoader`, run by NVIDIA DALI.
+
+See docs/ARCHITECTURE.md ("Loader protocol") for the contract. This module imports `nvidia.dali`
+lazily, inside `DaliLoader`, so `import fasttrain.data.dali` works without DALI installed; only
+constructing a loader needs it (install with ``pip install 'fasttrain-resnet[dali]'``).
+
+Design
+------
+* **Where the randomness comes from.** The epoch's shuffle, crop offsets and flip bits are drawn
+  on the host from one CPU generator seeded by ``(seed, epoch)`` -- the very draws of the torch
+  path, so both loaders yield the same stream for a seed (see `epoch_plan`) -- and fed into the
+  pipeline through `fn.external_source`; the pipeline itself has no random operators. The stream
+  is thus a pure function of ``(seed, epoch, rank)``: independent of DALI's thread count,
+  prefetch depth, CPU or GPU backend and DALI version, identical between the CPU pipeline the
+  tests run and the GPU pipeline training runs, and checkable pixel by pixel. Drawing the
+  augmentation per *position in the epoch* before sharding also makes the union of all ranks'
+  streams independent of the world size. The alternative, DALI's own `fn.random.*` with a seed
+  per (seed, epoch, rank), would need a pipeline rebuild per epoch and could be checked only
+  statistically.
+* **How the crop stays discrete.** The crop is `fn.slice` with *integer, absolute* start
+  coordinates ``(dy, dx) in [-p, p]`` and ``out_of_bounds_policy="pad"`` with fill 0: a window
+  hanging over the edge reads zeros, which is exactly "zero-pad by p, then crop 32x32 at offset
+  ``dy + p, dx + p``" without materialising the padded image. The offsets are drawn uniformly
+  from the ``2p + 1`` integers per axis, so all ``(2p + 1)^2`` positions are equally likely; no
+  normalised float position is rounded anywhere (`crop_pos_x` with a continuous uniform would
+  give the two end offsets half the probability of the others).
+* **Normalisation and layout.** `fn.crop_mirror_normalize` applies the flip and
+  ``(x - 255 mean) / (255 std)`` (= ``(x / 255 - mean) / std``) and emits HWC, which torch views
+  as NCHW with channels_last strides without a copy. DALI 2.4 has no bfloat16 type, so bf16 is
+  produced as fp32 by DALI and cast by torch (the cast keeps channels_last).
+* **Residency (GPU).** By default the uint8 dataset lives in device memory (150 MB for CIFAR-10)
+  and each batch is gathered there by one `index_select` on a side stream, which DALI's external
+  source then copies from on the same stream. The training thread's work per batch is then one
+  kernel launch, not a 1.5 MB random-row numpy gather (~0.3 ms at batch 512) plus a host-to-device
+  copy -- and at the 200k images/s target a whole batch-512 step has ~2.5 ms. ``residency="host"``
+  keeps the data in host memory instead (numpy gather in the iterating thread, then DALI's pinned
+  staging and asynchronous copy); benchmarks/bench_loader.py measures both, so the default is
+  checked on the H100 rather than assumed.
+* **Epochs.** Each `iter()` runs one epoch: the callbacks raise `StopIteration` past the epoch's
+  last batch, and the pipeline is reset after it drains, ready for the next `set_epoch`/`iter`.
+  An epoch abandoned part way (``break``) is drained of its at most `prefetch` prefetched
+  batches when the next one starts.
+* **Overlap and CUDA graphs.** DALI runs its operators asynchronously (own threads, own CUDA
+  stream) up to `prefetch` batches ahead; only the external-source callbacks and the output copy
+  run in the iterating thread, before the training step, so the loader stays outside any
+  CUDA-graph capture (the trainer copies batches into its static graph inputs) -- iterating
+  under capture is refused.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fasttrain.data.loader_torch import epoch_generator
+
+__all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
+
+INSTALL_HINT = "pip install 'fasttrain-resnet[dali]'  (installs nvidia-dali-cuda130)"
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class DaliUnavailableError(ImportError):
+    """NVIDIA DALI is not installed (or cannot be imported) but the DALI loader was asked for."""
+
+
+def _import_dali():
+    """Import DALI on first use; a missing or broken install becomes a `DaliUnavailableError`."""
+    try:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+    except Exception as e:  # ImportError, or a broken install failing inside its own imports
+        raise DaliUnavailableError(
+            f"data.loader=dali needs NVIDIA DALI, which could not be imported ({e}). "
+            f"Install it with: {INSTALL_HINT}, or use data.loader=torch."
+        ) from e
+    return fn, types, Pipeline, feed_ndarray
+
+
+def dali_available() -> bool:
+    """True when NVIDIA DALI and its PyTorch plugin can be imported."""
+    try:
+        _import_dali()
+    except DaliUnavailableError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch plan: which images, in which order, with which crop and flip (pure numpy)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's epoch: `indices[i]` is the i-th image it yields; `starts[i] = (dy, dx)` the crop
+    window's top-left corner relative to the unpadded image (in ``[-p, p]``); `mirror[i]` 1 to
+    flip. Batch k is rows ``[k * batch_size, (k + 1) * batch_size)`` (the last may be shorter)."""
+
+    indices: np.ndarray  # int64 [M]
+    starts: np.ndarray   # int32 [M, 2]
+    mirror: np.ndarray   # int32 [M]
+    batch_size: int
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def rows(self, k: int) -> slice:
+        return slice(k * self.batch_size, min((k + 1) * self.batch_size, len(self.indices)))
+
+
+def shard_bounds(n: int, *, batch_size: int, train: bool, drop_last: bool, rank: int,
+                 world_size: int) -> tuple[int, int]:
+    """``(samples, batches)`` that rank `rank` yields per epoch (see `epoch_plan` for the rule)."""
+    if train:
+        m = n // world_size  # every rank the same, so all ranks step in lockstep
+    else:
+        m = n * (rank + 1) // world_size - n * rank // world_size
+    if drop_last:
+        m = (m // batch_size) * batch_size
+    return m, -(-m // batch_size)
+
+
+def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
+               rank: int = 0, world_size: int = 1, drop_last: Optional[bool] = None,
+               crop_padding: int = 4, flip: bool = True) -> EpochPlan:
+    """The pure function of ``(seed, epoch, rank)`` that the DALI loader executes.
+
+    Training: a permutation of ``range(n)`` and, per position of that permutation, a crop offset
+    pair uniform on ``{-p..p}^2`` and a flip bit, all from the CPU generator
+    ``loader_torch.epoch_generator(seed, epoch)`` (the same on every rank); rank r takes positions
+    ``r::world_size``, truncated to the same number of samples on every rank, and to whole
+    batches with ``drop_last`` (the default in training).
+    Evaluation: contiguous, disjoint, in-order shards covering ``range(n)`` once, no augmentation,
+    the last batch kept unless ``drop_last``.
+    """
+    drop_last = train if drop_last is None else drop_last
+    if train:
+        # The exact draw sequence of TorchLoader._epoch_draws (same generator, same calls, same
+        # order), so both loaders yield the same stream for a seed: switching data.loader does
+        # not change what a run trains on (tests/test_dali.py holds the two to that).
+        generator = epoch_generator(seed, epoch)
+        perm = torch.randperm(n, generator=generator).numpy()
+        # Integer draws, one per position: each of the 2p+1 offsets per axis equally likely.
+        offsets = torch.randint(0, 2 * crop_padding + 1, (n, 2), generator=generator).numpy()
+        flips = torch.randint(0, 2, (n,), generator=generator).numpy() * int(flip)
+        starts = (offsets - crop_padding).astype(np.int32)
+        mirror = flips.astype(np.int32)
+        keep, _ = shard_bounds(n, batch_size=batch_size, train=True, drop_last=drop_last,
+                               rank=rank, world_size=world_size)
+        sel = slice(rank, None, world_size)
+        indices, starts, mirror = perm[sel][:keep], starts[sel][:keep], mirror[sel][:keep]
+    else:
+        lo = n * rank // world_size
+        m, _ = shard_bounds(n, batch_size=batch_size, train=False, drop_last=drop_last,
+                            rank=rank, world_size=world_size)
+        indices = np.arange(lo, lo + m)
+        starts = np.zeros((m, 2), dtype=np.int32)
+        mirror = np.zeros(m, dtype=np.int32)
+    return EpochPlan(np.ascontiguousarray(indices, dtype=np.int64), np.ascontiguousarray(starts),
+                     np.ascontiguousarray(mirror), batch_size)
+
+
+def _host_array(a) -> np.ndarray:
+    """A numpy view of a numpy array or a torch tensor (a CUDA one is copied to the host)."""
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+# --------------------------------------------------------------------------------------------
+# The external-source callbacks
+# --------------------------------------------------------------------------------------------
+class _Feeder:
+    """What the pipeline's `external_source` callbacks read: the current epoch's plan.
+
+    The callbacks are indexed by DALI's iteration counter (reset by `Pipeline.reset`), so each is
+    a pure function of ``(plan, iteration)``, whatever the prefetch depth. Kept apart from the
+    loader so the pipeline holds no reference back to it (no reference cycle through DALI).
+    """
+
+    def __init__(self, images, *, gather_stream: Optional[torch.cuda.Stream]):
+        self.images = images              # numpy [N,H,W,C] uint8, or a CUDA tensor of the same
+        self.gather_stream = gather_stream
+        self.plan: Optional[EpochPlan] = None
+        self.indices_dev: Optional[torch.Tensor] = None  # the plan's indices, on the GPU
+        self.stop = False                 # set to make every callback end the epoch now
+
+    def _rows(self, iteration: int) -> slice:
+        plan = self.plan
+        if self.stop or plan is None or iteration >= plan.num_batches:
+            raise StopIteration
+        return plan.rows(iteration)
+
+    def images_batch(self, iteration: int):
+        rows = self._rows(iteration)
+        if self.indices_dev is None:
+            return self.images[self.plan.indices[rows]]  # host gather: a fresh contiguous array
+        # Device gather on the side stream DALI copies from (its `cuda_stream`); the result's
+        # memory returns to that stream's pool only after DALI's copy, which is ordered on it.
+        with torch.cuda.stream(self.gather_stream):
+            return self.images.index_select(0, self.indices_dev[rows])
+
+    def starts_batch(self, iteration: int) -> np.ndarray:
+        return self.plan.starts[self._rows(iteration)]
+
+    def mirror_batch(self, iteration: int) -> np.ndarray:
+        return self.plan.mirror[self._rows(iteration)]
+
+
+# --------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------
+class DaliLoader:
+    """CIFAR batches from a DALI pipeline: training (shuffle, pad-crop, flip, normalise) or
+    evaluation (normalise, in order). Implements the loader protocol of docs/ARCHITECTURE.md.
+
+    `device` picks the backend: a CUDA device runs the pipeline's operators on that GPU
+    (``device_id`` = its index); ``cpu`` runs the same pipeline definition on DALI's CPU backend
+    (``device_id=None``), which is how CI tests it. `residency` ("device" default, or "host")
+    chooses where the uint8 dataset lives on the GPU path (see the module docstring).
+    """
+
+    def __init__(self, x_nhwc_uint8: np.ndarray, y: np.ndarray, *, batch_size: int, train: bool,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 mean: Sequence[float], std: Sequence[float], channels_last: bool = True,
+                 crop_padding: int = 4, flip: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: Optional[bool] = None, prefetch: int = 2,
+                 residency: str = "device", num_threads: Optional[int] = None):
+        fn, types, Pipeline, self._feed_ndarray = _import_dali()
+
+        x, y = _host_array(x_nhwc_uint8), _host_array(y)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [N, H, W, 3] (NHWC, RGB); got {x.dtype} "
+                             f"{list(x.shape)}")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"labels must be integers [N] with N = {len(x)}; got {y.dtype} "
+                             f"{list(y.shape)}")
+        if dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}; got {dtype}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
+        if batch_size < 1 or crop_padding < 0 or prefetch < 1:
+            raise ValueError("need batch_size >= 1, crop_padding >= 0 and prefetch >= 1; got "
+                             f"{batch_size}, {crop_padding}, {prefetch}")
+        if not 0 <= rank < world_size or seed < 0:
+            raise ValueError(f"need 0 <= rank < world_size and seed >= 0; got rank {rank}, "
+                             f"world_size {world_size}, seed {seed}")
+        if residency not in ("device", "host"):
+            raise ValueError(f"residency must be 'device' or 'host'; got {residency!r}")
+
+        self.device = torch.device(device)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"DaliLoader on {self.device} needs CUDA, which is unavailable")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type != "cpu":
+            raise ValueError(f"DaliLoader runs on 'cpu' or a CUDA device; got {self.device}")
+
+        self.dtype = dtype
+        self.train = bool(train)
+        self.channels_last = bool(channels_last)
+        self.crop_padding = int(crop_padding) if self.train else 0
+        self.flip = bool(flip) and self.train
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.drop_last = self.train if drop_last is None else bool(drop_last)
+        self._batch_size = int(batch_size)
+        self._n = len(x)
+        self.epoch = 0  # the epoch the next iter() runs
+        self.num_samples, self._num_batches = shard_bounds(
+            self._n, batch_size=self._batch_size, train=self.train, drop_last=self.drop_last,
+            rank=self.rank, world_size=self.world_size)
+        if self.train and self.num_samples == 0:
+            raise ValueError(f"a training shard of {self._n // self.world_size} images holds no "
+                             f"full batch of {self._batch_size}")
+        self.residency = residency if on_gpu else "host"
+        height, width = x.shape[1:3]
+
+        # Labels never enter DALI: a batch's labels are a slice of the epoch's label vector,
+        # gathered once per epoch on the device (the image batches arrive in plan order).
+        self._labels = torch.from_numpy(y.astype(np.int64))  # a private, writable copy
+        if self.residency == "device":
+            self._gather_stream = torch.cuda.Stream(self.device)
+            images = torch.tensor(x, device=self.device)  # one host-to-device copy, at start
+        else:
+            self._gather_stream = None
+            images = np.ascontiguousarray(x)
+        self._feeder = _Feeder(images, gather_stream=self._gather_stream)
+
+        # DALI emits fp32 or fp16; bf16 is cast by torch (DALI 2.4 has no bfloat16 type).
+        dali_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+        self._dali_torch_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+        self._nhwc = self.channels_last
+
+        # The pipeline draws no random numbers (the plan carries them), but a seed derived from
+        # (seed, rank) keeps any future random operator reproducible and distinct per rank.
+        pipe_seed = int(np.random.SeedSequence((self.seed, self.rank)).generate_state(1)[0]
+                        % (2**31 - 1))
+        self._pipe = Pipeline(
+            batch_size=self._batch_size,
+            num_threads=num_threads or max(1, min(4, os.cpu_count() or 1)),
+            device_id=self.device.index if on_gpu else None,
+            seed=pipe_seed,
+            prefetch_queue_depth=int(prefetch),
+        )
+        feeder = self._feeder
+        with self._pipe:
+            imgs = fn.external_source(
+                source=feeder.images_batch, batch=True, dtype=types.UINT8, ndim=3, layout="HWC",
+                device="gpu" if self.residency == "device" else "cpu",
+                cuda_stream=self._gather_stream)
+            if on_gpu and self.residency == "host":
+                imgs = imgs.gpu()
+            if self.crop_padding > 0:
+                # Integer absolute starts: exact pixel offsets, zeros where the window leaves the
+                # image (== zero padding); argument inputs stay on the CPU even for GPU operators.
+                starts = fn.external_source(source=feeder.starts_batch, batch=True,
+                                            dtype=types.INT32, ndim=1)
+                imgs = fn.slice(imgs, start=starts, shape=[height, width], axis_names="HW",
+                                out_of_bounds_policy="pad", fill_values=0)
+            mirror = (fn.external_source(source=feeder.mirror_batch, batch=True,
+                                         dtype=types.INT32, ndim=0) if self.flip else 0)
+            out = fn.crop_mirror_normalize(
+                imgs, mirror=mirror, dtype=dali_dtype,
+                mean=[255.0 * float(m) for m in mean], std=[255.0 * float(s) for s in std],
+                output_layout="HWC" if self._nhwc else "CHW")
+            self._pipe.set_outputs(out)
+        self._pipe.build()
+        self._generation = 0    # which iterator owns the pipeline
+        self._pending = False   # the pipeline holds an unfinished epoch (needs drain + reset)
+
+    # ---------------------------------------------------------------- the protocol
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pin the epoch the next `iter()` runs (its shuffle and augmentation). Without it each
+        `iter()` moves on to the next epoch, as `TorchLoader` does, so passes never repeat."""
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: Optional[int] = None) -> EpochPlan:
+        """This rank's plan for `epoch` (default: the one the next `iter()` runs)."""
+        return epoch_plan(self._n, batch_size=self._batch_size, train=self.train, seed=self.seed,
+                          epoch=self.epoch if epoch is None else epoch, rank=self.rank,
+                          world_size=self.world_size, drop_last=self.drop_last,
+                          crop_padding=self.crop_padding, flip=self.flip)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Starting an epoch invalidates any iterator still open on this loader (one pipeline).
+        if self._pipe is None:
+            raise RuntimeError("this DaliLoader was closed")
+        self._generation += 1
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self._epoch_iter(self._generation, epoch)
+
+    # ---------------------------------------------------------------- internals
+    def _drain(self) -> None:
+        """End an unfinished epoch: make the callbacks stop, consume what was prefetched, reset."""
+        self._feeder.stop = True
+        try:
+            while True:
+                self._pipe.run()
+        except StopIteration:
+            pass
+        finally:
+            self._feeder.stop = False
+        self._pipe.reset()
+        self._pending = False
+
+    def _start_epoch(self, epoch: int) -> torch.Tensor:
+        if self._pending:
+            self._drain()
+        plan = self.plan(epoch)
+        feeder = self._feeder
+        feeder.plan = plan
+        if self.residency == "device":
+            with torch.cuda.stream(self._gather_stream):
+                feeder.indices_dev = torch.from_numpy(plan.indices).to(self.device)
+        labels = self._labels[torch.from_numpy(plan.indices)]
+        self._pending = True
+        return labels.to(self.device, non_blocking=False)
+
+    def _check_can_run(self, generation: int) -> None:
+        if generation != self._generation:
+            raise RuntimeError("this DaliLoader iterator was superseded by a newer iter() on the "
+                               "same loader (it runs one epoch at a time)")
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("DaliLoader must run outside CUDA-graph capture: fetch the batch "
+                               "first, then copy it into the graph's static inputs")
+
+    def _epoch_iter(self, generation: int,
+                    epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._check_can_run(generation)
+        labels = self._start_epoch(epoch)
+        on_gpu = self.device.type == "cuda"
+        produced = 0
+        while True:
+            self._check_can_run(generation)
+            stream = torch.cuda.current_stream(self.device) if on_gpu else None
+            try:
+                # GPU: outputs become ready on the consumer's stream (DALI's executor orders its
+                # work before them), so neither the copy below nor the caller blocks the host.
+                (out,) = self._pipe.run(stream) if on_gpu else self._pipe.run()
+            except StopIteration:
+                break
+            batch = out.as_tensor()
+            buf = torch.empty(batch.shape(), dtype=self._dali_torch_dtype, device=self.device)
+            # A copy out of DALI's buffers (they are recycled) into memory torch owns; on the GPU
+            # an asynchronous copy on the consumer's stream.
+            self._feed_ndarray(batch, buf, cuda_stream=stream)
+            images = buf.permute(0, 3, 1, 2) if self._nhwc else buf  # NHWC -> NCHW view
+            if images.dtype != self.dtype:
+                images = images.to(self.dtype)  # bf16; preserve_format keeps channels_last
+            n = images.shape[0]
+            yield images, labels[produced:produced + n]
+            produced += n
+        self._pipe.reset()
+        self._pending = False
+        if produced != self.num_samples:  # the plan and the pipeline disagree: a bug, not data
+            raise RuntimeError(f"DALI produced {produced} samples, the plan has "
+                               f"{self.num_samples}")
+
+    def close(self) -> None:
+        """Release the pipeline (its threads and buffers) now rather than at garbage collection."""
+        self._generation += 1
+        self._pipe = None  # nothing else references it: freed here
+
+    def __repr__(self) -> str:
+        kind = "train" if self.train else "eval"
+        return (f"DaliLoader({kind}, n={self._n}, batch_size={self._batch_size}, "
+                f"batches={len(self)}, device={self.device}, dtype={self.dtype}, "
+                f"residency={self.residency}, rank={self.rank}/{self.world_size})")

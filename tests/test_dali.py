@@ -1,0 +1,484 @@
+"""The DALI data path (fasttrain.data.dali) on DALI's CPU backend: the same pipeline definition the
+GPU runs, with device_id=None. Checks pixels, not just shapes: the evaluation output against the
+reference normalization and TorchLoader, the training crops/flips recovered from the pixels, the
+epoch stream (coverage, order, seeds, shards), dtypes and layouts, a short training run on real
+CIFAR-10 that must learn, and the benchmark's CPU smoke mode.
+"""
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fasttrain.data
+from fasttrain.data import dali as dali_mod
+from fasttrain.data.dali import DaliLoader, DaliUnavailableError, dali_available, epoch_plan
+from fasttrain.data.loader_torch import TorchLoader
+
+# The README's test command installs the dali extra: without it these tests fail (never skip),
+# and test_dali_is_installed says why.
+needs_dali = pytest.mark.dali
+
+def test_dali_is_installed():
+    assert dali_available(), "nvidia-dali is missing: pip install 'fasttrain-resnet[dali]'"
+
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tests run many small torch ops next to DALI's worker threads. On 2 shared cores one
+    intra-op thread was 4-6x faster than a 2-thread OpenMP team, whose barriers spin-wait when
+    the CPU is busy (the training test: ~10 s instead of ~60 s at load 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_images(n: int, seed: int = 0, hw: int = 32) -> np.ndarray:
+    """Distinct random pixels: a crop/flip of one image matches no other candidate."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, hw, hw, 3), dtype=np.uint8)
+
+
+def loader(x, y, **kw) -> DaliLoader:
+    args = dict(batch_size=32, train=True, device="cpu", mean=MEAN, std=STD)
+    args.update(kw)
+    return DaliLoader(x, y, **args)
+
+
+def reference_normalize(x_nhwc: np.ndarray) -> torch.Tensor:
+    """(x/255 - mean)/std in torch, NCHW fp32: what both loaders must produce."""
+    x = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).float()
+    return (x / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Undo the normalization: exact uint8 values (the float error is ~1e-4 of a level)."""
+    x = images.float() * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    return torch.round(x * 255).to(torch.int16)
+
+
+def recover_crops(images: torch.Tensor, sources: np.ndarray, p: int) -> torch.Tensor:
+    """For each output image, the (row offset, col offset, flip) in the zero-padded source whose
+    crop reproduces every pixel; asserts there is exactly one. Offsets are in 0..2p."""
+    pix = to_pixels(images)
+    src = torch.from_numpy(sources).permute(0, 3, 1, 2).to(torch.int16)
+    padded = F.pad(src, (p, p, p, p))
+    h, w = pix.shape[-2:]
+    # search on a central 8x8 patch (inside the source for any offset), then verify every pixel
+    r0, c0 = h // 2 - 4, w // 2 - 4
+    target = pix[:, :, r0:r0 + 8, c0:c0 + 8]
+    found = torch.full((len(pix), 3), -1, dtype=torch.long)
+    hits = torch.zeros(len(pix), dtype=torch.long)
+    for dy in range(2 * p + 1):
+        rows = slice(dy + r0, dy + r0 + 8)
+        for dx in range(2 * p + 1):
+            # the crop's centre columns, and the flipped crop's (mirrored columns of the crop)
+            patches = (padded[:, :, rows, dx + c0:dx + c0 + 8],
+                       padded[:, :, rows, dx + w - c0 - 8:dx + w - c0].flip(-1))
+            for flip, patch in enumerate(patches):
+                match = (patch == target).flatten(1).all(1)
+                hits += match
+                found[match] = torch.tensor([dy, dx, flip])
+    assert hits.eq(1).all(), f"{int((hits != 1).sum())} images match no or several crops"
+    for i, (dy, dx, flip) in enumerate(found.tolist()):
+        crop = padded[i, :, dy:dy + h, dx:dx + w]
+        assert torch.equal(crop.flip(-1) if flip else crop, pix[i]), f"image {i}: pixels differ"
+    return found
+
+
+def collect(dl) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*list(dl))
+    return torch.cat(images), torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Installation
+
+
+def test_without_dali_the_module_imports_and_the_loader_names_the_install(monkeypatch):
+    # A None entry in sys.modules makes `import nvidia.dali` raise ImportError; the module is
+    # imported afresh under that condition (monkeypatch restores the real one afterwards).
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    monkeypatch.delitem(sys.modules, "fasttrain.data.dali")
+    monkeypatch.setattr(fasttrain.data, "dali", dali_mod, raising=False)
+    fresh = importlib.import_module("fasttrain.data.dali")
+    assert fresh is not dali_mod and not fresh.dali_available()
+    with pytest.raises(ImportError, match=r"pip install 'fasttrain-resnet\[dali\]'") as info:
+        fresh.DaliLoader(random_images(64), np.zeros(64, np.int64), batch_size=32, train=True,
+                         device="cpu", mean=MEAN, std=STD)
+    assert isinstance(info.value, fresh.DaliUnavailableError)
+    assert issubclass(DaliUnavailableError, ImportError)
+
+
+@needs_dali
+def test_bad_arguments_are_refused():
+    x, y = random_images(64), np.zeros(64, np.int64)
+    with pytest.raises(ValueError, match="uint8"):
+        loader(x.astype(np.float32), y)
+    with pytest.raises(ValueError, match="labels"):
+        loader(x, y[:10])
+    with pytest.raises(ValueError, match="dtype"):
+        loader(x, y, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no full batch"):
+        loader(x, y, batch_size=40, world_size=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@needs_dali
+def test_eval_is_the_reference_normalization_in_order_once():
+    n, batch = 250, 64
+    x, y = random_images(n), np.random.default_rng(1).integers(0, 10, n)
+    dl = loader(x, y, batch_size=batch, train=False)
+    assert (len(dl), dl.num_samples, dl.batch_size) == (4, n, batch)
+    batches = list(dl)
+    assert [len(labels) for _, labels in batches] == [64, 64, 64, 58]  # the last batch is kept
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert torch.equal(labels, torch.from_numpy(y))  # every image once, in order
+    torch.testing.assert_close(images, reference_normalize(x), atol=1e-5, rtol=1e-5)
+    # and the torch path's evaluation output
+    t_images, t_labels = collect(TorchLoader(x, y, batch_size=batch, train=False, device="cpu",
+                                             dtype=torch.float32, mean=MEAN, std=STD))
+    assert torch.equal(labels, t_labels)
+    torch.testing.assert_close(images, t_images, atol=1e-5, rtol=1e-5)
+    # a second pass is the same again
+    torch.testing.assert_close(collect(dl)[0], images, atol=0, rtol=0)
+
+
+@needs_dali
+def test_eval_shards_are_contiguous_and_cover_the_set():
+    n = 103
+    x, y = random_images(n), np.arange(n)
+    shards = [collect(loader(x, y, batch_size=16, train=False, rank=r, world_size=3))[1]
+              for r in range(3)]
+    assert torch.equal(torch.cat(shards), torch.arange(n))
+    assert [len(s) for s in shards] == [34, 34, 35]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training augmentation
+
+
+@needs_dali
+def test_crops_and_flips_recovered_from_pixels_are_uniform_and_follow_the_plan():
+    n, p, epochs = 1000, 4, 2
+    x = random_images(n, seed=2)
+    dl = loader(x, np.arange(n), batch_size=100, seed=7, crop_padding=p)
+    recovered, planned = [], []
+    for epoch in range(epochs):
+        dl.set_epoch(epoch)
+        plan = dl.plan()
+        images, labels = collect(dl)
+        found = recover_crops(images, x[labels.numpy()], p)  # label = source index
+        recovered.append(found)
+        planned.append(torch.from_numpy(np.concatenate(
+            [plan.starts + p, plan.mirror[:, None]], axis=1)).long())
+        assert torch.equal(labels, torch.from_numpy(plan.indices))
+    recovered, planned = torch.cat(recovered), torch.cat(planned)
+    assert torch.equal(recovered, planned)  # the pixels are exactly the plan's crops and flips
+
+    samples = len(recovered)  # 2000
+    for axis in (0, 1):  # every offset 0..2p on each axis, about equally often
+        counts = torch.bincount(recovered[:, axis], minlength=2 * p + 1).double()
+        assert len(counts) == 2 * p + 1 and counts.min() > 0
+        expected = samples / (2 * p + 1)
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 26.1, (axis, counts.tolist())  # 8 dof: p = 0.001
+    joint = torch.bincount(recovered[:, 0] * (2 * p + 1) + recovered[:, 1],
+                           minlength=(2 * p + 1) ** 2).double()
+    assert joint.min() > 0  # all 81 positions occur, corners included
+    expected = samples / (2 * p + 1) ** 2
+    assert float(((joint - expected) ** 2 / expected).sum()) < 124.8  # 80 dof: p = 0.001
+    flip_rate = recovered[:, 2].double().mean().item()
+    assert abs(flip_rate - 0.5) < 4 * (0.25 / samples) ** 0.5
+
+
+@needs_dali
+def test_no_augmentation_when_switched_off():
+    x = random_images(128, seed=3)
+    images, labels = collect(loader(x, np.arange(128), crop_padding=0, flip=False))
+    torch.testing.assert_close(images, reference_normalize(x[labels.numpy()]), atol=1e-5,
+                               rtol=1e-5)
+    # flip only: the crop is the identity, the flips are there
+    found = recover_crops(collect(loader(x, np.arange(128), crop_padding=0))[0],
+                          x[labels.numpy()], 0)
+    assert 0 < found[:, 2].sum() < 128
+
+
+@needs_dali
+def test_training_stream_is_the_torch_paths_stream():
+    """Same seed, epoch and rank: DaliLoader and TorchLoader yield the same batches."""
+    n = 300
+    x, y = random_images(n, seed=4), np.random.default_rng(4).integers(0, 10, n)
+    kw = dict(batch_size=32, train=True, device="cpu", dtype=torch.float32, mean=MEAN, std=STD,
+              seed=11, rank=1, world_size=2)
+    d, t = DaliLoader(x, y, **kw), TorchLoader(x, y, **kw)
+    assert (len(d), d.num_samples) == (len(t), t.num_samples)
+    for epoch in (0, 5):
+        d.set_epoch(epoch)
+        t.set_epoch(epoch)
+        pairs = list(zip(d, t))
+        assert len(pairs) == len(d)
+        for (di, dl_), (ti, tl) in pairs:
+            assert torch.equal(dl_, tl)
+            torch.testing.assert_close(di, ti, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The epoch stream
+
+
+@needs_dali
+def test_epoch_covers_each_image_once_and_reshuffles():
+    n, batch = 203, 16
+    x = random_images(n, seed=5)
+    dl = loader(x, np.arange(n), batch_size=batch, seed=3)
+    assert (len(dl), dl.num_samples) == (12, 192)  # the last partial batch (11) is dropped
+    orders = []
+    for epoch in range(2):
+        dl.set_epoch(epoch)
+        batches = list(dl)
+        assert [len(b[1]) for b in batches] == [batch] * 12
+        labels = torch.cat([b[1] for b in batches])
+        assert len(set(labels.tolist())) == 192  # no repeats
+        # and each image is its label's source image
+        recover_crops(torch.cat([b[0] for b in batches]), x[labels.numpy()], 4)
+        orders.append(labels)
+    assert not torch.equal(orders[0], orders[1])
+
+
+@needs_dali
+def test_same_seed_same_batches_and_resume():
+    x, y = random_images(160, seed=6), np.arange(160)
+    a, b = loader(x, y, seed=9), loader(x, y, seed=9)
+    for epoch in (0, 1):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        for (ai, al), (bi, bl) in zip(a, b):
+            assert torch.equal(al, bl) and torch.equal(ai, bi)
+    other = collect(loader(x, y, seed=10))[1]
+    first = collect(loader(x, y, seed=9))[1]
+    assert not torch.equal(first, other)
+    # without set_epoch each pass moves on; set_epoch(e) replays epoch e exactly (resume)
+    c = loader(x, y, seed=9)
+    e0, e1 = collect(c), collect(c)
+    assert not torch.equal(e0[1], e1[1])
+    c.set_epoch(1)
+    replay = collect(c)
+    assert torch.equal(replay[1], e1[1]) and torch.equal(replay[0], e1[0])
+
+
+@needs_dali
+def test_two_ranks_get_disjoint_shards_that_cover_the_epoch():
+    n, batch = 203, 16
+    x = random_images(n, seed=7)
+    ranks = [loader(x, np.arange(n), batch_size=batch, seed=2, rank=r, world_size=2)
+             for r in range(2)]
+    assert [len(r) for r in ranks] == [6, 6]  # 101 each -> 6 full batches
+    for epoch in (0, 3):
+        shards = []
+        for r in ranks:
+            r.set_epoch(epoch)
+            shards.append(set(collect(r)[1].tolist()))
+        assert not shards[0] & shards[1]
+        # together: the epoch's permutation, position by position, minus each rank's remainder
+        perm = epoch_plan(n, batch_size=1, train=True, seed=2, epoch=epoch).indices
+        expected = set(perm[0::2][:96].tolist()) | set(perm[1::2][:96].tolist())
+        assert shards[0] | shards[1] == expected
+
+
+@needs_dali
+def test_an_abandoned_epoch_does_not_leak_into_the_next():
+    x, y = random_images(256, seed=8), np.arange(256)
+    dl = loader(x, y, seed=1, prefetch=3)
+    it = iter(dl)
+    next(it), next(it)  # break off after two batches of epoch 0
+    dl.set_epoch(4)
+    fresh = loader(x, y, seed=1)
+    fresh.set_epoch(4)
+    got, want = collect(dl), collect(fresh)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(it)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output dtype and memory layout
+
+
+@needs_dali
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_dtype_and_layout(dtype, channels_last):
+    x = random_images(64, seed=9)
+    for train in (True, False):
+        images, labels = next(iter(loader(x, np.arange(64), dtype=dtype, train=train,
+                                          channels_last=channels_last)))
+        assert images.shape == (32, 3, 32, 32) and images.dtype == dtype
+        assert labels.dtype == torch.int64 and labels.shape == (32,)
+        assert images.device.type == labels.device.type == "cpu"
+        if channels_last:
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            assert images.stride() == (3072, 1, 96, 3)
+        else:
+            assert images.is_contiguous()
+        if not train:  # the values, to the output type's precision
+            tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+            torch.testing.assert_close(images.float(), reference_normalize(x[:32]), atol=tol,
+                                       rtol=tol)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A short training run through the DALI loader learns (real CIFAR-10)
+
+
+def read_cifar_subset(root: Path, n_train: int, n_test: int):
+    """The first images of the official binary files, read directly; any other official form
+    through the project's reader."""
+    folder = next((d for d in (root / "cifar-10-batches-bin", root) if (d / "test_batch.bin").is_file()),
+                  None)
+    if folder is None:
+        from fasttrain.data.cifar import load_cifar10
+
+        arrays = load_cifar10(root, download=False)
+        return (arrays.train_x[:n_train], arrays.train_y[:n_train], arrays.test_x[:n_test],
+                arrays.test_y[:n_test])
+
+    def records(name: str, n: int):
+        raw = np.fromfile(folder / name, dtype=np.uint8, count=n * 3073).reshape(n, 3073)
+        images = raw[:, 1:].reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW planes -> HWC
+        return np.ascontiguousarray(images), raw[:, 0].astype(np.int64)
+
+    return (*records("data_batch_1.bin", n_train), *records("test_batch.bin", n_test))
+
+
+def tiny_net() -> nn.Module:
+    """~9,500 parameters: three conv-BN-ReLU stages, global average pool, a linear head."""
+    def stage(cin, cout, stride):
+        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU()]
+    return nn.Sequential(*stage(3, 16, 1), nn.MaxPool2d(2), *stage(16, 24, 2), nn.MaxPool2d(2),
+                         *stage(24, 24, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+
+
+@needs_dali
+def test_short_training_run_through_dali_learns(cifar_dir):
+    train_x, train_y, test_x, test_y = read_cifar_subset(cifar_dir, 2000, 1000)
+    torch.manual_seed(0)
+    net = tiny_net().to(memory_format=torch.channels_last)
+    assert sum(p.numel() for p in net.parameters()) < 10_000
+    train = loader(train_x, train_y, batch_size=64, seed=0)
+    test = loader(test_x, test_y, batch_size=500, train=False)
+    epochs = 3
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.2, total_steps=epochs * len(train),
+                                                   pct_start=0.25)
+    for epoch in range(epochs):
+        net.train()
+        train.set_epoch(epoch)
+        for images, labels in train:
+            loss = F.cross_entropy(net(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for images, labels in test:
+            correct += int((net(images).argmax(1) == labels).sum())
+    accuracy = correct / len(test_y)
+    print(f"held-out accuracy after {epochs} epochs on 2000 images: {accuracy:.3f}")
+    assert accuracy > 0.25, f"held-out accuracy {accuracy:.3f} after {epochs} epochs (chance: 0.10)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark script
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_loader", REPO / "benchmarks" / "bench_loader.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_dali
+def test_benchmark_cpu_smoke(tmp_path, capsys):
+    bench = _bench_module()
+    out = tmp_path / "loader.json"
+    assert bench.main(["--cpu-smoke", "--images", "256", "--batch-size", "32", "--steps", "1",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["cpu_smoke"] and report["device"].startswith("CPU")
+    assert {"torch", "dali", "git_sha", "command", "results"} <= report.keys()
+    measured = {(r["loader"], r["mode"]) for r in report["results"] if r.get("images_per_s")}
+    for name in ("dali", "torch", "torchvision"):
+        assert {(name, "alone"), (name, "train-step")} <= measured
+    assert ("none", "train-step") in measured
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and printed.rstrip().splitlines()[-1] == f"wrote {out}"
+
+
+def test_benchmark_refuses_without_cuda(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _bench_module().main([]) != 0
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GPU pipeline (run on the GPU machine: pytest -m gpu)
+
+
+@needs_dali
+@pytest.mark.gpu
+@pytest.mark.parametrize("residency", ["device", "host"])
+def test_gpu_pipeline_yields_the_cpu_pipelines_batches(residency):
+    n = 300
+    x, y = random_images(n, seed=10), np.arange(n)
+    for train in (True, False):
+        kw = dict(batch_size=64, seed=3, train=train, dtype=torch.bfloat16)
+        gpu = loader(x, y, device="cuda", residency=residency, **kw)
+        cpu = loader(x, y, **kw)
+        assert gpu.device.index is not None and (len(gpu), gpu.num_samples) == (len(cpu),
+                                                                                cpu.num_samples)
+        for epoch in (0, 1):
+            gpu.set_epoch(epoch)
+            cpu.set_epoch(epoch)
+            pairs = list(zip(gpu, cpu))
+            assert len(pairs) == len(cpu)
+            for (gi, gl), (ci, cl) in pairs:
+                assert gi.is_cuda and gl.is_cuda and gi.dtype == torch.bfloat16
+                assert gi.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(gl.cpu(), cl)
+                torch.testing.assert_close(gi.float().cpu(), ci.float(), atol=1e-2, rtol=1e-2)
+        # an epoch broken off on the GPU leaves nothing behind either
+        it = iter(gpu)
+        next(it)
+        gpu.set_epoch(0)
+        cpu.set_epoch(0)
+        torch.testing.assert_close(collect(gpu)[0].float().cpu(), collect(cpu)[0].float(),
+                                   atol=1e-2, rtol=1e-2)
+
+
+@needs_dali
+@pytest.mark.gpu
+def test_gpu_loader_refuses_to_run_under_graph_capture(monkeypatch):
+    dl = loader(random_images(64), np.arange(64), device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA-graph capture"):
+        next(iter(dl))
