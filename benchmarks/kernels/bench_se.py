@@ -1,0 +1,140 @@
+"""Microbenchmark: the fused SE gate (Triton) vs PyTorch, forward and forward+backward, on a GPU.
+
+Shapes are the network's: SE after the stem on [B, 64, 32, 32] (no residual; the paper's model) and
+the SE-ResNet block placement (gate fused with the residual add and ReLU) on [B, 64, 32, 32],
+[B, 128, 16, 16], [B, 256, 8, 8]; r = 16, B in {128, 512}, bf16 activations with fp32 SE weights
+(autocast training), channels_last unless --nchw.
+
+Implementations:
+  triton          fasttrain.kernels.se.se_gate (the fused custom op)
+  eager-ref       se_gate_reference (fp32 math, the tests' reference)
+  compiled-ref    torch.compile(se_gate_reference)
+  eager-module    the model's torch path (SqueezeExcite.forward: 1x1 convs in the activation dtype)
+  compiled-module torch.compile of it
+
+Effective bandwidth = compulsory bytes / time, where compulsory bytes count each large tensor once
+(forward: x, residual, y; backward adds dy, dx, dresidual and the y read for the ReLU mask), and is
+reported as a percentage of the device-to-device copy bandwidth measured here.
+
+    python benchmarks/kernels/bench_se.py [--batch-sizes 128 512] [--impls triton eager-ref ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fasttrain.kernels._utils import (copy_bandwidth_gbs, cuda_times_ms, median, print_table, require_cuda,
+                                      results_path, run_metadata)
+
+# (label, channels, size, fused residual)
+SHAPES = [("stem", 64, 32, False), ("block", 64, 32, True), ("block", 128, 16, True), ("block", 256, 8, True)]
+IMPLS = ["triton", "eager-ref", "compiled-ref", "eager-module", "compiled-module"]
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+
+
+def se_module_math(x, w1, b1, w2, b2, residual=None):
+    """fasttrain.model.SqueezeExcite's torch path, in the activation dtype as autocast runs it."""
+    w1, b1, w2, b2 = (t.to(x.dtype) for t in (w1, b1, w2, b2))
+    scale = torch.sigmoid(F.conv2d(F.relu(F.conv2d(x.mean((2, 3), keepdim=True), w1, b1)), w2, b2))
+    out = x * scale
+    return out if residual is None else F.relu(out + residual)
+
+
+def implementation(name: str):
+    from fasttrain.kernels.se import se_gate, se_gate_reference
+
+    return {
+        "triton": se_gate,
+        "eager-ref": se_gate_reference,
+        "compiled-ref": torch.compile(se_gate_reference, fullgraph=True),
+        "eager-module": se_module_math,
+        "compiled-module": torch.compile(se_module_math, fullgraph=True),
+    }[name]
+
+
+def make_inputs(batch, channels, size, residual, dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape = (batch, channels, size, size)
+    x = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()
+    r = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_() if residual else None
+    cr = channels // 16
+    w = [torch.randn(cr, channels, 1, 1, device="cuda") * 0.1, torch.zeros(cr, device="cuda"),
+         torch.randn(channels, cr, 1, 1, device="cuda") * 0.1, torch.zeros(channels, device="cuda")]
+    return x, [t.requires_grad_() for t in w], r
+
+
+def bench_case(fn, x, w, r, warmup, iters):
+    """(forward ms, forward+backward ms), medians."""
+    dy = torch.randn_like(x)
+
+    def forward():
+        with torch.no_grad():
+            fn(x, *w, residual=r)
+
+    inputs = [x, *w] + ([r] if r is not None else [])
+
+    def forward_backward():  # autograd.grad: no accumulation into .grad, only the op's own work
+        torch.autograd.grad(fn(x, *w, residual=r), inputs, dy)
+
+    return (median(cuda_times_ms(forward, warmup, iters)),
+            median(cuda_times_ms(forward_backward, warmup, iters)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--nchw", action="store_true", help="NCHW activations instead of channels_last")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")
+    args = parser.parse_args()
+    require_cuda("bench_se.py")
+
+    dtype = getattr(torch, args.dtype)
+    meta = run_metadata()
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{meta['device']}: device-to-device copy {copy_gbs:,.0f} GB/s", file=sys.stderr)
+    fns = {name: implementation(name) for name in args.impls}
+    rows = []
+    for batch in args.batch_sizes:
+        for label, channels, size, residual in SHAPES:
+            x, w, r = make_inputs(batch, channels, size, residual, dtype, not args.nchw)
+            tensor_bytes = x.numel() * x.element_size()
+            fwd_bytes = tensor_bytes * (3 if residual else 2)
+            bwd_bytes = fwd_bytes + tensor_bytes * (5 if residual else 3)  # dy, x, dx (+ y, dres)
+            for name, fn in fns.items():
+                fwd_ms, fwd_bwd_ms = bench_case(fn, x, w, r, args.warmup, args.iters)
+                gbs = (fwd_bytes / (fwd_ms * 1e-3) / 1e9, bwd_bytes / (fwd_bwd_ms * 1e-3) / 1e9)
+                rows.append({
+                    "placement": label, "shape": [batch, channels, size, size], "residual": residual,
+                    "impl": name, "forward_ms": fwd_ms, "forward_backward_ms": fwd_bwd_ms,
+                    "forward_gbs": gbs[0], "forward_backward_gbs": gbs[1],
+                    "forward_pct_copy": 100 * gbs[0] / copy_gbs,
+                    "forward_backward_pct_copy": 100 * gbs[1] / copy_gbs,
+                })
+                print(f"  {label} {rows[-1]['shape']} {name}: {fwd_ms:.3f} / {fwd_bwd_ms:.3f} ms", file=sys.stderr)
+
+    path = results_path(args.out, "bench_se", meta["device"])
+    with open(path, "w") as f:
+        json.dump({**meta, "dtype": args.dtype, "channels_last": not args.nchw, "copy_gbs": copy_gbs,
+                   "bandwidth_definition": "compulsory bytes (each large tensor once) / median time",
+                   "rows": rows}, f, indent=2)
+    print(f"wrote {path}", file=sys.stderr)
+    print_table(
+        f"SE gate, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}, {meta['device']} "
+        f"(copy {copy_gbs:,.0f} GB/s)",
+        ["placement", "shape", "impl", "fwd ms", "fwd+bwd ms", "fwd % copy", "fwd+bwd % copy"],
+        [[r["placement"], "x".join(map(str, r["shape"])), r["impl"], r["forward_ms"], r["forward_backward_ms"],
+          r["forward_pct_copy"], r["forward_backward_pct_copy"]] for r in rows],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""FusedLookaheadSGD (fasttrain.kernels.lookahead_sgd) against torch.optim.SGD + clip + Lookahead.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py); `gpu`-marked tests run the
+compiled kernel on CUDA, including inside a CUDA graph.
+"""
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fasttrain.kernels import lookahead_sgd
+from fasttrain.kernels._utils import use_triton
+from fasttrain.kernels.lookahead_sgd import BLOCK, FusedLookaheadSGD
+
+# A conv weight, a bias, a tensor spanning a full (unmasked) chunk plus a tail, a matrix.
+SHAPES = [(8, 3, 3, 3), (64,), (BLOCK + 52,), (10, 5)]
+HYPER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+FP32_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def interpreted():
+    """CPU tests are only meaningful when CPU tensors take the (interpreted) Triton path."""
+    if not use_triton(torch.empty(0)):
+        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set by conftest.py on machines without "
+                    "CUDA); on a CUDA machine the gpu-marked tests run the kernel")
+
+
+class ReferenceLookahead:
+    """The plain Lookahead of the spec: after every k-th inner step, slow = lerp(slow, fast, alpha),
+    fast = slow. Slow weights start as the parameters."""
+
+    def __init__(self, params, k, alpha):
+        self.params, self.k, self.alpha, self.t = params, k, alpha, 0
+        self.slow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def after_inner_step(self):
+        self.t += 1
+        if self.k and self.t % self.k == 0:
+            for slow, p in zip(self.slow, self.params):
+                slow.lerp_(p, self.alpha)
+                p.copy_(slow)
+
+
+def reference_step(sgd, lookahead, params, clip):
+    if clip is not None:
+        torch.nn.utils.clip_grad_value_(params, clip)
+    sgd.step()
+    lookahead.after_inner_step()
+
+
+def make_params(shapes, device="cpu", dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes]
+
+
+def set_grads(params, step, scale=1.0):
+    """Deterministic random gradients for `step` (the same for every optimizer under test)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = (scale * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype)
+
+
+def run_pair(steps, nesterov, clip, k, device="cpu", lr_at=lambda t: HYPER["lr"]):
+    """(fused params, reference params, fused optimizer) after `steps` identical steps."""
+    fused_params, ref_params = make_params(SHAPES, device), make_params(SHAPES, device)
+    fused = FusedLookaheadSGD(fused_params, **HYPER, nesterov=nesterov, clip_value=clip, lookahead_k=k,
+                              lookahead_alpha=0.5)
+    sgd = torch.optim.SGD(ref_params, **HYPER, nesterov=nesterov)
+    lookahead = ReferenceLookahead(ref_params, k, 0.5)
+    for t in range(1, steps + 1):
+        for opt in (fused, sgd):
+            opt.param_groups[0]["lr"] = lr_at(t)
+        set_grads(fused_params, t)
+        set_grads(ref_params, t)
+        fused.step()
+        reference_step(sgd, lookahead, ref_params, clip)
+    return fused_params, ref_params, fused
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the kernel under the Triton interpreter
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, 5], ids=["no-lookahead", "lookahead5"])
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_matches_torch_sgd_clip_lookahead(interpreted, nesterov, clip, k):
+    fused_params, ref_params, fused = run_pair(50, nesterov, clip, k)
+    for p, q in zip(fused_params, ref_params):
+        torch.testing.assert_close(p, q, **FP32_TOL)
+    assert int(fused.state[fused_params[0]]["step"]) == 50
+
+
+def test_lr_changes_take_effect(interpreted):
+    """A schedule writing floats into param_group["lr"] every step, including 0 (frozen params)."""
+    schedule = lambda t: 0.0 if 8 <= t < 11 else 0.2 / t  # noqa: E731
+    fused_params, ref_params, _ = run_pair(14, False, None, 4, lr_at=schedule)
+    for p, q in zip(fused_params, ref_params):
+        torch.testing.assert_close(p, q, **FP32_TOL)
+    frozen_a, frozen_b = make_params(SHAPES[:1]), make_params(SHAPES[:1])
+    opt = FusedLookaheadSGD(frozen_a, lr=0.0, lookahead_k=0)
+    set_grads(frozen_a, 1)
+    opt.step()
+    assert torch.equal(frozen_a[0], frozen_b[0])
+
+
+def test_tensor_lr(interpreted):
+    """lr as a 0-d tensor (what a CUDA graph needs): updates in place are picked up."""
+    lr = torch.tensor(0.1)
+    params, ref = make_params(SHAPES), make_params(SHAPES)
+    fused = FusedLookaheadSGD(params, lr=lr, momentum=0.9, lookahead_k=3)
+    sgd = torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    lookahead = ReferenceLookahead(ref, 3, 0.5)
+    for t in range(1, 8):
+        lr.fill_(0.1 / t)
+        sgd.param_groups[0]["lr"] = 0.1 / t
+        set_grads(params, t)
+        set_grads(ref, t)
+        fused.step()
+        reference_step(sgd, lookahead, ref, None)
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, **FP32_TOL)
+
+
+def _snapshot(params, opt):
+    return [p.detach().clone() for p in params] + [
+        v.clone() for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+
+
+def test_state_dict_round_trip_mid_run(interpreted):
+    """Save at step 23, load (weights_only) into a fresh optimizer on fresh params, continue to
+    step 40 (Lookahead syncs at 25, 30, ... after the resume): identical to the uninterrupted run."""
+    shapes, kw = SHAPES[:2], dict(**HYPER, nesterov=True, clip_value=0.5, lookahead_k=5)
+    params = make_params(shapes)
+    opt = FusedLookaheadSGD(params, **kw)
+    for t in range(1, 41):
+        if t == 24:
+            buffer = io.BytesIO()
+            torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict()}, buffer)
+        set_grads(params, t)
+        opt.step()
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make_params(shapes, seed=7)
+    with torch.no_grad():
+        for p, value in zip(resumed, saved["params"]):
+            p.copy_(value)
+    opt2 = FusedLookaheadSGD(resumed, lr=1.0, lookahead_k=5)  # hyperparameters come from the state
+    opt2.load_state_dict(saved["optim"])
+    assert int(opt2.state[resumed[0]]["step"]) == 23
+    for t in range(24, 41):
+        set_grads(resumed, t)
+        opt2.step()
+    for a, b in zip(_snapshot(params, opt), _snapshot(resumed, opt2)):
+        assert torch.equal(a, b)
+
+
+def test_state_layout(interpreted):
+    """torch's per-parameter layout: buffers shaped (and strided) like their parameter."""
+    conv = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randn(8, requires_grad=True)
+    opt = FusedLookaheadSGD([conv, bias], lookahead_k=2)
+    for t in range(1, 4):
+        set_grads([conv, bias], t)
+        opt.step()
+    state = opt.state_dict()["state"]
+    assert set(state[0]) == {"momentum_buffer", "slow_param", "step"}
+    assert state[0]["momentum_buffer"].stride() == conv.stride()
+    assert state[0]["slow_param"].shape == conv.shape and int(state[1]["step"]) == 3
+    opt2 = FusedLookaheadSGD([torch.zeros(3, requires_grad=True)], lookahead_k=0)
+    assert "slow_param" not in opt2.state_dict()["state"][0]
+
+
+def test_mixed_dtypes_layouts_and_missing_grads(interpreted):
+    """fp32 and bf16 parameters (two buckets, one launch each), a channels_last conv weight and a
+    parameter whose gradient disappears: SGD skips it, Lookahead still syncs it."""
+    def build():
+        gen = torch.Generator().manual_seed(3)
+        return [torch.randn(16, 8, 3, 3, generator=gen).to(memory_format=torch.channels_last),
+                torch.randn(40, generator=gen).to(torch.bfloat16),
+                torch.randn(3, 7, generator=gen).to(torch.bfloat16),
+                torch.randn(30, generator=gen)]
+
+    fused_params = [p.requires_grad_() for p in build()]
+    ref_params = [p.requires_grad_() for p in build()]
+    fused = FusedLookaheadSGD(fused_params, **HYPER, clip_value=1.0, lookahead_k=2)
+    sgd = torch.optim.SGD(ref_params, **HYPER)
+    lookahead = ReferenceLookahead(ref_params, 2, 0.5)
+    assert len(fused._buckets) == 2
+    for t in range(1, 10):
+        for params in (fused_params, ref_params):
+            set_grads(params, t)
+            if t >= 4:
+                params[3].grad = None  # from step 4 on the last parameter gets no gradient
+        fused.step()
+        reference_step(sgd, lookahead, ref_params, 1.0)
+    for p, q in zip(fused_params, ref_params):
+        assert p.dtype == q.dtype and p.stride() == q.stride()
+        # bf16 buffers round once per update in the kernel, twice in torch's mul_/add_
+        tol = FP32_TOL if p.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(p, q, **tol)
+
+
+def test_cpu_fallback_is_the_same_optimizer(interpreted, monkeypatch):
+    """Without the interpreter CPU tensors take the PyTorch path: same math, same state."""
+    kernel_params, torch_params = make_params(SHAPES), make_params(SHAPES)
+    kw = dict(**HYPER, nesterov=True, clip_value=0.5, lookahead_k=3)
+    kernel_opt, torch_opt = FusedLookaheadSGD(kernel_params, **kw), FusedLookaheadSGD(torch_params, **kw)
+    for t in range(1, 8):
+        set_grads(kernel_params, t)
+        set_grads(torch_params, t)
+        kernel_opt.step()
+        with monkeypatch.context() as m:
+            m.setattr(lookahead_sgd, "use_triton", lambda tensor: False)
+            torch_opt.step()
+    for a, b in zip(_snapshot(kernel_params, kernel_opt), _snapshot(torch_params, torch_opt)):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+def test_invalid_arguments():
+    p = [torch.zeros(2, requires_grad=True)]
+    for bad in (dict(lr=-1.0), dict(momentum=0.0, nesterov=True), dict(clip_value=0.0),
+                dict(lookahead_k=-1), dict(lookahead_alpha=0.0), dict(weight_decay=-1e-4)):
+        with pytest.raises(ValueError):
+            FusedLookaheadSGD(p, **bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA machines the gpu tests compile the kernel")
+def test_kernel_compiles_for_h100_with_vector_loads():
+    """Compile the real launch for sm_90 (in a process without the interpreter): 16-byte vector
+    loads for fp32 and bf16 buckets, and the scalar fallback when an address is misaligned."""
+    script = textwrap.dedent("""
+        import torch
+        from fasttrain.kernels._utils import compile_for_gpu, record_launches
+        from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD
+        storage = torch.randn(5000)
+        cases = [[torch.randn(3000), torch.randn(64, 3, 3, 3)],
+                 [torch.randn(3000, dtype=torch.bfloat16)],
+                 [storage[1:4001]]]  # 4-byte aligned only
+        for params in cases:
+            params = [p.requires_grad_() for p in params]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = FusedLookaheadSGD(params)
+            with record_launches() as launches:
+                opt._launch(opt._buckets[0])
+            ptx = compile_for_gpu(*launches[0]).asm["ptx"]
+            print(opt._buckets[0].vec, "ld.global.v4" in ptx)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["4", "True", "8", "True", "1", "False"], out.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the compiled kernel (deselected on CPU with -m "not gpu")
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [0, 5], ids=["no-lookahead", "lookahead5"])
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_matches_torch_on_cuda(nesterov, clip, k):
+    fused_params, ref_params, _ = run_pair(50, nesterov, clip, k, device="cuda")
+    for p, q in zip(fused_params, ref_params):
+        torch.testing.assert_close(p, q, **FP32_TOL)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_with_tensor_lr():
+    """step() captured once in a CUDA graph and replayed: lr tensor updates and the in-kernel step
+    counter (Lookahead every 3rd replay) behave exactly like eager steps."""
+    lr = torch.tensor(0.1, device="cuda")
+    graphed, eager = make_params(SHAPES, "cuda"), make_params(SHAPES, "cuda")
+    kw = dict(momentum=0.9, weight_decay=5e-4, nesterov=True, clip_value=0.5, lookahead_k=3)
+    graph_opt, eager_opt = FusedLookaheadSGD(graphed, lr=lr, **kw), FusedLookaheadSGD(eager, lr=0.1, **kw)
+    set_grads(graphed, 1)
+    set_grads(eager, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up step: compiles the kernel, fills the address table
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for t in range(2, 12):
+        gen = torch.Generator().manual_seed(t)
+        for p, q in zip(graphed, eager):
+            g = torch.randn(p.shape, generator=gen).cuda()
+            p.grad.copy_(g)  # the graph reads these very buffers
+            q.grad = g.clone()
+        lr.fill_(0.1 / t)
+        eager_opt.param_groups[0]["lr"] = 0.1 / t
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)
+    assert int(graph_opt.state[graphed[0]]["step"]) == 11
+
+
+@pytest.mark.gpu
+def test_mixed_dtypes_on_cuda():
+    params = [torch.randn(64, 32, 3, 3, device="cuda").to(memory_format=torch.channels_last),
+              torch.randn(4099, device="cuda", dtype=torch.bfloat16), torch.randn(7, device="cuda")]
+    ref = [p.clone() for p in params]
+    params, ref = [p.requires_grad_() for p in params], [p.requires_grad_() for p in ref]
+    fused = FusedLookaheadSGD(params, **HYPER, lookahead_k=2)
+    sgd, lookahead = torch.optim.SGD(ref, **HYPER), ReferenceLookahead(ref, 2, 0.5)
+    for t in range(1, 10):
+        set_grads(params, t)
+        set_grads(ref, t)
+        fused.step()
+        reference_step(sgd, lookahead, ref, None)
+    for p, q in zip(params, ref):
+        tol = FP32_TOL if p.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(p, q, **tol)

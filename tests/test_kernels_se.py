@@ -1,0 +1,277 @@
+"""The fused squeeze-excitation op (fasttrain.kernels.se) against its PyTorch reference.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no
+CUDA device), so these tests execute the real kernel code; `gpu`-marked tests compile and run them on
+CUDA. References are computed in fp32 from the very same (possibly low-precision) inputs.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from fasttrain.kernels._utils import use_triton
+from fasttrain.kernels.se import se_gate, se_gate_reference
+
+SHAPES = [(1, 16, 1, 1), (3, 24, 7, 5), (2, 64, 32, 32), (4, 256, 8, 8)]
+# C -> C/r: r = 16 as in the model (Cr = 1, 4, 16) and a non-power-of-two hidden width (24 -> 6).
+REDUCTION = {16: 16, 24: 4, 64: 16, 256: 16}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Outputs are rounded once from fp32: half an ulp, so eps covers them; fp32 leaves room for
+# the different summation order of the kernels.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+WEIGHT_GRAD_TOL = 1e-4  # fp32 sums of the same inputs on both sides
+
+
+@pytest.fixture
+def interpreted():
+    """CPU tests are only meaningful when CPU tensors take the (interpreted) Triton path."""
+    if not use_triton(torch.empty(0)):
+        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set by conftest.py on machines without "
+                    "CUDA); on a CUDA machine the gpu-marked tests run the kernels")
+
+
+def _assert_close(actual, expected, tol):
+    """Elementwise rtol plus an atol scaled to the tensor's magnitude (sums may cancel)."""
+    expected = expected.float()
+    atol = tol * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=atol)
+
+
+def _se_inputs(shape, dtype, device, channels_last=False, residual=True, reduction=4, conv_weights=True):
+    """x (+ residual) in `dtype`, fp32 SE weights shaped like SqueezeExcite's 1x1 convs."""
+    n, c, h, w = shape
+    cr = max(1, c // reduction)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=fmt)
+    r = torch.randn(shape, device=device).to(dtype=dtype, memory_format=fmt) if residual else None
+    tail = (1, 1) if conv_weights else ()
+    w1 = torch.randn(cr, c, *tail, device=device) * (2.0 / c) ** 0.5
+    w2 = torch.randn(c, cr, *tail, device=device) * (2.0 / cr) ** 0.5
+    b1, b2 = torch.randn(cr, device=device) * 0.1, torch.randn(c, device=device) * 0.1
+    return [x, w1, b1, w2, b2, r]
+
+
+def _run(fn, inputs, dy=None):
+    """fn(*inputs), its output and the gradients of every tensor input for upstream grad dy."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    y = fn(*leaves[:5], residual=leaves[5])
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+    return y, dy, [t.grad if t is not None else None for t in leaves]
+
+
+def check_against_reference(inputs):
+    """se_gate vs the fp32 reference on the same inputs: values, dtypes, memory formats, all grads."""
+    x = inputs[0]
+    y, dy, grads = _run(se_gate, inputs)
+    ref_inputs = [t.float() if t is not None else None for t in inputs]
+    y_ref, _, grads_ref = _run(se_gate_reference, ref_inputs, dy.float())
+
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    _assert_close(y, y_ref, TOL[x.dtype])
+    names = ["x", "w1", "b1", "w2", "b2", "residual"]
+    for name, t, g, g_ref in zip(names, inputs, grads, grads_ref):
+        if t is None:
+            continue
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        tol = TOL[x.dtype] if name in ("x", "residual") else WEIGHT_GRAD_TOL
+        _assert_close(g, g_ref, tol)
+    assert grads[0].stride() == x.stride()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the kernels under the Triton interpreter
+# ----------------------------------------------------------------------------------------------------
+def _cpu_cases():
+    """Every shape x dtype x layout with the fused residual; the plain gate on all layouts and
+    dtypes of the small shapes and in fp32 for the large ones (the interpreter is slow)."""
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for channels_last in (False, True):
+                for residual in (False, True):
+                    if residual or shape[1] < 64 or dtype == torch.float32:
+                        yield shape, dtype, channels_last, residual
+
+
+def _case_id(case):
+    shape, dtype, channels_last, residual = case
+    return "-".join(["x".join(map(str, shape)), str(dtype)[6:], "nhwc" if channels_last else "nchw",
+                     "residual" if residual else "gate"])
+
+
+@pytest.mark.parametrize("case", list(_cpu_cases()), ids=_case_id)
+def test_se_gate_matches_reference(interpreted, case):
+    shape, dtype, channels_last, residual = case
+    torch.manual_seed(0)
+    check_against_reference(_se_inputs(shape, dtype, "cpu", channels_last, residual, REDUCTION[shape[1]]))
+
+
+def test_matrix_weights_in_activation_dtype(interpreted):
+    """A pure-bf16 model: [Cr, C] matrices in bf16 give bf16 weight gradients of the right value."""
+    torch.manual_seed(1)
+    inputs = _se_inputs((3, 24, 7, 5), torch.bfloat16, "cpu", conv_weights=False)
+    inputs[1:5] = [w.to(torch.bfloat16) for w in inputs[1:5]]
+    y, dy, grads = _run(se_gate, inputs)
+    y_ref, _, grads_ref = _run(se_gate_reference, [t.float() for t in inputs], dy.float())
+    _assert_close(y, y_ref, TOL[torch.bfloat16])
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.bfloat16
+        _assert_close(g, g_ref, TOL[torch.bfloat16])
+
+
+def test_mixed_broadcast_and_unflattenable_layouts(interpreted):
+    """Residual in the other memory format, a stride-0 upstream gradient (from .sum()), and an x
+    whose H and W do not flatten into one strided axis (copied internally; y keeps x's strides)."""
+    torch.manual_seed(2)
+    x, w1, b1, w2, b2, _ = _se_inputs((2, 8, 5, 3), torch.float32, "cpu")
+    x = x.transpose(2, 3).contiguous().transpose(2, 3)  # dense, but stride_h == 1, stride_w == H
+    r = torch.randn(2, 8, 5, 3).to(memory_format=torch.channels_last)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2, r)]
+    y = se_gate(*leaves[:5], residual=leaves[5])
+    y.sum().backward()
+    ref = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2, r)]
+    y_ref = se_gate_reference(*ref[:5], residual=ref[5])
+    y_ref.sum().backward()
+    assert y.stride() == x.stride() and leaves[0].grad.stride() == x.stride()
+    _assert_close(y, y_ref, TOL[torch.float32])
+    for a, b in zip(leaves, ref):
+        _assert_close(a.grad, b.grad, WEIGHT_GRAD_TOL)
+
+
+def test_bad_shapes_are_refused():
+    x, w1, b1, w2, b2, _ = _se_inputs((2, 8, 4, 4), torch.float32, "cpu", residual=False)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        se_gate(x, w1[:, :4], b1, w2, b2)
+    with pytest.raises(RuntimeError, match="residual"):
+        se_gate(x, w1, b1, w2, b2, residual=x[:, :4])
+
+
+@pytest.mark.parametrize("channels_last, residual", [(False, False), (True, True)],
+                         ids=["nchw-gate", "nhwc-residual"])
+def test_opcheck(interpreted, channels_last, residual):
+    """Schema, fake (meta) kernel incl. strides, autograd registration and AOT dispatch of the op."""
+    torch.manual_seed(3)
+    inputs = _se_inputs((1, 8, 3, 5), torch.float32, "cpu", channels_last, residual, conv_weights=False)
+    inputs = [t.requires_grad_() if t is not None else None for t in inputs]
+    torch.library.opcheck(torch.ops.fasttrain.se_gate.default, tuple(inputs))
+
+
+class _SEBlock(nn.Module):
+    """conv -> BN -> se_gate(+ residual, ReLU): the way the model uses the op."""
+
+    def __init__(self, c=16, reduction=4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc1 = nn.Conv2d(c, c // reduction, 1)
+        self.fc2 = nn.Conv2d(c // reduction, c, 1)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        return se_gate(out, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=x)
+
+
+def _check_compiled(device, backend, dtype=torch.float32):
+    """torch.compile(fullgraph=True) of a block using the op: one opaque op node in the captured graph,
+    and the compiled forward and backward equal eager ones."""
+    torch.manual_seed(4)
+    model = _SEBlock().to(device)
+    x = torch.randn(2, 16, 8, 8, device=device)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
+    with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+        y = compiled(x)
+        y.float().square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        y_eager = model(x)
+        y_eager.float().square().sum().backward()
+    assert len(graphs) == 1
+    assert any(n.target is torch.ops.fasttrain.se_gate.default for n in graphs[0].graph.nodes)
+    assert y.dtype == y_eager.dtype
+    tol = TOL[dtype] * 4 if dtype != torch.float32 else 1e-5
+    _assert_close(y, y_eager, tol)
+    for g, p in zip(grads, model.parameters()):
+        _assert_close(g, p.grad, tol)
+
+
+def test_compile_fullgraph_cpu(interpreted):
+    _check_compiled("cpu", "aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_cpu_inductor(interpreted):
+    _check_compiled("cpu", "inductor")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA machines the gpu tests compile the kernels")
+def test_kernels_compile_for_h100():
+    """The interpreter is lenient (types of if-branches, constexpr rules): compile every launch the
+    forward and backward make for sm_90 in a process without it, and check the vector loads."""
+    script = textwrap.dedent("""
+        import torch
+        from fasttrain.kernels import se
+        from fasttrain.kernels._utils import compile_for_gpu, record_launches
+        cases = [((4, 64, 32, 32), torch.bfloat16, torch.channels_last, True),
+                 ((3, 24, 7, 5), torch.float32, torch.contiguous_format, False)]
+        for shape, dtype, fmt, residual in cases:
+            x = torch.randn(shape).to(dtype=dtype, memory_format=fmt)
+            c, cr = shape[1], max(1, shape[1] // 16)
+            w = (torch.randn(cr, c), torch.randn(cr), torch.randn(c, cr), torch.randn(c))
+            with record_launches() as launches:
+                y = se._se_gate_triton(x, *w, x.clone() if residual else None)
+                se._se_gate_backward_triton(torch.randn_like(x), x, *w, y if residual else None)
+            for kernel, args, kwargs in launches:
+                ptx = compile_for_gpu(kernel, args, kwargs).asm["ptx"]
+                vector = "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx
+                print(kernel.fn.__name__, shape[2] * shape[3] % 16 == 0 and vector)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert len(lines) == 2 * 7, out.stdout
+    # The elementwise and reduction kernels of the aligned shape must use 16-byte vector loads.
+    big = {"_se_pool_kernel", "_se_gate_kernel", "_se_bwd_reduce_kernel", "_se_gate_bwd_kernel"}
+    assert all(ok == "True" for name, ok in lines[:7] if name in big), out.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the compiled kernels (deselected on CPU with -m "not gpu")
+# ----------------------------------------------------------------------------------------------------
+GPU_SHAPES = SHAPES + [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True], ids=["gate", "gate+residual+relu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_se_gate_cuda_matches_reference(shape, dtype, channels_last, residual):
+    torch.manual_seed(0)
+    check_against_reference(_se_inputs(shape, dtype, "cuda", channels_last, residual, reduction=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_fullgraph_cuda(dtype):
+    """Inductor on CUDA, fp32 and under bf16 autocast (bf16 activations, fp32 SE weights)."""
+    _check_compiled("cuda", "inductor", dtype)
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda():
+    torch.manual_seed(3)
+    inputs = _se_inputs((4, 64, 8, 8), torch.bfloat16, "cuda", True, True, conv_weights=False)
+    inputs = [t.requires_grad_() for t in inputs]
+    torch.library.opcheck(torch.ops.fasttrain.se_gate.default, tuple(inputs))
