@@ -13,7 +13,7 @@ from fasttrain.console import RunConsole
 from fasttrain.trainer import Trainer
 
 TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
-        "--model.base_channels", "4", "--model.se_reduction", "2", "--train.batch_size", "64",
+        "--model.base_channels", "8", "--model.se_reduction", "4", "--train.batch_size", "64",
         "--train.eval_batch_size", "100", "--optim.lookahead_k", "3", "--train.epochs", "2",
         "--output.progress", "false"]
 

@@ -1,0 +1,237 @@
+"""Time to accuracy: train a config once per seed and report how long each takes to reach target accuracies.
+
+    python benchmarks/time_to_accuracy.py --config configs/best.yaml [--seeds 5] [--targets 94 95 96]
+        [--device auto] [--out benchmarks/results/NAME.json] [--runs-dir DIR] [--section.key VALUE ...]
+
+What is timed, and what is not:
+* seed i trains with train.seed = (the config's seed) + i, evaluating the test set after every epoch
+  (train.eval_every is forced to 1) so the epoch that first reaches a target is known exactly;
+* the training clock is the sum of the metrics rows' `epoch_seconds` (each measured by the trainer
+  between two device synchronizes): per-epoch evaluation, logging and checkpoints are off the clock;
+* torch.compile and cuDNN autotuning run on throwaway steps before the clock starts (the trainer's
+  warmup, which restores every bit of state); their time is reported per seed as `compile_seconds`;
+* time-to-target = the training clock at the end of the first epoch whose test accuracy (without
+  test-time augmentation: TTA is only evaluated once, after the last epoch) reaches the target;
+* `process_wall_seconds` is the whole script, from its start to writing the result file.
+"""
+from __future__ import annotations
+
+import time
+
+PROCESS_START = time.perf_counter()  # before the heavy imports: the end-to-end wall time includes them
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common import default_result_path, run_main, run_metadata, wide_console, write_json  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from fasttrain.config import ConfigError, config_to_dict, load_config, validate  # noqa: E402
+from fasttrain.trainer import Trainer  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/time_to_accuracy.py", allow_abbrev=False,
+        description="Train a config over several seeds; report time to target test accuracies. "
+                    "Any config key is a flag: --train.epochs 10")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/best.yaml")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (train.seed + 0 .. seeds-1)")
+    p.add_argument("--targets", type=float, nargs="+", default=[94.0, 95.0, 96.0],
+                   help="test accuracies in percent")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/"
+                                            "time_to_accuracy-CONFIG-DEVICE-TIME.json)")
+    p.add_argument("--runs-dir", type=Path, help="keep the seeds' run folders here (default: a temporary "
+                                                 "folder, deleted at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace runs already in --runs-dir")
+    args, overrides = p.parse_known_args(argv)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+    if any(not 0 <= t <= 100 for t in args.targets):
+        raise ConfigError(f"--targets {args.targets}: accuracies are percentages in 0..100")
+    return args, overrides
+
+
+def target_key(target: float) -> str:
+    return f"{target:g}"  # 94.0 -> "94", 95.5 -> "95.5": the JSON keys
+
+
+# ------------------------------------------------------------------------------------- per-epoch data
+def read_epochs(metrics_path: Path) -> list[dict]:
+    """The run's metrics rows, with the training clock accumulated epoch by epoch."""
+    epochs, clock = [], 0.0
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        clock += row["epoch_seconds"]
+        epochs.append({"epoch": row["epoch"], "test_acc": row["test_acc"], "val_acc": row.get("val_acc"),
+                       "epoch_seconds": row["epoch_seconds"], "train_seconds": clock})
+    return epochs
+
+
+def time_to_target(epochs: list[dict], target: float) -> tuple[float | None, int | None]:
+    """(training seconds, epoch) at the end of the first epoch whose test accuracy >= target, else (None, None)."""
+    for e in epochs:
+        if e["test_acc"] is not None and e["test_acc"] >= target:
+            return e["train_seconds"], e["epoch"]
+    return None, None
+
+
+# ------------------------------------------------------------------------------------- one seed
+def seed_config(base, seed: int, run_dir: Path):
+    cfg = copy.deepcopy(base)
+    cfg.train.seed = seed
+    cfg.train.eval_every = 1  # every epoch: time-to-target is then exact, and evaluation is off the clock
+    cfg.output.dir = str(run_dir)
+    validate(cfg)
+    return cfg
+
+
+def run_seed(cfg, args, run_dir: Path) -> tuple[dict, object]:
+    """Train one seed; return its result row and the torch device it ran on."""
+    t0 = time.perf_counter()
+    if cfg.train.compile:
+        import torch._dynamo
+
+        # Each seed compiles its own model: without a reset, the earlier seeds' graphs fill dynamo's
+        # recompile limit and a later seed could silently run eager. The on-disk caches stay warm.
+        torch._dynamo.reset()
+    trainer = Trainer(cfg, device=args.device, run_dir=run_dir, overwrite=args.overwrite)
+    warmup = 0.0
+    if not cfg.train.compile and trainer.device.type == "cuda":
+        # fit() warms up only when compiling; cuDNN autotuning would otherwise land in epoch 1's time
+        warmup = trainer.warmup()
+    summary = trainer.fit()
+    epochs = read_epochs(run_dir / "metrics.jsonl")
+    row = {
+        "seed": cfg.train.seed,
+        "final_test_acc": summary["final_test_acc"],
+        "final_test_acc_tta": summary["final_test_acc_tta"],
+        "best_test_acc": summary["best_test_acc"],
+        "train_seconds": epochs[-1]["train_seconds"] if epochs else 0.0,
+        "compile_seconds": summary["compile_seconds"] + warmup,
+        "seed_wall_seconds": time.perf_counter() - t0,
+        "time_to_target": {}, "epochs_to_target": {},
+        "epochs": epochs,
+        "run_dir": str(run_dir),
+    }
+    for target in args.targets:
+        row["time_to_target"][target_key(target)], row["epochs_to_target"][target_key(target)] = \
+            time_to_target(epochs, target)
+    return row, trainer.device
+
+
+# ------------------------------------------------------------------------------------- aggregate
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); the std needs two seeds, else None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(rows: list[dict], targets: list[float]) -> dict:
+    acc_mean, acc_std = _mean_std([r["final_test_acc"] for r in rows])
+    tta_mean, tta_std = _mean_std([r["final_test_acc_tta"] for r in rows])
+    out = {
+        "seeds": len(rows),
+        "final_test_acc_mean": acc_mean, "final_test_acc_std": acc_std,
+        "final_test_acc_tta_mean": tta_mean, "final_test_acc_tta_std": tta_std,
+        "best_test_acc_mean": _mean_std([r["best_test_acc"] for r in rows])[0],
+        "train_seconds_median": statistics.median(r["train_seconds"] for r in rows),
+        "targets": {},
+    }
+    for target in targets:
+        key = target_key(target)
+        times = [r["time_to_target"][key] for r in rows if r["time_to_target"][key] is not None]
+        epochs = [r["epochs_to_target"][key] for r in rows if r["epochs_to_target"][key] is not None]
+        out["targets"][key] = {
+            "reached": len(times),
+            "fraction_reached": len(times) / len(rows),
+            # over the seeds that reached it only: a seed that never gets there has no time to rank
+            "median_time_to_target": statistics.median(times) if times else None,
+            "median_epochs_to_target": statistics.median(epochs) if epochs else None,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------- printing
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def print_tables(result: dict) -> None:
+    console = wide_console()
+    keys = [target_key(t) for t in result["targets"]]
+    seeds = Table(title=f"time to accuracy: {result['config']['name']} on {result['meta']['device']}")
+    for col in ("seed", "final %", "final TTA %", "best %", "train s", "compile s", *[f"s to {k}%" for k in keys]):
+        seeds.add_column(col, justify="right")
+    for r in result["runs"]:
+        seeds.add_row(str(r["seed"]), _fmt(r["final_test_acc"], ".2f"), _fmt(r["final_test_acc_tta"], ".2f"),
+                      _fmt(r["best_test_acc"], ".2f"), _fmt(r["train_seconds"], ".2f"),
+                      _fmt(r["compile_seconds"], ".1f"), *[_fmt(r["time_to_target"][k], ".2f") for k in keys])
+    agg = result["aggregate"]
+    summary = Table(
+        title=f"over {agg['seeds']} seed(s); process wall {result['process_wall_seconds']:.1f} s",
+        caption=f"final test accuracy: mean {_fmt(agg['final_test_acc_mean'], '.2f', '%')}, std "
+                f"{_fmt(agg['final_test_acc_std'], '.2f')}; with flip TTA: mean "
+                f"{_fmt(agg['final_test_acc_tta_mean'], '.2f', '%')}, std {_fmt(agg['final_test_acc_tta_std'], '.2f')}; "
+                "median time over the seeds reaching the target")
+    for col in ("target %", "seeds reaching", "fraction", "median time s", "median epochs"):
+        summary.add_column(col, justify="right")
+    for k in keys:
+        t = agg["targets"][k]
+        summary.add_row(k, f"{t['reached']}/{agg['seeds']}", f"{t['fraction_reached']:.2f}",
+                        _fmt(t["median_time_to_target"], ".2f"), _fmt(t["median_epochs_to_target"], "g"))
+    console.print(seeds)
+    console.print(summary)
+
+
+# ------------------------------------------------------------------------------------- main
+def run_all(args, base, runs_root: Path) -> tuple[list[dict], object]:
+    rows, device = [], None
+    base_seed = base.train.seed
+    for i in range(args.seeds):
+        seed = base_seed + i
+        row, device = run_seed(seed_config(base, seed, runs_root / f"seed-{seed}"), args, runs_root / f"seed-{seed}")
+        rows.append(row)
+    return rows, device
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse_args(argv)
+    base = load_config(args.config, overrides)
+    base.train.eval_every = 1
+    if args.runs_dir is not None:
+        rows, device = run_all(args, base, args.runs_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fasttrain-tta-") as tmp:
+            rows, device = run_all(args, base, Path(tmp))
+        for r in rows:
+            r["run_dir"] = None  # deleted with the temporary folder: pass --runs-dir to keep the runs
+    result = {
+        "benchmark": "time_to_accuracy",
+        "meta": run_metadata(device),
+        "config": config_to_dict(base),
+        "seeds": [r["seed"] for r in rows],
+        "targets": args.targets,
+        "runs": rows,
+        "aggregate": aggregate(rows, args.targets),
+        "process_wall_seconds": None,
+    }
+    out = args.out or default_result_path("time_to_accuracy", base.name, device)
+    result["process_wall_seconds"] = time.perf_counter() - PROCESS_START
+    write_json(out, result)
+    print(f"wrote {out}")
+    print_tables(result)  # last, so it is what a terminal or a log ends with
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

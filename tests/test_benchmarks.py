@@ -1,0 +1,157 @@
+"""The benchmark scripts on a CPU, tiny: well-formed results, and timing arithmetic that holds up.
+
+The scripts run as subprocesses, exactly as a user runs them. Their numbers are recomputed here from
+independent data (the run folders' metrics.jsonl, the timed windows), not just checked for presence.
+"""
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from fasttrain.config import load_config
+from fasttrain.model import build_model, forward_flops
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+META_KEYS = {"device", "versions", "git_sha", "command", "timestamp"}
+VERSION_KEYS = {"torch", "triton", "dali"}
+
+
+@pytest.fixture(scope="module")
+def bench(repo_root):
+    """The scripts' modules, imported from benchmarks/ as the scripts import each other."""
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    try:
+        yield {name: importlib.import_module(name) for name in ("common", "time_to_accuracy", "throughput")}
+    finally:
+        sys.path.remove(str(repo_root / "benchmarks"))
+
+
+def run_script(repo_root, cifar_dir, *args):
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir),
+               # one OpenMP thread: on 2 shared cores two spin-waiting threads are slower and far noisier
+               OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the SE row runs the PyTorch reference on a CPU, not the interpreter
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+# ------------------------------------------------------------------------------------- time to accuracy
+def test_time_to_target_is_the_clock_at_the_first_epoch_reaching_it(bench):
+    tta = bench["time_to_accuracy"]
+    epochs = [{"epoch": i + 1, "test_acc": acc, "train_seconds": 2.0 * (i + 1)}
+              for i, acc in enumerate([20.0, 50.0, 40.0, 60.0])]
+    assert tta.time_to_target(epochs, 45.0) == (4.0, 2)  # epoch 2, not the later epochs above it
+    assert tta.time_to_target(epochs, 20.0) == (2.0, 1)  # reaching = equal counts
+    assert tta.time_to_target(epochs, 60.5) == (None, None)
+
+
+def test_aggregate_medians_only_over_seeds_that_reached(bench):
+    tta = bench["time_to_accuracy"]
+    rows = [{"final_test_acc": a, "final_test_acc_tta": None, "best_test_acc": a, "train_seconds": 10.0,
+             "time_to_target": {"90": t}, "epochs_to_target": {"90": e}}
+            for a, t, e in [(91.0, 3.0, 3), (89.0, None, None), (93.0, 5.0, 4)]]
+    agg = tta.aggregate(rows, [90.0])
+    assert agg["final_test_acc_mean"] == pytest.approx(91.0)
+    assert agg["final_test_acc_std"] == pytest.approx(2.0)  # sample std (n - 1)
+    assert agg["final_test_acc_tta_mean"] is None
+    assert agg["targets"]["90"] == {"reached": 2, "fraction_reached": pytest.approx(2 / 3),
+                                    "median_time_to_target": 4.0, "median_epochs_to_target": 3.5}
+
+
+def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
+    out, runs = tmp_path / "tta.json", tmp_path / "runs"
+    proc = run_script(repo_root, cifar_dir, "benchmarks/time_to_accuracy.py", "--config", "configs/smoke.yaml",
+                      "--seeds", "2", "--targets", "0", "100", "--device", "cpu", "--out", out,
+                      "--runs-dir", runs, "--data.train_subset", "128", "--data.test_subset", "100",
+                      "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false")
+    tail = proc.stdout[proc.stdout.rindex("wrote "):]
+    assert "seeds reaching" in tail and proc.stdout.rstrip().endswith("reaching the target")  # the table is last
+    result = json.loads(out.read_text())
+    assert META_KEYS <= result["meta"].keys() and VERSION_KEYS <= result["meta"]["versions"].keys()
+    assert "--seeds 2" in result["meta"]["command"]
+    assert result["config"]["name"] == "smoke" and result["config"]["train"]["eval_every"] == 1
+    assert result["seeds"] == [0, 1] and [r["seed"] for r in result["runs"]] == [0, 1]
+
+    for row in result["runs"]:
+        # recompute from the run's own metrics file, not from what the script stored
+        metrics = [json.loads(line) for line in (runs / f"seed-{row['seed']}" / "metrics.jsonl").read_text().splitlines()]
+        clock = [sum(m["epoch_seconds"] for m in metrics[:i + 1]) for i in range(len(metrics))]
+        assert row["train_seconds"] == pytest.approx(clock[-1])
+        assert row["time_to_target"]["0"] == pytest.approx(clock[0])  # any accuracy reaches 0%: epoch 1
+        assert row["epochs_to_target"]["0"] == 1
+        assert row["time_to_target"]["100"] is None and row["epochs_to_target"]["100"] is None
+        assert row["final_test_acc"] == metrics[-1]["test_acc"]
+        assert row["best_test_acc"] == max(m["test_acc"] for m in metrics)
+        assert row["compile_seconds"] == 0.0  # no compile, and no autotuning warmup on a CPU
+        assert [e["test_acc"] for e in row["epochs"]] == [m["test_acc"] for m in metrics]
+
+    agg = result["aggregate"]
+    assert agg["final_test_acc_mean"] == pytest.approx(statistics.fmean(r["final_test_acc"] for r in result["runs"]))
+    assert agg["targets"]["0"]["fraction_reached"] == 1.0
+    assert agg["targets"]["0"]["median_time_to_target"] == pytest.approx(
+        statistics.median(r["time_to_target"]["0"] for r in result["runs"]))
+    assert agg["targets"]["100"] == {"reached": 0, "fraction_reached": 0.0, "median_time_to_target": None,
+                                     "median_epochs_to_target": None}
+    assert result["process_wall_seconds"] > sum(r["train_seconds"] for r in result["runs"])
+
+
+# ------------------------------------------------------------------------------------- throughput
+def test_bf16_peak_table(bench):
+    peak = bench["common"].bf16_peak_tflops
+    assert peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak("NVIDIA H100 PCIe") == 756.0
+    assert peak("NVIDIA H200") == 989.0
+    assert peak("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak("NVIDIA GeForce RTX 4090") is None  # unknown: no guess
+
+
+def test_unavailable_feature_skips_its_row_and_is_dropped_later(bench, tmp_path):
+    tp = bench["throughput"]
+    variants = {v.step: v for v in tp.ablation(128, [128, 512])}
+    assert list(variants) == ["1", "2", "3", "4", "5", "6", "7", "8", "7@512", "8@512"]
+    unavailable = {"triton_se": "no kernel here"}
+    skipped = tp.run_variant(variants["6"], None, None, unavailable, None, tmp_path)  # returns before building
+    assert skipped["status"] == "skipped" and skipped["reason"] == "no kernel here"
+    knobs, dropped = tp.effective_knobs(variants["7"].knobs, unavailable)
+    assert dropped == ["triton_se"] and knobs == replace(variants["7"].knobs, se_impl="torch")
+    assert knobs.optim_impl == "fused" and knobs.compile
+
+
+def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
+    out = tmp_path / "throughput.json"
+    run_script(repo_root, cifar_dir, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--steps", "2",
+               "--batch", "16", "--batch-sizes", "16", "32", "--out", out)
+    result = json.loads(out.read_text())
+    assert META_KEYS <= result["meta"].keys() and VERSION_KEYS <= result["meta"]["versions"].keys()
+    assert result["bf16_peak_tflops"] is None  # a CPU has no entry in the peak table
+    model = build_model(replace(load_config("configs/smoke.yaml").model, se_impl="torch"))
+    assert result["model"]["train_flops_per_image"] == 3 * forward_flops(model)
+
+    rows = {r["step"]: r for r in result["rows"]}
+    assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "7@32", "8@32"]
+    assert rows["5"]["status"] == "skipped" and "compile" in rows["5"]["reason"]  # --smoke on a CPU
+    base = rows["1"]["images_per_second"]
+    for r in rows.values():
+        assert r["status"] in ("ok", "skipped"), r  # never failed; skipped rows say why
+        if r["status"] == "skipped":
+            assert r["reason"] and r["images_per_second"] is None
+            continue
+        assert r["images_per_second"] > 0
+        assert r["images_per_second"] == pytest.approx(2 * r["batch_size"] / statistics.median(r["window_seconds"]))
+        assert r["speedup"] == pytest.approx(r["images_per_second"] / base)
+        assert r["tflops"] == pytest.approx(r["images_per_second"] * result["model"]["train_flops_per_image"] / 1e12)
+        if r["step"] in ("1", "2", "3", "4"):
+            assert r["note"] is None
+        else:  # measured without the skipped compile, and the table says so
+            assert "without compile" in r["note"]
+    assert rows["1"]["settings"]["data"] == "workers" and rows["2"]["settings"]["data"] == "torch"
+    assert rows["7@32"]["batch_size"] == 32
+    png = out.with_suffix(".png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 1000

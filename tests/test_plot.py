@@ -1,0 +1,100 @@
+"""Run visualisation: `python -m fasttrain plot RUN_DIR` and the TensorBoard writer."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fasttrain.cli import main
+from fasttrain.config import ConfigError
+from fasttrain.plot import plot_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir, rows):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def metrics_rows(epochs=3):
+    """Rows as the trainer writes them; evaluation only on odd epochs, as with train.eval_every 2."""
+    return [{"epoch": e, "lr": 0.1 / e, "train_loss": 2.3 / e, "train_steps": 10, "train_acc": 10.0 * e,
+             "val_acc": None, "test_acc": 12.0 * e if e % 2 else None, "epoch_seconds": 1.5,
+             "images_per_second": 1000.0 + e} for e in range(1, epochs + 1)]
+
+
+def run_cli(*args, prelude=""):
+    """`python -m fasttrain ARGS` in a fresh interpreter, after `prelude` (e.g. hiding a package)."""
+    code = f"import sys; {prelude}from fasttrain.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_plot_run_writes_png(tmp_path):
+    run = write_run(tmp_path / "run", metrics_rows())
+    out = plot_run(run, None)
+    assert out == run / "curves.png"
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_plot_single_epoch_and_explicit_out(tmp_path):
+    run = write_run(tmp_path / "run", metrics_rows(epochs=1))
+    out = plot_run(run, tmp_path / "figs" / "one.png")
+    assert out == tmp_path / "figs" / "one.png" and out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("content", [None, "", "\n\n"])
+def test_plot_without_epochs_is_a_clear_error(tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "metrics.jsonl").write_text(content)
+    with pytest.raises(ConfigError, match="metrics.jsonl"):
+        plot_run(run, None)
+
+
+def test_plot_cli(tmp_path, capsys):
+    run = write_run(tmp_path / "run", metrics_rows())
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert main(["plot", str(tmp_path / "nothing")]) == 2  # one clean error line, exit code 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "metrics.jsonl" in err and err.count("\n") == 1
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path):
+    run = write_run(tmp_path / "run", metrics_rows())
+    proc = run_cli("plot", str(run), prelude="sys.modules['matplotlib'] = None; ")  # as if not installed
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "pip install 'fasttrain-resnet[plot]'" in proc.stderr
+    assert not (run / "curves.png").exists()
+
+
+# ------------------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_writer_logs_every_numeric_field(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fasttrain.tb import TensorBoardWriter
+
+    rows = metrics_rows()
+    with TensorBoardWriter(tmp_path) as writer:
+        for row in rows:
+            writer.log_epoch(row)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"lr", "train_loss", "train_steps", "train_acc", "test_acc",
+                                             "epoch_seconds", "images_per_second"}  # None fields skipped
+    assert [(e.step, e.value) for e in events.Scalars("test_acc")] == [(1, 12.0), (3, 36.0)]
+    assert [e.step for e in events.Scalars("lr")] == [1, 2, 3]
+
+
+def test_tensorboard_missing_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    from fasttrain.tb import TensorBoardWriter
+
+    with pytest.raises(ImportError, match=r"pip install 'fasttrain-resnet\[tensorboard\]'"):
+        TensorBoardWriter(tmp_path)
