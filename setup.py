@@ -30,7 +30,7 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "hypothesis", "matplotlib", "pillow"],
+        "dev": ["pytest", "hypothesis", "matplotlib", "pillow", "tensorboard"],
     },
     entry_points={"console_scripts": ["fasttrain=fasttrain.cli:main"]},
 )

@@ -74,7 +74,6 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path):
 
 # ------------------------------------------------------------------------------------- TensorBoard
 def test_tensorboard_writer_logs_every_numeric_field(tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from fasttrain.tb import TensorBoardWriter
