@@ -28,54 +28,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere, without installing the package
-    sys.path.insert(0, str(REPO))
+BENCHMARKS = str(Path(__file__).resolve().parent)
+if BENCHMARKS not in sys.path:  # imported by file path (the tests): common.py sits next to this file
+    sys.path.insert(0, BENCHMARKS)
+from common import (REPO_ROOT, RESULTS_DIR, Timer, device_slug, print_table, require_cuda,  # noqa: E402
+                    run_metadata, write_json)
 
 TARGET_IMAGES_PER_S = 200_000
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
-
-
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
-class Timer:
-    """Wall time of queued device work: CUDA events on the current stream (the start event after
-    a synchronize, so nothing earlier is counted; the end event waited on), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self) -> "Timer":
-        if self.cuda:
-            torch.cuda.synchronize()
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self._end.record()
-            self._end.synchronize()
-            self.seconds = self._start.elapsed_time(self._end) / 1e3
-        else:
-            self.seconds = time.perf_counter() - self._t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,33 +170,12 @@ def epochs_of(loader):
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_label(device: torch.device) -> tuple[str, str]:
-    """(human name, file-name slug) of the device."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
-    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return name, slug
-
-
-def table(rows: list[dict]) -> str:
-    lines = [f"{'loader':<14}{'mode':<12}{'images/s':>14}{'images':>10}{'seconds':>10}  note",
-             "-" * 72]
-    for r in rows:
-        ips = f"{r['images_per_s']:,.0f}" if "images_per_s" in r else "-"
-        lines.append(f"{r['loader']:<14}{r['mode']:<12}{ips:>14}{r.get('images', 0):>10}"
-                     f"{r.get('seconds', 0.0):>10.3f}  {r.get('note', '')}")
-    return "\n".join(lines)
+def print_results(rows: list[dict]) -> None:
+    print_table("Loader throughput", ["loader", "mode", "images/s", "images", "seconds", "note"],
+                [[r["loader"], r["mode"],
+                  f"{r['images_per_s']:,.0f}" if "images_per_s" in r else "-",
+                  r.get("images", 0), f"{r.get('seconds', 0.0):.3f}", r.get("note", "")]
+                 for r in rows])
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +210,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 100)")
     p.add_argument("--workers", type=int, default=None,
                    help="torchvision DataLoader workers (default min(8, cores); 0 for smoke)")
-    p.add_argument("--config", default=str(REPO / "configs" / "seed.yaml"))
+    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "seed.yaml"))
     p.add_argument("--loaders", default="dali,dali-host,torch,torchvision",
                    help="comma-separated subset of dali, dali-host, torch, torchvision")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
@@ -283,12 +231,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
         device = torch.device("cpu")
-    elif not torch.cuda.is_available():
-        print("bench_loader: no CUDA device. This benchmark measures GPU data paths; run it on the "
-              "GPU machine, or pass --cpu-smoke for a tiny CPU run that only checks it works.",
-              file=sys.stderr)
-        return 2
     else:
+        try:
+            require_cuda("bench_loader", "it measures GPU data paths; run it on the GPU machine, or "
+                         "pass --cpu-smoke for a tiny CPU run that only checks it works")
+        except SystemExit as refused:
+            return refused.code
         device = torch.device("cuda", torch.cuda.current_device())
 
     from fasttrain.config import load_config
@@ -354,26 +302,12 @@ def main(argv=None) -> int:
 
     dali_alone = next((r.get("images_per_s") for r in rows
                        if r["loader"] == "dali" and r["mode"] == "alone"), None)
-    name, slug = device_label(device)
-    try:
-        import nvidia.dali as dali
-        dali_version = dali.__version__
-    except Exception:
-        dali_version = None
-    import torchvision
-
+    meta = run_metadata(device, flat=True,
+                        argv=None if argv is None else [os.path.relpath(__file__), *argv])
     report = {
         "benchmark": "loader",
-        "device": name,
+        **meta,
         "cpu_smoke": args.cpu_smoke,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "dali": dali_version,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "git_sha": git_sha(),
-        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else
-                                                           list(argv))),
         "data": data_what,
         "batch_size": args.batch_size,
         "dtype": str(dtype),
@@ -384,14 +318,13 @@ def main(argv=None) -> int:
                    "met": None if dali_alone is None or args.cpu_smoke
                    else dali_alone >= TARGET_IMAGES_PER_S},
     }
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"loader-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out = write_json(Path(args.out) if args.out else RESULTS_DIR / f"loader-{device_slug(device)}.json",
+                     report)
 
     print()
-    print(f"{name}; {data_what}; batch {args.batch_size}; {dtype}; torch {torch.__version__}, "
-          f"DALI {dali_version}")
-    print(table(rows))
+    print(f"{meta['device']}; {data_what}; batch {args.batch_size}; {dtype}; torch {meta['torch']}, "
+          f"DALI {meta['dali']}")
+    print_results(rows)
     if dali_alone is not None and not args.cpu_smoke:
         verdict = "met" if dali_alone >= TARGET_IMAGES_PER_S else "NOT met"
         print(f"target: DALI alone > {TARGET_IMAGES_PER_S:,} images/s: {verdict}")

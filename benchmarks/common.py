@@ -1,8 +1,11 @@
-"""Helpers shared by the benchmark scripts: run metadata (device, versions, git sha, command line),
-result-file naming and JSON writing, and the clean-error wrapper around a script's main.
+"""The one home of the benchmark scripts' shared helpers (none of this ships in the fasttrain package):
+run metadata (device, versions, git sha, command line, timestamp), device names and result-file naming,
+JSON writing, GPU timing (CUDA events, copy bandwidth), the result-table printer, and the clean-error
+wrapper around a script's main.
 
-The scripts are run as files (`python benchmarks/NAME.py`), so this module is imported as `common`
-from the scripts' own folder.
+The scripts are run as files (`python benchmarks/NAME.py`), so this module is imported as `common`:
+from the scripts' own folder, and by benchmarks/kernels/*.py and bench_loader.py after putting
+benchmarks/ on sys.path. Importing it puts the repository root on sys.path when fasttrain is not installed.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +50,15 @@ def bf16_peak_tflops(name: str) -> float | None:
     return None
 
 
+def device_label(device: torch.device) -> str:
+    """The device as result files and table titles name it: the GPU's name, or 'CPU (arch, N cores)'
+    (fasttrain.trainer.device_name, capitalised for a CPU)."""
+    name = device_name(device)
+    if device.type != "cuda" and name.startswith("cpu"):
+        name = "CPU" + name[len("cpu"):]
+    return name
+
+
 def device_slug(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'; any CPU -> 'cpu' (for file names)."""
     if device.type != "cuda":
@@ -74,21 +87,34 @@ def versions() -> dict:
     }
 
 
-def command_line() -> str:
-    """The command as typed (interpreter + script + arguments), shell-quoted so it can be re-run."""
-    return shlex.join([Path(sys.executable).name, *sys.argv])
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed (interpreter + script + arguments), shell-quoted so it can be re-run.
+    `argv` (script and arguments) replaces sys.argv when a script's main is called in-process."""
+    return shlex.join([Path(sys.executable).name, *(sys.argv if argv is None else argv)])
 
 
-def run_metadata(device: torch.device) -> dict:
-    return {
-        "device": device_name(device),
+def run_metadata(device: torch.device, *, argv: list[str] | None = None, flat: bool = False) -> dict:
+    """What every result file records about its run: device (name, type, CUDA capability), versions
+    (python, torch, CUDA, cuDNN, triton, DALI, torchvision), git sha, command line, working directory
+    and timestamp. `flat` also puts each version, and the timestamp as `time`, at the top level: the
+    layout bench_loader.py's and the kernel benchmarks' result files have always had."""
+    capability = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        capability = f"{props.major}.{props.minor}"
+    meta = {
+        "device": device_label(device),
         "device_type": device.type,
+        "capability": capability,
         "versions": versions(),
         "git_sha": git_sha(),
-        "command": command_line(),
+        "command": command_line(argv),
         "cwd": os.getcwd(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if flat:
+        meta = {**meta, **meta["versions"], "time": meta["timestamp"]}
+    return meta
 
 
 def default_result_path(kind: str, name: str, device: torch.device, suffix: str = ".json") -> Path:
@@ -123,6 +149,106 @@ def wide_console():
 
     console = Console(highlight=False)
     return console if console.is_terminal else Console(highlight=False, width=200)
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    """A right-aligned rich table on stdout (wide_console). Cells: strings as given, floats as
+    `1,234.57`, anything else via str()."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*(c if isinstance(c, str) else f"{c:,.2f}" if isinstance(c, float) else str(c) for c in row))
+    wide_console().print(table)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU timing
+# ----------------------------------------------------------------------------------------------------
+def require_cuda(script: str, hint: str = "run it on the GPU machine") -> None:
+    """GPU benchmarks refuse to run without a CUDA device: one line on stderr, then SystemExit(2)."""
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA device. This is a GPU benchmark: {hint}.", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class Timer:
+    """Wall time of queued device work, in `.seconds`: CUDA events on the current stream (the start
+    event after a synchronize, so nothing earlier is counted; the end event waited on), perf_counter
+    on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
+def cuda_times_ms(fn, warmup: int = 20, iters: int = 100, flush_l2: bool = True) -> list[float]:
+    """Per-call GPU times of ``fn()`` in ms from CUDA events (median these). With ``flush_l2`` a
+    256 MiB buffer is overwritten before each call, outside the timed region, so tensors that fit in
+    L2 (50 MiB on H100) are read from HBM as in training."""
+    scratch = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        if scratch is not None:
+            scratch.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written per second):
+    the practical ceiling that kernels' effective bandwidth is compared against."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = statistics.median(cuda_times_ms(lambda: dst.copy_(src), warmup=5, iters=20, flush_l2=False))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernel microbenchmarks (benchmarks/kernels/*.py): opening, and result file + table
+# ----------------------------------------------------------------------------------------------------
+def start_gpu_benchmark(script: str) -> tuple[torch.device, dict, float]:
+    """Refuse without CUDA (require_cuda); else (device, run metadata, measured device-to-device copy
+    GB/s, the reference the kernels' bandwidth is compared with), the copy bandwidth told on stderr."""
+    require_cuda(script)
+    device = torch.device("cuda", torch.cuda.current_device())
+    meta = run_metadata(device, flat=True)
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{meta['device']}: device-to-device copy {copy_gbs:,.0f} GB/s", file=sys.stderr)
+    return device, meta, copy_gbs
+
+
+def finish_gpu_benchmark(folder: str | Path, stem: str, device: torch.device, payload: dict,
+                         table: tuple[str, list[str], list[list]]) -> Path:
+    """Write `payload` to `folder/<stem>_<device slug>.json` (one file per script and card: a rerun
+    replaces it), say so on stderr, then print `table` = (title, columns, rows) with print_table."""
+    path = write_json(Path(folder) / f"{stem}_{device_slug(device)}.json", payload)
+    print(f"wrote {path}", file=sys.stderr)
+    print_table(*table)
+    return path
 
 
 def run_main(main) -> None:

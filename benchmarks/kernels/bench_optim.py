@@ -17,18 +17,17 @@ with the device-to-device copy bandwidth measured here.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
+from pathlib import Path
+from statistics import median
 
 import torch
 
-from fasttrain.kernels._utils import (copy_bandwidth_gbs, cuda_times_ms, median, print_table, require_cuda,
-                                      results_path, run_metadata)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
+from common import RESULTS_DIR, cuda_times_ms, finish_gpu_benchmark, start_gpu_benchmark  # noqa: E402
 
 K, ALPHA, CLIP = 5, 0.5, 0.1
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 # The paper's model (fasttrain.model with the default ModelConfig), should the import fail:
 # {shape: count}, 4,697,742 parameters in 81 tensors.
 FALLBACK_SHAPES = {
@@ -105,13 +104,9 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["fused", "foreach+python", "fused-sgd+lerp"],
                         choices=["fused", "foreach+python", "fused-sgd+lerp"])
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
-    parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
     args = parser.parse_args()
-    require_cuda("bench_optim.py")
-
-    meta = run_metadata()
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"{meta['device']}: device-to-device copy {copy_gbs:,.0f} GB/s", file=sys.stderr)
+    device, meta, copy_gbs = start_gpu_benchmark("bench_optim.py")
     rows = []
     for impl in args.impls:
         params, source = network_parameters()
@@ -128,18 +123,13 @@ def main() -> None:
                      "pct_copy": 100 * gbs / copy_gbs, "param_source": source})
         print(f"  {impl}: {ms * 1e3:.1f} us/step", file=sys.stderr)
 
-    path = results_path(args.out, "bench_optim", meta["device"])
-    with open(path, "w") as f:
-        json.dump({**meta, "copy_gbs": copy_gbs, "k": K, "clip_value": CLIP, **HYPER,
-                   "bandwidth_definition": "4 B x numel x (5 + 3/k) per step / median step time",
-                   "rows": rows}, f, indent=2)
-    print(f"wrote {path}", file=sys.stderr)
-    print_table(
+    finish_gpu_benchmark(args.out, "bench_optim", device, {
+        **meta, "copy_gbs": copy_gbs, "k": K, "clip_value": CLIP, **HYPER,
+        "bandwidth_definition": "4 B x numel x (5 + 3/k) per step / median step time", "rows": rows}, (
         f"Lookahead-SGD step, {rows[0]['params']:,} fp32 parameters in {rows[0]['tensors']} tensors, "
         f"{meta['device']} (copy {copy_gbs:,.0f} GB/s)",
         ["impl", "us / step", "GB/s", "% copy"],
-        [[r["impl"], r["step_ms"] * 1e3, r["gbs"], r["pct_copy"]] for r in rows],
-    )
+        [[r["impl"], r["step_ms"] * 1e3, r["gbs"], r["pct_copy"]] for r in rows]))
 
 
 if __name__ == "__main__":

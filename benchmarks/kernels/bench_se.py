@@ -21,20 +21,19 @@ reported as a percentage of the device-to-device copy bandwidth measured here.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
+from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
 
-from fasttrain.kernels._utils import (copy_bandwidth_gbs, cuda_times_ms, median, print_table, require_cuda,
-                                      results_path, run_metadata)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
+from common import RESULTS_DIR, cuda_times_ms, finish_gpu_benchmark, start_gpu_benchmark  # noqa: E402
 
 # (label, channels, size, fused residual)
 SHAPES = [("stem", 64, 32, False), ("block", 64, 32, True), ("block", 128, 16, True), ("block", 256, 8, True)]
 IMPLS = ["triton", "eager-ref", "compiled-ref", "eager-module", "compiled-module"]
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 
 
 def se_module_math(x, w1, b1, w2, b2, residual=None):
@@ -93,14 +92,10 @@ def main() -> None:
     parser.add_argument("--nchw", action="store_true", help="NCHW activations instead of channels_last")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--out", default=RESULTS, help="folder for the JSON results")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
     args = parser.parse_args()
-    require_cuda("bench_se.py")
-
+    device, meta, copy_gbs = start_gpu_benchmark("bench_se.py")
     dtype = getattr(torch, args.dtype)
-    meta = run_metadata()
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"{meta['device']}: device-to-device copy {copy_gbs:,.0f} GB/s", file=sys.stderr)
     fns = {name: implementation(name) for name in args.impls}
     rows = []
     for batch in args.batch_sizes:
@@ -121,19 +116,14 @@ def main() -> None:
                 })
                 print(f"  {label} {rows[-1]['shape']} {name}: {fwd_ms:.3f} / {fwd_bwd_ms:.3f} ms", file=sys.stderr)
 
-    path = results_path(args.out, "bench_se", meta["device"])
-    with open(path, "w") as f:
-        json.dump({**meta, "dtype": args.dtype, "channels_last": not args.nchw, "copy_gbs": copy_gbs,
-                   "bandwidth_definition": "compulsory bytes (each large tensor once) / median time",
-                   "rows": rows}, f, indent=2)
-    print(f"wrote {path}", file=sys.stderr)
-    print_table(
+    finish_gpu_benchmark(args.out, "bench_se", device, {
+        **meta, "dtype": args.dtype, "channels_last": not args.nchw, "copy_gbs": copy_gbs,
+        "bandwidth_definition": "compulsory bytes (each large tensor once) / median time", "rows": rows}, (
         f"SE gate, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}, {meta['device']} "
         f"(copy {copy_gbs:,.0f} GB/s)",
         ["placement", "shape", "impl", "fwd ms", "fwd+bwd ms", "fwd % copy", "fwd+bwd % copy"],
         [[r["placement"], "x".join(map(str, r["shape"])), r["impl"], r["forward_ms"], r["forward_backward_ms"],
-          r["forward_pct_copy"], r["forward_backward_pct_copy"]] for r in rows],
-    )
+          r["forward_pct_copy"], r["forward_backward_pct_copy"]] for r in rows]))
 
 
 if __name__ == "__main__":
