@@ -1,44 +1,42 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``, checked against the model.
+"""Checkpoints: written atomically, checksummed, read with ``weights_only=True``, checked against the model.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (never pickled objects),
 so ``torch.load(weights_only=True)`` reads it and a crafted file cannot run code.
+
+Crash safety (docs/ARCHITECTURE.md, "Checkpoints"):
+* every write goes to a temporary file in the run folder, is fsync'ed, then renamed over the target,
+  so a crash (even kill -9) leaves the old file or the new one, never a torn one;
+* the trainer keeps two generations, ``last.pt`` and ``prev.pt``: the new file is complete on disk
+  before the old ``last.pt`` becomes ``prev.pt``, so a newest file damaged later still leaves a good one;
+* each checkpoint carries a sha256 over its whole content (every tensor's bytes, every key and value).
+  torch's zip reader does not check the stored CRCs, so a flipped bit inside a tensor would otherwise
+  load silently; the checksum turns it into a CheckpointError and ``--resume auto`` falls back.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 FORMAT = "fasttrain-checkpoint-v1"
+CHECKSUM_KEY = "checksum"
+LAST = "last.pt"      # the newest checkpoint of a run
+PREVIOUS = "prev.pt"  # the one before it, kept so that a damaged last.pt loses one checkpoint, not the run
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a message that says why and what to do."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash (even kill -9) leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable (best effort: not every file system allows it)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -47,8 +45,99 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         pass
 
 
+def _write_temp(obj: Any, path: Path) -> Path:
+    """torch.save `obj` into a fsync'ed hidden temp file beside `path` (not matched by ``*.pt``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash (even kill -9) leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    tmp = _write_temp(obj, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# Checksum over the content (not the file bytes: the same state always gives the same digest)
+# --------------------------------------------------------------------------------------------
+def _digest(obj: Any, h) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 included)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for key, value in obj.items():  # pickling keeps insertion order, so save and load agree
+            _digest(key, h)
+            _digest(value, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for value in obj:
+            _digest(value, h)
+    else:  # None, bool, int, float, str, torch.dtype/device...: repr is exact for all of them
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def state_checksum(state: dict) -> str:
+    """sha256 over everything in a checkpoint dict except the checksum entry itself."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != CHECKSUM_KEY}, h)
+    return "sha256:" + h.hexdigest()
+
+
+def write_checkpoint(state: dict, path: str | Path, previous: str | None = PREVIOUS) -> Path:
+    """Seal `state` with its checksum and write it to `path` atomically.
+
+    With `previous` set, the file already at `path` is kept under that name. Order of operations:
+    the new file is written and fsync'ed under a temp name first; then the old `path` is hard-linked
+    to `previous` (through a temp name, so `previous` is also replaced atomically) and the new file is
+    renamed over `path`. At every instant both names hold complete files, so kill -9 anywhere loses at
+    most this checkpoint. Without hard links the old file is renamed instead (a moment with no `path`,
+    during which ``--resume auto`` finds `previous`).
+    """
+    path = Path(path)
+    sealed = dict(state)
+    sealed[CHECKSUM_KEY] = state_checksum(state)
+    tmp = _write_temp(sealed, path)
+    try:
+        if previous is not None and path.exists():
+            keep = path.with_name(previous)
+            try:
+                link = keep.with_name(f".{previous}.link.tmp")
+                link.unlink(missing_ok=True)
+                os.link(path, link)
+                os.replace(link, keep)
+            except OSError:
+                os.replace(path, keep)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint safely; any problem is a CheckpointError naming the file."""
+    """Read a checkpoint safely and verify its checksum; any problem is a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
@@ -61,6 +150,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint (no '{FORMAT}' marker)")
+    stored = ckpt.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no checksum, so its content cannot be verified "
+                              "(it was not written by this version of fasttrain, or was rewritten by hand)")
+    if stored != state_checksum(ckpt):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its content does not match the checksum "
+                              "stored with it (the file was damaged after it was written)")
     return ckpt
 
 
@@ -109,13 +205,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def find_resume_checkpoint(run_dir: Path, warn=print) -> Path | None:
-    """The newest checkpoint in `run_dir` that loads; broken ones are named in a warning and skipped."""
-    candidates = sorted(Path(run_dir).glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """The run folder's checkpoints, newest first: last.pt, prev.pt, then any other *.pt by mtime.
+
+    The order of last.pt and prev.pt comes from how they are written (prev.pt is always the older
+    one), not from file times, which a copy of the folder may have reset.
+    """
+    run_dir = Path(run_dir)
+    named = [run_dir / LAST, run_dir / PREVIOUS]
+    others = sorted((p for p in run_dir.glob("*.pt") if p not in named and p.is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p for p in named if p.is_file()] + others
+
+
+def find_resume_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint in `run_dir` that loads and verifies; broken ones are named in a warning
+    and skipped. None when the folder holds no checkpoint at all; a CheckpointError when it holds some
+    but none is usable (starting over silently would throw the run away)."""
+    candidates = checkpoint_candidates(run_dir)
+    problems = []
     for path in candidates:
         try:
             load_checkpoint(path)
             return path
         except CheckpointError as e:
+            problems.append(str(e))
             warn(f"warning: skipping {path}: {e}")
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in {str(run_dir)!r}: " + "; ".join(problems))
     return None

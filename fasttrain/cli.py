@@ -3,7 +3,8 @@
 
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
 missing data, a bad checkpoint, a diverged run) end with one clear `error:` line and a non-zero exit
-code, never a traceback.
+code, never a traceback. SIGINT/SIGTERM during training finish the step, save a checkpoint and exit
+130/143 (128 + signal) with the command that resumes the run.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from fasttrain.config import ConfigError, config_to_dict, load_config
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
+EXIT_INTERRUPTED = 130  # Ctrl-C; a checkpointed stop on a signal exits 128 + signal (130 SIGINT, 143 SIGTERM)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -58,14 +60,29 @@ def _plot_parser() -> argparse.ArgumentParser:
 
 
 def resolve_resume(resume: str | None, cfg) -> str | None:
-    """'auto' means the newest valid checkpoint in the run folder (output.dir)."""
+    """'auto' means the newest valid checkpoint in the run folder (output.dir).
+
+    Damaged checkpoints are named in a warning and skipped (last.pt -> prev.pt). A folder with no
+    checkpoint at all gives None: the run starts from the beginning there (a job killed before its
+    first checkpoint, restarted by a scheduler with the same command), unless the folder's
+    config.yaml belongs to another run. A folder whose checkpoints are all damaged is an error.
+    """
     if resume != "auto":
         return resume
     if not cfg.output.dir:
         raise ConfigError("--resume auto needs the run folder: pass --output.dir RUN_DIR")
     from fasttrain.checkpoint import find_resume_checkpoint
 
-    found = find_resume_checkpoint(Path(cfg.output.dir))
+    run_dir = Path(cfg.output.dir)
+    found = find_resume_checkpoint(run_dir, warn=lambda message: print(message, file=sys.stderr))
+    if found is None and (run_dir / "config.yaml").is_file():
+        try:
+            same_run = load_config(run_dir / "config.yaml") == cfg
+        except ConfigError:
+            same_run = False
+        if not same_run:
+            raise ConfigError(f"--resume auto: {str(run_dir)!r} holds no checkpoint and the config.yaml of "
+                              "another run; pass --overwrite to replace it, or another --output.dir")
     return str(found) if found else None
 
 
@@ -101,8 +118,11 @@ def cmd_train(argv: list[str]) -> int:
 
     dist_info = init_distributed(resolve_device(args.device).type)
     try:
-        trainer = Trainer(cfg, device=args.device, resume=resolve_resume(args.resume, cfg),
-                          overwrite=args.overwrite, dist_info=dist_info)
+        resume = resolve_resume(args.resume, cfg)
+        # --resume auto with nothing to resume starts over in a folder that holds no checkpoint
+        # (resolve_resume already refused one that holds another run)
+        overwrite = args.overwrite or (args.resume == "auto" and resume is None)
+        trainer = Trainer(cfg, device=args.device, resume=resume, overwrite=overwrite, dist_info=dist_info)
         trainer.fit()
     finally:
         shutdown(dist_info)
@@ -139,10 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     from fasttrain.data.cifar import DataError
+    from fasttrain.signals import RunInterrupted
     from fasttrain.trainer import TrainingError
 
     try:
         return COMMANDS[command](argv)
+    except RunInterrupted as e:  # SIGINT/SIGTERM during training: checkpointed; say how to resume
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second Ctrl-C during a save
+        print("interrupted: nothing was saved after the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

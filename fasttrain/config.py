@@ -139,6 +139,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a plain value, "
+                              f"not a {type(key).__name__}") from None
         if key in seen:
             raise ConfigError(
                 f"duplicate key {key!r} (line {seen[key].start_mark.line + 1} and line "
@@ -158,11 +163,30 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - PyYAML's constructors fail on odd input in many ways:
+        # ValueError (an int past Python's int-string limit), IndexError ('!!float' with no value), ...
+        raise ConfigError(f"{source}: not valid YAML ({type(e).__name__}: {_show(str(e))})") from None
 
 
 # --------------------------------------------------------------------------------------------
 # dict -> dataclasses, type-checked
 # --------------------------------------------------------------------------------------------
+def _show(value: Any) -> str:
+    """repr for messages, bounded: a huge int cannot even be repr'd (ValueError), a deeply nested
+    list overflows the stack, and a message should stay one readable line anyway."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits(), maybe inside a list
+        if isinstance(value, int):
+            return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+        return f"<a {type(value).__name__} holding an integer too long to show>"
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Union:
@@ -183,10 +207,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             return _coerce(value, inner, key)
         except ConfigError:
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__})") from None
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     ok = (
@@ -196,8 +220,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         or (tp is str and isinstance(value, str))
     )
     if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    return float(value) if tp is float else value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__})")
+    if tp is float:
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range (YAML reads 1e400 as inf, but 1000...0 as int)
+            raise ConfigError(f"{key}: {_show(value)} is too large for a float") from None
+    return value
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
@@ -205,7 +234,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_show(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k not in fields]
@@ -280,7 +309,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found (the shipped ones are in configs/)")
-        values = parse_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a UTF-8 text file ({e})") from None
+        values = parse_yaml(text, str(p)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         values.setdefault("name", p.stem)
@@ -299,7 +332,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key} = {value!r} is out of range: {allowed}")
+        raise ConfigError(f"{key} = {_show(value)} is out of range: {allowed}")
 
 
 def validate(cfg: Config) -> None:

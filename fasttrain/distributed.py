@@ -1,15 +1,35 @@
 """torch.distributed set-up for runs launched by torchrun (NCCL on GPUs, gloo on CPU).
 
-A plain `python -m fasttrain` run has no WORLD_SIZE and stays single-process: nothing here runs.
+A plain `python -m fasttrain` run has no WORLD_SIZE (or WORLD_SIZE=1) and stays single-process:
+every helper here is then a no-op. docs/distributed.md describes the semantics (per-rank batch,
+learning rate, what only rank 0 does, resume, failure behaviour).
+
+Failure model: torchrun's elastic agent watches its workers (every 0.1 s by default); when one
+exits non-zero it stops the others and the job exits non-zero naming the failed rank. Across
+nodes, a rank whose peer vanished gets an error from its next collective, or at the latest when
+the process-group timeout runs out (`FASTTRAIN_DIST_TIMEOUT`, seconds, default 300); torchrun
+also sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1 for its workers, so NCCL tears down the process on
+such an error instead of hanging.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from fasttrain.config import ConfigError
+
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "FASTTRAIN_DIST_TIMEOUT"
+# Test-only fault injection (tests/test_distributed.py): rank DIE_RANK exits with status 1 just
+# before global training step DIE_STEP, as a crashed or killed worker would.
+DIE_RANK_ENV, DIE_STEP_ENV = "FASTTRAIN_TEST_DIE_RANK", "FASTTRAIN_TEST_DIE_STEP"
 
 
 @dataclass(frozen=True)
@@ -31,29 +51,97 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(device_type: str, timeout_s: float = 300.0) -> DistInfo:
+def _timeout_s(timeout_s: float | None) -> float:
+    if timeout_s is not None:
+        return float(timeout_s)
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: give the collective timeout in seconds (> 0)")
+    return value
+
+
+def init_distributed(device_type: str, timeout_s: float | None = None) -> DistInfo:
     """Join the process group torchrun describes in the environment; a no-op for one process.
 
-    The timeout bounds how long a collective waits for a dead peer, so a rank that dies ends the
-    job with an error instead of a silent hang.
+    The timeout (argument, else $FASTTRAIN_DIST_TIMEOUT, else 300 s) bounds how long a collective
+    waits for a dead peer, so a rank that dies ends the job with an error instead of a silent hang.
     """
     if not launched_by_torchrun():
         return DistInfo()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=_timeout_s(timeout_s))
     if device_type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigError(
+                f"rank {rank} has LOCAL_RANK {local_rank}, but this node has {visible} visible GPU(s): "
+                "pass torchrun --nproc_per_node at most the number of GPUs per node")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if device_type == "cuda":
+            # device_id binds the group to this rank's GPU (eager NCCL init, barriers on the right GPU)
+            dist.init_process_group(backend="nccl", timeout=timeout,
+                                    device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo", timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
+# --------------------------------------------------------------------------------------------
+# Collectives (each a no-op for one process). Every rank must call them in the same order.
+# --------------------------------------------------------------------------------------------
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a tensor over ranks in place (exact for integer counts)."""
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise minimum over ranks, in place."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them before each training forward, but every rank then updates them with its
+    own batch, so after an epoch they differ slightly between ranks. Syncing before evaluation and
+    checkpointing makes every rank evaluate, and rank 0 save, the same model.
+    """
+    if not info.enabled:
+        return
+    buffers = [b for b in module.buffers()]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in buffers:
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        group = by_dtype[dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in group:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def barrier(info: DistInfo) -> None:
@@ -62,5 +150,61 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group at the end of a run.
+
+    While an exception is on its way out (this is called from a `finally`), the group is left as
+    is: a graceful destroy may wait on peers that are gone, and the process is exiting anyway.
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    if sys.exc_info()[0] is not None:
+        return
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness per rank
+# --------------------------------------------------------------------------------------------
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank `rank`'s own randomness (dropout) in `epoch`.
+
+    Initial weights and the data stream come from `seed` alone (the same on every rank); only
+    the randomness that should differ between ranks is drawn from this stream. Being a pure
+    function of (seed, epoch, rank), it resumes exactly from an epoch-boundary checkpoint.
+    """
+    # the tag keeps this stream apart from the data loader's SeedSequence([seed, epoch])
+    return int(np.random.SeedSequence([seed, epoch, rank, 0xD15]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Failure handling
+# --------------------------------------------------------------------------------------------
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective failed because another rank died, hung or closed its connection."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "ProcessGroupNCCL", "ProcessGroupGloo",
+        "NCCL error", "Timed out", "timed out", "Broken pipe"))
+
+
+def peer_failure_message(err: BaseException, info: DistInfo) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"rank {info.rank} of {info.world_size}: a collective operation failed, most likely because "
+            f"another rank died or stopped responding (look for the first failure torchrun reports). "
+            f"{type(err).__name__}: {first[:300]}")
+
+
+def fault_injection_step(info: DistInfo) -> int | None:
+    """The global step at which this rank must die (test-only fault injection), or None."""
+    rank, step = os.environ.get(DIE_RANK_ENV), os.environ.get(DIE_STEP_ENV)
+    if rank is None or step is None or int(rank) != info.rank:
+        return None
+    return int(step)
+
+
+def die_now(info: DistInfo, step: int) -> None:
+    print(f"{DIE_RANK_ENV}: rank {info.rank} exits with status 1 at training step {step} (fault injection)",
+          file=sys.stderr, flush=True)
+    os._exit(1)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,14 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.checkpoint import (FORMAT, CheckpointError, atomic_save, check_architecture, load_checkpoint,
-                                  rng_state, set_rng_state, unwrap)
+from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
+                                  rng_state, set_rng_state, unwrap, write_checkpoint)
 from fasttrain.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
-from fasttrain.distributed import DistInfo, all_reduce_sum, barrier
+from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
+                                   fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
+                                   sync_buffers)
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
+from fasttrain.signals import NeverStop, RunInterrupted, StopRequest
 
 
 class TrainingError(RuntimeError):
@@ -72,6 +77,23 @@ class Precision:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
+def use_channels_last(cfg: Config, device: torch.device, warn=None) -> bool:
+    """train.channels_last, except where a known PyTorch bug makes it unsafe.
+
+    torch 2.14's CPU (oneDNN) backward of a strided 1x1 convolution with channels_last input and
+    fewer than 8 channels corrupts memory or hangs; such tiny nets run NCHW on the CPU (no effect
+    on GPUs, where channels_last is what makes the convolutions fast).
+    """
+    if not cfg.train.channels_last:
+        return False
+    if device.type == "cpu" and cfg.model.base_channels < 8:
+        if warn is not None:
+            warn("train.channels_last is off for this run: on the CPU, channels_last with fewer than 8 "
+                 "channels (model.base_channels) hits a PyTorch oneDNN bug")
+        return False
+    return True
 
 
 def git_sha() -> str:
@@ -136,8 +158,13 @@ class Trainer:
         self.device = resolve_device(device, self.dist)
         self.precision = Precision.resolve(cfg.train.precision, self.device)
         self.console = console or RunConsole(cfg.output.progress, enabled=self.dist.is_main)
-        self.resume_path = Path(resume) if resume else None
-        self.run_dir = self._choose_run_dir(run_dir, overwrite)
+        if self.dist.enabled and cfg.train.sync_bn and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only): "
+                              "pass --train.sync_bn false for a CPU run")
+        # every rank takes rank 0's choices (a default run folder is named after rank 0's clock)
+        self.resume_path = broadcast_object(Path(resume) if resume else None, self.dist)
+        self.run_dir = broadcast_object(self._choose_run_dir(run_dir, overwrite), self.dist)
+        self._die_at_step = fault_injection_step(self.dist)  # test-only, None outside tests
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         if self.device.type == "cuda":
@@ -148,32 +175,49 @@ class Trainer:
 
         self.model = build_model(cfg.model).to(self.device)
         self.params = count_params(self.model)
-        if cfg.train.channels_last:
+        self.channels_last = use_channels_last(cfg, self.device, self.console.warn)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.train.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
+        # Under torchrun with data.download on, local rank 0 of each node reads (or fetches) CIFAR-10
+        # first and the node's other ranks read it after a barrier: one download per node, not one per GPU.
+        data_first = not (self.dist.enabled and cfg.data.download) or self.dist.local_rank == 0
+        if not data_first:
+            barrier(self.dist)
         self.data = build_data(
             cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-            device=self.device, dtype=self.precision.data_dtype, channels_last=cfg.train.channels_last,
+            device=self.device, dtype=self.precision.data_dtype, channels_last=self.channels_last,
             seed=cfg.train.seed, rank=self.dist.rank, world_size=self.dist.world_size,
         )
+        if data_first and self.dist.enabled and cfg.data.download:
+            barrier(self.dist)
         self.steps_per_epoch = len(self.data.train)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None)
 
         self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped and compiled
+        # what evaluation calls: never the DDP wrapper, whose forward can run collectives (buffer
+        # broadcasts) that ranks with different numbers of evaluation batches would not match
+        self.eval_net: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.train.compile:
             self.net = torch.compile(self.net, mode=cfg.train.compile_mode)
+            self.eval_net = (torch.compile(self.model, mode=cfg.train.compile_mode) if self.dist.enabled
+                             else self.net)
 
         self.start_epoch = 0  # epochs already completed
         self.best_test_acc: float | None = None
         self.train_seconds = 0.0
         self.compile_seconds = 0.0
+        self.start_step = 0  # steps of epoch `start_epoch` already done (a checkpoint saved mid-epoch)
+        self._stop = StopRequest()
+        self._last_saved: tuple[tuple[int, int], Path] | None = None  # ((epoch, step), path) of the newest save
+        self._install_test_faults()
         if self.resume_path is not None:
             self._load(self.resume_path)
 
@@ -186,38 +230,76 @@ class Trainer:
         if run_dir is None:
             run_dir = Path("runs") / f"{self.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(run_dir)
-        holds_run = (run_dir / "config.yaml").exists() or (run_dir / "last.pt").exists()
+        holds_run = (run_dir / "config.yaml").exists() or any(run_dir.glob("*.pt"))
         if holds_run and self.resume_path is None and not overwrite:
             raise ConfigError(
                 f"the output folder {str(run_dir)!r} already holds a run: pass --resume "
-                f"{run_dir / 'last.pt'} to continue it, --overwrite to replace it, or another --output.dir"
+                f"{run_dir / LAST} (or --resume auto) to continue it, --overwrite to replace it, "
+                "or another --output.dir"
             )
         return run_dir
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint_state(self, epoch: int) -> dict:
+    def checkpoint_state(self, epoch: int, step_in_epoch: int = 0) -> dict:
         return {
             "format": FORMAT,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": epoch,
+            "epoch": epoch,  # epochs completed
+            # steps done of epoch `epoch` (0 at an epoch boundary; >0 after a stop on a signal):
+            # resume skips that many batches of the epoch's (seed, epoch)-determined stream
+            "step_in_epoch": step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.dist.world_size,  # ranks; train.batch_size is per rank
             "rng": rng_state(),
             "config": config_to_dict(self.cfg),
             "params": self.params,
             "best_test_acc": self.best_test_acc,
             "train_seconds": self.train_seconds,
             "data_source": self.data.source,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # a TorchVersion object would be refused by weights_only loading
         }
 
-    def save_checkpoint(self, epoch: int, name: str = "last.pt") -> Path:
+    def save_checkpoint(self, epoch: int, name: str = LAST, step_in_epoch: int = 0) -> Path:
+        """Write `name` atomically; for last.pt the previous one is kept as prev.pt.
+
+        Only a last.pt of this run's own line is rotated into prev.pt: one this process wrote or
+        resumed from. After `--resume auto` skipped a damaged last.pt (or a deliberate resume from
+        prev.pt), the good prev.pt stays and the skipped file is simply replaced.
+        Refuses (TrainingError) weights that are not finite, so a diverged state never replaces a
+        good checkpoint, even when the loss of the steps before was still finite.
+        """
+        self._check_weights_finite(epoch, step_in_epoch)
         path = self.run_dir / name
+        rotate = (name == LAST and self._last_saved is not None
+                  and Path(self._last_saved[1]).resolve() == path.resolve())
         if self.dist.is_main:
-            atomic_save(self.checkpoint_state(epoch), path)
+            write_checkpoint(self.checkpoint_state(epoch, step_in_epoch), path,
+                             previous=PREVIOUS if rotate else None)
         barrier(self.dist)
+        self._last_saved = ((epoch, step_in_epoch), path)
         return path
+
+    def _check_weights_finite(self, epoch: int, step_in_epoch: int) -> None:
+        state = unwrap(self.model).state_dict()
+        floats = {k: t for k, t in state.items() if t.is_floating_point()}
+        if not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats.values()]).all()):
+            return  # one host sync per save, off the clock
+        bad = [k for k, t in floats.items() if not bool(torch.isfinite(t).all())]
+        where = f"epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"epoch {epoch}"
+        raise TrainingError(
+            f"not saving a checkpoint after {where}: the weights hold NaN or infinite values "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). {self._kept_checkpoint_note()} "
+            "Lower optim.lr, raise optim.warmup_epochs, enable gradient clipping, or use train.precision bf16/fp32."
+        )
+
+    def _kept_checkpoint_note(self) -> str:
+        last = self.run_dir / LAST
+        if last.is_file():
+            return f"The last good checkpoint ({last}) is kept."
+        return "No checkpoint was written for this run."
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -233,9 +315,57 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.start_epoch = int(ckpt["epoch"])
+        self.start_step = int(ckpt.get("step_in_epoch", 0))
+        saved_steps = int(ckpt.get("steps_per_epoch", self.steps_per_epoch))
+        if self.start_step and saved_steps != self.steps_per_epoch:
+            # the position inside the epoch only means something for the same batches
+            raise CheckpointError(
+                f"{path} was saved after step {self.start_step} of epoch {self.start_epoch + 1} with "
+                f"{saved_steps} steps per epoch, but this config gives {self.steps_per_epoch} (another "
+                "train.batch_size or data subset): resume with the config saved in the run folder (config.yaml)")
+        if saved_steps != self.steps_per_epoch:  # e.g. resumed with another number of ranks
+            self.schedule.load_state_dict({"step_count": self.start_epoch * self.steps_per_epoch})
+            self.console.warn(
+                f"{path} was trained with {saved_steps} steps per epoch on {ckpt.get('world_size', 1)} rank(s); "
+                f"this run has {self.steps_per_epoch} on {self.dist.world_size}: the global batch changes, and the "
+                f"learning-rate schedule continues from epoch {self.start_epoch}")
         self.best_test_acc = ckpt.get("best_test_acc")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
-        self.console.info(f"resumed {path} after epoch {self.start_epoch}")
+        self._last_saved = ((self.start_epoch, self.start_step), path)
+        mid = f" and {self.start_step} steps of epoch {self.start_epoch + 1}" if self.start_step else ""
+        self.console.info(f"resumed {path} after epoch {self.start_epoch}{mid}")
+
+    # ---------------------------------------------------------------- test-only fault injection
+    def _install_test_faults(self) -> None:
+        """Fault injection for tests/test_reliability.py, read once from the environment.
+
+        FASTTRAIN_INJECT_NAN_STEP=k: the k-th optimizer step of the run (1-based, counted across
+            epochs) gets NaN images, so its loss, its gradients and then the weights turn NaN, as in a
+            real divergence.
+        FASTTRAIN_TEST_STEP_SLEEP=s: sleep s seconds after each step, so a test can signal or kill a
+            tiny run while it is inside an epoch.
+        Both unset (always, outside tests): nothing is wrapped and the step costs nothing extra.
+        """
+        nan_env = os.environ.get("FASTTRAIN_INJECT_NAN_STEP", "")
+        sleep_env = os.environ.get("FASTTRAIN_TEST_STEP_SLEEP", "")
+        if not nan_env and not sleep_env:
+            return
+        try:
+            nan_at, pause = int(nan_env or -1), float(sleep_env or 0.0)
+        except ValueError:
+            raise ConfigError(f"FASTTRAIN_INJECT_NAN_STEP={nan_env!r} / FASTTRAIN_TEST_STEP_SLEEP={sleep_env!r}: "
+                              "expected an integer step and a number of seconds") from None
+        step = self._train_step
+
+        def faulty_step(images: torch.Tensor, labels: torch.Tensor):
+            if self.schedule.step_count + 1 == nan_at:
+                images = images * float("nan")
+            out = step(images, labels)
+            if pause:
+                time.sleep(pause)
+            return out
+
+        self._train_step = faulty_step
 
     # ---------------------------------------------------------------- one step, one epoch
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,18 +387,33 @@ class Trainer:
         self.schedule.step()
         return loss.detach(), logits.detach()
 
-    def train_epoch(self, epoch: int, advance=lambda n=1: None) -> dict:
-        """One pass over this rank's shard; returns device-side sums, read by the caller once."""
+    def train_epoch(self, epoch: int, advance=lambda n=1: None, skip: int = 0) -> dict:
+        """One pass over this rank's shard; returns device-side sums, read by the caller once.
+
+        `skip`: steps of this epoch a mid-epoch checkpoint already did. The epoch's batch stream is a
+        pure function of (seed, epoch), so drawing and dropping `skip` batches puts the loader exactly
+        where the interrupted run stopped. The sums then cover only the remaining steps ("steps").
+        On a stop signal (single process) the loop ends after the current step; "steps" says how far it got.
+        """
         loader = self.data.train
         loader.set_epoch(epoch)
         self.net.train()
+        if self.dist.enabled:  # this rank's own randomness (dropout) in this epoch: see rank_seed
+            torch.manual_seed(rank_seed(self.cfg.train.seed, epoch, self.dist.rank))
         dev = self.device
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
-        step_in_epoch = torch.zeros((), dtype=torch.int64, device=dev)
+        step_in_epoch = torch.full((), skip, dtype=torch.int64, device=dev)
         first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
-        seen = 0
-        for images, labels in loader:
+        seen = steps = 0
+        batches = iter(loader)
+        if skip:
+            batches = itertools.islice(batches, skip, None)
+            advance(skip)
+        stop = NeverStop() if self.dist.enabled else self._stop  # ranks agree at epoch ends instead
+        for images, labels in batches:
+            if self._die_at_step is not None and self.schedule.step_count == self._die_at_step:
+                die_now(self.dist, self._die_at_step)  # test-only fault injection
             loss, logits = self._train_step(images, labels)
             # Non-finite detector without a host sync: remember the first bad step on the device.
             bad = ~torch.isfinite(loss)
@@ -277,8 +422,12 @@ class Trainer:
             loss_sum += loss.float()
             correct += (logits.argmax(1) == labels).sum()
             seen += labels.shape[0]
+            steps += 1
             advance()
-        return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "first_bad_step": first_bad_step}
+            if stop.requested:  # a Python bool set by the signal handler: no device sync
+                break
+        return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "first_bad_step": first_bad_step,
+                "steps": steps}
 
     def _check_finite(self, epoch: int, first_bad_step: int) -> None:
         if first_bad_step < 0:
@@ -287,7 +436,7 @@ class Trainer:
         lr = self.schedule.lr_at(global_step)
         raise TrainingError(
             f"the training loss became NaN or infinite at epoch {epoch + 1}, step {first_bad_step + 1} "
-            f"(learning rate {lr:.4g}). The last good checkpoint ({self.run_dir / 'last.pt'}) is kept. "
+            f"(learning rate {lr:.4g}); this epoch was not checkpointed. {self._kept_checkpoint_note()} "
             "Lower optim.lr, raise optim.warmup_epochs, enable gradient clipping, or use train.precision bf16/fp32."
         )
 
@@ -308,7 +457,7 @@ class Trainer:
                 break
         for loader in (self.data.val, self.data.test):
             if loader is not None:
-                evaluate(self.net, loader, self.precision, self.device, tta=self.cfg.train.tta)
+                evaluate(self.eval_net, loader, self.precision, self.device, tta=self.cfg.train.tta)
         unwrap(self.model).load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
         self.schedule.load_state_dict(sched_state)
@@ -320,7 +469,92 @@ class Trainer:
 
     # ---------------------------------------------------------------- the run
     def fit(self, stop_after_epochs: int | None = None) -> dict:
-        """Train to `train.epochs` (or stop early after `stop_after_epochs` in total, checkpointed)."""
+        """Train to `train.epochs` (or stop early after `stop_after_epochs` in total, checkpointed).
+
+        On SIGINT/SIGTERM the current step finishes, the exact position is checkpointed (mid-epoch
+        included) and RunInterrupted is raised; the CLI prints how to resume and exits 130/143.
+        Running out of GPU memory becomes a TrainingError that says what to change.
+        """
+        with self._stop.installed(), self._oom_guard(), self._peer_failure_guard(), self._tensorboard():
+            return self._fit(stop_after_epochs)
+
+    @contextlib.contextmanager
+    def _tensorboard(self):
+        """output.tensorboard: event files beside metrics.jsonl (rank 0). Opened before training, so
+        a missing `tensorboard` package is one clear error before any GPU time is spent."""
+        self._tb = None
+        if self.cfg.output.tensorboard and self.dist.is_main:
+            from fasttrain.tb import TensorBoardWriter
+
+            self._tb = TensorBoardWriter(self.run_dir)
+        try:
+            yield
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+
+    @contextlib.contextmanager
+    def _peer_failure_guard(self):
+        """Under torchrun, a collective that fails because another rank died or hung becomes a
+        TrainingError (one `error:` line from the CLI, exit 1) instead of a traceback."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not self.dist.enabled or isinstance(e, TrainingError) or not is_peer_failure(e):
+                raise
+            raise TrainingError(peer_failure_message(e, self.dist)) from e
+
+    def _reduce_epoch_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """This rank's [loss_sum, correct, first_bad_step] -> the sums over ranks and the first bad
+        step of any rank (-1: none), so every rank reports, and stops on, the same numbers."""
+        sums = all_reduce_sum(stats[:2].clone(), self.dist)
+        bad = stats[2:].clone()
+        bad = all_reduce_min(torch.where(bad < 0, torch.full_like(bad, math.inf), bad), self.dist)
+        return torch.cat([sums, torch.where(torch.isinf(bad), torch.full_like(bad, -1.0), bad)])
+
+    @contextlib.contextmanager
+    def _oom_guard(self):
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            t = self.cfg.train
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no detail"
+            raise TrainingError(
+                f"out of GPU memory with train.batch_size {t.batch_size} per process (eval_batch_size "
+                f"{t.eval_batch_size}, precision {self.precision.name}, compile "
+                f"{t.compile_mode if t.compile else 'off'}). To fit: lower --train.batch_size "
+                f"(e.g. {max(1, t.batch_size // 2)}, and optim.lr with it) or --train.eval_batch_size; "
+                "do not use compile mode max-autotune (--train.compile_mode default); use --train.precision bf16. "
+                f"The last checkpoint is kept. ({detail})"
+            ) from e
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now. Under torchrun the ranks must stop at the same step, so they agree
+        here, at epoch starts, with one tiny all-reduce (a per-step agreement would be a host sync)."""
+        if not self.dist.enabled:
+            return self._stop.requested
+        flag = torch.tensor([float(self._stop.requested)], device=self.device)
+        all_reduce_sum(flag, self.dist)
+        return bool(flag.item() > 0)
+
+    def _stop_run(self, epoch: int, step: int) -> None:
+        """Checkpoint the position reached (unless exactly that is saved already), raise RunInterrupted."""
+        if self._last_saved is not None and self._last_saved[0] == (epoch, step):
+            path = self._last_saved[1]
+        else:
+            path = self.save_checkpoint(epoch, step_in_epoch=step)
+        if step:
+            where = f"epoch {epoch + 1}, step {step}/{self.steps_per_epoch}"
+        else:
+            where = f"the end of epoch {epoch}" if epoch else "the start of training"
+        cfg_file, q = shlex.quote(str(self.run_dir / "config.yaml")), shlex.quote  # copy-paste safe
+        raise RunInterrupted(
+            f"stopped by {self._stop.name} at {where}; checkpoint saved: {path}\n"
+            f"resume with:\n  python -m fasttrain --config {cfg_file} --resume {q(str(path))}\n"
+            f"or:\n  python -m fasttrain --config {cfg_file} --resume auto --output.dir {q(str(self.run_dir))}",
+            self._stop.signum, path)
+
+    def _fit(self, stop_after_epochs: int | None = None) -> dict:
         cfg, con = self.cfg, self.console
         wall_start = time.perf_counter()
         epochs = cfg.train.epochs
@@ -330,11 +564,19 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             self._truncate_metrics(self.start_epoch)
+            if self.resume_path is None:  # a fresh run (--overwrite): an old run's last/prev.pt must
+                for name in (LAST, PREVIOUS):  # not become this run's fallback or --resume auto pick
+                    (self.run_dir / name).unlink(missing_ok=True)
         if self.device.type == "cpu":
             con.warn("training on the CPU: this is slow; use a CUDA GPU for real runs")
         con.info(f"fasttrain: {cfg.name} | {self.params:,} params | {device_name(self.device)} | "
                  f"{self.precision.name} | data {self.data.source} | {self.steps_per_epoch} steps/epoch"
                  f" x {self.dist.world_size} rank(s) | run {self.run_dir}")
+        if self.dist.enabled:
+            per_rank = cfg.train.batch_size
+            con.info(f"distributed: {self.dist.world_size} ranks | train.batch_size {per_rank} is per rank: global "
+                     f"batch {per_rank * self.dist.world_size} | optim.lr {cfg.optim.lr:g} applies to that global "
+                     "batch as given (no automatic scaling) | only rank 0 writes files and prints")
 
         if cfg.train.compile and self.start_epoch < epochs:
             self.compile_seconds = self.warmup()
@@ -344,11 +586,14 @@ class Trainer:
         imgs_per_s = []
         end_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
         for epoch in range(self.start_epoch, end_epoch):
-            lr = self.schedule.lr
+            skip = self.start_step if epoch == self.start_epoch else 0  # resumed mid-epoch
+            if self._stop_agreed():  # a signal during the previous epoch's evaluation or checkpoint
+                self._stop_run(epoch, skip)
+            lr = self.schedule.lr_at(epoch * self.steps_per_epoch)  # the epoch's first lr, resumed or not
             synchronize(self.device)
             t0 = time.perf_counter()
             with con.epoch_bar(epoch + 1, epochs, self.steps_per_epoch) as advance:
-                sums = self.train_epoch(epoch, advance)
+                sums = self.train_epoch(epoch, advance, skip=skip)
             synchronize(self.device)
             epoch_seconds = time.perf_counter() - t0
             self.train_seconds += epoch_seconds
@@ -356,13 +601,21 @@ class Trainer:
             # ---- off the clock: read the epoch's sums once, evaluate, log, checkpoint
             stats = torch.stack([sums["loss_sum"].double(), sums["correct"].double(),
                                  sums["first_bad_step"].double()])
+            if self.dist.enabled:  # loss and accuracy over all ranks; the first bad step of any rank
+                stats = self._reduce_epoch_stats(stats)
+                sync_buffers(self.model, self.dist)  # rank 0's BN statistics everywhere: evaluated == saved
             loss_sum, correct, first_bad = stats.tolist()
-            self._check_finite(epoch, int(first_bad))
+            self._check_finite(epoch, int(first_bad))  # before any save: a bad epoch is never checkpointed
+            if skip + sums["steps"] < self.steps_per_epoch:  # stopped mid-epoch by a signal
+                self._stop_run(epoch, skip + sums["steps"])
             seen_all = sums["seen"] * self.dist.world_size
+            # After a mid-epoch resume, train_loss/train_acc/images_per_second cover only the steps
+            # this process ran (the device-side sums restart); "train_steps" says how many.
             row = {
                 "epoch": epoch + 1, "lr": lr,
-                "train_loss": loss_sum / max(1, self.steps_per_epoch),
-                "train_acc": 100.0 * correct / max(1, sums["seen"]),
+                "train_loss": loss_sum / max(1, sums["steps"] * self.dist.world_size),
+                "train_steps": sums["steps"],
+                "train_acc": 100.0 * correct / max(1, seen_all),
                 "val_acc": None, "test_acc": None,
                 "epoch_seconds": epoch_seconds,
                 "images_per_second": seen_all / epoch_seconds if epoch_seconds > 0 else float("nan"),
@@ -371,9 +624,9 @@ class Trainer:
             last = epoch + 1 == end_epoch
             if (epoch + 1) % cfg.train.eval_every == 0 or last:
                 if self.data.val is not None:
-                    row["val_acc"] = final_val = evaluate(self.net, self.data.val, self.precision, self.device,
+                    row["val_acc"] = final_val = evaluate(self.eval_net, self.data.val, self.precision, self.device,
                                                           dist_info=self.dist)
-                row["test_acc"] = final_test = evaluate(self.net, self.data.test, self.precision, self.device,
+                row["test_acc"] = final_test = evaluate(self.eval_net, self.data.test, self.precision, self.device,
                                                         dist_info=self.dist)
                 self.best_test_acc = max(self.best_test_acc or 0.0, final_test)
             self._append_metrics(row)
@@ -394,7 +647,7 @@ class Trainer:
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
         if cfg.train.tta and self.start_epoch < epochs:
-            summary["final_test_acc_tta"] = evaluate(self.net, self.data.test, self.precision, self.device,
+            summary["final_test_acc_tta"] = evaluate(self.eval_net, self.data.test, self.precision, self.device,
                                                      tta=True, dist_info=self.dist)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -406,6 +659,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            if getattr(self, "_tb", None) is not None:
+                self._tb.log_epoch(row)
 
     def _truncate_metrics(self, completed_epochs: int) -> None:
         """On resume, drop rows past the checkpoint so the file never holds an epoch twice."""
@@ -429,11 +684,12 @@ def evaluate_checkpoint(path: str | Path, *, tta: bool = False, device: str = "a
     check_architecture(model, ckpt["model"], str(path))
     model.load_state_dict(ckpt["model"])
     model = model.to(dev)
-    if cfg.train.channels_last:
+    channels_last = use_channels_last(cfg, dev)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = Precision.resolve(cfg.train.precision, dev)
     data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                      device=dev, dtype=precision.data_dtype, channels_last=cfg.train.channels_last,
+                      device=dev, dtype=precision.data_dtype, channels_last=channels_last,
                       seed=cfg.train.seed)
     acc = evaluate(model, data.test, precision, dev, tta=tta)
     return {"checkpoint": str(path), "test_acc": acc, "tta": tta, "epoch": int(ckpt["epoch"]),

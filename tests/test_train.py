@@ -12,15 +12,24 @@ from fasttrain.config import ConfigError, load_config
 from fasttrain.console import RunConsole
 from fasttrain.trainer import Trainer
 
-TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
-        "--model.base_channels", "8", "--model.se_reduction", "4", "--train.batch_size", "64",
-        "--train.eval_batch_size", "100", "--optim.lookahead_k", "3", "--train.epochs", "2",
-        "--output.progress", "false"]
+TINY_SETTINGS = {"data.train_subset": "640", "data.test_subset": "200", "model.blocks": "[1,1,1]",
+                 "model.base_channels": "8", "model.se_reduction": "4", "train.batch_size": "64",
+                 "train.eval_batch_size": "100", "optim.lookahead_k": "3", "train.epochs": "2",
+                 "output.progress": "false"}
 
 
-def tiny_config(cifar_dir, tmp_path, *extra):
-    return load_config("configs/smoke.yaml", TINY + ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path)]
-                       + list(extra))
+def tiny_args(**changes) -> list[str]:
+    """TINY_SETTINGS with some keys changed (train__epochs="1"), as dotted flags, each key once."""
+    settings = {**TINY_SETTINGS, **{k.replace("__", "."): v for k, v in changes.items()}}
+    return [arg for key, value in settings.items() for arg in (f"--{key}", value)]
+
+
+TINY = tiny_args()
+
+
+def tiny_config(cifar_dir, tmp_path, **changes):
+    return load_config("configs/smoke.yaml", tiny_args(**changes) + ["--data.dir", str(cifar_dir),
+                                                                     "--output.dir", str(tmp_path)])
 
 
 def quiet():
@@ -78,16 +87,16 @@ def test_resume_is_exact(cifar_dir, tmp_path):
 
 
 def test_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
-    Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet()).fit()
+    Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="1"), device="cpu", console=quiet()).fit()
     before = (tmp_path / "last.pt").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
-        Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet())
+        Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="1"), device="cpu", console=quiet())
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
 def test_resume_with_another_architecture_lists_keys(cifar_dir, tmp_path):
-    Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet()).fit()
-    other = tiny_config(cifar_dir, tmp_path, "--model.blocks", "[2,1,1]", "--model.base_channels", "8")
+    Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="1"), device="cpu", console=quiet()).fit()
+    other = tiny_config(cifar_dir, tmp_path, model__blocks="[2,1,1]", model__base_channels="16")
     with pytest.raises(CheckpointError, match=r"another architecture[\s\S]*stages\.0\.1\.conv1\.weight"):
         Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
 
@@ -104,7 +113,7 @@ def test_cli_dry_run_json(cifar_dir):
 
 def test_cli_train_then_eval(cifar_dir, tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("--config", "configs/smoke.yaml", *TINY, "--train.epochs", "1", "--output.dir", str(run),
+    proc = run_cli("--config", "configs/smoke.yaml", *tiny_args(train__epochs="1"), "--output.dir", str(run),
                    "--device", "cpu", env_extra={"FASTTRAIN_DATA": str(cifar_dir)})
     assert "epoch   1/1" in proc.stdout and "final_test_acc" in proc.stdout
     summary = json.loads((run / "summary.json").read_text())
@@ -135,3 +144,10 @@ def test_cli_missing_data_is_a_clear_error(tmp_path):
                    "false", "--output.dir", str(tmp_path / "run"), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cifar-10-batches-bin" in proc.stderr and "FASTTRAIN_DATA" in proc.stderr
+
+
+def test_tensorboard_event_files_beside_metrics(cifar_dir, tmp_path):
+    Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="1", output__tensorboard="true"), device="cpu",
+            console=quiet()).fit()
+    events = list(tmp_path.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0

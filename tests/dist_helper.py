@@ -1,0 +1,88 @@
+"""Launched by tests/test_distributed.py, under torchrun (or alone, as the 1-process reference).
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_helper.py --dump DIR \
+        [--stop-after N] [--resume PATH] [--groupnorm] --config FILE --section.key VALUE ...
+
+Trains with the real Trainer (DDP, sharded loaders, optimizer, schedule, checkpoints), then each
+rank writes DIR/rank<r>.pt (outside the run folder) holding its model state, a draw of its global
+RNG, the test accuracy evaluated across ranks and, on rank 0, the accuracy of the same model on
+the whole test set evaluated alone, so the test can compare ranks, runs and evaluation modes.
+
+--groupnorm swaps every BatchNorm2d for a GroupNorm (per-sample statistics, same parameters), so
+2 ranks x batch B match 1 process x batch 2B up to float rounding; with BatchNorm each rank's
+batch statistics would differ from the big batch's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fasttrain.trainer as trainer_module
+from fasttrain.checkpoint import unwrap
+from fasttrain.config import load_config
+from fasttrain.console import RunConsole
+from fasttrain.data import build_data
+from fasttrain.distributed import init_distributed, shutdown
+from fasttrain.trainer import Trainer, evaluate
+
+
+def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(1, child.num_features))
+        else:
+            batchnorm_to_groupnorm(child)
+    return module
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dump", required=True)
+    p.add_argument("--stop-after", type=int)
+    p.add_argument("--resume")
+    p.add_argument("--groupnorm", action="store_true")
+    p.add_argument("--config", required=True)
+    args, overrides = p.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+
+    if args.groupnorm:
+        build = trainer_module.build_model
+        trainer_module.build_model = lambda model_cfg: batchnorm_to_groupnorm(build(model_cfg))
+
+    info = init_distributed("cpu")
+    try:
+        trainer = Trainer(cfg, device="cpu", resume=args.resume, dist_info=info,
+                          console=RunConsole(progress=False, enabled=info.is_main))
+        initial = {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()}
+        summary = trainer.fit(stop_after_epochs=args.stop_after)
+        dist_acc = evaluate(trainer.eval_net, trainer.data.test, trainer.precision, trainer.device,
+                            dist_info=info)
+        full_acc = None
+        if info.is_main:  # the same model on the whole test set, one process, no collective
+            alone = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+                               device="cpu", dtype=torch.float32, channels_last=cfg.train.channels_last,
+                               seed=cfg.train.seed)
+            full_acc = evaluate(trainer.eval_net, alone.test, trainer.precision, trainer.device)
+        out = Path(args.dump)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "rank": info.rank, "world_size": info.world_size,
+            "state": {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()},
+            "initial": initial,
+            "rng_probe": torch.rand(4),
+            "dist_acc": dist_acc, "full_acc": full_acc,
+            "test_shard": trainer.data.test.num_samples, "test_batches": len(trainer.data.test),
+            "train_batches": len(trainer.data.train),
+            "final_test_acc": summary["final_test_acc"],
+        }, out / f"rank{info.rank}.pt")
+    finally:
+        shutdown(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

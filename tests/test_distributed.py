@@ -1,0 +1,297 @@
+"""Multi-process training on the CPU (gloo), launched the way users launch it: torchrun.
+
+Every launch is 2 worker processes with OMP_NUM_THREADS=1 (2 cores), a tiny model and a few hundred
+images. base_channels is 8, not 4: with 2-7 input channels, the 1x1 stride-2 shortcut convolution's
+backward on channels_last input corrupts the heap in torch 2.14.1's CPU (oneDNN) build when run on
+one thread (SIGSEGV / "double free"), which is how torchrun runs each worker by default.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fasttrain.config import ConfigError, load_config
+from fasttrain.console import RunConsole
+from fasttrain.data.loader_torch import TorchLoader
+from fasttrain.distributed import DistInfo, rank_seed
+from fasttrain.trainer import Trainer, evaluate_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = REPO / "tests" / "dist_helper.py"
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+# 512 training images = 8 steps of 32 per rank; 101 validation and 201 test images split 50/51 and
+# 100/101 between the ranks (uneven shards, and with eval batches of 50 an uneven number of batches)
+TINY = ["--data.train_subset", "512", "--data.val_size", "101", "--data.test_subset", "201",
+        "--model.blocks", "[1,1,1]", "--model.base_channels", "8", "--model.se_reduction", "4",
+        "--train.batch_size", "32", "--train.eval_batch_size", "50", "--optim.lookahead_k", "3",
+        "--train.epochs", "2", "--output.progress", "false"]
+
+
+def tiny(**changes: str) -> list[str]:
+    """TINY with some values changed: tiny(**{"train.batch_size": "64"})."""
+    args = list(TINY)
+    for key, value in changes.items():
+        args[args.index(f"--{key}") + 1] = value
+    return args
+
+
+RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "last.pt", "prev.pt"}
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(cifar_dir, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", FASTTRAIN_DATA=str(cifar_dir), PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def torchrun(args: list[str], cifar_dir, *, cwd, rdzv: bool = False, check: bool = True, timeout: float = 300,
+             **extra_env) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node=2 ...` (single-node form, or the multi-node
+    rendezvous form with rdzv=True)."""
+    port = free_port()
+    launch = (["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"] if rdzv
+              else ["--master_port", str(port)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *launch, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=worker_env(cifar_dir, **extra_env),
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def helper(cifar_dir, tmp_path, dump: Path, *extra: str, ranks: int = 2, config: list[str] = TINY) -> list[dict]:
+    args = [str(HELPER), "--dump", str(dump), "--config", SMOKE, *config, *extra]
+    if ranks == 2:
+        torchrun(args, cifar_dir, cwd=tmp_path)
+    else:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path,
+                              env=worker_env(cifar_dir), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+    return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+
+
+def assert_same_state(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI under torchrun
+# ------------------------------------------------------------------------------------------------
+def test_torchrun_cli_trains_and_only_rank0_writes(cifar_dir, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run = tmp_path / "run"
+    # with the fused Lookahead-SGD (its PyTorch path on CPU): it steps after DDP's all-reduce in backward()
+    proc = torchrun(["-m", "fasttrain", "--config", SMOKE, *TINY, "--optim.impl", "fused", "--output.dir", str(run),
+                     "--device", "cpu"], cifar_dir, cwd=cwd)
+    # rank 0 wrote the run folder, and nobody wrote anything anywhere else (no stray runs/ folder)
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert list(cwd.iterdir()) == []
+    # one process printed: one start line, one line per epoch, one summary
+    assert proc.stdout.count("fasttrain: smoke") == 1
+    assert "x 2 rank(s)" in proc.stdout
+    assert "train.batch_size 32 is per rank: global batch 64" in proc.stdout
+    assert proc.stdout.count("epoch   1/2") == 1 and proc.stdout.count("fasttrain run summary") == 1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # 2 ranks x 8 steps x 32 images per epoch; the test accuracy counts all 201 images once: the
+    # checkpoint (rank 0's weights) evaluated in one process gives exactly the same number
+    assert rows[0]["train_steps"] == 8
+    alone = evaluate_checkpoint(run / "last.pt", device="cpu", data_dir=str(cifar_dir))
+    assert alone["test_acc"] == summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert round(summary["final_test_acc"] * 201 / 100, 6).is_integer()
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_killed_rank_ends_the_job_quickly(cifar_dir, tmp_path, nodes):
+    """Rank 1 dies at step 3 (as a crashed or OOM-killed worker would): every launcher exits non-zero,
+    naming the failure, well within the limit instead of hanging.
+
+    nodes=1: one torchrun (rendezvous form), whose agent stops the surviving rank.
+    nodes=2: two torchruns of one worker each, the multi-node launch on one machine: no agent sees
+    both workers, so the survivor learns of the death from its next collective and exits with a
+    one-line error.
+    """
+    run = tmp_path / "run"
+    args = ["-m", "fasttrain", "--config", SMOKE, *TINY, "--output.dir", str(run), "--device", "cpu"]
+    die = {"FASTTRAIN_TEST_DIE_RANK": "1", "FASTTRAIN_TEST_DIE_STEP": "3"}
+    t0 = time.monotonic()
+    if nodes == 1:
+        proc = torchrun(args, cifar_dir, cwd=tmp_path, rdzv=True, check=False, timeout=180, **die)
+        codes, stderr = [proc.returncode], proc.stderr
+    else:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test"]
+        logs = [tmp_path / f"node{i}.log" for i in range(2)]
+        procs = []
+        for log in logs:
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen(launch + args, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                              env=worker_env(cifar_dir, **die)))
+        try:
+            codes = [p.wait(timeout=180) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        stderr = "".join(log.read_text() for log in logs)
+    elapsed = time.monotonic() - t0
+    assert all(code != 0 for code in codes), (codes, stderr[-4000:])
+    assert elapsed < 120, elapsed
+    assert "FASTTRAIN_TEST_DIE_RANK: rank 1 exits with status 1 at training step 3" in stderr
+    assert "exitcode  : 1" in stderr  # torchrun's failure report names the dead worker's exit status
+    if nodes == 2:
+        assert "error: rank 0 of 2: a collective operation failed" in stderr
+    assert not (run / "summary.json").exists() and not (run / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The Trainer under torchrun (tests/dist_helper.py)
+# ------------------------------------------------------------------------------------------------
+def test_ranks_stay_identical_and_resume_is_exact(cifar_dir, tmp_path):
+    """2 epochs straight == 1 epoch, stop, resume on 2 processes: same weights (bitwise), on both ranks.
+
+    Dropout is on: its masks differ per rank (per-rank seeds) while the weights stay identical.
+    """
+    drop = ["--model.dropout", "0.2"]
+    a0, a1 = helper(cifar_dir, tmp_path, tmp_path / "dump_a", "--output.dir", str(tmp_path / "a"), *drop)
+    assert_same_state(a0["state"], a1["state"])  # parameters and BN statistics, bit for bit
+    assert not torch.equal(a0["rng_probe"], a1["rng_probe"])  # per-rank randomness
+    assert {p.name for p in (tmp_path / "a").iterdir()} == RUN_FILES
+    # uneven evaluation shards (100 and 101 images, 2 and 3 batches): exact counts, = one process
+    assert (a0["test_shard"], a1["test_shard"]) == (100, 101)
+    assert (a0["test_batches"], a1["test_batches"]) == (2, 3)
+    assert a0["dist_acc"] == a1["dist_acc"] == a0["full_acc"] == a0["final_test_acc"]
+
+    helper(cifar_dir, tmp_path, tmp_path / "dump_b1", "--output.dir", str(tmp_path / "b"), "--stop-after", "1",
+           *drop)
+    b0, b1 = helper(cifar_dir, tmp_path, tmp_path / "dump_b2", "--output.dir", str(tmp_path / "b"),
+                    "--resume", str(tmp_path / "b" / "last.pt"), *drop)
+    assert_same_state(a0["state"], b0["state"])
+    assert_same_state(b0["state"], b1["state"])
+    assert torch.equal(a1["rng_probe"], b1["rng_probe"])  # the per-rank stream resumes too
+    rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(cifar_dir, tmp_path):
+    """2 ranks x 32 == 1 process x 64 (GroupNorm: no per-rank batch statistics), up to float rounding:
+    the ranks' shards of a step are together the one-process batch, and DDP averages the gradients.
+
+    Rounding differences (different reduction order) grow during training at lr 0.2, so the check is
+    relative to how far the weights moved: measured ~4e-4 after these 8 steps, where a real mismatch
+    (other samples, summed instead of averaged gradients, a skipped step) gives 0.1 or more.
+    """
+    one_epoch = {"train.epochs": "1"}
+    (one,) = helper(cifar_dir, tmp_path, tmp_path / "dump_1", "--output.dir", str(tmp_path / "one"),
+                    "--groupnorm", ranks=1, config=tiny(**one_epoch, **{"train.batch_size": "64"}))
+    two0, two1 = helper(cifar_dir, tmp_path, tmp_path / "dump_2", "--output.dir", str(tmp_path / "two"),
+                        "--groupnorm", config=tiny(**one_epoch))
+    assert one["train_batches"] == two0["train_batches"] == 8
+    assert_same_state(two0["state"], two1["state"])
+    assert_same_state(one["initial"], two0["initial"])
+    keys = [k for k, v in one["state"].items() if v.is_floating_point()]
+
+    def flat(state):
+        return torch.cat([state[k].flatten() for k in keys])
+
+    moved = (flat(one["state"]) - flat(one["initial"])).norm()
+    apart = (flat(one["state"]) - flat(two0["state"])).norm()
+    assert moved > 0.1 and apart / moved < 1e-2, (float(apart), float(moved))
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process checks (no launch)
+# ------------------------------------------------------------------------------------------------
+def id_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose pixels spell their own index (R = i // 256, G = i % 256)."""
+    x = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+    idx = np.arange(n)
+    x[..., 0] = (idx // 256)[:, None, None]
+    x[..., 1] = (idx % 256)[:, None, None]
+    return x, idx.astype(np.int64)
+
+
+def loader_ids(loader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    ids = []
+    for images, labels in loader:
+        pixel = (images[:, :2, 0, 0].float() * 255).round().long()  # mean 0, std 1: x = pixel / 255
+        from_pixels = (pixel[:, 0] * 256 + pixel[:, 1]).tolist()
+        assert from_pixels == labels.tolist()
+        ids += from_pixels
+    return ids
+
+
+def make_loaders(cls, n: int, world: int, train: bool, batch: int, **kw):
+    x, y = id_images(n)
+    return [cls(x, y, batch_size=batch, train=train, device="cpu", dtype=torch.float32, mean=[0, 0, 0],
+                std=[1, 1, 1], channels_last=True, crop_padding=0, flip=False, seed=3, rank=r, world_size=world, **kw)
+            for r in range(world)]
+
+
+def check_shards(cls, **kw) -> None:
+    n = 1001
+    (single,) = make_loaders(cls, n, 1, True, 32, **kw)
+    r0, r1 = make_loaders(cls, n, 2, True, 16, **kw)
+    for epoch in (0, 1):
+        alone, a, b = loader_ids(single, epoch), loader_ids(r0, epoch), loader_ids(r1, epoch)
+        assert len(a) == len(b) == 496  # 500 per rank, whole batches of 16: both ranks step together
+        assert not set(a) & set(b)  # disjoint
+        # slices of one shared permutation: step k of the two ranks is step k of one process at 2x batch
+        assert a == alone[0:992:2] and b == alone[1:992:2]
+    assert loader_ids(r0, 0) != loader_ids(r0, 1)  # a fresh shuffle per epoch
+    e0, e1 = make_loaders(cls, n, 2, False, 64, **kw)
+    ids0, ids1 = loader_ids(e0, 0), loader_ids(e1, 0)
+    assert ids0 == list(range(500)) and ids1 == list(range(500, 1001))  # contiguous, in order, once
+
+
+def test_torch_loader_shards_are_disjoint_slices_of_one_permutation():
+    check_shards(TorchLoader)
+
+
+@pytest.mark.dali
+def test_dali_loader_shards_are_disjoint_slices_of_one_permutation():
+    dali = pytest.importorskip("fasttrain.data.dali")
+    if not dali.dali_available():
+        pytest.skip("NVIDIA DALI is not importable")
+    check_shards(dali.DaliLoader, num_threads=1)
+
+
+def test_rank_seeds_differ_per_rank_and_epoch():
+    seeds = {rank_seed(0, epoch, rank) for epoch in range(3) for rank in range(4)}
+    assert len(seeds) == 12 and rank_seed(5, 1, 2) == rank_seed(5, 1, 2)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(cifar_dir, tmp_path):
+    cfg = load_config(SMOKE, TINY + ["--train.sync_bn", "true", "--data.dir", str(cifar_dir),
+                                     "--output.dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
+        Trainer(cfg, device="cpu", dist_info=DistInfo(rank=0, world_size=2), console=RunConsole(False, False))

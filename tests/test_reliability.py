@@ -1,0 +1,544 @@
+"""Reliability (issue 8): no lost work, no crash on bad input, no code run from data.
+
+Real CIFAR-10 from FASTTRAIN_DATA, tiny models. The subprocess runs use one intra-op thread each
+(OMP_NUM_THREADS=1), so runs that must agree bit for bit do the same float arithmetic, and so they
+do not fight over the 2 CI cores. channels_last is off in these runs: torch 2.14.1's CPU conv
+backward crashes on channels_last inputs with 4 channels, and memory layout is not what these
+tests are about.
+"""
+import contextlib
+import json
+import os
+import pickle
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fasttrain import cli
+from fasttrain.checkpoint import (FORMAT, CheckpointError, find_resume_checkpoint, load_checkpoint,
+                                  write_checkpoint)
+from fasttrain.config import load_config, save_config
+from fasttrain.console import RunConsole
+from fasttrain.signals import RunInterrupted, StopRequest
+from fasttrain.trainer import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
+        "--model.base_channels", "4", "--model.se_reduction", "2", "--train.batch_size", "64",
+        "--train.eval_batch_size", "100", "--optim.lookahead_k", "3", "--train.epochs", "2",
+        "--output.progress", "false", "--train.channels_last", "false"]
+STEPS = 10  # 640 images / batch 64
+FAULT_ENV = ("FASTTRAIN_INJECT_NAN_STEP", "FASTTRAIN_TEST_STEP_SLEEP")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def tiny(cifar_dir, run_dir, *extra) -> list[str]:
+    """TINY plus data/output dirs, with `extra` ("--key value" pairs) replacing keys already there
+    (the config loader refuses a key given twice)."""
+    pairs = dict(zip(TINY[::2], TINY[1::2]))
+    pairs.update({"--data.dir": str(cifar_dir), "--output.dir": str(run_dir)})
+    pairs.update(zip(extra[::2], extra[1::2]))
+    return [item for pair in pairs.items() for item in pair]
+
+
+def cli_args(cifar_dir, run_dir, *extra):
+    return ["--config", str(REPO / "configs/smoke.yaml"), "--device", "cpu", *tiny(cifar_dir, run_dir, *extra)]
+
+
+def tiny_config(cifar_dir, run_dir, *extra):
+    return load_config(REPO / "configs/smoke.yaml", tiny(cifar_dir, run_dir, *extra))
+
+
+def quiet():
+    return RunConsole(progress=False, enabled=False)
+
+
+def child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in FAULT_ENV}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_cli(args, *, env_extra=None, expect=0):
+    proc = subprocess.run([sys.executable, "-m", "fasttrain", *args], cwd=REPO, capture_output=True, text=True,
+                          env=child_env(**(env_extra or {})), timeout=300)
+    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def start_cli(args, log_dir: Path, **env_extra):
+    """A training run in the background; its output goes to files (a full pipe would block it)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out, err = open(log_dir / "stdout.txt", "w"), open(log_dir / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "fasttrain", *args], cwd=REPO, stdout=out, stderr=err,
+                            env=child_env(**env_extra))
+    out.close()
+    err.close()
+    return proc
+
+
+def logs(log_dir: Path) -> str:
+    return (log_dir / "stdout.txt").read_text() + (log_dir / "stderr.txt").read_text()
+
+
+def wait_for_checkpoint(proc, path: Path, epoch: int, log_dir: Path, timeout: float = 240.0) -> None:
+    """Poll until `path` holds a checkpoint of `epoch` completed epochs. Every read must succeed:
+    the file is only ever replaced by a rename, so a reader never sees half of one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {path} reached epoch {epoch}:\n"
+                        + logs(log_dir))
+        if path.is_file() and load_checkpoint(path)["epoch"] >= epoch:
+            return
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {path} to reach epoch {epoch}:\n" + logs(log_dir))
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bit-identical weights, optimizer state (momentum, Lookahead slow weights) and schedule."""
+    def walk(x, y, where):
+        assert type(x) is type(y), where
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert list(x) == list(y), where
+            for k in x:
+                walk(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    for key in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch"):
+        walk(a[key], b[key], key)
+
+
+def folder_snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def metric_epochs(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(cifar_dir, tmp_path_factory) -> Path:
+    """The straight 2-epoch run every interrupted run must reproduce exactly."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_cli(cli_args(cifar_dir, run))
+    return run
+
+
+@pytest.fixture(scope="module")
+def good_run(reference_run, tmp_path_factory) -> Path:
+    """A finished run folder (config.yaml, last.pt, prev.pt, metrics, summary) for bad-input tests."""
+    run = tmp_path_factory.mktemp("good") / "run"
+    shutil.copytree(reference_run, run)
+    return run
+
+
+# ------------------------------------------------------------------------------------------ crash safety
+def test_kill_9_mid_epoch_then_resume_auto_matches_a_straight_run(cifar_dir, tmp_path, reference_run):
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start_cli(cli_args(cifar_dir, run), log, FASTTRAIN_TEST_STEP_SLEEP="0.1")
+    wait_for_checkpoint(proc, run / "last.pt", 1, log)
+    time.sleep(0.3)  # a few steps into epoch 2 (each step sleeps 0.1 s, an epoch takes > 1 s)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed = load_checkpoint(run / "last.pt")
+    assert (killed["epoch"], killed["step_in_epoch"]) == (1, 0), "the kill must land inside epoch 2"
+
+    resumed = run_cli(["--config", str(run / "config.yaml"), "--resume", "auto", "--output.dir", str(run),
+                       "--device", "cpu"])
+    assert f"resumed {run / 'last.pt'} after epoch 1" in resumed.stdout
+    assert_same_training_state(load_checkpoint(run / "last.pt"), load_checkpoint(reference_run / "last.pt"))
+    assert metric_epochs(run) == [1, 2]
+
+
+def test_sigterm_mid_epoch_saves_the_position_and_the_printed_command_resumes_exactly(
+        cifar_dir, tmp_path, reference_run):
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start_cli(cli_args(cifar_dir, run), log, FASTTRAIN_TEST_STEP_SLEEP="0.1")
+    wait_for_checkpoint(proc, run / "last.pt", 1, log)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, logs(log)
+    err = (log / "stderr.txt").read_text()
+    assert "stopped by SIGTERM at epoch 2, step" in err and "Traceback" not in err
+
+    stopped = load_checkpoint(run / "last.pt")
+    assert stopped["epoch"] == 1 and 0 < stopped["step_in_epoch"] < STEPS, stopped["step_in_epoch"]
+    previous = load_checkpoint(run / "prev.pt")  # the epoch-1 checkpoint, kept one generation
+    assert (previous["epoch"], previous["step_in_epoch"]) == (1, 0)
+    assert metric_epochs(run) == [1]  # no row for half an epoch
+
+    # the message's own command resumes the run
+    line = next(s for s in err.splitlines() if "--resume" in s and "auto" not in s)
+    command = shlex.split(line)
+    assert command[:3] == ["python", "-m", "fasttrain"] and command[-1] == str(run / "last.pt")
+    run_cli(command[3:] + ["--device", "cpu"])
+    assert_same_training_state(load_checkpoint(run / "last.pt"), load_checkpoint(reference_run / "last.pt"))
+    assert metric_epochs(run) == [1, 2]
+    auto = next(s for s in err.splitlines() if "--resume auto" in s)
+    assert shlex.split(auto)[-2:] == ["--output.dir", str(run)]
+
+
+def test_sigint_in_process_stops_after_the_step_and_resume_is_exact(cifar_dir, tmp_path):
+    """A deterministic stop point (step 3 of epoch 2): the mid-epoch position, Lookahead's period
+    (k=3) and the schedule all travel in the checkpoint, and the rest of the epoch replays exactly."""
+    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a"), device="cpu", console=quiet())
+    straight.fit()
+
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path / "b"), device="cpu", console=quiet())
+    inner, calls = trainer._train_step, []
+
+    def step(images, labels):
+        out = inner(images, labels)
+        calls.append(1)
+        if len(calls) == STEPS + 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag
+        return out
+
+    trainer._train_step = step
+    handler_before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RunInterrupted) as stop:
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers are restored after fit
+    assert stop.value.exit_code == 130 and len(calls) == STEPS + 3
+    assert "stopped by SIGINT at epoch 2, step 3/10" in str(stop.value)
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["steps_per_epoch"]) == (1, 3, STEPS)
+
+    resumed = Trainer(tiny_config(cifar_dir, tmp_path / "b"), device="cpu", console=quiet(),
+                      resume=tmp_path / "b" / "last.pt")
+    assert (resumed.start_epoch, resumed.start_step) == (1, 3)
+    resumed.fit()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["train_steps"] for r in rows] == [STEPS, STEPS - 3]
+
+    # the resumed run kept its own line: prev.pt is now the mid-epoch checkpoint it resumed from
+    assert load_checkpoint(tmp_path / "b" / "prev.pt")["step_in_epoch"] == 3
+    # a mid-epoch position is refused with another batch count per epoch (it would skip other batches)
+    other = tiny_config(cifar_dir, tmp_path / "c", "--train.batch_size", "32")
+    with pytest.raises(CheckpointError, match="steps per epoch"):
+        Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "b" / "prev.pt")
+
+
+def test_second_signal_restores_the_default_behaviour():
+    stop = StopRequest()
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signum == signal.SIGINT and stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: quit now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+
+
+def test_truncated_last_checkpoint_falls_back_to_prev_with_a_warning(cifar_dir, tmp_path, reference_run):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    data, good_prev = (run / "last.pt").read_bytes(), (run / "prev.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    proc = run_cli(["--config", str(run / "config.yaml"), "--resume", "auto", "--output.dir", str(run),
+                    "--device", "cpu"])
+    assert f"warning: skipping {run / 'last.pt'}" in proc.stderr and "truncated" in proc.stderr
+    assert f"resumed {run / 'prev.pt'} after epoch 1" in proc.stdout
+    assert_same_training_state(load_checkpoint(run / "last.pt"), load_checkpoint(reference_run / "last.pt"))
+    assert (run / "prev.pt").read_bytes() == good_prev  # the damaged file was replaced, not rotated in
+
+
+def _flip_byte_inside_largest_tensor(path: Path) -> None:
+    """Flip one bit in the middle of the biggest tensor's bytes: torch's zip reader does not check CRCs."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_checksum_catches_what_the_zip_reader_does_not(tmp_path, good_run):
+    path = tmp_path / "last.pt"
+    shutil.copy(good_run / "last.pt", path)
+    _flip_byte_inside_largest_tensor(path)
+    torch.load(path, weights_only=True)  # loads "fine": the damage is invisible without the checksum
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_checkpoint(path)
+
+    # a value changed and re-saved without its checksum entry being recomputed
+    ckpt = torch.load(good_run / "last.pt", weights_only=True)
+    ckpt["epoch"] = 7
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_checkpoint(path)
+    del ckpt["checksum"]
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="no checksum"):
+        load_checkpoint(path)
+
+
+def test_find_resume_checkpoint_order_and_failures(tmp_path, good_run):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert find_resume_checkpoint(run) is None  # nothing to resume: start over
+    shutil.copy(good_run / "last.pt", run / "last.pt")
+    shutil.copy(good_run / "prev.pt", run / "prev.pt")
+    os.utime(run / "last.pt", (1, 1))  # file times must not matter (a copied folder resets them)
+    assert find_resume_checkpoint(run) == run / "last.pt"
+
+    _flip_byte_inside_largest_tensor(run / "last.pt")
+    warnings = []
+    assert find_resume_checkpoint(run, warn=warnings.append) == run / "prev.pt"
+    assert len(warnings) == 1 and str(run / "last.pt") in warnings[0]
+
+    (run / "prev.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        find_resume_checkpoint(run, warn=lambda m: None)
+
+
+class _Crash(BaseException):
+    """Stands in for kill -9 at one point inside write_checkpoint."""
+
+
+@pytest.mark.parametrize("crash_at", range(4))
+def test_a_crash_at_any_point_of_a_save_leaves_a_valid_checkpoint(tmp_path, monkeypatch, crash_at):
+    """write_checkpoint does link(last -> tmp), replace(tmp -> prev), replace(new -> last): stop it
+    before each file-system operation (and after the last) and a resumable checkpoint must remain,
+    the old one or the new one."""
+    def state(epoch):
+        return {"format": FORMAT, "model": {"w": torch.full((4,), float(epoch))}, "epoch": epoch}
+
+    write_checkpoint(state(1), tmp_path / "last.pt")
+    write_checkpoint(state(2), tmp_path / "last.pt")
+    ops = []
+    real_link, real_replace = os.link, os.replace
+
+    def counted(real):
+        def op(*args):
+            if len(ops) == crash_at:
+                raise _Crash()
+            ops.append(real.__name__)
+            return real(*args)
+        return op
+
+    monkeypatch.setattr(os, "link", counted(real_link))
+    monkeypatch.setattr(os, "replace", counted(real_replace))
+    with pytest.raises(_Crash) if crash_at < 3 else contextlib.nullcontext():
+        write_checkpoint(state(3), tmp_path / "last.pt")
+    monkeypatch.undo()
+    found = find_resume_checkpoint(tmp_path, warn=lambda m: pytest.fail(m))
+    epoch = load_checkpoint(found)["epoch"]
+    assert epoch == (3 if crash_at == 3 else 2)
+    assert load_checkpoint(tmp_path / "prev.pt")["epoch"] in (1, 2)
+
+
+# ------------------------------------------------------------------------------------------ numerical faults
+def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli(cli_args(cifar_dir, run, "--train.epochs", "3"), expect=1,
+                   env_extra={"FASTTRAIN_INJECT_NAN_STEP": str(STEPS + 5)})
+    assert "error: the training loss became NaN or infinite at epoch 2, step 5" in proc.stderr
+    assert f"The last good checkpoint ({run / 'last.pt'}) is kept" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    kept = load_checkpoint(run / "last.pt")
+    assert (kept["epoch"], kept["step_in_epoch"]) == (1, 0)
+    assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
+    assert not (run / "prev.pt").exists()  # epoch 2 never reached the disk
+    assert metric_epochs(run) == [1]
+
+
+def test_non_finite_weights_are_never_checkpointed(cifar_dir, tmp_path):
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet())
+    trainer.fit()
+    before = (tmp_path / "last.pt").read_bytes()
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(TrainingError, match=r"not saving a checkpoint.*NaN or infinite.*last good checkpoint"):
+        trainer.save_checkpoint(1)
+    assert (tmp_path / "last.pt").read_bytes() == before and not (tmp_path / "prev.pt").exists()
+
+
+def test_out_of_memory_becomes_a_clear_error(cifar_dir, tmp_path, monkeypatch, capsys):
+    def out_of_memory(self, images, labels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_train_step", out_of_memory)
+    assert cli.main(cli_args(cifar_dir, tmp_path / "run")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "error: out of GPU memory with train.batch_size 64" in err
+    for hint in ("--train.batch_size", "max-autotune", "--train.precision bf16", "Tried to allocate 20.00 GiB"):
+        assert hint in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _cifar_copy(cifar_dir: Path, dest: Path, edit) -> Path:
+    """A binary-version CIFAR folder: symlinks to the real files, then `edit(folder)` damages it."""
+    src, folder = Path(cifar_dir) / "cifar-10-batches-bin", dest / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    for f in src.iterdir():
+        (folder / f.name).symlink_to(f.resolve())
+    edit(folder)
+    return dest
+
+
+def _truncate(folder):
+    target = folder / "data_batch_2.bin"
+    data = target.read_bytes()
+    target.unlink()
+    target.write_bytes(data[:-3073])
+
+
+def _bad_label(folder):
+    target = folder / "data_batch_1.bin"
+    data = bytearray(target.read_bytes())
+    target.unlink()
+    data[0] = 12  # the first record's label byte
+    target.write_bytes(bytes(data))
+
+
+BAD_INPUT = [  # (extra args, exit code, message); each run targets a good run folder with --resume,
+    # so the error must come from the bad input itself, after the folder check
+    (["--optim.lr", "-1"], 2, "optim.lr = -1.0 is out of range"),
+    (["--train.epochs", "0"], 2, "train.epochs = 0 is out of range"),
+    (["--data.crop_padding", "40"], 2, "data.crop_padding = 40 is out of range"),
+    (["--train.batch_size", "1000"], 1, "batch_size=1000 is larger than the training images"),
+    (["--model.max_params", "1000"], 2, "over the budget"),
+    (["--model.base_channels", "8"], 1, "another architecture"),
+]
+
+
+@pytest.mark.parametrize("extra, code, message", BAD_INPUT, ids=lambda v: str(v)[:30])
+def test_bad_input_is_one_clear_error_and_leaves_the_run_folder_alone(cifar_dir, good_run, capsys,
+                                                                      extra, code, message):
+    before = folder_snapshot(good_run)
+    assert cli.main(cli_args(cifar_dir, good_run, "--resume", str(good_run / "last.pt"), *extra)) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    if "architecture" in message:  # the mismatched keys are listed
+        assert "shape mismatch" in err and "stem" in err
+    assert folder_snapshot(good_run) == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_truncate, "bytes, expected 30,730,000"),
+    (_bad_label, "label 12 of image 0 is outside 0..9"),
+    (lambda folder: (folder / "test_batch.bin").unlink(), "test_batch.bin is missing"),
+], ids=["wrong-size", "label-out-of-range", "missing-file"])
+def test_bad_data_is_one_clear_error_and_leaves_the_run_folder_alone(cifar_dir, good_run, tmp_path, capsys,
+                                                                     edit, message):
+    data = _cifar_copy(cifar_dir, tmp_path / "data", edit)
+    before = folder_snapshot(good_run)
+    args = cli_args(cifar_dir, good_run, "--resume", str(good_run / "last.pt"), "--data.dir", str(data),
+                    "--data.download", "false")
+    assert cli.main(args) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert folder_snapshot(good_run) == before
+
+
+def test_a_folder_holding_another_run_is_refused_without_resume_or_overwrite(cifar_dir, good_run, capsys):
+    before = folder_snapshot(good_run)
+    assert cli.main(cli_args(cifar_dir, good_run, "--name", "another-run")) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert folder_snapshot(good_run) == before
+
+
+def test_resume_auto_starts_over_when_killed_before_the_first_checkpoint(cifar_dir, tmp_path, capsys):
+    """A scheduler restarting `--resume auto` after a kill in epoch 1 must not be stuck on
+    "already holds a run": the folder has this run's config.yaml and no checkpoint."""
+    run = tmp_path / "run"
+    args = cli_args(cifar_dir, run, "--train.epochs", "1")
+    run.mkdir()
+    save_config(load_config(args[1], [a for a in args[2:] if a not in ("--device", "cpu")]), run / "config.yaml")
+    assert cli.main(args + ["--resume", "auto"]) == 0, capsys.readouterr().err
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+def test_resume_auto_refuses_a_folder_of_another_run_without_checkpoints(cifar_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: someone-else\n")
+    before = folder_snapshot(run)
+    assert cli.main(cli_args(cifar_dir, run, "--resume", "auto")) == cli.EXIT_USAGE
+    assert "holds no checkpoint and the config.yaml of another run" in capsys.readouterr().err
+    assert folder_snapshot(run) == before
+
+
+# ------------------------------------------------------------------------------------------ security
+class _Payload:
+    """Unpickling this object calls open(path, "w"): it creates `path`. Code run from data."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_payloads_are_live(tmp_path):
+    """The malicious files below really run code when loaded the unsafe way (so the tests can fail)."""
+    pickle.loads(pickle.dumps({b"data": _Payload(tmp_path / "a")}))
+    torch.save({"format": FORMAT, "model": _Payload(tmp_path / "b")}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
+
+
+def test_malicious_cifar_pickle_is_refused(tmp_path, capsys):
+    sentinel = tmp_path / "pwned"
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    evil = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _Payload(sentinel)})
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):
+        (folder / name).write_bytes(evil)
+    code = cli.main(["--config", str(REPO / "configs/smoke.yaml"), *TINY, "--data.dir", str(tmp_path / "data"),
+                     "--data.download", "false", "--output.dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "refused to unpickle the global" in err and "may be malicious" in err
+    assert not sentinel.exists()
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_malicious_checkpoint_is_refused_by_eval_and_resume(cifar_dir, tmp_path, good_run, capsys):
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    state = load_checkpoint(good_run / "last.pt")  # a real checkpoint, with one poisoned entry
+    state["model"]["stem.0.weight"] = _Payload(sentinel)
+    torch.save(state, evil)
+
+    assert cli.main(["eval", "--checkpoint", str(evil), "--device", "cpu", "--data.dir", str(cifar_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "weights_only=True, so nothing in it ran" in err and not sentinel.exists()
+
+    run = tmp_path / "run"
+    assert cli.main(cli_args(cifar_dir, run, "--resume", str(evil))) == cli.EXIT_ERROR
+    assert "weights_only=True" in capsys.readouterr().err and not sentinel.exists()
+
+    # as the newest file of a run folder: skipped with a warning, the good one is used
+    shutil.copytree(good_run, run, dirs_exist_ok=True)
+    shutil.copy(evil, run / "last.pt")
+    warnings = []
+    assert find_resume_checkpoint(run, warn=warnings.append) == run / "prev.pt"
+    assert str(run / "last.pt") in warnings[0] and not sentinel.exists()
