@@ -39,8 +39,8 @@ import torch
 BENCHMARKS = str(Path(__file__).resolve().parent)
 if BENCHMARKS not in sys.path:  # imported by file path (the tests): common.py sits next to this file
     sys.path.insert(0, BENCHMARKS)
-from common import (REPO_ROOT, RESULTS_DIR, Timer, device_slug, print_table, require_cuda,  # noqa: E402
-                    run_metadata, write_json)
+from common import (REPO_ROOT, RESULTS_DIR, PaperLoader, Timer, device_slug, print_table,  # noqa: E402
+                    require_cuda, run_metadata, write_json)
 
 TARGET_IMAGES_PER_S = 200_000
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -50,52 +50,6 @@ STD = (0.2023, 0.1994, 0.2010)
 # --------------------------------------------------------------------------------------------
 # The paper's way: torchvision transforms in DataLoader workers
 # --------------------------------------------------------------------------------------------
-class ArrayCifar(torch.utils.data.Dataset):
-    """`torchvision.datasets.CIFAR10` without the download: PIL images from an NHWC uint8 array,
-    the transform applied per sample in the worker."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, transform: Callable):
-        self.x, self.y, self.transform = x, y, transform
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
-
-
-class TorchvisionLoader:
-    """The paper's loader, moved to the device the way a training loop does it (pinned memory,
-    non_blocking copy), yielding the same (images, labels) as the other two."""
-
-    def __init__(self, x, y, *, batch_size: int, device: torch.device, workers: int, seed: int):
-        from torchvision import transforms
-
-        transform = transforms.Compose([
-            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-        self.device = device
-        self.batch_size = batch_size
-        self.loader = torch.utils.data.DataLoader(
-            ArrayCifar(x, y, transform), batch_size=batch_size, shuffle=True, drop_last=True,
-            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __iter__(self):
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            yield images.to(memory_format=torch.channels_last), labels.to(self.device,
-                                                                          non_blocking=True)
-
-
 # --------------------------------------------------------------------------------------------
 # The measurements
 # --------------------------------------------------------------------------------------------
@@ -259,8 +213,8 @@ def main(argv=None) -> int:
         "dali-host": (lambda: DaliLoader(x, y, residency="host", **common))
         if device.type == "cuda" else None,
         "torch": lambda: TorchLoader(x, y, **common),
-        "torchvision": lambda: TorchvisionLoader(x, y, batch_size=args.batch_size, device=device,
-                                                 workers=args.workers, seed=0),
+        "torchvision": lambda: PaperLoader(x, y, batch_size=args.batch_size, device=device, mean=MEAN, std=STD,
+                                           channels_last=True, workers=args.workers, seed=0),
     }
     rows: list[dict] = []
     loaders = {}

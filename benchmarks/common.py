@@ -268,3 +268,54 @@ def run_main(main) -> None:
         print(f"error: {e}", file=sys.stderr)
         code = 1
     sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's data path, the baseline every loader benchmark compares against
+# --------------------------------------------------------------------------------------------
+class ArrayDataset(torch.utils.data.Dataset):
+    """`torchvision.datasets.CIFAR10` without the download: a PIL image from an NHWC uint8 array,
+    then the transform, per sample, in the DataLoader worker."""
+
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+class PaperLoader:
+    """The paper's loader: torchvision RandomCrop(32, padding) + RandomHorizontalFlip + ToTensor +
+    Normalize in DataLoader CPU workers, pinned batches copied to the device per step. Same
+    (images, labels) protocol as fasttrain's loaders; `channels_last` converts on the device."""
+
+    def __init__(self, x, y, *, batch_size: int, device: torch.device, workers: int, mean, std,
+                 crop_padding: int = 4, channels_last: bool = False, seed: int = 0):
+        from torchvision import transforms
+
+        transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=crop_padding), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(mean, std)])
+        self.device, self.batch_size, self.channels_last = device, batch_size, channels_last
+        self.loader = torch.utils.data.DataLoader(
+            ArrayDataset(x, y, transform), batch_size=batch_size, shuffle=True, drop_last=True,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the DataLoader reshuffles on every pass by itself
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.to(memory_format=torch.channels_last)
+            yield images, labels.to(self.device, non_blocking=True)

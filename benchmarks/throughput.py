@@ -35,9 +35,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, bf16_peak_tflops, default_result_path, run_main, run_metadata, wide_console,
-                    write_json)
-from PIL import Image
+from common import (REPO_ROOT, PaperLoader, bf16_peak_tflops, default_result_path, run_main, run_metadata,
+                    wide_console, write_json)
 from rich.table import Table
 
 import fasttrain.data
@@ -148,41 +147,12 @@ def variant_config(base, knobs: Knobs):
 
 
 # ------------------------------------------------------------------------------------- the paper's data path
-class ArrayDataset(torch.utils.data.Dataset):
-    """The uint8 arrays served as torchvision's CIFAR10 dataset serves them: a PIL image, then the transform."""
-
-    def __init__(self, x, y, transform):
-        self.x, self.y, self.transform = x, y, transform
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
-
-
-class WorkerLoader:
-    """torchvision DataLoader with CPU workers + the host-to-device copy per batch, as the paper's loop does."""
-
-    def __init__(self, cfg, batch_size: int, workers: int, device: torch.device):
-        import torchvision.transforms as T
-
-        arrays = fasttrain.data.load_cifar10(resolve_data_dir(cfg.data.dir), download=cfg.data.download)
-        n = cfg.data.train_subset or len(arrays.train_x)
-        transform = T.Compose([T.RandomCrop(32, padding=cfg.data.crop_padding), T.RandomHorizontalFlip(),
-                               T.ToTensor(), T.Normalize(cfg.data.mean, cfg.data.std)])
-        self.device = device
-        self.loader = torch.utils.data.DataLoader(
-            ArrayDataset(arrays.train_x[:n], arrays.train_y[:n], transform), batch_size=batch_size,
-            shuffle=True, num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-            persistent_workers=workers > 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass  # the DataLoader reshuffles on every pass by itself
-
-    def __iter__(self):
-        for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+def paper_loader(cfg, batch_size: int, workers: int, device: torch.device) -> PaperLoader:
+    """Step 1's data path over the config's training images (subset included)."""
+    arrays = fasttrain.data.load_cifar10(resolve_data_dir(cfg.data.dir), download=cfg.data.download)
+    n = cfg.data.train_subset or len(arrays.train_x)
+    return PaperLoader(arrays.train_x[:n], arrays.train_y[:n], batch_size=batch_size, device=device,
+                       workers=workers, mean=cfg.data.mean, std=cfg.data.std, crop_padding=cfg.data.crop_padding)
 
 
 def endless(loader):
@@ -219,7 +189,7 @@ def measure(cfg, knobs: Knobs, args, run_dir: Path) -> dict:
         torch._dynamo.reset()  # a fresh compile per row: no recompile limit silently falling back to eager
     trainer = Trainer(cfg, device=args.device, run_dir=run_dir, console=RunConsole(progress=False, enabled=False))
     device = trainer.device
-    loader = (WorkerLoader(cfg, knobs.batch_size, args.workers, device) if knobs.data == "workers"
+    loader = (paper_loader(cfg, knobs.batch_size, args.workers, device) if knobs.data == "workers"
               else trainer.data.train)
     batches = endless(loader)
     try:
