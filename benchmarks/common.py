@@ -29,7 +29,7 @@ except ImportError:
 
 import torch  # noqa: E402
 
-from fasttrain.trainer import device_name, git_sha  # noqa: E402
+from fasttrain.runtime import device_name, git_sha  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets. Matched on the
 # name torch reports; an unknown card gets no peak (null) rather than a guess.
@@ -52,7 +52,7 @@ def bf16_peak_tflops(name: str) -> float | None:
 
 def device_label(device: torch.device) -> str:
     """The device as result files and table titles name it: the GPU's name, or 'CPU (arch, N cores)'
-    (fasttrain.trainer.device_name, capitalised for a CPU)."""
+    (fasttrain.runtime.device_name, capitalised for a CPU)."""
     name = device_name(device)
     if device.type != "cuda" and name.startswith("cpu"):
         name = "CPU" + name[len("cpu"):]

@@ -44,7 +44,8 @@ from fasttrain.config import ConfigError, config_to_dict, load_config, validate
 from fasttrain.console import RunConsole
 from fasttrain.data import resolve_data_dir
 from fasttrain.model import build_model, count_params, forward_flops
-from fasttrain.trainer import Trainer, device_name, resolve_device, synchronize
+from fasttrain.runtime import device_name, resolve_device, synchronize
+from fasttrain.trainer import Trainer
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (grad wrt activations and wrt weights): the usual 3x
 

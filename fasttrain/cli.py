@@ -114,7 +114,8 @@ def cmd_train(argv: list[str]) -> int:
     if args.dry_run:
         return dry_run(cfg, args.json)
     from fasttrain.distributed import init_distributed, shutdown
-    from fasttrain.trainer import Trainer, resolve_device
+    from fasttrain.runtime import resolve_device
+    from fasttrain.trainer import Trainer
 
     dist_info = init_distributed(resolve_device(args.device).type)
     try:
@@ -131,7 +132,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     args = _eval_parser().parse_args(argv)
-    from fasttrain.trainer import evaluate_checkpoint
+    from fasttrain.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, tta=args.tta, device=args.device, data_dir=args.data_dir)
     if args.json:

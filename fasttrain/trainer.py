@@ -16,11 +16,8 @@ import itertools
 import json
 import math
 import os
-import platform
 import shlex
-import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,118 +29,18 @@ from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check
 from fasttrain.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
+from fasttrain.evaluate import evaluate
 from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
                                    fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
                                    sync_buffers)
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
+from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
 from fasttrain.signals import NeverStop, RunInterrupted, StopRequest
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory, ...): the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------------------------
-# Device and precision
-# --------------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto", dist_info: DistInfo | None = None) -> torch.device:
-    if name not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"--device {name!r}: use auto, cuda or cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu)")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", dist_info.local_rank if dist_info else 0)
-
-
-@dataclass(frozen=True)
-class Precision:
-    name: str                        # bf16 | fp16 | fp32
-    autocast_dtype: torch.dtype | None
-    data_dtype: torch.dtype          # dtype the loaders hand to the model
-
-    @staticmethod
-    def resolve(precision: str, device: torch.device) -> "Precision":
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        return {
-            "bf16": Precision("bf16", torch.bfloat16, torch.bfloat16),
-            "fp16": Precision("fp16", torch.float16, torch.float16),
-            "fp32": Precision("fp32", None, torch.float32),
-        }[precision]
-
-    def autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
-
-
-def use_channels_last(cfg: Config, device: torch.device, warn=None) -> bool:
-    """train.channels_last, except where a known PyTorch bug makes it unsafe.
-
-    torch 2.14's CPU (oneDNN) backward of a strided 1x1 convolution with channels_last input and
-    fewer than 8 channels corrupts memory or hangs; such tiny nets run NCHW on the CPU (no effect
-    on GPUs, where channels_last is what makes the convolutions fast).
-    """
-    if not cfg.train.channels_last:
-        return False
-    if device.type == "cpu" and cfg.model.base_channels < 8:
-        if warn is not None:
-            warn("train.channels_last is off for this run: on the CPU, channels_last with fewer than 8 "
-                 "channels (model.base_channels) hits a PyTorch oneDNN bug")
-        return False
-    return True
-
-
-def git_sha() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=5)
-        sha = head.stdout.strip() if head.returncode == 0 else ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, precision: Precision, device: torch.device,
-             tta: bool = False, dist_info: DistInfo | None = None) -> float:
-    """Top-1 accuracy in percent. Counts (not per-rank averages) are summed across ranks."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    total = torch.zeros((), dtype=torch.int64, device=device)
-    for images, labels in loader:
-        with precision.autocast(device):
-            logits = model(images).float()
-            if tta:  # average with the mirror image: the flip augmentation's test-time twin
-                logits = logits + model(torch.flip(images, dims=(3,))).float()
-        correct += (logits.argmax(1) == labels).sum()
-        total += labels.numel()
-    model.train(was_training)
-    counts = torch.stack([correct, total])
-    if dist_info is not None:
-        all_reduce_sum(counts, dist_info)
-    correct_n, total_n = counts.tolist()
-    return 100.0 * correct_n / max(1, total_n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,27 +567,3 @@ class Trainer:
         keep = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("epoch", math.inf) <= completed_epochs]
         path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
-def evaluate_checkpoint(path: str | Path, *, tta: bool = False, device: str = "auto",
-                        data_dir: str | None = None) -> dict:
-    """`python -m fasttrain eval`: rebuild the checkpoint's model and measure its test accuracy."""
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(path, map_location=dev)
-    cfg = config_from_dict(ckpt["config"])
-    if data_dir is not None:
-        cfg.data.dir = data_dir
-    model = build_model(cfg.model, check=False)
-    check_architecture(model, ckpt["model"], str(path))
-    model.load_state_dict(ckpt["model"])
-    model = model.to(dev)
-    channels_last = use_channels_last(cfg, dev)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    precision = Precision.resolve(cfg.train.precision, dev)
-    data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                      device=dev, dtype=precision.data_dtype, channels_last=channels_last,
-                      seed=cfg.train.seed)
-    acc = evaluate(model, data.test, precision, dev, tta=tta)
-    return {"checkpoint": str(path), "test_acc": acc, "tta": tta, "epoch": int(ckpt["epoch"]),
-            "params": count_params(model), "trained_on": ckpt.get("data_source"), "device": device_name(dev)}

@@ -27,7 +27,8 @@ from fasttrain.config import load_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
 from fasttrain.distributed import init_distributed, shutdown
-from fasttrain.trainer import Trainer, evaluate
+from fasttrain.evaluate import evaluate
+from fasttrain.trainer import Trainer
 
 
 def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:

@@ -23,7 +23,8 @@ from fasttrain.config import ConfigError, load_config
 from fasttrain.console import RunConsole
 from fasttrain.data.loader_torch import TorchLoader
 from fasttrain.distributed import DistInfo, rank_seed
-from fasttrain.trainer import Trainer, evaluate_checkpoint
+from fasttrain.evaluate import evaluate_checkpoint
+from fasttrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "dist_helper.py"
