@@ -91,7 +91,8 @@ class Trainer:
         if data_first and self.dist.enabled and cfg.data.download:
             barrier(self.dist)
         self.steps_per_epoch = len(self.data.train)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # listed once, not per step
+        self.optimizer = build_optimizer(self.trainable, cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None)
 
@@ -270,16 +271,15 @@ class Trainer:
             logits = self.net(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            clip_gradients(params, self.cfg.optim, self.optimizer)
+            clip_gradients(self.trainable, self.cfg.optim, self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            clip_gradients(params, self.cfg.optim, self.optimizer)
+            clip_gradients(self.trainable, self.cfg.optim, self.optimizer)
             self.optimizer.step()
         self.schedule.step()
         return loss.detach(), logits.detach()
