@@ -180,7 +180,7 @@ def print_tables(result: dict) -> None:
     summary = Table(
         title=f"over {agg['seeds']} seed(s); process wall {result['process_wall_seconds']:.1f} s",
         caption=f"final test accuracy: mean {_fmt(agg['final_test_acc_mean'], '.2f', '%')}, std "
-                f"{_fmt(agg['final_test_acc_std'], '.2f')}; with flip TTA: mean "
+                f"{_fmt(agg['final_test_acc_std'], '.2f')}; with {result['config']['train']['tta']} TTA: mean "
                 f"{_fmt(agg['final_test_acc_tta_mean'], '.2f', '%')}, std {_fmt(agg['final_test_acc_tta_std'], '.2f')}; "
                 "median time over the seeds reaching the target")
     for col in ("target %", "seeds reaching", "fraction", "median time s", "median epochs"):

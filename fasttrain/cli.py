@@ -1,5 +1,5 @@
 """Command line: `python -m fasttrain [train] --config FILE [--section.key VALUE ...]`,
-`python -m fasttrain eval --checkpoint PATH [--tta]`, `python -m fasttrain plot RUN_DIR`.
+`python -m fasttrain eval --checkpoint PATH [--tta [flip|flip_shift]]`, `python -m fasttrain plot RUN_DIR`.
 
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
 missing data, a bad checkpoint, a diverged run) end with one clear `error:` line and a non-zero exit
@@ -44,7 +44,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fasttrain eval", allow_abbrev=False,
                                 description="Test accuracy of a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_shift"],
+                   help="test-time augmentation: flip (the default without a value) averages with the mirror "
+                        "image; flip_shift also with 1-pixel translated views (fasttrain/evaluate.py)")
+    p.add_argument("--weights", default="auto", choices=["auto", "ema", "model"],
+                   help="auto (default): the EMA weights when the checkpoint has them (train.ema_decay > 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--data.dir", dest="data_dir", help="where CIFAR-10 is (default: $FASTTRAIN_DATA, ./data)")
     p.add_argument("--json", action="store_true")
@@ -134,11 +138,13 @@ def cmd_eval(argv: list[str]) -> int:
     args = _eval_parser().parse_args(argv)
     from fasttrain.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, tta=args.tta, device=args.device, data_dir=args.data_dir)
+    result = evaluate_checkpoint(args.checkpoint, tta=args.tta, device=args.device, data_dir=args.data_dir,
+                                 weights=args.weights)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"test accuracy: {result['test_acc']:.2f}%{' (flip TTA)' if args.tta else ''}  "
+        tta = f" ({args.tta} TTA)" if args.tta != "none" else ""
+        print(f"test accuracy: {result['test_acc']:.2f}%{tta}, {result['weights']} weights  "
               f"[{result['checkpoint']}, epoch {result['epoch']}, {result['params']:,} params, "
               f"trained on {result['trained_on']}]")
     return 0

@@ -90,7 +90,9 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model
     compile_mode: str = "default"    # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     eval_every: int = 1              # evaluate every N epochs (and always at the end)
-    tta: bool = False                # test-time horizontal-flip augmentation in evaluation
+    tta: str = "none"                # test-time augmentation: none | flip | flip_shift (fasttrain/evaluate.py)
+    ema_decay: float = 0.0           # EMA of the weights, per optimizer step (e.g. 0.999; 0: off); evaluated
+    ema_warmup_steps: int = 0        # ramp the EMA decay linearly from 0 over this many steps (0: none)
     seed: int = 0
     deterministic: bool = False      # cuDNN deterministic algorithms (slower)
     checkpoint_every: int = 1        # write last.pt every N epochs (and at the end)
@@ -125,6 +127,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.tta": ("none", "flip", "flip_shift"),
 }
 
 
@@ -393,3 +396,5 @@ def validate(cfg: Config) -> None:
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "0 <= decay < 1 (0: off)")
+    _require(t.ema_warmup_steps >= 0, "train.ema_warmup_steps", t.ema_warmup_steps, "must be >= 0 (0: none)")

@@ -1,32 +1,99 @@
-"""Top-1 accuracy: of a model during training, and of a saved checkpoint (`python -m fasttrain eval`)."""
+"""Top-1 accuracy: of a model during training, and of a saved checkpoint (`python -m fasttrain eval`).
+
+Test-time augmentation (`train.tta`, `python -m fasttrain eval --tta MODE`) averages the logits of
+several views of each test image, with the weights of `tta_views`:
+
+* ``none``: the image alone;
+* ``flip``: the image and its horizontal mirror, 1/2 each (the flip augmentation's test-time twin);
+* ``flip_shift`` (airbench-style): 1/4 each for the image and its mirror, and 1/8 each for four
+  translated views: the image moved by one pixel down and right, and moved one pixel up and left,
+  each also mirrored. A translated view is the image padded by one pixel on every side with the
+  fill value and cropped 32x32 at offset (0, 0) (content moves +1 row, +1 column) or (2, 2)
+  (content moves -1 row, -1 column); airbench pads by reflection instead. The fill is the
+  normalized value of a zero (black) pixel, ``-mean/std`` per channel, the same pixel the training
+  crop pads with, so the new border row and column look like the training augmentation's.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.checkpoint import check_architecture, load_checkpoint
-from fasttrain.config import config_from_dict
+from fasttrain.checkpoint import CheckpointError, check_architecture, load_checkpoint
+from fasttrain.config import CHOICES, config_from_dict
 from fasttrain.data import build_data
 from fasttrain.distributed import DistInfo, all_reduce_sum
 from fasttrain.model import build_model, count_params
 from fasttrain.runtime import Precision, device_name, resolve_device, use_channels_last
 
+TTA_MODES = CHOICES["train.tta"]
+
+
+def black_fill(mean: Sequence[float], std: Sequence[float]) -> list[float]:
+    """The normalized value of a zero (black) pixel per channel: what the training crop pads with."""
+    return [-m / s for m, s in zip(mean, std)]
+
+
+def shift_image(images: torch.Tensor, dy: int, dx: int, fill: float | Sequence[float] = 0.0) -> torch.Tensor:
+    """`images` [B, C, H, W] translated by (dy, dx) pixels (|dy|, |dx| <= 1 is all TTA uses): output
+    pixel (y, x) is input pixel (y - dy, x - dx), and pixels with no source take `fill` (a number,
+    or one per channel). Same shape, dtype and memory format as the input."""
+    b, c, h, w = images.shape
+    p = max(abs(dy), abs(dx))
+    if p == 0:
+        return images
+    padded = F.pad(images, (p, p, p, p), value=0.0)
+    fill_t = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    if fill_t.numel() != 1 or float(fill_t.reshape(-1)[0]) != 0.0:  # not all-zero: paint the border
+        inside = torch.zeros((1, 1, h + 2 * p, w + 2 * p), dtype=torch.bool, device=images.device)
+        inside[..., p:p + h, p:p + w] = True
+        padded = torch.where(inside, padded, fill_t.reshape(1, -1, 1, 1).expand(1, c, 1, 1))
+    out = padded[:, :, p - dy:p - dy + h, p - dx:p - dx + w]
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+def tta_views(images: torch.Tensor, mode: str,
+              fill: float | Sequence[float] = 0.0) -> list[tuple[torch.Tensor, float]]:
+    """The (view, weight) pairs whose weighted logits `evaluate` sums; the weights sum to 1."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta mode {mode!r}: expected one of {', '.join(TTA_MODES)}")
+    if mode == "none":
+        return [(images, 1.0)]
+    mirror = torch.flip(images, dims=(3,))
+    if mode == "flip":
+        return [(images, 0.5), (mirror, 0.5)]
+    views = [(images, 0.25), (mirror, 0.25)]
+    for dy, dx in ((1, 1), (-1, -1)):
+        shifted = shift_image(images, dy, dx, fill)
+        views += [(shifted, 0.125), (torch.flip(shifted, dims=(3,)), 0.125)]
+    return views
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, precision: Precision, device: torch.device,
-             tta: bool = False, dist_info: DistInfo | None = None) -> float:
-    """Top-1 accuracy in percent. Counts (not per-rank averages) are summed across ranks."""
+             tta: str = "none", dist_info: DistInfo | None = None,
+             fill: float | Sequence[float] = 0.0) -> float:
+    """Top-1 accuracy in percent. Counts (not per-rank averages) are summed across ranks.
+
+    `tta`: none | flip | flip_shift (see the module docstring); `fill`: the padding value of the
+    shifted views (the trainer and `evaluate_checkpoint` pass `black_fill(mean, std)`)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta mode {tta!r}: expected one of {', '.join(TTA_MODES)}")
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = torch.zeros((), dtype=torch.int64, device=device)
     for images, labels in loader:
         with precision.autocast(device):
-            logits = model(images).float()
-            if tta:  # average with the mirror image: the flip augmentation's test-time twin
-                logits = logits + model(torch.flip(images, dims=(3,))).float()
+            logits = None
+            for view, weight in tta_views(images, tta, fill):
+                out = model(view).float()
+                logits = out if tta == "none" else (weight * out if logits is None else logits + weight * out)
         correct += (logits.argmax(1) == labels).sum()
         total += labels.numel()
     model.train(was_training)
@@ -37,17 +104,28 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
     return 100.0 * correct_n / max(1, total_n)
 
 
-def evaluate_checkpoint(path: str | Path, *, tta: bool = False, device: str = "auto",
-                        data_dir: str | None = None) -> dict:
-    """`python -m fasttrain eval`: rebuild the checkpoint's model and measure its test accuracy."""
+def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "auto",
+                        data_dir: str | None = None, weights: str = "auto") -> dict:
+    """`python -m fasttrain eval`: rebuild the checkpoint's model and measure its test accuracy.
+
+    `weights`: auto (the EMA weights when the checkpoint holds them, else the model's) | ema | model.
+    The result says which were evaluated under "weights"."""
+    if weights not in ("auto", "ema", "model"):
+        raise ValueError(f"weights {weights!r}: expected auto, ema or model")
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
     cfg = config_from_dict(ckpt["config"])
     if data_dir is not None:
         cfg.data.dir = data_dir
+    ema_state = ckpt.get("ema")
+    if weights == "ema" and ema_state is None:
+        raise CheckpointError(f"{str(path)!r} holds no EMA weights (it was trained with train.ema_decay 0): "
+                              "evaluate its model weights (--weights model or auto)")
+    used = "ema" if ema_state is not None and weights != "model" else "model"
+    state = ema_state if used == "ema" else ckpt["model"]
     model = build_model(cfg.model, check=False)
-    check_architecture(model, ckpt["model"], str(path))
-    model.load_state_dict(ckpt["model"])
+    check_architecture(model, state, str(path))
+    model.load_state_dict(state)
     model = model.to(dev)
     channels_last = use_channels_last(cfg, dev)
     if channels_last:
@@ -56,6 +134,6 @@ def evaluate_checkpoint(path: str | Path, *, tta: bool = False, device: str = "a
     data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
                       device=dev, dtype=precision.data_dtype, channels_last=channels_last,
                       seed=cfg.train.seed)
-    acc = evaluate(model, data.test, precision, dev, tta=tta)
-    return {"checkpoint": str(path), "test_acc": acc, "tta": tta, "epoch": int(ckpt["epoch"]),
+    acc = evaluate(model, data.test, precision, dev, tta=tta, fill=black_fill(cfg.data.mean, cfg.data.std))
+    return {"checkpoint": str(path), "test_acc": acc, "tta": tta, "weights": used, "epoch": int(ckpt["epoch"]),
             "params": count_params(model), "trained_on": ckpt.get("data_source"), "device": device_name(dev)}

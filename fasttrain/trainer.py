@@ -29,7 +29,8 @@ from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check
 from fasttrain.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
-from fasttrain.evaluate import evaluate
+from fasttrain.ema import WeightEMA
+from fasttrain.evaluate import black_fill, evaluate
 from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
                                    fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
                                    sync_buffers)
@@ -107,6 +108,14 @@ class Trainer:
             self.net = torch.compile(self.net, mode=cfg.train.compile_mode)
             self.eval_net = (torch.compile(self.model, mode=cfg.train.compile_mode) if self.dist.enabled
                              else self.net)
+        # train.ema_decay > 0: evaluation (per epoch, final, TTA) and `eval` use the EMA weights. The EMA
+        # module is evaluated eagerly, even under train.compile: compiling it separately would add compile
+        # time for an off-the-clock pass, and eager is trivially correct.
+        self.ema = (WeightEMA(unwrap(self.model), cfg.train.ema_decay, cfg.train.ema_warmup_steps)
+                    if cfg.train.ema_decay > 0 else None)
+        if self.ema is not None:
+            self.eval_net = self.ema.module
+        self.eval_fill = black_fill(cfg.data.mean, cfg.data.std)  # TTA shifts pad like the training crop
 
         self.start_epoch = 0  # epochs already completed
         self.best_test_acc: float | None = None
@@ -145,6 +154,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,  # train.ema_decay > 0
             "epoch": epoch,  # epochs completed
             # steps done of epoch `epoch` (0 at an epoch boundary; >0 after a stop on a signal):
             # resume skips that many batches of the epoch's (seed, epoch)-determined stream
@@ -211,6 +221,14 @@ class Trainer:
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                check_architecture(self.ema.module, ckpt["ema"], f"{path} (ema)")
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                self.ema.reset()
+                self.console.warn(f"{path} holds no EMA weights (saved with train.ema_decay 0): "
+                                  "the EMA starts from the resumed weights")
         set_rng_state(ckpt["rng"])
         self.start_epoch = int(ckpt["epoch"])
         self.start_step = int(ckpt.get("step_in_epoch", 0))
@@ -282,6 +300,8 @@ class Trainer:
             clip_gradients(self.trainable, self.cfg.optim, self.optimizer)
             self.optimizer.step()
         self.schedule.step()
+        if self.ema is not None:
+            self.ema.update(self.schedule.step_count)
         return loss.detach(), logits.detach()
 
     def train_epoch(self, epoch: int, advance=lambda n=1: None, skip: int = 0) -> dict:
@@ -345,6 +365,7 @@ class Trainer:
         optim_state = copy.deepcopy(self.optimizer.state_dict())
         sched_state = self.schedule.state_dict()
         scaler_state = self.scaler.state_dict() if self.scaler is not None else None
+        ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
         rng = rng_state()
         self.data.train.set_epoch(self.start_epoch)
         self.net.train()
@@ -354,8 +375,11 @@ class Trainer:
                 break
         for loader in (self.data.val, self.data.test):
             if loader is not None:
-                evaluate(self.eval_net, loader, self.precision, self.device, tta=self.cfg.train.tta)
+                evaluate(self.eval_net, loader, self.precision, self.device, tta=self.cfg.train.tta,
+                         fill=self.eval_fill)
         unwrap(self.model).load_state_dict(model_state)
+        if ema_state is not None:
+            self.ema.load_state_dict(ema_state)
         self.optimizer.load_state_dict(optim_state)
         self.schedule.load_state_dict(sched_state)
         if scaler_state is not None:
@@ -501,6 +525,8 @@ class Trainer:
             if self.dist.enabled:  # loss and accuracy over all ranks; the first bad step of any rank
                 stats = self._reduce_epoch_stats(stats)
                 sync_buffers(self.model, self.dist)  # rank 0's BN statistics everywhere: evaluated == saved
+                if self.ema is not None:  # EMA'd BN statistics follow each rank's own: same fix
+                    sync_buffers(self.ema.module, self.dist)
             loss_sum, correct, first_bad = stats.tolist()
             self._check_finite(epoch, int(first_bad))  # before any save: a bad epoch is never checkpointed
             if skip + sums["steps"] < self.steps_per_epoch:  # stopped mid-epoch by a signal
@@ -535,7 +561,8 @@ class Trainer:
         summary = {
             "name": cfg.name, "params": self.params, "epochs": epochs,
             "final_test_acc": final_test, "best_test_acc": self.best_test_acc, "final_val_acc": final_val,
-            "final_test_acc_tta": None,
+            "final_test_acc_tta": None, "tta_mode": cfg.train.tta,
+            "eval_weights": "ema" if self.ema is not None else "model", "ema_decay": cfg.train.ema_decay,
             "train_seconds": self.train_seconds, "compile_seconds": self.compile_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
             "images_per_second": (sum(imgs_per_s) / len(imgs_per_s)) if imgs_per_s else None,
@@ -543,9 +570,9 @@ class Trainer:
             "precision": self.precision.name, "torch": torch.__version__, "git_sha": git_sha(),
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
-        if cfg.train.tta and self.start_epoch < epochs:
+        if cfg.train.tta != "none" and self.start_epoch < epochs:
             summary["final_test_acc_tta"] = evaluate(self.eval_net, self.data.test, self.precision, self.device,
-                                                     tta=True, dist_info=self.dist)
+                                                     tta=cfg.train.tta, dist_info=self.dist, fill=self.eval_fill)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         con.summary(summary)

@@ -61,27 +61,37 @@ def test_smoke_config_learns(cifar_dir, tmp_path):
     assert load_config(tmp_path / "config.yaml", ["--name", "smoke"]) == cfg  # the resolved config is saved
 
 
-def test_resume_is_exact(cifar_dir, tmp_path):
+@pytest.mark.parametrize("ema", [{}, {"train__ema_decay": "0.9", "train__ema_warmup_steps": "15"}],
+                         ids=["no-ema", "ema"])
+def test_resume_is_exact(cifar_dir, tmp_path, ema):
     """2 epochs in one go == 1 epoch, stop, resume from last.pt, 1 more epoch (CPU, fixed seed).
 
     Lookahead k=3 with 10 steps per epoch puts the checkpoint mid-period, so the slow weights and
-    the step count must travel in the checkpoint too.
+    the step count must travel in the checkpoint too; with EMA (warmup 15 steps: mid-ramp at the
+    checkpoint) the EMA weights and buffers must too, and the evaluated accuracy is the EMA's.
     """
     torch.manual_seed(123)  # the global RNG must not leak into the run
-    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a"), device="cpu", console=quiet())
-    straight.fit()
-    half = Trainer(tiny_config(cifar_dir, tmp_path / "b"), device="cpu", console=quiet())
+    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a", **ema), device="cpu", console=quiet())
+    full = straight.fit()
+    half = Trainer(tiny_config(cifar_dir, tmp_path / "b", **ema), device="cpu", console=quiet())
     half.fit(stop_after_epochs=1)
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert saved["epoch"] == 1 and (saved["ema"] is not None) == bool(ema)
     torch.manual_seed(999)
-    resumed = Trainer(tiny_config(cifar_dir, tmp_path / "b"), device="cpu", console=quiet(),
+    resumed = Trainer(tiny_config(cifar_dir, tmp_path / "b", **ema), device="cpu", console=quiet(),
                       resume=tmp_path / "b" / "last.pt")
     assert resumed.start_epoch == 1
-    resumed.fit()
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    summary = resumed.fit()
+    pairs = [(straight.model.state_dict(), resumed.model.state_dict())]
+    if ema:
+        pairs.append((straight.ema.state_dict(), resumed.ema.state_dict()))
+        assert not torch.equal(straight.ema.state_dict()["fc.weight"], straight.model.state_dict()["fc.weight"])
+        assert straight.eval_net is straight.ema.module and full["eval_weights"] == "ema"
+    for a, b in pairs:
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert summary["final_test_acc"] == full["final_test_acc"]
     rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
@@ -122,9 +132,13 @@ def test_cli_train_then_eval(cifar_dir, tmp_path):
     result = json.loads(out.stdout)
     assert result["test_acc"] == pytest.approx(summary["final_test_acc"])
     assert result["epoch"] == 1 and result["params"] == summary["params"]
+    assert result["weights"] == "model" and result["tta"] == "none"
     tta = json.loads(run_cli("eval", "--checkpoint", str(run / "last.pt"), "--json", "--tta", "--device", "cpu",
                              "--data.dir", str(cifar_dir)).stdout)
-    assert tta["tta"] is True and 0.0 <= tta["test_acc"] <= 100.0
+    assert tta["tta"] == "flip" and 0.0 <= tta["test_acc"] <= 100.0
+    shift = json.loads(run_cli("eval", "--checkpoint", str(run / "last.pt"), "--json", "--tta", "flip_shift",
+                               "--device", "cpu", "--data.dir", str(cifar_dir)).stdout)
+    assert shift["tta"] == "flip_shift" and 0.0 <= shift["test_acc"] <= 100.0
 
 
 @pytest.mark.parametrize("args, message", [
