@@ -61,6 +61,15 @@ def test_smoke_config_learns(cifar_dir, tmp_path):
     assert load_config(tmp_path / "config.yaml", ["--name", "smoke"]) == cfg  # the resolved config is saved
 
 
+def test_smoke_config_learns_through_the_dali_loader(cifar_dir, tmp_path):
+    """data.loader=dali end to end (DALI CPU-only here): same recipe, clearly above chance."""
+    cfg = load_config("configs/smoke.yaml", ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path),
+                                             "--data.loader", "dali"])
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    assert "DaliLoader" in trainer.data.source
+    assert trainer.fit()["final_test_acc"] > 25.0  # chance is 10%
+
+
 @pytest.mark.parametrize("ema", [{}, {"train__ema_decay": "0.9", "train__ema_warmup_steps": "15"}],
                          ids=["no-ema", "ema"])
 def test_resume_is_exact(cifar_dir, tmp_path, ema):
