@@ -111,8 +111,8 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
 
 
 def clips_inside_step(optimizer: torch.optim.Optimizer) -> bool:
-    """The fused optimizer clamps gradients by value inside its kernel."""
-    return getattr(optimizer, "clips_by_value", False) or type(optimizer).__name__ == "FusedLookaheadSGD"
+    """The fused optimizer clamps gradients by value inside its kernel (it says so itself)."""
+    return getattr(optimizer, "clips_by_value", False)
 
 
 def clip_gradients(params: list[nn.Parameter], cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> None:

@@ -97,6 +97,15 @@ def recover_crops(images: torch.Tensor, sources: np.ndarray, p: int) -> torch.Te
     return found
 
 
+def epoch_pairs(a, b, epoch: int) -> list:
+    """One epoch of two loaders side by side; they must yield the same number of batches."""
+    a.set_epoch(epoch)
+    b.set_epoch(epoch)
+    pairs = list(zip(a, b))
+    assert len(pairs) == len(a) == len(b)
+    return pairs
+
+
 def collect(dl) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*list(dl))
     return torch.cat(images), torch.cat(labels)
@@ -228,11 +237,7 @@ def test_training_stream_is_the_torch_paths_stream():
     d, t = DaliLoader(x, y, **kw), TorchLoader(x, y, **kw)
     assert (len(d), d.num_samples) == (len(t), t.num_samples)
     for epoch in (0, 5):
-        d.set_epoch(epoch)
-        t.set_epoch(epoch)
-        pairs = list(zip(d, t))
-        assert len(pairs) == len(d)
-        for (di, dl_), (ti, tl) in pairs:
+        for (di, dl_), (ti, tl) in epoch_pairs(d, t, epoch):
             assert torch.equal(dl_, tl)
             torch.testing.assert_close(di, ti, atol=1e-5, rtol=1e-5)
 
@@ -457,11 +462,7 @@ def test_gpu_pipeline_yields_the_cpu_pipelines_batches(residency):
         assert gpu.device.index is not None and (len(gpu), gpu.num_samples) == (len(cpu),
                                                                                 cpu.num_samples)
         for epoch in (0, 1):
-            gpu.set_epoch(epoch)
-            cpu.set_epoch(epoch)
-            pairs = list(zip(gpu, cpu))
-            assert len(pairs) == len(cpu)
-            for (gi, gl), (ci, cl) in pairs:
+            for (gi, gl), (ci, cl) in epoch_pairs(gpu, cpu, epoch):
                 assert gi.is_cuda and gl.is_cuda and gi.dtype == torch.bfloat16
                 assert gi.is_contiguous(memory_format=torch.channels_last)
                 assert torch.equal(gl.cpu(), cl)
