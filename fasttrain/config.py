@@ -90,6 +90,7 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model
     compile_mode: str = "default"    # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     eval_every: int = 1              # evaluate every N epochs (and always at the end)
+    eval_test: bool = True           # false: never evaluate the test set (tuning on data.val_size only)
     tta: str = "none"                # test-time augmentation: none | flip | flip_shift (fasttrain/evaluate.py)
     ema_decay: float = 0.0           # EMA of the weights, per optimizer step (e.g. 0.999; 0: off); evaluated
     ema_warmup_steps: int = 0        # ramp the EMA decay linearly from 0 over this many steps (0: none)
@@ -394,6 +395,8 @@ def validate(cfg: Config) -> None:
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
+    _require(t.eval_test or d.val_size > 0, "train.eval_test", t.eval_test,
+             "true, unless data.val_size > 0 holds out a validation split to evaluate instead")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "0 <= decay < 1 (0: off)")

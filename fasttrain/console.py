@@ -72,11 +72,12 @@ class RunConsole:
             "params": lambda v: f"{v:,}",
             "final_test_acc": lambda v: f"{v:.2f}%", "best_test_acc": lambda v: f"{v:.2f}%",
             "final_val_acc": lambda v: f"{v:.2f}%", "final_test_acc_tta": lambda v: f"{v:.2f}%",
+            "final_val_acc_tta": lambda v: f"{v:.2f}%",
             "train_seconds": lambda v: f"{v:.2f} s", "compile_seconds": lambda v: f"{v:.2f} s",
             "wall_seconds": lambda v: f"{v:.2f} s", "images_per_second": lambda v: f"{v:,.0f}",
         }
         for key in ("params", "epochs", "final_test_acc", "final_test_acc_tta", "best_test_acc",
-                    "final_val_acc", "train_seconds", "compile_seconds", "wall_seconds",
+                    "final_val_acc", "final_val_acc_tta", "train_seconds", "compile_seconds", "wall_seconds",
                     "images_per_second", "device", "torch", "git_sha", "run_dir"):
             if summary.get(key) is not None:
                 table.add_row(key, fmt.get(key, str)(summary[key]))

@@ -373,7 +373,7 @@ class Trainer:
             self._train_step(images, labels)
             if i + 1 >= steps:
                 break
-        for loader in (self.data.val, self.data.test):
+        for loader in (self.data.val, self.data.test if self.cfg.train.eval_test else None):
             if loader is not None:
                 evaluate(self.eval_net, loader, self.precision, self.device, tta=self.cfg.train.tta,
                          fill=self.eval_fill)
@@ -549,9 +549,10 @@ class Trainer:
                 if self.data.val is not None:
                     row["val_acc"] = final_val = evaluate(self.eval_net, self.data.val, self.precision, self.device,
                                                           dist_info=self.dist)
-                row["test_acc"] = final_test = evaluate(self.eval_net, self.data.test, self.precision, self.device,
-                                                        dist_info=self.dist)
-                self.best_test_acc = max(self.best_test_acc or 0.0, final_test)
+                if cfg.train.eval_test:
+                    row["test_acc"] = final_test = evaluate(self.eval_net, self.data.test, self.precision,
+                                                            self.device, dist_info=self.dist)
+                    self.best_test_acc = max(self.best_test_acc or 0.0, final_test)
             self._append_metrics(row)
             eta = (epochs - epoch - 1) * (time.perf_counter() - t0)
             con.epoch_line(row, epochs, eta)
@@ -561,7 +562,7 @@ class Trainer:
         summary = {
             "name": cfg.name, "params": self.params, "epochs": epochs,
             "final_test_acc": final_test, "best_test_acc": self.best_test_acc, "final_val_acc": final_val,
-            "final_test_acc_tta": None, "tta_mode": cfg.train.tta,
+            "final_test_acc_tta": None, "final_val_acc_tta": None, "tta_mode": cfg.train.tta,
             "eval_weights": "ema" if self.ema is not None else "model", "ema_decay": cfg.train.ema_decay,
             "train_seconds": self.train_seconds, "compile_seconds": self.compile_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
@@ -571,8 +572,11 @@ class Trainer:
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
         if cfg.train.tta != "none" and self.start_epoch < epochs:
-            summary["final_test_acc_tta"] = evaluate(self.eval_net, self.data.test, self.precision, self.device,
-                                                     tta=cfg.train.tta, dist_info=self.dist, fill=self.eval_fill)
+            for split, loader in (("val", self.data.val), ("test", self.data.test if cfg.train.eval_test else None)):
+                if loader is not None:
+                    summary[f"final_{split}_acc_tta"] = evaluate(self.eval_net, loader, self.precision, self.device,
+                                                                 tta=cfg.train.tta, dist_info=self.dist,
+                                                                 fill=self.eval_fill)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         con.summary(summary)

@@ -126,3 +126,29 @@ def test_ema_checkpoint_round_trip_and_eval(cifar_dir, tmp_path):
     live = evaluate_checkpoint(tmp_path / "last.pt", device="cpu", data_dir=str(cifar_dir), weights="model")
     assert live["weights"] == "model"
     assert json.loads((tmp_path / "summary.json").read_text())["tta_mode"] == "flip_shift"
+
+
+def test_eval_test_false_never_touches_the_test_set(cifar_dir, tmp_path, monkeypatch):
+    """Tuning on the validation split: per epoch, at the end and with TTA only val is evaluated."""
+    import fasttrain.trainer as trainer_mod
+
+    cfg = tiny_config(cifar_dir, tmp_path, **{"data.val_size": "101", "train.eval_test": "false",
+                                              "train.tta": "flip", "train.epochs": "2"})
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    seen = []
+    real_evaluate = trainer_mod.evaluate
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda net, loader, *a, **kw: (
+        seen.append((loader, kw.get("tta", "none"))), real_evaluate(net, loader, *a, **kw))[1])
+    summary = trainer.fit()
+    assert seen and all(loader is trainer.data.val for loader, _ in seen)
+    assert [tta for _, tta in seen] == ["none", "none", "flip"]  # two epochs, then the TTA pass
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["test_acc"] is None and 0 <= r["val_acc"] <= 100 for r in rows)
+    assert summary["final_test_acc"] is None and summary["final_test_acc_tta"] is None
+    assert summary["best_test_acc"] is None
+    assert summary["final_val_acc"] == rows[-1]["val_acc"] and 0 <= summary["final_val_acc_tta"] <= 100
+
+
+def test_eval_test_false_needs_a_validation_split():
+    with pytest.raises(ConfigError, match=r"train\.eval_test.*data\.val_size"):
+        load_config(None, ["--train.eval_test", "false"])
