@@ -234,7 +234,7 @@ def run_variant(variant: Variant, base, args, unavailable: dict[str, str], devic
 
 
 def add_ratios(rows: list[dict], train_flops: int, peak_tflops: float | None) -> None:
-    base = rows[0]["images_per_second"] if rows and rows[0]["status"] == "ok" else None
+    base = next((r["images_per_second"] for r in rows if r["step"] == "1" and r["status"] == "ok"), None)
     for r in rows:
         ips = r["images_per_second"]
         r["speedup"] = ips / base if ips and base else None
@@ -301,6 +301,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup-steps", type=int, help="untimed steps first (default 15; --smoke 1)")
     p.add_argument("--repeats", type=int, help="timed windows per row, the median is reported (default 3; --smoke 1)")
     p.add_argument("--workers", type=int, help="DataLoader workers of step 1 (default 4; --smoke 1)")
+    p.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(",") if r.strip()],
+                   help="measure only these rows, comma-separated step labels (e.g. 1,2,5,7,7@512); default all")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/throughput-MODEL-DEVICE-TIME.json);"
                                             " the chart is written beside it as .png")
     args, overrides = p.parse_known_args(argv)
@@ -311,6 +313,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    known = [v.step for v in ablation(args.batch, args.batch_sizes)]
+    if args.rows is not None and (not args.rows or set(args.rows) - set(known)):
+        raise ConfigError(f"--rows {','.join(args.rows) or '(empty)'}: each must be one of {', '.join(known)}")
     if min(args.steps, args.repeats, args.batch, *args.batch_sizes) < 1 or min(args.warmup_steps, args.workers) < 0:
         raise ConfigError("--steps, --repeats and batch sizes must be >= 1; --warmup-steps and --workers >= 0")
     return args, overrides
@@ -324,10 +329,6 @@ def main(argv: list[str]) -> int:
     flops = forward_flops(model)
     peak = bf16_peak_tflops(device_name(device)) if device.type == "cuda" else None
     unavailable = unavailable_features(device, args.smoke)
-    with tempfile.TemporaryDirectory(prefix="fasttrain-throughput-") as tmp:
-        rows = [run_variant(v, base, args, unavailable, device, Path(tmp))
-                for v in ablation(args.batch, args.batch_sizes)]
-    add_ratios(rows, TRAIN_FLOPS_PER_FORWARD * flops, peak)
     result = {
         "benchmark": "throughput",
         "meta": run_metadata(device),
@@ -336,9 +337,18 @@ def main(argv: list[str]) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "config")} | {"config": str(args.config)},
         "bf16_peak_tflops": peak,
         "unavailable": unavailable,
-        "rows": rows,
+        "complete": False,
+        "rows": [],
     }
     out = args.out or default_result_path("throughput", base.name, device)
+    variants = [v for v in ablation(args.batch, args.batch_sizes) if args.rows is None or v.step in args.rows]
+    with tempfile.TemporaryDirectory(prefix="fasttrain-throughput-") as tmp:
+        for variant in variants:
+            result["rows"].append(run_variant(variant, base, args, unavailable, device, Path(tmp)))
+            add_ratios(result["rows"], TRAIN_FLOPS_PER_FORWARD * flops, peak)
+            # rewritten after every row: a run stopped by a time limit still leaves the rows it measured
+            write_json(out, result)
+    result["complete"] = True
     write_json(out, result)
     print(f"wrote {out}")
     chart = write_chart(result, out.with_suffix(".png"))

@@ -75,10 +75,10 @@ def read_epochs(metrics_path: Path) -> list[dict]:
     return epochs
 
 
-def time_to_target(epochs: list[dict], target: float) -> tuple[float | None, int | None]:
-    """(training seconds, epoch) at the end of the first epoch whose test accuracy >= target, else (None, None)."""
+def time_to_target(epochs: list[dict], target: float, split: str = "test") -> tuple[float | None, int | None]:
+    """(training seconds, epoch) at the end of the first epoch whose `split` accuracy >= target, else (None, None)."""
     for e in epochs:
-        if e["test_acc"] is not None and e["test_acc"] >= target:
+        if e[f"{split}_acc"] is not None and e[f"{split}_acc"] >= target:
             return e["train_seconds"], e["epoch"]
     return None, None
 
@@ -93,8 +93,9 @@ def seed_config(base, seed: int, run_dir: Path):
     return cfg
 
 
-def run_seed(cfg, args, run_dir: Path) -> tuple[dict, object]:
-    """Train one seed; return its result row and the torch device it ran on."""
+def run_seed(cfg, args, run_dir: Path, split: str = "test") -> tuple[dict, object]:
+    """Train one seed; return its result row (accuracies of `split`: test, or val when tuning) and the
+    torch device it ran on."""
     t0 = time.perf_counter()
     if cfg.train.compile:
         import torch._dynamo
@@ -111,9 +112,9 @@ def run_seed(cfg, args, run_dir: Path) -> tuple[dict, object]:
     epochs = read_epochs(run_dir / "metrics.jsonl")
     row = {
         "seed": cfg.train.seed,
-        "final_test_acc": summary["final_test_acc"],
-        "final_test_acc_tta": summary["final_test_acc_tta"],
-        "best_test_acc": summary["best_test_acc"],
+        f"final_{split}_acc": summary[f"final_{split}_acc"],
+        f"final_{split}_acc_tta": summary[f"final_{split}_acc_tta"],
+        f"best_{split}_acc": max((e[f"{split}_acc"] for e in epochs if e[f"{split}_acc"] is not None), default=None),
         "train_seconds": epochs[-1]["train_seconds"] if epochs else 0.0,
         "compile_seconds": summary["compile_seconds"] + warmup,
         "seed_wall_seconds": time.perf_counter() - t0,
@@ -123,7 +124,7 @@ def run_seed(cfg, args, run_dir: Path) -> tuple[dict, object]:
     }
     for target in args.targets:
         row["time_to_target"][target_key(target)], row["epochs_to_target"][target_key(target)] = \
-            time_to_target(epochs, target)
+            time_to_target(epochs, target, split)
     return row, trainer.device
 
 
@@ -136,14 +137,14 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def aggregate(rows: list[dict], targets: list[float]) -> dict:
-    acc_mean, acc_std = _mean_std([r["final_test_acc"] for r in rows])
-    tta_mean, tta_std = _mean_std([r["final_test_acc_tta"] for r in rows])
+def aggregate(rows: list[dict], targets: list[float], split: str = "test") -> dict:
+    acc_mean, acc_std = _mean_std([r[f"final_{split}_acc"] for r in rows])
+    tta_mean, tta_std = _mean_std([r[f"final_{split}_acc_tta"] for r in rows])
     out = {
         "seeds": len(rows),
-        "final_test_acc_mean": acc_mean, "final_test_acc_std": acc_std,
-        "final_test_acc_tta_mean": tta_mean, "final_test_acc_tta_std": tta_std,
-        "best_test_acc_mean": _mean_std([r["best_test_acc"] for r in rows])[0],
+        f"final_{split}_acc_mean": acc_mean, f"final_{split}_acc_std": acc_std,
+        f"final_{split}_acc_tta_mean": tta_mean, f"final_{split}_acc_tta_std": tta_std,
+        f"best_{split}_acc_mean": _mean_std([r[f"best_{split}_acc"] for r in rows])[0],
         "train_seconds_median": statistics.median(r["train_seconds"] for r in rows),
         "targets": {},
     }

@@ -134,6 +134,7 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
     model = build_model(replace(load_config("configs/smoke.yaml").model, se_impl="torch"))
     assert result["model"]["train_flops_per_image"] == 3 * forward_flops(model)
 
+    assert result["complete"] is True
     rows = {r["step"]: r for r in result["rows"]}
     assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "7@32", "8@32"]
     assert rows["5"]["status"] == "skipped" and "compile" in rows["5"]["reason"]  # --smoke on a CPU
@@ -155,3 +156,131 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
     assert rows["7@32"]["batch_size"] == 32
     png = out.with_suffix(".png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+
+
+def test_throughput_rows_subset_has_no_speedup_without_step_1(repo_root, cifar_dir, tmp_path):
+    out = tmp_path / "throughput.json"
+    run_script(repo_root, cifar_dir, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--steps", "2",
+               "--batch", "16", "--batch-sizes", "16", "32", "--rows", "2,7@32", "--out", out)
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and [r["step"] for r in result["rows"]] == ["2", "7@32"]
+    assert all(r["status"] == "ok" and r["images_per_second"] > 0 for r in result["rows"])
+    assert all(r["speedup"] is None for r in result["rows"])  # step 1 was not measured: no made-up base
+
+
+def test_throughput_unknown_row_is_a_clear_error(repo_root, cifar_dir, tmp_path):
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir))
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--rows", "2,9",
+                           "--out", str(tmp_path / "t.json")], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--rows 2,9" in proc.stderr and "7@64" in proc.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+# ------------------------------------------------------------------------------------- GPU session summary
+def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
+    """gpu_session.sh's last word: real result files of the scripts (CPU-sized), and the numbers in the
+    summary are the ones in those files; a stage stopped at its limit shows as such, not as a number."""
+    d = tmp_path / "session"
+    run_script(repo_root, cifar_dir, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--steps", "2",
+               "--batch", "16", "--batch-sizes", "16", "--rows", "1,2", "--out", d / "throughput.json")
+    run_script(repo_root, cifar_dir, "benchmarks/time_to_accuracy.py", "--config", "configs/smoke.yaml",
+               "--seeds", "1", "--targets", "0", "100", "--device", "cpu", "--out", d / "best.json",
+               "--runs-dir", d / "best-runs", "--data.train_subset", "128", "--data.test_subset", "100",
+               "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false")
+    (d / "seed").mkdir()
+    (d / "seed" / "metrics.jsonl").write_text(  # a run cut by its time limit mid-line keeps its whole rows
+        json.dumps({"epoch": 1, "epoch_seconds": 2.0, "images_per_second": 25000.0, "test_acc": 41.5}) + "\n"
+        + '{"epoch": 2, "epoch_sec')
+    (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\n")
+    (d / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
+                                     "==== 1 failed, 96 passed in 58.21s ====\n")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    tp = json.loads((d / "throughput.json").read_text())
+    best = json.loads((d / "best.json").read_text())["runs"][0]
+    assert text.startswith("GPU session summary: ") and tp["meta"]["git_sha"] in text.splitlines()[0]
+    assert "throughput  TIME LIMIT" in text and "loader      skipped (no time left)" in text
+    assert "1 failed, 96 passed in 58.21s" in text and "failed: tests/test_x.py::test_y" in text
+    for row in tp["rows"]:
+        assert f"{row['images_per_second']:,.0f} img/s" in text
+    assert f"{tp['rows'][1]['speedup']:.2f}x" in text
+    assert f"final {best['final_test_acc']:.2f}%" in text and f"train {best['train_seconds']:.1f} s" in text
+    assert "; to 0%: " in text and ", 100%: - s" in text  # reached at once; never reached
+    assert "seed        1 epochs, last test 41.50%, train clock 2.0 s, median 25,000 img/s" in text
+
+    (d / "best.json").unlink()  # a best run stopped before its result file: read from its metrics
+    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "best.yaml   seed-0 (partial, no result file): 2 epochs" in text
+
+
+# ------------------------------------------------------------------------------------- recipe ablation
+ABLATION_TINY = ["--config", "configs/smoke.yaml", "--device", "cpu", "--data.train_subset", "256",
+                 "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false"]
+
+
+def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("base: {}\nmore_lr: {optim.lr: 0.2, optim.label_smoothing: 0.1}\nunused: {train.epochs: 3}\n")
+    out, runs = tmp_path / "ablation.json", tmp_path / "runs"
+    proc = run_script(repo_root, cifar_dir, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants", variants,
+                      "--only", "more_lr", "--seeds", "2", "--val-size", "100", "--targets", "0", "100",
+                      "--out", out, "--runs-dir", runs)
+    assert proc.stdout.rstrip().endswith("┘") and "recipe ablation of smoke" in proc.stdout  # the table is last
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and META_KEYS <= result["meta"].keys()
+    assert result["variants"] == {"base": {}, "more_lr": {"optim.lr": 0.2, "optim.label_smoothing": 0.1}}
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("base", 0), ("base", 1), ("more_lr", 0),
+                                                                  ("more_lr", 1)]
+    for row in result["runs"]:
+        run_dir = runs / f"{row['variant']}-seed-{row['seed']}"
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all(m["test_acc"] is None and m["val_acc"] is not None for m in metrics)  # test never evaluated
+        assert row["final_val_acc"] == metrics[-1]["val_acc"] and "final_test_acc" not in row
+        assert row["time_to_target"]["0"] == pytest.approx(metrics[0]["epoch_seconds"])
+        assert row["time_to_target"]["100"] is None
+        saved = load_config(run_dir / "config.yaml")
+        assert saved.data.val_size == 100 and saved.train.eval_test is False and saved.data.train_subset == 256
+        assert saved.optim.lr == (0.2 if row["variant"] == "more_lr" else load_config("configs/smoke.yaml").optim.lr)
+    agg = result["aggregate"]
+    means = {v: statistics.fmean(r["final_val_acc"] for r in result["runs"] if r["variant"] == v)
+             for v in ("base", "more_lr")}
+    assert agg["base"]["final_val_acc_mean"] == pytest.approx(means["base"])
+    assert agg["base"]["delta_val_acc_vs_base"] == 0.0
+    assert agg["more_lr"]["delta_val_acc_vs_base"] == pytest.approx(means["more_lr"] - means["base"])
+
+
+@pytest.mark.parametrize("variants_text, extra, message", [
+    ("base: {}\nbad: {optim.lr_typo: 0.2}\n", [], "variant 'bad': unknown key"),
+    ("base: {}\nbad: {data.val_size: 10}\n", [], "variant 'bad': data.val_size is set by recipe_ablation"),
+    ("base: {}\nbig: {model.max_params: 1000}\n", [], "variant 'big': the model has"),  # over budget
+    ("base: {optim.lr: 1.0}\n", [], "'base' is the unchanged recipe"),
+    ("base: {}\nok: {optim.lr: 0.2}\n", ["--only", "nope"], "unknown variant(s) nope"),
+])
+def test_recipe_ablation_refuses_bad_variants_before_training(repo_root, cifar_dir, tmp_path, variants_text, extra,
+                                                              message):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(variants_text)
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir))
+    proc = subprocess.run([sys.executable, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants",
+                           str(variants), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "a.json"),
+                           *extra], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "a.json").exists()  # nothing trained
+
+
+def test_shipped_recipe_variants_all_build():
+    """Every variant in benchmarks/recipe_variants.yaml is a valid config of configs/best.yaml under the budget."""
+    sys.path.insert(0, "benchmarks")
+    try:
+        ra = importlib.import_module("recipe_ablation")
+    finally:
+        sys.path.remove("benchmarks")
+    variants = ra.read_variants(ra.DEFAULT_VARIANTS, None)
+    assert list(variants)[0] == "base" and len(variants) > 10
+    for name, changes in variants.items():
+        cfg = ra.variant_config("configs/best.yaml", {}, name, changes, 5000)
+        assert cfg.data.val_size == 5000 and not cfg.train.eval_test

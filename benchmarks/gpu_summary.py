@@ -1,0 +1,183 @@
+"""One short plain-text table of what a GPU session measured, read from its output folder.
+
+    python benchmarks/gpu_summary.py DIR
+
+`benchmarks/gpu_session.sh` calls it last, so the device tool's reply (which keeps only the end of the
+output) carries the numbers even when the full logs do not come back. Every line is read from a file
+the session wrote; a stage that wrote nothing, or stopped at its time limit, says so instead of a
+number. Reads:
+
+  stages.tsv                     stage, exit code, seconds (written by gpu_session.sh)
+  gpu-tests.log                  pytest's final counts line
+  best.json | best-runs/*/       time_to_accuracy.py's result, else the runs' metrics.jsonl (partial)
+  throughput.json                throughput.py's rows (rewritten after each row, so partial is fine)
+  bench_se_*.json, bench_optim_*.json, loader.json
+  seed/metrics.jsonl, torchrun1/ and plain/ metrics.jsonl
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a line cut by the time limit: keep what came before it
+    return rows
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.2f}%"
+
+
+def _n(x, spec=",.0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def stages(d: Path) -> list[str]:
+    out = []
+    try:
+        lines = (d / "stages.tsv").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ["stages: no stages.tsv"]
+    for line in lines:
+        name, code, seconds = (line.split("\t") + ["", ""])[:3]
+        verdict = {"0": "ok", "124": "TIME LIMIT", "skip": "skipped (no time left)"}.get(code, f"exit {code}")
+        out.append(f"{name:<11} {verdict:<22} {seconds}s")
+    return out
+
+
+def tests(d: Path) -> list[str]:
+    try:
+        text = (d / "gpu-tests.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    counts = re.findall(r"^=+ (.*(?:passed|failed|error|skipped|deselected).*) =+$", text, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+    lines = [f"gpu tests   {counts[-1] if counts else 'no final counts (stopped?)'}"]
+    lines += [f"  failed: {name}" for name in failed[:8]]
+    return lines
+
+
+def _epoch_line(rows: list[dict]) -> str:
+    last = rows[-1]
+    clock = sum(r["epoch_seconds"] for r in rows)
+    ips = statistics.median(r["images_per_second"] for r in rows if r.get("images_per_second"))
+    acc = last.get("test_acc")
+    return (f"{len(rows)} epochs, last test {_pct(acc)}, train clock {clock:.1f} s, "
+            f"median {ips:,.0f} img/s, median epoch {statistics.median(r['epoch_seconds'] for r in rows):.2f} s")
+
+
+def best(d: Path) -> list[str]:
+    result = _read_json(d / "best.json")
+    if result:
+        agg, lines = result["aggregate"], []
+        for run in result["runs"]:
+            reach = ", ".join(f"{t}%: {_n(s, '.1f')} s" for t, s in run["time_to_target"].items())
+            lines.append(f"best.yaml   seed {run['seed']}: final {_pct(run['final_test_acc'])} "
+                         f"(TTA {_pct(run['final_test_acc_tta'])}), train {run['train_seconds']:.1f} s, "
+                         f"compile {run['compile_seconds']:.0f} s; to {reach}")
+        lines.append(f"best.yaml   mean final {_pct(agg['final_test_acc_mean'])} over {agg['seeds']} seed(s)")
+        return lines
+    lines = []
+    for run_dir in sorted((d / "best-runs").glob("*/")):
+        rows = _metrics(run_dir)
+        if rows:
+            lines.append(f"best.yaml   {run_dir.name} (partial, no result file): {_epoch_line(rows)}")
+    return lines
+
+
+def throughput(d: Path) -> list[str]:
+    result = _read_json(d / "throughput.json")
+    if not result:
+        return []
+    lines = [f"throughput  {result['model']['name']}, {'complete' if result.get('complete') else 'PARTIAL'}"
+             f" (bf16 peak {result['bf16_peak_tflops']} TFLOP/s)"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"  {r['step']:<6} {r['name'][:44]:<44} {r['status']}: {(r['reason'] or '')[:60]}")
+            continue
+        peak = r.get("bf16_peak_fraction")
+        lines.append(f"  {r['step']:<6} {r['name'][:44]:<44} {r['images_per_second']:>10,.0f} img/s "
+                     f"{(_n(r['speedup'], '.2f') + 'x'):>7} {'' if peak is None else f'{100 * peak:5.1f}% peak'}")
+    return lines
+
+
+def kernels(d: Path) -> list[str]:
+    lines = []
+    for path in sorted(d.glob("bench_se_*.json")):
+        result = _read_json(path) or {"rows": []}
+        cases: dict[tuple, dict] = {}
+        for r in result["rows"]:
+            cases.setdefault((r["placement"], tuple(r["shape"])), {})[r["impl"]] = r["forward_backward_ms"]
+        for (placement, shape), ms in cases.items():
+            ref = ms.get("eager")
+            parts = [f"{impl} {t:.3f}" + (f" ({ref / t:.2f}x)" if ref and impl != "eager" else "")
+                     for impl, t in ms.items()]
+            lines.append(f"bench_se    {placement} {'x'.join(map(str, shape))} fwd+bwd ms: {', '.join(parts)}")
+    for path in sorted(d.glob("bench_optim_*.json")):
+        rows = {r["impl"]: r["step_ms"] for r in (_read_json(path) or {"rows": []})["rows"]}
+        fused = rows.get("fused")
+        parts = [f"{impl} {1e3 * ms:.0f} us" + (f" ({ms / fused:.2f}x fused)" if fused and impl != "fused" else "")
+                 for impl, ms in rows.items()]
+        lines.append(f"bench_optim {', '.join(parts)}")
+    return lines
+
+
+def loader(d: Path) -> list[str]:
+    result = _read_json(d / "loader.json")
+    if not result:
+        return []
+    parts = [f"{r['loader']}/{r['mode']} {_n(r.get('images_per_s'))}" for r in result["results"]]
+    return [f"loader      img/s: {', '.join(parts)}"]
+
+
+def runs(d: Path) -> list[str]:
+    lines = []
+    for name in ("seed", "plain", "torchrun1"):
+        rows = _metrics(d / name)
+        if rows:
+            lines.append(f"{name:<11} {_epoch_line(rows)}")
+    return lines
+
+
+def summarize(d: Path) -> str:
+    meta = next((m for m in (_read_json(p).get("meta") for p in sorted(d.glob("*.json")) if _read_json(p))
+                 if isinstance(m, dict)), None)
+    head = "GPU session summary"
+    if meta:
+        versions = meta.get("versions") or meta
+        head += (f": {meta.get('device')}, torch {versions.get('torch')}, triton {versions.get('triton')}, "
+                 f"DALI {versions.get('dali')}, git {meta.get('git_sha')}")
+    body = [*stages(d), *tests(d), *best(d), *throughput(d), *kernels(d), *loader(d), *runs(d)]
+    return "\n".join([head, *body])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python benchmarks/gpu_summary.py DIR  (a gpu_session.sh output folder)", file=sys.stderr)
+        return 2
+    print(summarize(Path(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

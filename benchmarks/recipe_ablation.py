@@ -1,0 +1,168 @@
+"""Recipe ablation on the validation split: what each change to a recipe buys, without touching the test set.
+
+    python benchmarks/recipe_ablation.py --config configs/best.yaml \\
+        [--variants benchmarks/recipe_variants.yaml] [--only base,no_lookahead] [--seeds 2] \\
+        [--val-size 5000] [--targets 93 94] [--device auto] [--out benchmarks/results/NAME.json] \\
+        [--section.key VALUE ...]
+
+Each variant is the config plus the variant's overrides (a YAML mapping: name -> {dotted key: value};
+`base` with no overrides is the reference every other row is compared with). Every run holds out the
+last `--val-size` training images (data.val_size), trains on the rest, evaluates only the validation
+split every epoch and never the test set (train.eval_test false): tuning decisions are made on
+validation accuracy alone (issue 6). The test set is for the final measurement of the chosen recipe,
+with `time_to_accuracy.py` on the full training set.
+
+Timing is time_to_accuracy.py's: the training clock is the sum of the trainer's `epoch_seconds`,
+compile and autotuning are reported apart, and time-to-target is the clock at the end of the first
+epoch whose validation accuracy (no TTA) reaches the target. All variants run in one process one after
+the other, so their times are comparable. The JSON is rewritten after every run: a run stopped by a
+time limit keeps what it measured. The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from pathlib import Path
+
+from common import REPO_ROOT, default_result_path, run_main, run_metadata, wide_console, write_json
+from rich.table import Table
+from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
+
+from fasttrain.config import ConfigError, config_to_dict, load_config, parse_overrides, parse_yaml
+from fasttrain.model import build_model
+
+SPLIT = "val"
+DEFAULT_VARIANTS = REPO_ROOT / "benchmarks" / "recipe_variants.yaml"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python benchmarks/recipe_ablation.py", allow_abbrev=False,
+                                description="Train recipe variants on a held-out validation split and compare "
+                                            "validation accuracy and time. Any config key is a flag.")
+    p.add_argument("--config", required=True, help="the recipe every variant changes, e.g. configs/best.yaml")
+    p.add_argument("--variants", type=Path, default=DEFAULT_VARIANTS,
+                   help="YAML: variant name -> {dotted key: value} (default benchmarks/recipe_variants.yaml)")
+    p.add_argument("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+                   help="run only these variants, comma-separated, in this order (base is added first)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per variant (train.seed + 0 .. seeds-1)")
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+    p.add_argument("--targets", type=float, nargs="+", default=[93.0, 94.0],
+                   help="validation accuracies in percent")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/recipe_ablation-CONFIG-DEVICE-TIME.json)")
+    p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder)")
+    args, overrides = p.parse_known_args(argv)
+    args.overwrite = False  # run_seed's Trainer: every run folder here is new
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+    if args.val_size < 1:
+        raise ConfigError(f"--val-size {args.val_size}: tuning needs a validation split of at least 1 image")
+    if any(not 0 <= t <= 100 for t in args.targets):
+        raise ConfigError(f"--targets {args.targets}: accuracies are percentages in 0..100")
+    return args, overrides
+
+
+def read_variants(path: Path, only: list[str] | None) -> dict[str, dict]:
+    """{name: {dotted key: value}}, `base` first; every problem is a ConfigError naming the variant."""
+    if not path.is_file():
+        raise ConfigError(f"--variants {path}: no such file")
+    variants = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
+        raise ConfigError(f"{path}: expected a mapping of variant name -> {{dotted.key: value}}")
+    variants = {str(name): dict(v or {}) for name, v in variants.items()}
+    bad = [name for name in variants if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name)]
+    if bad:  # names become run-folder names
+        raise ConfigError(f"{path}: variant names may use letters, digits and _ . + - only: {', '.join(bad)}")
+    variants.setdefault("base", {})
+    if variants["base"]:
+        raise ConfigError(f"{path}: the variant 'base' is the unchanged recipe and takes no overrides")
+    if only is not None:
+        unknown = [name for name in only if name not in variants]
+        if unknown:
+            raise ConfigError(f"--only: unknown variant(s) {', '.join(unknown)}; {path} has {', '.join(variants)}")
+        variants = {name: variants[name] for name in ["base", *[n for n in only if n != "base"]]}
+    return {"base": variants["base"], **{k: v for k, v in variants.items() if k != "base"}}
+
+
+def variant_config(config: str, cli: dict, name: str, changes: dict, val_size: int):
+    """The config a variant trains: file, command-line overrides, the variant's, then tuning's fixed keys."""
+    forced = {"data.val_size": val_size, "train.eval_test": False, "train.eval_every": 1}
+    clash = sorted(set(changes) & set(forced))
+    if clash:
+        raise ConfigError(f"variant {name!r}: {', '.join(clash)} is set by recipe_ablation itself")
+    try:
+        cfg = load_config(config, {**cli, **changes, **forced})
+        build_model(cfg.model)  # the parameter budget, checked before any variant trains
+        return cfg
+    except ConfigError as e:
+        raise ConfigError(f"variant {name!r}: {e}") from None
+
+
+def summarize(rows: list[dict], targets: list[float]) -> dict:
+    """Per variant: the aggregate over its seeds, and the change of mean val accuracy against base."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    out = {name: aggregate(runs, targets, SPLIT) for name, runs in by_variant.items()}
+    base = out.get("base", {}).get("final_val_acc_mean")
+    for agg in out.values():
+        mean = agg["final_val_acc_mean"]
+        agg["delta_val_acc_vs_base"] = None if base is None or mean is None else mean - base
+    return out
+
+
+def print_table(result: dict) -> None:
+    keys = [target_key(t) for t in result["targets"]]
+    table = Table(title=f"recipe ablation of {result['config_name']} on {result['val_size']} validation images, "
+                        f"{result['meta']['device']} (test set not evaluated)")
+    for col in ("variant", "changes", "seeds", "val %", "std", "vs base", "val TTA %", "train s",
+                *[f"s to {k}%" for k in keys]):
+        table.add_column(col, justify="left" if col in ("variant", "changes") else "right")
+    for name, agg in result["aggregate"].items():
+        changes = ", ".join(f"{k}={json.dumps(v)}" for k, v in result["variants"][name].items()) or "-"
+        delta = agg["delta_val_acc_vs_base"]
+        table.add_row(name, changes, str(agg["seeds"]), _fmt(agg["final_val_acc_mean"], ".2f"),
+                      _fmt(agg["final_val_acc_std"], ".2f"), "-" if delta is None else f"{delta:+.2f}",
+                      _fmt(agg["final_val_acc_tta_mean"], ".2f"), _fmt(agg["train_seconds_median"], ".1f"),
+                      *[_fmt(agg["targets"][k]["median_time_to_target"], ".1f") for k in keys])
+    wide_console().print(table)
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse_args(argv)
+    cli = parse_overrides(overrides) if overrides else {}
+    variants = read_variants(args.variants, args.only)
+    # every variant's config is built (and checked) before anything trains
+    configs = {name: variant_config(args.config, cli, name, changes, args.val_size)
+               for name, changes in variants.items()}
+    base_cfg = configs["base"]
+    result = {"benchmark": "recipe_ablation", "meta": None, "config_name": base_cfg.name,
+              "config": config_to_dict(base_cfg), "variants_file": str(args.variants), "variants": variants,
+              "val_size": args.val_size, "split": SPLIT, "targets": args.targets, "complete": False,
+              "runs": [], "aggregate": {}}
+    out = None
+    with tempfile.TemporaryDirectory(prefix="fasttrain-ablation-") as tmp:
+        root = args.runs_dir or Path(tmp)
+        for name, cfg in configs.items():
+            for i in range(args.seeds):
+                seed = cfg.train.seed + i
+                run_dir = root / f"{name}-seed-{seed}"
+                row, device = run_seed(seed_config(cfg, seed, run_dir), args, run_dir, split=SPLIT)
+                row["variant"] = name
+                row["run_dir"] = str(run_dir) if args.runs_dir else None
+                result["runs"].append(row)
+                result["meta"] = result["meta"] or run_metadata(device)
+                result["aggregate"] = summarize(result["runs"], args.targets)
+                out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
+                write_json(out, result)  # after every run: a time limit loses only the run in flight
+    result["complete"] = True
+    write_json(out, result)
+    print(f"wrote {out}")
+    print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
