@@ -70,7 +70,9 @@ def tests(d: Path) -> list[str]:
         text = (d / "gpu-tests.log").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
-    counts = re.findall(r"^=+ (.*(?:passed|failed|error|skipped|deselected).*) =+$", text, re.M)
+    # "100 failed, 276 deselected in 9.98s" (-q), or the same between "=" rules
+    counts = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b.* in [\d.]+s"
+                        r"(?: \([\d:]+\))?)\s*=*$", text, re.M)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
     lines = [f"gpu tests   {counts[-1] if counts else 'no final counts (stopped?)'}"]
     lines += [f"  failed: {name}" for name in failed[:8]]

@@ -194,7 +194,7 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
         + '{"epoch": 2, "epoch_sec')
     (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\n")
     (d / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
-                                     "==== 1 failed, 96 passed in 58.21s ====\n")
+                                     "1 failed, 96 passed, 276 deselected in 58.21s\n")  # pytest -q's last line
     proc = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -203,7 +203,7 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     best = json.loads((d / "best.json").read_text())["runs"][0]
     assert text.startswith("GPU session summary: ") and tp["meta"]["git_sha"] in text.splitlines()[0]
     assert "throughput  TIME LIMIT" in text and "loader      skipped (no time left)" in text
-    assert "1 failed, 96 passed in 58.21s" in text and "failed: tests/test_x.py::test_y" in text
+    assert "gpu tests   1 failed, 96 passed, 276 deselected in 58.21s" in text and "failed: tests/test_x.py::test_y" in text
     for row in tp["rows"]:
         assert f"{row['images_per_second']:,.0f} img/s" in text
     assert f"{tp['rows'][1]['speedup']:.2f}x" in text
