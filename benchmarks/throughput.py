@@ -302,7 +302,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--repeats", type=int, help="timed windows per row, the median is reported (default 3; --smoke 1)")
     p.add_argument("--workers", type=int, help="DataLoader workers of step 1 (default 4; --smoke 1)")
     p.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(",") if r.strip()],
-                   help="measure only these rows, comma-separated step labels (e.g. 1,2,5,7,7@512); default all")
+                   help="measure only these rows, in this order, comma-separated step labels (e.g. 1,7@512,5); "
+                        "they are reported in the ablation's order; default all")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/throughput-MODEL-DEVICE-TIME.json);"
                                             " the chart is written beside it as .png")
     args, overrides = p.parse_known_args(argv)
@@ -338,13 +339,20 @@ def main(argv: list[str]) -> int:
         "bf16_peak_tflops": peak,
         "unavailable": unavailable,
         "complete": False,
+        "measured_order": [],            # the rows' steps in the order they ran (--rows)
         "rows": [],
     }
     out = args.out or default_result_path("throughput", base.name, device)
-    variants = [v for v in ablation(args.batch, args.batch_sizes) if args.rows is None or v.step in args.rows]
+    variants = ablation(args.batch, args.batch_sizes)
+    order = [v.step for v in variants]
+    if args.rows is not None:  # measured in the order given (most wanted first under a time limit)
+        by_step = {v.step: v for v in variants}
+        variants = [by_step[step] for step in dict.fromkeys(args.rows)]
     with tempfile.TemporaryDirectory(prefix="fasttrain-throughput-") as tmp:
         for variant in variants:
             result["rows"].append(run_variant(variant, base, args, unavailable, device, Path(tmp)))
+            result["measured_order"].append(variant.step)
+            result["rows"].sort(key=lambda r: order.index(r["step"]))  # reported in the ablation's order
             add_ratios(result["rows"], TRAIN_FLOPS_PER_FORWARD * flops, peak)
             # rewritten after every row: a run stopped by a time limit still leaves the rows it measured
             write_json(out, result)

@@ -161,9 +161,10 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
 def test_throughput_rows_subset_has_no_speedup_without_step_1(repo_root, cifar_dir, tmp_path):
     out = tmp_path / "throughput.json"
     run_script(repo_root, cifar_dir, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--steps", "2",
-               "--batch", "16", "--batch-sizes", "16", "32", "--rows", "2,7@32", "--out", out)
+               "--batch", "16", "--batch-sizes", "16", "32", "--rows", "7@32,2", "--out", out)
     result = json.loads(out.read_text())
-    assert result["complete"] is True and [r["step"] for r in result["rows"]] == ["2", "7@32"]
+    assert result["complete"] is True and [r["step"] for r in result["rows"]] == ["2", "7@32"]  # ablation order
+    assert result["measured_order"] == ["7@32", "2"]  # ...measured in the order asked for
     assert all(r["status"] == "ok" and r["images_per_second"] > 0 for r in result["rows"])
     assert all(r["speedup"] is None for r in result["rows"])  # step 1 was not measured: no made-up base
 
