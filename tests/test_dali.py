@@ -445,6 +445,21 @@ def test_benchmark_refuses_without_cuda(capsys, monkeypatch):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+@needs_dali
+def test_close_releases_the_pipeline_and_the_dataset():
+    import gc
+    import weakref
+
+    dl = loader(random_images(64), np.arange(64))
+    next(iter(dl))
+    feeder = weakref.ref(dl._feeder)
+    dl.close()
+    gc.collect()
+    assert feeder() is None  # nothing keeps the (on a GPU: device-resident) images alive
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(dl)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The GPU pipeline (run on the GPU machine: pytest -m gpu)
 
@@ -483,3 +498,49 @@ def test_gpu_loader_refuses_to_run_under_graph_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="CUDA-graph capture"):
         next(iter(dl))
+
+
+@needs_dali
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("residency", ["device", "host"])
+def test_gpu_pipeline_exact_dtypes_and_layouts(residency, channels_last, dtype, tol):
+    """fp32 to float rounding (bf16 above hides small errors), fp16, and both memory layouts."""
+    n = 200
+    x, y = random_images(n, seed=11), np.arange(n)
+    kw = dict(batch_size=50, seed=5, train=True, dtype=dtype, channels_last=channels_last)
+    gpu = loader(x, y, device="cuda", residency=residency, **kw)
+    cpu = loader(x, y, **kw)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for (gi, gl), (ci, cl) in epoch_pairs(gpu, cpu, 0):
+        assert gi.dtype == dtype and gi.shape == ci.shape and gi.is_contiguous(memory_format=fmt)
+        assert torch.equal(gl.cpu(), cl)
+        torch.testing.assert_close(gi.cpu(), ci, atol=tol, rtol=tol)
+
+
+@needs_dali
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_gpu_batches_are_right_on_a_side_stream_with_a_slow_consumer(prefetch):
+    """The batch is ordered on the consumer's current stream: reading it on a side stream, after
+    a long kernel queued there, must still see the finished batch and never a later one."""
+    n = 256
+    x, y = random_images(n, seed=12), np.arange(n)
+    kw = dict(batch_size=32, seed=6, train=True, dtype=torch.float32)
+    gpu = loader(x, y, device="cuda", prefetch=prefetch, **kw)
+    cpu = loader(x, y, **kw)
+    side = torch.cuda.Stream()
+    got = []
+    with torch.cuda.stream(side):
+        gpu.set_epoch(0)
+        for images, labels in gpu:
+            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time before the batch is read
+            got.append((images * 1.0, labels.clone()))  # computed on the side stream
+    side.synchronize()
+    cpu.set_epoch(0)
+    want = list(cpu)
+    assert len(got) == len(want) == n // 32
+    for (gi, gl), (ci, cl) in zip(got, want):
+        assert torch.equal(gl.cpu(), cl)
+        torch.testing.assert_close(gi.cpu(), ci, atol=1e-5, rtol=1e-5)

@@ -33,9 +33,9 @@ Design
   source then copies from on the same stream. The training thread's work per batch is then one
   kernel launch, not a 1.5 MB random-row numpy gather (~0.3 ms at batch 512) plus a host-to-device
   copy -- and at the 200k images/s target a whole batch-512 step has ~2.5 ms. ``residency="host"``
-  keeps the data in host memory instead (numpy gather in the iterating thread, then DALI's pinned
-  staging and asynchronous copy); benchmarks/bench_loader.py measures both, so the default is
-  checked on the H100 rather than assumed.
+  keeps the data in host memory instead (numpy gather in the iterating thread into ordinary,
+  pageable memory, which DALI then copies to the device); benchmarks/bench_loader.py measures both,
+  so the default is checked on the H100 rather than assumed.
 * **Epochs.** Each `iter()` runs one epoch: the callbacks raise `StopIteration` past the epoch's
   last batch, and the pipeline is reset after it drains, ready for the next `set_epoch`/`iter`.
   An epoch abandoned part way (``break``) is drained of its at most `prefetch` prefetched
@@ -413,8 +413,9 @@ class DaliLoader:
                 break
             batch = out.as_tensor()
             buf = torch.empty(batch.shape(), dtype=self._dali_torch_dtype, device=self.device)
-            # A copy out of DALI's buffers (they are recycled) into memory torch owns; on the GPU
-            # an asynchronous copy on the consumer's stream.
+            # A copy out of DALI's output buffers into memory torch owns (an asynchronous copy on
+            # the consumer's stream on the GPU): a few microseconds for a batch that then stays
+            # valid however long the caller keeps it and whatever DALI's executor does next.
             self._feed_ndarray(batch, buf, cuda_stream=stream)
             images = buf.permute(0, 3, 1, 2) if self._nhwc else buf  # NHWC -> NCHW view
             if images.dtype != self.dtype:
@@ -432,6 +433,7 @@ class DaliLoader:
         """Release the pipeline (its threads and buffers) now rather than at garbage collection."""
         self._generation += 1
         self._pipe = None  # nothing else references it: freed here
+        self._feeder = None  # and the dataset it gathers from (150 MB of device memory on a GPU)
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"
