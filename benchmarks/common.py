@@ -200,10 +200,16 @@ class Timer:
             self.seconds = time.perf_counter() - self._t0
 
 
-def cuda_times_ms(fn, warmup: int = 20, iters: int = 100, flush_l2: bool = True) -> list[float]:
+def cuda_times_ms(fn, warmup: int = 20, iters: int = 100, flush_l2: bool = True,
+                  include_host: bool = False) -> list[float]:
     """Per-call GPU times of ``fn()`` in ms from CUDA events (median these). With ``flush_l2`` a
     256 MiB buffer is overwritten before each call, outside the timed region, so tensors that fit in
-    L2 (50 MiB on H100) are read from HBM as in training."""
+    L2 (50 MiB on H100) are read from HBM as in training.
+
+    By default the host queues ``fn``'s launches while the flush still runs, so the time is the
+    GPU's alone. ``include_host`` waits for the flush first: the GPU then idles until ``fn``'s first
+    launch, and a host-bound ``fn`` (Python and launch overhead longer than its GPU work) is charged
+    for that overhead."""
     scratch = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush_l2 else None
     for _ in range(warmup):
         fn()
@@ -211,6 +217,8 @@ def cuda_times_ms(fn, warmup: int = 20, iters: int = 100, flush_l2: bool = True)
     for start, end in events:
         if scratch is not None:
             scratch.zero_()
+        if include_host:
+            torch.cuda.synchronize()
         start.record()
         fn()
         end.record()

@@ -134,7 +134,8 @@ def kernels(d: Path) -> list[str]:
             ref = ms.get("eager")
             parts = [f"{impl} {t:.3f}" + (f" ({ref / t:.2f}x)" if ref and impl != "eager" else "")
                      for impl, t in ms.items()]
-            lines.append(f"bench_se    {placement} {'x'.join(map(str, shape))} fwd+bwd ms: {', '.join(parts)}")
+            note = " (partial)" if ".partial" in path.name else ""
+            lines.append(f"bench_se    {placement} {'x'.join(map(str, shape))} fwd+bwd ms{note}: {', '.join(parts)}")
     for path in sorted(d.glob("bench_optim_*.json")):
         rows = {r["impl"]: r["step_ms"] for r in (_read_json(path) or {"rows": []})["rows"]}
         fused = rows.get("fused")

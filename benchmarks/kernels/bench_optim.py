@@ -7,7 +7,7 @@ alpha=0.5; fp32 parameters):
   fused-sgd+lerp   clip_grad_value_(foreach) + SGD(fused=True) + _foreach_lerp_/_foreach_copy_ Lookahead
 
 Times are per step, averaged over blocks of k steps (so every block holds one Lookahead sync) and
-medianed over blocks; they include the host-side launch overhead, as in training. Effective
+medianed over blocks; they include the host-side launch overhead (each block starts on an idle GPU). Effective
 bandwidth = compulsory bytes / time with compulsory bytes = 4 B x numel x (5 + 3 / k): read p, g, buf
 and write p, buf every step, and read slow, write slow and p again on the sync step. It is compared
 with the device-to-device copy bandwidth measured here.
@@ -117,7 +117,7 @@ def main() -> None:
             for _ in range(K):
                 step()
 
-        ms = median(cuda_times_ms(block, warmup=4, iters=args.blocks)) / K
+        ms = median(cuda_times_ms(block, warmup=4, iters=args.blocks, include_host=True)) / K
         gbs = 4 * numel * (5 + 3 / K) / (ms * 1e-3) / 1e9
         rows.append({"impl": impl, "params": numel, "tensors": len(params), "step_ms": ms, "gbs": gbs,
                      "pct_copy": 100 * gbs / copy_gbs, "param_source": source})

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
-from common import RESULTS_DIR, cuda_times_ms, finish_gpu_benchmark, start_gpu_benchmark  # noqa: E402
+from common import (RESULTS_DIR, cuda_times_ms, device_slug, finish_gpu_benchmark,  # noqa: E402
+                    start_gpu_benchmark, write_json)
 
 # (label, channels, size, fused residual)
 SHAPES = [("stem", 64, 32, False), ("block", 64, 32, True), ("block", 128, 16, True), ("block", 256, 8, True)]
@@ -45,15 +46,17 @@ def se_module_math(x, w1, b1, w2, b2, residual=None):
 
 
 def implementation(name: str):
+    """A fresh callable per (shape, batch) case: the compiled ones are static-shape graphs, as training
+    compiles them (one torch.compile reused across shapes would go dynamic, then hit the recompile limit)."""
     from fasttrain.kernels.se import se_gate, se_gate_reference
 
     return {
-        "triton": se_gate,
-        "eager-ref": se_gate_reference,
-        "compiled-ref": torch.compile(se_gate_reference, fullgraph=True),
-        "eager-module": se_module_math,
-        "compiled-module": torch.compile(se_module_math, fullgraph=True),
-    }[name]
+        "triton": lambda: se_gate,
+        "eager-ref": lambda: se_gate_reference,
+        "compiled-ref": lambda: torch.compile(se_gate_reference, fullgraph=True, dynamic=False),
+        "eager-module": lambda: se_module_math,
+        "compiled-module": lambda: torch.compile(se_module_math, fullgraph=True, dynamic=False),
+    }[name]()
 
 
 def make_inputs(batch, channels, size, residual, dtype, channels_last):
@@ -96,10 +99,12 @@ def main() -> None:
     args = parser.parse_args()
     device, meta, copy_gbs = start_gpu_benchmark("bench_se.py")
     dtype = getattr(torch, args.dtype)
-    fns = {name: implementation(name) for name in args.impls}
     rows = []
+    partial = Path(args.out) / f"bench_se_{device_slug(device)}.partial.json"
     for batch in args.batch_sizes:
         for label, channels, size, residual in SHAPES:
+            torch._dynamo.reset()  # each case compiles its own static graphs (see implementation)
+            fns = {name: implementation(name) for name in args.impls}
             x, w, r = make_inputs(batch, channels, size, residual, dtype, not args.nchw)
             tensor_bytes = x.numel() * x.element_size()
             fwd_bytes = tensor_bytes * (3 if residual else 2)
@@ -115,6 +120,7 @@ def main() -> None:
                     "forward_backward_pct_copy": 100 * gbs[1] / copy_gbs,
                 })
                 print(f"  {label} {rows[-1]['shape']} {name}: {fwd_ms:.3f} / {fwd_bwd_ms:.3f} ms", file=sys.stderr)
+            write_json(partial, {**meta, "complete": False, "rows": rows})  # a time limit keeps the cases done
 
     finish_gpu_benchmark(args.out, "bench_se", device, {
         **meta, "dtype": args.dtype, "channels_last": not args.nchw, "copy_gbs": copy_gbs,
@@ -124,6 +130,7 @@ def main() -> None:
         ["placement", "shape", "impl", "fwd ms", "fwd+bwd ms", "fwd % copy", "fwd+bwd % copy"],
         [[r["placement"], "x".join(map(str, r["shape"])), r["impl"], r["forward_ms"], r["forward_backward_ms"],
           r["forward_pct_copy"], r["forward_backward_pct_copy"]] for r in rows]))
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
