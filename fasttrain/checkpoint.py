@@ -192,17 +192,22 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The CPU generator's state, and on a GPU that one device's: not every visible GPU's, so a run
+    saved on an 8-GPU node resumes where fewer GPUs are visible."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # an older checkpoint: one state per GPU visible when saved
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:

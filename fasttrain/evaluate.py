@@ -37,17 +37,19 @@ def black_fill(mean: Sequence[float], std: Sequence[float]) -> list[float]:
     return [-m / s for m, s in zip(mean, std)]
 
 
-def shift_image(images: torch.Tensor, dy: int, dx: int, fill: float | Sequence[float] = 0.0) -> torch.Tensor:
+def shift_image(images: torch.Tensor, dy: int, dx: int,
+                fill: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
     """`images` [B, C, H, W] translated by (dy, dx) pixels (|dy|, |dx| <= 1 is all TTA uses): output
     pixel (y, x) is input pixel (y - dy, x - dx), and pixels with no source take `fill` (a number,
-    or one per channel). Same shape, dtype and memory format as the input."""
+    one per channel, or those as a tensor on the images' device: `evaluate` builds it once, so
+    no batch copies it to the GPU). Same shape, dtype and memory format as the input."""
     b, c, h, w = images.shape
     p = max(abs(dy), abs(dx))
     if p == 0:
         return images
     padded = F.pad(images, (p, p, p, p), value=0.0)
-    fill_t = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
-    if fill_t.numel() != 1 or float(fill_t.reshape(-1)[0]) != 0.0:  # not all-zero: paint the border
+    if isinstance(fill, torch.Tensor) or any(float(v) != 0.0 for v in _values(fill)):  # paint the border
+        fill_t = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
         inside = torch.zeros((1, 1, h + 2 * p, w + 2 * p), dtype=torch.bool, device=images.device)
         inside[..., p:p + h, p:p + w] = True
         padded = torch.where(inside, padded, fill_t.reshape(1, -1, 1, 1).expand(1, c, 1, 1))
@@ -57,8 +59,12 @@ def shift_image(images: torch.Tensor, dy: int, dx: int, fill: float | Sequence[f
     return out.contiguous()
 
 
+def _values(fill: float | Sequence[float]) -> list[float]:
+    return [float(fill)] if isinstance(fill, (int, float)) else [float(v) for v in fill]
+
+
 def tta_views(images: torch.Tensor, mode: str,
-              fill: float | Sequence[float] = 0.0) -> list[tuple[torch.Tensor, float]]:
+              fill: float | Sequence[float] | torch.Tensor = 0.0) -> list[tuple[torch.Tensor, float]]:
     """The (view, weight) pairs whose weighted logits `evaluate` sums; the weights sum to 1."""
     if mode not in TTA_MODES:
         raise ValueError(f"tta mode {mode!r}: expected one of {', '.join(TTA_MODES)}")
@@ -88,10 +94,14 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = torch.zeros((), dtype=torch.int64, device=device)
+    paint = tta == "flip_shift" and any(v != 0.0 for v in _values(fill))
+    fill_t = None  # the fill on the device: copied there once, not once per shifted view
     for images, labels in loader:
+        if paint and (fill_t is None or fill_t.dtype != images.dtype):
+            fill_t = torch.tensor(_values(fill), dtype=images.dtype, device=images.device)
         with precision.autocast(device):
             logits = None
-            for view, weight in tta_views(images, tta, fill):
+            for view, weight in tta_views(images, tta, fill if fill_t is None else fill_t):
                 out = model(view).float()
                 logits = out if tta == "none" else (weight * out if logits is None else logits + weight * out)
         correct += (logits.argmax(1) == labels).sum()

@@ -2,7 +2,10 @@
 
 Speed rules it keeps:
 * the hot path never reads a GPU value on the host: loss sums, correct counts and the non-finite
-  loss detector accumulate on the device and are read once per epoch;
+  loss detector accumulate on the device and are read once per epoch. The one exception is fp16:
+  torch's GradScaler reads its found-inf flag once per step to skip a step with inf/NaN gradients
+  (for optimizers without the fused-AMP protocol, ours included). bf16, the default on GPUs, needs
+  no scaler and never syncs;
 * evaluation, logging and checkpoints happen off the training clock; the clock itself is read after
   a device synchronize at epoch boundaries;
 * torch.compile and cuDNN autotuning are warmed up on throwaway steps before the clock starts (the
@@ -161,7 +164,7 @@ class Trainer:
             "step_in_epoch": step_in_epoch,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world_size,  # ranks; train.batch_size is per rank
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "config": config_to_dict(self.cfg),
             "params": self.params,
             "best_test_acc": self.best_test_acc,
@@ -210,7 +213,10 @@ class Trainer:
         return "No checkpoint was written for this run."
 
     def _load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        # Onto the CPU: load_state_dict copies every tensor to where its owner lives, and an optimizer
+        # state left on the GPU by map_location (AdamW's per-tensor `step`) would be read back with
+        # .item() on every step
+        ckpt = load_checkpoint(path, map_location="cpu")
         check_architecture(unwrap(self.model), ckpt["model"], str(path))
         saved = config_from_dict(ckpt["config"])
         if saved.model != self.cfg.model:
@@ -229,7 +235,7 @@ class Trainer:
                 self.ema.reset()
                 self.console.warn(f"{path} holds no EMA weights (saved with train.ema_decay 0): "
                                   "the EMA starts from the resumed weights")
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.device)
         self.start_epoch = int(ckpt["epoch"])
         self.start_step = int(ckpt.get("step_in_epoch", 0))
         saved_steps = int(ckpt.get("steps_per_epoch", self.steps_per_epoch))
@@ -366,7 +372,7 @@ class Trainer:
         sched_state = self.schedule.state_dict()
         scaler_state = self.scaler.state_dict() if self.scaler is not None else None
         ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
-        rng = rng_state()
+        rng = rng_state(self.device)
         self.data.train.set_epoch(self.start_epoch)
         self.net.train()
         for i, (images, labels) in enumerate(self.data.train):
@@ -384,7 +390,7 @@ class Trainer:
         self.schedule.load_state_dict(sched_state)
         if scaler_state is not None:
             self.scaler.load_state_dict(scaler_state)
-        set_rng_state(rng)
+        set_rng_state(rng, self.device)
         synchronize(self.device)
         return time.perf_counter() - t0
 

@@ -150,7 +150,9 @@ def _lookahead_sgd_kernel(
                       lr, momentum, weight_decay, clip, nesterov, alpha)
 
     if BUMP_STEP:
-        # Every program has read `step` before taking its ticket, so the last one may advance it.
+        # Every program has read `step` before taking its ticket, so the last one may advance it. The
+        # barrier makes that true of all this program's warps, not only the one issuing the atomic.
+        tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == tl.num_programs(0) - 1:
             tl.store(step_ptr, step)

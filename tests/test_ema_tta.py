@@ -73,6 +73,7 @@ def test_shift_image_moves_pixels_and_fills_the_border():
     assert torch.equal(up_left[:, :, :-1, :-1], x[:, :, 1:, 1:])
     assert (up_left[:, :, -1, :] == 0).all() and (up_left[:, :, :, -1] == 0).all()
     filled = shift_image(x, 1, 1, fill=[-1.0, -2.0, -3.0])  # per channel
+    assert torch.equal(shift_image(x, 1, 1, fill=torch.tensor([-1.0, -2.0, -3.0])), filled)  # as evaluate passes it
     assert torch.equal(filled[:, :, 1:, 1:], x[:, :, :-1, :-1])
     for c, v in enumerate((-1.0, -2.0, -3.0)):
         assert (filled[:, c, 0, :] == v).all() and (filled[:, c, :, 0] == v).all()

@@ -117,7 +117,10 @@ class TorchLoader:
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
         flips = torch.randint(0, 2, (n,), generator=generator) * int(self.flip)
         draws = torch.cat([order[:, None], offsets, flips[:, None]], dim=1)
-        return draws[self.rank::self.world_size][:self.num_samples].to(self.device)
+        draws = draws[self.rank::self.world_size][:self.num_samples]
+        if self.device.type == "cuda":  # from pinned memory: the copy does not stall the host
+            return draws.pin_memory().to(self.device, non_blocking=True)
+        return draws
 
     def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index, row_offset, col_offset, flip = self._epoch_draws(epoch).unbind(1)
