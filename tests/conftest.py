@@ -40,3 +40,42 @@ def cifar_dir() -> Path:
         except DataError as e:
             pytest.fail(f"no CIFAR-10 for the tests: {e}")
     return root
+
+
+def _interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run a plain kernel here (None: it can). Seen: triton 3.6's
+    interpreter converts 1-element arrays with int(), which numpy 2.4 no longer allows."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):  # a loop over a runtime bound, as every kernel here has
+            acc += tl.load(x_ptr + start + tl.arange(0, BLOCK))
+        tl.store(y_ptr + tl.arange(0, BLOCK), acc)
+
+    x, y = torch.arange(8, dtype=torch.float32), torch.zeros(4)
+    try:
+        _probe[(1,)](x, y, 8, BLOCK=4)
+    except Exception as e:  # noqa: BLE001 - any failure is the answer
+        return f"{type(e).__name__}: {e}"
+    return None if torch.equal(y, torch.tensor([4.0, 6.0, 8.0, 10.0])) else f"wrong result {y.tolist()}"
+
+
+@pytest.fixture(scope="session")
+def interpreted():
+    """CPU kernel tests: CPU tensors must take the interpreted Triton path, and the interpreter must work."""
+    from fasttrain.kernels._utils import use_triton
+
+    if not use_triton(torch.empty(0)):
+        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set above on machines without CUDA); on a "
+                    "CUDA machine the gpu-marked tests run the real kernels")
+    problem = _interpreter_problem()
+    if problem is not None:
+        import numpy
+        import triton
+
+        pytest.fail(f"the Triton {triton.__version__} interpreter cannot run kernels with numpy "
+                    f"{numpy.__version__} ({problem}). Seen with triton 3.6 and numpy >= 2.4 (triton 3.8 works): "
+                    "pip install 'numpy<2.4', or a newer triton, for the CPU kernel tests", pytrace=False)

@@ -13,21 +13,12 @@ import pytest
 import torch
 
 from fasttrain.kernels import lookahead_sgd
-from fasttrain.kernels._utils import use_triton
 from fasttrain.kernels.lookahead_sgd import BLOCK, FusedLookaheadSGD
 
 # A conv weight, a bias, a tensor spanning a full (unmasked) chunk plus a tail, a matrix.
 SHAPES = [(8, 3, 3, 3), (64,), (BLOCK + 52,), (10, 5)]
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture
-def interpreted():
-    """CPU tests are only meaningful when CPU tensors take the (interpreted) Triton path."""
-    if not use_triton(torch.empty(0)):
-        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set by conftest.py on machines without "
-                    "CUDA); on a CUDA machine the gpu-marked tests run the kernel")
 
 
 class ReferenceLookahead:

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from fasttrain.kernels._utils import use_triton
 from fasttrain.kernels.se import se_gate, se_gate_reference
 
 SHAPES = [(1, 16, 1, 1), (3, 24, 7, 5), (2, 64, 32, 32), (4, 256, 8, 8)]
@@ -24,14 +23,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the different summation order of the kernels.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 WEIGHT_GRAD_TOL = 1e-4  # fp32 sums of the same inputs on both sides
-
-
-@pytest.fixture
-def interpreted():
-    """CPU tests are only meaningful when CPU tensors take the (interpreted) Triton path."""
-    if not use_triton(torch.empty(0)):
-        pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 (set by conftest.py on machines without "
-                    "CUDA); on a CUDA machine the gpu-marked tests run the kernels")
 
 
 def _assert_close(actual, expected, tol):
