@@ -1,5 +1,6 @@
 """Command line: `python -m fasttrain [train] --config FILE [--section.key VALUE ...]`,
-`python -m fasttrain eval --checkpoint PATH [--tta [flip|flip_shift]]`, `python -m fasttrain plot RUN_DIR`.
+`python -m fasttrain eval --checkpoint PATH [--tta [flip|flip_shift]]`, `python -m fasttrain plot RUN_DIR`,
+`python -m fasttrain export CHECKPOINT OUT [--weights auto|ema|model] [--dtype fp32|bf16]`.
 
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
 missing data, a bad checkpoint, a diverged run) end with one clear `error:` line and a non-zero exit
@@ -60,6 +61,21 @@ def _plot_parser() -> argparse.ArgumentParser:
                                 description="Draw a run's curves (loss, accuracy, lr, images/s) to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fasttrain export", allow_abbrev=False,
+                                description="Write a run's weights (no optimizer state) to a small file that "
+                                            "`python -m fasttrain eval --checkpoint` reads")
+    p.add_argument("checkpoint", help="a training checkpoint, e.g. RUN_DIR/last.pt")
+    p.add_argument("out", help="the weights file to write")
+    p.add_argument("--weights", default="auto", choices=["auto", "ema", "model"],
+                   help="auto (default): the EMA weights when the checkpoint has them")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 halves the file")
+    p.add_argument("--note", help="free text stored in the file (e.g. what the weights are for)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true")
     return p
 
 
@@ -150,6 +166,23 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    from fasttrain.export import export_weights
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise ConfigError(f"{args.out} exists: pass --overwrite to replace it, or another OUT")
+    info = export_weights(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, note=args.note)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        acc = info["run"].get("final_test_acc")
+        print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB): {info['weights']} weights in {info['dtype']}, "
+              f"epoch {info['epoch']}, {info['params']:,} params, trained on {info['trained_on']}"
+              + (f", run's final test accuracy {acc:.2f}%" if acc is not None else ""))
+    return 0
+
+
 def cmd_plot(argv: list[str]) -> int:
     args = _plot_parser().parse_args(argv)
     from fasttrain.plot import plot_run
@@ -159,7 +192,7 @@ def cmd_plot(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,6 +217,10 @@ class Trainer:
         # state left on the GPU by map_location (AdamW's per-tensor `step`) would be read back with
         # .item() on every step
         ckpt = load_checkpoint(path, map_location="cpu")
+        if ckpt.get("kind") == "weights":
+            raise CheckpointError(f"{path} is an exported weights file (python -m fasttrain export): it has no "
+                                  "optimizer state to resume from; evaluate it with python -m fasttrain eval "
+                                  "--checkpoint, or resume from the run's last.pt")
         check_architecture(unwrap(self.model), ckpt["model"], str(path))
         saved = config_from_dict(ckpt["config"])
         if saved.model != self.cfg.model:

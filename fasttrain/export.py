@@ -1,0 +1,67 @@
+"""`python -m fasttrain export CHECKPOINT OUT`: the weights of a run, small enough to ship.
+
+A training checkpoint (last.pt) carries the optimizer's momentum, the Lookahead slow weights, the EMA
+and the RNG: about 3-4x the model. The exported file keeps one set of weights (the EMA's when the run
+had one, or as chosen) with the config, the data they were trained on and the run's own accuracy
+figures, sealed with the same checksum as a checkpoint, so `python -m fasttrain eval --checkpoint OUT`
+measures it like any checkpoint. It cannot be resumed from (the trainer says so). `--dtype bf16`
+halves the file again; evaluation casts the weights back to the model's fp32.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import torch
+
+from fasttrain.checkpoint import FORMAT, CheckpointError, load_checkpoint, write_checkpoint
+from fasttrain.config import config_from_dict
+from fasttrain.model import build_model, count_params
+from fasttrain.runtime import git_sha
+
+KIND = "weights"  # the "kind" entry that marks an exported file (a training checkpoint has none)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _run_summary(checkpoint: Path) -> dict:
+    """The accuracy figures of the run the checkpoint belongs to (its summary.json), if it is beside it."""
+    try:
+        summary = json.loads((checkpoint.parent / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    keys = ("final_test_acc", "final_test_acc_tta", "tta_mode", "final_val_acc", "best_test_acc",
+            "train_seconds", "device", "git_sha")
+    return {k: summary.get(k) for k in keys if k in summary}
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, *, weights: str = "auto",
+                   dtype: str = "fp32", note: str | None = None) -> dict:
+    """Write the weights file; return what it says about itself (also printed by the CLI)."""
+    if weights not in ("auto", "ema", "model"):
+        raise ValueError(f"weights {weights!r}: expected auto, ema or model")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    ckpt = load_checkpoint(checkpoint)
+    ema = ckpt.get("ema")
+    if weights == "ema" and ema is None:
+        raise CheckpointError(f"{checkpoint} holds no EMA weights (trained with train.ema_decay 0): "
+                              "export --weights model")
+    used = "ema" if (weights == "ema" or (weights == "auto" and ema is not None)) else "model"
+    state = ema if used == "ema" else ckpt["model"]
+    cfg = config_from_dict(ckpt["config"])
+    model = build_model(cfg.model, check=False)
+    model.load_state_dict(state)  # the architecture check: refuses weights that do not fit the config
+    cast = DTYPES[dtype]
+    state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    info = {
+        "weights": used, "dtype": dtype, "epoch": int(ckpt["epoch"]), "params": count_params(model),
+        "trained_on": ckpt.get("data_source"), "run": _run_summary(checkpoint), "note": note,
+        "exported_from": str(checkpoint), "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "exported_by_git_sha": git_sha(), "torch": str(torch.__version__),
+    }
+    write_checkpoint({"format": FORMAT, "kind": KIND, "model": state, "ema": None, "config": ckpt["config"],
+                      "epoch": info["epoch"], "data_source": info["trained_on"], "export": info},
+                     out, previous=None)
+    return {"path": str(out), "bytes": out.stat().st_size, **info}

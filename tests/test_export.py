@@ -1,0 +1,71 @@
+"""`python -m fasttrain export`: a run's weights alone, evaluated exactly like the checkpoint they came from."""
+import json
+
+import pytest
+import torch
+
+from fasttrain.checkpoint import CheckpointError, load_checkpoint
+from fasttrain.trainer import Trainer
+from test_train import quiet, run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(cifar_dir, tmp_path_factory):
+    """One tiny CPU run with an EMA of the weights: its folder holds last.pt and summary.json."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(cifar_dir, run_dir, train__epochs="1", train__ema_decay="0.9")
+    Trainer(cfg, device="cpu", console=quiet()).fit()
+    return run_dir
+
+
+def eval_json(path, cifar_dir, *extra):
+    return json.loads(run_cli("eval", "--checkpoint", str(path), "--device", "cpu", "--data.dir", str(cifar_dir),
+                              "--json", *extra).stdout)
+
+
+def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tmp_path):
+    out = tmp_path / "weights.pt"
+    info = json.loads(run_cli("export", str(run / "last.pt"), str(out), "--note", "tiny test run", "--json").stdout)
+    assert info["weights"] == "ema" and info["dtype"] == "fp32" and info["epoch"] == 1
+    assert info["note"] == "tiny test run" and "cifar-10-batches" in info["trained_on"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert info["run"]["final_test_acc"] == summary["final_test_acc"]
+
+    full, exported = load_checkpoint(run / "last.pt"), load_checkpoint(out)  # checksummed like a checkpoint
+    assert exported["kind"] == "weights" and "optimizer" not in exported and exported["ema"] is None
+    assert exported["model"].keys() == full["ema"].keys()
+    assert all(torch.equal(exported["model"][k], full["ema"][k]) for k in full["ema"])
+    assert out.stat().st_size < (run / "last.pt").stat().st_size / 2
+
+    from_checkpoint, from_export = eval_json(run / "last.pt", cifar_dir), eval_json(out, cifar_dir)
+    assert from_checkpoint["weights"] == "ema" and from_export["weights"] == "model"  # the EMA, stored as the model
+    assert from_export["test_acc"] == from_checkpoint["test_acc"] == summary["final_test_acc"]
+
+
+def test_bf16_export_is_half_the_size_and_still_evaluates(run, cifar_dir, tmp_path):
+    fp32, bf16 = tmp_path / "fp32.pt", tmp_path / "bf16.pt"
+    run_cli("export", str(run / "last.pt"), str(fp32), "--weights", "model")
+    run_cli("export", str(run / "last.pt"), str(bf16), "--weights", "model", "--dtype", "bf16")
+    assert load_checkpoint(bf16)["model"]["fc.weight"].dtype == torch.bfloat16
+    assert bf16.stat().st_size < 0.6 * fp32.stat().st_size
+    exact = eval_json(run / "last.pt", cifar_dir, "--weights", "model")["test_acc"]
+    assert abs(eval_json(bf16, cifar_dir)["test_acc"] - exact) <= 2.0  # bf16 rounding of the weights only
+
+
+def test_an_export_cannot_be_resumed_from(run, cifar_dir, tmp_path):
+    out = tmp_path / "weights.pt"
+    run_cli("export", str(run / "last.pt"), str(out))
+    cfg = tiny_config(cifar_dir, tmp_path / "again", train__epochs="2", train__ema_decay="0.9")
+    with pytest.raises(CheckpointError, match="exported weights file.*no optimizer state"):
+        Trainer(cfg, device="cpu", console=quiet(), resume=out)
+
+
+def test_export_refusals(run, cifar_dir, tmp_path):
+    out = tmp_path / "weights.pt"
+    out.write_bytes(b"keep me")
+    proc = run_cli("export", str(run / "last.pt"), str(out), check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and out.read_bytes() == b"keep me"
+    plain = tmp_path / "plain"  # trained without an EMA
+    Trainer(tiny_config(cifar_dir, plain, train__epochs="1"), device="cpu", console=quiet()).fit()
+    proc = run_cli("export", str(plain / "last.pt"), str(tmp_path / "w.pt"), "--weights", "ema", check=False)
+    assert proc.returncode == 1 and "holds no EMA weights" in proc.stderr and not (tmp_path / "w.pt").exists()
