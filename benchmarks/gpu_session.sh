@@ -22,8 +22,9 @@
 # skipped or failed and everything else still runs.
 #
 # Everything is written to a work folder (OUT_DIR/session when OUT_DIR is given, else ./gpu-out); at the
-# end OUT_DIR gets two files: summary.txt (benchmarks/gpu_summary.py, also printed last) and
-# gpu-session.tar.gz (every log, JSON, chart and metrics file; no checkpoints).
+# end OUT_DIR gets summary.txt (benchmarks/gpu_summary.py, also printed last), gpu-session.tar.gz
+# (every log, JSON, chart and metrics file; no checkpoints) and, after the best stage, the trained
+# weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh quick|apaper|tests|throughput|best|kernels|loader|seed|torchrun [OUT_DIR]}
 out=${2:-${OUT:-}}
@@ -40,12 +41,12 @@ python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torc
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv >>"$work/device.txt" 2>&1 || true
 
-finish() {  # the summary (printed last: the reply keeps the end of the output) and the two files back
+finish() {  # the summary (printed last: the reply keeps the end of the output) and the files back
   python benchmarks/gpu_summary.py "$work" | tee "$work/summary.txt"
   if [[ -n $out ]]; then
     cp "$work/summary.txt" "$out/summary.txt"
     tar -C "$work" --exclude='*.pt' --exclude='*.pt.tmp' -czf "$out/gpu-session.tar.gz" . 2>/dev/null
-    rm -rf "$work"  # only the two files travel back
+    rm -rf "$work"  # only the files in OUT travel back
   fi
 }
 trap finish EXIT
@@ -85,6 +86,13 @@ stage_throughput() {  # the 8-step ablation at batch 128, and the fast rows at 5
 stage_best() {        # the fast recipe in full, one seed, timed; run folders kept for partial results
   limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds 1 \
     --targets 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000
+  # the trained weights come back beside the archive (which holds no .pt): bf16, ~9 MB, for issue 6
+  local ck
+  for ck in "$work"/best-runs/*/last.pt; do
+    [[ -f $ck ]] && limited export 30 python -m fasttrain export "$ck" "${out:-$work}/weights-best-bf16.pt" \
+      --dtype bf16 --overwrite --note "benchmarks/gpu_session.sh best stage, $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
+    break
+  done
 }
 stage_kernels() {     # SE and optimizer microbenchmarks (issue 4's targets: 1.5x and 3x)
   limited bench-se "$1" python benchmarks/kernels/bench_se.py --batch-sizes 512 --out "$work"
