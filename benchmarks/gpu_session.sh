@@ -6,7 +6,7 @@
 #
 # STAGE is one of
 #   quick       everything below that fits, most valuable first, each stage under its own time limit
-#               and all of them under one deadline (BUDGET_S seconds, default 520): tests, throughput,
+#               and all of them under one deadline (BUDGET_S seconds, default 500): tests, throughput,
 #               best, kernels, loader, seed. The plan for a session's one big command.
 #   tests | throughput | best | kernels | loader | seed | torchrun    one stage alone (limit: BUDGET_S)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 side by side on the one
@@ -30,7 +30,7 @@ stage=${1:?usage: gpu_session.sh quick|apaper|tests|throughput|best|kernels|load
 out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
-budget=${BUDGET_S:-520}
+budget=${BUDGET_S:-500}
 deadline=$((SECONDS + budget))
 export PYTHONUNBUFFERED=1
 [[ -f .stage/env.sh ]] && . .stage/env.sh
