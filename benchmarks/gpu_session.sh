@@ -11,6 +11,8 @@
 #   tests | throughput | best | kernels | loader | seed | torchrun    one stage alone (limit: BUDGET_S)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 side by side on the one
 #               GPU (batch 128 leaves most of an H100 idle): a session's whole command, for issue 6's A_paper
+#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ema,epochs_30,batch_1024),
+#               SEEDS (1) seeds each, validation split only: issue 6's tuning, a session's whole command
 #
 # Session plan (from the repository root, here):
 #   ../shared/device/stage                    -> .stage/01 (CIFAR-10) .. .stage/03 (DALI), see its output
@@ -26,7 +28,7 @@
 # (every log, JSON, chart and metrics file; no checkpoints) and, after the best stage, the trained
 # weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh quick|apaper|tests|throughput|best|kernels|loader|seed|torchrun [OUT_DIR]}
+stage=${1:?usage: gpu_session.sh quick|apaper|ablation|tests|throughput|best|kernels|loader|seed|torchrun [OUT_DIR]}
 out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
@@ -111,6 +113,10 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
   limited torchrun1 "$1" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
     --train.epochs 2 --output.dir "$work/torchrun1" --output.progress false --train.checkpoint_every 1000
 }
+stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
+  limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
+    --only "${ONLY:-ema,epochs_30,batch_1024}" --out "$work/ablation.json" --train.checkpoint_every 1000
+}
 stage_apaper() {      # issue 6's A_paper: two seeds of the paper's exact recipe, concurrently
   local s
   for s in 0 1; do
@@ -138,5 +144,6 @@ case $stage in
   seed)       stage_seed "$budget" ;;
   torchrun)   stage_torchrun "$((budget / 2))" ;;
   apaper)     stage_apaper "$budget" ;;
+  ablation)   stage_ablation "$budget" ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ number. Reads:
   gpu-tests.log                  pytest's final counts line
   best.json | best-runs/*/       time_to_accuracy.py's result, else the runs' metrics.jsonl (partial)
   throughput.json                throughput.py's rows (rewritten after each row, so partial is fine)
-  bench_se_*.json, bench_optim_*.json, loader.json
+  bench_se_*.json, bench_optim_*.json, loader.json, ablation.json (recipe_ablation.py)
   seed/metrics.jsonl, torchrun1/ and plain/ metrics.jsonl
 """
 from __future__ import annotations
@@ -80,11 +80,12 @@ def tests(d: Path) -> list[str]:
 
 
 def _epoch_line(rows: list[dict]) -> str:
-    last = rows[-1]
     clock = sum(r["epoch_seconds"] for r in rows)
     ips = statistics.median(r["images_per_second"] for r in rows if r.get("images_per_second"))
-    acc = last.get("test_acc")
-    return (f"{len(rows)} epochs, last test {_pct(acc)}, train clock {clock:.1f} s, "
+    evaluated = [r for r in rows if r.get("test_acc") is not None]  # eval_every > 1 leaves gaps
+    acc = evaluated[-1]["test_acc"] if evaluated else None
+    at = f" (epoch {evaluated[-1]['epoch']})" if evaluated and evaluated[-1] is not rows[-1] else ""
+    return (f"{len(rows)} epochs, last test {_pct(acc)}{at}, train clock {clock:.1f} s, "
             f"median {ips:,.0f} img/s, median epoch {statistics.median(r['epoch_seconds'] for r in rows):.2f} s")
 
 
@@ -145,6 +146,19 @@ def kernels(d: Path) -> list[str]:
     return lines
 
 
+def ablation(d: Path) -> list[str]:
+    result = _read_json(d / "ablation.json")
+    if not result:
+        return []
+    lines = [f"ablation    {result['config_name']} on {result['val_size']} validation images"
+             f"{'' if result.get('complete') else ' (PARTIAL)'}: val % (vs base), val TTA %, train s"]
+    for name, agg in result["aggregate"].items():
+        delta = agg.get("delta_val_acc_vs_base")
+        lines.append(f"  {name:<20} {_pct(agg['final_val_acc_mean'])} ({'-' if delta is None else f'{delta:+.2f}'}),"
+                     f" {_pct(agg['final_val_acc_tta_mean'])}, {agg['train_seconds_median']:.1f} s, {agg['seeds']} seed(s)")
+    return lines
+
+
 def loader(d: Path) -> list[str]:
     result = _read_json(d / "loader.json")
     if not result:
@@ -155,7 +169,7 @@ def loader(d: Path) -> list[str]:
 
 def runs(d: Path) -> list[str]:
     lines = []
-    for name in ("seed", "plain", "torchrun1"):
+    for name in ("seed", "plain", "torchrun1", *sorted(p.name for p in d.glob("apaper-*") if p.is_dir())):
         rows = _metrics(d / name)
         if rows:
             lines.append(f"{name:<11} {_epoch_line(rows)}")
@@ -170,7 +184,7 @@ def summarize(d: Path) -> str:
         versions = meta.get("versions") or meta
         head += (f": {meta.get('device')}, torch {versions.get('torch')}, triton {versions.get('triton')}, "
                  f"DALI {versions.get('dali')}, git {meta.get('git_sha')}")
-    body = [*stages(d), *tests(d), *best(d), *throughput(d), *kernels(d), *loader(d), *runs(d)]
+    body = [*stages(d), *tests(d), *best(d), *throughput(d), *kernels(d), *loader(d), *ablation(d), *runs(d)]
     return "\n".join([head, *body])
 
 

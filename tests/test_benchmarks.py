@@ -193,6 +193,10 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     (d / "seed" / "metrics.jsonl").write_text(  # a run cut by its time limit mid-line keeps its whole rows
         json.dumps({"epoch": 1, "epoch_seconds": 2.0, "images_per_second": 25000.0, "test_acc": 41.5}) + "\n"
         + '{"epoch": 2, "epoch_sec')
+    (d / "apaper-1").mkdir()  # evaluated every 10 epochs: the last accuracy is an earlier epoch's
+    (d / "apaper-1" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"epoch": 10, "epoch_seconds": 1.0, "images_per_second": 5e4, "test_acc": 80.25},
+        {"epoch": 11, "epoch_seconds": 1.0, "images_per_second": 5e4, "test_acc": None}]) + "\n")
     (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\n")
     (d / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
                                      "1 failed, 96 passed, 276 deselected in 58.21s\n")  # pytest -q's last line
@@ -211,6 +215,7 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert f"final {best['final_test_acc']:.2f}%" in text and f"train {best['train_seconds']:.1f} s" in text
     assert "; to 0%: " in text and ", 100%: - s" in text  # reached at once; never reached
     assert "seed        1 epochs, last test 41.50%, train clock 2.0 s, median 25,000 img/s" in text
+    assert "apaper-1    2 epochs, last test 80.25% (epoch 10), train clock 2.0 s" in text
 
     (d / "best.json").unlink()  # a best run stopped before its result file: read from its metrics
     text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
@@ -252,6 +257,15 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     assert agg["base"]["final_val_acc_mean"] == pytest.approx(means["base"])
     assert agg["base"]["delta_val_acc_vs_base"] == 0.0
     assert agg["more_lr"]["delta_val_acc_vs_base"] == pytest.approx(means["more_lr"] - means["base"])
+
+    session = tmp_path / "session"  # what gpu_session.sh's ablation stage leaves: the summary reads it
+    session.mkdir()
+    (session / "ablation.json").write_text(out.read_text())
+    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+    delta = agg["more_lr"]["delta_val_acc_vs_base"]
+    assert f"more_lr              {agg['more_lr']['final_val_acc_mean']:.2f}% ({delta:+.2f})" in text
+    assert f"base                 {agg['base']['final_val_acc_mean']:.2f}% (+0.00)" in text
 
 
 @pytest.mark.parametrize("variants_text, extra, message", [
