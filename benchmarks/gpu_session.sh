@@ -9,8 +9,9 @@
 #               and all of them under one deadline (BUDGET_S seconds, default 500): tests, throughput,
 #               best, kernels, loader, seed. The plan for a session's one big command.
 #   tests | throughput | best | kernels | loader | seed | torchrun    one stage alone (limit: BUDGET_S)
-#   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 side by side on the one
-#               GPU (batch 128 leaves most of an H100 idle): a session's whole command, for issue 6's A_paper
+#   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
+#               on the one GPU (batch 128 leaves much of an H100 idle), engine switches in APAPER_ARGS: a
+#               session's whole command, for issue 6's A_paper
 #   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ema,epochs_30,batch_1024),
 #               SEEDS (1) seeds each, validation split only: issue 6's tuning, a session's whole command
 #
@@ -117,13 +118,16 @@ stage_ablation() {    # issue 6's tuning: recipe variants on the validation spli
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
     --only "${ONLY:-ema,epochs_30,batch_1024}" --out "$work/ablation.json" --train.checkpoint_every 1000
 }
-stage_apaper() {      # issue 6's A_paper: two seeds of the paper's exact recipe, concurrently
+stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently
+  # APAPER_SEEDS (default "0 1"); APAPER_ARGS: engine switches only, never the recipe (e.g.
+  # "--model.se_impl triton --optim.impl fused" once the quick session showed them right)
   local s
-  for s in 0 1; do
+  for s in ${APAPER_SEEDS:-0 1}; do
+    # shellcheck disable=SC2086  # APAPER_ARGS is a list of flags
     limited "apaper-$s" "$1" python -m fasttrain --config configs/seed.yaml --train.seed "$s" \
-      --train.compile true --train.eval_every 10 --train.checkpoint_every 1000 \
+      --train.compile true --train.eval_every 10 --train.checkpoint_every 1000 ${APAPER_ARGS:-} \
       --output.dir "$work/apaper-$s" --output.progress false &
-    sleep 20  # let the first compile fill the inductor cache the second one reads
+    sleep 20  # let the first compile fill the inductor cache the next one reads
   done
   wait
 }
