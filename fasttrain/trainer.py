@@ -34,6 +34,7 @@ from fasttrain.console import RunConsole
 from fasttrain.data import build_data
 from fasttrain.ema import WeightEMA
 from fasttrain.evaluate import black_fill, evaluate
+from fasttrain.export import KIND as EXPORT_KIND
 from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
                                    fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
                                    sync_buffers)
@@ -217,7 +218,7 @@ class Trainer:
         # state left on the GPU by map_location (AdamW's per-tensor `step`) would be read back with
         # .item() on every step
         ckpt = load_checkpoint(path, map_location="cpu")
-        if ckpt.get("kind") == "weights":
+        if ckpt.get("kind") == EXPORT_KIND:
             raise CheckpointError(f"{path} is an exported weights file (python -m fasttrain export): it has no "
                                   "optimizer state to resume from; evaluate it with python -m fasttrain eval "
                                   "--checkpoint, or resume from the run's last.pt")
