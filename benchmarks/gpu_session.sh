@@ -8,7 +8,8 @@
 #   quick       everything below that fits, most valuable first, each stage under its own time limit
 #               and all of them under one deadline (BUDGET_S seconds, default 500): tests, throughput,
 #               best, kernels, loader, seed. The plan for a session's one big command.
-#   tests | throughput | best | kernels | loader | seed | torchrun    one stage alone (limit: BUDGET_S)
+#   tests | throughput | best | kernels | tune | loader | seed | torchrun    one stage alone (limit: BUDGET_S);
+#               tune is the SE tile-size sweep (benchmarks/kernels/tune_se.py), not part of quick
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
 #               on the one GPU (batch 128 leaves much of an H100 idle), engine switches in APAPER_ARGS: a
 #               session's whole command, for issue 6's A_paper
@@ -29,7 +30,7 @@
 # (every log, JSON, chart and metrics file; no checkpoints) and, after the best stage, the trained
 # weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh quick|apaper|ablation|tests|throughput|best|kernels|loader|seed|torchrun [OUT_DIR]}
+stage=${1:?usage: gpu_session.sh quick|apaper|ablation|tests|throughput|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
 out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
@@ -101,6 +102,9 @@ stage_kernels() {     # SE and optimizer microbenchmarks (issue 4's targets: 1.5
   limited bench-se "$1" python benchmarks/kernels/bench_se.py --batch-sizes 512 --out "$work"
   limited bench-optim "$2" python benchmarks/kernels/bench_optim.py --out "$work"
 }
+stage_tune() {        # SE tile sizes: 16 (gate, reduce) pairs at the network's shapes, checked and ranked (issue 4)
+  limited tune-se "$1" python benchmarks/kernels/tune_se.py --out "$work"
+}
 stage_loader() {      # loaders alone and inside a training step: decides data.loader auto (issue 3)
   limited loader "$1" python benchmarks/bench_loader.py --epochs 3 --steps 50 --out "$work/loader.json"
 }
@@ -144,6 +148,7 @@ case $stage in
   throughput) stage_throughput "$budget" ;;
   best)       stage_best "$budget" ;;
   kernels)    stage_kernels "$((budget * 2 / 3))" "$((budget / 3))" ;;
+  tune)       stage_tune "$budget" ;;
   loader)     stage_loader "$budget" ;;
   seed)       stage_seed "$budget" ;;
   torchrun)   stage_torchrun "$((budget / 2))" ;;

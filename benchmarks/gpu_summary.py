@@ -11,7 +11,7 @@ number. Reads:
   gpu-tests.log                  pytest's final counts line
   best.json | best-runs/*/       time_to_accuracy.py's result, else the runs' metrics.jsonl (partial)
   throughput.json                throughput.py's rows (rewritten after each row, so partial is fine)
-  bench_se_*.json, bench_optim_*.json, loader.json, ablation.json (recipe_ablation.py)
+  bench_se_*.json, bench_optim_*.json, tune_se_*.json, loader.json, ablation.json (recipe_ablation.py)
   seed/metrics.jsonl, torchrun1/ and plain/ metrics.jsonl
 """
 from __future__ import annotations
@@ -137,6 +137,13 @@ def kernels(d: Path) -> list[str]:
                      for impl, t in ms.items()]
             note = " (partial)" if ".partial" in path.name else ""
             lines.append(f"bench_se    {placement} {'x'.join(map(str, shape))} fwd+bwd ms{note}: {', '.join(parts)}")
+    for path in sorted(d.glob("tune_se_*.json")):
+        result = _read_json(path) or {}
+        ranked = result.get("ranked") or []
+        note = " (partial)" if ".partial" in path.name else ""
+        best = ", ".join(f"gate {p['gate_tile']} reduce {p['reduce_tile']}: stem {p['stem_ms']:.3f} / all "
+                         f"{p['total_ms']:.3f} ms{' (default)' if p['default'] else ''}" for p in ranked[:3])
+        lines.append(f"tune_se     best first{note}: {best or 'no ranking (stopped early?)'}")
     for path in sorted(d.glob("bench_optim_*.json")):
         rows = {r["impl"]: r["step_ms"] for r in (_read_json(path) or {"rows": []})["rows"]}
         fused = rows.get("fused")

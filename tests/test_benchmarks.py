@@ -299,3 +299,25 @@ def test_shipped_recipe_variants_all_build():
     for name, changes in variants.items():
         cfg = ra.variant_config("configs/best.yaml", {}, name, changes, 5000)
         assert cfg.data.val_size == 5000 and not cfg.train.eval_test
+
+
+# ------------------------------------------------------------------------------------- SE tile sweep
+def test_tile_sweep_ranks_only_correct_pairs_by_the_stem_then_the_total(repo_root):
+    sys.path.insert(0, str(repo_root / "benchmarks" / "kernels"))
+    try:
+        tune = importlib.import_module("tune_se")
+    finally:
+        sys.path.remove(str(repo_root / "benchmarks" / "kernels"))
+
+    def row(gate, reduce, placement, ms, correct=True):
+        return {"gate_tile": gate, "reduce_tile": reduce, "placement": placement, "forward_backward_ms": ms,
+                "correct": correct, "default": (gate, reduce) == (4096, 2048)}
+
+    rows = [row(4096, 2048, "stem", 0.30), row(4096, 2048, "block", 0.50),
+            row(2048, 2048, "stem", 0.20), row(2048, 2048, "block", 0.90),
+            row(8192, 2048, "stem", 0.20), row(8192, 2048, "block", 0.40),
+            row(1024, 1024, "stem", 0.10), row(1024, 1024, "block", 0.10, correct=False)]  # fast but wrong
+    ranked = tune.rank_pairs(rows)
+    assert [(p["gate_tile"], p["reduce_tile"]) for p in ranked] == [(8192, 2048), (2048, 2048), (4096, 2048)]
+    assert ranked[0]["stem_ms"] == pytest.approx(0.20) and ranked[0]["total_ms"] == pytest.approx(0.60)
+    assert [p["default"] for p in ranked] == [False, False, True]
