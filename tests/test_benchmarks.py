@@ -197,6 +197,9 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     (d / "apaper-1" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"epoch": 10, "epoch_seconds": 1.0, "images_per_second": 5e4, "test_acc": 80.25},
         {"epoch": 11, "epoch_seconds": 1.0, "images_per_second": 5e4, "test_acc": None}]) + "\n")
+    (d / "tune_se_nvidia-h100.json").write_text(json.dumps({"ranked": [  # tune_se.py's ranking, best first
+        {"gate_tile": 8192, "reduce_tile": 2048, "stem_ms": 0.2, "total_ms": 0.61, "default": False},
+        {"gate_tile": 4096, "reduce_tile": 2048, "stem_ms": 0.3, "total_ms": 0.8, "default": True}]}))
     (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\n")
     (d / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
                                      "1 failed, 96 passed, 276 deselected in 58.21s\n")  # pytest -q's last line
@@ -216,6 +219,8 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert "; to 0%: " in text and ", 100%: - s" in text  # reached at once; never reached
     assert "seed        1 epochs, last test 41.50%, train clock 2.0 s, median 25,000 img/s" in text
     assert "apaper-1    2 epochs, last test 80.25% (epoch 10), train clock 2.0 s" in text
+    assert ("tune_se     best first: gate 8192 reduce 2048: stem 0.200 / all 0.610 ms, "
+            "gate 4096 reduce 2048: stem 0.300 / all 0.800 ms (default)") in text
 
     (d / "best.json").unlink()  # a best run stopped before its result file: read from its metrics
     text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
