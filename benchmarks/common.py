@@ -226,6 +226,15 @@ def cuda_times_ms(fn, warmup: int = 20, iters: int = 100, flush_l2: bool = True,
     return [start.elapsed_time(end) for start, end in events]
 
 
+def matmul_tflops(n: int = 8192, iters: int = 10) -> float:
+    """Measured dense bf16 matrix-product rate in TFLOP/s (random n x n operands, median of `iters`):
+    the practical compute ceiling, beside the datasheet peak (METHOD.md: measure both ceilings)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = statistics.median(cuda_times_ms(lambda: a @ b, warmup=3, iters=iters, flush_l2=False))
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written per second):
     the practical ceiling that kernels' effective bandwidth is compared against."""

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, PaperLoader, bf16_peak_tflops, default_result_path, run_main, run_metadata,
-                    wide_console, write_json)
+from common import (REPO_ROOT, PaperLoader, bf16_peak_tflops, default_result_path, matmul_tflops, run_main,
+                    run_metadata, wide_console, write_json)
 from rich.table import Table
 
 import fasttrain.data
@@ -246,8 +246,11 @@ def add_ratios(rows: list[dict], train_flops: int, peak_tflops: float | None) ->
 def print_table(result: dict) -> None:
     console = wide_console()
     peak = result["bf16_peak_tflops"]
+    measured = result.get("measured_bf16_matmul_tflops")
     table = Table(title=f"training throughput ablation: {result['model']['name']} "
-                        f"({result['model']['params']:,} params) on {result['meta']['device']}")
+                        f"({result['model']['params']:,} params) on {result['meta']['device']}",
+                  caption=None if measured is None else
+                  f"bf16 8192^3 matrix product measured here: {measured:.0f} TFLOP/s")
     for col in ("step", "variant", "batch", "img/s", "ms/step", "speed-up", "TFLOP/s",
                 f"% of bf16 peak ({peak if peak else 'unknown'})", "warmup s", "note"):
         table.add_column(col, justify="left" if col in ("variant", "note") else "right")
@@ -329,6 +332,7 @@ def main(argv: list[str]) -> int:
     model = build_model(replace(base.model, se_impl="torch"))  # counting runs the model: the plain SE will do
     flops = forward_flops(model)
     peak = bf16_peak_tflops(device_name(device)) if device.type == "cuda" else None
+    measured_peak = matmul_tflops() if device.type == "cuda" else None  # the card as found, beside its datasheet
     unavailable = unavailable_features(device, args.smoke)
     result = {
         "benchmark": "throughput",
@@ -337,6 +341,7 @@ def main(argv: list[str]) -> int:
                   "train_flops_per_image": TRAIN_FLOPS_PER_FORWARD * flops, "config": config_to_dict(base)},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "config")} | {"config": str(args.config)},
         "bf16_peak_tflops": peak,
+        "measured_bf16_matmul_tflops": measured_peak,
         "unavailable": unavailable,
         "complete": False,
         "measured_order": [],            # the rows' steps in the order they ran (--rows)

@@ -131,6 +131,7 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
     result = json.loads(out.read_text())
     assert META_KEYS <= result["meta"].keys() and VERSION_KEYS <= result["meta"]["versions"].keys()
     assert result["bf16_peak_tflops"] is None  # a CPU has no entry in the peak table
+    assert result["measured_bf16_matmul_tflops"] is None  # measured on a GPU only
     model = build_model(replace(load_config("configs/smoke.yaml").model, se_impl="torch"))
     assert result["model"]["train_flops_per_image"] == 3 * forward_flops(model)
 
