@@ -112,8 +112,10 @@ def throughput(d: Path) -> list[str]:
     result = _read_json(d / "throughput.json")
     if not result:
         return []
+    measured = result.get("measured_bf16_matmul_tflops")
     lines = [f"throughput  {result['model']['name']}, {'complete' if result.get('complete') else 'PARTIAL'}"
-             f" (bf16 peak {result['bf16_peak_tflops']} TFLOP/s)"]
+             f" (bf16 peak {result['bf16_peak_tflops']} TFLOP/s datasheet, "
+             f"{'-' if measured is None else f'{measured:.0f}'} measured)"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"  {r['step']:<6} {r['name'][:44]:<44} {r['status']}: {(r['reason'] or '')[:60]}")
