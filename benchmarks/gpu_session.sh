@@ -6,60 +6,86 @@
 #
 # STAGE is one of
 #   quick       everything below that fits, most valuable first, each stage under its own time limit
-#               and all of them under one deadline (BUDGET_S seconds, default 500): tests, throughput,
-#               best, kernels, loader, seed. The plan for a session's one big command.
-#   tests | throughput | best | kernels | tune | loader | seed | torchrun    one stage alone (limit: BUDGET_S);
-#               tune is the SE tile-size sweep (benchmarks/kernels/tune_se.py), not part of quick
+#               and all of them under one deadline: tests, throughput, best, kernels, loader, seed (the
+#               last ones run only if the earlier ones finish early). The plan for a session's one big command.
+#   tests | throughput | best | kernels | tune | loader | seed | torchrun    one stage alone (limit: the
+#               deadline); tune is the SE tile-size sweep (benchmarks/kernels/tune_se.py), not part of quick
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
-#               on the one GPU (batch 128 leaves much of an H100 idle), engine switches in APAPER_ARGS: a
-#               session's whole command, for issue 6's A_paper
+#               on the one GPU, engine switches in APAPER_ARGS: a session's whole command, for issue 6's
+#               A_paper. Size it first from the seed stage's epoch time: 200 epochs must fit the deadline
+#               (a cut run cannot be resumed later: checkpoints are too big to come back)
 #   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ema,epochs_30,batch_1024),
 #               SEEDS (1) seeds each, validation split only: issue 6's tuning, a session's whole command
+#
+# The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
+# start of the device command so that unstaging counts too), else after this script starts. A stage
+# past its limit gets SIGTERM, then SIGKILL 10 s later; a watchdog TERMs this script 25 s after the
+# deadline, and the summary and files are written on any exit. 500 s leaves ~60 s of a 590 s command.
 #
 # Session plan (from the repository root, here):
 #   ../shared/device/stage                    -> .stage/01 (CIFAR-10) .. .stage/03 (DALI), see its output
 #   run: carry [".stage/01"], command "ls .stage"                       } back to back: the machine
 #   run: carry [".stage/02"], command "ls .stage"                       } goes back after 30 s idle
+#        (the second reply must list 01 and 02: else the machine was replaced, start over)
 #   run: carry [".stage/03"], timeout_s 590, command
-#        "bash .stage/03/unstage.sh >/dev/null && . .stage/env.sh && bash benchmarks/gpu_session.sh quick"
+#        "export GPU_SESSION_T0=$(date +%s); bash .stage/03/unstage.sh >/dev/null && . .stage/env.sh &&
+#         bash benchmarks/gpu_session.sh quick"
 # then give_back. Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
 # skipped or failed and everything else still runs.
 #
 # Everything is written to a work folder (OUT_DIR/session when OUT_DIR is given, else ./gpu-out); at the
 # end OUT_DIR gets summary.txt (benchmarks/gpu_summary.py, also printed last), gpu-session.tar.gz
-# (every log, JSON, chart and metrics file; no checkpoints) and, after the best stage, the trained
-# weights (weights-best-bf16.pt, python -m fasttrain export).
+# (every log, JSON, chart and metrics file; no checkpoints) and, after a completed best stage, the
+# trained weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh quick|apaper|ablation|tests|throughput|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
 out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
 budget=${BUDGET_S:-500}
-deadline=$((SECONDS + budget))
+deadline=$((${GPU_SESSION_T0:-$(date +%s)} + budget))  # epoch seconds
+now() { date +%s; }
+
+finish() {  # the summary (printed last: the reply keeps the end of the output) and the files back
+  trap - EXIT TERM INT
+  # the watchdog subshell goes first (killing its sleep first would let it fire); its orphaned
+  # sleep holds no output open and ends with the machine
+  [[ -n ${watchdog:-} ]] && kill "$watchdog" 2>/dev/null
+  python benchmarks/gpu_summary.py "$work" | tee "$work/summary.txt"
+  echo "gpu_session: finished $(( $(now) - deadline + budget ))s after the session's start (deadline ${budget}s)"
+  if [[ -n $out ]]; then
+    cp "$work/summary.txt" "$out/summary.txt"
+    # no checkpoints (*.pt, and the temp files of one cut mid-write) and nothing over 4 MiB: one
+    # archive file may bring back at most 16 MiB
+    (cd "$work" && find . -type f \( -name '*.pt' -o -name '*.tmp' -o -size +4M \) >"$work/.excluded")
+    tar -C "$work" -X "$work/.excluded" -czf "$out/gpu-session.tar.gz" . 2>/dev/null
+    rm -rf "$work"  # only the files in OUT travel back
+    ls -l "$out"
+  fi
+}
+trap finish EXIT  # also on the watchdog's TERM: bash runs the EXIT trap at once, even mid-stage
+# (its output is closed: a leftover sleep must not hold the command's stdout open)
+( sleep $((deadline - $(now) + 25)); kill -TERM $$ ) >/dev/null 2>&1 </dev/null &
+watchdog=$!
+
 export PYTHONUNBUFFERED=1
 [[ -f .stage/env.sh ]] && . .stage/env.sh
-python -m pip install -q --no-deps --no-build-isolation -e . >"$work/pip.log" 2>&1 || {
-  echo "gpu_session: pip install -e . failed (see $work/pip.log)" >&2; cat "$work/pip.log" >&2; exit 1; }
+if ! command -v python >/dev/null; then  # the image's interpreter may be python3 only
+  mkdir -p /tmp/gpu-session-bin && ln -sf "$(command -v python3)" /tmp/gpu-session-bin/python
+  export PATH=/tmp/gpu-session-bin:$PATH
+fi
+python -m pip install -q --no-deps --no-build-isolation -e . >"$work/pip.log" 2>&1 ||
+  echo "gpu_session: pip install -e . failed (see pip.log in the archive): fasttrain.kernels will be missing" >&2
 python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" \
   | tee "$work/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv >>"$work/device.txt" 2>&1 || true
 
-finish() {  # the summary (printed last: the reply keeps the end of the output) and the files back
-  python benchmarks/gpu_summary.py "$work" | tee "$work/summary.txt"
-  if [[ -n $out ]]; then
-    cp "$work/summary.txt" "$out/summary.txt"
-    tar -C "$work" --exclude='*.pt' --exclude='*.pt.tmp' -czf "$out/gpu-session.tar.gz" . 2>/dev/null
-    rm -rf "$work"  # only the files in OUT travel back
-  fi
-}
-trap finish EXIT
-
 # limited NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left before the deadline), log it to
-# NAME.log, and record "NAME<TAB>exit code<TAB>seconds" in stages.tsv (124: stopped at its limit).
+# NAME.log, and record "NAME<TAB>exit code<TAB>seconds" in stages.tsv (124/137: stopped at its limit).
 limited() {
   local name=$1 limit=$2; shift 2
-  local left=$((deadline - SECONDS))
+  local left=$((deadline - $(now)))
   ((limit > left)) && limit=$left
   if ((limit < 20)); then
     printf '%s\tskip\t0\n' "$name" >>"$work/stages.tsv"
@@ -68,18 +94,19 @@ limited() {
   fi
   local t0=$SECONDS
   echo "== $name (limit ${limit}s): $*"
-  timeout -k 15 "$limit" "$@" >"$work/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$work/$name.log" 2>&1
   local rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$work/stages.tsv"
   tail -n 3 "$work/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0))s"
 }
 
-xdist=()
-python -c "import xdist" 2>/dev/null && xdist=(-n 4)
+pytest_opts=()  # both plugins are in the GPU image: 4 workers, and a hung test fails alone
+python -c "import xdist" 2>/dev/null && pytest_opts+=(-n 4)
+python -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 90)
 
 stage_tests() {       # the gpu-marked tests: real Triton kernels, compile fullgraph, DALI on the GPU
-  limited gpu-tests "$1" python -m pytest -m gpu -q -rfE -p no:cacheprovider "${xdist[@]}" \
+  limited gpu-tests "$1" python -m pytest -m gpu -q -rfE -p no:cacheprovider "${pytest_opts[@]}" \
     --continue-on-collection-errors
 }
 stage_throughput() {  # the 8-step ablation at batch 128, and the fast rows at 512 (issue 5); the baseline and
@@ -90,11 +117,14 @@ stage_throughput() {  # the 8-step ablation at batch 128, and the fast rows at 5
 stage_best() {        # the fast recipe in full, one seed, timed; run folders kept for partial results
   limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds 1 \
     --targets 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000
-  # the trained weights come back beside the archive (which holds no .pt): bf16, ~9 MB, for issue 6
-  local ck
+  # the trained weights come back beside the archive (which holds no .pt): bf16, ~9 MB, for issue 6;
+  # only from a finished run (best.json written), never a checkpoint cut by the limit
+  [[ -f $work/best.json ]] || return 0
+  local ck sha
+  sha=$(git rev-parse --short HEAD 2>/dev/null || echo no-git)
   for ck in "$work"/best-runs/*/last.pt; do
     [[ -f $ck ]] && limited export 30 python -m fasttrain export "$ck" "${out:-$work}/weights-best-bf16.pt" \
-      --dtype bf16 --overwrite --note "benchmarks/gpu_session.sh best stage, $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
+      --dtype bf16 --overwrite --note "benchmarks/gpu_session.sh best stage, $sha"
     break
   done
 }
@@ -126,22 +156,24 @@ stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, co
   # APAPER_SEEDS (default "0 1"); APAPER_ARGS: engine switches only, never the recipe (e.g.
   # "--model.se_impl triton --optim.impl fused" once the quick session showed them right)
   local s
+  local first=1
   for s in ${APAPER_SEEDS:-0 1}; do
+    ((first)) || sleep 20  # let the first compile fill the inductor cache the next one reads
+    first=0
     # shellcheck disable=SC2086  # APAPER_ARGS is a list of flags
     limited "apaper-$s" "$1" python -m fasttrain --config configs/seed.yaml --train.seed "$s" \
       --train.compile true --train.eval_every 10 --train.checkpoint_every 1000 ${APAPER_ARGS:-} \
       --output.dir "$work/apaper-$s" --output.progress false &
-    sleep 20  # let the first compile fill the inductor cache the next one reads
   done
   wait
 }
 
 case $stage in
   quick)
-    stage_tests 100
-    stage_throughput 200
-    stage_best 140
-    stage_kernels 45 20
+    stage_tests 90
+    stage_throughput 170
+    stage_best 160
+    stage_kernels 40 20
     stage_loader 40
     stage_seed 60 ;;
   tests)      stage_tests "$budget" ;;

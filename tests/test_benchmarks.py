@@ -201,7 +201,11 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     (d / "tune_se_nvidia-h100.json").write_text(json.dumps({"ranked": [  # tune_se.py's ranking, best first
         {"gate_tile": 8192, "reduce_tile": 2048, "stem_ms": 0.2, "total_ms": 0.61, "default": False},
         {"gate_tile": 4096, "reduce_tile": 2048, "stem_ms": 0.3, "total_ms": 0.8, "default": True}]}))
-    (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\n")
+    (d / "bench_se_nvidia-h100.json").write_text(json.dumps({"rows": [  # bench_se.py's row keys
+        {"placement": "stem", "shape": [512, 64, 32, 32], "impl": name, "forward_backward_ms": ms}
+        for name, ms in (("triton", 0.2), ("eager-ref", 0.5), ("compiled-ref", 0.25))]}))
+    (d / "odd.json").write_text("[1, 2]")  # not a result file: ignored, never a crash
+    (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\nseed\t137\t70\n")
     (d / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
                                      "1 failed, 96 passed, 276 deselected in 58.21s\n")  # pytest -q's last line
     proc = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
@@ -212,6 +216,8 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     best = json.loads((d / "best.json").read_text())["runs"][0]
     assert text.startswith("GPU session summary: ") and tp["meta"]["git_sha"] in text.splitlines()[0]
     assert "throughput  TIME LIMIT" in text and "loader      skipped (no time left)" in text
+    assert "seed        TIME LIMIT (killed)" in text
+    assert "bench_se    stem 512x64x32x32 fwd+bwd ms: triton 0.200 (2.50x), eager-ref 0.500, compiled-ref 0.250 (2.00x)" in text
     assert "gpu tests   1 failed, 96 passed, 276 deselected in 58.21s" in text and "failed: tests/test_x.py::test_y" in text
     for row in tp["rows"]:
         assert f"{row['images_per_second']:,.0f} img/s" in text
