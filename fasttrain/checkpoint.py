@@ -60,21 +60,6 @@ def _write_temp(obj: Any, path: Path) -> Path:
     return Path(tmp)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash (even kill -9) leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    tmp = _write_temp(obj, path)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 # --------------------------------------------------------------------------------------------
 # Checksum over the content (not the file bytes: the same state always gives the same digest)
 # --------------------------------------------------------------------------------------------
@@ -158,6 +143,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its content does not match the checksum "
                               "stored with it (the file was damaged after it was written)")
     return ckpt
+
+
+WEIGHT_CHOICES = ("auto", "ema", "model")
+
+
+def select_weights(ckpt: dict, weights: str, source: str) -> tuple[str, dict]:
+    """("ema" | "model", that state_dict) of a loaded checkpoint. `weights`: auto (the EMA weights
+    when the run kept an EMA, train.ema_decay > 0, else the model's) | ema | model."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_CHOICES)}")
+    ema = ckpt.get("ema")
+    if weights == "ema" and ema is None:
+        raise CheckpointError(f"{source} holds no EMA weights (it was trained with train.ema_decay 0): "
+                              "use --weights model (or auto)")
+    used = "ema" if ema is not None and weights != "model" else "model"
+    return used, ema if used == "ema" else ckpt["model"]
 
 
 def check_architecture(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from fasttrain.checkpoint import CheckpointError
+from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError
 from fasttrain.config import ConfigError, config_to_dict, load_config
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
@@ -48,7 +48,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_shift"],
                    help="test-time augmentation: flip (the default without a value) averages with the mirror "
                         "image; flip_shift also with 1-pixel translated views (fasttrain/evaluate.py)")
-    p.add_argument("--weights", default="auto", choices=["auto", "ema", "model"],
+    p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
                    help="auto (default): the EMA weights when the checkpoint has them (train.ema_decay > 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--data.dir", dest="data_dir", help="where CIFAR-10 is (default: $FASTTRAIN_DATA, ./data)")
@@ -70,7 +70,7 @@ def _export_parser() -> argparse.ArgumentParser:
                                             "`python -m fasttrain eval --checkpoint` reads")
     p.add_argument("checkpoint", help="a training checkpoint, e.g. RUN_DIR/last.pt")
     p.add_argument("out", help="the weights file to write")
-    p.add_argument("--weights", default="auto", choices=["auto", "ema", "model"],
+    p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
                    help="auto (default): the EMA weights when the checkpoint has them")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 halves the file")
     p.add_argument("--note", help="free text stored in the file (e.g. what the weights are for)")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.checkpoint import CheckpointError, check_architecture, load_checkpoint
+from fasttrain.checkpoint import check_architecture, load_checkpoint, select_weights
 from fasttrain.config import CHOICES, config_from_dict
 from fasttrain.data import build_data
 from fasttrain.distributed import DistInfo, all_reduce_sum
@@ -120,19 +120,12 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
 
     `weights`: auto (the EMA weights when the checkpoint holds them, else the model's) | ema | model.
     The result says which were evaluated under "weights"."""
-    if weights not in ("auto", "ema", "model"):
-        raise ValueError(f"weights {weights!r}: expected auto, ema or model")
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
     cfg = config_from_dict(ckpt["config"])
     if data_dir is not None:
         cfg.data.dir = data_dir
-    ema_state = ckpt.get("ema")
-    if weights == "ema" and ema_state is None:
-        raise CheckpointError(f"{str(path)!r} holds no EMA weights (it was trained with train.ema_decay 0): "
-                              "evaluate its model weights (--weights model or auto)")
-    used = "ema" if ema_state is not None and weights != "model" else "model"
-    state = ema_state if used == "ema" else ckpt["model"]
+    used, state = select_weights(ckpt, weights, repr(str(path)))
     model = build_model(cfg.model, check=False)
     check_architecture(model, state, str(path))
     model.load_state_dict(state)

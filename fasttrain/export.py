@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.checkpoint import FORMAT, CheckpointError, load_checkpoint, write_checkpoint
+from fasttrain.checkpoint import FORMAT, check_architecture, load_checkpoint, select_weights, write_checkpoint
 from fasttrain.config import config_from_dict
 from fasttrain.model import build_model, count_params
 from fasttrain.runtime import git_sha
@@ -41,21 +41,13 @@ def _run_summary(checkpoint: Path, epoch: int, used: str) -> dict:
 def export_weights(checkpoint: str | Path, out: str | Path, *, weights: str = "auto",
                    dtype: str = "fp32", note: str | None = None) -> dict:
     """Write the weights file; return what it says about itself (also printed by the CLI)."""
-    if weights not in ("auto", "ema", "model"):
-        raise ValueError(f"weights {weights!r}: expected auto, ema or model")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     checkpoint, out = Path(checkpoint), Path(out)
     ckpt = load_checkpoint(checkpoint)
-    ema = ckpt.get("ema")
-    if weights == "ema" and ema is None:
-        raise CheckpointError(f"{checkpoint} holds no EMA weights (trained with train.ema_decay 0): "
-                              "export --weights model")
-    used = "ema" if (weights == "ema" or (weights == "auto" and ema is not None)) else "model"
-    state = ema if used == "ema" else ckpt["model"]
-    cfg = config_from_dict(ckpt["config"])
-    model = build_model(cfg.model, check=False)
-    model.load_state_dict(state)  # the architecture check: refuses weights that do not fit the config
+    used, state = select_weights(ckpt, weights, str(checkpoint))
+    model = build_model(config_from_dict(ckpt["config"]).model, check=False)
+    check_architecture(model, state, str(checkpoint))  # weights that do not fit the config are refused
     cast = DTYPES[dtype]
     state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     info = {
