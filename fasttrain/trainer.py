@@ -384,10 +384,9 @@ class Trainer:
             self._train_step(images, labels)
             if i + 1 >= steps:
                 break
-        for loader in (self.data.val, self.data.test if self.cfg.train.eval_test else None):
-            if loader is not None:
-                evaluate(self.eval_net, loader, self.precision, self.device, tta=self.cfg.train.tta,
-                         fill=self.eval_fill)
+        for _, loader in self._eval_splits():
+            evaluate(self.eval_net, loader, self.precision, self.device, tta=self.cfg.train.tta,
+                     fill=self.eval_fill)
         unwrap(self.model).load_state_dict(model_state)
         if ema_state is not None:
             self.ema.load_state_dict(ema_state)
@@ -398,6 +397,12 @@ class Trainer:
         set_rng_state(rng, self.device)
         synchronize(self.device)
         return time.perf_counter() - t0
+
+    def _eval_splits(self) -> list[tuple[str, object]]:
+        """(name, loader) of what this run scores: the validation split when one is held out, and
+        the test set unless train.eval_test is false (tuning)."""
+        splits = [("val", self.data.val)] if self.data.val is not None else []
+        return splits + ([("test", self.data.test)] if self.cfg.train.eval_test else [])
 
     # ---------------------------------------------------------------- the run
     def fit(self, stop_after_epochs: int | None = None) -> dict:
@@ -557,12 +562,11 @@ class Trainer:
             imgs_per_s.append(row["images_per_second"])
             last = epoch + 1 == end_epoch
             if (epoch + 1) % cfg.train.eval_every == 0 or last:
-                if self.data.val is not None:
-                    row["val_acc"] = final_val = evaluate(self.eval_net, self.data.val, self.precision, self.device,
-                                                          dist_info=self.dist)
-                if cfg.train.eval_test:
-                    row["test_acc"] = final_test = evaluate(self.eval_net, self.data.test, self.precision,
-                                                            self.device, dist_info=self.dist)
+                for split, loader in self._eval_splits():
+                    row[f"{split}_acc"] = evaluate(self.eval_net, loader, self.precision, self.device,
+                                                   dist_info=self.dist)
+                final_val, final_test = row["val_acc"], row["test_acc"]
+                if final_test is not None:
                     self.best_test_acc = max(self.best_test_acc or 0.0, final_test)
             self._append_metrics(row)
             eta = (epochs - epoch - 1) * (time.perf_counter() - t0)
@@ -583,11 +587,9 @@ class Trainer:
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
         if cfg.train.tta != "none" and self.start_epoch < epochs:
-            for split, loader in (("val", self.data.val), ("test", self.data.test if cfg.train.eval_test else None)):
-                if loader is not None:
-                    summary[f"final_{split}_acc_tta"] = evaluate(self.eval_net, loader, self.precision, self.device,
-                                                                 tta=cfg.train.tta, dist_info=self.dist,
-                                                                 fill=self.eval_fill)
+            for split, loader in self._eval_splits():
+                summary[f"final_{split}_acc_tta"] = evaluate(self.eval_net, loader, self.precision, self.device,
+                                                             tta=cfg.train.tta, dist_info=self.dist, fill=self.eval_fill)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         con.summary(summary)
