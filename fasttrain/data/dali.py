@@ -55,7 +55,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from fasttrain.data.loader_torch import epoch_generator
+from fasttrain.data.loader_torch import epoch_draws
 
 __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 
@@ -131,8 +131,8 @@ def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: in
     """The pure function of ``(seed, epoch, rank)`` that the DALI loader executes.
 
     Training: a permutation of ``range(n)`` and, per position of that permutation, a crop offset
-    pair uniform on ``{-p..p}^2`` and a flip bit, all from the CPU generator
-    ``loader_torch.epoch_generator(seed, epoch)`` (the same on every rank); rank r takes positions
+    pair uniform on ``{-p..p}^2`` and a flip bit, all drawn on the CPU by
+    ``loader_torch.epoch_draws`` (the same on every rank); rank r takes positions
     ``r::world_size``, truncated to the same number of samples on every rank, and to whole
     batches with ``drop_last`` (the default in training).
     Evaluation: contiguous, disjoint, in-order shards covering ``range(n)`` once, no augmentation,
@@ -140,16 +140,12 @@ def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: in
     """
     drop_last = train if drop_last is None else drop_last
     if train:
-        # The exact draw sequence of TorchLoader._epoch_draws (same generator, same calls, same
-        # order), so both loaders yield the same stream for a seed: switching data.loader does
-        # not change what a run trains on (tests/test_dali.py holds the two to that).
-        generator = epoch_generator(seed, epoch)
-        perm = torch.randperm(n, generator=generator).numpy()
-        # Integer draws, one per position: each of the 2p+1 offsets per axis equally likely.
-        offsets = torch.randint(0, 2 * crop_padding + 1, (n, 2), generator=generator).numpy()
-        flips = torch.randint(0, 2, (n,), generator=generator).numpy() * int(flip)
-        starts = (offsets - crop_padding).astype(np.int32)
-        mirror = flips.astype(np.int32)
+        # TorchLoader's draws, from the one function both loaders use (tests/test_dali.py also
+        # checks the two streams batch by batch)
+        order, offsets, flips = epoch_draws(seed, epoch, n, crop_padding, flip)
+        perm = order.numpy()
+        starts = (offsets.numpy() - crop_padding).astype(np.int32)
+        mirror = flips.numpy().astype(np.int32)
         keep, _ = shard_bounds(n, batch_size=batch_size, train=True, drop_last=drop_last,
                                rank=rank, world_size=world_size)
         sel = slice(rank, None, world_size)

@@ -23,6 +23,19 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return generator
 
 
+def epoch_draws(seed: int, epoch: int, n: int, padding: int,
+                flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training epoch's randomness for the whole data set, on the CPU: the shuffle [n], the crop
+    offsets [n, 2] (uniform on 0..2*padding per axis: every offset equally likely) and the flip bits
+    [n], drawn in that order from epoch_generator(seed, epoch). Both loaders take their stream from
+    here, so switching data.loader does not change what a run trains on."""
+    generator = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=generator)
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+    flips = torch.randint(0, 2, (n,), generator=generator) * int(flip)
+    return order, offsets, flips
+
+
 def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, np.ndarray) and not array.flags.writeable:
         array = array.copy()  # torch.from_numpy warns on read-only buffers (np.frombuffer views)
@@ -112,10 +125,7 @@ class TorchLoader:
         Everything is drawn for the whole data set before sharding, so a sample's augmentation does not
         depend on world_size and the ranks' slices of one permutation are disjoint.
         """
-        generator, n = epoch_generator(self.seed, epoch), self._dataset_size
-        order = torch.randperm(n, generator=generator)
-        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
-        flips = torch.randint(0, 2, (n,), generator=generator) * int(self.flip)
+        order, offsets, flips = epoch_draws(self.seed, epoch, self._dataset_size, self.padding, self.flip)
         draws = torch.cat([order[:, None], offsets, flips[:, None]], dim=1)
         draws = draws[self.rank::self.world_size][:self.num_samples]
         if self.device.type == "cuda":  # from pinned memory: the copy does not stall the host
