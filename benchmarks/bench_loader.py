@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,17 +40,15 @@ import torch
 BENCHMARKS = str(Path(__file__).resolve().parent)
 if BENCHMARKS not in sys.path:  # imported by file path (the tests): common.py sits next to this file
     sys.path.insert(0, BENCHMARKS)
-from common import (REPO_ROOT, RESULTS_DIR, PaperLoader, Timer, device_slug, print_table,  # noqa: E402
-                    require_cuda, run_metadata, write_json)
+from common import (REPO_ROOT, RESULTS_DIR, PaperLoader, Timer, device_slug, endless,  # noqa: E402
+                    print_table, require_cuda, run_metadata, write_json)
+
+from fasttrain.config import DataConfig  # noqa: E402
 
 TARGET_IMAGES_PER_S = 200_000
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2023, 0.1994, 0.2010)
+MEAN, STD = DataConfig().mean, DataConfig().std  # the paper's normalization, the config default
 
 
-# --------------------------------------------------------------------------------------------
-# The paper's way: torchvision transforms in DataLoader workers
-# --------------------------------------------------------------------------------------------
 # --------------------------------------------------------------------------------------------
 # The measurements
 # --------------------------------------------------------------------------------------------
@@ -93,32 +92,17 @@ def make_train_step(model_cfg, optim_cfg, device: torch.device, autocast_dtype):
     return step
 
 
-def bench_train(step, batches: Callable[[], Iterable], steps: int, warmup: int,
-                device: torch.device) -> dict:
-    """Images/s of `steps` training steps fed by `batches()` (re-iterated across epochs)."""
-    def stream():
-        epoch = 0
-        while True:
-            yield from batches(epoch)
-            epoch += 1
-
-    it = stream()
+def bench_train(step, batches: Iterator, steps: int, warmup: int, device: torch.device) -> dict:
+    """Images/s of `steps` training steps fed by the endless iterator `batches`, after `warmup` steps."""
     for _ in range(warmup):
-        step(*next(it))
+        step(*next(batches))
     count = 0
     with Timer(device) as timer:
         for _ in range(steps):
-            images, labels = next(it)
+            images, labels = next(batches)
             step(images, labels)
             count += labels.shape[0]
     return {"images": count, "seconds": timer.seconds, "images_per_s": count / timer.seconds}
-
-
-def epochs_of(loader):
-    def batches(epoch: int):
-        loader.set_epoch(epoch)
-        return iter(loader)
-    return batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +226,7 @@ def main(argv=None) -> int:
         images = torch.randn(args.batch_size, 3, 32, 32, device=device, dtype=dtype)
         images = images.to(memory_format=torch.channels_last)
         labels = torch.randint(0, 10, (args.batch_size,), device=device)
-        result = bench_train(step, lambda epoch: [(images, labels)] * 1000, args.steps, warmup,
+        result = bench_train(step, itertools.repeat((images, labels)), args.steps, warmup,
                              device)
         rows.append({"loader": "none", "mode": "train-step", **result,
                      "note": "one resident batch: the step alone"})
@@ -250,7 +234,7 @@ def main(argv=None) -> int:
         for name, loader in loaders.items():
             torch.manual_seed(0)
             step = make_train_step(model_cfg, cfg.optim, device, autocast_dtype)
-            result = bench_train(step, epochs_of(loader), args.steps, warmup, device)
+            result = bench_train(step, endless(loader), args.steps, warmup, device)
             rows.append({"loader": name, "mode": "train-step", **result})
             print(f"{name:<12} train  {result['images_per_s']:>12,.0f} images/s", flush=True)
 

@@ -174,6 +174,16 @@ def require_cuda(script: str, hint: str = "run it on the GPU machine") -> None:
         raise SystemExit(2)
 
 
+def endless(loader):
+    """A loader's batches epoch after epoch (set_epoch 0, 1, ...), so a timing window never ends at
+    an epoch boundary."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 class Timer:
     """Wall time of queued device work, in `.seconds`: CUDA events on the current stream (the start
     event after a synchronize, so nothing earlier is counted; the end event waited on), perf_counter
@@ -258,11 +268,23 @@ def start_gpu_benchmark(script: str) -> tuple[torch.device, dict, float]:
     return device, meta, copy_gbs
 
 
+def gpu_result_path(folder: str | Path, stem: str, device: torch.device, partial: bool = False) -> Path:
+    """`folder/<stem>_<device slug>.json` (one file per script and card: a rerun replaces it); with
+    `partial`, the `.partial.json` a script rewrites as it goes, until finish_gpu_benchmark."""
+    return Path(folder) / f"{stem}_{device_slug(device)}{'.partial' if partial else ''}.json"
+
+
+def save_partial(folder: str | Path, stem: str, device: torch.device, payload: dict) -> None:
+    """The results so far, so that a run stopped by a time limit keeps the cases it finished."""
+    write_json(gpu_result_path(folder, stem, device, partial=True), {**payload, "complete": False})
+
+
 def finish_gpu_benchmark(folder: str | Path, stem: str, device: torch.device, payload: dict,
                          table: tuple[str, list[str], list[list]]) -> Path:
-    """Write `payload` to `folder/<stem>_<device slug>.json` (one file per script and card: a rerun
-    replaces it), say so on stderr, then print `table` = (title, columns, rows) with print_table."""
-    path = write_json(Path(folder) / f"{stem}_{device_slug(device)}.json", payload)
+    """Write `payload` to gpu_result_path (replacing any partial file), say so on stderr, then print
+    `table` = (title, columns, rows) with print_table."""
+    path = write_json(gpu_result_path(folder, stem, device), payload)
+    gpu_result_path(folder, stem, device, partial=True).unlink(missing_ok=True)
     print(f"wrote {path}", file=sys.stderr)
     print_table(*table)
     return path

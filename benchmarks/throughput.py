@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, PaperLoader, bf16_peak_tflops, default_result_path, matmul_tflops, run_main,
-                    run_metadata, wide_console, write_json)
+from common import (REPO_ROOT, PaperLoader, Timer, bf16_peak_tflops, default_result_path, endless, matmul_tflops,
+                    run_main, run_metadata, wide_console, write_json)
 from rich.table import Table
 
 import fasttrain.data
@@ -156,31 +156,13 @@ def paper_loader(cfg, batch_size: int, workers: int, device: torch.device) -> Pa
                        workers=workers, mean=cfg.data.mean, std=cfg.data.std, crop_padding=cfg.data.crop_padding)
 
 
-def endless(loader):
-    """Batches epoch after epoch, so a timing window never ends at an epoch boundary."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 # ------------------------------------------------------------------------------------- timing
 def timed_window(step, batches, steps: int, device: torch.device) -> float:
     """Seconds for `steps` training steps, data loading included (a slow loader starves the device)."""
-    synchronize(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    with Timer(device) as timer:
         for _ in range(steps):
             step(*next(batches))
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(*next(batches))
-    return time.perf_counter() - t0
+    return timer.seconds
 
 
 def measure(cfg, knobs: Knobs, args, run_dir: Path) -> dict:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 from fasttrain.config import load_config
 from fasttrain.model import build_model, forward_flops
@@ -333,3 +334,15 @@ def test_tile_sweep_ranks_only_correct_pairs_by_the_stem_then_the_total(repo_roo
     assert [(p["gate_tile"], p["reduce_tile"]) for p in ranked] == [(8192, 2048), (2048, 2048), (4096, 2048)]
     assert ranked[0]["stem_ms"] == pytest.approx(0.20) and ranked[0]["total_ms"] == pytest.approx(0.60)
     assert [p["default"] for p in ranked] == [False, False, True]
+
+
+def test_gpu_result_files_partial_until_finished(bench, tmp_path, capsys):
+    """bench_se/tune_se save a .partial.json as they go; the final write replaces it."""
+    common, cpu = bench["common"], torch.device("cpu")
+    common.save_partial(tmp_path, "bench_x", cpu, {"rows": [1]})
+    partial = common.gpu_result_path(tmp_path, "bench_x", cpu, partial=True)
+    assert json.loads(partial.read_text()) == {"rows": [1], "complete": False}
+    final = common.finish_gpu_benchmark(tmp_path, "bench_x", cpu, {"rows": [1, 2]}, ("t", ["a"], [["1"]]))
+    assert final == common.gpu_result_path(tmp_path, "bench_x", cpu) and final.name.endswith(".json")
+    assert json.loads(final.read_text()) == {"rows": [1, 2]} and not partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]

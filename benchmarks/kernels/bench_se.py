@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
-from common import (RESULTS_DIR, cuda_times_ms, device_slug, finish_gpu_benchmark,  # noqa: E402
-                    start_gpu_benchmark, write_json)
+from common import (RESULTS_DIR, cuda_times_ms, finish_gpu_benchmark, save_partial,  # noqa: E402
+                    start_gpu_benchmark)
 
 # (label, channels, size, fused residual)
 SHAPES = [("stem", 64, 32, False), ("block", 64, 32, True), ("block", 128, 16, True), ("block", 256, 8, True)]
@@ -100,7 +100,6 @@ def main() -> None:
     device, meta, copy_gbs = start_gpu_benchmark("bench_se.py")
     dtype = getattr(torch, args.dtype)
     rows = []
-    partial = Path(args.out) / f"bench_se_{device_slug(device)}.partial.json"
     for batch in args.batch_sizes:
         for label, channels, size, residual in SHAPES:
             torch._dynamo.reset()  # each case compiles its own static graphs (see implementation)
@@ -120,7 +119,7 @@ def main() -> None:
                     "forward_backward_pct_copy": 100 * gbs[1] / copy_gbs,
                 })
                 print(f"  {label} {rows[-1]['shape']} {name}: {fwd_ms:.3f} / {fwd_bwd_ms:.3f} ms", file=sys.stderr)
-            write_json(partial, {**meta, "complete": False, "rows": rows})  # a time limit keeps the cases done
+            save_partial(args.out, "bench_se", device, {**meta, "rows": rows})
 
     finish_gpu_benchmark(args.out, "bench_se", device, {
         **meta, "dtype": args.dtype, "channels_last": not args.nchw, "copy_gbs": copy_gbs,
@@ -130,7 +129,6 @@ def main() -> None:
         ["placement", "shape", "impl", "fwd ms", "fwd+bwd ms", "fwd % copy", "fwd+bwd % copy"],
         [[r["placement"], "x".join(map(str, r["shape"])), r["impl"], r["forward_ms"], r["forward_backward_ms"],
           r["forward_pct_copy"], r["forward_backward_pct_copy"]] for r in rows]))
-    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_se import SHAPES, bench_case, make_inputs  # noqa: E402
-from common import RESULTS_DIR, device_slug, finish_gpu_benchmark, start_gpu_benchmark, write_json  # noqa: E402
+from common import RESULTS_DIR, finish_gpu_benchmark, save_partial, start_gpu_benchmark  # noqa: E402
 
 STEM = "stem"  # the placement of the paper's model (configs/seed.yaml): one SE after the stem
 
@@ -57,7 +57,6 @@ def main() -> None:
     from fasttrain.kernels import se as se_mod
 
     defaults = (se_mod._GATE_TILE, se_mod._REDUCE_TILE)
-    partial = Path(args.out) / f"tune_se_{device_slug(device)}.partial.json"
     rows = []
     try:
         for gate, reduce in itertools.product(args.tiles, args.tiles):
@@ -76,7 +75,7 @@ def main() -> None:
                              "correct": err < 1e-2})  # bf16 storage: ~4e-3 expected, NaN fails too
                 print(f"  gate {gate} reduce {reduce} {label} {rows[-1]['shape']}: {fwd_bwd_ms:.3f} ms "
                       f"(rel err {err:.1e})", file=sys.stderr)
-            write_json(partial, {**meta, "complete": False, "rows": rows})
+            save_partial(args.out, "tune_se", device, {**meta, "rows": rows})
     finally:
         se_mod._GATE_TILE, se_mod._REDUCE_TILE = defaults
     ranked = rank_pairs(rows)
@@ -88,7 +87,6 @@ def main() -> None:
         ["gate tile", "reduce tile", "stem ms", "all shapes ms", "default"],
         [[p["gate_tile"], p["reduce_tile"], f"{p['stem_ms']:.3f}", f"{p['total_ms']:.3f}", "*" if p["default"] else ""]
          for p in ranked]))
-    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
