@@ -34,15 +34,7 @@ STD = (0.2023, 0.1994, 0.2010)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tests run many small torch ops next to DALI's worker threads. On 2 shared cores one
-    intra-op thread was 4-6x faster than a 2-thread OpenMP team, whose barriers spin-wait when
-    the CPU is busy (the training test: ~10 s instead of ~60 s at load 6)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: beside DALI's threads
 
 
 def random_images(n: int, seed: int = 0, hw: int = 32) -> np.ndarray:

@@ -27,9 +27,9 @@ from fasttrain import cli
 from fasttrain.checkpoint import (FORMAT, CheckpointError, find_resume_checkpoint, load_checkpoint,
                                   write_checkpoint)
 from fasttrain.config import load_config, save_config
-from fasttrain.console import RunConsole
 from fasttrain.signals import RunInterrupted, StopRequest
 from fasttrain.trainer import Trainer, TrainingError
+from test_train import quiet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
@@ -56,10 +56,6 @@ def cli_args(cifar_dir, run_dir, *extra):
 
 def tiny_config(cifar_dir, run_dir, *extra):
     return load_config(REPO / "configs/smoke.yaml", tiny(cifar_dir, run_dir, *extra))
-
-
-def quiet():
-    return RunConsole(progress=False, enabled=False)
 
 
 def child_env(**extra):

@@ -61,7 +61,7 @@ def test_smoke_config_learns(cifar_dir, tmp_path):
     assert load_config(tmp_path / "config.yaml", ["--name", "smoke"]) == cfg  # the resolved config is saved
 
 
-def test_smoke_config_learns_through_the_dali_loader(cifar_dir, tmp_path):
+def test_smoke_config_learns_through_the_dali_loader(cifar_dir, tmp_path, one_torch_thread):
     """data.loader=dali end to end (DALI CPU-only here): same recipe, clearly above chance."""
     cfg = load_config("configs/smoke.yaml", ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path),
                                              "--data.loader", "dali"])
