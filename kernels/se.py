@@ -59,8 +59,11 @@ __all__ = ["se_gate", "se_gate_reference"]
 # size cap of the broadcast-multiply tiles of the MLP kernels. The GPU values keep a tile in registers;
 # the interpreter pays ~30 ms per program whatever its size, so it gets 4x larger tiles (the test shapes
 # still run multi-iteration loops and partial tiles: channels_last 32x32, odd 7x5).
-_GATE_TILE = 16384 if INTERPRET else 4096
-_REDUCE_TILE = 8192 if INTERPRET else 2048
+# GPU values from benchmarks/kernels/tune_se.py on an H200 (benchmarks/results/2026-11-26-h200/tune):
+# gate 2048 / reduce 1024 was the fastest pair over the network's four SE shapes (2.78 ms against 4.06
+# ms for the former 4096 / 2048) and second for the paper's stem SE (0.696 ms; best 0.688).
+_GATE_TILE = 16384 if INTERPRET else 2048
+_REDUCE_TILE = 8192 if INTERPRET else 1024
 _MLP_TILE = 4096
 
 
