@@ -5,11 +5,15 @@
 #   bash benchmarks/gpu_session.sh STAGE [OUT_DIR]
 #
 # STAGE is one of
-#   quick       everything below that fits, most valuable first, each stage under its own time limit
-#               and all of them under one deadline: tests, throughput, best, kernels, loader, seed (the
-#               last ones run only if the earlier ones finish early). The plan for a session's one big command.
-#   tests | throughput | best | kernels | tune | loader | seed | torchrun    one stage alone (limit: the
-#               deadline); tune is the SE tile-size sweep (benchmarks/kernels/tune_se.py), not part of quick
+#   quick       what the next session needs most, each stage under its own time limit and all of them
+#               under one deadline: tests, profile, throughput (CUDA-graph rows first), graphseed, bench_se
+#               (the new SE tiles), best (the last ones run only if the earlier ones finish early). The
+#               plan for a session's one big command; the first session's quick (rows 1-8, best, kernels,
+#               loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
+#   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
+#               one stage alone (limit: the deadline). profile: benchmarks/profile_step.py (host- or
+#               GPU-bound, per row); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
+#               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
 #               on the one GPU, engine switches in APAPER_ARGS: a session's whole command, for issue 6's
 #               A_paper. Size it first from the seed stage's epoch time: 200 epochs must fit the deadline
@@ -22,14 +26,24 @@
 # past its limit gets SIGTERM, then SIGKILL 10 s later; a watchdog TERMs this script 25 s after the
 # deadline, and the summary and files are written on any exit. 500 s leaves ~60 s of a 590 s command.
 #
-# Session plan (from the repository root, here):
+# Session plan (from the repository root, here). A carried path does NOT stay on the machine for the next
+# call (seen 2026-11-26: the second call listed only .stage/02), so each transfer parks its part in /tmp,
+# which does survive while the machine stays warm (30 s idle):
 #   ../shared/device/stage                    -> .stage/01 (CIFAR-10) .. .stage/03 (DALI), see its output
-#   run: carry [".stage/01"], command "ls .stage"                       } back to back: the machine
-#   run: carry [".stage/02"], command "ls .stage"                       } goes back after 30 s idle
+#   run: carry [".stage/01"], command "mkdir -p /tmp/stg && cp -r .stage/01 /tmp/stg/ && ls /tmp/stg"   } back to
+#   run: carry [".stage/02"], command "cp -r .stage/02 /tmp/stg/ && ls /tmp/stg"                          } back
 #        (the second reply must list 01 and 02: else the machine was replaced, start over)
-#   run: carry [".stage/03"], timeout_s 590, command
-#        "export GPU_SESSION_T0=$(date +%s); bash .stage/03/unstage.sh >/dev/null && . .stage/env.sh &&
-#         bash benchmarks/gpu_session.sh quick"
+#   run: carry [".stage/03"], timeout_s 600, command
+#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=530; mkdir -p .stage && cp -r /tmp/stg/0[12] .stage/ &&
+#         bash .stage/03/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
+#         bash benchmarks/gpu_session.sh quick $OUT"
+#   A further call on the same warm machine (another stage, its own OUT sub-folder) restores the unpacked
+#   payload instead of unpacking again:
+#        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[12] .stage/ && bash .stage/03/unstage.sh
+#         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=150;
+#         bash benchmarks/gpu_session.sh kernels $OUT/k)"
+# First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
+# the staging and three commands (quick; kernels + tune; torchrun + ablation).
 # then give_back. Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
 # skipped or failed and everything else still runs.
 #
@@ -38,7 +52,7 @@
 # (every log, JSON, chart and metrics file; no checkpoints) and, after a completed best stage, the
 # trained weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh quick|apaper|ablation|tests|throughput|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
+stage=${1:?usage: gpu_session.sh quick|apaper|ablation|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
 out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
@@ -109,10 +123,20 @@ stage_tests() {       # the gpu-marked tests: real Triton kernels, compile fullg
   limited gpu-tests "$1" python -m pytest -m gpu -q -rfE -p no:cacheprovider "${pytest_opts[@]}" \
     --continue-on-collection-errors
 }
-stage_throughput() {  # the 8-step ablation at batch 128, and the fast rows at 512 (issue 5); the baseline and
-  # the headline row first, so a stage cut by its limit still has them (each compile row costs ~a minute)
+stage_throughput() {  # the ablation (issue 5): the baseline and the CUDA-graph rows first, so a stage cut by its
+  # limit still has them (each compile row costs 15-20 s on an H200). The first session measured rows 1-8.
   limited throughput "$1" python benchmarks/throughput.py --batch-sizes 128 512 --repeats 2 --steps 40 \
-    --warmup-steps 10 --rows 1,7@512,5,2,3,4,6,7,8,8@512 --out "$work/throughput.json"
+    --warmup-steps 10 --rows "${ROWS:-1,9,9@512,7,7@512,10,4,8}" --out "$work/throughput.json"
+}
+stage_profile() {     # where a step's time goes: host-bound or GPU-bound, per row (the 10 ms question)
+  limited profile "$1" python benchmarks/profile_step.py --batch-sizes 128 512 --steps 20 --repeats 2 \
+    --rows "${PROFILE_ROWS:-7,9,7@512}" --out "$work/profile.json"
+}
+stage_graphseed() {   # the paper's recipe with the engine's fast paths and the whole-step CUDA graph, 3 epochs:
+  # the epoch time that sizes the apaper stage (200 epochs, 2 seeds), and a check that it learns
+  limited graphseed "$1" python -m fasttrain --config configs/seed.yaml --train.epochs 3 \
+    --train.compile true --optim.impl fused --train.cuda_graph true --output.dir "$work/graphseed" \
+    --output.progress false --train.checkpoint_every 1000
 }
 stage_best() {        # the fast recipe in full, one seed, timed; run folders kept for partial results
   limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds 1 \
@@ -169,13 +193,13 @@ stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, co
 }
 
 case $stage in
-  quick)
-    stage_tests 90
-    stage_throughput 170
-    stage_best 160
-    stage_kernels 40 20
-    stage_loader 40
-    stage_seed 60 ;;
+  quick)  # the first session (2026-11-26) measured rows 1-8, best, kernels, loader, seed: now the CUDA graph
+    stage_tests 100
+    stage_profile 80
+    stage_throughput 150
+    stage_graphseed 60
+    stage_kernels 40 0
+    stage_best 120 ;;
   tests)      stage_tests "$budget" ;;
   throughput) stage_throughput "$budget" ;;
   best)       stage_best "$budget" ;;
@@ -183,6 +207,8 @@ case $stage in
   tune)       stage_tune "$budget" ;;
   loader)     stage_loader "$budget" ;;
   seed)       stage_seed "$budget" ;;
+  profile)    stage_profile "$budget" ;;
+  graphseed)  stage_graphseed "$budget" ;;
   torchrun)   stage_torchrun "$((budget / 2))" ;;
   apaper)     stage_apaper "$budget" ;;
   ablation)   stage_ablation "$budget" ;;

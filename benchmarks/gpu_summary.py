@@ -12,7 +12,8 @@ number. Reads:
   best.json | best-runs/*/       time_to_accuracy.py's result, else the runs' metrics.jsonl (partial)
   throughput.json                throughput.py's rows (rewritten after each row, so partial is fine)
   bench_se_*.json, bench_optim_*.json, tune_se_*.json, loader.json, ablation.json (recipe_ablation.py)
-  seed/metrics.jsonl, torchrun1/ and plain/ metrics.jsonl
+  profile.json                   profile_step.py's rows: host- or GPU-bound
+  seed/, graphseed/, torchrun1/, plain/, apaper-*/ metrics.jsonl
 """
 from __future__ import annotations
 
@@ -128,6 +129,23 @@ def throughput(d: Path) -> list[str]:
     return lines
 
 
+def profile(d: Path) -> list[str]:
+    result = _read_json(d / "profile.json")
+    if not result:
+        return []
+    lines = [f"profile     host- or GPU-bound per step{'' if result.get('complete') else ' (PARTIAL)'}: "
+             "wall / host / GPU-busy ms, kernels, syncs per step"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"  {r['row']:<6} {r['status']}: {(r['reason'] or '')[:70]}")
+            continue
+        lines.append(f"  {r['row']:<6} b{r['batch_size']:<5} {_n(r['wall_ms_per_step'], '.2f')} / "
+                     f"{_n(r['host_ms_per_step'], '.2f')} / {_n(r['gpu_busy_ms_per_step'], '.2f')} ms, "
+                     f"{_n(r['kernels_per_step'], '.0f')} kernels, {_n(r['syncs_per_step'], '.1f')} syncs: "
+                     f"{r['verdict']}")
+    return lines
+
+
 def kernels(d: Path) -> list[str]:
     lines = []
     for path in sorted(d.glob("bench_se_*.json")):
@@ -180,7 +198,7 @@ def loader(d: Path) -> list[str]:
 
 def runs(d: Path) -> list[str]:
     lines = []
-    for name in ("seed", "plain", "torchrun1", *sorted(p.name for p in d.glob("apaper-*") if p.is_dir())):
+    for name in ("seed", "graphseed", "plain", "torchrun1", *sorted(p.name for p in d.glob("apaper-*") if p.is_dir())):
         rows = _metrics(d / name)
         if rows:
             lines.append(f"{name:<11} {_epoch_line(rows)}")
@@ -196,7 +214,7 @@ def summarize(d: Path) -> str:
         head += (f": {meta.get('device')}, torch {versions.get('torch')}, triton {versions.get('triton')}, "
                  f"DALI {versions.get('dali')}, git {meta.get('git_sha')}")
     body = []
-    for section in (stages, tests, best, throughput, kernels, loader, ablation, runs):
+    for section in (stages, tests, profile, throughput, best, kernels, loader, ablation, runs):
         try:  # one odd file must not cost the rest of the summary
             body += section(d)
         except Exception as e:  # noqa: BLE001

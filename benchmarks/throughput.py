@@ -12,7 +12,10 @@ in the same process, so the ratios between rows are trustworthy:
   2 + GPU-resident data (fasttrain.data.TorchLoader)      5 + torch.compile
   3 + bf16 autocast                                       6 + Triton SE (model.se_impl triton)
   4 + channels_last                                       7 + fused Lookahead-SGD (optim.impl fused)
-  8 DALI instead of the torch GPU data path; then steps 7 and 8 again at each larger --batch-sizes.
+  8 DALI instead of the torch GPU data path
+  9 step 7 with the whole step as one CUDA graph (train.cuda_graph; fasttrain/graph.py)
+ 10 step 7 with torch.compile mode reduce-overhead (torch's own CUDA graphs of forward and backward)
+then steps 7, 8 and 9 again at each larger --batch-sizes.
 
 Each row is a fasttrain Trainer built from the config with that row's settings; the timed step is the
 trainer's own training step (forward, loss, backward, clipping, optimizer, schedule). A row is warmed
@@ -24,6 +27,7 @@ reason, and later rows are measured without it (their note says so).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import gc
@@ -64,6 +68,8 @@ class Knobs:
     se_impl: str = "torch"
     optim_impl: str = "torch"
     batch_size: int = 128
+    cuda_graph: bool = False     # train.cuda_graph: the whole step as one CUDA graph
+    compile_mode: str = "default"
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ FEATURES = {
     "triton_se": ("se_impl", "triton", "torch"),
     "fused": ("optim_impl", "fused", "torch"),
     "dali": ("data", "dali", "torch"),
+    "cuda_graph": ("cuda_graph", True, False),
 }
 
 
@@ -97,10 +104,15 @@ def ablation(batch: int, batch_sizes: list[int]) -> list[Variant]:
         knobs = replace(knobs, **change)
         rows.append(Variant(step, name, adds, knobs))
     rows.append(Variant("8", "DALI instead of the torch GPU data", "dali", replace(knobs, data="dali")))
+    graphed = replace(knobs, cuda_graph=True)
+    rows.append(Variant("9", "step 7 + whole-step CUDA graph", "cuda_graph", graphed))
+    rows.append(Variant("10", "step 7, compile mode reduce-overhead", "compile",
+                        replace(knobs, compile_mode="reduce-overhead")))
     for b in batch_sizes:
         if b != batch:
             rows.append(Variant(f"7@{b}", f"step 7 at batch {b}", None, replace(knobs, batch_size=b)))
             rows.append(Variant(f"8@{b}", f"DALI at batch {b}", "dali", replace(knobs, data="dali", batch_size=b)))
+            rows.append(Variant(f"9@{b}", f"step 9 at batch {b}", "cuda_graph", replace(graphed, batch_size=b)))
     return rows
 
 
@@ -109,6 +121,8 @@ def unavailable_features(device: torch.device, smoke: bool) -> dict[str, str]:
     reasons = {}
     if smoke and device.type == "cpu":
         reasons["compile"] = "--smoke on a CPU skips torch.compile (its C++ build takes minutes on a few cores)"
+    if device.type != "cuda":
+        reasons["cuda_graph"] = "CUDA graphs need a CUDA GPU"
     try:
         import fasttrain.kernels.se  # noqa: F401
     except Exception as e:  # ImportError, or a kernel module failing inside its own imports
@@ -140,6 +154,8 @@ def variant_config(base, knobs: Knobs):
     cfg.train.precision = knobs.precision
     cfg.train.channels_last = knobs.channels_last
     cfg.train.compile = knobs.compile
+    cfg.train.compile_mode = knobs.compile_mode
+    cfg.train.cuda_graph = knobs.cuda_graph
     cfg.model.se_impl = knobs.se_impl
     cfg.optim.impl = knobs.optim_impl
     cfg.data.loader = "dali" if knobs.data == "dali" else "torch"
@@ -165,34 +181,48 @@ def timed_window(step, batches, steps: int, device: torch.device) -> float:
     return timer.seconds
 
 
-def measure(cfg, knobs: Knobs, args, run_dir: Path) -> dict:
+@contextlib.contextmanager
+def prepared_row(cfg, knobs: Knobs, args, run_dir: Path):
+    """A row's Trainer, warmed up: yields (trainer, endless batches, warmup seconds). Warmup covers
+    torch.compile, cuDNN autotuning, DataLoader workers and, under train.cuda_graph, the capture (after
+    which trainer._train_step replays the graph). profile_step.py builds its rows with this too."""
     if knobs.compile:
         import torch._dynamo
 
         torch._dynamo.reset()  # a fresh compile per row: no recompile limit silently falling back to eager
     trainer = Trainer(cfg, device=args.device, run_dir=run_dir, console=RunConsole(progress=False, enabled=False))
-    device = trainer.device
-    loader = (paper_loader(cfg, knobs.batch_size, args.workers, device) if knobs.data == "workers"
+    loader = (paper_loader(cfg, knobs.batch_size, args.workers, trainer.device) if knobs.data == "workers"
               else trainer.data.train)
     batches = endless(loader)
     try:
         t0 = time.perf_counter()
         for _ in range(args.warmup_steps):
             trainer._train_step(*next(batches))
-        synchronize(device)
-        warmup = time.perf_counter() - t0
-        windows = [timed_window(trainer._train_step, batches, args.steps, device) for _ in range(args.repeats)]
+        if trainer.use_graph:
+            trainer.capture_graph(*next(batches))
+        synchronize(trainer.device)
+        yield trainer, batches, time.perf_counter() - t0
     finally:
         batches.close()  # stops DataLoader workers / drains DALI before the next row
+
+
+def measure(cfg, knobs: Knobs, args, run_dir: Path) -> dict:
+    with prepared_row(cfg, knobs, args, run_dir) as (trainer, batches, warmup):
+        windows = [timed_window(trainer._train_step, batches, args.steps, trainer.device)
+                   for _ in range(args.repeats)]
     seconds = statistics.median(windows)
     return {"images_per_second": args.steps * knobs.batch_size / seconds, "ms_per_step": 1e3 * seconds / args.steps,
             "window_seconds": windows, "warmup_seconds": warmup}
 
 
 def run_variant(variant: Variant, base, args, unavailable: dict[str, str], device: torch.device,
-                tmp: Path) -> dict:
+                tmp: Path, measure_row=measure, empty: dict | None = None) -> dict:
+    """One row: skipped (with the reason) when its feature is unavailable, else measured by
+    `measure_row(cfg, knobs, args, run_dir)`; a failure is recorded, never raised. `empty`: the
+    result keys a row has before it is measured."""
     row = {"step": variant.step, "name": variant.name, "batch_size": variant.knobs.batch_size,
-           "status": "skipped", "reason": None, "note": None, "images_per_second": None}
+           "status": "skipped", "reason": None, "note": None,
+           **({"images_per_second": None} if empty is None else empty)}
     if variant.adds in unavailable:
         row["reason"] = unavailable[variant.adds]
         return row
@@ -203,7 +233,7 @@ def run_variant(variant: Variant, base, args, unavailable: dict[str, str], devic
         notes.append("on a CPU the SE op runs its PyTorch reference, not the kernel")
     row["note"] = "; ".join(notes) or None
     try:
-        row.update(measure(variant_config(base, knobs), knobs, args, tmp / f"row-{variant.step}"))
+        row.update(measure_row(variant_config(base, knobs), knobs, args, tmp / f"row-{variant.step}"))
         row["status"] = "ok"
     except Exception as e:  # one broken variant must not lose the others' measurements
         traceback.print_exc()

@@ -89,6 +89,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False            # torch.compile the model
     compile_mode: str = "default"    # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    cuda_graph: bool = False         # the whole training step as one CUDA graph (fasttrain/graph.py; GPU only)
     eval_every: int = 1              # evaluate every N epochs (and always at the end)
     eval_test: bool = True           # false: never evaluate the test set (tuning on data.val_size only)
     tta: str = "none"                # test-time augmentation: none | flip | flip_shift (fasttrain/evaluate.py)

@@ -40,10 +40,11 @@ class Precision:
             "fp32": Precision("fp32", None, torch.float32),
         }[precision]
 
-    def autocast(self, device: torch.device):
+    def autocast(self, device: torch.device, cache: bool = True):
+        """`cache=False` under CUDA-graph capture: autocast's cast cache must not outlive the capture."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device.type, dtype=self.autocast_dtype, cache_enabled=cache)
 
 
 def use_channels_last(cfg: Config, device: torch.device, warn=None) -> bool:

@@ -38,6 +38,7 @@ from fasttrain.export import KIND as EXPORT_KIND
 from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
                                    fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
                                    sync_buffers)
+from fasttrain.graph import GraphedStep, graph_problems, step_state
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
 from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
@@ -100,6 +101,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.trainable, cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None)
+        self.use_graph = self._check_cuda_graph()
+        self._graph: GraphedStep | None = None  # captured by warmup() when use_graph
 
         self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped and compiled
         # what evaluation calls: never the DDP wrapper, whose forward can run collectives (buffer
@@ -131,6 +134,20 @@ class Trainer:
         self._install_test_faults()
         if self.resume_path is not None:
             self._load(self.resume_path)
+
+    def _check_cuda_graph(self) -> bool:
+        """train.cuda_graph: off with a warning on the CPU (a config written for GPUs still runs);
+        on a GPU, a setting it cannot work with is an error that names the fix."""
+        if not self.cfg.train.cuda_graph:
+            return False
+        if self.device.type != "cuda":
+            self.console.warn("train.cuda_graph is off for this run: CUDA graphs need a CUDA GPU")
+            return False
+        problems = graph_problems(self.cfg, self.device, self.dist.world_size, self.precision.name)
+        if problems:
+            raise ConfigError("train.cuda_graph is on, but " + "; ".join(problems) +
+                              " (or pass --train.cuda_graph false)")
+        return True
 
     # ---------------------------------------------------------------- run folder
     def _choose_run_dir(self, run_dir, overwrite: bool) -> Path:
@@ -296,10 +313,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step, one epoch
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.precision.autocast(self.device):
+        """One training step: the captured graph's replay under train.cuda_graph, else eager."""
+        if self._graph is not None:
+            loss, logits = self._graph(images, labels)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, logits = self._step_body(images, labels)
+        self.schedule.step()  # host-side: the next step's lr reaches the device before it runs
+        if self.ema is not None:
+            self.ema.update(self.schedule.step_count)
+        return loss, logits
+
+    def _step_body(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward, clipping, optimizer step: what a CUDA graph captures (gradients
+        zeroed by the caller). Autocast's weight-cast cache is off: it must not outlive a capture, and a
+        ResNet uses each weight once per forward, so it saves nothing (and one setting means one compile)."""
+        with self.precision.autocast(self.device, cache=False):
             logits = self.net(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -310,10 +341,17 @@ class Trainer:
             loss.backward()
             clip_gradients(self.trainable, self.cfg.optim, self.optimizer)
             self.optimizer.step()
-        self.schedule.step()
-        if self.ema is not None:
-            self.ema.update(self.schedule.step_count)
         return loss.detach(), logits.detach()
+
+    def capture_graph(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """train.cuda_graph: capture the training step on a batch of the training loader's shape (after
+        the compile warmup); later steps replay it. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self._graph = GraphedStep(
+            self._step_body, params=self.trainable, state=step_state(self.model, self.optimizer),
+            before_replay=self.optimizer._sync_hyperparameters, images=images, labels=labels)
+        synchronize(self.device)
+        return time.perf_counter() - t0
 
     def train_epoch(self, epoch: int, advance=lambda n=1: None, skip: int = 0) -> dict:
         """One pass over this rank's shard; returns device-side sums, read by the caller once.
@@ -380,8 +418,9 @@ class Trainer:
         rng = rng_state(self.device)
         self.data.train.set_epoch(self.start_epoch)
         self.net.train()
-        for i, (images, labels) in enumerate(self.data.train):
-            self._train_step(images, labels)
+        batch = None
+        for i, batch in enumerate(self.data.train):
+            self._train_step(*batch)
             if i + 1 >= steps:
                 break
         for _, loader in self._eval_splits():
@@ -395,6 +434,8 @@ class Trainer:
         if scaler_state is not None:
             self.scaler.load_state_dict(scaler_state)
         set_rng_state(rng, self.device)
+        if self.use_graph and batch is not None:  # captured on the restored state: the run starts unchanged
+            self.capture_graph(*batch)
         synchronize(self.device)
         return time.perf_counter() - t0
 
@@ -515,9 +556,11 @@ class Trainer:
                      f"batch {per_rank * self.dist.world_size} | optim.lr {cfg.optim.lr:g} applies to that global "
                      "batch as given (no automatic scaling) | only rank 0 writes files and prints")
 
-        if cfg.train.compile and self.start_epoch < epochs:
+        if (cfg.train.compile or self.use_graph) and self.start_epoch < epochs:
             self.compile_seconds = self.warmup()
-            con.info(f"compile + autotune warmup: {self.compile_seconds:.1f} s (off the training clock)")
+            what = "compile + autotune" if cfg.train.compile else "autotune"
+            what += " + CUDA graph capture" if self.use_graph else ""
+            con.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
 
         final_test = final_val = None
         imgs_per_s = []

@@ -116,7 +116,10 @@ def test_bf16_peak_table(bench):
 def test_unavailable_feature_skips_its_row_and_is_dropped_later(bench, tmp_path):
     tp = bench["throughput"]
     variants = {v.step: v for v in tp.ablation(128, [128, 512])}
-    assert list(variants) == ["1", "2", "3", "4", "5", "6", "7", "8", "7@512", "8@512"]
+    assert list(variants) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "7@512", "8@512", "9@512"]
+    assert variants["9"].knobs == replace(variants["7"].knobs, cuda_graph=True)
+    assert variants["10"].knobs == replace(variants["7"].knobs, compile_mode="reduce-overhead")
+    assert variants["9@512"].knobs == replace(variants["9"].knobs, batch_size=512)
     unavailable = {"triton_se": "no kernel here"}
     skipped = tp.run_variant(variants["6"], None, None, unavailable, None, tmp_path)  # returns before building
     assert skipped["status"] == "skipped" and skipped["reason"] == "no kernel here"
@@ -138,8 +141,11 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
 
     assert result["complete"] is True
     rows = {r["step"]: r for r in result["rows"]}
-    assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "7@32", "8@32"]
+    assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "7@32", "8@32", "9@32"]
     assert rows["5"]["status"] == "skipped" and "compile" in rows["5"]["reason"]  # --smoke on a CPU
+    assert rows["10"]["status"] == "skipped" and "compile" in rows["10"]["reason"]
+    for graphed in ("9", "9@32"):  # CUDA graphs: GPU only, and the row says so
+        assert rows[graphed]["status"] == "skipped" and "CUDA GPU" in rows[graphed]["reason"]
     base = rows["1"]["images_per_second"]
     for r in rows.values():
         assert r["status"] in ("ok", "skipped"), r  # never failed; skipped rows say why
@@ -173,10 +179,10 @@ def test_throughput_rows_subset_has_no_speedup_without_step_1(repo_root, cifar_d
 
 def test_throughput_unknown_row_is_a_clear_error(repo_root, cifar_dir, tmp_path):
     env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir))
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--rows", "2,9",
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--rows", "2,99",
                            "--out", str(tmp_path / "t.json")], cwd=repo_root, env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 2 and "--rows 2,9" in proc.stderr and "7@64" in proc.stderr
+    assert proc.returncode == 2 and "--rows 2,99" in proc.stderr and "7@64" in proc.stderr
     assert not (tmp_path / "t.json").exists()
 
 
@@ -205,6 +211,11 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     (d / "bench_se_nvidia-h100.json").write_text(json.dumps({"rows": [  # bench_se.py's row keys
         {"placement": "stem", "shape": [512, 64, 32, 32], "impl": name, "forward_backward_ms": ms}
         for name, ms in (("triton", 0.2), ("eager-ref", 0.5), ("compiled-ref", 0.25))]}))
+    (d / "profile.json").write_text(json.dumps({"complete": False, "rows": [  # profile_step.py's row keys
+        {"row": "7", "batch_size": 128, "status": "ok", "reason": None, "wall_ms_per_step": 10.5,
+         "host_ms_per_step": 10.25, "gpu_busy_ms_per_step": 3.125, "kernels_per_step": 412.0,
+         "syncs_per_step": 0.0, "verdict": "host-bound"},
+        {"row": "9", "batch_size": 128, "status": "skipped", "reason": "CUDA graphs need a CUDA GPU"}]}))
     (d / "odd.json").write_text("[1, 2]")  # not a result file: ignored, never a crash
     (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\nseed\t137\t70\n")
     (d / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
@@ -218,6 +229,9 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert text.startswith("GPU session summary: ") and tp["meta"]["git_sha"] in text.splitlines()[0]
     assert "throughput  TIME LIMIT" in text and "loader      skipped (no time left)" in text
     assert "seed        TIME LIMIT (killed)" in text
+    assert "profile     host- or GPU-bound per step (PARTIAL)" in text
+    assert "  7      b128   10.50 / 10.25 / 3.12 ms, 412 kernels, 0.0 syncs: host-bound" in text
+    assert "  9      skipped: CUDA graphs need a CUDA GPU" in text
     assert "bench_se    stem 512x64x32x32 fwd+bwd ms: triton 0.200 (2.50x), eager-ref 0.500, compiled-ref 0.250 (2.00x)" in text
     assert "gpu tests   1 failed, 96 passed, 276 deselected in 58.21s" in text and "failed: tests/test_x.py::test_y" in text
     for row in tp["rows"]:

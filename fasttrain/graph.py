@@ -1,0 +1,143 @@
+"""`train.cuda_graph`: the whole training step (forward, loss, backward, clipping, optimizer) as one
+CUDA graph, replayed with a single launch.
+
+Why: on an H200 the seed network's step took 10-12.7 ms at batch 128 and ~10.8 ms at batch 512, whatever
+the precision or compiler (benchmarks/results/2026-11-26-h200): the host, issuing several hundred kernel
+launches from Python, is the bottleneck, not the GPU. A replayed graph costs the host a few microseconds.
+
+What it needs (`graph_problems` lists what a config lacks, before anything is built):
+* a CUDA device and one process (DDP's gradient hooks and NCCL under capture are not supported here);
+* `optim.impl: fused`: its learning rate, step counter and Lookahead condition live in device memory.
+  torch.optim.SGD passes the learning rate to its kernels as a Python float, which a graph would
+  freeze at its capture value, and fasttrain's Python Lookahead decides on the host;
+* bf16 or fp32: fp16's GradScaler reads its found-inf flag on the host every step;
+* a compile mode without CUDA graphs of its own (`default` or `max-autotune-no-cudagraphs`);
+* static shapes: the loaders drop the last partial training batch.
+
+How (PyTorch's whole-network capture recipe, adapted):
+* gradients are allocated once and zeroed inside the graph, so their addresses, which the fused
+  optimizer keeps in a device table, never change; this object holds them so they are never freed;
+* each batch is copied into the graph's static input tensors before its replay;
+* the learning-rate schedule and the weight EMA stay in Python, outside the graph: the schedule's
+  float reaches the optimizer's device table by an ordinary `fill_` before each replay;
+* loss and logits are the graph's static outputs: valid until the next replay;
+* before capture, a few eager iterations run on a side stream (lazy initialisation, cuDNN and
+  compile autotuning, the optimizer's address table); the state they changed (weights, BN buffers,
+  optimizer state, RNG) is restored in place, so the run starts exactly where it was.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# torch.compile modes that build CUDA graphs themselves (cudagraph trees): one capture inside another
+# is not supported
+COMPILE_MODES_WITH_GRAPHS = ("reduce-overhead", "max-autotune")
+
+
+def graph_problems(cfg, device: torch.device, world_size: int, precision: str) -> list[str]:
+    """What stops `train.cuda_graph` for this run, each with its fix (empty: it can be used).
+
+    `precision` is the resolved one (bf16 | fp16 | fp32)."""
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"it needs a CUDA device, this run uses {device.type}")
+    if world_size > 1:
+        problems.append(f"it runs in one process only, this run has {world_size} (torchrun): "
+                        "pass --train.cuda_graph false under torchrun")
+    if cfg.optim.impl != "fused":
+        problems.append("it needs --optim.impl fused (torch.optim.SGD takes the learning rate as a Python "
+                        "float, which a captured graph would freeze)")
+    if precision == "fp16":
+        problems.append("it does not work with fp16 (the GradScaler reads a flag on the host every step): "
+                        "use --train.precision bf16")
+    if cfg.train.compile and cfg.train.compile_mode in COMPILE_MODES_WITH_GRAPHS:
+        problems.append(f"train.compile_mode {cfg.train.compile_mode} builds CUDA graphs itself: use "
+                        "--train.compile_mode default (or max-autotune-no-cudagraphs)")
+    return problems
+
+
+def _unique(tensors) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def step_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors a training step changes: parameters, buffers (BN statistics) and optimizer state."""
+    opt_state = [v for per_param in optimizer.state.values() for v in per_param.values()]
+    return _unique(list(model.parameters()) + list(model.buffers()) + opt_state)
+
+
+@torch.no_grad()
+def restore(state: list[torch.Tensor], snapshot: list[torch.Tensor]) -> None:
+    """Copy a snapshot (clones of `state`) back in place: every address a graph captured stays valid."""
+    torch._foreach_copy_(state, snapshot)
+
+
+class GraphedStep:
+    """One captured training step. Call it like the eager step: ``loss, logits = graphed(images, labels)``.
+
+    `body(images, labels) -> (loss, logits)` is the step without zeroing gradients: forward under
+    autocast (cache off), loss, backward, clipping, optimizer step. `params` are the trainable
+    parameters, `state` the tensors a step changes (restored after the warmup iterations),
+    `before_replay()` pushes host-side settings (the learning rate) to the device, outside the graph.
+    """
+
+    def __init__(self, body: Callable, *, params: list[torch.Tensor], state: list[torch.Tensor],
+                 before_replay: Callable[[], None], images: torch.Tensor, labels: torch.Tensor,
+                 warmup_iters: int = 3):
+        if images.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need CUDA tensors, got images on {images.device}")
+        self.body, self.before_replay = body, before_replay
+        device = images.device
+        # static inputs with the batch's own layout (channels_last stays channels_last)
+        self.images = torch.empty_like(images)
+        self.labels = torch.empty_like(labels)
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)  # same strides as p: what the fused optimizer expects
+        self.grads = [p.grad for p in params]  # held: the graph writes here even if p.grad is reset
+
+        snapshot = [t.detach().clone() for t in state]
+        rng = torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup_iters):
+                self._zeroed_body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self._restore(state, snapshot, rng, device)
+
+        self.before_replay()  # the capture must see nothing left to write from the host
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.logits = self._zeroed_body()
+        self._restore(state, snapshot, rng, device)  # capture runs nothing; this keeps it exact anyway
+
+    def _zeroed_body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        torch._foreach_zero_(self.grads)
+        loss, logits = self.body(self.images, self.labels)
+        return loss.detach(), logits.detach()
+
+    @staticmethod
+    def _restore(state, snapshot, rng, device) -> None:
+        restore(state, snapshot)
+        torch.cuda.set_rng_state(rng, device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.shape != self.images.shape or labels.shape != self.labels.shape:
+            raise ValueError(f"a CUDA graph replays fixed shapes: captured images {list(self.images.shape)}, "
+                             f"got {list(images.shape)} (the training loader must drop its last partial batch)")
+        self.before_replay()
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.loss, self.logits

@@ -1,0 +1,168 @@
+"""train.cuda_graph (fasttrain/graph.py): what can be checked without a GPU, and, gpu-marked, that a replayed
+graph trains exactly like the eager step (run on the GPU machine: pytest -m gpu)."""
+import copy
+
+import pytest
+import torch
+
+from fasttrain.config import ConfigError
+from fasttrain.graph import GraphedStep, graph_problems, restore, step_state
+from fasttrain.model import build_model
+from fasttrain.optim import build_optimizer
+from fasttrain.trainer import Trainer
+from test_train import quiet, tiny_config
+
+CUDA = torch.device("cuda", 0)  # a device object only: nothing here touches a GPU
+GRAPHABLE = {"optim.impl": "fused", "train.cuda_graph": "true"}
+
+
+def problems(cifar_dir, tmp_path, device=CUDA, world_size=1, precision="fp32", **changes):
+    cfg = tiny_config(cifar_dir, tmp_path, **{**GRAPHABLE, **changes})
+    return graph_problems(cfg, device, world_size, precision)
+
+
+def test_a_graphable_config_has_no_problems(cifar_dir, tmp_path):
+    assert problems(cifar_dir, tmp_path) == []
+    assert problems(cifar_dir, tmp_path, precision="bf16", **{"train.compile": "true"}) == []
+    # a graph-building compile mode only matters when compile is on
+    assert problems(cifar_dir, tmp_path, **{"train.compile_mode": "reduce-overhead"}) == []
+
+
+@pytest.mark.parametrize("kwargs, changes, expected", [
+    ({"device": torch.device("cpu")}, {}, "needs a CUDA device"),
+    ({"world_size": 2}, {}, "--train.cuda_graph false under torchrun"),
+    ({}, {"optim.impl": "torch"}, "--optim.impl fused"),
+    ({"precision": "fp16"}, {}, "--train.precision bf16"),
+    ({}, {"train.compile": "true", "train.compile_mode": "reduce-overhead"}, "--train.compile_mode default"),
+    ({}, {"train.compile": "true", "train.compile_mode": "max-autotune"}, "--train.compile_mode default"),
+])
+def test_each_problem_names_its_fix(cifar_dir, tmp_path, kwargs, changes, expected):
+    found = problems(cifar_dir, tmp_path, **kwargs, **changes)
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_problems_are_all_listed_at_once(cifar_dir, tmp_path):
+    found = problems(cifar_dir, tmp_path, world_size=4, precision="fp16", **{"optim.impl": "torch"})
+    assert len(found) == 3
+
+
+def test_cpu_run_warns_and_trains_eagerly(cifar_dir, tmp_path):
+    warnings = []
+    console = quiet()
+    console.warn = warnings.append
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path, **GRAPHABLE, **{"train.epochs": "1"}), device="cpu",
+                      console=console)
+    assert trainer.use_graph is False and trainer._graph is None
+    assert any("train.cuda_graph is off" in w for w in warnings)
+    summary = trainer.fit()
+    assert summary["epochs"] == 1 and trainer._graph is None
+
+
+def test_step_state_is_what_a_step_changes(cifar_dir, tmp_path):
+    cfg = tiny_config(cifar_dir, tmp_path, **GRAPHABLE)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    state = step_state(model, optimizer)
+    ids = {id(t) for t in state}
+    assert len(ids) == len(state)  # each tensor once (the shared step counter too)
+    for t in list(model.parameters()) + list(model.buffers()):
+        assert id(t) in ids
+    per_param = next(iter(optimizer.state.values()))
+    for key in ("momentum_buffer", "slow_param", "step"):
+        assert id(per_param[key]) in ids
+
+    # restoring these tensors in place undoes a real step completely (what the capture warmup relies on)
+    before_model = copy.deepcopy(model.state_dict())
+    before_optim = copy.deepcopy(optimizer.state_dict())
+    snapshot = [t.clone() for t in state]
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert not torch.equal(next(model.parameters()), before_model[next(iter(before_model))])
+    restore(state, snapshot)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before_model[key]), key
+    after_optim = optimizer.state_dict()
+    for index, per_param in before_optim["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(torch.as_tensor(after_optim["state"][index][key]), torch.as_tensor(value)), key
+
+
+def test_graphed_step_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        GraphedStep(lambda x, y: (x, y), params=[], state=[], before_replay=lambda: None,
+                    images=torch.zeros(2, 3, 4, 4), labels=torch.zeros(2, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------- on a GPU
+def _trainer(cifar_dir, tmp_path, graph: bool, **changes):
+    settings = {"optim.impl": "fused", "train.deterministic": "true", "train.cuda_graph": str(graph).lower(),
+                "optim.lookahead_k": "2", "optim.schedule": "cosine", "optim.warmup_epochs": "0.5", **changes}
+    return Trainer(tiny_config(cifar_dir, tmp_path / ("graph" if graph else "eager"), **settings), device="cuda",
+                   console=quiet())
+
+
+def _batches(trainer, n):
+    trainer.data.train.set_epoch(0)
+    out = []
+    for images, labels in trainer.data.train:
+        out.append((images.clone(), labels.clone()))
+        if len(out) == n:
+            return out
+    raise AssertionError("not enough batches")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("changes, tol", [
+    ({"train.precision": "fp32"}, 1e-5),
+    ({"train.precision": "bf16", "train.compile": "true", "model.se_impl": "triton"}, 2e-3),
+])
+def test_replayed_graph_trains_like_the_eager_step(cifar_dir, tmp_path, changes, tol):
+    """Same init, same batches, 9 steps: weights, BN statistics and optimizer state agree. The lr
+    changes every step (warmup then cosine) and Lookahead syncs every 2nd step, so a learning rate
+    or step counter frozen into the graph would show."""
+    eager = _trainer(cifar_dir, tmp_path, False, **changes)
+    graphed = _trainer(cifar_dir, tmp_path, True, **changes)
+    batches = _batches(eager, 9)
+    graphed.capture_graph(*batches[0])
+    assert graphed._graph is not None
+    for a, b in zip(eager.model.state_dict().values(), graphed.model.state_dict().values()):
+        assert torch.equal(a, b)  # capture and its warmup iterations left the state as it was
+    lrs = []
+    for images, labels in batches:
+        lrs.append(graphed.schedule.lr)
+        le, _ = eager._train_step(images, labels)
+        lg, _ = graphed._train_step(images, labels)
+        torch.testing.assert_close(lg, le, atol=tol, rtol=tol)
+    assert len(set(lrs)) == len(lrs)
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol, msg=name)
+    es, gs = eager.optimizer.state_dict(), graphed.optimizer.state_dict()
+    for k in es["state"]:
+        for key in ("momentum_buffer", "slow_param", "step"):
+            torch.testing.assert_close(gs["state"][k][key], es["state"][k][key], atol=tol, rtol=tol)
+    assert int(gs["state"][0]["step"]) == 9
+
+
+@pytest.mark.gpu
+def test_graph_run_learns_resumes_and_reports_capture(cifar_dir, tmp_path):
+    """A whole run with the graph: captured in the warmup (reported), learns, stops after epoch 1 and
+    resumes to the same result as an uninterrupted graphed run."""
+    changes = {"train.precision": "bf16", "train.epochs": "2", "data.train_subset": "2000"}
+    full = _trainer(cifar_dir, tmp_path / "full", True, **changes)
+    summary = full.fit()
+    assert full._graph is not None and summary["compile_seconds"] > 0
+    assert summary["final_test_acc"] > 15.0, summary
+
+    first = _trainer(cifar_dir, tmp_path / "split", True, **changes)
+    first.fit(stop_after_epochs=1)
+    resumed = Trainer(first.cfg, device="cuda", console=quiet(), resume=first.run_dir / "last.pt")
+    resumed.fit()
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_graph_with_torch_sgd_is_refused_before_training(cifar_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--optim.impl fused"):
+        _trainer(cifar_dir, tmp_path, True, **{"optim.impl": "torch"})
