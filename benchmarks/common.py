@@ -9,6 +9,7 @@ benchmarks/ on sys.path. Importing it puts the repository root on sys.path when 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -210,25 +211,50 @@ class Timer:
             self.seconds = time.perf_counter() - self._t0
 
 
+@functools.lru_cache(maxsize=None)
+def _spin_cycles_per_ms(device_index: int) -> float:
+    """Clock cycles of torch.cuda._sleep per millisecond on this GPU (measured once)."""
+    cycles = 1 << 21
+    torch.cuda._sleep(cycles)  # the first call pays for loading the kernel
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / start.elapsed_time(end)
+
+
 def cuda_times_ms(fn, warmup: int = 20, iters: int = 100, flush_l2: bool = True,
                   include_host: bool = False) -> list[float]:
     """Per-call GPU times of ``fn()`` in ms from CUDA events (median these). With ``flush_l2`` a
     256 MiB buffer is overwritten before each call, outside the timed region, so tensors that fit in
     L2 (50 MiB on H100) are read from HBM as in training.
 
-    By default the host queues ``fn``'s launches while the flush still runs, so the time is the
-    GPU's alone. ``include_host`` waits for the flush first: the GPU then idles until ``fn``'s first
-    launch, and a host-bound ``fn`` (Python and launch overhead longer than its GPU work) is charged
-    for that overhead."""
+    By default the time is the GPU's alone: before each call the GPU is held in a spin loop for twice
+    the host's measured time to queue ``fn`` (its median over the second half of the warmup calls), so
+    all of ``fn``'s launches are queued before the start event runs. Without that hold, an ``fn`` whose
+    Python and launch overhead exceeds its GPU work (autograd.grad over a few small kernels) would be
+    charged for the GPU idling between its launches. ``include_host`` instead synchronizes before each
+    call: the GPU then idles until ``fn``'s first launch, and a host-bound ``fn`` is charged for its
+    overhead (what a training loop without CUDA graphs pays)."""
     scratch = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    host_ms = []
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        host_ms.append(1e3 * (time.perf_counter() - t0))
+    hold = 0
+    if not include_host and host_ms:
+        queue_ms = statistics.median(host_ms[len(host_ms) // 2:])
+        hold = int(_spin_cycles_per_ms(torch.cuda.current_device()) * (2 * queue_ms + 0.02))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     for start, end in events:
         if scratch is not None:
             scratch.zero_()
         if include_host:
             torch.cuda.synchronize()
+        elif hold:
+            torch.cuda._sleep(hold)
         start.record()
         fn()
         end.record()

@@ -7,7 +7,8 @@
 # STAGE is one of
 #   quick       what the next session needs most, each stage under its own time limit and all of them
 #               under one deadline: tests, profile, throughput (CUDA-graph rows first), graphseed, bench_se
-#               (the new SE tiles), best (the last ones run only if the earlier ones finish early). The
+#               and the tile sweep, both now timing GPU work only (the last ones run only if the earlier
+#               ones finish early). The
 #               plan for a session's one big command; the first session's quick (rows 1-8, best, kernels,
 #               loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
 #   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
@@ -199,7 +200,7 @@ case $stage in
     stage_throughput 150
     stage_graphseed 60
     stage_kernels 40 0
-    stage_best 120 ;;
+    stage_tune 30 ;;
   tests)      stage_tests "$budget" ;;
   throughput) stage_throughput "$budget" ;;
   best)       stage_best "$budget" ;;

@@ -104,6 +104,24 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- throughput
+@pytest.mark.gpu
+def test_cuda_times_are_the_gpus_unless_the_host_is_asked_for(bench):
+    """~2 ms of Python around ~10 us of GPU work: the default timing holds the GPU back until the work is
+    queued, so it reports the GPU's time; include_host charges the host's 2 ms (the first GPU session's
+    fwd+bwd SE times, 0.6-1.1 ms for every implementation, most likely held such host time)."""
+    import time
+
+    common, x = bench["common"], torch.ones(1 << 20, device="cuda")
+
+    def host_heavy():
+        time.sleep(0.002)
+        x.mul_(1.0)
+
+    gpu = statistics.median(common.cuda_times_ms(host_heavy, warmup=6, iters=10, flush_l2=False))
+    host = statistics.median(common.cuda_times_ms(host_heavy, warmup=6, iters=10, flush_l2=False, include_host=True))
+    assert gpu < 0.5 < 1.5 < host, (gpu, host)
+
+
 def test_bf16_peak_table(bench):
     peak = bench["common"].bf16_peak_tflops
     assert peak("NVIDIA H100 80GB HBM3") == 989.0
