@@ -152,6 +152,10 @@ def parse_args(argv=None):
     p.add_argument("--loaders", default="dali,dali-host,torch,torchvision",
                    help="comma-separated subset of dali, dali-host, torch, torchvision")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--dali-prefetch", type=int, default=2,
+                   help="DALI's prefetch_queue_depth (DaliLoader's default: 2)")
+    p.add_argument("--dali-threads", type=int, default=None,
+                   help="DALI's CPU threads (DaliLoader's default: min(4, cores))")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/loader-<device>.json)")
     args = p.parse_args(argv)
@@ -162,6 +166,8 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.dali_prefetch < 1 or (args.dali_threads is not None and args.dali_threads < 1):
+        p.error("--dali-prefetch and --dali-threads must be >= 1")
     return args
 
 
@@ -191,10 +197,11 @@ def main(argv=None) -> int:
         print(f"bench_loader: unknown loader(s) {sorted(unknown)}", file=sys.stderr)
         return 2
 
+    dali_opts = dict(prefetch=args.dali_prefetch, num_threads=args.dali_threads)
     factories = {
-        "dali": lambda: DaliLoader(x, y, residency="device", **common),
+        "dali": lambda: DaliLoader(x, y, residency="device", **dali_opts, **common),
         # on the CPU both residencies are the host one: measure it once
-        "dali-host": (lambda: DaliLoader(x, y, residency="host", **common))
+        "dali-host": (lambda: DaliLoader(x, y, residency="host", **dali_opts, **common))
         if device.type == "cuda" else None,
         "torch": lambda: TorchLoader(x, y, **common),
         "torchvision": lambda: PaperLoader(x, y, batch_size=args.batch_size, device=device, mean=MEAN, std=STD,
@@ -248,6 +255,7 @@ def main(argv=None) -> int:
         "cpu_smoke": args.cpu_smoke,
         "data": data_what,
         "batch_size": args.batch_size,
+        "dali_prefetch": args.dali_prefetch, "dali_threads": args.dali_threads,
         "dtype": str(dtype),
         "torchvision_workers": args.workers,
         "results": rows,

@@ -161,7 +161,9 @@ stage_tune() {        # SE tile sizes: 16 (gate, reduce) pairs at the network's 
   limited tune-se "$1" python benchmarks/kernels/tune_se.py --out "$work"
 }
 stage_loader() {      # loaders alone and inside a training step: decides data.loader auto (issue 3)
-  limited loader "$1" python benchmarks/bench_loader.py --epochs 3 --steps 50 --out "$work/loader.json"
+  # shellcheck disable=SC2086  # LOADER_ARGS: extra flags, e.g. "--loaders dali --no-train --dali-prefetch 4"
+  limited loader "$1" python benchmarks/bench_loader.py --epochs 3 --steps 50 ${LOADER_ARGS:-} \
+    --out "$work/loader.json"
 }
 stage_seed() {        # the paper's recipe for a few epochs: epoch times, images/s (issue 2)
   limited seed "$1" python -m fasttrain --config configs/seed.yaml --train.epochs 3 --output.dir "$work/seed" \
@@ -172,6 +174,10 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
     --output.progress false --train.checkpoint_every 1000
   limited torchrun1 "$1" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
     --train.epochs 2 --output.dir "$work/torchrun1" --output.progress false --train.checkpoint_every 1000
+  # NCCL + DDP with the engine's fast paths (compile, Triton SE, fused step after the all-reduce): never run yet
+  limited torchrun1fast "$1" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
+    --train.epochs 2 --train.compile true --model.se_impl triton --optim.impl fused \
+    --output.dir "$work/torchrun1fast" --output.progress false --train.checkpoint_every 1000
 }
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
@@ -210,7 +216,7 @@ case $stage in
   seed)       stage_seed "$budget" ;;
   profile)    stage_profile "$budget" ;;
   graphseed)  stage_graphseed "$budget" ;;
-  torchrun)   stage_torchrun "$((budget / 2))" ;;
+  torchrun)   stage_torchrun "$((budget / 3))" ;;
   apaper)     stage_apaper "$budget" ;;
   ablation)   stage_ablation "$budget" ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
