@@ -12,7 +12,9 @@ What it needs (`graph_problems` lists what a config lacks, before anything is bu
   freeze at its capture value, and fasttrain's Python Lookahead decides on the host;
 * bf16 or fp32: fp16's GradScaler reads its found-inf flag on the host every step;
 * a compile mode without CUDA graphs of its own (`default` or `max-autotune-no-cudagraphs`);
-* static shapes: the loaders drop the last partial training batch.
+* static shapes: the loaders drop the last partial training batch;
+* every trainable parameter used by the forward pass: the graph hands each one a gradient (zeros for
+  an unused one, which would then take weight decay and momentum where the eager step skips it).
 
 How (PyTorch's whole-network capture recipe, adapted):
 * gradients are allocated once and zeroed inside the graph, so their addresses, which the fused
@@ -90,10 +92,15 @@ class GraphedStep:
 
     def __init__(self, body: Callable, *, params: list[torch.Tensor], state: list[torch.Tensor],
                  before_replay: Callable[[], None], images: torch.Tensor, labels: torch.Tensor,
-                 warmup_iters: int = 3):
+                 warmup_iters: int = 3, version: Callable[[], object] = lambda: None,
+                 capture_error_mode: str = "global"):
+        """`version()`: a token that changes when the tensors the graph addresses are replaced (the
+        fused optimizer's build count: load_state_dict re-creates its buffers); a replay after a
+        change is refused. `capture_error_mode`: "thread_local" when other threads (DALI's) may
+        use CUDA during the capture."""
         if images.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got images on {images.device}")
-        self.body, self.before_replay = body, before_replay
+        self.body, self.before_replay, self.version = body, before_replay, version
         device = images.device
         # static inputs with the batch's own layout (channels_last stays channels_last)
         self.images = torch.empty_like(images)
@@ -101,9 +108,8 @@ class GraphedStep:
         self.images.copy_(images)
         self.labels.copy_(labels)
         with torch.no_grad():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)  # same strides as p: what the fused optimizer expects
+            for p in params:  # fresh, with p's strides (what the fused optimizer's table expects),
+                p.grad = torch.zeros_like(p)  # whatever layout autograd gave an eager step's gradient
         self.grads = [p.grad for p in params]  # held: the graph writes here even if p.grad is reset
 
         snapshot = [t.detach().clone() for t in state]
@@ -118,9 +124,12 @@ class GraphedStep:
 
         self.before_replay()  # the capture must see nothing left to write from the host
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # a torch.compile'd model recompiling under capture would autotune there: fail clearly instead
+        with torch._dynamo.config.patch(error_on_recompile=True), \
+                torch.cuda.graph(self.graph, capture_error_mode=capture_error_mode):
             self.loss, self.logits = self._zeroed_body()
         self._restore(state, snapshot, rng, device)  # capture runs nothing; this keeps it exact anyway
+        self.captured_version = version()
 
     def _zeroed_body(self) -> tuple[torch.Tensor, torch.Tensor]:
         torch._foreach_zero_(self.grads)
@@ -136,6 +145,9 @@ class GraphedStep:
         if images.shape != self.images.shape or labels.shape != self.labels.shape:
             raise ValueError(f"a CUDA graph replays fixed shapes: captured images {list(self.images.shape)}, "
                              f"got {list(images.shape)} (the training loader must drop its last partial batch)")
+        if self.version() != self.captured_version:
+            raise RuntimeError("the optimizer's buffers were re-created (load_state_dict or a new param "
+                               "group) after the CUDA graph was captured: capture it again")
         self.before_replay()
         self.images.copy_(images)
         self.labels.copy_(labels)

@@ -349,7 +349,10 @@ class Trainer:
         t0 = time.perf_counter()
         self._graph = GraphedStep(
             self._step_body, params=self.trainable, state=step_state(self.model, self.optimizer),
-            before_replay=self.optimizer._sync_hyperparameters, images=images, labels=labels)
+            before_replay=self.optimizer._sync_hyperparameters, images=images, labels=labels,
+            version=lambda: self.optimizer.build_count,
+            # DALI's prefetching threads use CUDA meanwhile (on their own stream, not captured)
+            capture_error_mode="thread_local" if self.cfg.data.loader == "dali" else "global")
         synchronize(self.device)
         return time.perf_counter() - t0
 

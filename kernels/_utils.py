@@ -25,6 +25,17 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when dense tensors ``a`` and ``b`` of one shape put each element at the same offset.
+
+    Strides of size-1 dimensions are ignored: they never multiply a nonzero index. Autograd relies on
+    the same rule (its gradient-layout contract), so a parameter of shape [C, Cr, 1, 1] in
+    channels_last can get a gradient whose size-1 strides differ and that is still laid out alike.
+    """
+    return (a.shape == b.shape and is_dense(a) and is_dense(b)
+            and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1))
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t`` covers exactly ``numel`` consecutive elements of memory in some dim order.
 

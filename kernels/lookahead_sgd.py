@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import is_dense, use_triton
+from ._utils import is_dense, same_layout, use_triton
 
 __all__ = ["FusedLookaheadSGD"]
 
@@ -194,6 +194,10 @@ def _to_device(rows: list[tuple], device: torch.device, dtype=torch.int64) -> to
     """A small host table on ``device`` without a host sync (pinned staging for CUDA)."""
     host = torch.tensor(rows, dtype=dtype).reshape(len(rows), -1)
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():  # pinned allocation + copy from host memory
+            raise RuntimeError("FusedLookaheadSGD would rewrite a device table during CUDA graph capture "
+                               "(a parameter or gradient moved, or its hyperparameters changed): take the "
+                               "same step eagerly first, with the gradients the graph will use")
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
 
@@ -257,7 +261,9 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _build(self) -> None:
-        """(Re)create buckets, flat state (keeping any existing per-param state) and tables."""
+        """(Re)create buckets, flat state (keeping any existing per-param state) and tables.
+        `build_count` says how often: a captured CUDA graph holds the old tensors' addresses."""
+        self.build_count = getattr(self, "build_count", 0) + 1
         by_key: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -391,7 +397,7 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
             return None
         if g.is_sparse or g.dtype != p.dtype or g.device != p.device:
             raise RuntimeError("FusedLookaheadSGD needs dense gradients with the parameter's dtype and device")
-        if g.stride() != p.stride():
+        if not same_layout(g, p):
             g = torch.empty_like(p).copy_(g)  # p is dense: empty_like keeps its strides
         return g
 

@@ -214,6 +214,30 @@ def test_cpu_fallback_is_the_same_optimizer(interpreted, monkeypatch):
         torch.testing.assert_close(a, b, **FP32_TOL)
 
 
+def test_size_one_strides_do_not_force_a_gradient_copy():
+    """A [C, Cr, 1, 1] channels_last parameter whose gradient has other strides only on its size-1
+    dimensions (what autograd hands back through the Triton SE's reshape) is used in place: a copy
+    each step would cost a pass and, under a CUDA graph, rewrite the address table mid-capture."""
+    from fasttrain.kernels._utils import same_layout
+
+    p = torch.zeros(16, 4, 1, 1).to(memory_format=torch.channels_last)
+    assert p.stride() == (4, 1, 4, 4)
+    g = torch.randn(16, 4).view(16, 4, 1, 1)  # strides (4, 1, 1, 1)
+    assert same_layout(g, p) and FusedLookaheadSGD._grad_like_param(_with_grad(p, g)) is g
+    other = torch.randn(4, 16).t().reshape(16, 4, 1, 1)  # a real difference: channels-major
+    assert not same_layout(other, p)
+    copied = FusedLookaheadSGD._grad_like_param(_with_grad(p, other))
+    assert copied is not other and copied.stride() == p.stride() and torch.equal(copied, other)
+    gappy = torch.zeros(16, 8, 1, 1)[:, ::2]  # the right shape with gaps in memory: never in place
+    assert gappy.shape == p.shape and not same_layout(gappy, p)
+
+
+def _with_grad(p, g):
+    p = p.clone().requires_grad_()
+    p.grad = g
+    return p
+
+
 def test_invalid_arguments():
     p = [torch.zeros(2, requires_grad=True)]
     for bad in (dict(lr=-1.0), dict(momentum=0.0, nesterov=True), dict(clip_value=0.0),
