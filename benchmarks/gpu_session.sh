@@ -16,9 +16,10 @@
 #               GPU-bound, per row); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
 #               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
-#               on the one GPU, engine switches in APAPER_ARGS: a session's whole command, for issue 6's
-#               A_paper. Size it first from the seed stage's epoch time: 200 epochs must fit the deadline
-#               (a cut run cannot be resumed later: checkpoints are too big to come back)
+#               on the one GPU, engine switches in APAPER_ARGS: for issue 6's A_paper. The runs live in
+#               /tmp/apaper on the device and checkpoint at the stage's limit, so a second call on the
+#               same warm machine continues them (checkpoints are too big to come back: a later session
+#               cannot). At 3.64 s an epoch (first session) it takes ~740 s of training: two calls.
 #   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ema,epochs_30,batch_1024),
 #               SEEDS (1) seeds each, validation split only: issue 6's tuning, a session's whole command
 #
@@ -66,6 +67,7 @@ finish() {  # the summary (printed last: the reply keeps the end of the output) 
   # the watchdog subshell goes first (killing its sleep first would let it fire); its orphaned
   # sleep holds no output open and ends with the machine
   [[ -n ${watchdog:-} ]] && kill "$watchdog" 2>/dev/null
+  collect_apaper
   python benchmarks/gpu_summary.py "$work" | tee "$work/summary.txt"
   echo "gpu_session: finished $(( $(now) - deadline + budget ))s after the session's start (deadline ${budget}s)"
   if [[ -n $out ]]; then
@@ -183,20 +185,36 @@ stage_ablation() {    # issue 6's tuning: recipe variants on the validation spli
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
     --only "${ONLY:-ema,epochs_30,batch_1024}" --out "$work/ablation.json" --train.checkpoint_every 1000
 }
-stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently
+stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently, resumable
   # APAPER_SEEDS (default "0 1"); APAPER_ARGS: engine switches only, never the recipe (e.g.
-  # "--model.se_impl triton --optim.impl fused" once the quick session showed them right)
-  local s
+  # "--optim.impl fused --train.cuda_graph true" once the graph tests passed). The runs live in
+  # APAPER_DIR (default /tmp/apaper), outside $OUT (emptied before every command) and outside the
+  # working tree (re-sent every call): on the same warm machine a second call continues them. At the
+  # stage's limit timeout sends SIGTERM, on which a run checkpoints its exact position (mid-epoch) and
+  # exits 143; `--resume auto` picks that up next time, or starts fresh when there is nothing yet.
+  # 200 epochs at the first session's 3.64 s do not fit one command: two back-to-back calls do.
+  local s pids=()
   local first=1
+  apaper_dir=${APAPER_DIR:-/tmp/apaper}  # finish() copies the runs' metrics from here, on any exit
   for s in ${APAPER_SEEDS:-0 1}; do
     ((first)) || sleep 20  # let the first compile fill the inductor cache the next one reads
     first=0
     # shellcheck disable=SC2086  # APAPER_ARGS is a list of flags
     limited "apaper-$s" "$1" python -m fasttrain --config configs/seed.yaml --train.seed "$s" \
-      --train.compile true --train.eval_every 10 --train.checkpoint_every 1000 ${APAPER_ARGS:-} \
-      --output.dir "$work/apaper-$s" --output.progress false &
+      --train.compile true --train.eval_every 10 --train.checkpoint_every 1 ${APAPER_ARGS:-} \
+      --output.dir "$apaper_dir/seed-$s" --output.progress false --resume auto &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"  # these runs only: a bare `wait` would also wait for the watchdog
+}
+collect_apaper() {    # what comes back of the apaper runs: metrics, summary, config; not the checkpoints
+  [[ -n ${apaper_dir:-} && -d $apaper_dir ]] || return 0
+  local run
+  for run in "$apaper_dir"/seed-*; do
+    mkdir -p "$work/apaper-${run##*seed-}"
+    cp "$run"/{metrics.jsonl,summary.json,config.yaml} "$work/apaper-${run##*seed-}/" 2>/dev/null
+  done
+  return 0
 }
 
 case $stage in
