@@ -20,6 +20,13 @@
 #               /tmp/apaper on the device and checkpoint at the stage's limit, so a second call on the
 #               same warm machine continues them (checkpoints are too big to come back: a later session
 #               cannot). At 3.64 s an epoch (first session) it takes ~740 s of training: two calls.
+#   preflight   tests + graphseed (~150 s): whether the CUDA graph is right and what an epoch of the
+#               paper's recipe costs with it, to size apaper in the same session.
+#               A session aimed at A_paper has two plans. With the graph: preflight, then, if the graph
+#               tests pass and an epoch takes <= ~2 s, one apaper call with APAPER_ARGS="--optim.impl
+#               fused --train.cuda_graph true" (if not, spend the rest on quick's stages). Without it:
+#               skip preflight, two apaper calls back to back (3.64 s an epoch: ~600 + ~250 s; nothing
+#               else fits in the 15 minutes)
 #   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ema,epochs_30,batch_1024),
 #               SEEDS (1) seeds each, validation split only: issue 6's tuning, a session's whole command
 #
@@ -54,7 +61,7 @@
 # (every log, JSON, chart and metrics file; no checkpoints) and, after a completed best stage, the
 # trained weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh quick|apaper|ablation|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
+stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
 out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
@@ -225,6 +232,9 @@ case $stage in
     stage_graphseed 60
     stage_kernels 40 0
     stage_tune 30 ;;
+  preflight)  # before apaper: are the graph and the fast paths right, and how long is an epoch with them?
+    stage_tests 100
+    stage_graphseed 70 ;;
   tests)      stage_tests "$budget" ;;
   throughput) stage_throughput "$budget" ;;
   best)       stage_best "$budget" ;;
