@@ -144,6 +144,14 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def write_complete(path: Path, payload: dict) -> Path:
+    """The last write of a result that is rewritten as it grows: marked complete, and said so."""
+    payload["complete"] = True
+    write_json(path, payload)
+    print(f"wrote {path}")
+    return path
+
+
 def wide_console():
     """A rich console for the result tables; in a log file (no terminal) 200 columns, so tables never wrap."""
     from rich.console import Console

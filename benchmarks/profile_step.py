@@ -40,7 +40,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, Timer, default_result_path, run_main, run_metadata, wide_console, write_json
+from common import (REPO_ROOT, Timer, default_result_path, run_main, run_metadata, wide_console, write_complete,
+                    write_json)
 from rich.table import Table
 from throughput import ablation, prepared_row, run_variant, unavailable_features
 
@@ -251,9 +252,7 @@ def main(argv: list[str]) -> int:
         for row_id in dict.fromkeys(args.rows):
             result["rows"].append(run_row(by_id[row_id], base, args, unavailable, Path(tmp)))
             write_json(out, result)  # after every row: a run stopped by a time limit keeps what it measured
-    result["complete"] = True
-    write_json(out, result)
-    print(f"wrote {out}")
+    write_complete(out, result)
     print_tables(result)
     return 0
 

@@ -26,7 +26,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from common import REPO_ROOT, default_result_path, run_main, run_metadata, wide_console, write_json
+from common import (REPO_ROOT, default_result_path, run_main, run_metadata, wide_console, write_complete,
+                    write_json)
 from rich.table import Table
 from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
 
@@ -157,9 +158,7 @@ def main(argv: list[str]) -> int:
                 result["aggregate"] = summarize(result["runs"], args.targets)
                 out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
                 write_json(out, result)  # after every run: a time limit loses only the run in flight
-    result["complete"] = True
-    write_json(out, result)
-    print(f"wrote {out}")
+    write_complete(out, result)
     print_table(result)
     return 0
 

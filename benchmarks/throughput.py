@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, PaperLoader, Timer, bf16_peak_tflops, default_result_path, endless, matmul_tflops,
-                    run_main, run_metadata, wide_console, write_json)
+from common import (REPO_ROOT, bf16_peak_tflops, default_result_path, endless, matmul_tflops, PaperLoader, run_main,
+                    run_metadata, Timer, wide_console, write_complete, write_json)
 from rich.table import Table
 
 import fasttrain.data
@@ -373,9 +373,7 @@ def main(argv: list[str]) -> int:
             add_ratios(result["rows"], TRAIN_FLOPS_PER_FORWARD * flops, peak)
             # rewritten after every row: a run stopped by a time limit still leaves the rows it measured
             write_json(out, result)
-    result["complete"] = True
-    write_json(out, result)
-    print(f"wrote {out}")
+    write_complete(out, result)
     chart = write_chart(result, out.with_suffix(".png"))
     if chart:
         print(f"wrote {chart}")

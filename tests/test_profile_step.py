@@ -133,6 +133,7 @@ def test_profile_step_script_on_cpu(ps, cifar_dir, tmp_path, monkeypatch, capsys
         return real_write(path, payload)
 
     monkeypatch.setattr(ps, "write_json", recording_write)
+    monkeypatch.setattr(sys.modules["common"], "write_json", recording_write)  # write_complete's final write
     out = tmp_path / "profile.json"
     steps = 2
     assert ps.main(["--device", "cpu", "--smoke", "--rows", "4,5,2", "--batch", "16", "--steps", str(steps),
