@@ -2,8 +2,9 @@
 CUDA graph, replayed with a single launch.
 
 Why: on an H200 the seed network's step took 10-12.7 ms at batch 128 and ~10.8 ms at batch 512, whatever
-the precision or compiler (benchmarks/results/2026-11-26-h200): the host, issuing several hundred kernel
-launches from Python, is the bottleneck, not the GPU. A replayed graph costs the host a few microseconds.
+the precision or compiler (benchmarks/results/2026-11-26-h200): per-step overhead, not arithmetic, most
+likely the host issuing several hundred kernel launches from Python. A replayed graph costs the host a
+few microseconds and leaves no gaps between kernels.
 
 What it needs (`graph_problems` lists what a config lacks, before anything is built):
 * a CUDA device and one process (DDP's gradient hooks and NCCL under capture are not supported here);
