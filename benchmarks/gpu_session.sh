@@ -27,7 +27,8 @@
 #               fused --train.cuda_graph true" (if not, spend the rest on quick's stages). Without it:
 #               skip preflight, two apaper calls back to back (3.64 s an epoch: ~600 + ~250 s; nothing
 #               else fits in the 15 minutes)
-#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ema,epochs_30,batch_1024),
+#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default lr_0.2,zero_init_residual,
+#               no_decay_norm_bias; the first session ran batch_1024),
 #               SEEDS (1) seeds each, validation split only: issue 6's tuning, a session's whole command
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
@@ -190,7 +191,8 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 }
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
-    --only "${ONLY:-ema,epochs_30,batch_1024}" --out "$work/ablation.json" --train.checkpoint_every 1000
+    --only "${ONLY:-lr_0.2,zero_init_residual,no_decay_norm_bias}" --out "$work/ablation.json" \
+    --train.checkpoint_every 1000
 }
 stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently, resumable
   # APAPER_SEEDS (default "0 1"); APAPER_ARGS: engine switches only, never the recipe (e.g.

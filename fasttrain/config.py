@@ -56,6 +56,7 @@ class ModelConfig:
     se_placement: str = "stem"       # stem (the paper: one SE after the stem) | blocks (SE-ResNet)
     se_reduction: int = 16           # SE bottleneck ratio r
     se_impl: str = "torch"           # torch | triton (fused kernel, fasttrain.kernels.se)
+    zero_init_residual: bool = False  # each block's last BN starts at gamma 0: blocks start as identities
     num_classes: int = 10
     max_params: int = 5_000_000      # trainable-parameter budget; a bigger model is refused
 
@@ -68,6 +69,7 @@ class OptimConfig:
     momentum: float = 0.9            # SGD momentum (AdamW: beta1 comes from `betas`)
     nesterov: bool = False
     weight_decay: float = 5e-4       # L2 as in torch SGD (decoupled for AdamW)
+    decay_norm_and_bias: bool = True  # false: no weight decay on 1-D parameters (BN, biases); the paper: true
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
     eps: float = 1e-8                # AdamW only
     clip: str = "value"              # none | value (the paper: clamp each gradient element) | norm

@@ -96,15 +96,19 @@ class ResNet(nn.Module):
         final_size = 32 // 2 ** (cfg.layers - 1)
         pooled = (final_size - cfg.pool_kernel) // cfg.pool_kernel + 1
         self.fc = nn.Linear(cin * pooled * pooled, cfg.num_classes)
-        self._init_weights()
+        self._init_weights(cfg.zero_init_residual)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.bias is None:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:  # Goyal et al. 2017, torchvision's zero_init_residual, timm's zero_init_last
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

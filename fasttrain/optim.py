@@ -90,9 +90,20 @@ class Lookahead(torch.optim.Optimizer):
                 s.copy_(saved)
 
 
+def param_groups(params: list[nn.Parameter], cfg: OptimConfig) -> list[dict]:
+    """One group, or (optim.decay_norm_and_bias false) two: the weights of convolutions and linear
+    layers with weight decay, and the 1-D parameters (BN scales and shifts, biases) without it,
+    the usual rule (timm's param_groups_weight_decay). Group order is fixed, so checkpoints match."""
+    if cfg.decay_norm_and_bias:
+        return [{"params": params}]
+    groups = [{"params": [p for p in params if p.ndim > 1]},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD or AdamW, with Lookahead when k > 0, or the fused one-launch Lookahead-SGD."""
-    params = [p for p in params if p.requires_grad]
+    params = param_groups([p for p in params if p.requires_grad], cfg)
     if cfg.impl == "fused":
         from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD
 

@@ -82,3 +82,21 @@ def test_resnet_is_deterministic_given_seed():
     torch.manual_seed(3)
     b = ResNet(cfg).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    """model.zero_init_residual: each block's last BN scale is 0, so at init a block computes
+    relu(shortcut(x)); the parameter count (and the paper's exact count) is unchanged."""
+    from fasttrain.model import BasicBlock
+
+    plain = build_model(load_config("configs/seed.yaml").model)
+    cfg = load_config("configs/seed.yaml", ["--model.zero_init_residual", "true"]).model
+    model = build_model(cfg).eval()
+    assert count_params(model) == count_params(plain) == 4_697_742
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == sum(cfg.blocks)
+    assert all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    assert all(torch.all(b.bn1.weight == 1) for b in blocks)  # only the last BN of a block
+    x = torch.randn(2, 64, 32, 32)
+    block = blocks[0]
+    assert torch.equal(block(x), torch.relu(block.shortcut(x)))

@@ -118,3 +118,25 @@ def test_clipping_by_value_and_norm():
     clip_gradients(params, OptimConfig(clip="norm", clip_value=0.5), opt)
     total = math.sqrt(sum(p.grad.pow(2).sum().item() for p in params))
     assert total == pytest.approx(0.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_no_decay_on_norm_and_bias_when_asked(impl):
+    """optim.decay_norm_and_bias false: with zero gradients, one step shrinks only the conv/linear
+    weights (weight decay); BN scales/shifts and biases stay. The default decays everything (the paper)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2))
+    net(torch.randn(1, 3, 5, 5))  # materialize the lazy layer
+    for decay_all in (True, False):
+        params = [p.detach().clone().requires_grad_() for p in net.parameters()]
+        for p in params:
+            p.data.fill_(1.0)
+            p.grad = torch.zeros_like(p)
+        cfg = OptimConfig(impl=impl, lr=0.1, momentum=0.0, weight_decay=0.5, clip="none", lookahead_k=0,
+                          decay_norm_and_bias=decay_all)
+        opt = build_optimizer(params, cfg)
+        assert len(opt.param_groups) == (1 if decay_all else 2)
+        opt.step()
+        for p in params:
+            decayed = decay_all or p.ndim > 1
+            assert torch.allclose(p, torch.full_like(p, 0.95 if decayed else 1.0)), (p.ndim, decay_all)
