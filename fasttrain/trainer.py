@@ -245,7 +245,14 @@ class Trainer:
             raise CheckpointError(f"{path} was trained with another model section than this config's; "
                                   "resume with the config saved in the run folder (config.yaml)")
         unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:  # another optimizer, grouping or Lookahead setting
+            raise CheckpointError(
+                f"{path} holds optimizer state this config's optimizer cannot take ({e}); it was saved with "
+                f"optim.name {saved.optim.name}, impl {saved.optim.impl}, lookahead_k {saved.optim.lookahead_k}, "
+                f"decay_norm_and_bias {saved.optim.decay_norm_and_bias}: resume with the config saved in the "
+                "run folder (config.yaml)") from e
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

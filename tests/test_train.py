@@ -120,6 +120,13 @@ def test_resume_with_another_architecture_lists_keys(cifar_dir, tmp_path):
         Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
 
 
+def test_resume_with_another_optimizer_grouping_is_a_clear_error(cifar_dir, tmp_path):
+    Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="1"), device="cpu", console=quiet()).fit()
+    other = tiny_config(cifar_dir, tmp_path, optim__decay_norm_and_bias="false")
+    with pytest.raises(CheckpointError, match=r"optimizer state[\s\S]*decay_norm_and_bias True[\s\S]*config\.yaml"):
+        Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
+
+
 def test_cli_dry_run_json(cifar_dir):
     proc = run_cli("--config", "configs/seed.yaml", "--dry-run", "--json", "--data.dir", str(cifar_dir))
     report = json.loads(proc.stdout)
