@@ -354,6 +354,7 @@ class Trainer:
         """train.cuda_graph: capture the training step on a batch of the training loader's shape (after
         the compile warmup); later steps replay it. Returns the seconds it took."""
         t0 = time.perf_counter()
+        self.net.train()  # the graph bakes in the mode it was captured in: BN must update its statistics
         self._graph = GraphedStep(
             self._step_body, params=self.trainable, state=step_state(self.model, self.optimizer),
             before_replay=self.optimizer._sync_hyperparameters, images=images, labels=labels,
