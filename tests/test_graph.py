@@ -176,6 +176,9 @@ def test_graph_run_learns_resumes_and_reports_capture(cifar_dir, tmp_path):
     summary = full.fit()
     assert full._graph is not None and summary["compile_seconds"] > 0
     assert summary["final_test_acc"] > 15.0, summary
+    # captured in training mode after fit()'s warmup evaluation: BN counted every real step, no warmup one
+    bn = next(m for m in full.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 2 * full.steps_per_epoch
 
     first = _trainer(cifar_dir, tmp_path / "split", True, **changes)
     first.fit(stop_after_epochs=1)
