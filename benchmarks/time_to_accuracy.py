@@ -105,8 +105,9 @@ def run_seed(cfg, args, run_dir: Path, split: str = "test") -> tuple[dict, objec
         torch._dynamo.reset()
     trainer = Trainer(cfg, device=args.device, run_dir=run_dir, overwrite=args.overwrite)
     warmup = 0.0
-    if not cfg.train.compile and trainer.device.type == "cuda":
-        # fit() warms up only when compiling; cuDNN autotuning would otherwise land in epoch 1's time
+    if not (cfg.train.compile or trainer.use_graph) and trainer.device.type == "cuda":
+        # fit() warms up only when compiling or capturing a CUDA graph; cuDNN autotuning would
+        # otherwise land in epoch 1's time
         warmup = trainer.warmup()
     summary = trainer.fit()
     epochs = read_epochs(run_dir / "metrics.jsonl")
