@@ -8,9 +8,8 @@
 #   quick       what the next session needs most, each stage under its own time limit and all of them
 #               under one deadline: tests, profile, throughput (CUDA-graph rows first), graphseed, bench_se
 #               and the tile sweep, both now timing GPU work only (the last ones run only if the earlier
-#               ones finish early). The
-#               plan for a session's one big command; the first session's quick (rows 1-8, best, kernels,
-#               loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
+#               ones finish early). The plan for a session's one big command; the first session's quick
+#               (rows 1-8, best, kernels, loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
 #   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
 #               one stage alone (limit: the deadline). profile: benchmarks/profile_step.py (host- or
 #               GPU-bound, per row); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
@@ -52,9 +51,9 @@
 #        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[12] .stage/ && bash .stage/03/unstage.sh
 #         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=150;
 #         bash benchmarks/gpu_session.sh kernels $OUT/k)"
+#   then give_back.
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
-# the staging and three commands (quick; kernels + tune; torchrun + ablation).
-# then give_back. Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
+# the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
 # skipped or failed and everything else still runs.
 #
 # Everything is written to a work folder (OUT_DIR/session when OUT_DIR is given, else ./gpu-out); at the
