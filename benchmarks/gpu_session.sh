@@ -149,8 +149,11 @@ stage_graphseed() {   # the paper's recipe with the engine's fast paths and the 
     --output.progress false --train.checkpoint_every 1000
 }
 stage_best() {        # the fast recipe in full, one seed, timed; run folders kept for partial results
+  # BEST_ARGS: overrides, e.g. "--optim.impl fused --train.cuda_graph true" (the graph in the real loop)
+  # shellcheck disable=SC2086
   limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds 1 \
-    --targets 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000
+    --targets 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000 \
+    ${BEST_ARGS:-}
   # the trained weights come back beside the archive (which holds no .pt): bf16, ~9 MB, for issue 6;
   # only from a finished run (best.json written), never a checkpoint cut by the limit
   [[ -f $work/best.json ]] || return 0
