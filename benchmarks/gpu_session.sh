@@ -16,16 +16,19 @@
 #               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
 #               on the one GPU, engine switches in APAPER_ARGS: for issue 6's A_paper. The runs live in
-#               /tmp/apaper on the device and checkpoint at the stage's limit, so a second call on the
-#               same warm machine continues them (checkpoints are too big to come back: a later session
-#               cannot). At 3.64 s an epoch (first session) it takes ~740 s of training: two calls.
-#   preflight   tests + graphseed (~150 s): whether the CUDA graph is right and what an epoch of the
+#               /tmp/apaper on the device and checkpoint their exact position at the stage's limit, so a
+#               second call on the same warm machine continues them (--resume auto). Evaluated every 20
+#               epochs and checkpointed every 10 (each save is ~57 MB of wall time off the clock).
+#   preflight   tests + graphseed (~150-190 s): whether the CUDA graph is right and what an epoch of the
 #               paper's recipe costs with it, to size apaper in the same session.
-#               A session aimed at A_paper has two plans. With the graph: preflight, then, if the graph
-#               tests pass and an epoch takes <= ~2 s, one apaper call with APAPER_ARGS="--optim.impl
-#               fused --train.cuda_graph true" (if not, spend the rest on quick's stages). Without it:
-#               skip preflight, two apaper calls back to back (3.64 s an epoch: ~600 + ~250 s; nothing
-#               else fits in the 15 minutes)
+#               Sizing A_paper: two seeds side by side share the GPU, so once the step is GPU-bound each
+#               seed's epoch takes about twice graphseed's. One apaper call (BUDGET_S=530, timeout_s 600,
+#               ~450 s of training after pip, unstaging and compile) holds 2 x 200 epochs only if
+#               graphseed's epoch is <= ~1.1 s: then preflight + one apaper call with APAPER_ARGS=
+#               "--optim.impl fused --train.cuda_graph true". Without the graph (3.64 s an epoch, host-
+#               bound, so the seeds barely slow each other) 200 epochs need ~730 s of training: more than
+#               two calls leave after staging in 15 minutes. Then use the session for quick's stages and
+#               leave A_paper to a session where the graph makes it fit.
 #   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default lr_0.2,zero_init_residual,
 #               no_decay_norm_bias; the first session ran batch_1024),
 #               SEEDS (1) seeds each, validation split only: issue 6's tuning, a session's whole command
@@ -48,9 +51,11 @@
 #         bash benchmarks/gpu_session.sh quick $OUT"
 #   A further call on the same warm machine (another stage, its own OUT sub-folder) restores the unpacked
 #   payload instead of unpacking again:
-#        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[12] .stage/ && bash .stage/03/unstage.sh
+#        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[12] .stage/ && bash .stage/01/unstage.sh
 #         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=150;
 #         bash benchmarks/gpu_session.sh kernels $OUT/k)"
+#   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
+#   needs no pieces)
 #   then give_back.
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
 # the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
@@ -62,6 +67,10 @@
 # trained weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
+case $stage in
+  quick|preflight|apaper|ablation|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun) ;;
+  *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
+esac
 out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
@@ -69,6 +78,16 @@ budget=${BUDGET_S:-500}
 deadline=$((${GPU_SESSION_T0:-$(date +%s)} + budget))  # epoch seconds
 now() { date +%s; }
 
+collect_apaper() {    # what comes back of the apaper runs: metrics, summary, config; not the checkpoints
+  [[ -n ${apaper_dir:-} && -d $apaper_dir ]] || return 0
+  local run
+  for run in "$apaper_dir"/seed-*; do
+    [[ -d $run ]] || continue  # no runs yet: the glob stays unexpanded
+    mkdir -p "$work/apaper-${run##*seed-}"
+    cp "$run"/{metrics.jsonl,summary.json,config.yaml} "$work/apaper-${run##*seed-}/" 2>/dev/null
+  done
+  return 0
+}
 finish() {  # the summary (printed last: the reply keeps the end of the output) and the files back
   trap - EXIT TERM INT
   # the watchdog subshell goes first (killing its sleep first would let it fire); its orphaned
@@ -89,7 +108,8 @@ finish() {  # the summary (printed last: the reply keeps the end of the output) 
 }
 trap finish EXIT  # also on the watchdog's TERM: bash runs the EXIT trap at once, even mid-stage
 # (its output is closed: a leftover sleep must not hold the command's stdout open)
-( sleep $((deadline - $(now) + 25)); kill -TERM $$ ) >/dev/null 2>&1 </dev/null &
+watch_s=$((deadline - $(now) + 25)); ((watch_s < 1)) && watch_s=1
+( sleep "$watch_s"; kill -TERM $$ ) >/dev/null 2>&1 </dev/null &
 watchdog=$!
 
 export PYTHONUNBUFFERED=1
@@ -118,7 +138,7 @@ limited() {
   fi
   local t0=$SECONDS
   echo "== $name (limit ${limit}s): $*"
-  timeout -k 10 "$limit" "$@" >"$work/$name.log" 2>&1
+  timeout -k "${KILL_AFTER:-10}" "$limit" "$@" >"$work/$name.log" 2>&1
   local rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$work/stages.tsv"
   tail -n 3 "$work/$name.log"
@@ -165,8 +185,11 @@ stage_best() {        # the fast recipe in full, one seed, timed; run folders ke
     break
   done
 }
-stage_kernels() {     # SE and optimizer microbenchmarks (issue 4's targets: 1.5x and 3x)
+stage_bench_se() {    # the SE microbenchmark (issue 4's target: 1.5x the eager reference)
   limited bench-se "$1" python benchmarks/kernels/bench_se.py --batch-sizes 512 --out "$work"
+}
+stage_kernels() {     # SE and optimizer microbenchmarks (issue 4's targets: 1.5x and 3x)
+  stage_bench_se "$1"
   limited bench-optim "$2" python benchmarks/kernels/bench_optim.py --out "$work"
 }
 stage_tune() {        # SE tile sizes: 16 (gate, reduce) pairs at the network's shapes, checked and ranked (issue 4)
@@ -182,12 +205,15 @@ stage_seed() {        # the paper's recipe for a few epochs: epoch times, images
     --output.progress false --train.checkpoint_every 1000
 }
 stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the same config (issue 7)
+  # torchrun's workers run in their own process session: on TERM it needs its own ~30 s to stop them
+  # before timeout's KILL, or a worker stuck in NCCL would keep the GPU after the command
+  local KILL_AFTER=45
   limited plain "$1" python -m fasttrain --config configs/seed.yaml --train.epochs 2 --output.dir "$work/plain" \
     --output.progress false --train.checkpoint_every 1000
   limited torchrun1 "$1" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
     --train.epochs 2 --output.dir "$work/torchrun1" --output.progress false --train.checkpoint_every 1000
   # NCCL + DDP with the engine's fast paths (compile, Triton SE, fused step after the all-reduce): never run yet
-  limited torchrun1fast "$1" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
+  limited torchrun1fast "$2" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
     --train.epochs 2 --train.compile true --model.se_impl triton --optim.impl fused \
     --output.dir "$work/torchrun1fast" --output.progress false --train.checkpoint_every 1000
 }
@@ -212,20 +238,11 @@ stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, co
     first=0
     # shellcheck disable=SC2086  # APAPER_ARGS is a list of flags
     limited "apaper-$s" "$1" python -m fasttrain --config configs/seed.yaml --train.seed "$s" \
-      --train.compile true --train.eval_every 10 --train.checkpoint_every 1 ${APAPER_ARGS:-} \
+      --train.compile true --train.eval_every 20 --train.checkpoint_every 10 ${APAPER_ARGS:-} \
       --output.dir "$apaper_dir/seed-$s" --output.progress false --resume auto &
     pids+=($!)
   done
   wait "${pids[@]}"  # these runs only: a bare `wait` would also wait for the watchdog
-}
-collect_apaper() {    # what comes back of the apaper runs: metrics, summary, config; not the checkpoints
-  [[ -n ${apaper_dir:-} && -d $apaper_dir ]] || return 0
-  local run
-  for run in "$apaper_dir"/seed-*; do
-    mkdir -p "$work/apaper-${run##*seed-}"
-    cp "$run"/{metrics.jsonl,summary.json,config.yaml} "$work/apaper-${run##*seed-}/" 2>/dev/null
-  done
-  return 0
 }
 
 case $stage in
@@ -234,7 +251,7 @@ case $stage in
     stage_profile 80
     stage_throughput 150
     stage_graphseed 60
-    stage_kernels 40 0
+    stage_bench_se 40
     stage_tune 30 ;;
   preflight)  # before apaper: are the graph and the fast paths right, and how long is an epoch with them?
     stage_tests 100
@@ -248,7 +265,7 @@ case $stage in
   seed)       stage_seed "$budget" ;;
   profile)    stage_profile "$budget" ;;
   graphseed)  stage_graphseed "$budget" ;;
-  torchrun)   stage_torchrun "$((budget / 3))" ;;
+  torchrun)   stage_torchrun "$((budget / 4))" "$budget" ;;  # the fast run compiles: it gets what is left
   apaper)     stage_apaper "$budget" ;;
   ablation)   stage_ablation "$budget" ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
