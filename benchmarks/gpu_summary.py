@@ -13,7 +13,7 @@ number. Reads:
   throughput.json                throughput.py's rows (rewritten after each row, so partial is fine)
   bench_se_*.json, bench_optim_*.json, tune_se_*.json, loader.json, ablation.json (recipe_ablation.py)
   profile.json                   profile_step.py's rows: host- or GPU-bound
-  seed/, graphseed/, torchrun1/, plain/, apaper-*/ metrics.jsonl
+  seed/, graphseed/, torchrun1/, plain/, apaper-*/ metrics.jsonl (graphseed also sizes apaper)
 """
 from __future__ import annotations
 
@@ -205,6 +205,23 @@ def runs(d: Path) -> list[str]:
     return lines
 
 
+APAPER_TRAIN_S = 450  # training seconds in one apaper call: BUDGET_S 530 less pip, unstaging, compile
+
+
+def apaper_sizing(d: Path) -> list[str]:
+    """Does A_paper (2 seeds x 200 epochs side by side) fit one apaper call? From graphseed's epochs
+    (the first left out: it may carry warmup effects), counting two seeds as sharing the GPU fully
+    (an upper bound: host-bound steps overlap better). Decided within the 30 s a warm machine waits."""
+    rows = _metrics(d / "graphseed")
+    if len(rows) < 2:
+        return []
+    epoch = statistics.median(r["epoch_seconds"] for r in rows[1:])
+    need = 2 * 200 * epoch
+    verdict = "fits one call" if need <= APAPER_TRAIN_S else "does NOT fit one call"
+    return [f"apaper      graphseed epoch {epoch:.2f} s: 2 seeds x 200 epochs need up to {need:.0f} s of "
+            f"training, one call holds ~{APAPER_TRAIN_S} s: {verdict}"]
+
+
 def summarize(d: Path) -> str:
     docs = [_read_json(p) for p in sorted(d.glob("*.json"))]
     meta = next((doc["meta"] for doc in docs if isinstance(doc, dict) and isinstance(doc.get("meta"), dict)), None)
@@ -214,7 +231,7 @@ def summarize(d: Path) -> str:
         head += (f": {meta.get('device')}, torch {versions.get('torch')}, triton {versions.get('triton')}, "
                  f"DALI {versions.get('dali')}, git {meta.get('git_sha')}")
     body = []
-    for section in (stages, tests, profile, throughput, best, kernels, loader, ablation, runs):
+    for section in (stages, tests, profile, throughput, best, kernels, loader, ablation, runs, apaper_sizing):
         try:  # one odd file must not cost the rest of the summary
             body += section(d)
         except Exception as e:  # noqa: BLE001

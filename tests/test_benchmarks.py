@@ -219,6 +219,10 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     (d / "seed" / "metrics.jsonl").write_text(  # a run cut by its time limit mid-line keeps its whole rows
         json.dumps({"epoch": 1, "epoch_seconds": 2.0, "images_per_second": 25000.0, "test_acc": 41.5}) + "\n"
         + '{"epoch": 2, "epoch_sec')
+    (d / "graphseed").mkdir()  # the first epoch (warmup effects) is left out of apaper's sizing
+    (d / "graphseed" / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"epoch": e, "epoch_seconds": s, "images_per_second": 4e4, "test_acc": 50.0})
+        for e, s in ((1, 9.0), (2, 1.0), (3, 1.25))) + "\n")
     (d / "apaper-1").mkdir()  # evaluated every 10 epochs: the last accuracy is an earlier epoch's
     (d / "apaper-1" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"epoch": 10, "epoch_seconds": 1.0, "images_per_second": 5e4, "test_acc": 80.25},
@@ -259,6 +263,8 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert "; to 0%: " in text and ", 100%: - s" in text  # reached at once; never reached
     assert "seed        1 epochs, last test 41.50%, train clock 2.0 s, median 25,000 img/s" in text
     assert "apaper-1    2 epochs, last test 80.25% (epoch 10), train clock 2.0 s" in text
+    assert ("apaper      graphseed epoch 1.12 s: 2 seeds x 200 epochs need up to 450 s of training, "
+            "one call holds ~450 s: fits one call") in text
     assert ("tune_se     best first: gate 8192 reduce 2048: stem 0.200 / all 0.610 ms, "
             "gate 4096 reduce 2048: stem 0.300 / all 0.800 ms (default)") in text
 
