@@ -76,6 +76,11 @@ def step_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list
     return _unique(list(model.parameters()) + list(model.buffers()) + opt_state)
 
 
+def _require_cuda(t: torch.Tensor) -> None:
+    if t.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need CUDA tensors, got images on {t.device}")
+
+
 @torch.no_grad()
 def restore(state: list[torch.Tensor], snapshot: list[torch.Tensor]) -> None:
     """Copy a snapshot (clones of `state`) back in place: every address a graph captured stays valid."""
@@ -99,8 +104,7 @@ class GraphedStep:
         fused optimizer's build count: load_state_dict re-creates its buffers); a replay after a
         change is refused. `capture_error_mode`: "thread_local" when other threads (DALI's) may
         use CUDA during the capture."""
-        if images.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need CUDA tensors, got images on {images.device}")
+        _require_cuda(images)
         self.body, self.before_replay, self.version = body, before_replay, version
         device = images.device
         # static inputs with the batch's own layout (channels_last stays channels_last)

@@ -94,6 +94,90 @@ def test_graphed_step_refuses_cpu_tensors():
                     images=torch.zeros(2, 3, 4, 4), labels=torch.zeros(2, dtype=torch.long))
 
 
+# ------------------------------------------------------------------------------------- the plumbing, faked
+class _FakeCudaGraphs:
+    """torch.cuda's stream and graph API on the CPU: a capture runs the step once (as a real capture
+    does not: GraphedStep restores the state after it either way), and a replay runs the captured
+    step again into the static outputs. What this checks is fasttrain's plumbing (static inputs,
+    persistent gradients, state restore, the trainer's warmup -> capture -> replay,
+    checkpoints and resume), not CUDA's semantics: the gpu tests below do that."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        import fasttrain.graph as graph_module
+
+        self.captures = self.replays = 0
+        fake = self
+        original_init = graph_module.GraphedStep.__init__
+
+        def init(step, *args, **kwargs):
+            fake.step = step
+            original_init(step, *args, **kwargs)
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                loss, logits = fake.step._zeroed_body()
+                fake.step.loss.copy_(loss)
+                fake.step.logits.copy_(logits)
+
+        @contextlib.contextmanager
+        def capture(graph, capture_error_mode="global"):
+            assert capture_error_mode in ("global", "thread_local")
+            fake.captures += 1
+            yield
+
+        class Stream:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(graph_module, "_require_cuda", lambda t: None)
+        monkeypatch.setattr(graph_module.GraphedStep, "__init__", init)
+        for name, value in {"CUDAGraph": Graph, "graph": capture, "Stream": Stream,
+                            "current_stream": lambda device=None: Stream(),
+                            "stream": lambda s: contextlib.nullcontext(),
+                            "get_rng_state": lambda device=None: torch.get_rng_state(),
+                            "set_rng_state": lambda state, device=None: torch.set_rng_state(state)}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def _cpu_trainer(cifar_dir, out, graph: bool, resume=None):
+    cfg = tiny_config(cifar_dir, out, **{"optim.impl": "fused", "optim.lookahead_k": "2",
+                                         "optim.warmup_epochs": "0.5"})
+    trainer = Trainer(cfg, device="cpu", console=quiet(), resume=resume)
+    trainer.use_graph = graph  # a CPU run switches it off: force the graph path onto the fakes
+    return trainer
+
+
+def test_graph_plumbing_trains_like_eager_and_resumes(cifar_dir, tmp_path, monkeypatch):
+    fake = _FakeCudaGraphs(monkeypatch)
+    eager, graphed = _cpu_trainer(cifar_dir, tmp_path / "e", False), _cpu_trainer(cifar_dir, tmp_path / "g", True)
+    eager.fit()
+    graphed.fit()
+    assert fake.captures == 1 and fake.replays == 2 * graphed.steps_per_epoch  # every real step replayed
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+    es, gs = eager.optimizer.state_dict()["state"], graphed.optimizer.state_dict()["state"]
+    for index in es:
+        for key in ("momentum_buffer", "slow_param", "step"):
+            torch.testing.assert_close(gs[index][key], es[index][key], atol=1e-5, rtol=1e-5)
+
+    first = _cpu_trainer(cifar_dir, tmp_path / "r", True)
+    first.fit(stop_after_epochs=1)
+    resumed = _cpu_trainer(cifar_dir, tmp_path / "r", True, resume=tmp_path / "r" / "last.pt")
+    resumed.fit()
+    for a, b in zip(graphed.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+    graphed.optimizer.load_state_dict(graphed.optimizer.state_dict())  # re-creates its buffers
+    with pytest.raises(RuntimeError, match="capture it again"):
+        graphed._train_step(*next(iter(graphed.data.train)))
+
+
 # ------------------------------------------------------------------------------------- on a GPU
 def _trainer(cifar_dir, tmp_path, graph: bool, **changes):
     settings = {"optim.impl": "fused", "train.deterministic": "true", "train.cuda_graph": str(graph).lower(),
