@@ -350,10 +350,9 @@ class Trainer:
             self.optimizer.step()
         return loss.detach(), logits.detach()
 
-    def capture_graph(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def capture_graph(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """train.cuda_graph: capture the training step on a batch of the training loader's shape (after
-        the compile warmup); later steps replay it. Returns the seconds it took."""
-        t0 = time.perf_counter()
+        the compile warmup); later steps replay it. Its time counts in the caller's warmup."""
         self.net.train()  # the graph bakes in the mode it was captured in: BN must update its statistics
         self._graph = GraphedStep(
             self._step_body, params=self.trainable, state=step_state(self.model, self.optimizer),
@@ -361,8 +360,6 @@ class Trainer:
             version=lambda: self.optimizer.build_count,
             # DALI's prefetching threads use CUDA meanwhile (on their own stream, not captured)
             capture_error_mode="thread_local" if self.cfg.data.loader == "dali" else "global")
-        synchronize(self.device)
-        return time.perf_counter() - t0
 
     def train_epoch(self, epoch: int, advance=lambda n=1: None, skip: int = 0) -> dict:
         """One pass over this rank's shard; returns device-side sums, read by the caller once.

@@ -61,7 +61,9 @@ __all__ = ["se_gate", "se_gate_reference"]
 # still run multi-iteration loops and partial tiles: channels_last 32x32, odd 7x5).
 # GPU values from benchmarks/kernels/tune_se.py on an H200 (benchmarks/results/2026-11-26-h200/tune):
 # gate 2048 / reduce 1024 was the fastest pair over the network's four SE shapes (2.78 ms against 4.06
-# ms for the former 4096 / 2048) and second for the paper's stem SE (0.696 ms; best 0.688).
+# ms for the former 4096 / 2048) and second for the paper's stem SE (0.696 ms; best 0.688). That sweep
+# timed forward+backward with the host's launch overhead included (fixed since in benchmarks/common.py):
+# a provisional choice until the sweep is rerun.
 _GATE_TILE = 16384 if INTERPRET else 2048
 _REDUCE_TILE = 8192 if INTERPRET else 1024
 _MLP_TILE = 4096
