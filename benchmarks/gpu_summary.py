@@ -180,7 +180,8 @@ def ablation(d: Path) -> list[str]:
     if not result:
         return []
     lines = [f"ablation    {result['config_name']} on {result['val_size']} validation images"
-             f"{'' if result.get('complete') else ' (PARTIAL)'}: val % (vs base), val TTA %, train s"]
+             f"{'' if result.get('complete') else ' (PARTIAL)'}: val % (vs base), val TTA %, train s"
+             f"{f' ({jobs} runs at a time: shared-device)' if (jobs := result.get('jobs', 1)) > 1 else ''}"]
     for name, agg in result["aggregate"].items():
         delta = agg.get("delta_val_acc_vs_base")
         lines.append(f"  {name:<20} {_pct(agg['final_val_acc_mean'])} ({'-' if delta is None else f'{delta:+.2f}'}),"

@@ -2,8 +2,8 @@
 
     python benchmarks/recipe_ablation.py --config configs/best.yaml \\
         [--variants benchmarks/recipe_variants.yaml] [--only base,no_lookahead] [--seeds 2] \\
-        [--val-size 5000] [--targets 93 94] [--device auto] [--out benchmarks/results/NAME.json] \\
-        [--section.key VALUE ...]
+        [--val-size 5000] [--targets 93 94] [--device auto] [--jobs 1] \\
+        [--out benchmarks/results/NAME.json] [--section.key VALUE ...]
 
 Each variant is the config plus the variant's overrides (a YAML mapping: name -> {dotted key: value};
 `base` with no overrides is the reference every other row is compared with). Every run holds out the
@@ -14,16 +14,24 @@ with `time_to_accuracy.py` on the full training set.
 
 Timing is time_to_accuracy.py's: the training clock is the sum of the trainer's `epoch_seconds`,
 compile and autotuning are reported apart, and time-to-target is the clock at the end of the first
-epoch whose validation accuracy (no TTA) reaches the target. All variants run in one process one after
-the other, so their times are comparable. The JSON is rewritten after every run: a run stopped by a
-time limit keeps what it measured. The table is printed last.
+epoch whose validation accuracy (no TTA) reaches the target. By default all variants run in one
+process one after the other, so their times are comparable. `--jobs N` runs N of them at a time, each
+in its own fresh process (its log in the runs folder, NAME-seed-S.log), sharing the one GPU: the
+accuracies are the same as one at a time (the same seeds give the same runs), the times are not --
+they are shared-GPU times, marked as such in the JSON (`jobs`) and the table. It is for the search:
+while a step is bound by host overhead (the first H200 session) or while the runs compile, N runs
+overlap and a device session fits more variants. The JSON is rewritten after every run: a run
+stopped by a time limit keeps what it measured (with --jobs, the runs in flight are lost). The table
+is printed last.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import (REPO_ROOT, default_result_path, run_main, run_metadata, wide_console, write_complete,
@@ -54,10 +62,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/recipe_ablation-CONFIG-DEVICE-TIME.json)")
     p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process on the one device (default 1: one after the "
+                        "other, times comparable); more fits more variants in a session, times then shared")
     args, overrides = p.parse_known_args(argv)
     args.overwrite = False  # run_seed's Trainer: every run folder here is new
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: need at least 1 run at a time")
     if args.val_size < 1:
         raise ConfigError(f"--val-size {args.val_size}: tuning needs a validation split of at least 1 image")
     if any(not 0 <= t <= 100 for t in args.targets):
@@ -116,8 +129,9 @@ def summarize(rows: list[dict], targets: list[float]) -> dict:
 
 def print_table(result: dict) -> None:
     keys = [target_key(t) for t in result["targets"]]
+    shared = f"; {result['jobs']} runs at a time: shared-device times" if result["jobs"] > 1 else ""
     table = Table(title=f"recipe ablation of {result['config_name']} on {result['val_size']} validation images, "
-                        f"{result['meta']['device']} (test set not evaluated)")
+                        f"{result['meta']['device']} (test set not evaluated{shared})")
     for col in ("variant", "changes", "seeds", "val %", "std", "vs base", "val TTA %", "train s",
                 *[f"s to {k}%" for k in keys]):
         table.add_column(col, justify="left" if col in ("variant", "changes") else "right")
@@ -131,6 +145,80 @@ def print_table(result: dict) -> None:
     wide_console().print(table)
 
 
+# ------------------------------------------------------------------------------------- running the runs
+class RunFailed(Exception):
+    """A run in a worker process failed; the message names the run, the error and its log."""
+
+
+def run_one(task: tuple) -> tuple[dict, object]:
+    """One (variant, seed) run in this process: its result row (tagged with the variant) and its device."""
+    name, cfg, seed, run_dir, args = task
+    row, device = run_seed(seed_config(cfg, seed, run_dir), args, run_dir, split=SPLIT)
+    row["variant"] = name
+    row["run_dir"] = str(run_dir) if args.runs_dir else None
+    return row, device
+
+
+def run_one_logged(task: tuple, log: Path) -> tuple[str, object, object]:
+    """run_one in a worker process, its output in `log`; ("ok", row, device) or ("error", message, None).
+
+    Errors come back as text: the project's exceptions do not all survive pickling, and the parent
+    must stop the other runs and say which run failed either way."""
+    import os
+    import sys
+    import traceback
+
+    with open(log, "w", encoding="utf-8") as f:  # fd-level, so the trainer's console and C code land there too
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
+    try:
+        row, device = run_one(task)
+        return "ok", row, device
+    except BaseException as e:  # noqa: BLE001 - a SIGINT's RunInterrupted too: reported, not re-raised here
+        traceback.print_exc()
+        return "error", f"{type(e).__name__}: {e}", None
+
+
+def tail(path: Path, lines: int = 3) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_parallel(tasks: list[tuple], jobs: int, root: Path, done) -> None:
+    """Run `tasks` `jobs` at a time, each in a fresh spawned process (its own CUDA context, compile
+    caches in memory and dynamo state), calling `done(row, device)` as each finishes. The first failed
+    run stops the others and raises RunFailed."""
+    import multiprocessing as mp
+
+    # spawn, never fork: a forked child would inherit the parent's torch threads and CUDA state
+    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+        pending = []
+        for task in tasks:
+            log = root / f"{task[0]}-seed-{task[2]}.log"
+            pending.append((task, log, pool.apply_async(run_one_logged, (task, log))))
+        print(f"recipe_ablation: {len(tasks)} runs, {jobs} at a time; each run's log: {root}/VARIANT-seed-S.log",
+              flush=True)
+        while pending:  # as they finish, so the JSON grows as early as it can
+            finished = [p for p in pending if p[2].ready()]
+            if not finished:
+                time.sleep(0.5)
+                continue
+            for item in finished:
+                pending.remove(item)
+                (name, _, seed, _, _), log, result = item
+                status, row, device = result.get()
+                if status != "ok":
+                    pool.terminate()  # the runs still going would only hold the device
+                    raise RunFailed(f"variant {name!r} seed {seed} failed: {row} (its log: {log})\n{tail(log, 12)}")
+                print(f"recipe_ablation: {name} seed {seed} done: val {row['final_val_acc']}%\n{tail(log)}",
+                      flush=True)
+                done(row, device)
+
+
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     cli = parse_overrides(overrides) if overrides else {}
@@ -141,23 +229,34 @@ def main(argv: list[str]) -> int:
     base_cfg = configs["base"]
     result = {"benchmark": "recipe_ablation", "meta": None, "config_name": base_cfg.name,
               "config": config_to_dict(base_cfg), "variants_file": str(args.variants), "variants": variants,
-              "val_size": args.val_size, "split": SPLIT, "targets": args.targets, "complete": False,
-              "runs": [], "aggregate": {}}
+              "val_size": args.val_size, "split": SPLIT, "targets": args.targets, "jobs": args.jobs,
+              "complete": False, "runs": [], "aggregate": {}}
     out = None
+
+    def done(row: dict, device) -> None:
+        nonlocal out
+        result["runs"].append(row)
+        result["runs"].sort(key=lambda r: order[r["variant"], r["seed"]])  # variants' order, whatever finished first
+        result["meta"] = result["meta"] or run_metadata(device)
+        result["aggregate"] = summarize(result["runs"], args.targets)
+        out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
+        write_json(out, result)  # after every run: a time limit loses only the runs in flight
+
     with tempfile.TemporaryDirectory(prefix="fasttrain-ablation-") as tmp:
         root = args.runs_dir or Path(tmp)
-        for name, cfg in configs.items():
-            for i in range(args.seeds):
-                seed = cfg.train.seed + i
-                run_dir = root / f"{name}-seed-{seed}"
-                row, device = run_seed(seed_config(cfg, seed, run_dir), args, run_dir, split=SPLIT)
-                row["variant"] = name
-                row["run_dir"] = str(run_dir) if args.runs_dir else None
-                result["runs"].append(row)
-                result["meta"] = result["meta"] or run_metadata(device)
-                result["aggregate"] = summarize(result["runs"], args.targets)
-                out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
-                write_json(out, result)  # after every run: a time limit loses only the run in flight
+        root.mkdir(parents=True, exist_ok=True)
+        tasks = [(name, cfg, cfg.train.seed + i, root / f"{name}-seed-{cfg.train.seed + i}", args)
+                 for name, cfg in configs.items() for i in range(args.seeds)]
+        order = {(name, seed): i for i, (name, _, seed, _, _) in enumerate(tasks)}
+        if args.jobs == 1:
+            for task in tasks:
+                done(*run_one(task))
+        else:
+            try:
+                run_parallel(tasks, min(args.jobs, len(tasks)), root, done)
+            except RunFailed as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
     write_complete(out, result)
     print_table(result)
     return 0

@@ -319,12 +319,67 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     assert f"base                 {agg['base']['final_val_acc_mean']:.2f}% (+0.00)" in text
 
 
+def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir, tmp_path):
+    """--jobs 2: each run in its own process, the same accuracies as one at a time (same seeds, CPU
+    determinism), runs listed in the variants' order, each run's output in its own log, times marked shared."""
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("base: {}\nmore_lr: {optim.lr: 0.5}\n")
+    results = {}
+    for jobs in (1, 2):
+        out, runs = tmp_path / f"ablation-{jobs}.json", tmp_path / f"runs-{jobs}"
+        proc = run_script(repo_root, cifar_dir, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants",
+                          variants, "--seeds", "1", "--val-size", "100", "--targets", "0", "--jobs", jobs,
+                          "--out", out, "--runs-dir", runs)
+        results[jobs] = json.loads(out.read_text())
+        assert results[jobs]["jobs"] == jobs and results[jobs]["complete"] is True
+        assert ("runs at a time: shared-device times" in proc.stdout) == (jobs == 2)
+    one, two = results[1], results[2]
+    assert [(r["variant"], r["seed"]) for r in two["runs"]] == [("base", 0), ("more_lr", 0)]
+    for a, b in zip(one["runs"], two["runs"]):
+        assert a["final_val_acc"] == b["final_val_acc"] and a["final_val_acc_tta"] == b["final_val_acc_tta"]
+        assert [e["val_acc"] for e in a["epochs"]] == [e["val_acc"] for e in b["epochs"]]
+    losses = {(jobs, name): [json.loads(line)["train_loss"] for line in
+                             (tmp_path / f"runs-{jobs}" / f"{name}-seed-0" / "metrics.jsonl").read_text().splitlines()]
+              for jobs in (1, 2) for name in ("base", "more_lr")}
+    assert losses[1, "base"] == losses[2, "base"] and losses[1, "more_lr"] == losses[2, "more_lr"]
+    assert losses[2, "base"] != losses[2, "more_lr"]  # each run matched its own twin, not a common one
+    for name in ("base", "more_lr"):  # the worker's output went to its log, not lost or interleaved
+        log = (tmp_path / "runs-2" / f"{name}-seed-0.log").read_text()
+        assert "epoch   2/2" in log and "fasttrain run summary" in log
+    assert two["aggregate"]["more_lr"]["delta_val_acc_vs_base"] == pytest.approx(
+        two["runs"][1]["final_val_acc"] - two["runs"][0]["final_val_acc"])
+    session = tmp_path / "session"  # gpu_session.sh's summary says the times were shared
+    session.mkdir()
+    (session / "ablation.json").write_text((tmp_path / "ablation-2.json").read_text())
+    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "train s (2 runs at a time: shared-device)" in text
+
+
+def test_recipe_ablation_jobs_stop_at_a_failed_run_and_name_it(repo_root, cifar_dir, tmp_path):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("base: {}\ndiverges: {optim.lr: 1.0e+30, optim.clip: none}\n")
+    out = tmp_path / "a.json"
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants",
+                           str(variants), "--seeds", "1", "--val-size", "100", "--jobs", "2", "--out", str(out),
+                           "--runs-dir", str(tmp_path / "runs")], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: variant 'diverges' seed 0 failed: TrainingError" in proc.stderr
+    assert str(tmp_path / "runs" / "diverges-seed-0.log") in proc.stderr
+    if out.exists():  # base may have finished first: then its row was written, and only it
+        saved = json.loads(out.read_text())
+        assert saved["complete"] is False and [r["variant"] for r in saved["runs"]] == ["base"]
+
+
 @pytest.mark.parametrize("variants_text, extra, message", [
     ("base: {}\nbad: {optim.lr_typo: 0.2}\n", [], "variant 'bad': unknown key"),
     ("base: {}\nbad: {data.val_size: 10}\n", [], "variant 'bad': data.val_size is set by recipe_ablation"),
     ("base: {}\nbig: {model.max_params: 1000}\n", [], "variant 'big': the model has"),  # over budget
     ("base: {optim.lr: 1.0}\n", [], "'base' is the unchanged recipe"),
     ("base: {}\nok: {optim.lr: 0.2}\n", ["--only", "nope"], "unknown variant(s) nope"),
+    ("base: {}\n", ["--jobs", "0"], "--jobs 0: need at least 1"),
 ])
 def test_recipe_ablation_refuses_bad_variants_before_training(repo_root, cifar_dir, tmp_path, variants_text, extra,
                                                               message):
