@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from augment_check import random_images, recover_crops
 from torch import nn
 
 import fasttrain.data
@@ -37,11 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: beside DALI's threads
 
 
-def random_images(n: int, seed: int = 0, hw: int = 32) -> np.ndarray:
-    """Distinct random pixels: a crop/flip of one image matches no other candidate."""
-    return np.random.default_rng(seed).integers(0, 256, size=(n, hw, hw, 3), dtype=np.uint8)
-
-
 def loader(x, y, **kw) -> DaliLoader:
     args = dict(batch_size=32, train=True, device="cpu", mean=MEAN, std=STD)
     args.update(kw)
@@ -58,35 +54,6 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """Undo the normalization: exact uint8 values (the float error is ~1e-4 of a level)."""
     x = images.float() * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     return torch.round(x * 255).to(torch.int16)
-
-
-def recover_crops(images: torch.Tensor, sources: np.ndarray, p: int) -> torch.Tensor:
-    """For each output image, the (row offset, col offset, flip) in the zero-padded source whose
-    crop reproduces every pixel; asserts there is exactly one. Offsets are in 0..2p."""
-    pix = to_pixels(images)
-    src = torch.from_numpy(sources).permute(0, 3, 1, 2).to(torch.int16)
-    padded = F.pad(src, (p, p, p, p))
-    h, w = pix.shape[-2:]
-    # search on a central 8x8 patch (inside the source for any offset), then verify every pixel
-    r0, c0 = h // 2 - 4, w // 2 - 4
-    target = pix[:, :, r0:r0 + 8, c0:c0 + 8]
-    found = torch.full((len(pix), 3), -1, dtype=torch.long)
-    hits = torch.zeros(len(pix), dtype=torch.long)
-    for dy in range(2 * p + 1):
-        rows = slice(dy + r0, dy + r0 + 8)
-        for dx in range(2 * p + 1):
-            # the crop's centre columns, and the flipped crop's (mirrored columns of the crop)
-            patches = (padded[:, :, rows, dx + c0:dx + c0 + 8],
-                       padded[:, :, rows, dx + w - c0 - 8:dx + w - c0].flip(-1))
-            for flip, patch in enumerate(patches):
-                match = (patch == target).flatten(1).all(1)
-                hits += match
-                found[match] = torch.tensor([dy, dx, flip])
-    assert hits.eq(1).all(), f"{int((hits != 1).sum())} images match no or several crops"
-    for i, (dy, dx, flip) in enumerate(found.tolist()):
-        crop = padded[i, :, dy:dy + h, dx:dx + w]
-        assert torch.equal(crop.flip(-1) if flip else crop, pix[i]), f"image {i}: pixels differ"
-    return found
 
 
 def epoch_pairs(a, b, epoch: int) -> list:
@@ -183,7 +150,7 @@ def test_crops_and_flips_recovered_from_pixels_are_uniform_and_follow_the_plan()
         dl.set_epoch(epoch)
         plan = dl.plan()
         images, labels = collect(dl)
-        found = recover_crops(images, x[labels.numpy()], p)  # label = source index
+        found = recover_crops(to_pixels(images), x[labels.numpy()], p)  # label = source index
         recovered.append(found)
         planned.append(torch.from_numpy(np.concatenate(
             [plan.starts + p, plan.mirror[:, None]], axis=1)).long())
@@ -214,7 +181,7 @@ def test_no_augmentation_when_switched_off():
     torch.testing.assert_close(images, reference_normalize(x[labels.numpy()]), atol=1e-5,
                                rtol=1e-5)
     # flip only: the crop is the identity, the flips are there
-    found = recover_crops(collect(loader(x, np.arange(128), crop_padding=0))[0],
+    found = recover_crops(to_pixels(collect(loader(x, np.arange(128), crop_padding=0))[0]),
                           x[labels.numpy()], 0)
     assert 0 < found[:, 2].sum() < 128
 
@@ -252,7 +219,7 @@ def test_epoch_covers_each_image_once_and_reshuffles():
         labels = torch.cat([b[1] for b in batches])
         assert len(set(labels.tolist())) == 192  # no repeats
         # and each image is its label's source image
-        recover_crops(torch.cat([b[0] for b in batches]), x[labels.numpy()], 4)
+        recover_crops(to_pixels(torch.cat([b[0] for b in batches])), x[labels.numpy()], 4)
         orders.append(labels)
     assert not torch.equal(orders[0], orders[1])
 

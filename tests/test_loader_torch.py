@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from augment_check import random_images, recover_crops
+
 from fasttrain.data.loader_torch import TorchLoader
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-
-
-def random_images(count: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
 
 
 def make_loader(images, *, train=True, batch_size=64, **overrides):
@@ -36,25 +34,8 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def recover_augmentation(images: torch.Tensor, labels: torch.Tensor, sources: np.ndarray, padding=4):
-    """For every output image, the (row offset, col offset, flip) whose crop of the zero-padded source
-    equals it pixel for pixel. Fails unless exactly one candidate matches."""
-    zero_pad_hw = (0, 0, padding, padding, padding, padding)  # NHWC: pad W and H, not C
-    padded = torch.nn.functional.pad(torch.from_numpy(sources[labels.numpy()]), zero_pad_hw)
-    pixels = to_pixels(images)
-    side = 2 * padding + 1
-    matches = torch.zeros(len(pixels), side, side, 2, dtype=torch.bool)
-    center = pixels[:, 16, 16]  # 24 random bits: a cheap key that rules out almost every candidate
-    for dy in range(side):
-        for dx in range(side):
-            for flip in (0, 1):
-                key = padded[:, dy + 16, dx + (15 if flip else 16)]  # where the crop's center comes from
-                hits = (key == center).all(1).nonzero()[:, 0]
-                crop = padded[hits, dy:dy + 32, dx:dx + 32]
-                crop = crop.flip(2) if flip else crop
-                matches[hits, dy, dx, flip] = (crop == pixels[hits]).flatten(1).all(1)  # every pixel
-    assert (matches.flatten(1).sum(1) == 1).all(), "some outputs are not exactly one crop/flip of their source"
-    found = matches.flatten(1).nonzero()[:, 1]  # per sample, the flat index of its (row, col, flip) match
-    return found // 2 // side, found // 2 % side, found % 2
+    """(row offsets, col offsets, flips) of the outputs, recovered from their pixels (label = source index)."""
+    return recover_crops(to_pixels(images).permute(0, 3, 1, 2), sources[labels.numpy()], padding).unbind(1)
 
 
 def chi_square_uniform(values: torch.Tensor, bins: int) -> float:

@@ -55,7 +55,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from fasttrain.data.loader_torch import epoch_draws
+from fasttrain.data.loader_torch import epoch_draws, shard_bounds
 
 __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 
@@ -111,18 +111,6 @@ class EpochPlan:
 
     def rows(self, k: int) -> slice:
         return slice(k * self.batch_size, min((k + 1) * self.batch_size, len(self.indices)))
-
-
-def shard_bounds(n: int, *, batch_size: int, train: bool, drop_last: bool, rank: int,
-                 world_size: int) -> tuple[int, int]:
-    """``(samples, batches)`` that rank `rank` yields per epoch (see `epoch_plan` for the rule)."""
-    if train:
-        m = n // world_size  # every rank the same, so all ranks step in lockstep
-    else:
-        m = n * (rank + 1) // world_size - n * rank // world_size
-    if drop_last:
-        m = (m // batch_size) * batch_size
-    return m, -(-m // batch_size)
 
 
 def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,

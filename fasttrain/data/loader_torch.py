@@ -36,6 +36,23 @@ def epoch_draws(seed: int, epoch: int, n: int, padding: int,
     return order, offsets, flips
 
 
+def shard_bounds(n: int, *, batch_size: int, train: bool, drop_last: bool, rank: int,
+                 world_size: int) -> tuple[int, int]:
+    """``(samples, batches)`` that rank `rank` yields per epoch, the rule of both loaders.
+
+    Training: every rank takes ``n // world_size`` positions of the shuffled epoch (the same count
+    everywhere, so distributed ranks step in lockstep). Evaluation: rank r holds the contiguous
+    shard ``[n r / world_size, n (r + 1) / world_size)``, so the shards cover the set once.
+    `drop_last` then truncates to whole batches."""
+    if train:
+        m = n // world_size  # every rank the same, so all ranks step in lockstep
+    else:
+        m = n * (rank + 1) // world_size - n * rank // world_size
+    if drop_last:
+        m = (m // batch_size) * batch_size
+    return m, -(-m // batch_size)
+
+
 def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, np.ndarray) and not array.flags.writeable:
         array = array.copy()  # torch.from_numpy warns on read-only buffers (np.frombuffer views)
@@ -86,13 +103,14 @@ class TorchLoader:
         self.image_hw = tuple(images.shape[1:3])
         self._dataset_size = len(images)
 
-        if train:  # every rank takes the same count, so distributed ranks step in lockstep
-            per_rank = len(images) // world_size
-        else:  # contiguous, disjoint shards covering the set once; only this rank's shard is kept
-            start, stop = rank * len(images) // world_size, (rank + 1) * len(images) // world_size
-            images, labels = images[start:stop], labels[start:stop]
-            per_rank = stop - start
-        self.num_samples = per_rank - per_rank % batch_size if self.drop_last else per_rank
+        n = len(images)
+        if not train:  # only this rank's contiguous evaluation shard is kept (see shard_bounds)
+            start = n * rank // world_size
+            shard, _ = shard_bounds(n, batch_size=batch_size, train=False, drop_last=False, rank=rank,
+                                    world_size=world_size)
+            images, labels = images[start:start + shard], labels[start:start + shard]
+        self.num_samples, _ = shard_bounds(n, batch_size=batch_size, train=train, drop_last=self.drop_last,
+                                           rank=rank, world_size=world_size)
         if self.drop_last and self.num_samples == 0:
             raise ValueError(f"batch_size={batch_size} leaves no full batch of the {self._dataset_size} images "
                              f"on each of {world_size} rank(s)")
