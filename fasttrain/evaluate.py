@@ -48,8 +48,8 @@ def shift_image(images: torch.Tensor, dy: int, dx: int,
     if p == 0:
         return images
     padded = F.pad(images, (p, p, p, p), value=0.0)
-    if isinstance(fill, torch.Tensor) or any(float(v) != 0.0 for v in _values(fill)):  # paint the border
-        fill_t = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    fill_t = fill_tensor(fill, images)
+    if fill_t is not None:  # paint the border
         inside = torch.zeros((1, 1, h + 2 * p, w + 2 * p), dtype=torch.bool, device=images.device)
         inside[..., p:p + h, p:p + w] = True
         padded = torch.where(inside, padded, fill_t.reshape(1, -1, 1, 1).expand(1, c, 1, 1))
@@ -59,8 +59,15 @@ def shift_image(images: torch.Tensor, dy: int, dx: int,
     return out.contiguous()
 
 
-def _values(fill: float | Sequence[float]) -> list[float]:
-    return [float(fill)] if isinstance(fill, (int, float)) else [float(v) for v in fill]
+def fill_tensor(fill: float | Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """`fill` as a tensor of `like`'s dtype and device, or None for an all-zero number or list (the
+    zero padding already is that fill). A tensor is taken as it is, zeros included."""
+    if isinstance(fill, torch.Tensor):
+        return fill.to(dtype=like.dtype, device=like.device)
+    values = [float(fill)] if isinstance(fill, (int, float)) else [float(v) for v in fill]
+    if all(v == 0.0 for v in values):
+        return None
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def tta_views(images: torch.Tensor, mode: str,
@@ -94,14 +101,14 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = torch.zeros((), dtype=torch.int64, device=device)
-    paint = tta == "flip_shift" and any(v != 0.0 for v in _values(fill))
-    fill_t = None  # the fill on the device: copied there once, not once per shifted view
+    fill_on_device = {}  # per dtype, the shifted views' fill copied to the device once, not per batch
     for images, labels in loader:
-        if paint and (fill_t is None or fill_t.dtype != images.dtype):
-            fill_t = torch.tensor(_values(fill), dtype=images.dtype, device=images.device)
+        if tta == "flip_shift" and images.dtype not in fill_on_device:
+            fill_on_device[images.dtype] = fill_tensor(fill, images)
+        view_fill = fill_on_device.get(images.dtype)
         with precision.autocast(device):
             logits = None
-            for view, weight in tta_views(images, tta, fill if fill_t is None else fill_t):
+            for view, weight in tta_views(images, tta, 0.0 if view_fill is None else view_fill):
                 out = model(view).float()
                 logits = out if tta == "none" else (weight * out if logits is None else logits + weight * out)
         correct += (logits.argmax(1) == labels).sum()

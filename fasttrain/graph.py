@@ -7,7 +7,7 @@ likely the host issuing several hundred kernel launches from Python. A replayed 
 few microseconds and leaves no gaps between kernels.
 
 What it needs (`graph_problems` lists what a config lacks, before anything is built):
-* a CUDA device and one process (DDP's gradient hooks and NCCL under capture are not supported here);
+* a CUDA device (elsewhere the trainer warns and trains eagerly) and one process (DDP's gradient hooks and NCCL under capture are not supported here);
 * `optim.impl: fused`: its learning rate, step counter and Lookahead condition live in device memory.
   torch.optim.SGD passes the learning rate to its kernels as a Python float, which a graph would
   freeze at its capture value, and fasttrain's Python Lookahead decides on the host;
@@ -39,13 +39,11 @@ import torch
 COMPILE_MODES_WITH_GRAPHS = ("reduce-overhead", "max-autotune")
 
 
-def graph_problems(cfg, device: torch.device, world_size: int, precision: str) -> list[str]:
-    """What stops `train.cuda_graph` for this run, each with its fix (empty: it can be used).
-
-    `precision` is the resolved one (bf16 | fp16 | fp32)."""
+def graph_problems(cfg, world_size: int, precision: str) -> list[str]:
+    """What stops `train.cuda_graph` for a run on a CUDA device, each with its fix (empty: it can be
+    used). Not on a CUDA device at all, the trainer switches the graph off with a warning instead, so
+    that a config written for GPUs still runs there. `precision` is the resolved one (bf16 | fp16 | fp32)."""
     problems = []
-    if device.type != "cuda":
-        problems.append(f"it needs a CUDA device, this run uses {device.type}")
     if world_size > 1:
         problems.append(f"it runs in one process only, this run has {world_size} (torchrun): "
                         "pass --train.cuda_graph false under torchrun")

@@ -143,7 +143,7 @@ class Trainer:
         if self.device.type != "cuda":
             self.console.warn("train.cuda_graph is off for this run: CUDA graphs need a CUDA GPU")
             return False
-        problems = graph_problems(self.cfg, self.device, self.dist.world_size, self.precision.name)
+        problems = graph_problems(self.cfg, self.dist.world_size, self.precision.name)
         if problems:
             raise ConfigError("train.cuda_graph is on, but " + "; ".join(problems) +
                               " (or pass --train.cuda_graph false)")

@@ -12,13 +12,12 @@ from fasttrain.optim import build_optimizer
 from fasttrain.trainer import Trainer
 from test_train import quiet, tiny_config
 
-CUDA = torch.device("cuda", 0)  # a device object only: nothing here touches a GPU
 GRAPHABLE = {"optim.impl": "fused", "train.cuda_graph": "true"}
 
 
-def problems(cifar_dir, tmp_path, device=CUDA, world_size=1, precision="fp32", **changes):
+def problems(cifar_dir, tmp_path, world_size=1, precision="fp32", **changes):
     cfg = tiny_config(cifar_dir, tmp_path, **{**GRAPHABLE, **changes})
-    return graph_problems(cfg, device, world_size, precision)
+    return graph_problems(cfg, world_size, precision)
 
 
 def test_a_graphable_config_has_no_problems(cifar_dir, tmp_path):
@@ -29,7 +28,6 @@ def test_a_graphable_config_has_no_problems(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, changes, expected", [
-    ({"device": torch.device("cpu")}, {}, "needs a CUDA device"),
     ({"world_size": 2}, {}, "--train.cuda_graph false under torchrun"),
     ({}, {"optim.impl": "torch"}, "--optim.impl fused"),
     ({"precision": "fp16"}, {}, "--train.precision bf16"),
