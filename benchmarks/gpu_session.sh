@@ -59,6 +59,12 @@
 #   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
 #   needs no pieces)
 #   then give_back.
+# The next session's calls (15 minutes in all): the three staging calls, quick as the third (BUDGET_S=530),
+# then one more call with what is left (~250 s): if the summary's graph rows and gpu tests are good and
+# graphseed's epoch is <= ~1.1 s, `preflight` is done and A_paper is the priority (a session of its own:
+# staging + apaper with APAPER_ARGS="--optim.impl fused --train.cuda_graph true"); in the call that is
+# left, `ablation` with BUDGET_S=240 JOBS=3 ONLY=cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2 (six
+# runs, two rounds of three).
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
 # the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
 # skipped or failed and everything else still runs.
@@ -221,7 +227,7 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 }
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
-    --only "${ONLY:-no_lookahead,ema,cosine_schedule,lr_0.2,wd_1e-3,epochs_60,zero_init_residual,no_decay_norm_bias}" \
+    --only "${ONLY:-cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2,wd_1e-3,epochs_60,cutout_8}" \
     --jobs "${JOBS:-3}" --runs-dir "$work/ablation-runs" --out "$work/ablation.json" --train.checkpoint_every 1000
 }
 stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently, resumable

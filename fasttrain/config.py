@@ -39,6 +39,9 @@ class DataConfig:
     test_subset: int = 0             # evaluate on the first N test images (0: all)
     crop_padding: int = 4            # pixels of zero padding before the random 32x32 crop (0: off)
     flip: bool = True                # random horizontal flip, p = 0.5
+    cutout: int = 0                  # side in pixels of a square set to 0 after normalization (the mean
+                                     # colour), centred on a uniform pixel and clipped (DeVries & Taylor
+                                     # 2017); 0: off (the paper's recipe)
     mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])  # per RGB, 0-1
     std: list[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])   # per RGB, 0-1
 
@@ -354,6 +357,7 @@ def validate(cfg: Config) -> None:
     _require(d.test_subset >= 0, "data.test_subset", d.test_subset, "must be >= 0 (0: all)")
     _require(0 <= d.crop_padding < 32, "data.crop_padding", d.crop_padding,
              "0 <= padding < 32 (the image is 32x32)")
+    _require(0 <= d.cutout <= 32, "data.cutout", d.cutout, "0 <= side <= 32 pixels (0: off; the image is 32x32)")
     for key in ("mean", "std"):
         v = getattr(d, key)
         _require(len(v) == 3, f"data.{key}", v, "three values, one per RGB channel")

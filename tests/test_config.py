@@ -59,6 +59,8 @@ def test_int_is_accepted_for_float(tmp_path):
     ("--optim.lr=-0.1", "optim.lr"),
     ("--train.epochs=0", "train.epochs"),
     ("--data.crop_padding=40", "data.crop_padding"),
+    ("--data.cutout=33", "data.cutout"),
+    ("--data.cutout=-1", "data.cutout"),
     ("--model.pool_kernel=16", "model.pool_kernel"),
     ("--model.blocks=[2,2]", "model.blocks"),
     ("--optim.schedule=step", "optim.schedule"),

@@ -187,18 +187,22 @@ def test_no_augmentation_when_switched_off():
 
 
 @needs_dali
-def test_training_stream_is_the_torch_paths_stream():
-    """Same seed, epoch and rank: DaliLoader and TorchLoader yield the same batches."""
+@pytest.mark.parametrize("cutout", [0, 12])
+def test_training_stream_is_the_torch_paths_stream(cutout):
+    """Same seed, epoch and rank: DaliLoader and TorchLoader yield the same batches, cutout included."""
     n = 300
     x, y = random_images(n, seed=4), np.random.default_rng(4).integers(0, 10, n)
     kw = dict(batch_size=32, train=True, device="cpu", dtype=torch.float32, mean=MEAN, std=STD,
-              seed=11, rank=1, world_size=2)
+              seed=11, rank=1, world_size=2, cutout=cutout)
     d, t = DaliLoader(x, y, **kw), TorchLoader(x, y, **kw)
     assert (len(d), d.num_samples) == (len(t), t.num_samples)
     for epoch in (0, 5):
+        erased = 0
         for (di, dl_), (ti, tl) in epoch_pairs(d, t, epoch):
             assert torch.equal(dl_, tl)
             torch.testing.assert_close(di, ti, atol=1e-5, rtol=1e-5)
+            erased += int((di == 0).all(1).sum())  # normalised pixels of exactly 0 in every channel
+        assert (erased > 0) == (cutout > 0)  # the boxes were there, and only with cutout on
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +434,7 @@ def test_gpu_pipeline_yields_the_cpu_pipelines_batches(residency):
     n = 300
     x, y = random_images(n, seed=10), np.arange(n)
     for train in (True, False):
-        kw = dict(batch_size=64, seed=3, train=train, dtype=torch.bfloat16)
+        kw = dict(batch_size=64, seed=3, train=train, dtype=torch.bfloat16, cutout=10)
         gpu = loader(x, y, device="cuda", residency=residency, **kw)
         cpu = loader(x, y, **kw)
         assert gpu.device.index is not None and (len(gpu), gpu.num_samples) == (len(cpu),

@@ -7,13 +7,13 @@ import pickle
 import struct
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
 
+from fasttrain.config import DataConfig
 from fasttrain.data import DataBundle, TorchLoader, build_data
 from fasttrain.data import cifar
 from fasttrain.data.cifar import DataError, find_cifar10, load_cifar10, resolve_data_dir, split_validation
@@ -363,9 +363,8 @@ def test_split_validation_holds_out_the_end():
 
 
 def data_cfg(root, **overrides):
-    cfg = dict(dir=str(root), download=False, loader="auto", val_size=10, train_subset=0, test_subset=0,
-               crop_padding=4, flip=True, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
-    return SimpleNamespace(**{**cfg, **overrides})
+    cfg = dict(dir=str(root), download=False, val_size=10, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
+    return DataConfig(**{**cfg, **overrides})
 
 
 def test_build_data(tmp_path):
@@ -380,6 +379,9 @@ def test_build_data(tmp_path):
     assert images.dtype == torch.bfloat16 and images.shape == (10, 3, 32, 32)
     np.testing.assert_array_equal(labels.numpy(), arrays[1][-10:])  # held out from the end
     assert build_data(data_cfg(tmp_path, val_size=0), batch_size=32, **common).val is None
+    for loader in ("torch", "dali"):  # data.cutout reaches the training loader only
+        cut = build_data(data_cfg(tmp_path, loader=loader, cutout=8), batch_size=32, **common)
+        assert (cut.train.cutout, cut.val.cutout, cut.test.cutout) == (8, 0, 0), loader
     with pytest.raises(DataError, match=r"batch_size=64 is larger than .*\(90 images / 2 rank\(s\) = 45\)"):
         build_data(data_cfg(tmp_path), batch_size=64, rank=1, world_size=2, **common)
     with pytest.raises(DataError, match="data.loader must be auto, dali or torch"):

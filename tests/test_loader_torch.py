@@ -152,6 +152,50 @@ def test_training_without_drop_last_keeps_the_partial_batch():
     assert len(loader) == 2 and [len(y) for _, y in loader] == [64, 36]
 
 
+def clipped_box_distribution(size: int, side: int) -> dict[tuple[int, int], float]:
+    """Exact probabilities of (start, length) along one axis: centre uniform on 0..size-1, the box
+    [centre - side // 2, + side) clipped to the image."""
+    probs: dict[tuple[int, int], float] = {}
+    for centre in range(size):
+        start = centre - side // 2
+        lo, hi = max(start, 0), min(start + side, size)
+        probs[lo, hi - lo] = probs.get((lo, hi - lo), 0.0) + 1 / size
+    return probs
+
+
+@pytest.mark.parametrize("side", [1, 8, 15, 32])
+def test_cutout_zeroes_one_clipped_square_per_image_and_changes_nothing_else(side):
+    # mean 0.5: padding comes out as -0.5 and a source pixel as p/255 - 0.5, never 0, so an output
+    # value of exactly 0 in all three channels is cutout's and nothing else's
+    sources = random_images(1024, seed=3)
+    kw = dict(batch_size=128, mean=[0.5] * 3)
+    base_x, base_y = epoch(make_loader(sources, **kw), 2)
+    cut_x, cut_y = epoch(make_loader(sources, cutout=side, **kw), 2)
+    assert torch.equal(base_y, cut_y)  # same images in the same order: the boxes are drawn last
+    erased = (cut_x == 0).all(1)  # [B, H, W]
+    keep = ~erased[:, None].expand_as(cut_x)
+    assert torch.equal(cut_x[keep], base_x[keep])  # crops and flips unchanged outside the boxes
+    rows, cols = erased.any(2), erased.any(1)  # [B, H], [B, W]
+    assert torch.equal(erased, rows[:, :, None] & cols[:, None, :])  # each erased set is one rectangle
+    boxes = {"rows": [], "cols": []}
+    for axis, hits in (("rows", rows), ("cols", cols)):
+        length = hits.sum(1)
+        assert (length >= 1).all() and (length <= side).all()
+        start = hits.int().argmax(1)
+        assert torch.equal(hits, (torch.arange(32) >= start[:, None]) & (torch.arange(32) < (start + length)[:, None]))
+        boxes[axis] = list(zip(start.tolist(), length.tolist()))
+    expected = clipped_box_distribution(32, side)
+    for axis, observed in boxes.items():  # (start, length) pairs follow the exact clipped-uniform law
+        assert set(observed) <= set(expected), axis
+        counts = torch.tensor([observed.count(k) for k in expected], dtype=torch.float64)
+        probs = torch.tensor(list(expected.values()), dtype=torch.float64)
+        chi2 = float(((counts - probs * len(observed)) ** 2 / (probs * len(observed))).sum())
+        assert chi2 < len(expected) + 6 * len(expected) ** 0.5 + 10, (axis, chi2)
+    # evaluation never erases, whatever the setting
+    evaluation = make_loader(sources, train=False, cutout=side, **kw)
+    assert not (epoch(evaluation)[0] == 0).all(1).any()
+
+
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="no full batch"):
         make_loader(random_images(100), batch_size=101)
@@ -159,3 +203,5 @@ def test_rejects_bad_inputs():
         make_loader(random_images(10).astype(np.float32))
     with pytest.raises(ValueError, match="rank=2/world_size=2"):
         make_loader(random_images(10), rank=2, world_size=2)
+    with pytest.raises(ValueError, match="cutout=-1"):
+        make_loader(random_images(100), cutout=-1)

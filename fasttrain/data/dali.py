@@ -28,6 +28,8 @@ Design
   ``(x - 255 mean) / (255 std)`` (= ``(x / 255 - mean) / std``) and emits HWC, which torch views
   as NCHW with channels_last strides without a copy. DALI 2.4 has no bfloat16 type, so bf16 is
   produced as fp32 by DALI and cast by torch (the cast keeps channels_last).
+* **Cutout** (``cutout`` > 0, training only): `fn.erase` sets each sample's box of the normalised
+  output to 0, the box fed like the crop offsets (drawn by ``epoch_draws``, clipped to the image).
 * **Residency (GPU).** By default the uint8 dataset lives in device memory (150 MB for CIFAR-10)
   and each batch is gathered there by one `index_select` on a side stream, which DALI's external
   source then copies from on the same stream. The training thread's work per batch is then one
@@ -98,12 +100,17 @@ def dali_available() -> bool:
 class EpochPlan:
     """One rank's epoch: `indices[i]` is the i-th image it yields; `starts[i] = (dy, dx)` the crop
     window's top-left corner relative to the unpadded image (in ``[-p, p]``); `mirror[i]` 1 to
-    flip. Batch k is rows ``[k * batch_size, (k + 1) * batch_size)`` (the last may be shorter)."""
+    flip; with cutout, the box `erase_anchor[i]`, `erase_shape[i]` of the output set to 0 (in
+    ``fn.erase``'s float arguments). Batch k is rows ``[k * batch_size, (k + 1) * batch_size)``
+    (the last may be shorter)."""
 
     indices: np.ndarray  # int64 [M]
     starts: np.ndarray   # int32 [M, 2]
     mirror: np.ndarray   # int32 [M]
     batch_size: int
+    # cutout on: float32 [M, 2] (top, left) and [M, 2] (height, width) of each erased box, else None
+    erase_anchor: Optional[np.ndarray] = None
+    erase_shape: Optional[np.ndarray] = None
 
     @property
     def num_batches(self) -> int:
@@ -115,7 +122,8 @@ class EpochPlan:
 
 def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
                rank: int = 0, world_size: int = 1, drop_last: Optional[bool] = None,
-               crop_padding: int = 4, flip: bool = True) -> EpochPlan:
+               crop_padding: int = 4, flip: bool = True, cutout: int = 0,
+               image_hw: tuple[int, int] = (32, 32)) -> EpochPlan:
     """The pure function of ``(seed, epoch, rank)`` that the DALI loader executes.
 
     Training: a permutation of ``range(n)`` and, per position of that permutation, a crop offset
@@ -127,17 +135,21 @@ def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: in
     the last batch kept unless ``drop_last``.
     """
     drop_last = train if drop_last is None else drop_last
+    anchor = shape = None
     if train:
         # TorchLoader's draws, from the one function both loaders use (tests/test_dali.py also
         # checks the two streams batch by batch)
-        order, offsets, flips = epoch_draws(seed, epoch, n, crop_padding, flip)
-        perm = order.numpy()
-        starts = (offsets.numpy() - crop_padding).astype(np.int32)
-        mirror = flips.numpy().astype(np.int32)
+        draws = epoch_draws(seed, epoch, n, crop_padding, flip, cutout, image_hw)
+        perm = draws.order.numpy()
+        starts = (draws.offsets.numpy() - crop_padding).astype(np.int32)
+        mirror = draws.flips.numpy().astype(np.int32)
         keep, _ = shard_bounds(n, batch_size=batch_size, train=True, drop_last=drop_last,
                                rank=rank, world_size=world_size)
         sel = slice(rank, None, world_size)
         indices, starts, mirror = perm[sel][:keep], starts[sel][:keep], mirror[sel][:keep]
+        if draws.cutout is not None:
+            boxes = draws.cutout.numpy().astype(np.float32)[sel][:keep]
+            anchor, shape = np.ascontiguousarray(boxes[:, :2]), np.ascontiguousarray(boxes[:, 2:])
     else:
         lo = n * rank // world_size
         m, _ = shard_bounds(n, batch_size=batch_size, train=False, drop_last=drop_last,
@@ -146,7 +158,7 @@ def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: in
         starts = np.zeros((m, 2), dtype=np.int32)
         mirror = np.zeros(m, dtype=np.int32)
     return EpochPlan(np.ascontiguousarray(indices, dtype=np.int64), np.ascontiguousarray(starts),
-                     np.ascontiguousarray(mirror), batch_size)
+                     np.ascontiguousarray(mirror), batch_size, anchor, shape)
 
 
 def _host_array(a) -> np.ndarray:
@@ -193,6 +205,12 @@ class _Feeder:
     def mirror_batch(self, iteration: int) -> np.ndarray:
         return self.plan.mirror[self._rows(iteration)]
 
+    def erase_anchor_batch(self, iteration: int) -> np.ndarray:
+        return self.plan.erase_anchor[self._rows(iteration)]
+
+    def erase_shape_batch(self, iteration: int) -> np.ndarray:
+        return self.plan.erase_shape[self._rows(iteration)]
+
 
 # --------------------------------------------------------------------------------------------
 # The loader
@@ -212,7 +230,7 @@ class DaliLoader:
                  mean: Sequence[float], std: Sequence[float], channels_last: bool = True,
                  crop_padding: int = 4, flip: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: Optional[bool] = None, prefetch: int = 2,
-                 residency: str = "device", num_threads: Optional[int] = None):
+                 residency: str = "device", num_threads: Optional[int] = None, cutout: int = 0):
         fn, types, Pipeline, self._feed_ndarray = _import_dali()
 
         x, y = _host_array(x_nhwc_uint8), _host_array(y)
@@ -226,9 +244,9 @@ class DaliLoader:
             raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}; got {dtype}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
-        if batch_size < 1 or crop_padding < 0 or prefetch < 1:
-            raise ValueError("need batch_size >= 1, crop_padding >= 0 and prefetch >= 1; got "
-                             f"{batch_size}, {crop_padding}, {prefetch}")
+        if batch_size < 1 or crop_padding < 0 or prefetch < 1 or cutout < 0:
+            raise ValueError("need batch_size >= 1, crop_padding >= 0, prefetch >= 1 and cutout >= 0; got "
+                             f"{batch_size}, {crop_padding}, {prefetch}, {cutout}")
         if not 0 <= rank < world_size or seed < 0:
             raise ValueError(f"need 0 <= rank < world_size and seed >= 0; got rank {rank}, "
                              f"world_size {world_size}, seed {seed}")
@@ -250,6 +268,7 @@ class DaliLoader:
         self.channels_last = bool(channels_last)
         self.crop_padding = int(crop_padding) if self.train else 0
         self.flip = bool(flip) and self.train
+        self.cutout = int(cutout) if self.train else 0
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self._batch_size = int(batch_size)
@@ -263,6 +282,7 @@ class DaliLoader:
                              f"full batch of {self._batch_size}")
         self.residency = residency if on_gpu else "host"
         height, width = x.shape[1:3]
+        self._image_hw = (int(height), int(width))
 
         # Labels never enter DALI: a batch's labels are a slice of the epoch's label vector,
         # gathered once per epoch on the device (the image batches arrive in plan order).
@@ -312,6 +332,12 @@ class DaliLoader:
                 imgs, mirror=mirror, dtype=dali_dtype,
                 mean=[255.0 * float(m) for m in mean], std=[255.0 * float(s) for s in std],
                 output_layout="HWC" if self._nhwc else "CHW")
+            if self.cutout > 0:  # after normalization, as in the torch path: the box becomes 0
+                anchor = fn.external_source(source=feeder.erase_anchor_batch, batch=True,
+                                            dtype=types.FLOAT, ndim=1)
+                shape = fn.external_source(source=feeder.erase_shape_batch, batch=True,
+                                           dtype=types.FLOAT, ndim=1)
+                out = fn.erase(out, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
             self._pipe.set_outputs(out)
         self._pipe.build()
         self._generation = 0    # which iterator owns the pipeline
@@ -335,7 +361,8 @@ class DaliLoader:
         return epoch_plan(self._n, batch_size=self._batch_size, train=self.train, seed=self.seed,
                           epoch=self.epoch if epoch is None else epoch, rank=self.rank,
                           world_size=self.world_size, drop_last=self.drop_last,
-                          crop_padding=self.crop_padding, flip=self.flip)
+                          crop_padding=self.crop_padding, flip=self.flip, cutout=self.cutout,
+                          image_hw=self._image_hw)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Starting an epoch invalidates any iterator still open on this loader (one pipeline).

@@ -1,14 +1,15 @@
 """GPU-resident torch data path: the uint8 images live on the device, augmentation is batched tensor ops.
 
-Per training epoch, a CPU generator seeded from (seed, epoch) draws the shuffle, the crop offsets and the
-flip bits in one go (so CPU and GPU runs see the same stream, and a resumed run continues it); they
+Per training epoch, a CPU generator seeded from (seed, epoch) draws the shuffle, the crop offsets, the
+flip bits and the optional cutout boxes in one go (so CPU and GPU runs see the same stream, and a resumed run continues it); they
 reach the device in one copy. Each batch is then one gather from the zero-padded uint8 images (crop
-and flip folded into per-sample row/column index grids) plus the normalization: no host sync per step.
+and flip folded into per-sample row/column index grids) plus the normalization (and cutout, a masked
+fill from broadcast compares): no host sync per step.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -23,17 +24,39 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return generator
 
 
-def epoch_draws(seed: int, epoch: int, n: int, padding: int,
-                flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training epoch's randomness for the whole data set, on the CPU: the shuffle [n], the crop
-    offsets [n, 2] (uniform on 0..2*padding per axis: every offset equally likely) and the flip bits
-    [n], drawn in that order from epoch_generator(seed, epoch). Both loaders take their stream from
-    here, so switching data.loader does not change what a run trains on."""
+class EpochDraws(NamedTuple):
+    """One training epoch's randomness for the whole data set (see `epoch_draws`)."""
+
+    order: torch.Tensor     # int64 [n]: the shuffle
+    offsets: torch.Tensor   # int64 [n, 2]: (row, col) of the crop window in the padded image, 0..2p
+    flips: torch.Tensor     # int64 [n]: 1 to mirror
+    cutout: torch.Tensor | None  # int64 [n, 4]: (top, left, height, width) of the erased box, or None
+
+
+def epoch_draws(seed: int, epoch: int, n: int, padding: int, flip: bool, cutout: int = 0,
+                image_hw: tuple[int, int] = (32, 32)) -> EpochDraws:
+    """One training epoch's randomness for the whole data set, on the CPU: the shuffle, the crop
+    offsets (uniform on 0..2*padding per axis: every offset equally likely), the flip bits and, with
+    `cutout` > 0, the cutout boxes, drawn in that order from epoch_generator(seed, epoch) (the boxes
+    last, so switching cutout on changes nothing else). Both loaders take their stream from here, so
+    switching data.loader does not change what a run trains on.
+
+    Cutout (DeVries and Taylor 2017): a `cutout` x `cutout` square centred on a pixel drawn uniformly
+    from the output image, clipped at its edges, is set to 0 after normalization (the mean colour).
+    A box is (top, left, height, width) in output-image pixels, never empty."""
     generator = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=generator)
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     flips = torch.randint(0, 2, (n,), generator=generator) * int(flip)
-    return order, offsets, flips
+    boxes = None
+    if cutout > 0:
+        size = torch.tensor(image_hw)
+        centers = torch.stack([torch.randint(0, image_hw[0], (n,), generator=generator),
+                               torch.randint(0, image_hw[1], (n,), generator=generator)], dim=1)
+        start = centers - cutout // 2
+        top_left = start.clamp(min=0)
+        boxes = torch.cat([top_left, torch.minimum(start + cutout, size) - top_left], dim=1)
+    return EpochDraws(order, offsets, flips, boxes)
 
 
 def shard_bounds(n: int, *, batch_size: int, train: bool, drop_last: bool, rank: int,
@@ -85,21 +108,23 @@ class TorchLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool | None = None,
+        cutout: int = 0,
     ):
         images, labels = _as_tensor(x_nhwc_uint8), _as_tensor(y).long()
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"{len(images)} images but labels of shape {list(labels.shape)}")
-        if not 0 <= rank < world_size or batch_size < 1 or crop_padding < 0 or seed < 0:
+        if not 0 <= rank < world_size or batch_size < 1 or crop_padding < 0 or seed < 0 or cutout < 0:
             raise ValueError(f"bad rank={rank}/world_size={world_size}, batch_size={batch_size}, "
-                             f"crop_padding={crop_padding} or seed={seed}")
+                             f"crop_padding={crop_padding}, seed={seed} or cutout={cutout}")
         self.batch_size, self.train, self.dtype, self.channels_last = batch_size, train, dtype, channels_last
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
         self.drop_last = train if drop_last is None else drop_last
         self.padding = crop_padding if train else 0
         self.flip = flip and train
+        self.cutout = cutout if train else 0
         self.image_hw = tuple(images.shape[1:3])
         self._dataset_size = len(images)
 
@@ -138,20 +163,23 @@ class TorchLoader:
         return self._train_batches(epoch) if self.train else self._eval_batches()
 
     def _epoch_draws(self, epoch: int) -> torch.Tensor:
-        """This rank's [num_samples, 4] (index, row offset, col offset, flip) for `epoch`, on the device.
+        """This rank's [num_samples, 4] (index, row offset, col offset, flip) for `epoch`, on the device,
+        with 4 more columns (the cutout box: top, left, height, width) when cutout is on.
 
         Everything is drawn for the whole data set before sharding, so a sample's augmentation does not
         depend on world_size and the ranks' slices of one permutation are disjoint.
         """
-        order, offsets, flips = epoch_draws(self.seed, epoch, self._dataset_size, self.padding, self.flip)
-        draws = torch.cat([order[:, None], offsets, flips[:, None]], dim=1)
+        d = epoch_draws(self.seed, epoch, self._dataset_size, self.padding, self.flip, self.cutout, self.image_hw)
+        draws = torch.cat([d.order[:, None], d.offsets, d.flips[:, None], *([d.cutout] if self.cutout else [])],
+                          dim=1)
         draws = draws[self.rank::self.world_size][:self.num_samples]
         if self.device.type == "cuda":  # from pinned memory: the copy does not stall the host
             return draws.pin_memory().to(self.device, non_blocking=True)
         return draws
 
     def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index, row_offset, col_offset, flip = self._epoch_draws(epoch).unbind(1)
+        draws = self._epoch_draws(epoch)
+        index, row_offset, col_offset, flip = draws[:, :4].unbind(1)
         (h, w), device = self.image_hw, self.device
         rows = row_offset[:, None] + torch.arange(h, device=device)  # [M, h] rows of the padded image
         forward, backward = torch.arange(w, device=device), torch.arange(w - 1, -1, -1, device=device)
@@ -160,15 +188,29 @@ class TorchLoader:
             batch = slice(start, start + self.batch_size)
             # one gather does crop and flip: [B,1,1] x [B,h,1] x [B,1,w] indices -> [B, h, w, 3] uint8
             pixels = self._images[index[batch, None, None], rows[batch, :, None], cols[batch, None, :]]
-            yield self._normalize(pixels), self._labels[index[batch]]
+            erase = self._cutout_mask(draws[batch, 4:]) if self.cutout else None
+            yield self._normalize(pixels, erase), self._labels[index[batch]]
 
     def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.num_samples, self.batch_size):
             batch = slice(start, start + self.batch_size)
             yield self._normalize(self._images[batch]), self._labels[batch]
 
-    def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC -> (x/255 - mean)/std in fp32, cast to the output dtype, viewed as [B, 3, H, W]."""
-        x = pixels.float().div_(255).sub_(self._mean).div_(self._std).to(self.dtype)
+    def _cutout_mask(self, boxes: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, 1] bool, True inside each sample's box (top, left, height, width): broadcast compares."""
+        (h, w), device = self.image_hw, self.device
+        top, left, height, width = boxes[:, :, None].unbind(1)  # each [B, 1]
+        r, c = torch.arange(h, device=device), torch.arange(w, device=device)
+        inside_rows = (r >= top) & (r < top + height)    # [B, h]
+        inside_cols = (c >= left) & (c < left + width)   # [B, w]
+        return (inside_rows[:, :, None] & inside_cols[:, None, :])[..., None]
+
+    def _normalize(self, pixels: torch.Tensor, erase: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 NHWC -> (x/255 - mean)/std in fp32, cutout's box (`erase`) set to 0, cast to the output
+        dtype, viewed as [B, 3, H, W]."""
+        x = pixels.float().div_(255).sub_(self._mean).div_(self._std)
+        if erase is not None:
+            x.masked_fill_(erase, 0.0)
+        x = x.to(self.dtype)
         x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW is exactly channels_last: no copy
         return x if self.channels_last else x.contiguous()
