@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
 
 from fasttrain.config import ConfigError, config_to_dict, load_config, parse_overrides, parse_yaml
 from fasttrain.model import build_model
+from fasttrain.runtime import resolve_device
 
 SPLIT = "val"
 DEFAULT_VARIANTS = REPO_ROOT / "benchmarks" / "recipe_variants.yaml"
@@ -164,8 +166,6 @@ def run_one_logged(task: tuple, log: Path) -> tuple[str, object, object]:
 
     Errors come back as text: the project's exceptions do not all survive pickling, and the parent
     must stop the other runs and say which run failed either way."""
-    import os
-    import sys
     import traceback
 
     with open(log, "w", encoding="utf-8") as f:  # fd-level, so the trainer's console and C code land there too
@@ -188,14 +188,22 @@ def tail(path: Path, lines: int = 3) -> str:
         return ""
 
 
+def _share_cores(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_parallel(tasks: list[tuple], jobs: int, root: Path, done) -> None:
     """Run `tasks` `jobs` at a time, each in a fresh spawned process (its own CUDA context, compile
     caches in memory and dynamo state), calling `done(row, device)` as each finishes. The first failed
     run stops the others and raises RunFailed."""
     import multiprocessing as mp
 
-    # spawn, never fork: a forked child would inherit the parent's torch threads and CUDA state
-    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+    # spawn, never fork: a forked child would inherit the parent's torch threads and CUDA state. Each
+    # worker gets its share of the cores, so N runs do not oversubscribe them (on a CPU, 3x slower)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with mp.get_context("spawn").Pool(jobs, initializer=_share_cores, initargs=(threads,), maxtasksperchild=1) as pool:
         pending = []
         for task in tasks:
             log = root / f"{task[0]}-seed-{task[2]}.log"
@@ -252,6 +260,11 @@ def main(argv: list[str]) -> int:
             for task in tasks:
                 done(*run_one(task))
         else:
+            # the provenance (seconds of imports and probes) up front: the first run to finish is then
+            # written at once, not cut by a time limit while its metadata is gathered
+            device = resolve_device(args.device)
+            result["meta"] = run_metadata(device)
+            out = args.out or default_result_path("recipe_ablation", base_cfg.name, device)
             try:
                 run_parallel(tasks, min(args.jobs, len(tasks)), root, done)
             except RunFailed as e:
