@@ -238,13 +238,19 @@ def test_sigint_in_process_stops_after_the_step_and_resume_is_exact(cifar_dir, t
 
 
 def test_second_signal_restores_the_default_behaviour():
-    stop = StopRequest()
-    with stop.installed():
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested and stop.signum == signal.SIGINT and stop.name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: quit now
+    # Python's own SIGINT handler first: a process started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and then "the previous behaviour" would be to ignore it
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = StopRequest()
+        with stop.installed():
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs at the next bytecode; never reached
+            assert stop.requested and stop.signum == signal.SIGINT and stop.name == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: quit now
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs at the next bytecode; never reached
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_truncated_last_checkpoint_falls_back_to_prev_with_a_warning(cifar_dir, tmp_path, reference_run):
