@@ -228,7 +228,7 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
-    --only "${ONLY:-cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2,wd_1e-3,epochs_60,cutout_8}" \
+    --only "${ONLY:-cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2,wd_1e-3,alternating_flip,cutout_8}" \
     --jobs "${JOBS:-3}" --runs-dir "$work/ablation-runs" --out "$work/ablation.json" --train.checkpoint_every 1000 \
     ${ABLATION_ARGS:-}
 }

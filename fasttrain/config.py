@@ -39,6 +39,8 @@ class DataConfig:
     test_subset: int = 0             # evaluate on the first N test images (0: all)
     crop_padding: int = 4            # pixels of zero padding before the random 32x32 crop (0: off)
     flip: bool = True                # random horizontal flip, p = 0.5
+    flip_mode: str = "random"        # random: a fresh coin per image and epoch (the paper); alternating:
+                                     # a coin per image once, then flipped every other epoch (airbench)
     cutout: int = 0                  # side in pixels of a square set to 0 after normalization (the mean
                                      # colour), centred on a uniform pixel and clipped (DeVries & Taylor
                                      # 2017); 0: off (the paper's recipe)
@@ -126,6 +128,7 @@ class Config:
 # Allowed values of the string-valued choices: checked by `validate`.
 CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
+    "data.flip_mode": ("random", "alternating"),
     "model.se_placement": ("stem", "blocks"),
     "model.se_impl": ("torch", "triton"),
     "optim.name": ("sgd", "adamw"),

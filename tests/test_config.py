@@ -61,6 +61,7 @@ def test_int_is_accepted_for_float(tmp_path):
     ("--data.crop_padding=40", "data.crop_padding"),
     ("--data.cutout=33", "data.cutout"),
     ("--data.cutout=-1", "data.cutout"),
+    ("--data.flip_mode=sometimes", "data.flip_mode"),
     ("--model.pool_kernel=16", "model.pool_kernel"),
     ("--model.blocks=[2,2]", "model.blocks"),
     ("--optim.schedule=step", "optim.schedule"),

@@ -187,13 +187,14 @@ def test_no_augmentation_when_switched_off():
 
 
 @needs_dali
-@pytest.mark.parametrize("cutout", [0, 12])
-def test_training_stream_is_the_torch_paths_stream(cutout):
-    """Same seed, epoch and rank: DaliLoader and TorchLoader yield the same batches, cutout included."""
+@pytest.mark.parametrize("cutout, flip_mode", [(0, "random"), (12, "random"), (0, "alternating")])
+def test_training_stream_is_the_torch_paths_stream(cutout, flip_mode):
+    """Same seed, epoch and rank: DaliLoader and TorchLoader yield the same batches, cutout and
+    alternating flips included."""
     n = 300
     x, y = random_images(n, seed=4), np.random.default_rng(4).integers(0, 10, n)
     kw = dict(batch_size=32, train=True, device="cpu", dtype=torch.float32, mean=MEAN, std=STD,
-              seed=11, rank=1, world_size=2, cutout=cutout)
+              seed=11, rank=1, world_size=2, cutout=cutout, flip_mode=flip_mode)
     d, t = DaliLoader(x, y, **kw), TorchLoader(x, y, **kw)
     assert (len(d), d.num_samples) == (len(t), t.num_samples)
     for epoch in (0, 5):

@@ -196,6 +196,30 @@ def test_cutout_zeroes_one_clipped_square_per_image_and_changes_nothing_else(sid
     assert not (epoch(evaluation)[0] == 0).all(1).any()
 
 
+def flips_by_image(loader, epoch_number: int, sources: np.ndarray) -> torch.Tensor:
+    """Each source image's flip in that epoch, recovered from its pixels (-1: not in the epoch)."""
+    images, labels = epoch(loader, epoch_number)
+    out = torch.full((len(sources),), -1, dtype=torch.long)
+    out[labels] = recover_augmentation(images, labels, sources)[2]
+    return out
+
+
+def test_alternating_flip_shows_every_image_both_ways_every_two_epochs():
+    count = 512
+    sources = random_images(count, seed=5)
+    alternating = make_loader(sources, batch_size=64, flip_mode="alternating")
+    random_mode = make_loader(sources, batch_size=64)
+    flips = torch.stack([flips_by_image(alternating, e, sources) for e in range(4)])  # [epoch, image]
+    assert (flips >= 0).all()  # batch 64 divides 512: every image in every epoch
+    assert torch.equal(flips[1], 1 - flips[0]) and torch.equal(flips[2], flips[0]) and torch.equal(flips[3], flips[1])
+    assert 0.4 < flips[0].float().mean() < 0.6  # the run's coins are fair
+    # the default draws a fresh coin per epoch: some images keep their side from one epoch to the next
+    fresh = torch.stack([flips_by_image(random_mode, e, sources) for e in range(2)])
+    assert 0.35 < (fresh[0] == fresh[1]).float().mean() < 0.65
+    # the crops and the order do not depend on the flip mode
+    assert torch.equal(epoch(alternating, 1)[1], epoch(random_mode, 1)[1])
+
+
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="no full batch"):
         make_loader(random_images(100), batch_size=101)
@@ -205,3 +229,5 @@ def test_rejects_bad_inputs():
         make_loader(random_images(10), rank=2, world_size=2)
     with pytest.raises(ValueError, match="cutout=-1"):
         make_loader(random_images(100), cutout=-1)
+    with pytest.raises(ValueError, match="flip_mode must be one of random, alternating, got 'sometimes'"):
+        make_loader(random_images(100), flip_mode="sometimes")

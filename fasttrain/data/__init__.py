@@ -58,8 +58,8 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
 
     loader_class = _loader_class(getattr(data_cfg, "loader", "auto"))
     common = dict(device=device, dtype=dtype, mean=data_cfg.mean, std=data_cfg.std, channels_last=channels_last,
-                  crop_padding=data_cfg.crop_padding, flip=data_cfg.flip, seed=seed, rank=rank,
-                  world_size=world_size)
+                  crop_padding=data_cfg.crop_padding, flip=data_cfg.flip, flip_mode=data_cfg.flip_mode, seed=seed,
+                  rank=rank, world_size=world_size)
     train = loader_class(train_x, train_y, batch_size=batch_size, train=True, cutout=data_cfg.cutout, **common)
     val = None if val_x is None else loader_class(val_x, val_y, batch_size=eval_batch_size, train=False, **common)
     test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)

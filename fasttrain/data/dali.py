@@ -57,7 +57,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from fasttrain.data.loader_torch import epoch_draws, shard_bounds
+from fasttrain.data.loader_torch import FLIP_MODES, epoch_draws, shard_bounds
 
 __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 
@@ -123,7 +123,7 @@ class EpochPlan:
 def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
                rank: int = 0, world_size: int = 1, drop_last: Optional[bool] = None,
                crop_padding: int = 4, flip: bool = True, cutout: int = 0,
-               image_hw: tuple[int, int] = (32, 32)) -> EpochPlan:
+               image_hw: tuple[int, int] = (32, 32), flip_mode: str = "random") -> EpochPlan:
     """The pure function of ``(seed, epoch, rank)`` that the DALI loader executes.
 
     Training: a permutation of ``range(n)`` and, per position of that permutation, a crop offset
@@ -139,7 +139,7 @@ def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: in
     if train:
         # TorchLoader's draws, from the one function both loaders use (tests/test_dali.py also
         # checks the two streams batch by batch)
-        draws = epoch_draws(seed, epoch, n, crop_padding, flip, cutout, image_hw)
+        draws = epoch_draws(seed, epoch, n, crop_padding, flip, cutout, image_hw, flip_mode)
         perm = draws.order.numpy()
         starts = (draws.offsets.numpy() - crop_padding).astype(np.int32)
         mirror = draws.flips.numpy().astype(np.int32)
@@ -230,7 +230,8 @@ class DaliLoader:
                  mean: Sequence[float], std: Sequence[float], channels_last: bool = True,
                  crop_padding: int = 4, flip: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: Optional[bool] = None, prefetch: int = 2,
-                 residency: str = "device", num_threads: Optional[int] = None, cutout: int = 0):
+                 residency: str = "device", num_threads: Optional[int] = None, cutout: int = 0,
+                 flip_mode: str = "random"):
         fn, types, Pipeline, self._feed_ndarray = _import_dali()
 
         x, y = _host_array(x_nhwc_uint8), _host_array(y)
@@ -250,6 +251,8 @@ class DaliLoader:
         if not 0 <= rank < world_size or seed < 0:
             raise ValueError(f"need 0 <= rank < world_size and seed >= 0; got rank {rank}, "
                              f"world_size {world_size}, seed {seed}")
+        if flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
         if residency not in ("device", "host"):
             raise ValueError(f"residency must be 'device' or 'host'; got {residency!r}")
 
@@ -269,6 +272,7 @@ class DaliLoader:
         self.crop_padding = int(crop_padding) if self.train else 0
         self.flip = bool(flip) and self.train
         self.cutout = int(cutout) if self.train else 0
+        self.flip_mode = flip_mode
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self._batch_size = int(batch_size)
@@ -362,7 +366,7 @@ class DaliLoader:
                           epoch=self.epoch if epoch is None else epoch, rank=self.rank,
                           world_size=self.world_size, drop_last=self.drop_last,
                           crop_padding=self.crop_padding, flip=self.flip, cutout=self.cutout,
-                          image_hw=self._image_hw)
+                          image_hw=self._image_hw, flip_mode=self.flip_mode)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Starting an epoch invalidates any iterator still open on this loader (one pipeline).

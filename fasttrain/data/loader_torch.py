@@ -24,6 +24,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return generator
 
 
+FLIP_MODES = ("random", "alternating")
+
+
 class EpochDraws(NamedTuple):
     """One training epoch's randomness for the whole data set (see `epoch_draws`)."""
 
@@ -33,13 +36,26 @@ class EpochDraws(NamedTuple):
     cutout: torch.Tensor | None  # int64 [n, 4]: (top, left, height, width) of the erased box, or None
 
 
+def alternating_flip_bits(seed: int, n: int) -> torch.Tensor:
+    """int64 [n]: each image's flip in even epochs under flip_mode alternating (odd epochs invert it).
+    Drawn once per run from its own stream (SeedSequence spawn key 1), apart from the epochs'."""
+    state = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)[0]
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(state))
+    return torch.randint(0, 2, (n,), generator=generator)
+
+
 def epoch_draws(seed: int, epoch: int, n: int, padding: int, flip: bool, cutout: int = 0,
-                image_hw: tuple[int, int] = (32, 32)) -> EpochDraws:
+                image_hw: tuple[int, int] = (32, 32), flip_mode: str = "random") -> EpochDraws:
     """One training epoch's randomness for the whole data set, on the CPU: the shuffle, the crop
     offsets (uniform on 0..2*padding per axis: every offset equally likely), the flip bits and, with
     `cutout` > 0, the cutout boxes, drawn in that order from epoch_generator(seed, epoch) (the boxes
     last, so switching cutout on changes nothing else). Both loaders take their stream from here, so
     switching data.loader does not change what a run trains on.
+
+    flip_mode "alternating" (airbench): image j is flipped in epoch e iff its run-long coin
+    (`alternating_flip_bits`) XOR (e odd), so every image is seen both ways in every two epochs. The
+    random flips are drawn all the same, so the cutout boxes after them do not depend on the mode.
 
     Cutout (DeVries and Taylor 2017): a `cutout` x `cutout` square centred on a pixel drawn uniformly
     from the output image, clipped at its edges, is set to 0 after normalization (the mean colour).
@@ -48,6 +64,10 @@ def epoch_draws(seed: int, epoch: int, n: int, padding: int, flip: bool, cutout:
     order = torch.randperm(n, generator=generator)
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     flips = torch.randint(0, 2, (n,), generator=generator) * int(flip)
+    if flip and flip_mode == "alternating":
+        flips = alternating_flip_bits(seed, n)[order] ^ (epoch % 2)
+    elif flip_mode not in FLIP_MODES:
+        raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
     boxes = None
     if cutout > 0:
         size = torch.tensor(image_hw)
@@ -109,6 +129,7 @@ class TorchLoader:
         world_size: int = 1,
         drop_last: bool | None = None,
         cutout: int = 0,
+        flip_mode: str = "random",
     ):
         images, labels = _as_tensor(x_nhwc_uint8), _as_tensor(y).long()
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -118,6 +139,8 @@ class TorchLoader:
         if not 0 <= rank < world_size or batch_size < 1 or crop_padding < 0 or seed < 0 or cutout < 0:
             raise ValueError(f"bad rank={rank}/world_size={world_size}, batch_size={batch_size}, "
                              f"crop_padding={crop_padding}, seed={seed} or cutout={cutout}")
+        if flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
         self.batch_size, self.train, self.dtype, self.channels_last = batch_size, train, dtype, channels_last
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
@@ -125,6 +148,7 @@ class TorchLoader:
         self.padding = crop_padding if train else 0
         self.flip = flip and train
         self.cutout = cutout if train else 0
+        self.flip_mode = flip_mode
         self.image_hw = tuple(images.shape[1:3])
         self._dataset_size = len(images)
 
@@ -169,7 +193,8 @@ class TorchLoader:
         Everything is drawn for the whole data set before sharding, so a sample's augmentation does not
         depend on world_size and the ranks' slices of one permutation are disjoint.
         """
-        d = epoch_draws(self.seed, epoch, self._dataset_size, self.padding, self.flip, self.cutout, self.image_hw)
+        d = epoch_draws(self.seed, epoch, self._dataset_size, self.padding, self.flip, self.cutout, self.image_hw,
+                        self.flip_mode)
         draws = torch.cat([d.order[:, None], d.offsets, d.flips[:, None], *([d.cutout] if self.cutout else [])],
                           dim=1)
         draws = draws[self.rank::self.world_size][:self.num_samples]
