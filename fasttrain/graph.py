@@ -7,7 +7,8 @@ likely the host issuing several hundred kernel launches from Python. A replayed 
 few microseconds and leaves no gaps between kernels.
 
 What it needs (`graph_problems` lists what a config lacks, before anything is built):
-* a CUDA device (elsewhere the trainer warns and trains eagerly) and one process (DDP's gradient hooks and NCCL under capture are not supported here);
+* a CUDA device (elsewhere the trainer warns and trains eagerly) and one process (DDP's gradient
+  hooks and NCCL under capture are not supported here);
 * `optim.impl: fused`: its learning rate, step counter and Lookahead condition live in device memory.
   torch.optim.SGD passes the learning rate to its kernels as a Python float, which a graph would
   freeze at its capture value, and fasttrain's Python Lookahead decides on the host;

@@ -1,10 +1,10 @@
 """GPU-resident torch data path: the uint8 images live on the device, augmentation is batched tensor ops.
 
 Per training epoch, a CPU generator seeded from (seed, epoch) draws the shuffle, the crop offsets, the
-flip bits and the optional cutout boxes in one go (so CPU and GPU runs see the same stream, and a resumed run continues it); they
-reach the device in one copy. Each batch is then one gather from the zero-padded uint8 images (crop
-and flip folded into per-sample row/column index grids) plus the normalization (and cutout, a masked
-fill from broadcast compares): no host sync per step.
+flip bits and the optional cutout boxes in one go (so CPU and GPU runs see the same stream, and a
+resumed run continues it); they reach the device in one copy. Each batch is then one gather from the
+zero-padded uint8 images (crop and flip folded into per-sample row/column index grids) plus the
+normalization (and cutout, a masked fill from broadcast compares): no host sync per step.
 """
 from __future__ import annotations
 
@@ -150,9 +150,7 @@ class TorchLoader:
         self.cutout = cutout if train else 0
         self.flip_mode = flip_mode
         self.image_hw = tuple(images.shape[1:3])
-        self._dataset_size = len(images)
-
-        n = len(images)
+        self._dataset_size = n = len(images)
         if not train:  # only this rank's contiguous evaluation shard is kept (see shard_bounds)
             start = n * rank // world_size
             shard, _ = shard_bounds(n, batch_size=batch_size, train=False, drop_last=False, rank=rank,
