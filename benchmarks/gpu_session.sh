@@ -60,11 +60,12 @@
 #   needs no pieces)
 #   then give_back.
 # The next session's calls (15 minutes in all): the three staging calls, quick as the third (BUDGET_S=530),
-# then one more call with what is left (~250 s): if the summary's graph rows and gpu tests are good and
-# graphseed's epoch is <= ~1.1 s, `preflight` is done and A_paper is the priority (a session of its own:
-# staging + apaper with APAPER_ARGS="--optim.impl fused --train.cuda_graph true"); in the call that is
-# left, `ablation` with BUDGET_S=240 JOBS=3 ONLY=cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2 (six
-# runs, two rounds of three).
+# then one more call with what is left (~250 s). The summary's last line, "next call", decides it within
+# the 30 s the machine waits: when the gpu tests and graphseed passed and graphseed's epoch is <= ~1.1 s,
+# A_paper is the priority (a session of its own: staging + apaper with APAPER_ARGS="--optim.impl fused
+# --train.cuda_graph true"; in this session's last call it would not finish); either way the call that is
+# left runs `ablation` with BUDGET_S=240 JOBS=3 ONLY=cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2
+# (six runs, two rounds of three).
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
 # the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
 # skipped or failed and everything else still runs.

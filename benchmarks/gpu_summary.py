@@ -223,6 +223,30 @@ def apaper_sizing(d: Path) -> list[str]:
             f"training, one call holds ~{APAPER_TRAIN_S} s: {verdict}"]
 
 
+def _stage_codes(d: Path) -> dict[str, str]:
+    try:
+        lines = (d / "stages.tsv").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    return {fields[0]: fields[1] for fields in (line.split("\t") for line in lines) if len(fields) >= 2}
+
+
+def next_call(d: Path) -> list[str]:
+    """After a session's quick or preflight: what the next call should run, decided here because a warm
+    machine waits only 30 s. A_paper when the graph is proven (gpu tests and graphseed both passed) and
+    sizing says the two seeds fit one call; otherwise the recipe ablation (header of gpu_session.sh)."""
+    codes = _stage_codes(d)
+    if "graphseed" not in codes:
+        return []
+    proven = codes.get("gpu-tests") == "0" and codes["graphseed"] == "0"
+    sizing = apaper_sizing(d)
+    if proven and sizing and sizing[0].endswith(": fits one call"):
+        return ["next call   apaper with APAPER_ARGS=\"--optim.impl fused --train.cuda_graph true\" "
+                "(BUDGET_S=530, timeout_s 600): the graph is proven and A_paper fits"]
+    why = "the graph is not proven (gpu tests or graphseed failed)" if not proven else "A_paper does not fit one call"
+    return [f"next call   ablation with JOBS=3 and BUDGET_S from what is left: {why}"]
+
+
 def summarize(d: Path) -> str:
     docs = [_read_json(p) for p in sorted(d.glob("*.json"))]
     meta = next((doc["meta"] for doc in docs if isinstance(doc, dict) and isinstance(doc.get("meta"), dict)), None)
@@ -232,7 +256,8 @@ def summarize(d: Path) -> str:
         head += (f": {meta.get('device')}, torch {versions.get('torch')}, triton {versions.get('triton')}, "
                  f"DALI {versions.get('dali')}, git {meta.get('git_sha')}")
     body = []
-    for section in (stages, tests, profile, throughput, best, kernels, loader, ablation, runs, apaper_sizing):
+    for section in (stages, tests, profile, throughput, best, kernels, loader, ablation, runs, apaper_sizing,
+                    next_call):
         try:  # one odd file must not cost the rest of the summary
             body += section(d)
         except Exception as e:  # noqa: BLE001

@@ -274,6 +274,22 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert "best.yaml   seed-0 (partial, no result file): 2 epochs" in text
 
 
+@pytest.mark.parametrize("tests_code, epoch_s, expected", [
+    ("0", 1.0, 'apaper with APAPER_ARGS="--optim.impl fused --train.cuda_graph true"'),
+    ("1", 1.0, "ablation with JOBS=3 and BUDGET_S from what is left: the graph is not proven"),
+    ("0", 1.5, "ablation with JOBS=3 and BUDGET_S from what is left: A_paper does not fit one call"),
+])
+def test_gpu_summary_says_what_the_next_call_runs(repo_root, tmp_path, tests_code, epoch_s, expected):
+    (tmp_path / "stages.tsv").write_text(f"gpu-tests\t{tests_code}\t61\ngraphseed\t0\t55\n")
+    (tmp_path / "graphseed").mkdir()
+    (tmp_path / "graphseed" / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"epoch": e, "epoch_seconds": s, "images_per_second": 4e4, "test_acc": 50.0})
+        for e, s in ((1, 9.0), (2, epoch_s), (3, epoch_s))) + "\n")
+    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(tmp_path)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert text.rstrip().splitlines()[-1].startswith(f"next call   {expected}"), text
+
+
 # ------------------------------------------------------------------------------------- recipe ablation
 ABLATION_TINY = ["--config", "configs/smoke.yaml", "--device", "cpu", "--data.train_subset", "256",
                  "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false"]
