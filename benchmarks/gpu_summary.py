@@ -242,7 +242,8 @@ def next_call(d: Path) -> list[str]:
     sizing = apaper_sizing(d)
     if proven and sizing and sizing[0].endswith(": fits one call"):
         return ["next call   apaper with APAPER_ARGS=\"--optim.impl fused --train.cuda_graph true\" "
-                "(BUDGET_S=530, timeout_s 600): the graph is proven and A_paper fits"]
+                "(BUDGET_S=530, timeout_s 600; with less device time left, the ablation now and A_paper "
+                "first in the next session): the graph is proven and A_paper fits"]
     why = "the graph is not proven (gpu tests or graphseed failed)" if not proven else "A_paper does not fit one call"
     return [f"next call   ablation with JOBS=3 and BUDGET_S from what is left: {why}"]
 
