@@ -64,8 +64,10 @@
 # the 30 s the machine waits: when the gpu tests and graphseed passed and graphseed's epoch is <= ~1.1 s,
 # A_paper is the priority (a session of its own: staging + apaper with APAPER_ARGS="--optim.impl fused
 # --train.cuda_graph true"; in this session's last call it would not finish); either way the call that is
-# left runs `ablation` with BUDGET_S=240 JOBS=3 ONLY=cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2
-# (six runs, two rounds of three).
+# left runs `ablation` with BUDGET_S=240 JOBS=4 ONLY=cutout_12,ema,no_lookahead: one round of four runs.
+# Sizing (estimates): at batch 512 a step is ~10 ms of host work and maybe ~7.5 ms of GPU work, so four
+# runs sharing the GPU take ~30 ms a step, ~120 s for 40 epochs, plus ~35 s of compiles side by side;
+# a second round would not finish in 240 s.
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
 # the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
 # skipped or failed and everything else still runs.
