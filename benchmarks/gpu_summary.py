@@ -245,7 +245,8 @@ def next_call(d: Path) -> list[str]:
                 "(BUDGET_S=530, timeout_s 600; with less device time left, the ablation now and A_paper "
                 "first in the next session): the graph is proven and A_paper fits"]
     why = "the graph is not proven (gpu tests or graphseed failed)" if not proven else "A_paper does not fit one call"
-    return [f"next call   ablation with JOBS=4 ONLY=cutout_12,ema,no_lookahead and BUDGET_S from what is left: {why}"]
+    return ["next call   ablation with JOBS=4 ONLY=cutout_12,ema,no_lookahead and BUDGET_S from what is "
+            f"left: {why}"]
 
 
 def summarize(d: Path) -> str:

@@ -276,8 +276,10 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
 
 @pytest.mark.parametrize("tests_code, epoch_s, expected", [
     ("0", 1.0, 'apaper with APAPER_ARGS="--optim.impl fused --train.cuda_graph true"'),
-    ("1", 1.0, "ablation with JOBS=4 ONLY=cutout_12,ema,no_lookahead and BUDGET_S from what is left: the graph is not proven"),
-    ("0", 1.5, "ablation with JOBS=4 ONLY=cutout_12,ema,no_lookahead and BUDGET_S from what is left: A_paper does not fit one call"),
+    ("1", 1.0, "ablation with JOBS=4 ONLY=cutout_12,ema,no_lookahead and BUDGET_S from what is left: "
+               "the graph is not proven"),
+    ("0", 1.5, "ablation with JOBS=4 ONLY=cutout_12,ema,no_lookahead and BUDGET_S from what is left: "
+               "A_paper does not fit one call"),
 ])
 def test_gpu_summary_says_what_the_next_call_runs(repo_root, tmp_path, tests_code, epoch_s, expected):
     (tmp_path / "stages.tsv").write_text(f"gpu-tests\t{tests_code}\t61\ngraphseed\t0\t55\n")
