@@ -11,7 +11,8 @@
 #               ones finish early). The plan for a session's one big command; the first session's quick
 #               (rows 1-8, best, kernels, loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
 #   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
-#               one stage alone (limit: the deadline). profile: benchmarks/profile_step.py (host- or
+#               one stage alone (limit: the deadline). torchrun: one-process torchrun, plain, with the fast
+#               paths, and with the DDP step as a CUDA graph. profile: benchmarks/profile_step.py (host- or
 #               GPU-bound, per row); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
 #               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
@@ -227,6 +228,10 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
   limited torchrun1fast "$2" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
     --train.epochs 2 --train.compile true --model.se_impl triton --optim.impl fused \
     --output.dir "$work/torchrun1fast" --output.progress false --train.checkpoint_every 1000
+  # ... and the whole DDP step as a CUDA graph (NCCL under capture): its epoch time against torchrun1fast's
+  limited torchrun1graph "$2" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
+    --train.epochs 2 --train.compile true --optim.impl fused --train.cuda_graph true \
+    --output.dir "$work/torchrun1graph" --output.progress false --train.checkpoint_every 1000
 }
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)

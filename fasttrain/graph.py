@@ -7,8 +7,11 @@ likely the host issuing several hundred kernel launches from Python. A replayed 
 few microseconds and leaves no gaps between kernels.
 
 What it needs (`graph_problems` lists what a config lacks, before anything is built):
-* a CUDA device (elsewhere the trainer warns and trains eagerly) and one process (DDP's gradient
-  hooks and NCCL under capture are not supported here);
+* a CUDA device (elsewhere the trainer warns and trains eagerly). Under torchrun, PyTorch's rules for
+  capturing DDP's backward (NCCL >= 2.9.6): DDP is built in a side-stream context (`side_stream`), at
+  least 11 eager DDP iterations run before capture (`DDP_WARMUP_ITERS`), every rank captures the same
+  step and replays it in lockstep, and capture is thread-local (NCCL's watchdog thread polls events
+  meanwhile). Not combined with train.sync_bn;
 * `optim.impl: fused`: its learning rate, step counter and Lookahead condition live in device memory.
   torch.optim.SGD passes the learning rate to its kernels as a Python float, which a graph would
   freeze at its capture value, and fasttrain's Python Lookahead decides on the host;
@@ -31,7 +34,8 @@ How (PyTorch's whole-network capture recipe, adapted):
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -45,9 +49,9 @@ def graph_problems(cfg, world_size: int, precision: str) -> list[str]:
     used). Not on a CUDA device at all, the trainer switches the graph off with a warning instead, so
     that a config written for GPUs still runs there. `precision` is the resolved one (bf16 | fp16 | fp32)."""
     problems = []
-    if world_size > 1:
-        problems.append(f"it runs in one process only, this run has {world_size} (torchrun): "
-                        "pass --train.cuda_graph false under torchrun")
+    if world_size > 1 and cfg.train.sync_bn:
+        problems.append("it is not combined with train.sync_bn (SyncBatchNorm's collectives inside forward "
+                        "and backward are untried under capture): pass --train.sync_bn false")
     if cfg.optim.impl != "fused":
         problems.append("it needs --optim.impl fused (torch.optim.SGD takes the learning rate as a Python "
                         "float, which a captured graph would freeze)")
@@ -58,6 +62,26 @@ def graph_problems(cfg, world_size: int, precision: str) -> list[str]:
         problems.append(f"train.compile_mode {cfg.train.compile_mode} builds CUDA graphs itself: use "
                         "--train.compile_mode default (or max-autotune-no-cudagraphs)")
     return problems
+
+
+# PyTorch's CUDA-graph notes: DDP needs at least 11 eager iterations (its bucket rebuild, its
+# buffers) before its backward can be captured; a single process needs a few for lazy initialisation
+DDP_WARMUP_ITERS = 11
+WARMUP_ITERS = 3
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Run the block on a fresh side stream, ordered after and before the current one (PyTorch's rule
+    for constructing DDP when its backward will be captured). `enabled` False: the current stream."""
+    if not enabled:
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def _unique(tensors) -> list[torch.Tensor]:
@@ -97,7 +121,7 @@ class GraphedStep:
 
     def __init__(self, body: Callable, *, params: list[torch.Tensor], state: list[torch.Tensor],
                  before_replay: Callable[[], None], images: torch.Tensor, labels: torch.Tensor,
-                 warmup_iters: int = 3, version: Callable[[], object] = lambda: None,
+                 warmup_iters: int = WARMUP_ITERS, version: Callable[[], object] = lambda: None,
                  capture_error_mode: str = "global"):
         """`version()`: a token that changes when the tensors the graph addresses are replaced (the
         fused optimizer's build count: load_state_dict re-creates its buffers); a replay after a

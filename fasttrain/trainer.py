@@ -38,7 +38,7 @@ from fasttrain.export import KIND as EXPORT_KIND
 from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
                                    fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
                                    sync_buffers)
-from fasttrain.graph import GraphedStep, graph_problems, step_state
+from fasttrain.graph import DDP_WARMUP_ITERS, WARMUP_ITERS, GraphedStep, graph_problems, side_stream, step_state
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
 from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
@@ -110,7 +110,8 @@ class Trainer:
         self.eval_net: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            with side_stream(self.device, enabled=self.use_graph):  # PyTorch's rule for a captured DDP backward
+                self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.train.compile:
             self.net = torch.compile(self.net, mode=cfg.train.compile_mode)
             self.eval_net = (torch.compile(self.model, mode=cfg.train.compile_mode) if self.dist.enabled
@@ -358,8 +359,10 @@ class Trainer:
             self._step_body, params=self.trainable, state=step_state(self.model, self.optimizer),
             before_replay=self.optimizer._sync_hyperparameters, images=images, labels=labels,
             version=lambda: self.optimizer.build_count,
-            # DALI's prefetching threads use CUDA meanwhile (on their own stream, not captured)
-            capture_error_mode="thread_local" if self.cfg.data.loader == "dali" else "global")
+            warmup_iters=DDP_WARMUP_ITERS if self.dist.enabled else WARMUP_ITERS,
+            # other threads use CUDA meanwhile: DALI's prefetching (its own stream, not captured) and
+            # NCCL's watchdog (polling events)
+            capture_error_mode="thread_local" if self.cfg.data.loader == "dali" or self.dist.enabled else "global")
 
     def train_epoch(self, epoch: int, advance=lambda n=1: None, skip: int = 0) -> dict:
         """One pass over this rank's shard; returns device-side sums, read by the caller once.

@@ -1,7 +1,7 @@
 """Launched by tests/test_distributed.py, under torchrun (or alone, as the 1-process reference).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_helper.py --dump DIR \
-        [--stop-after N] [--resume PATH] [--groupnorm] --config FILE --section.key VALUE ...
+        [--stop-after N] [--resume PATH] [--groupnorm] [--fake-graph] --config FILE --section.key VALUE ...
 
 Trains with the real Trainer (DDP, sharded loaders, optimizer, schedule, checkpoints), then each
 rank writes DIR/rank<r>.pt (outside the run folder) holding its model state, a draw of its global
@@ -11,6 +11,9 @@ the whole test set evaluated alone, so the test can compare ranks, runs and eval
 --groupnorm swaps every BatchNorm2d for a GroupNorm (per-sample statistics, same parameters), so
 2 ranks x batch B match 1 process x batch 2B up to float rounding; with BatchNorm each rank's
 batch statistics would differ from the big batch's.
+
+--fake-graph trains through train.cuda_graph's capture/replay path with torch.cuda's graph API faked
+(tests/fake_cuda_graphs.py): DDP's warmup, the capture on every rank and the replays, in lockstep.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ from fasttrain.distributed import init_distributed, shutdown
 from fasttrain.evaluate import evaluate
 from fasttrain.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: the shared fakes
+from fake_cuda_graphs import FakeCudaGraphs  # noqa: E402
+
 
 def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
@@ -46,6 +52,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stop-after", type=int)
     p.add_argument("--resume")
     p.add_argument("--groupnorm", action="store_true")
+    p.add_argument("--fake-graph", action="store_true")
     p.add_argument("--config", required=True)
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
@@ -54,10 +61,12 @@ def main(argv: list[str]) -> int:
         build = trainer_module.build_model
         trainer_module.build_model = lambda model_cfg: batchnorm_to_groupnorm(build(model_cfg))
 
+    fake = FakeCudaGraphs(setattr) if args.fake_graph else None
     info = init_distributed("cpu")
     try:
         trainer = Trainer(cfg, device="cpu", resume=args.resume, dist_info=info,
                           console=RunConsole(progress=False, enabled=info.is_main))
+        trainer.use_graph = fake is not None  # a CPU run switches it off: force the graph path onto the fakes
         initial = {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()}
         summary = trainer.fit(stop_after_epochs=args.stop_after)
         dist_acc = evaluate(trainer.eval_net, trainer.data.test, trainer.precision, trainer.device,
@@ -79,6 +88,7 @@ def main(argv: list[str]) -> int:
             "test_shard": trainer.data.test.num_samples, "test_batches": len(trainer.data.test),
             "train_batches": len(trainer.data.train),
             "final_test_acc": summary["final_test_acc"],
+            "captures": fake.captures if fake else 0, "replays": fake.replays if fake else 0,
         }, out / f"rank{info.rank}.pt")
     finally:
         shutdown(info)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import ConfigError, load_config
 from fasttrain.console import RunConsole
 from fasttrain.data.loader_torch import TorchLoader
@@ -97,6 +98,39 @@ def assert_same_state(a: dict, b: dict, exact: bool = True) -> None:
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_graphed_step_under_ddp_replays_in_lockstep_and_trains_like_eager(cifar_dir, tmp_path):
+    """train.cuda_graph under torchrun, with the graph API faked on the CPU (gloo): every rank warms DDP
+    up for its 11 iterations, captures once, replays every real step, and ends where the eager run
+    does. The plumbing, not CUDA: the NCCL capture itself needs the GPU machine."""
+    config = tiny(**{"train.epochs": "2"}) + ["--optim.impl", "fused"]
+    eager = helper(cifar_dir, tmp_path, tmp_path / "eager", config=config)
+    graphed = helper(cifar_dir, tmp_path, tmp_path / "graphed", "--fake-graph", config=config)
+    steps = 2 * graphed[0]["train_batches"]
+    for e, g in zip(eager, graphed):
+        assert (g["captures"], g["replays"]) == (1, steps) and (e["captures"], e["replays"]) == (0, 0)
+        assert_same_state(e["state"], g["state"], exact=False)
+    assert_same_state(graphed[0]["state"], graphed[1]["state"])  # the ranks stayed identical
+
+
+@pytest.mark.gpu
+def test_graphed_ddp_step_on_one_gpu_trains_like_eager(cifar_dir, tmp_path):
+    """NCCL under capture, for real: torchrun with one process on the GPU (DDP's all-reduce is still an
+    NCCL collective), the captured step against the eager one, fp32 and deterministic."""
+    states = {}
+    for graph in ("false", "true"):
+        run = tmp_path / f"graph-{graph}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+               "fasttrain", "--config", SMOKE, *TINY, "--optim.impl", "fused", "--train.cuda_graph", graph,
+               "--train.precision", "fp32", "--train.deterministic", "true", "--device", "cuda",
+               "--output.dir", str(run)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=worker_env(cifar_dir),
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        assert ("CUDA graph capture" in proc.stdout) == (graph == "true")
+        states[graph] = load_checkpoint(run / "last.pt")["model"]
+    assert_same_state(states["false"], states["true"], exact=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from fasttrain.graph import GraphedStep, graph_problems, restore, step_state
 from fasttrain.model import build_model
 from fasttrain.optim import build_optimizer
 from fasttrain.trainer import Trainer
+from fake_cuda_graphs import FakeCudaGraphs
 from test_train import quiet, tiny_config
 
 GRAPHABLE = {"optim.impl": "fused", "train.cuda_graph": "true"}
@@ -28,7 +29,7 @@ def test_a_graphable_config_has_no_problems(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, changes, expected", [
-    ({"world_size": 2}, {}, "--train.cuda_graph false under torchrun"),
+    ({"world_size": 2}, {"train.sync_bn": "true"}, "--train.sync_bn false"),
     ({}, {"optim.impl": "torch"}, "--optim.impl fused"),
     ({"precision": "fp16"}, {}, "--train.precision bf16"),
     ({}, {"train.compile": "true", "train.compile_mode": "reduce-overhead"}, "--train.compile_mode default"),
@@ -40,8 +41,15 @@ def test_each_problem_names_its_fix(cifar_dir, tmp_path, kwargs, changes, expect
 
 
 def test_problems_are_all_listed_at_once(cifar_dir, tmp_path):
-    found = problems(cifar_dir, tmp_path, world_size=4, precision="fp16", **{"optim.impl": "torch"})
+    found = problems(cifar_dir, tmp_path, world_size=4, precision="fp16", **{"optim.impl": "torch",
+                                                                            "train.sync_bn": "true"})
     assert len(found) == 3
+
+
+def test_torchrun_alone_is_no_problem(cifar_dir, tmp_path):
+    """Under DDP the step is captured too (PyTorch's rules: tests/test_distributed.py checks the plumbing)."""
+    assert problems(cifar_dir, tmp_path, world_size=8) == []
+    assert problems(cifar_dir, tmp_path, world_size=1, **{"train.sync_bn": "true"}) == []  # sync_bn needs DDP
 
 
 def test_cpu_run_warns_and_trains_eagerly(cifar_dir, tmp_path):
@@ -93,56 +101,6 @@ def test_graphed_step_refuses_cpu_tensors():
 
 
 # ------------------------------------------------------------------------------------- the plumbing, faked
-class _FakeCudaGraphs:
-    """torch.cuda's stream and graph API on the CPU: a capture runs the step once (as a real capture
-    does not: GraphedStep restores the state after it either way), and a replay runs the captured
-    step again into the static outputs. What this checks is fasttrain's plumbing (static inputs,
-    persistent gradients, state restore, the trainer's warmup -> capture -> replay,
-    checkpoints and resume), not CUDA's semantics: the gpu tests below do that."""
-
-    def __init__(self, monkeypatch):
-        import contextlib
-
-        import fasttrain.graph as graph_module
-
-        self.captures = self.replays = 0
-        fake = self
-        original_init = graph_module.GraphedStep.__init__
-
-        def init(step, *args, **kwargs):
-            fake.step = step
-            original_init(step, *args, **kwargs)
-
-        class Graph:
-            def replay(self):
-                fake.replays += 1
-                loss, logits = fake.step._zeroed_body()
-                fake.step.loss.copy_(loss)
-                fake.step.logits.copy_(logits)
-
-        @contextlib.contextmanager
-        def capture(graph, capture_error_mode="global"):
-            assert capture_error_mode in ("global", "thread_local")
-            fake.captures += 1
-            yield
-
-        class Stream:
-            def __init__(self, *args, **kwargs):
-                pass
-
-            def wait_stream(self, other):
-                pass
-
-        monkeypatch.setattr(graph_module, "_require_cuda", lambda t: None)
-        monkeypatch.setattr(graph_module.GraphedStep, "__init__", init)
-        for name, value in {"CUDAGraph": Graph, "graph": capture, "Stream": Stream,
-                            "current_stream": lambda device=None: Stream(),
-                            "stream": lambda s: contextlib.nullcontext(),
-                            "get_rng_state": lambda device=None: torch.get_rng_state(),
-                            "set_rng_state": lambda state, device=None: torch.set_rng_state(state)}.items():
-            monkeypatch.setattr(torch.cuda, name, value)
-
-
 def _cpu_trainer(cifar_dir, out, graph: bool, resume=None):
     cfg = tiny_config(cifar_dir, out, **{"optim.impl": "fused", "optim.lookahead_k": "2",
                                          "optim.warmup_epochs": "0.5"})
@@ -152,7 +110,7 @@ def _cpu_trainer(cifar_dir, out, graph: bool, resume=None):
 
 
 def test_graph_plumbing_trains_like_eager_and_resumes(cifar_dir, tmp_path, monkeypatch):
-    fake = _FakeCudaGraphs(monkeypatch)
+    fake = FakeCudaGraphs(monkeypatch.setattr)
     eager, graphed = _cpu_trainer(cifar_dir, tmp_path / "e", False), _cpu_trainer(cifar_dir, tmp_path / "g", True)
     eager.fit()
     graphed.fit()
