@@ -161,13 +161,16 @@ def run_one(task: tuple) -> tuple[dict, object]:
     return row, device
 
 
-def run_one_logged(task: tuple, log: Path) -> tuple[str, object, object]:
-    """run_one in a worker process, its output in `log`; ("ok", row, device) or ("error", message, None).
-
-    Errors come back as text: the project's exceptions do not all survive pickling, and the parent
-    must stop the other runs and say which run failed either way."""
+def run_worker(task: tuple, log: Path, result_path: Path, threads: int) -> None:
+    """A worker process: run_one with its output in `log`, its outcome in `result_path` (JSON:
+    {"status": "ok", "row", "device"} or {"status": "error", "error"}). Errors travel as text: the
+    project's exceptions do not all survive pickling, and the parent names the failed run either way.
+    A worker that dies without writing its result (a crash, a kill) is caught by its exit code."""
     import traceback
 
+    import torch
+
+    torch.set_num_threads(threads)  # its share of the cores: N runs must not oversubscribe them
     with open(log, "w", encoding="utf-8") as f:  # fd-level, so the trainer's console and C code land there too
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
@@ -175,10 +178,11 @@ def run_one_logged(task: tuple, log: Path) -> tuple[str, object, object]:
     sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
     try:
         row, device = run_one(task)
-        return "ok", row, device
-    except BaseException as e:  # noqa: BLE001 - a SIGINT's RunInterrupted too: reported, not re-raised here
+        outcome = {"status": "ok", "row": row, "device": str(device)}
+    except BaseException as e:  # noqa: BLE001 - a SIGINT's RunInterrupted too: reported, not re-raised
         traceback.print_exc()
-        return "error", f"{type(e).__name__}: {e}", None
+        outcome = {"status": "error", "error": f"{type(e).__name__}: {e}"}
+    write_json(result_path, outcome)
 
 
 def tail(path: Path, lines: int = 3) -> str:
@@ -188,43 +192,50 @@ def tail(path: Path, lines: int = 3) -> str:
         return ""
 
 
-def _share_cores(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def run_parallel(tasks: list[tuple], jobs: int, root: Path, done) -> None:
     """Run `tasks` `jobs` at a time, each in a fresh spawned process (its own CUDA context, compile
-    caches in memory and dynamo state), calling `done(row, device)` as each finishes. The first failed
-    run stops the others and raises RunFailed."""
+    caches and dynamo state), calling `done(row, device)` as each finishes. The first run that fails
+    or dies stops the others and raises RunFailed."""
     import multiprocessing as mp
 
-    # spawn, never fork: a forked child would inherit the parent's torch threads and CUDA state. Each
-    # worker gets its share of the cores, so N runs do not oversubscribe them (on a CPU, 3x slower)
+    import torch
+
+    spawn = mp.get_context("spawn")  # never fork: a child would inherit the parent's threads and CUDA state
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with mp.get_context("spawn").Pool(jobs, initializer=_share_cores, initargs=(threads,), maxtasksperchild=1) as pool:
-        pending = []
-        for task in tasks:
-            log = root / f"{task[0]}-seed-{task[2]}.log"
-            pending.append((task, log, pool.apply_async(run_one_logged, (task, log))))
-        print(f"recipe_ablation: {len(tasks)} runs, {jobs} at a time; each run's log: {root}/VARIANT-seed-S.log",
-              flush=True)
-        while pending:  # as they finish, so the JSON grows as early as it can
-            finished = [p for p in pending if p[2].ready()]
+    queue, running = list(tasks), {}
+    print(f"recipe_ablation: {len(tasks)} runs, {jobs} at a time; each run's log: {root}/VARIANT-seed-S.log",
+          flush=True)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                task = queue.pop(0)
+                log, result = root / f"{task[0]}-seed-{task[2]}.log", root / f"{task[0]}-seed-{task[2]}.result.json"
+                # not a daemon: a daemonic process may not start its own (compile workers)
+                process = spawn.Process(target=run_worker, args=(task, log, result, threads))
+                process.start()
+                running[process] = (task, log, result)
+            finished = [p for p in running if p.exitcode is not None]
             if not finished:
                 time.sleep(0.5)
                 continue
-            for item in finished:
-                pending.remove(item)
-                (name, _, seed, _, _), log, result = item
-                status, row, device = result.get()
-                if status != "ok":
-                    pool.terminate()  # the runs still going would only hold the device
-                    raise RunFailed(f"variant {name!r} seed {seed} failed: {row} (its log: {log})\n{tail(log, 12)}")
+            for process in finished:  # as they finish, so the JSON grows as early as it can
+                (name, _, seed, _, _), log, result = running.pop(process)
+                outcome = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {
+                    "status": "error", "error": f"its process ended with exit code {process.exitcode} "
+                                                "and no result (crashed or killed)"}
+                result.unlink(missing_ok=True)  # its content now lives in the ablation's JSON
+                if outcome["status"] != "ok":
+                    raise RunFailed(f"variant {name!r} seed {seed} failed: {outcome['error']} (its log: {log})"
+                                    f"\n{tail(log, 12)}")
+                row = outcome["row"]
                 print(f"recipe_ablation: {name} seed {seed} done: val {row['final_val_acc']}%\n{tail(log)}",
                       flush=True)
-                done(row, device)
+                done(row, torch.device(outcome["device"]))
+    finally:  # a failure, or the parent stopped: the runs still going would only hold the device
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.join(10)
 
 
 def main(argv: list[str]) -> int:

@@ -391,6 +391,22 @@ def test_recipe_ablation_jobs_stop_at_a_failed_run_and_name_it(repo_root, cifar_
         assert saved["complete"] is False and [r["variant"] for r in saved["runs"]] == ["base"]
 
 
+def test_recipe_ablation_jobs_name_a_run_whose_process_died(repo_root, cifar_dir, tmp_path):
+    """A worker killed outright (here: os._exit at its 3rd step, the distributed tests' fault injection)
+    leaves no result: the parent notices by the exit code, names the run and stops; it never waits forever."""
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("base: {}\nother: {optim.lr: 0.5}\n")
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir), OMP_NUM_THREADS="1", FASTTRAIN_TEST_DIE_RANK="0",
+               FASTTRAIN_TEST_DIE_STEP="3")
+    proc = subprocess.run([sys.executable, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants",
+                           str(variants), "--seeds", "1", "--val-size", "100", "--jobs", "2",
+                           "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "a.json")],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "failed: its process ended with exit code 1 and no result (crashed or killed)" in proc.stderr
+    assert "exits with status 1 at training step 3 (fault injection)" in proc.stderr  # the log's tail
+
+
 @pytest.mark.parametrize("variants_text, extra, message", [
     ("base: {}\nbad: {optim.lr_typo: 0.2}\n", [], "variant 'bad': unknown key"),
     ("base: {}\nbad: {data.val_size: 10}\n", [], "variant 'bad': data.val_size is set by recipe_ablation"),
