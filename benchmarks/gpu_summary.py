@@ -53,14 +53,21 @@ def _n(x, spec=",.0f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def stages(d: Path) -> list[str]:
-    out = []
+def _stage_rows(d: Path) -> list[tuple[str, str, str]] | None:
+    """stages.tsv as (name, exit code, seconds) rows; None when the file is missing."""
     try:
         lines = (d / "stages.tsv").read_text(encoding="utf-8").splitlines()
     except OSError:
+        return None
+    return [tuple((line.split("\t") + ["", ""])[:3]) for line in lines]
+
+
+def stages(d: Path) -> list[str]:
+    rows = _stage_rows(d)
+    if rows is None:
         return ["stages: no stages.tsv"]
-    for line in lines:
-        name, code, seconds = (line.split("\t") + ["", ""])[:3]
+    out = []
+    for name, code, seconds in rows:
         verdict = {"0": "ok", "124": "TIME LIMIT", "137": "TIME LIMIT (killed)",
                    "skip": "skipped (no time left)"}.get(code, f"exit {code}")
         out.append(f"{name:<11} {verdict:<22} {seconds}s")
@@ -209,38 +216,39 @@ def runs(d: Path) -> list[str]:
 APAPER_TRAIN_S = 450  # training seconds in one apaper call: BUDGET_S 530 less pip, unstaging, compile
 
 
-def apaper_sizing(d: Path) -> list[str]:
-    """Does A_paper (2 seeds x 200 epochs side by side) fit one apaper call? From graphseed's epochs
-    (the first left out: it may carry warmup effects), counting two seeds as sharing the GPU fully
-    (an upper bound: host-bound steps overlap better). Decided within the 30 s a warm machine waits."""
+def _apaper_need(d: Path) -> tuple[float, float] | None:
+    """(graphseed's epoch seconds, training seconds 2 seeds x 200 epochs need), or None without data.
+    The first epoch is left out (it may carry warmup effects); two seeds count as sharing the GPU
+    fully (an upper bound: host-bound steps overlap better)."""
     rows = _metrics(d / "graphseed")
     if len(rows) < 2:
-        return []
+        return None
     epoch = statistics.median(r["epoch_seconds"] for r in rows[1:])
-    need = 2 * 200 * epoch
+    return epoch, 2 * 200 * epoch
+
+
+def apaper_sizing(d: Path) -> list[str]:
+    """Does A_paper (2 seeds x 200 epochs side by side) fit one apaper call? Decided within the 30 s a
+    warm machine waits."""
+    sized = _apaper_need(d)
+    if sized is None:
+        return []
+    epoch, need = sized
     verdict = "fits one call" if need <= APAPER_TRAIN_S else "does NOT fit one call"
     return [f"apaper      graphseed epoch {epoch:.2f} s: 2 seeds x 200 epochs need up to {need:.0f} s of "
             f"training, one call holds ~{APAPER_TRAIN_S} s: {verdict}"]
-
-
-def _stage_codes(d: Path) -> dict[str, str]:
-    try:
-        lines = (d / "stages.tsv").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return {}
-    return {fields[0]: fields[1] for fields in (line.split("\t") for line in lines) if len(fields) >= 2}
 
 
 def next_call(d: Path) -> list[str]:
     """After a session's quick or preflight: what the next call should run, decided here because a warm
     machine waits only 30 s. A_paper when the graph is proven (gpu tests and graphseed both passed) and
     sizing says the two seeds fit one call; otherwise the recipe ablation (header of gpu_session.sh)."""
-    codes = _stage_codes(d)
+    codes = {name: code for name, code, _ in _stage_rows(d) or []}
     if "graphseed" not in codes:
         return []
     proven = codes.get("gpu-tests") == "0" and codes["graphseed"] == "0"
-    sizing = apaper_sizing(d)
-    if proven and sizing and sizing[0].endswith(": fits one call"):
+    sized = _apaper_need(d)
+    if proven and sized is not None and sized[1] <= APAPER_TRAIN_S:
         return ["next call   apaper with APAPER_ARGS=\"--optim.impl fused --train.cuda_graph true\" "
                 "(BUDGET_S=530, timeout_s 600; with less device time left, the ablation now and A_paper "
                 "first in the next session): the graph is proven and A_paper fits"]
