@@ -142,12 +142,9 @@ class GraphedStep:
 
         snapshot = [t.detach().clone() for t in state]
         rng = torch.cuda.get_rng_state(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with side_stream(device):  # PyTorch's capture recipe: warm up off the current stream
             for _ in range(warmup_iters):
                 self._zeroed_body()
-        torch.cuda.current_stream(device).wait_stream(side)
         self._restore(state, snapshot, rng, device)
 
         self.before_replay()  # the capture must see nothing left to write from the host
