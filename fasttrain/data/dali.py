@@ -57,7 +57,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from fasttrain.data.loader_torch import FLIP_MODES, epoch_draws, shard_bounds
+from fasttrain.data.loader_torch import check_flip_mode, epoch_draws, shard_bounds
 
 __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 
@@ -251,8 +251,7 @@ class DaliLoader:
         if not 0 <= rank < world_size or seed < 0:
             raise ValueError(f"need 0 <= rank < world_size and seed >= 0; got rank {rank}, "
                              f"world_size {world_size}, seed {seed}")
-        if flip_mode not in FLIP_MODES:
-            raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
+        check_flip_mode(flip_mode)
         if residency not in ("device", "host"):
             raise ValueError(f"residency must be 'device' or 'host'; got {residency!r}")
 

@@ -14,6 +14,8 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from fasttrain.config import CHOICES
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU generator for one epoch. SeedSequence mixes (seed, epoch) so that, unlike seed + epoch,
@@ -24,7 +26,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return generator
 
 
-FLIP_MODES = ("random", "alternating")
+FLIP_MODES = CHOICES["data.flip_mode"]  # the config's list: one place says which modes exist
+
+
+def check_flip_mode(flip_mode: str) -> None:
+    """Both loaders refuse an unknown flip_mode when built, before any epoch is drawn."""
+    if flip_mode not in FLIP_MODES:
+        raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
 
 
 class EpochDraws(NamedTuple):
@@ -60,14 +68,13 @@ def epoch_draws(seed: int, epoch: int, n: int, padding: int, flip: bool, cutout:
     Cutout (DeVries and Taylor 2017): a `cutout` x `cutout` square centred on a pixel drawn uniformly
     from the output image, clipped at its edges, is set to 0 after normalization (the mean colour).
     A box is (top, left, height, width) in output-image pixels, never empty."""
+    check_flip_mode(flip_mode)
     generator = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=generator)
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     flips = torch.randint(0, 2, (n,), generator=generator) * int(flip)
     if flip and flip_mode == "alternating":
         flips = alternating_flip_bits(seed, n)[order] ^ (epoch % 2)
-    elif flip_mode not in FLIP_MODES:
-        raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
     boxes = None
     if cutout > 0:
         size = torch.tensor(image_hw)
@@ -139,8 +146,7 @@ class TorchLoader:
         if not 0 <= rank < world_size or batch_size < 1 or crop_padding < 0 or seed < 0 or cutout < 0:
             raise ValueError(f"bad rank={rank}/world_size={world_size}, batch_size={batch_size}, "
                              f"crop_padding={crop_padding}, seed={seed} or cutout={cutout}")
-        if flip_mode not in FLIP_MODES:
-            raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
+        check_flip_mode(flip_mode)
         self.batch_size, self.train, self.dtype, self.channels_last = batch_size, train, dtype, channels_last
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
