@@ -28,6 +28,25 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+# Process-wide numerics switches the Trainer sets on CUDA (TF32 matmuls and convolutions, cuDNN
+# autotuning). A test that builds a Trainer must not hand them to the next test in its worker: a kernel
+# test's fp32 reference computed with TF32 is off by ~1e-4 relative, 10x its tolerance. Seen on the GPU
+# machine (2026-11-26): 14 SE kernel tests failed on whichever xdist worker had run a trainer test first.
+_NUMERICS_FLAGS = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+                   (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic")]
+
+
+@pytest.fixture(autouse=True)
+def _restore_numerics_flags():
+    """Every test starts from the same numerics switches, whatever the previous test set."""
+    saved = [getattr(owner, name) for owner, name in _NUMERICS_FLAGS]
+    precision = torch.get_float32_matmul_precision()
+    yield
+    for (owner, name), value in zip(_NUMERICS_FLAGS, saved):
+        setattr(owner, name, value)
+    torch.set_float32_matmul_precision(precision)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

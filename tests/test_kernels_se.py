@@ -4,6 +4,7 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets i
 CUDA device), so these tests execute the real kernel code; `gpu`-marked tests compile and run them on
 CUDA. References are computed in fp32 from the very same (possibly low-precision) inputs.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -55,12 +56,25 @@ def _run(fn, inputs, dy=None):
     return y, dy, [t.grad if t is not None else None for t in leaves]
 
 
+@contextlib.contextmanager
+def ieee_fp32_matmuls():
+    """The reference's two small matmuls in full fp32 even where TF32 is on (as the Trainer sets it on
+    CUDA): TF32 rounds their inputs to 10 mantissa bits, ~1e-4 relative, 10x the fp32 tolerance."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def check_against_reference(inputs):
     """se_gate vs the fp32 reference on the same inputs: values, dtypes, memory formats, all grads."""
     x = inputs[0]
     y, dy, grads = _run(se_gate, inputs)
     ref_inputs = [t.float() if t is not None else None for t in inputs]
-    y_ref, _, grads_ref = _run(se_gate_reference, ref_inputs, dy.float())
+    with ieee_fp32_matmuls():
+        y_ref, _, grads_ref = _run(se_gate_reference, ref_inputs, dy.float())
 
     assert y.dtype == x.dtype and y.stride() == x.stride()
     _assert_close(y, y_ref, TOL[x.dtype])
