@@ -241,20 +241,16 @@ def apaper_sizing(d: Path) -> list[str]:
 
 def next_call(d: Path) -> list[str]:
     """After a session's quick or preflight: what the next call should run, decided here because a warm
-    machine waits only 30 s. A_paper when the graph is proven (gpu tests and graphseed both passed) and
-    sizing says the two seeds fit one call; otherwise the recipe ablation (header of gpu_session.sh)."""
+    machine waits only 30 s. A_paper is recorded (benchmarks/results/2026-11-26-h200-apaper), so it is
+    issue 6's recipe search: the ablation stage (its default variants) on best.yaml, which runs the
+    whole-step CUDA graph; without it when the gpu tests or graphseed failed."""
     codes = {name: code for name, code, _ in _stage_rows(d) or []}
     if "graphseed" not in codes:
         return []
-    proven = codes.get("gpu-tests") == "0" and codes["graphseed"] == "0"
-    sized = _apaper_need(d)
-    if proven and sized is not None and sized[1] <= APAPER_TRAIN_S:
-        return ["next call   apaper with APAPER_ARGS=\"--optim.impl fused --train.cuda_graph true\" "
-                "(BUDGET_S=530, timeout_s 600; with less device time left, the ablation now and A_paper "
-                "first in the next session): the graph is proven and A_paper fits"]
-    why = "the graph is not proven (gpu tests or graphseed failed)" if not proven else "A_paper does not fit one call"
-    return ["next call   ablation with JOBS=4 ONLY=cutout_12,ema,no_lookahead and BUDGET_S from what is "
-            f"left: {why}"]
+    if codes.get("gpu-tests") == "0" and codes["graphseed"] == "0":
+        return ["next call   ablation with BUDGET_S from what is left: the graph is proven"]
+    return ['next call   ablation with ABLATION_ARGS="--train.cuda_graph false" and BUDGET_S from what is left: '
+            "the graph is not proven (gpu tests or graphseed failed)"]
 
 
 def summarize(d: Path) -> str:

@@ -2,7 +2,7 @@
 
     python benchmarks/recipe_ablation.py --config configs/best.yaml \\
         [--variants benchmarks/recipe_variants.yaml] [--only base,no_lookahead] [--seeds 2] \\
-        [--val-size 5000] [--targets 93 94] [--device auto] [--jobs 1] \\
+        [--val-size 5000] [--targets apaper 93 94] [--device auto] [--jobs 1] \\
         [--out benchmarks/results/NAME.json] [--section.key VALUE ...]
 
 Each variant is the config plus the variant's overrides (a YAML mapping: name -> {dotted key: value};
@@ -35,8 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (REPO_ROOT, default_result_path, run_main, run_metadata, wide_console, write_complete,
-                    write_json)
+from common import (REPO_ROOT, accuracy_target, default_result_path, run_main, run_metadata, wide_console,
+                    write_complete, write_json)
 from rich.table import Table
 from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
 
@@ -59,8 +59,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="run only these variants, comma-separated, in this order (base is added first)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per variant (train.seed + 0 .. seeds-1)")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
-    p.add_argument("--targets", type=float, nargs="+", default=[93.0, 94.0],
-                   help="validation accuracies in percent")
+    p.add_argument("--targets", type=accuracy_target, nargs="+", default=[93.0, 94.0],
+                   help="validation accuracies in percent; `apaper` is A_paper, the paper's recipe on our data "
+                        "(benchmarks/results/2026-11-26-h200-apaper), e.g. --targets apaper 93 94")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/recipe_ablation-CONFIG-DEVICE-TIME.json)")
     p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder)")
