@@ -20,21 +20,16 @@
 #               /tmp/apaper on the device and checkpoint their exact position at the stage's limit, so a
 #               second call on the same warm machine continues them (--resume auto). Evaluated every 20
 #               epochs and checkpointed every 10 (each save is ~57 MB of wall time off the clock).
-#   preflight   tests + graphseed (~150-190 s): whether the CUDA graph is right and what an epoch of the
-#               paper's recipe costs with it, to size apaper in the same session.
-#               Sizing A_paper: two seeds side by side share the GPU, so once the step is GPU-bound each
-#               seed's epoch takes about twice graphseed's. One apaper call (BUDGET_S=530, timeout_s 600,
-#               ~450 s of training after pip, unstaging and compile) holds 2 x 200 epochs only if
-#               graphseed's epoch is <= ~1.1 s: then preflight + one apaper call with APAPER_ARGS=
-#               "--optim.impl fused --train.cuda_graph true". Without the graph (3.64 s an epoch, host-
-#               bound, so the seeds barely slow each other) 200 epochs need ~730 s of training: more than
-#               two calls leave after staging in 15 minutes. Then use the session for quick's stages and
-#               leave A_paper to a session where the graph makes it fit.
-#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default: what might close the gap
-#               between 99.7% train and 90% val accuracy that the first session saw), SEEDS (1) seeds each,
-#               JOBS (3) runs at a time on the one GPU (their compiles overlap on the 16 cores, and while the
-#               step is host-bound so do their steps; accuracies as one at a time, times shared), validation
-#               split only: issue 6's tuning, a session's whole command
+#               Done (second session, benchmarks/results/2026-11-26-h200-apaper): one seed a call,
+#               APAPER_SEEDS=0 then 1, APAPER_ARGS="--optim.impl fused --train.cuda_graph true", 295 s each
+#               (275 s of training at 1.37 s an epoch). Rerun it only for other data (the official files).
+#   preflight   tests + graphseed (~150 s): whether the CUDA graph is right (the gpu tests) and learns
+#               (graphseed: the paper's recipe, 3 epochs, with the graph; 1.41 s an epoch on an H200).
+#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default: the candidates for
+#               reaching A_paper: cutout against the overfitting, longer runs), SEEDS (1) seeds each, JOBS (6) runs at
+#               a time on the one GPU (their compiles overlap on the 16 cores; accuracies as one at a time,
+#               times shared), ABLATION_ARGS for every run (the next-call line turns best.yaml's CUDA
+#               graph off when it is not proven), validation split only: issue 6's tuning
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
 # start of the device command so that unstaging counts too), else after this script starts. A stage
@@ -60,15 +55,16 @@
 #   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
 #   needs no pieces)
 #   then give_back.
-# The next session's calls (15 minutes in all): the three staging calls, quick as the third (BUDGET_S=530),
-# then one more call with what is left (~250 s). The summary's last line, "next call", decides it within
-# the 30 s the machine waits: when the gpu tests and graphseed passed and graphseed's epoch is <= ~1.1 s,
-# A_paper is the priority (a session of its own: staging + apaper with APAPER_ARGS="--optim.impl fused
-# --train.cuda_graph true"; in this session's last call it would not finish); either way the call that is
-# left runs `ablation` with BUDGET_S=240 JOBS=4 ONLY=cutout_12,ema,no_lookahead: one round of four runs.
-# Sizing (estimates): at batch 512 a step is ~10 ms of host work and maybe ~7.5 ms of GPU work, so four
-# runs sharing the GPU take ~30 ms a step, ~120 s for 40 epochs, plus ~35 s of compiles side by side;
-# a second round would not finish in 240 s.
+# The next session's calls (15 minutes in all): the three staging calls, preflight as the third
+# (BUDGET_S=215, timeout_s 260: ~160 s), then the ablation with what is left (~600 s: BUDGET_S=530,
+# timeout_s 560) as the summary's last line, "next call", says within the 30 s the machine waits: with
+# ABLATION_ARGS="--train.cuda_graph false" unless the gpu tests and graphseed passed. The session after runs
+# quick (profile, the CUDA-graph throughput rows, bench_se and the tile sweep: issues 4 and 5) and, once a
+# recipe reaches A_paper on validation, best with SEEDS=5 (time_to_accuracy.py on the test set: issue 6).
+# Sizing (estimates): best.yaml at batch 512 with the graph is GPU-bound, maybe ~0.7 s an epoch
+# (seed.yaml at batch 128 ran 36,300 img/s with it), so the six default runs side by side (320 epochs
+# in all) take ~220-320 s of GPU time plus ~40 s of compiles: one call.
+# Second session (H200): machine start + part 1 27 s, part 2 4 s, preflight 156 s, apaper 303 s twice.
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
 # the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
 # skipped or failed and everything else still runs.
@@ -180,11 +176,11 @@ stage_graphseed() {   # the paper's recipe with the engine's fast paths and the 
     --train.compile true --optim.impl fused --train.cuda_graph true --output.dir "$work/graphseed" \
     --output.progress false --train.checkpoint_every 1000
 }
-stage_best() {        # the fast recipe in full, one seed, timed; run folders kept for partial results
-  # BEST_ARGS: overrides, e.g. "--optim.impl fused --train.cuda_graph true" (the graph in the real loop)
+stage_best() {        # the fast recipe in full, SEEDS (1) seeds, timed; run folders kept for partial results
+  # BEST_ARGS: overrides, e.g. "--train.epochs 60" or "--train.cuda_graph false"
   # shellcheck disable=SC2086
-  limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds 1 \
-    --targets 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000 \
+  limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
+    --targets apaper 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000 \
     ${BEST_ARGS:-}
   # the trained weights come back beside the archive (which holds no .pt): bf16, ~9 MB, for issue 6;
   # only from a finished run (best.json written), never a checkpoint cut by the limit
@@ -236,8 +232,8 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
-    --only "${ONLY:-cutout_12,no_lookahead,ema,cosine_schedule,lr_0.2,wd_1e-3,alternating_flip,cutout_8}" \
-    --jobs "${JOBS:-3}" --runs-dir "$work/ablation-runs" --out "$work/ablation.json" --train.checkpoint_every 1000 \
+    --targets apaper 93 94 --only "${ONLY:-cutout_12,cutout_16,epochs_60,cutout_12_epochs_60,cutout_12_epochs_80}" \
+    --jobs "${JOBS:-6}" --runs-dir "$work/ablation-runs" --out "$work/ablation.json" --train.checkpoint_every 1000 \
     ${ABLATION_ARGS:-}
 }
 stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently, resumable
