@@ -26,10 +26,11 @@
 #   preflight   tests + graphseed (~150 s): whether the CUDA graph is right (the gpu tests) and learns
 #               (graphseed: the paper's recipe, 3 epochs, with the graph; 1.41 s an epoch on an H200).
 #   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default: the candidates for
-#               reaching A_paper: cutout against the overfitting, longer runs), SEEDS (1) seeds each, JOBS (6) runs at
-#               a time on the one GPU (their compiles overlap on the 16 cores; accuracies as one at a time,
-#               times shared), ABLATION_ARGS for every run (the next-call line turns best.yaml's CUDA
-#               graph off when it is not proven), validation split only: issue 6's tuning
+#               reaching A_paper: cutout against the overfitting, longer runs), SEEDS (1) seeds each, JOBS
+#               (6) runs at a time on the one GPU (their compiles overlap on the 16 cores; accuracies as one
+#               at a time, times shared), ABLATION_ARGS for every run (the next-call line turns best.yaml's
+#               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
+#               split only: issue 6's tuning
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
 # start of the device command so that unstaging counts too), else after this script starts. A stage
@@ -58,7 +59,7 @@
 # The next session's calls (15 minutes in all): the three staging calls, preflight as the third
 # (BUDGET_S=215, timeout_s 260: ~160 s), then the ablation with what is left (~600 s: BUDGET_S=530,
 # timeout_s 560) as the summary's last line, "next call", says within the 30 s the machine waits: with
-# ABLATION_ARGS="--train.cuda_graph false" unless the gpu tests and graphseed passed. The session after runs
+# ABLATION_ARGS="--train.cuda_graph false" unless graphseed and the graph's gpu tests passed. The session after runs
 # quick (profile, the CUDA-graph throughput rows, bench_se and the tile sweep: issues 4 and 5) and, once a
 # recipe reaches A_paper on validation, best with SEEDS=5 (time_to_accuracy.py on the test set: issue 6).
 # Sizing (estimates): best.yaml at batch 512 with the graph is GPU-bound, maybe ~0.7 s an epoch
