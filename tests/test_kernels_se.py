@@ -44,7 +44,24 @@ def _se_inputs(shape, dtype, device, channels_last=False, residual=True, reducti
     w1 = torch.randn(cr, c, *tail, device=device) * (2.0 / c) ** 0.5
     w2 = torch.randn(c, cr, *tail, device=device) * (2.0 / cr) ** 0.5
     b1, b2 = torch.randn(cr, device=device) * 0.1, torch.randn(c, device=device) * 0.1
+    if residual:
+        r = _off_the_relu_kink(x, w1, b1, w2, b2, r)
     return [x, w1, b1, w2, b2, r]
+
+
+def _off_the_relu_kink(x, w1, b1, w2, b2, r):
+    """r moved so that no pre-activation x * s + r lies within 16 eps of 0, where relu' jumps. There
+    the kernel and the reference may legitimately disagree: the kernel's backward masks with its stored
+    output (an fp16 y under 2^-25 rounds to 0), the fp32 reference with the unrounded one, and one ulp
+    of difference in s flips the mask. The same step as gradcheck keeping clear of kinks; the moved
+    elements stay random, and both sides get the same inputs."""
+    with ieee_fp32_matmuls():
+        gated = se_gate_reference(x.float(), w1, b1, w2, b2)  # x * s in fp32
+    pre, margin = gated + r.float(), 16 * torch.finfo(r.dtype).eps
+    push = torch.where(pre.abs() < margin, 2 * margin * torch.where(pre >= 0, 1.0, -1.0), 0.0)
+    moved = torch.empty_like(r).copy_(r.float() + push)  # keeps r's memory format
+    assert ((gated + moved.float()).abs() >= margin / 2).all()  # still clear after rounding to r's dtype
+    return moved
 
 
 def _run(fn, inputs, dy=None):
