@@ -290,8 +290,8 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert "; to 0%: " in text and ", 100%: - s" in text  # reached at once; never reached
     assert "seed        1 epochs, last test 41.50%, train clock 2.0 s, median 25,000 img/s" in text
     assert "apaper-1    2 epochs, last test 80.25% (epoch 10), train clock 2.0 s" in text
-    assert ("apaper      graphseed epoch 1.12 s: 2 seeds x 200 epochs need up to 450 s of training, "
-            "one call holds ~450 s: fits one call") in text
+    assert ("apaper      graphseed epoch 1.12 s: 200 epochs ~225 s a seed, two side by side up to 450 s; "
+            "one call holds ~450 s of training: two seeds side by side a call") in text
     assert ("tune_se     best first: gate 8192 reduce 2048: stem 0.200 / all 0.610 ms, "
             "gate 4096 reduce 2048: stem 0.300 / all 0.800 ms (default)") in text
 
