@@ -30,8 +30,8 @@ def one_torch_thread():
 
 # Process-wide numerics switches the Trainer sets on CUDA (TF32 matmuls and convolutions, cuDNN
 # autotuning). A test that builds a Trainer must not hand them to the next test in its worker: a kernel
-# test's fp32 reference computed with TF32 is off by ~1e-4 relative, 10x its tolerance. Seen on the GPU
-# machine (2026-11-26): 14 SE kernel tests failed on whichever xdist worker had run a trainer test first.
+# test's fp32 reference computed with TF32 is off by ~1e-4 relative, 10x its tolerance: the most likely
+# cause of the 14 SE kernel failures on the GPU machine (2026-11-26), which passed in an earlier order.
 _NUMERICS_FLAGS = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
                    (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic")]
 
