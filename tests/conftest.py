@@ -4,6 +4,7 @@ Triton kernels run on the CPU under the interpreter: TRITON_INTERPRET must be se
 module is imported, so it is set here, at collection time, when there is no CUDA device. On the GPU
 machine it stays unset and the `gpu`-marked tests compile the real kernels.
 """
+import contextlib
 import os
 from pathlib import Path
 
@@ -36,15 +37,24 @@ _NUMERICS_FLAGS = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.c
                    (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic")]
 
 
+@contextlib.contextmanager
+def numerics_flags_restored():
+    """The block may change the numerics switches; they are as before when it ends."""
+    saved = [getattr(owner, name) for owner, name in _NUMERICS_FLAGS]
+    precision = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(_NUMERICS_FLAGS, saved):
+            setattr(owner, name, value)
+        torch.set_float32_matmul_precision(precision)
+
+
 @pytest.fixture(autouse=True)
 def _restore_numerics_flags():
     """Every test starts from the same numerics switches, whatever the previous test set."""
-    saved = [getattr(owner, name) for owner, name in _NUMERICS_FLAGS]
-    precision = torch.get_float32_matmul_precision()
-    yield
-    for (owner, name), value in zip(_NUMERICS_FLAGS, saved):
-        setattr(owner, name, value)
-    torch.set_float32_matmul_precision(precision)
+    with numerics_flags_restored():
+        yield
 
 
 @pytest.fixture(scope="session")

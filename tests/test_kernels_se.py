@@ -164,6 +164,32 @@ def test_mixed_broadcast_and_unflattenable_layouts(interpreted):
         _assert_close(a.grad, b.grad, WEIGHT_GRAD_TOL)
 
 
+def _numerics_switches():
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic, torch.get_float32_matmul_precision())
+
+
+def test_numerics_switches_do_not_outlive_their_block():
+    """What keeps a Trainer's TF32 out of the next test's fp32 reference (conftest's autouse fixture),
+    and the reference's own IEEE block, each restore every switch they may change."""
+    from conftest import numerics_flags_restored
+
+    before = _numerics_switches()
+    with numerics_flags_restored():
+        torch.set_float32_matmul_precision("high")  # as TF32 does
+        torch.backends.cudnn.allow_tf32 = not before[1]
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not before[2], not before[3]
+        assert _numerics_switches() != before
+    assert _numerics_switches() == before
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with ieee_fp32_matmuls():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+
+
 def test_bad_shapes_are_refused():
     x, w1, b1, w2, b2, _ = _se_inputs((2, 8, 4, 4), torch.float32, "cpu", residual=False)
     with pytest.raises(RuntimeError, match="do not fit"):
