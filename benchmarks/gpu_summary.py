@@ -74,24 +74,26 @@ def stages(d: Path) -> list[str]:
     return out
 
 
-def _failed_tests(d: Path) -> list[str]:
-    """The node ids pytest's -rfE summary lists as FAILED or ERROR in gpu-tests.log (none without it)."""
+def _gpu_tests_log(d: Path) -> str | None:
     try:
-        text = (d / "gpu-tests.log").read_text(encoding="utf-8", errors="replace")
+        return (d / "gpu-tests.log").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return []
-    return re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+        return None
+
+
+def _failed_tests(log: str) -> list[str]:
+    """The node ids pytest's -rfE summary lists as FAILED or ERROR."""
+    return re.findall(r"^(?:FAILED|ERROR) (\S+)", log, re.M)
 
 
 def tests(d: Path) -> list[str]:
-    try:
-        text = (d / "gpu-tests.log").read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    text = _gpu_tests_log(d)
+    if text is None:
         return []
     # "100 failed, 276 deselected in 9.98s" (-q), or the same between "=" rules
     counts = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b.* in [\d.]+s"
                         r"(?: \([\d:]+\))?)\s*=*$", text, re.M)
-    failed = _failed_tests(d)
+    failed = _failed_tests(text)
     lines = [f"gpu tests   {counts[-1] if counts else 'no final counts (stopped?)'}"]
     lines += [f"  failed: {name}" for name in failed[:8]]
     return lines
@@ -257,7 +259,7 @@ def next_call(d: Path) -> list[str]:
     codes = {name: code for name, code, _ in _stage_rows(d) or []}
     if "graphseed" not in codes:
         return []
-    graph_failed = [name for name in _failed_tests(d) if "graph" in name.lower()]
+    graph_failed = [name for name in _failed_tests(_gpu_tests_log(d) or "") if "graph" in name.lower()]
     if codes["graphseed"] != "0":
         why = "graphseed failed"
     elif codes.get("gpu-tests") not in ("0", "1"):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import numerics_flags_restored
 from fasttrain.kernels.se import se_gate, se_gate_reference
 
 SHAPES = [(1, 16, 1, 1), (3, 24, 7, 5), (2, 64, 32, 32), (4, 256, 8, 8)]
@@ -77,12 +78,9 @@ def _run(fn, inputs, dy=None):
 def ieee_fp32_matmuls():
     """The reference's two small matmuls in full fp32 even where TF32 is on (as the Trainer sets it on
     CUDA): TF32 rounds their inputs to 10 mantissa bits, ~1e-4 relative, 10x the fp32 tolerance."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with numerics_flags_restored():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def check_against_reference(inputs):
@@ -172,8 +170,6 @@ def _numerics_switches():
 def test_numerics_switches_do_not_outlive_their_block():
     """What keeps a Trainer's TF32 out of the next test's fp32 reference (conftest's autouse fixture),
     and the reference's own IEEE block, each restore every switch they may change."""
-    from conftest import numerics_flags_restored
-
     before = _numerics_switches()
     with numerics_flags_restored():
         torch.set_float32_matmul_precision("high")  # as TF32 does
