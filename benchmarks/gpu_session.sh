@@ -66,7 +66,7 @@
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as both sessions
 # so far did); the recipe search may run on either.
 # Sizing (estimates): best.yaml at batch 512 with the graph is GPU-bound, maybe ~0.7 s an epoch
-# (seed.yaml at batch 128 ran 36,300 img/s with it), so the six default runs side by side (320 epochs
+# (seed.yaml at batch 128 ran 36,286 img/s with it), so the six default runs side by side (320 epochs
 # in all) take ~220-320 s of GPU time plus ~40 s of compiles: one call.
 # Second session (H200): machine start + part 1 27 s, part 2 4 s, preflight 156 s, apaper 303 s twice.
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
