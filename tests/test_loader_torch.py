@@ -8,7 +8,7 @@ import torch
 
 from augment_check import random_images, recover_crops
 
-from fasttrain.data.loader_torch import TorchLoader
+from fasttrain.data.loader_torch import TorchLoader, shard_bounds, shard_slice
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
@@ -231,3 +231,22 @@ def test_rejects_bad_inputs():
         make_loader(random_images(100), cutout=-1)
     with pytest.raises(ValueError, match="flip_mode must be one of random, alternating, got 'sometimes'"):
         make_loader(random_images(100), flip_mode="sometimes")
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_shard_slices_hold_shard_bounds_samples_and_never_overlap(train, drop_last):
+    for n in range(1, 41):
+        for world in range(1, 5):
+            for batch in (1, 3, 7):
+                kw = dict(batch_size=batch, train=train, drop_last=drop_last, world_size=world)
+                shards = [list(range(n))[shard_slice(n, rank=r, **kw)] for r in range(world)]
+                for r, shard in enumerate(shards):
+                    assert len(shard) == shard_bounds(n, rank=r, **kw)[0]
+                taken = [i for shard in shards for i in shard]
+                assert len(taken) == len(set(taken))  # disjoint
+                if train:  # rank r holds positions r, r + world, ...: step k of all ranks is one block
+                    assert sorted(taken) == list(range(len(taken)))
+                    assert all(s == list(range(r, n, world))[:len(s)] for r, s in enumerate(shards))
+                elif not drop_last:  # evaluation: contiguous shards, in rank order, covering the set once
+                    assert taken == list(range(n))

@@ -57,7 +57,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from fasttrain.data.loader_torch import check_flip_mode, epoch_draws, shard_bounds
+from fasttrain.data.loader_torch import check_flip_mode, epoch_draws, shard_bounds, shard_slice
 
 __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 
@@ -143,18 +143,17 @@ def epoch_plan(n: int, *, batch_size: int, train: bool, seed: int = 0, epoch: in
         perm = draws.order.numpy()
         starts = (draws.offsets.numpy() - crop_padding).astype(np.int32)
         mirror = draws.flips.numpy().astype(np.int32)
-        keep, _ = shard_bounds(n, batch_size=batch_size, train=True, drop_last=drop_last,
-                               rank=rank, world_size=world_size)
-        sel = slice(rank, None, world_size)
-        indices, starts, mirror = perm[sel][:keep], starts[sel][:keep], mirror[sel][:keep]
+        sel = shard_slice(n, batch_size=batch_size, train=True, drop_last=drop_last, rank=rank,
+                          world_size=world_size)
+        indices, starts, mirror = perm[sel], starts[sel], mirror[sel]
         if draws.cutout is not None:
-            boxes = draws.cutout.numpy().astype(np.float32)[sel][:keep]
+            boxes = draws.cutout.numpy().astype(np.float32)[sel]
             anchor, shape = np.ascontiguousarray(boxes[:, :2]), np.ascontiguousarray(boxes[:, 2:])
     else:
-        lo = n * rank // world_size
-        m, _ = shard_bounds(n, batch_size=batch_size, train=False, drop_last=drop_last,
-                            rank=rank, world_size=world_size)
-        indices = np.arange(lo, lo + m)
+        sel = shard_slice(n, batch_size=batch_size, train=False, drop_last=drop_last, rank=rank,
+                          world_size=world_size)
+        indices = np.arange(sel.start, sel.stop)
+        m = len(indices)
         starts = np.zeros((m, 2), dtype=np.int32)
         mirror = np.zeros(m, dtype=np.int32)
     return EpochPlan(np.ascontiguousarray(indices, dtype=np.int64), np.ascontiguousarray(starts),

@@ -103,6 +103,19 @@ def shard_bounds(n: int, *, batch_size: int, train: bool, drop_last: bool, rank:
     return m, -(-m // batch_size)
 
 
+def shard_slice(n: int, *, batch_size: int, train: bool, drop_last: bool, rank: int, world_size: int) -> slice:
+    """The positions rank `rank` takes, as a slice of the epoch's order (training: the shuffled
+    permutation; evaluation: ``range(n)``), holding exactly `shard_bounds`' sample count. Training:
+    every `world_size`-th position from `rank`; evaluation: its contiguous shard. Both loaders cut
+    their epochs with it, so they shard alike."""
+    m, _ = shard_bounds(n, batch_size=batch_size, train=train, drop_last=drop_last, rank=rank,
+                        world_size=world_size)
+    if train:  # m <= n // world_size, so the m-th stride still lands inside range(n)
+        return slice(rank, rank + m * world_size, world_size)
+    start = n * rank // world_size
+    return slice(start, start + m)
+
+
 def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, np.ndarray) and not array.flags.writeable:
         array = array.copy()  # torch.from_numpy warns on read-only buffers (np.frombuffer views)
@@ -158,10 +171,9 @@ class TorchLoader:
         self.image_hw = tuple(images.shape[1:3])
         self._dataset_size = n = len(images)
         if not train:  # only this rank's contiguous evaluation shard is kept (see shard_bounds)
-            start = n * rank // world_size
-            shard, _ = shard_bounds(n, batch_size=batch_size, train=False, drop_last=False, rank=rank,
-                                    world_size=world_size)
-            images, labels = images[start:start + shard], labels[start:start + shard]
+            shard = shard_slice(n, batch_size=batch_size, train=False, drop_last=False, rank=rank,
+                                world_size=world_size)
+            images, labels = images[shard], labels[shard]
         self.num_samples, _ = shard_bounds(n, batch_size=batch_size, train=train, drop_last=self.drop_last,
                                            rank=rank, world_size=world_size)
         if self.drop_last and self.num_samples == 0:
@@ -201,7 +213,8 @@ class TorchLoader:
                         self.flip_mode)
         draws = torch.cat([d.order[:, None], d.offsets, d.flips[:, None], *([d.cutout] if self.cutout else [])],
                           dim=1)
-        draws = draws[self.rank::self.world_size][:self.num_samples]
+        draws = draws[shard_slice(self._dataset_size, batch_size=self.batch_size, train=True,
+                                  drop_last=self.drop_last, rank=self.rank, world_size=self.world_size)]
         if self.device.type == "cuda":  # from pinned memory: the copy does not stall the host
             return draws.pin_memory().to(self.device, non_blocking=True)
         return draws
