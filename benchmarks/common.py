@@ -74,6 +74,21 @@ def accuracy_target(text: str) -> float:
                                          "or apaper") from None
 
 
+def add_targets_argument(parser: argparse.ArgumentParser, default: list[float], split: str) -> None:
+    """--targets, as both time_to_accuracy.py and recipe_ablation.py take it (checked by check_targets)."""
+    parser.add_argument("--targets", type=accuracy_target, nargs="+", default=default,
+                        help=f"{split} accuracies in percent; `apaper` is A_paper, the paper's recipe on our data "
+                             f"(benchmarks/results/2026-11-26-h200-apaper), e.g. --targets apaper "
+                             f"{' '.join(f'{t:g}' for t in default)}")
+
+
+def check_targets(targets: list[float]) -> None:
+    from fasttrain.config import ConfigError
+
+    if any(not 0 <= t <= 100 for t in targets):
+        raise ConfigError(f"--targets {targets}: accuracies are percentages in 0..100")
+
+
 def bf16_peak_tflops(name: str) -> float | None:
     upper = name.upper()
     for words, peak in BF16_PEAK_TFLOPS:

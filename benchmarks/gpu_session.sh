@@ -61,7 +61,9 @@
 # timeout_s 560) as the summary's last line, "next call", says within the 30 s the machine waits: with
 # ABLATION_ARGS="--train.cuda_graph false" unless graphseed and the graph's gpu tests passed. The session after runs
 # quick (profile, the CUDA-graph throughput rows, bench_se and the tile sweep: issues 4 and 5) and, once a
-# recipe reaches A_paper on validation, best with SEEDS=5 (time_to_accuracy.py on the test set: issue 6).
+# recipe reaches A_paper on validation, best with SEEDS=5 (time_to_accuracy.py on the test set: issue 6):
+# the ablation's summary ends with that call ("next  best on nvidia-h100-x1 with SEEDS=5 BEST_ARGS='...'",
+# the quickest variant whose mean validation accuracy reached A_paper, its overrides as flags).
 # Issues 5 and 6 state their targets on one H100: the runs that measure them (throughput, best) name
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as both sessions
 # so far did); the recipe search may run on either.

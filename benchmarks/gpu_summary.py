@@ -204,7 +204,37 @@ def ablation(d: Path) -> list[str]:
         delta = agg.get("delta_val_acc_vs_base")
         lines.append(f"  {name:<20} {_pct(agg['final_val_acc_mean'])} ({'-' if delta is None else f'{delta:+.2f}'}),"
                      f" {_pct(agg['final_val_acc_tta_mean'])}, {agg['train_seconds_median']:.1f} s, {agg['seeds']} seed(s)")
-    return lines
+    return lines + ablation_verdict(result)
+
+
+def _override_flags(changes: dict) -> str:
+    """A variant's overrides as flags for BEST_ARGS, which the shell splits on spaces: --key=VALUE
+    with the value as compact JSON (a YAML scalar or flow list to the config parser)."""
+    return " ".join(f"--{key}={json.dumps(value, separators=(',', ':'))}" for key, value in changes.items())
+
+
+def ablation_verdict(result: dict) -> list[str]:
+    """recipe_ablation.py's verdict (its "fastest": per target, the quickest variant whose mean final
+    validation accuracy reaches it, without and with TTA), and the best stage that tests the first
+    target's candidate on the test set over 5 seeds: without TTA where one reaches it, else with."""
+    fastest = result.get("fastest") or {}
+    lines = []
+    for key, kinds in fastest.items():
+        parts = [f"{kind} none" if f is None else
+                 f"{kind} {f['variant']} ({f['val_acc']:.2f}%, {f['margin']:+.2f}, {f['epochs']} ep, {f['train_seconds']:.1f} s)"
+                 for kind, f in kinds.items()]
+        lines.append(f"  fastest to {key}%: {'; '.join(parts)}")
+    if not fastest:
+        return lines
+    key, kinds = next(iter(fastest.items()))
+    pick = kinds.get("plain") or kinds.get("tta")
+    if pick is None:
+        return lines + [f"next        no variant reached {key}% on validation: longer or more regularized variants"]
+    how = "without TTA" if kinds.get("plain") else f"only with {result['config']['train']['tta']} TTA"
+    flags = _override_flags(result["variants"][pick["variant"]])
+    return lines + ["next        best on nvidia-h100-x1 with SEEDS=5" + (f" BEST_ARGS='{flags}'" if flags else "")
+                    + f": {pick['variant']} reached {key}% {how} on validation; its 5-seed test mean decides "
+                    "configs/best.yaml"]
 
 
 def loader(d: Path) -> list[str]:

@@ -21,8 +21,12 @@ accuracies are the same as one at a time (the same seeds give the same runs), th
 they are shared-GPU times, marked as such in the JSON (`jobs`) and the table. It is for the search:
 while a step is bound by host overhead (the first H200 session) or while the runs compile, N runs
 overlap and a device session fits more variants. The JSON is rewritten after every run: a run
-stopped by a time limit keeps what it measured (with --jobs, the runs in flight are lost). The table
-is printed last.
+stopped by a time limit keeps what it measured (with --jobs, the runs in flight are lost).
+
+The verdict ("fastest" in the JSON, printed above the table): per target, the variant with the
+shortest median training clock whose mean final validation accuracy reaches it, without and with the
+recipe's TTA. It names the candidate for configs/best.yaml; the 5-seed test run of time_to_accuracy.py
+decides (gpu_summary.py turns it into that run's BEST_ARGS). The table is printed last.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (REPO_ROOT, accuracy_target, default_result_path, run_main, run_metadata, wide_console,
-                    write_complete, write_json)
+from common import (REPO_ROOT, add_targets_argument, check_targets, default_result_path, run_main, run_metadata,
+                    wide_console, write_complete, write_json)
 from rich.table import Table
 from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
 
@@ -59,9 +63,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="run only these variants, comma-separated, in this order (base is added first)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per variant (train.seed + 0 .. seeds-1)")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
-    p.add_argument("--targets", type=accuracy_target, nargs="+", default=[93.0, 94.0],
-                   help="validation accuracies in percent; `apaper` is A_paper, the paper's recipe on our data "
-                        "(benchmarks/results/2026-11-26-h200-apaper), e.g. --targets apaper 93 94")
+    add_targets_argument(p, [93.0, 94.0], "validation")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/recipe_ablation-CONFIG-DEVICE-TIME.json)")
     p.add_argument("--runs-dir", type=Path, help="keep the run folders here (default: a temporary folder)")
@@ -76,8 +78,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise ConfigError(f"--jobs {args.jobs}: need at least 1 run at a time")
     if args.val_size < 1:
         raise ConfigError(f"--val-size {args.val_size}: tuning needs a validation split of at least 1 image")
-    if any(not 0 <= t <= 100 for t in args.targets):
-        raise ConfigError(f"--targets {args.targets}: accuracies are percentages in 0..100")
+    check_targets(args.targets)
     return args, overrides
 
 
@@ -124,10 +125,48 @@ def summarize(rows: list[dict], targets: list[float]) -> dict:
         by_variant.setdefault(r["variant"], []).append(r)
     out = {name: aggregate(runs, targets, SPLIT) for name, runs in by_variant.items()}
     base = out.get("base", {}).get("final_val_acc_mean")
-    for agg in out.values():
+    for name, agg in out.items():
+        agg["epochs"] = max(len(r["epochs"]) for r in by_variant[name])  # metrics rows: epochs trained
         mean = agg["final_val_acc_mean"]
         agg["delta_val_acc_vs_base"] = None if base is None or mean is None else mean - base
     return out
+
+
+def fastest_reaching(aggregates: dict[str, dict], targets: list[float]) -> dict[str, dict]:
+    """Per target: the variant with the shortest median training clock whose mean final validation
+    accuracy reaches it, without TTA ("plain") and with the recipe's TTA ("tta"): the candidates for
+    the next configs/best.yaml, whose 5-seed test run (time_to_accuracy.py) then decides. Each is
+    {"variant", "val_acc" (the mean it reached with), "margin" (that minus the target), "train_seconds",
+    "epochs"} or None when no variant reaches the target."""
+    out = {}
+    for target in targets:
+        key = target_key(target)
+        out[key] = {}
+        for kind, acc_key in (("plain", "final_val_acc_mean"), ("tta", "final_val_acc_tta_mean")):
+            reaching = [(agg["train_seconds_median"], name, agg[acc_key]) for name, agg in aggregates.items()
+                        if agg[acc_key] is not None and agg[acc_key] >= target]
+            if not reaching:
+                out[key][kind] = None
+                continue
+            seconds, name, acc = min(reaching)
+            out[key][kind] = {"variant": name, "val_acc": acc, "margin": acc - target, "train_seconds": seconds,
+                              "epochs": aggregates[name]["epochs"]}
+    return out
+
+
+def fastest_lines(result: dict) -> list[str]:
+    """The verdict in words, a line per target (printed above the table, which stays last)."""
+    shared = " (shared-device times)" if result["jobs"] > 1 else ""
+    lines = []
+    for key, kinds in result.get("fastest", {}).items():
+        parts = []
+        for kind, label in (("plain", "without TTA"), ("tta", f"with {result['config']['train']['tta']} TTA")):
+            f = kinds.get(kind)
+            parts.append(f"{label}: none" if f is None else
+                         f"{label}: {f['variant']} ({f['val_acc']:.2f}%, {f['margin']:+.2f}; {f['epochs']} epochs, "
+                         f"{f['train_seconds']:.1f} s{shared})")
+        lines.append(f"fastest to {key}% val: " + "; ".join(parts))
+    return lines
 
 
 def print_table(result: dict) -> None:
@@ -250,7 +289,7 @@ def main(argv: list[str]) -> int:
     result = {"benchmark": "recipe_ablation", "meta": None, "config_name": base_cfg.name,
               "config": config_to_dict(base_cfg), "variants_file": str(args.variants), "variants": variants,
               "val_size": args.val_size, "split": SPLIT, "targets": args.targets, "jobs": args.jobs,
-              "complete": False, "runs": [], "aggregate": {}}
+              "complete": False, "runs": [], "aggregate": {}, "fastest": {}}
     out = None
 
     def done(row: dict, device) -> None:
@@ -259,6 +298,7 @@ def main(argv: list[str]) -> int:
         result["runs"].sort(key=lambda r: order[r["variant"], r["seed"]])  # variants' order, whatever finished first
         result["meta"] = result["meta"] or run_metadata(device)
         result["aggregate"] = summarize(result["runs"], args.targets)
+        result["fastest"] = fastest_reaching(result["aggregate"], args.targets)
         out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
         write_json(out, result)  # after every run: a time limit loses only the runs in flight
 
@@ -283,6 +323,7 @@ def main(argv: list[str]) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
     write_complete(out, result)
+    print("\n".join(fastest_lines(result)))
     print_table(result)
     return 0
 

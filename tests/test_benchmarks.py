@@ -63,7 +63,14 @@ def test_aggregate_medians_only_over_seeds_that_reached(bench):
     assert agg["final_test_acc_std"] == pytest.approx(2.0)  # sample std (n - 1)
     assert agg["final_test_acc_tta_mean"] is None
     assert agg["targets"]["90"] == {"reached": 2, "fraction_reached": pytest.approx(2 / 3),
-                                    "median_time_to_target": 4.0, "median_epochs_to_target": 3.5}
+                                    "median_time_to_target": 4.0, "median_epochs_to_target": 3.5,
+                                    "mean_final_reaches": True, "mean_final_tta_reaches": None}
+    # the recipe's verdict is the mean's: 2 of 3 seeds reach 91, the mean (91.0) does; no seed reaches 92
+    with_tta = [dict(r, final_test_acc_tta=r["final_test_acc"] + 1.5, time_to_target={"91": None, "92": None},
+                     epochs_to_target={"91": None, "92": None}) for r in rows]
+    verdict = tta.aggregate(with_tta, [91.0, 92.0])["targets"]
+    assert (verdict["91"]["mean_final_reaches"], verdict["91"]["mean_final_tta_reaches"]) == (True, True)
+    assert (verdict["92"]["mean_final_reaches"], verdict["92"]["mean_final_tta_reaches"]) == (False, True)
 
 
 def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tmp_path, capsys):
@@ -126,7 +133,9 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     assert agg["targets"]["0"]["median_time_to_target"] == pytest.approx(
         statistics.median(r["time_to_target"]["0"] for r in result["runs"]))
     assert agg["targets"]["100"] == {"reached": 0, "fraction_reached": 0.0, "median_time_to_target": None,
-                                     "median_epochs_to_target": None}
+                                     "median_epochs_to_target": None, "mean_final_reaches": False,
+                                     "mean_final_tta_reaches": None if agg["final_test_acc_tta_mean"] is None else False}
+    assert agg["targets"]["0"]["mean_final_reaches"] is True
     assert result["process_wall_seconds"] > sum(r["train_seconds"] for r in result["runs"])
 
 
@@ -370,6 +379,50 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     delta = agg["more_lr"]["delta_val_acc_vs_base"]
     assert f"more_lr              {agg['more_lr']['final_val_acc_mean']:.2f}% ({delta:+.2f})" in text
     assert f"base                 {agg['base']['final_val_acc_mean']:.2f}% (+0.00)" in text
+    # every variant reaches 0%, none 100%: the quicker one (by median training clock) is the pick
+    quick = min(("base", "more_lr"), key=lambda v: (agg[v]["train_seconds_median"], v))
+    assert result["fastest"]["0"]["plain"]["variant"] == quick and result["fastest"]["100"]["plain"] is None
+    assert f"fastest to 0% val: without TTA: {quick} (" in proc.stdout
+    assert f": {quick} reached 0% without TTA on validation" in text
+
+
+def test_fastest_reaching_picks_the_quickest_variant_over_each_target_with_and_without_tta(repo_root, bench):
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    try:
+        ablation, summary = importlib.import_module("recipe_ablation"), importlib.import_module("gpu_summary")
+    finally:
+        sys.path.remove(str(repo_root / "benchmarks"))
+    aggregates = {  # name: (mean val %, mean val TTA %, median train s, epochs)
+        name: {"final_val_acc_mean": acc, "final_val_acc_tta_mean": acc_tta, "train_seconds_median": secs,
+               "epochs": epochs}
+        for name, (acc, acc_tta, secs, epochs) in {
+            "base": (91.0, 91.8, 40.0, 40), "long": (92.7, 93.4, 80.0, 80),
+            "cutout": (92.6, 93.1, 41.0, 40), "no_tta": (92.9, None, 60.0, 60)}.items()}
+    fastest = ablation.fastest_reaching(aggregates, [92.5, 91.5, 93.2, 99.0])
+    assert fastest["92.5"]["plain"] == {"variant": "cutout", "val_acc": 92.6, "margin": pytest.approx(0.1),
+                                        "train_seconds": 41.0, "epochs": 40}
+    assert fastest["91.5"]["plain"]["variant"] == "cutout" and fastest["91.5"]["tta"]["variant"] == "base"
+    assert fastest["93.2"]["plain"] is None and fastest["93.2"]["tta"]["variant"] == "long"
+    assert fastest["99"] == {"plain": None, "tta": None}
+
+    result = {"config_name": "best", "val_size": 5000, "complete": True, "jobs": 6, "aggregate": {},
+              "config": {"train": {"tta": "flip"}}, "fastest": fastest,
+              "variants": {"base": {}, "long": {"train.epochs": 80}, "no_tta": {"train.tta": "none"},
+                           "cutout": {"data.cutout": 12, "model.blocks": [4, 4, 3]}}}
+    assert "fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times))" \
+        in ablation.fastest_lines(result)[0]
+    lines = summary.ablation_verdict(result)
+    # the next best stage tests the first target's quickest variant without TTA, its overrides as flags
+    assert lines[-1].startswith("next        best on nvidia-h100-x1 with SEEDS=5 "
+                                "BEST_ARGS='--data.cutout=12 --model.blocks=[4,4,3]': cutout reached 92.5% without TTA")
+    from fasttrain.config import parse_overrides
+    assert parse_overrides("--data.cutout=12 --model.blocks=[4,4,3]".split()) == {"data.cutout": 12,
+                                                                               "model.blocks": [4, 4, 3]}
+    result["fastest"] = {"93.2": fastest["93.2"]}  # only TTA reaches it: that one, said so
+    assert "long reached 93.2% only with flip TTA" in summary.ablation_verdict(result)[-1]
+    assert "BEST_ARGS='--train.epochs=80'" in summary.ablation_verdict(result)[-1]
+    result["fastest"] = {"99": fastest["99"]}
+    assert summary.ablation_verdict(result)[-1].startswith("next        no variant reached 99%")
 
 
 def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir, tmp_path):
