@@ -31,6 +31,10 @@
 #               at a time, times shared), ABLATION_ARGS for every run (the next-call line turns best.yaml's
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
 #               split only: issue 6's tuning
+#   search      the gpu tests (2 workers, 240 s a test, limit 300 s) in the background while the ablation
+#               runs SEARCH_ONLY (9 runs with base: cutout, 60-80 epochs, and EMA / label smoothing 0.2 /
+#               alternating flip at 60 epochs), JOBS (6) at a time, for the whole budget: one call for both
+#               (the preflight's ~150 s go to the search; the graph is proven since the second session)
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
 # start of the device command so that unstaging counts too), else after this script starts. A stage
@@ -56,10 +60,14 @@
 #   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
 #   needs no pieces)
 #   then give_back.
-# The next session's calls (15 minutes in all): the three staging calls, preflight as the third
-# (BUDGET_S=215, timeout_s 260: ~160 s), then the ablation with what is left (~600 s: BUDGET_S=530,
-# timeout_s 560) as the summary's last line, "next call", says within the 30 s the machine waits: with
-# ABLATION_ARGS="--train.cuda_graph false" unless graphseed and the graph's gpu tests passed. The session after runs
+# The next session's calls (15 minutes in all): the two staging calls, then search as the third
+# (carry .stage/03, BUDGET_S=530, timeout_s 580, "... && bash benchmarks/gpu_session.sh search $OUT"):
+# the gpu tests (issue 4's fixes) and the recipe ablation at once. With ~250 s left after it: quick's
+# profile and throughput on the same warm machine (a fourth call within 30 s, restoring the payload as
+# above, BUDGET_S=200: "bash benchmarks/gpu_session.sh throughput $OUT/t"), then give_back. (The
+# older plan, preflight then ablation: preflight as the third call with BUDGET_S=215, timeout_s 260,
+# then the ablation with what is left as the summary's "next call" line says, with
+# ABLATION_ARGS="--train.cuda_graph false" unless graphseed and the graph's gpu tests passed.) The session after runs
 # quick (profile, the CUDA-graph throughput rows, bench_se and the tile sweep: issues 4 and 5) and, once a
 # recipe reaches A_paper on validation, best with SEEDS=5 (time_to_accuracy.py on the test set: issue 6):
 # the ablation's summary ends with that call ("next  best on nvidia-h100-x1 with SEEDS=5 BEST_ARGS='...'",
@@ -80,9 +88,9 @@
 # (every log, JSON, chart and metrics file; no checkpoints) and, after a completed best stage, the
 # trained weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
+stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|search|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
 case $stage in
-  quick|preflight|apaper|ablation|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun) ;;
+  quick|preflight|apaper|ablation|search|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun) ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac
 out=${2:-${OUT:-}}
@@ -159,9 +167,9 @@ limited() {
   echo "== $name: exit $rc after $((SECONDS - t0))s"
 }
 
-pytest_opts=()  # both plugins are in the GPU image: 4 workers, and a hung test fails alone
-python -c "import xdist" 2>/dev/null && pytest_opts+=(-n 4)
-python -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 90)
+pytest_opts=()  # both plugins are in the GPU image: 4 workers (TEST_WORKERS), and a hung test fails alone
+python -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${TEST_WORKERS:-4}")
+python -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout "${TEST_TIMEOUT_S:-90}")
 
 stage_tests() {       # the gpu-marked tests: real Triton kernels, compile fullgraph, DALI on the GPU
   limited gpu-tests "$1" python -m pytest -m gpu -q -rfE -p no:cacheprovider "${pytest_opts[@]}" \
@@ -235,12 +243,29 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
     --train.epochs 2 --train.compile true --optim.impl fused --train.cuda_graph true \
     --output.dir "$work/torchrun1graph" --output.progress false --train.checkpoint_every 1000
 }
+ABLATION_ONLY=cutout_12,cutout_16,epochs_60,cutout_12_epochs_60,cutout_12_epochs_80
+# search's: the longest first (with 6 at a time they start together), then what may reach A_paper sooner
+SEARCH_ONLY=cutout_12_epochs_80,cutout_12_epochs_60,epochs_60,cutout_12,cutout_16_epochs_60,cutout_12_epochs_60_ema,\
+cutout_12_epochs_60_ls_0.2,cutout_12_epochs_60_alternating_flip
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
-    --targets apaper 93 94 --only "${ONLY:-cutout_12,cutout_16,epochs_60,cutout_12_epochs_60,cutout_12_epochs_80}" \
+    --targets apaper 93 94 --only "${ONLY:-${2:-$ABLATION_ONLY}}" \
     --jobs "${JOBS:-6}" --runs-dir "$work/ablation-runs" --out "$work/ablation.json" --train.checkpoint_every 1000 \
     ${ABLATION_ARGS:-}
+}
+stage_search() {      # the gpu tests and the ablation at once: the tests check numerics, not times, and the
+  # ablation's times are shared-device times anyway, so neither spoils the other and a session saves the
+  # preflight's ~150 s. The graph needs no preflight since the second session (its gpu tests and two
+  # 200-epoch runs). Fewer test workers with a longer per-test limit: the ablation's compiles share the cores.
+  TEST_WORKERS=${TEST_WORKERS:-2} TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-240}
+  pytest_opts=()
+  python -c "import xdist" 2>/dev/null && pytest_opts+=(-n "$TEST_WORKERS")
+  python -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout "$TEST_TIMEOUT_S")
+  stage_tests "$1" &
+  local tests_pid=$!
+  stage_ablation "$2" "$SEARCH_ONLY"
+  wait "$tests_pid"  # this one only: a bare `wait` would also wait for the watchdog
 }
 stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently, resumable
   # APAPER_SEEDS (default "0 1"); APAPER_ARGS: engine switches only, never the recipe (e.g.
@@ -288,5 +313,6 @@ case $stage in
   torchrun)   stage_torchrun "$((budget / 4))" "$budget" ;;  # the fast run compiles: it gets what is left
   apaper)     stage_apaper "$budget" ;;
   ablation)   stage_ablation "$budget" ;;
+  search)     stage_search 300 "$budget" ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac
