@@ -119,14 +119,25 @@ def best(d: Path) -> list[str]:
             lines.append(f"best.yaml   seed {run['seed']}: final {_pct(run['final_test_acc'])} "
                          f"(TTA {_pct(run['final_test_acc_tta'])}), train {run['train_seconds']:.1f} s, "
                          f"compile {run['compile_seconds']:.0f} s; to {reach}")
-        lines.append(f"best.yaml   mean final {_pct(agg['final_test_acc_mean'])} over {agg['seeds']} seed(s)")
-        return lines
-    lines = []
+        verdict = ", ".join(f"{t}%: {_yes_no(v.get('mean_final_reaches'))}/{_yes_no(v.get('mean_final_tta_reaches'))}"
+                            for t, v in agg["targets"].items())
+        lines.append(f"best.yaml   mean final {_pct(agg['final_test_acc_mean'])} (TTA {_pct(agg['final_test_acc_tta_mean'])})"
+                     f" over {agg['seeds']} seed(s){'' if result.get('complete', True) else ' (PARTIAL)'}; "
+                     f"mean reaches (plain/TTA) {verdict}")
+        if result.get("complete", True):
+            return lines
+        finished = {f"seed-{run['seed']}" for run in result["runs"]}
+    else:
+        lines, finished = [], set()
     for run_dir in sorted((d / "best-runs").glob("*/")):
         rows = _metrics(run_dir)
-        if rows:
-            lines.append(f"best.yaml   {run_dir.name} (partial, no result file): {_epoch_line(rows)}")
+        if rows and run_dir.name not in finished:
+            lines.append(f"best.yaml   {run_dir.name} (partial, not in the result file): {_epoch_line(rows)}")
     return lines
+
+
+def _yes_no(flag) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
 
 
 def throughput(d: Path) -> list[str]:
@@ -204,13 +215,26 @@ def ablation(d: Path) -> list[str]:
         delta = agg.get("delta_val_acc_vs_base")
         lines.append(f"  {name:<20} {_pct(agg['final_val_acc_mean'])} ({'-' if delta is None else f'{delta:+.2f}'}),"
                      f" {_pct(agg['final_val_acc_tta_mean'])}, {agg['train_seconds_median']:.1f} s, {agg['seeds']} seed(s)")
+    for failure in result.get("failed") or []:
+        lines.append(f"  {failure['variant']:<20} FAILED (seed {failure['seed']}): {failure['error'][:120]}")
     return lines + ablation_verdict(result)
 
 
+def _yaml_value(value) -> str:
+    """A value as the config parser (YAML 1.1) reads it back, without spaces (the shell splits BEST_ARGS
+    on them): compact JSON, except that a float always has a dot (YAML 1.1 reads 5e-05 as a string)."""
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return text if "." in mantissa or not e else f"{mantissa}.0e{exponent}"
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _override_flags(changes: dict) -> str:
-    """A variant's overrides as flags for BEST_ARGS, which the shell splits on spaces: --key=VALUE
-    with the value as compact JSON (a YAML scalar or flow list to the config parser)."""
-    return " ".join(f"--{key}={json.dumps(value, separators=(',', ':'))}" for key, value in changes.items())
+    """A variant's overrides as flags for BEST_ARGS: --key=VALUE each."""
+    return " ".join(f"--{key}={_yaml_value(value)}" for key, value in changes.items())
 
 
 def ablation_verdict(result: dict) -> list[str]:
@@ -228,13 +252,19 @@ def ablation_verdict(result: dict) -> list[str]:
         return lines
     key, kinds = next(iter(fastest.items()))
     pick = kinds.get("plain") or kinds.get("tta")
+    # a search cut by its time limit (or with failed runs) judged only some variants: say which were not
+    judged = set(result.get("aggregate") or {})
+    unjudged = [name for name in result.get("variants", {}) if name not in judged]
+    partial = (f" (PARTIAL: {', '.join(unjudged)} not judged)" if unjudged
+               else "" if result.get("complete") else " (PARTIAL)")
     if pick is None:
-        return lines + [f"next        no variant reached {key}% on validation: longer or more regularized variants"]
+        return lines + [f"next        no variant reached {key}% on validation{partial}: longer or more regularized "
+                        "variants"]
     how = "without TTA" if kinds.get("plain") else f"only with {result['config']['train']['tta']} TTA"
     flags = _override_flags(result["variants"][pick["variant"]])
     return lines + ["next        best on nvidia-h100-x1 with SEEDS=5" + (f" BEST_ARGS='{flags}'" if flags else "")
-                    + f": {pick['variant']} reached {key}% {how} on validation; its 5-seed test mean decides "
-                    "configs/best.yaml"]
+                    + f": {pick['variant']} reached {key}% {how} on validation{partial}; its 5-seed test mean "
+                    "decides configs/best.yaml"]
 
 
 def loader(d: Path) -> list[str]:

@@ -21,7 +21,9 @@ accuracies are the same as one at a time (the same seeds give the same runs), th
 they are shared-GPU times, marked as such in the JSON (`jobs`) and the table. It is for the search:
 while a step is bound by host overhead (the first H200 session) or while the runs compile, N runs
 overlap and a device session fits more variants. The JSON is rewritten after every run: a run
-stopped by a time limit keeps what it measured (with --jobs, the runs in flight are lost).
+stopped by a time limit keeps what it measured (with --jobs, the runs in flight are lost). A run that
+fails (diverges, runs out of memory, its process dies) is recorded under "failed" and the others
+carry on; the exit code is then 1.
 
 The verdict ("fastest" in the JSON, printed above the table): per target, the variant with the
 shortest median training clock whose mean final validation accuracy reaches it, without and with the
@@ -41,12 +43,14 @@ from pathlib import Path
 
 from common import (REPO_ROOT, add_targets_argument, check_targets, default_result_path, run_main, run_metadata,
                     wide_console, write_complete, write_json)
+import torch
 from rich.table import Table
 from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
 
 from fasttrain.config import ConfigError, config_to_dict, load_config, parse_overrides, parse_yaml
 from fasttrain.model import build_model
 from fasttrain.runtime import resolve_device
+from fasttrain.trainer import TrainingError
 
 SPLIT = "val"
 DEFAULT_VARIANTS = REPO_ROOT / "benchmarks" / "recipe_variants.yaml"
@@ -132,23 +136,30 @@ def summarize(rows: list[dict], targets: list[float]) -> dict:
     return out
 
 
-def fastest_reaching(aggregates: dict[str, dict], targets: list[float]) -> dict[str, dict]:
-    """Per target: the variant with the shortest median training clock whose mean final validation
-    accuracy reaches it, without TTA ("plain") and with the recipe's TTA ("tta"): the candidates for
-    the next configs/best.yaml, whose 5-seed test run (time_to_accuracy.py) then decides. Each is
-    {"variant", "val_acc" (the mean it reached with), "margin" (that minus the target), "train_seconds",
-    "epochs"} or None when no variant reaches the target."""
+def fastest_reaching(aggregates: dict[str, dict], targets: list[float], jobs: int = 1) -> dict[str, dict]:
+    """Per target: the quickest variant whose mean final validation accuracy reaches it, without TTA
+    ("plain") and with the recipe's TTA ("tta"): the candidates for the next configs/best.yaml, whose
+    5-seed test run (time_to_accuracy.py) then decides. Each is {"variant", "val_acc" (the mean it
+    reached with), "margin" (that minus the target), "train_seconds", "epochs"} or None when no variant
+    reaches the target.
+
+    Quickest: the shortest median training clock when the runs ran one at a time. With `jobs` > 1 the
+    clocks are shared-device times that depend on how many runs happened to share the GPU with each
+    (a run queued late has fewer neighbours and a shorter clock), so the fewest epochs rank first
+    instead, the higher accuracy breaking ties: a fair measure of cost between variants of one network
+    and batch size, and a rough one where a variant changes either."""
     out = {}
     for target in targets:
         key = target_key(target)
         out[key] = {}
         for kind, acc_key in (("plain", "final_val_acc_mean"), ("tta", "final_val_acc_tta_mean")):
-            reaching = [(agg["train_seconds_median"], name, agg[acc_key]) for name, agg in aggregates.items()
-                        if agg[acc_key] is not None and agg[acc_key] >= target]
+            reaching = [((agg["train_seconds_median"],) if jobs == 1 else (agg["epochs"], -agg[acc_key]), name)
+                        for name, agg in aggregates.items() if agg[acc_key] is not None and agg[acc_key] >= target]
             if not reaching:
                 out[key][kind] = None
                 continue
-            seconds, name, acc = min(reaching)
+            _, name = min(reaching)
+            seconds, acc = aggregates[name]["train_seconds_median"], aggregates[name][acc_key]
             out[key][kind] = {"variant": name, "val_acc": acc, "margin": acc - target, "train_seconds": seconds,
                               "epochs": aggregates[name]["epochs"]}
     return out
@@ -156,7 +167,7 @@ def fastest_reaching(aggregates: dict[str, dict], targets: list[float]) -> dict[
 
 def fastest_lines(result: dict) -> list[str]:
     """The verdict in words, a line per target (printed above the table, which stays last)."""
-    shared = " (shared-device times)" if result["jobs"] > 1 else ""
+    shared = " (shared-device times; ranked by epochs)" if result["jobs"] > 1 else ""
     lines = []
     for key, kinds in result.get("fastest", {}).items():
         parts = []
@@ -189,7 +200,13 @@ def print_table(result: dict) -> None:
 
 # ------------------------------------------------------------------------------------- running the runs
 class RunFailed(Exception):
-    """A run in a worker process failed; the message names the run, the error and its log."""
+    """A run failed (its error, or its worker process died); the message names the run, the error and
+    its log (with --jobs) and the log's last lines."""
+
+    def __init__(self, variant: str, seed: int, error: str, log: Path | None = None):
+        self.record = {"variant": variant, "seed": seed, "error": error, "log": None if log is None else str(log)}
+        where = f" (its log: {log})\n{tail(log, 12)}" if log is not None else ""
+        super().__init__(f"variant {variant!r} seed {seed} failed: {error}{where}")
 
 
 def run_one(task: tuple) -> tuple[dict, object]:
@@ -232,13 +249,12 @@ def tail(path: Path, lines: int = 3) -> str:
         return ""
 
 
-def run_parallel(tasks: list[tuple], jobs: int, root: Path, done) -> None:
+def run_parallel(tasks: list[tuple], jobs: int, root: Path, done, failed) -> None:
     """Run `tasks` `jobs` at a time, each in a fresh spawned process (its own CUDA context, compile
-    caches and dynamo state), calling `done(row, device)` as each finishes. The first run that fails
-    or dies stops the others and raises RunFailed."""
+    caches and dynamo state), calling `done(row, device)` as each finishes, or `failed(RunFailed)` for
+    a run that fails or whose process dies: the others carry on (one bad variant must not cost a
+    device session's whole search)."""
     import multiprocessing as mp
-
-    import torch
 
     spawn = mp.get_context("spawn")  # never fork: a child would inherit the parent's threads and CUDA state
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -265,13 +281,13 @@ def run_parallel(tasks: list[tuple], jobs: int, root: Path, done) -> None:
                                                 "and no result (crashed or killed)"}
                 result.unlink(missing_ok=True)  # its content now lives in the ablation's JSON
                 if outcome["status"] != "ok":
-                    raise RunFailed(f"variant {name!r} seed {seed} failed: {outcome['error']} (its log: {log})"
-                                    f"\n{tail(log, 12)}")
+                    failed(RunFailed(name, seed, outcome["error"], log))
+                    continue
                 row = outcome["row"]
                 print(f"recipe_ablation: {name} seed {seed} done: val {row['final_val_acc']}%\n{tail(log)}",
                       flush=True)
                 done(row, torch.device(outcome["device"]))
-    finally:  # a failure, or the parent stopped: the runs still going would only hold the device
+    finally:  # the parent stopped (a time limit, Ctrl-C): the runs still going would only hold the device
         for process in running:
             process.terminate()
         for process in running:
@@ -289,7 +305,7 @@ def main(argv: list[str]) -> int:
     result = {"benchmark": "recipe_ablation", "meta": None, "config_name": base_cfg.name,
               "config": config_to_dict(base_cfg), "variants_file": str(args.variants), "variants": variants,
               "val_size": args.val_size, "split": SPLIT, "targets": args.targets, "jobs": args.jobs,
-              "complete": False, "runs": [], "aggregate": {}, "fastest": {}}
+              "complete": False, "runs": [], "failed": [], "aggregate": {}, "fastest": {}}
     out = None
 
     def done(row: dict, device) -> None:
@@ -298,9 +314,15 @@ def main(argv: list[str]) -> int:
         result["runs"].sort(key=lambda r: order[r["variant"], r["seed"]])  # variants' order, whatever finished first
         result["meta"] = result["meta"] or run_metadata(device)
         result["aggregate"] = summarize(result["runs"], args.targets)
-        result["fastest"] = fastest_reaching(result["aggregate"], args.targets)
+        result["fastest"] = fastest_reaching(result["aggregate"], args.targets, args.jobs)
         out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
         write_json(out, result)  # after every run: a time limit loses only the runs in flight
+
+    def failed(error: RunFailed) -> None:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        result["failed"].append(error.record)
+        if out is not None:
+            write_json(out, result)
 
     with tempfile.TemporaryDirectory(prefix="fasttrain-ablation-") as tmp:
         root = args.runs_dir or Path(tmp)
@@ -310,21 +332,26 @@ def main(argv: list[str]) -> int:
         order = {(name, seed): i for i, (name, _, seed, _, _) in enumerate(tasks)}
         if args.jobs == 1:
             for task in tasks:
-                done(*run_one(task))
+                try:
+                    done(*run_one(task))
+                except (TrainingError, torch.cuda.OutOfMemoryError) as e:  # a bad variant: the others still run
+                    failed(RunFailed(task[0], task[2], f"{type(e).__name__}: {e}"))
         else:
             # the provenance (seconds of imports and probes) up front: the first run to finish is then
             # written at once, not cut by a time limit while its metadata is gathered
             device = resolve_device(args.device)
             result["meta"] = run_metadata(device)
             out = args.out or default_result_path("recipe_ablation", base_cfg.name, device)
-            try:
-                run_parallel(tasks, min(args.jobs, len(tasks)), root, done)
-            except RunFailed as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
+            run_parallel(tasks, min(args.jobs, len(tasks)), root, done, failed)
+    if out is None:  # every run failed before one finished
+        out = args.out or default_result_path("recipe_ablation", base_cfg.name, resolve_device(args.device))
     write_complete(out, result)
     print("\n".join(fastest_lines(result)))
     print_table(result)
+    if result["failed"]:
+        print(f"error: {len(result['failed'])} run(s) failed: "
+              + ", ".join(f"{f['variant']} seed {f['seed']}" for f in result["failed"]), file=sys.stderr)
+        return 1
     return 0
 
 

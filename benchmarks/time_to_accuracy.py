@@ -13,6 +13,9 @@ What is timed, and what is not:
 * time-to-target = the training clock at the end of the first epoch whose test accuracy (without
   test-time augmentation: TTA is only evaluated once, after the last epoch) reaches the target;
 * `process_wall_seconds` is the whole script, from its start to writing the result file.
+
+The result file is rewritten after every seed, `"complete": false` until the last: a run stopped by a
+time limit keeps the seeds it finished, aggregated.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common import (add_targets_argument, check_targets, default_result_path, run_main,  # noqa: E402
-                    run_metadata, wide_console, write_json)
+                    run_metadata, wide_console, write_complete, write_json)
 from rich.table import Table  # noqa: E402
 
 from fasttrain.config import ConfigError, config_to_dict, load_config, validate  # noqa: E402
@@ -205,41 +208,43 @@ def print_tables(result: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- main
-def run_all(args, base, runs_root: Path) -> tuple[list[dict], object]:
-    rows, device = [], None
+def run_all(args, base, runs_root: Path, done) -> None:
+    """The seeds one after the other (their times are the device's alone), `done(row, device)` after each."""
     base_seed = base.train.seed
     for i in range(args.seeds):
         seed = base_seed + i
-        row, device = run_seed(seed_config(base, seed, runs_root / f"seed-{seed}"), args, runs_root / f"seed-{seed}")
-        rows.append(row)
-    return rows, device
+        done(*run_seed(seed_config(base, seed, runs_root / f"seed-{seed}"), args, runs_root / f"seed-{seed}"))
 
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     base = load_config(args.config, overrides)
     base.train.eval_every = 1
+    result = {"benchmark": "time_to_accuracy", "meta": None, "config": config_to_dict(base), "seeds": [],
+              "targets": args.targets, "runs": [], "aggregate": None, "complete": False, "process_wall_seconds": None}
+    out = None
+
+    def done(row: dict, device) -> None:
+        """After every seed the result file is rewritten (`complete` false until the last): a run cut by
+        a time limit keeps the seeds it finished, with their aggregate."""
+        nonlocal out
+        if args.runs_dir is None:
+            row["run_dir"] = None  # deleted with the temporary folder: pass --runs-dir to keep the runs
+        result["runs"].append(row)
+        result["seeds"].append(row["seed"])
+        result["meta"] = result["meta"] or run_metadata(device)
+        result["aggregate"] = aggregate(result["runs"], args.targets)
+        result["process_wall_seconds"] = time.perf_counter() - PROCESS_START
+        out = out or args.out or default_result_path("time_to_accuracy", base.name, device)
+        write_json(out, result)
+
     if args.runs_dir is not None:
-        rows, device = run_all(args, base, args.runs_dir)
+        run_all(args, base, args.runs_dir, done)
     else:
         with tempfile.TemporaryDirectory(prefix="fasttrain-tta-") as tmp:
-            rows, device = run_all(args, base, Path(tmp))
-        for r in rows:
-            r["run_dir"] = None  # deleted with the temporary folder: pass --runs-dir to keep the runs
-    result = {
-        "benchmark": "time_to_accuracy",
-        "meta": run_metadata(device),
-        "config": config_to_dict(base),
-        "seeds": [r["seed"] for r in rows],
-        "targets": args.targets,
-        "runs": rows,
-        "aggregate": aggregate(rows, args.targets),
-        "process_wall_seconds": None,
-    }
-    out = args.out or default_result_path("time_to_accuracy", base.name, device)
+            run_all(args, base, Path(tmp), done)
     result["process_wall_seconds"] = time.perf_counter() - PROCESS_START
-    write_json(out, result)
-    print(f"wrote {out}")
+    write_complete(out, result)
     print_tables(result)  # last, so it is what a terminal or a log ends with
     return 0
 

@@ -304,10 +304,25 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert ("tune_se     best first: gate 8192 reduce 2048: stem 0.200 / all 0.610 ms, "
             "gate 4096 reduce 2048: stem 0.300 / all 0.800 ms (default)") in text
 
+    assert (f"best.yaml   mean final {best['final_test_acc']:.2f}% (TTA -) over 1 seed(s); "
+            "mean reaches (plain/TTA) 0%: yes/-, 100%: no/-") in text
+
+    # a best stage cut by its limit after seed 0: the result file holds seed 0 (PARTIAL), and the seed
+    # in flight shows from its metrics
+    partial = json.loads((d / "best.json").read_text())
+    (d / "best.json").write_text(json.dumps(dict(partial, complete=False)))
+    (d / "best-runs" / "seed-1").mkdir()
+    (d / "best-runs" / "seed-1" / "metrics.jsonl").write_text((d / "best-runs" / "seed-0" / "metrics.jsonl").read_text())
+    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "over 1 seed(s) (PARTIAL); mean reaches" in text
+    assert "best.yaml   seed-1 (partial, not in the result file): 2 epochs" in text
+    assert "best.yaml   seed-0 (partial" not in text
+
     (d / "best.json").unlink()  # a best run stopped before its result file: read from its metrics
     text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
                           capture_output=True, text=True, timeout=60).stdout
-    assert "best.yaml   seed-0 (partial, no result file): 2 epochs" in text
+    assert "best.yaml   seed-0 (partial, not in the result file): 2 epochs" in text
 
 
 GRAPH_OFF = 'ablation with ABLATION_ARGS="--train.cuda_graph false" and BUDGET_S from what is left: '
@@ -398,6 +413,14 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_with_and_w
         for name, (acc, acc_tta, secs, epochs) in {
             "base": (91.0, 91.8, 40.0, 40), "long": (92.7, 93.4, 80.0, 80),
             "cutout": (92.6, 93.1, 41.0, 40), "no_tta": (92.9, None, 60.0, 60)}.items()}
+    # runs side by side (jobs > 1): a run queued late shares the GPU with fewer and shows a shorter
+    # clock, so the fewest epochs rank first, then the higher accuracy; one at a time, the clock
+    late = dict(aggregates, late={"final_val_acc_mean": 92.8, "final_val_acc_tta_mean": 93.0,
+                                  "train_seconds_median": 30.0, "epochs": 60})
+    assert ablation.fastest_reaching(late, [92.5], jobs=1)["92.5"]["plain"]["variant"] == "late"
+    assert ablation.fastest_reaching(late, [92.5], jobs=6)["92.5"]["plain"]["variant"] == "cutout"
+    tie = dict(late, late=dict(late["late"], epochs=40))  # 40 epochs each: the more accurate
+    assert ablation.fastest_reaching(tie, [92.5], jobs=6)["92.5"]["plain"]["variant"] == "late"
     fastest = ablation.fastest_reaching(aggregates, [92.5, 91.5, 93.2, 99.0])
     assert fastest["92.5"]["plain"] == {"variant": "cutout", "val_acc": 92.6, "margin": pytest.approx(0.1),
                                         "train_seconds": 41.0, "epochs": 40}
@@ -405,12 +428,12 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_with_and_w
     assert fastest["93.2"]["plain"] is None and fastest["93.2"]["tta"]["variant"] == "long"
     assert fastest["99"] == {"plain": None, "tta": None}
 
-    result = {"config_name": "best", "val_size": 5000, "complete": True, "jobs": 6, "aggregate": {},
+    result = {"config_name": "best", "val_size": 5000, "complete": True, "jobs": 6, "aggregate": aggregates,
               "config": {"train": {"tta": "flip"}}, "fastest": fastest,
               "variants": {"base": {}, "long": {"train.epochs": 80}, "no_tta": {"train.tta": "none"},
                            "cutout": {"data.cutout": 12, "model.blocks": [4, 4, 3]}}}
-    assert "fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times))" \
-        in ablation.fastest_lines(result)[0]
+    assert ("fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times; "
+            "ranked by epochs))") in ablation.fastest_lines(result)[0]
     lines = summary.ablation_verdict(result)
     # the next best stage tests the first target's quickest variant without TTA, its overrides as flags
     assert lines[-1].startswith("next        best on nvidia-h100-x1 with SEEDS=5 "
@@ -422,7 +445,12 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_with_and_w
     assert "long reached 93.2% only with flip TTA" in summary.ablation_verdict(result)[-1]
     assert "BEST_ARGS='--train.epochs=80'" in summary.ablation_verdict(result)[-1]
     result["fastest"] = {"99": fastest["99"]}
-    assert summary.ablation_verdict(result)[-1].startswith("next        no variant reached 99%")
+    assert summary.ablation_verdict(result)[-1].startswith("next        no variant reached 99% on validation:")
+    # cut by its time limit: the variants never judged are named beside the pick
+    result.update(complete=False, fastest={"92.5": fastest["92.5"]},
+                  aggregate={name: aggregates[name] for name in ("base", "cutout")})
+    assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, no_tta not judged);" \
+        in summary.ablation_verdict(result)[-1]
 
 
 def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir, tmp_path):
@@ -462,21 +490,33 @@ def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir
     assert "train s (2 runs at a time: shared-device)" in text
 
 
-def test_recipe_ablation_jobs_stop_at_a_failed_run_and_name_it(repo_root, cifar_dir, tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_recipe_ablation_records_a_failed_run_names_it_and_carries_on(repo_root, cifar_dir, tmp_path, jobs):
     variants = tmp_path / "variants.yaml"
     variants.write_text("base: {}\ndiverges: {optim.lr: 1.0e+30, optim.clip: none}\n")
     out = tmp_path / "a.json"
     env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants",
-                           str(variants), "--seeds", "1", "--val-size", "100", "--jobs", "2", "--out", str(out),
+                           str(variants), "--seeds", "1", "--val-size", "100", "--jobs", str(jobs), "--out", str(out),
                            "--runs-dir", str(tmp_path / "runs")], cwd=repo_root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "error: variant 'diverges' seed 0 failed: TrainingError" in proc.stderr
-    assert str(tmp_path / "runs" / "diverges-seed-0.log") in proc.stderr
-    if out.exists():  # base may have finished first: then its row was written, and only it
-        saved = json.loads(out.read_text())
-        assert saved["complete"] is False and [r["variant"] for r in saved["runs"]] == ["base"]
+    if jobs > 1:  # a worker process's log; one at a time, the error is in this process's own output
+        assert str(tmp_path / "runs" / "diverges-seed-0.log") in proc.stderr
+    assert "error: 1 run(s) failed: diverges seed 0" in proc.stderr
+    saved = json.loads(out.read_text())  # the other run went on to the end, and the result says what failed
+    assert saved["complete"] is True and [r["variant"] for r in saved["runs"]] == ["base"]
+    assert list(saved["aggregate"]) == ["base"] and saved["failed"][0]["variant"] == "diverges"
+    assert saved["failed"][0]["error"].startswith("TrainingError")
+    assert (saved["failed"][0]["log"] or "").endswith(".log") == (jobs > 1)
+    session = tmp_path / "session"
+    session.mkdir()
+    (session / "ablation.json").write_text(out.read_text())
+    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "  diverges             FAILED (seed 0): TrainingError" in text
+    assert "(PARTIAL: diverges not judged)" in text
 
 
 def test_recipe_ablation_jobs_name_a_run_whose_process_died(repo_root, cifar_dir, tmp_path):
@@ -493,6 +533,8 @@ def test_recipe_ablation_jobs_name_a_run_whose_process_died(repo_root, cifar_dir
     assert proc.returncode == 1, proc.stderr
     assert "failed: its process ended with exit code 1 and no result (crashed or killed)" in proc.stderr
     assert "exits with status 1 at training step 3 (fault injection)" in proc.stderr  # the log's tail
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["complete"] is True and sorted(f["variant"] for f in saved["failed"]) == ["base", "other"]
 
 
 @pytest.mark.parametrize("variants_text, extra, message", [
