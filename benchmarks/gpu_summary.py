@@ -209,38 +209,22 @@ def ablation(d: Path) -> list[str]:
     if not result:
         return []
     lines = [f"ablation    {result['config_name']} on {result['val_size']} validation images"
-             f"{'' if result.get('complete') else ' (PARTIAL)'}: val % (vs base), val TTA %, train s"
+             f"{'' if result.get('complete') else ' (PARTIAL)'}: val % (vs base), with flip / flip_shift TTA, epochs, train s"
              f"{f' ({jobs} runs at a time: shared-device)' if (jobs := result.get('jobs', 1)) > 1 else ''}"]
     for name, agg in result["aggregate"].items():
-        delta = agg.get("delta_val_acc_vs_base")
+        delta, by_tta = agg.get("delta_val_acc_vs_base"), agg.get("final_val_acc_by_tta_mean") or {}
         lines.append(f"  {name:<20} {_pct(agg['final_val_acc_mean'])} ({'-' if delta is None else f'{delta:+.2f}'}),"
-                     f" {_pct(agg['final_val_acc_tta_mean'])}, {agg['train_seconds_median']:.1f} s, {agg['seeds']} seed(s)")
+                     f" {_pct(by_tta.get('flip'))} / {_pct(by_tta.get('flip_shift'))}, {agg.get('epochs', '-')} ep, "
+                     f"{agg['train_seconds_median']:.1f} s, {agg['seeds']} seed(s)")
     for failure in result.get("failed") or []:
         lines.append(f"  {failure['variant']:<20} FAILED (seed {failure['seed']}): {failure['error'][:120]}")
     return lines + ablation_verdict(result)
 
 
-def _yaml_value(value) -> str:
-    """A value as the config parser (YAML 1.1) reads it back, without spaces (the shell splits BEST_ARGS
-    on them): compact JSON, except that a float always has a dot (YAML 1.1 reads 5e-05 as a string)."""
-    if isinstance(value, float) and value == value and abs(value) != float("inf"):
-        text = repr(value)
-        mantissa, e, exponent = text.partition("e")
-        return text if "." in mantissa or not e else f"{mantissa}.0e{exponent}"
-    if isinstance(value, list):
-        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _override_flags(changes: dict) -> str:
-    """A variant's overrides as flags for BEST_ARGS: --key=VALUE each."""
-    return " ".join(f"--{key}={_yaml_value(value)}" for key, value in changes.items())
-
-
 def ablation_verdict(result: dict) -> list[str]:
-    """recipe_ablation.py's verdict (its "fastest": per target, the quickest variant whose mean final
-    validation accuracy reaches it, without and with TTA), and the best stage that tests the first
-    target's candidate on the test set over 5 seeds: without TTA where one reaches it, else with."""
+    """recipe_ablation.py's verdict ("fastest": per target and TTA kind, the quickest variant whose mean
+    final validation accuracy reaches it; "next": the cheapest of the first target's, with its
+    overrides as flags) and the best stage that tests it on the test set over 5 seeds."""
     fastest = result.get("fastest") or {}
     lines = []
     for key, kinds in fastest.items():
@@ -250,21 +234,20 @@ def ablation_verdict(result: dict) -> list[str]:
         lines.append(f"  fastest to {key}%: {'; '.join(parts)}")
     if not fastest:
         return lines
-    key, kinds = next(iter(fastest.items()))
-    pick = kinds.get("plain") or kinds.get("tta")
     # a search cut by its time limit (or with failed runs) judged only some variants: say which were not
     judged = set(result.get("aggregate") or {})
     unjudged = [name for name in result.get("variants", {}) if name not in judged]
     partial = (f" (PARTIAL: {', '.join(unjudged)} not judged)" if unjudged
                else "" if result.get("complete") else " (PARTIAL)")
+    pick = result.get("next")
     if pick is None:
-        return lines + [f"next        no variant reached {key}% on validation{partial}: longer or more regularized "
-                        "variants"]
-    how = "without TTA" if kinds.get("plain") else f"only with {result['config']['train']['tta']} TTA"
-    flags = _override_flags(result["variants"][pick["variant"]])
-    return lines + ["next        best on nvidia-h100-x1 with SEEDS=5" + (f" BEST_ARGS='{flags}'" if flags else "")
-                    + f": {pick['variant']} reached {key}% {how} on validation{partial}; its 5-seed test mean "
-                    "decides configs/best.yaml"]
+        return lines + [f"next        no variant reached {next(iter(fastest))}% on validation{partial}: longer or "
+                        "more regularized variants"]
+    how = "without TTA" if pick["kind"] == "plain" else f"with {pick['kind']} TTA"
+    return lines + ["next        best on nvidia-h100-x1 with SEEDS=5"
+                    + (f" BEST_ARGS='{pick['best_args']}'" if pick["best_args"] else "")
+                    + f": {pick['variant']} reached {pick['target']}% {how} on validation{partial}; its 5-seed "
+                    "test mean decides configs/best.yaml"]
 
 
 def loader(d: Path) -> list[str]:

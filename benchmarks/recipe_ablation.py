@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -136,12 +137,22 @@ def summarize(rows: list[dict], targets: list[float]) -> dict:
     return out
 
 
+TTA_KINDS = ("plain", "flip", "flip_shift")  # how a final accuracy was measured: no TTA, then each TTA mode
+
+
+def kind_accuracy(agg: dict, kind: str) -> float | None:
+    """A variant's mean final validation accuracy measured as `kind` (see TTA_KINDS)."""
+    if kind == "plain":
+        return agg["final_val_acc_mean"]
+    return (agg.get("final_val_acc_by_tta_mean") or {}).get(kind)
+
+
 def fastest_reaching(aggregates: dict[str, dict], targets: list[float], jobs: int = 1) -> dict[str, dict]:
-    """Per target: the quickest variant whose mean final validation accuracy reaches it, without TTA
-    ("plain") and with the recipe's TTA ("tta"): the candidates for the next configs/best.yaml, whose
-    5-seed test run (time_to_accuracy.py) then decides. Each is {"variant", "val_acc" (the mean it
-    reached with), "margin" (that minus the target), "train_seconds", "epochs"} or None when no variant
-    reaches the target.
+    """Per target and per TTA kind (none: "plain", "flip", "flip_shift"), the quickest variant whose mean
+    final validation accuracy, measured that way, reaches it: the candidates for the next
+    configs/best.yaml, whose 5-seed test run (time_to_accuracy.py) then decides. Each is {"variant",
+    "val_acc" (the mean it reached with), "margin" (that minus the target), "train_seconds", "epochs"}, or
+    None when no variant reaches the target that way.
 
     Quickest: the shortest median training clock when the runs ran one at a time. With `jobs` > 1 the
     clocks are shared-device times that depend on how many runs happened to share the GPU with each
@@ -152,17 +163,63 @@ def fastest_reaching(aggregates: dict[str, dict], targets: list[float], jobs: in
     for target in targets:
         key = target_key(target)
         out[key] = {}
-        for kind, acc_key in (("plain", "final_val_acc_mean"), ("tta", "final_val_acc_tta_mean")):
-            reaching = [((agg["train_seconds_median"],) if jobs == 1 else (agg["epochs"], -agg[acc_key]), name)
-                        for name, agg in aggregates.items() if agg[acc_key] is not None and agg[acc_key] >= target]
+        for kind in TTA_KINDS:
+            reaching = [(cost_key(agg, jobs) + (-kind_accuracy(agg, kind),), name) for name, agg in aggregates.items()
+                        if kind_accuracy(agg, kind) is not None and kind_accuracy(agg, kind) >= target]
             if not reaching:
                 out[key][kind] = None
                 continue
             _, name = min(reaching)
-            seconds, acc = aggregates[name]["train_seconds_median"], aggregates[name][acc_key]
-            out[key][kind] = {"variant": name, "val_acc": acc, "margin": acc - target, "train_seconds": seconds,
+            acc = kind_accuracy(aggregates[name], kind)
+            out[key][kind] = {"variant": name, "val_acc": acc, "margin": acc - target,
+                              "train_seconds": aggregates[name]["train_seconds_median"],
                               "epochs": aggregates[name]["epochs"]}
     return out
+
+
+def cost_key(agg: dict, jobs: int) -> tuple:
+    """What ranks a variant's cost: its median training clock when the runs ran one at a time, its
+    epochs when they shared the GPU (see fastest_reaching)."""
+    return (agg["train_seconds_median"],) if jobs == 1 else (agg["epochs"],)
+
+
+def next_candidate(result: dict) -> dict | None:
+    """The candidate for configs/best.yaml at the first target: the cheapest entry of its "fastest" over
+    the TTA kinds (a tie goes to less TTA), with the overrides that make it from the config as
+    `best_args` (flags for time_to_accuracy.py; train.tta set to the kind that reached, where it
+    differs). None when nothing reached the first target."""
+    if not result["fastest"]:
+        return None
+    key, kinds = next(iter(result["fastest"].items()))
+    entries = [(cost_key(result["aggregate"][f["variant"]], result["jobs"]), TTA_KINDS.index(kind), kind, f)
+               for kind, f in kinds.items() if f is not None]
+    if not entries:
+        return None
+    *_, kind, pick = min(entries, key=lambda e: e[:2])
+    changes = dict(result["variants"][pick["variant"]])
+    tta = changes.get("train.tta", result["config"]["train"]["tta"])
+    if kind != "plain" and kind != tta:
+        changes["train.tta"] = kind
+    return {"target": key, "kind": kind, "variant": pick["variant"], "val_acc": pick["val_acc"],
+            "margin": pick["margin"], "epochs": pick["epochs"], "best_args": override_flags(changes)}
+
+
+def _yaml_value(value) -> str:
+    """A value as the config parser (YAML 1.1) reads it back, without spaces (gpu_session.sh splits
+    BEST_ARGS on them): compact JSON, except that a float always has a dot (YAML 1.1 reads 5e-05 as a
+    string)."""
+    if isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return text if "." in mantissa or not e else f"{mantissa}.0e{exponent}"
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def override_flags(changes: dict) -> str:
+    """Dotted overrides as command-line flags, --key=VALUE each."""
+    return " ".join(f"--{key}={_yaml_value(value)}" for key, value in changes.items())
 
 
 def fastest_lines(result: dict) -> list[str]:
@@ -171,8 +228,8 @@ def fastest_lines(result: dict) -> list[str]:
     lines = []
     for key, kinds in result.get("fastest", {}).items():
         parts = []
-        for kind, label in (("plain", "without TTA"), ("tta", f"with {result['config']['train']['tta']} TTA")):
-            f = kinds.get(kind)
+        for kind, f in kinds.items():
+            label = "without TTA" if kind == "plain" else f"with {kind} TTA"
             parts.append(f"{label}: none" if f is None else
                          f"{label}: {f['variant']} ({f['val_acc']:.2f}%, {f['margin']:+.2f}; {f['epochs']} epochs, "
                          f"{f['train_seconds']:.1f} s{shared})")
@@ -182,18 +239,21 @@ def fastest_lines(result: dict) -> list[str]:
 
 def print_table(result: dict) -> None:
     keys = [target_key(t) for t in result["targets"]]
-    shared = f"; {result['jobs']} runs at a time: shared-device times" if result["jobs"] > 1 else ""
     table = Table(title=f"recipe ablation of {result['config_name']} on {result['val_size']} validation images, "
-                        f"{result['meta']['device']} (test set not evaluated{shared})")
-    for col in ("variant", "changes", "seeds", "val %", "std", "vs base", "val TTA %", "train s",
-                *[f"s to {k}%" for k in keys]):
+                        f"{result['meta']['device']}")
+    # above the table, on its own line: a title longer than the table would wrap
+    print("test set not evaluated" + (f"; {result['jobs']} runs at a time: shared-device times"
+                                      if result["jobs"] > 1 else ""), flush=True)
+    for col in ("variant", "changes", "seeds", "val %", "std", "vs base", "flip %", "flip_shift %", "epochs",
+                "train s", *[f"s to {k}%" for k in keys]):
         table.add_column(col, justify="left" if col in ("variant", "changes") else "right")
     for name, agg in result["aggregate"].items():
         changes = ", ".join(f"{k}={json.dumps(v)}" for k, v in result["variants"][name].items()) or "-"
         delta = agg["delta_val_acc_vs_base"]
         table.add_row(name, changes, str(agg["seeds"]), _fmt(agg["final_val_acc_mean"], ".2f"),
                       _fmt(agg["final_val_acc_std"], ".2f"), "-" if delta is None else f"{delta:+.2f}",
-                      _fmt(agg["final_val_acc_tta_mean"], ".2f"), _fmt(agg["train_seconds_median"], ".1f"),
+                      _fmt(kind_accuracy(agg, "flip"), ".2f"), _fmt(kind_accuracy(agg, "flip_shift"), ".2f"),
+                      str(agg["epochs"]), _fmt(agg["train_seconds_median"], ".1f"),
                       *[_fmt(agg["targets"][k]["median_time_to_target"], ".1f") for k in keys])
     wide_console().print(table)
 
@@ -305,7 +365,8 @@ def main(argv: list[str]) -> int:
     result = {"benchmark": "recipe_ablation", "meta": None, "config_name": base_cfg.name,
               "config": config_to_dict(base_cfg), "variants_file": str(args.variants), "variants": variants,
               "val_size": args.val_size, "split": SPLIT, "targets": args.targets, "jobs": args.jobs,
-              "complete": False, "runs": [], "failed": [], "aggregate": {}, "fastest": {}}
+              "complete": False, "runs": [], "failed": [], "aggregate": {}, "fastest": {},
+              "next": None}
     out = None
 
     def done(row: dict, device) -> None:
@@ -315,6 +376,7 @@ def main(argv: list[str]) -> int:
         result["meta"] = result["meta"] or run_metadata(device)
         result["aggregate"] = summarize(result["runs"], args.targets)
         result["fastest"] = fastest_reaching(result["aggregate"], args.targets, args.jobs)
+        result["next"] = next_candidate(result)
         out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
         write_json(out, result)  # after every run: a time limit loses only the runs in flight
 

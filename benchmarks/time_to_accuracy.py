@@ -35,6 +35,7 @@ from common import (add_targets_argument, check_targets, default_result_path, ru
 from rich.table import Table  # noqa: E402
 
 from fasttrain.config import ConfigError, config_to_dict, load_config, validate  # noqa: E402
+from fasttrain.evaluate import TTA_MODES  # noqa: E402
 from fasttrain.trainer import Trainer  # noqa: E402
 
 
@@ -112,11 +113,13 @@ def run_seed(cfg, args, run_dir: Path, split: str = "test") -> tuple[dict, objec
         # otherwise land in epoch 1's time
         warmup = trainer.warmup()
     summary = trainer.fit()
+    by_tta = trainer.accuracy_by_tta().get(split)  # off the clock: a few passes over the split
     epochs = read_epochs(run_dir / "metrics.jsonl")
     row = {
         "seed": cfg.train.seed,
         f"final_{split}_acc": summary[f"final_{split}_acc"],
         f"final_{split}_acc_tta": summary[f"final_{split}_acc_tta"],
+        f"final_{split}_acc_by_tta": by_tta,  # {none, flip, flip_shift: accuracy}, whatever train.tta is
         f"best_{split}_acc": max((e[f"{split}_acc"] for e in epochs if e[f"{split}_acc"] is not None), default=None),
         "train_seconds": epochs[-1]["train_seconds"] if epochs else 0.0,
         "compile_seconds": summary["compile_seconds"] + warmup,
@@ -143,10 +146,14 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def aggregate(rows: list[dict], targets: list[float], split: str = "test") -> dict:
     acc_mean, acc_std = _mean_std([r[f"final_{split}_acc"] for r in rows])
     tta_mean, tta_std = _mean_std([r[f"final_{split}_acc_tta"] for r in rows])
+    modes = [m for m in TTA_MODES if all((r.get(f"final_{split}_acc_by_tta") or {}).get(m) is not None for r in rows)]
     out = {
         "seeds": len(rows),
         f"final_{split}_acc_mean": acc_mean, f"final_{split}_acc_std": acc_std,
         f"final_{split}_acc_tta_mean": tta_mean, f"final_{split}_acc_tta_std": tta_std,
+        # every TTA mode's mean (train.tta's own and the others), where every seed measured it
+        f"final_{split}_acc_by_tta_mean": {m: _mean_std([r[f"final_{split}_acc_by_tta"][m] for r in rows])[0]
+                                           for m in modes},
         f"best_{split}_acc_mean": _mean_std([r[f"best_{split}_acc"] for r in rows])[0],
         "train_seconds_median": statistics.median(r["train_seconds"] for r in rows),
         "targets": {},
@@ -165,6 +172,7 @@ def aggregate(rows: list[dict], targets: list[float], split: str = "test") -> di
             # target), without and with its test-time augmentation; None where that was not measured
             "mean_final_reaches": None if acc_mean is None else acc_mean >= target,
             "mean_final_tta_reaches": None if tta_mean is None else tta_mean >= target,
+            "mean_final_by_tta_reaches": {m: acc >= target for m, acc in out[f"final_{split}_acc_by_tta_mean"].items()},
         }
     return out
 
@@ -194,7 +202,8 @@ def print_tables(result: dict) -> None:
         caption=f"final test accuracy: mean {_fmt(agg['final_test_acc_mean'], '.2f', '%')}, std "
                 f"{_fmt(agg['final_test_acc_std'], '.2f')}; with {result['config']['train']['tta']} TTA: mean "
                 f"{_fmt(agg['final_test_acc_tta_mean'], '.2f', '%')}, std {_fmt(agg['final_test_acc_tta_std'], '.2f')}; "
-                "median time over the seeds reaching the target")
+                + "".join(f"TTA {mode}: mean {acc:.2f}%; " for mode, acc in agg.get("final_test_acc_by_tta_mean", {}).items())
+                + "median time over the seeds reaching the target")
     for col in ("target %", "seeds reaching", "fraction", "median time s", "median epochs", "mean final reaches",
                 "with TTA"):
         summary.add_column(col, justify="right")

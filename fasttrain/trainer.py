@@ -33,7 +33,7 @@ from fasttrain.config import Config, ConfigError, config_from_dict, config_to_di
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
 from fasttrain.ema import WeightEMA
-from fasttrain.evaluate import black_fill, evaluate
+from fasttrain.evaluate import TTA_MODES, black_fill, evaluate
 from fasttrain.export import KIND as EXPORT_KIND
 from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
                                    fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
@@ -449,6 +449,14 @@ class Trainer:
             self.capture_graph(*batch)
         synchronize(self.device)
         return time.perf_counter() - t0
+
+    def accuracy_by_tta(self) -> dict[str, dict[str, float]]:
+        """{split: {TTA mode: accuracy in percent}} of the evaluated weights as they are now, for every
+        mode (none, flip, flip_shift) on every split this run scores: what the benchmarks report beside
+        the recipe's own mode (issue 6: accuracy with and without test-time augmentation)."""
+        return {split: {mode: evaluate(self.eval_net, loader, self.precision, self.device, tta=mode,
+                                       dist_info=self.dist, fill=self.eval_fill) for mode in TTA_MODES}
+                for split, loader in self._eval_splits()}
 
     def _eval_splits(self) -> list[tuple[str, object]]:
         """(name, loader) of what this run scores: the validation split when one is held out, and

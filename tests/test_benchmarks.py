@@ -64,7 +64,8 @@ def test_aggregate_medians_only_over_seeds_that_reached(bench):
     assert agg["final_test_acc_tta_mean"] is None
     assert agg["targets"]["90"] == {"reached": 2, "fraction_reached": pytest.approx(2 / 3),
                                     "median_time_to_target": 4.0, "median_epochs_to_target": 3.5,
-                                    "mean_final_reaches": True, "mean_final_tta_reaches": None}
+                                    "mean_final_reaches": True, "mean_final_tta_reaches": None,
+                                    "mean_final_by_tta_reaches": {}}  # rows without by-mode figures
     # the recipe's verdict is the mean's: 2 of 3 seeds reach 91, the mean (91.0) does; no seed reaches 92
     with_tta = [dict(r, final_test_acc_tta=r["final_test_acc"] + 1.5, time_to_target={"91": None, "92": None},
                      epochs_to_target={"91": None, "92": None}) for r in rows]
@@ -123,6 +124,9 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
         assert row["epochs_to_target"]["0"] == 1
         assert row["time_to_target"]["100"] is None and row["epochs_to_target"]["100"] is None
         assert row["final_test_acc"] == metrics[-1]["test_acc"]
+        # every TTA mode measured after the run, off the clock: "none" is the final evaluation again
+        assert set(row["final_test_acc_by_tta"]) == {"none", "flip", "flip_shift"}
+        assert row["final_test_acc_by_tta"]["none"] == row["final_test_acc"]
         assert row["best_test_acc"] == max(m["test_acc"] for m in metrics)
         assert row["compile_seconds"] == 0.0  # no compile, and no autotuning warmup on a CPU
         assert [e["test_acc"] for e in row["epochs"]] == [m["test_acc"] for m in metrics]
@@ -134,8 +138,11 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
         statistics.median(r["time_to_target"]["0"] for r in result["runs"]))
     assert agg["targets"]["100"] == {"reached": 0, "fraction_reached": 0.0, "median_time_to_target": None,
                                      "median_epochs_to_target": None, "mean_final_reaches": False,
-                                     "mean_final_tta_reaches": None if agg["final_test_acc_tta_mean"] is None else False}
+                                     "mean_final_tta_reaches": None if agg["final_test_acc_tta_mean"] is None else False,
+                                     "mean_final_by_tta_reaches": {"none": False, "flip": False, "flip_shift": False}}
     assert agg["targets"]["0"]["mean_final_reaches"] is True
+    assert agg["final_test_acc_by_tta_mean"]["flip_shift"] == pytest.approx(
+        statistics.fmean(r["final_test_acc_by_tta"]["flip_shift"] for r in result["runs"]))
     assert result["process_wall_seconds"] > sum(r["train_seconds"] for r in result["runs"])
 
 
@@ -374,6 +381,7 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert all(m["test_acc"] is None and m["val_acc"] is not None for m in metrics)  # test never evaluated
         assert row["final_val_acc"] == metrics[-1]["val_acc"] and "final_test_acc" not in row
+        assert row["final_val_acc_by_tta"]["none"] == row["final_val_acc"]  # and never a test-set figure
         assert row["time_to_target"]["0"] == pytest.approx(metrics[0]["epoch_seconds"])
         assert row["time_to_target"]["100"] is None
         saved = load_config(run_dir / "config.yaml")
@@ -394,6 +402,8 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     delta = agg["more_lr"]["delta_val_acc_vs_base"]
     assert f"more_lr              {agg['more_lr']['final_val_acc_mean']:.2f}% ({delta:+.2f})" in text
     assert f"base                 {agg['base']['final_val_acc_mean']:.2f}% (+0.00)" in text
+    shift = agg["base"]["final_val_acc_by_tta_mean"]["flip_shift"]
+    assert f"% (+0.00), {agg['base']['final_val_acc_by_tta_mean']['flip']:.2f}% / {shift:.2f}%, 2 ep" in text
     # every variant reaches 0%, none 100%: the quicker one (by median training clock) is the pick
     quick = min(("base", "more_lr"), key=lambda v: (agg[v]["train_seconds_median"], v))
     assert result["fastest"]["0"]["plain"]["variant"] == quick and result["fastest"]["100"]["plain"] is None
@@ -401,56 +411,63 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     assert f": {quick} reached 0% without TTA on validation" in text
 
 
-def test_fastest_reaching_picks_the_quickest_variant_over_each_target_with_and_without_tta(repo_root, bench):
+def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_kind(repo_root, bench):
     sys.path.insert(0, str(repo_root / "benchmarks"))
     try:
         ablation, summary = importlib.import_module("recipe_ablation"), importlib.import_module("gpu_summary")
     finally:
         sys.path.remove(str(repo_root / "benchmarks"))
-    aggregates = {  # name: (mean val %, mean val TTA %, median train s, epochs)
-        name: {"final_val_acc_mean": acc, "final_val_acc_tta_mean": acc_tta, "train_seconds_median": secs,
-               "epochs": epochs}
-        for name, (acc, acc_tta, secs, epochs) in {
-            "base": (91.0, 91.8, 40.0, 40), "long": (92.7, 93.4, 80.0, 80),
-            "cutout": (92.6, 93.1, 41.0, 40), "no_tta": (92.9, None, 60.0, 60)}.items()}
-    # runs side by side (jobs > 1): a run queued late shares the GPU with fewer and shows a shorter
-    # clock, so the fewest epochs rank first, then the higher accuracy; one at a time, the clock
-    late = dict(aggregates, late={"final_val_acc_mean": 92.8, "final_val_acc_tta_mean": 93.0,
-                                  "train_seconds_median": 30.0, "epochs": 60})
-    assert ablation.fastest_reaching(late, [92.5], jobs=1)["92.5"]["plain"]["variant"] == "late"
-    assert ablation.fastest_reaching(late, [92.5], jobs=6)["92.5"]["plain"]["variant"] == "cutout"
-    tie = dict(late, late=dict(late["late"], epochs=40))  # 40 epochs each: the more accurate
-    assert ablation.fastest_reaching(tie, [92.5], jobs=6)["92.5"]["plain"]["variant"] == "late"
-    fastest = ablation.fastest_reaching(aggregates, [92.5, 91.5, 93.2, 99.0])
+    aggregates = {  # name: (mean val % without TTA, with flip, with flip_shift, median train s, epochs)
+        name: {"final_val_acc_mean": acc, "final_val_acc_by_tta_mean": {"none": acc, "flip": flip, "flip_shift": shift},
+               "train_seconds_median": secs, "epochs": epochs}
+        for name, (acc, flip, shift, secs, epochs) in {
+            "base": (91.0, 91.8, 92.0, 40.0, 40), "long": (92.7, 93.2, 93.4, 80.0, 80),
+            "cutout": (92.6, 93.1, 93.1, 41.0, 40), "late": (92.8, 93.0, 93.3, 30.0, 60)}.items()}
+    # one at a time the clock ranks; side by side (jobs > 1) a run queued late shares the GPU with fewer
+    # and shows a shorter clock, so the fewest epochs rank first, then the higher accuracy
+    assert ablation.fastest_reaching(aggregates, [92.5], jobs=1)["92.5"]["plain"]["variant"] == "late"
+    fastest = ablation.fastest_reaching(aggregates, [92.5, 91.5, 93.2, 93.35, 99.0], jobs=6)
     assert fastest["92.5"]["plain"] == {"variant": "cutout", "val_acc": 92.6, "margin": pytest.approx(0.1),
                                         "train_seconds": 41.0, "epochs": 40}
-    assert fastest["91.5"]["plain"]["variant"] == "cutout" and fastest["91.5"]["tta"]["variant"] == "base"
-    assert fastest["93.2"]["plain"] is None and fastest["93.2"]["tta"]["variant"] == "long"
-    assert fastest["99"] == {"plain": None, "tta": None}
+    assert fastest["91.5"]["plain"]["variant"] == "cutout"  # 40 epochs each: the more accurate of base, cutout
+    assert fastest["91.5"]["flip"]["variant"] == "cutout" and fastest["91.5"]["flip_shift"]["variant"] == "cutout"
+    assert fastest["93.2"]["plain"] is None and fastest["93.2"]["flip"]["variant"] == "long"
+    assert fastest["93.2"]["flip_shift"]["variant"] == "late"
+    assert fastest["93.35"] == {"plain": None, "flip": None, "flip_shift": {
+        "variant": "long", "val_acc": 93.4, "margin": pytest.approx(0.05), "train_seconds": 80.0, "epochs": 80}}
+    assert fastest["99"] == {"plain": None, "flip": None, "flip_shift": None}
 
     result = {"config_name": "best", "val_size": 5000, "complete": True, "jobs": 6, "aggregate": aggregates,
-              "config": {"train": {"tta": "flip"}}, "fastest": fastest,
-              "variants": {"base": {}, "long": {"train.epochs": 80}, "no_tta": {"train.tta": "none"},
+              "config": {"train": {"tta": "flip"}}, "targets": [92.5],
+              "variants": {"base": {}, "long": {"train.epochs": 80}, "late": {"train.ema_decay": 5e-05},
                            "cutout": {"data.cutout": 12, "model.blocks": [4, 4, 3]}}}
+
+    def verdict(fastest_of: dict) -> tuple[dict | None, str]:
+        result.update(fastest=fastest_of)
+        result["next"] = ablation.next_candidate(result)
+        return result["next"], summary.ablation_verdict(result)[-1]
+
+    pick, line = verdict({"92.5": fastest["92.5"]})
     assert ("fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times; "
             "ranked by epochs))") in ablation.fastest_lines(result)[0]
-    lines = summary.ablation_verdict(result)
-    # the next best stage tests the first target's quickest variant without TTA, its overrides as flags
-    assert lines[-1].startswith("next        best on nvidia-h100-x1 with SEEDS=5 "
-                                "BEST_ARGS='--data.cutout=12 --model.blocks=[4,4,3]': cutout reached 92.5% without TTA")
+    # the cheapest reaching the first target, a tie going to less TTA; its overrides as flags
+    assert pick["kind"] == "plain" and pick["best_args"] == "--data.cutout=12 --model.blocks=[4,4,3]"
+    assert line.startswith("next        best on nvidia-h100-x1 with SEEDS=5 "
+                           "BEST_ARGS='--data.cutout=12 --model.blocks=[4,4,3]': cutout reached 92.5% without TTA")
     from fasttrain.config import parse_overrides
-    assert parse_overrides("--data.cutout=12 --model.blocks=[4,4,3]".split()) == {"data.cutout": 12,
-                                                                               "model.blocks": [4, 4, 3]}
-    result["fastest"] = {"93.2": fastest["93.2"]}  # only TTA reaches it: that one, said so
-    assert "long reached 93.2% only with flip TTA" in summary.ablation_verdict(result)[-1]
-    assert "BEST_ARGS='--train.epochs=80'" in summary.ablation_verdict(result)[-1]
-    result["fastest"] = {"99": fastest["99"]}
-    assert summary.ablation_verdict(result)[-1].startswith("next        no variant reached 99% on validation:")
+    assert parse_overrides(pick["best_args"].split()) == {"data.cutout": 12, "model.blocks": [4, 4, 3]}
+    pick, line = verdict({"93.2": fastest["93.2"]})  # flip reaches with 80 epochs, flip_shift with 60: cheaper
+    assert (pick["kind"], pick["variant"]) == ("flip_shift", "late")
+    # train.tta set to the kind that reached; a float keeps its dot (YAML 1.1 reads 5e-05 as a string)
+    assert pick["best_args"] == "--train.ema_decay=5.0e-05 --train.tta=\"flip_shift\""
+    assert parse_overrides(pick["best_args"].split()) == {"train.ema_decay": 5e-05, "train.tta": "flip_shift"}
+    assert "late reached 93.2% with flip_shift TTA on validation;" in line
+    pick, line = verdict({"99": fastest["99"]})
+    assert pick is None and line.startswith("next        no variant reached 99% on validation:")
     # cut by its time limit: the variants never judged are named beside the pick
-    result.update(complete=False, fastest={"92.5": fastest["92.5"]},
-                  aggregate={name: aggregates[name] for name in ("base", "cutout")})
-    assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, no_tta not judged);" \
-        in summary.ablation_verdict(result)[-1]
+    result.update(complete=False, aggregate={name: aggregates[name] for name in ("base", "cutout")})
+    _, line = verdict(ablation.fastest_reaching(result["aggregate"], [92.5], jobs=6))
+    assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, late not judged);" in line
 
 
 def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir, tmp_path):
