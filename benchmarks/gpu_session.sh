@@ -31,7 +31,7 @@
 #               at a time, times shared), ABLATION_ARGS for every run (the next-call line turns best.yaml's
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
 #               split only: issue 6's tuning
-#   search      the gpu tests (2 workers, 240 s a test, limit 300 s) in the background while the ablation
+#   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
 #               runs SEARCH_ONLY (8 runs with base: cutout at 40, 60 and 80 epochs, and EMA, label smoothing
 #               0.2, cutout 16 at 60 epochs), JOBS (6) at a time, for the whole budget: one call for both
 #               (the preflight's ~150 s go to the search; the graph is proven since the second session)
@@ -314,6 +314,6 @@ case $stage in
   torchrun)   stage_torchrun "$((budget / 4))" "$budget" ;;  # the fast run compiles: it gets what is left
   apaper)     stage_apaper "$budget" ;;
   ablation)   stage_ablation "$budget" ;;
-  search)     stage_search 300 "$budget" ;;
+  search)     stage_search 450 "$budget" ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac
