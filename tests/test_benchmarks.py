@@ -411,10 +411,10 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     assert f": {quick} reached 0% without TTA on validation" in text
 
 
-def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_kind(repo_root, bench):
+def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_kind(repo_root):
     sys.path.insert(0, str(repo_root / "benchmarks"))
     try:
-        ablation, summary = importlib.import_module("recipe_ablation"), importlib.import_module("gpu_summary")
+        recipe_verdict, summary = importlib.import_module("recipe_verdict"), importlib.import_module("gpu_summary")
     finally:
         sys.path.remove(str(repo_root / "benchmarks"))
     aggregates = {  # name: (mean val % without TTA, with flip, with flip_shift, median train s, epochs)
@@ -425,8 +425,8 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
             "cutout": (92.6, 93.1, 93.1, 41.0, 40), "late": (92.8, 93.0, 93.3, 30.0, 60)}.items()}
     # one at a time the clock ranks; side by side (jobs > 1) a run queued late shares the GPU with fewer
     # and shows a shorter clock, so the fewest epochs rank first, then the higher accuracy
-    assert ablation.fastest_reaching(aggregates, [92.5], jobs=1)["92.5"]["plain"]["variant"] == "late"
-    fastest = ablation.fastest_reaching(aggregates, [92.5, 91.5, 93.2, 93.35, 99.0], jobs=6)
+    assert recipe_verdict.fastest_reaching(aggregates, {"92.5": 92.5}, jobs=1)["92.5"]["plain"]["variant"] == "late"
+    fastest = recipe_verdict.fastest_reaching(aggregates, {f"{t:g}": t for t in (92.5, 91.5, 93.2, 93.35, 99.0)}, jobs=6)
     assert fastest["92.5"]["plain"] == {"variant": "cutout", "val_acc": 92.6, "margin": pytest.approx(0.1),
                                         "train_seconds": 41.0, "epochs": 40}
     assert fastest["91.5"]["plain"]["variant"] == "cutout"  # 40 epochs each: the more accurate of base, cutout
@@ -444,12 +444,12 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
 
     def verdict(fastest_of: dict) -> tuple[dict | None, str]:
         result.update(fastest=fastest_of)
-        result["next"] = ablation.next_candidate(result)
+        result["next"] = recipe_verdict.next_candidate(result)
         return result["next"], summary.ablation_verdict(result)[-1]
 
     pick, line = verdict({"92.5": fastest["92.5"]})
     assert ("fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times; "
-            "ranked by epochs))") in ablation.fastest_lines(result)[0]
+            "ranked by epochs))") in recipe_verdict.fastest_lines(result)[0]
     # the cheapest reaching the first target, a tie going to less TTA; its overrides as flags
     assert pick["kind"] == "plain" and pick["best_args"] == "--data.cutout=12 --model.blocks=[4,4,3]"
     assert line.startswith("next        best on nvidia-h100-x1 with SEEDS=5 "
@@ -466,7 +466,7 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     assert pick is None and line.startswith("next        no variant reached 99% on validation:")
     # cut by its time limit: the variants never judged are named beside the pick
     result.update(complete=False, aggregate={name: aggregates[name] for name in ("base", "cutout")})
-    _, line = verdict(ablation.fastest_reaching(result["aggregate"], [92.5], jobs=6))
+    _, line = verdict(recipe_verdict.fastest_reaching(result["aggregate"], {"92.5": 92.5}, jobs=6))
     assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, late not judged);" in line
 
 

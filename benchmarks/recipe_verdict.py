@@ -1,0 +1,109 @@
+"""The verdict of a recipe ablation (recipe_ablation.py): which variant reaches each target soonest,
+and the candidate for configs/best.yaml with the flags that make it.
+
+Plain data in, plain data out (the ablation's aggregates, per variant: mean final validation accuracy
+without TTA and per TTA mode, median training clock, epochs), with no torch import, so that
+gpu_summary.py's tests and a reader can check it on its own.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+TTA_KINDS = ("plain", "flip", "flip_shift")  # how a final accuracy was measured: no TTA, then each TTA mode
+
+
+def kind_accuracy(agg: dict, kind: str) -> float | None:
+    """A variant's mean final validation accuracy measured as `kind` (see TTA_KINDS)."""
+    if kind == "plain":
+        return agg["final_val_acc_mean"]
+    return (agg.get("final_val_acc_by_tta_mean") or {}).get(kind)
+
+
+def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], jobs: int = 1) -> dict[str, dict]:
+    """Per target and per TTA kind (none: "plain", "flip", "flip_shift"), the quickest variant whose mean
+    final validation accuracy, measured that way, reaches it: the candidates for the next
+    configs/best.yaml, whose 5-seed test run (time_to_accuracy.py) then decides. Each is {"variant",
+    "val_acc" (the mean it reached with), "margin" (that minus the target), "train_seconds", "epochs"}, or
+    None when no variant reaches the target that way.
+
+    Quickest: the shortest median training clock when the runs ran one at a time. With `jobs` > 1 the
+    clocks are shared-device times that depend on how many runs happened to share the GPU with each
+    (a run queued late has fewer neighbours and a shorter clock), so the fewest epochs rank first
+    instead, the higher accuracy breaking ties: a fair measure of cost between variants of one network
+    and batch size, and a rough one where a variant changes either."""
+    out = {}
+    for key, target in targets.items():  # the JSON's key of a target ("92.52") and its value
+        out[key] = {}
+        for kind in TTA_KINDS:
+            reaching = [(cost_key(agg, jobs) + (-kind_accuracy(agg, kind),), name) for name, agg in aggregates.items()
+                        if kind_accuracy(agg, kind) is not None and kind_accuracy(agg, kind) >= target]
+            if not reaching:
+                out[key][kind] = None
+                continue
+            _, name = min(reaching)
+            acc = kind_accuracy(aggregates[name], kind)
+            out[key][kind] = {"variant": name, "val_acc": acc, "margin": acc - target,
+                              "train_seconds": aggregates[name]["train_seconds_median"],
+                              "epochs": aggregates[name]["epochs"]}
+    return out
+
+
+def cost_key(agg: dict, jobs: int) -> tuple:
+    """What ranks a variant's cost: its median training clock when the runs ran one at a time, its
+    epochs when they shared the GPU (see fastest_reaching)."""
+    return (agg["train_seconds_median"],) if jobs == 1 else (agg["epochs"],)
+
+
+def next_candidate(result: dict) -> dict | None:
+    """The candidate for configs/best.yaml at the first target: the cheapest entry of its "fastest" over
+    the TTA kinds (a tie goes to less TTA), with the overrides that make it from the config as
+    `best_args` (flags for time_to_accuracy.py; train.tta set to the kind that reached, where it
+    differs). None when nothing reached the first target."""
+    if not result["fastest"]:
+        return None
+    key, kinds = next(iter(result["fastest"].items()))
+    entries = [(cost_key(result["aggregate"][f["variant"]], result["jobs"]), TTA_KINDS.index(kind), kind, f)
+               for kind, f in kinds.items() if f is not None]
+    if not entries:
+        return None
+    *_, kind, pick = min(entries, key=lambda e: e[:2])
+    changes = dict(result["variants"][pick["variant"]])
+    tta = changes.get("train.tta", result["config"]["train"]["tta"])
+    if kind != "plain" and kind != tta:
+        changes["train.tta"] = kind
+    return {"target": key, "kind": kind, "variant": pick["variant"], "val_acc": pick["val_acc"],
+            "margin": pick["margin"], "epochs": pick["epochs"], "best_args": override_flags(changes)}
+
+
+def _yaml_value(value) -> str:
+    """A value as the config parser (YAML 1.1) reads it back, without spaces (gpu_session.sh splits
+    BEST_ARGS on them): compact JSON, except that a float always has a dot (YAML 1.1 reads 5e-05 as a
+    string)."""
+    if isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return text if "." in mantissa or not e else f"{mantissa}.0e{exponent}"
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def override_flags(changes: dict) -> str:
+    """Dotted overrides as command-line flags, --key=VALUE each."""
+    return " ".join(f"--{key}={_yaml_value(value)}" for key, value in changes.items())
+
+
+def fastest_lines(result: dict) -> list[str]:
+    """The verdict in words, a line per target (printed above the table, which stays last)."""
+    shared = " (shared-device times; ranked by epochs)" if result["jobs"] > 1 else ""
+    lines = []
+    for key, kinds in result.get("fastest", {}).items():
+        parts = []
+        for kind, f in kinds.items():
+            label = "without TTA" if kind == "plain" else f"with {kind} TTA"
+            parts.append(f"{label}: none" if f is None else
+                         f"{label}: {f['variant']} ({f['val_acc']:.2f}%, {f['margin']:+.2f}; {f['epochs']} epochs, "
+                         f"{f['train_seconds']:.1f} s{shared})")
+        lines.append(f"fastest to {key}% val: " + "; ".join(parts))
+    return lines
