@@ -1,5 +1,5 @@
 """Command line: `python -m fasttrain [train] --config FILE [--section.key VALUE ...]`,
-`python -m fasttrain eval --checkpoint PATH [--tta [flip|flip_shift]]`, `python -m fasttrain plot RUN_DIR`,
+`python -m fasttrain eval --checkpoint PATH [--tta [flip|flip_shift|all]]`, `python -m fasttrain plot RUN_DIR`,
 `python -m fasttrain export CHECKPOINT OUT [--weights auto|ema|model] [--dtype fp32|bf16]`.
 
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
@@ -45,9 +45,10 @@ def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fasttrain eval", allow_abbrev=False,
                                 description="Test accuracy of a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_shift"],
+    p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_shift", "all"],
                    help="test-time augmentation: flip (the default without a value) averages with the mirror "
-                        "image; flip_shift also with 1-pixel translated views (fasttrain/evaluate.py)")
+                        "image; flip_shift also with 1-pixel translated views (fasttrain/evaluate.py); all: "
+                        "each of none, flip and flip_shift")
     p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
                    help="auto (default): the EMA weights when the checkpoint has them (train.ema_decay > 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -159,8 +160,12 @@ def cmd_eval(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        tta = f" ({args.tta} TTA)" if args.tta != "none" else ""
-        print(f"test accuracy: {result['test_acc']:.2f}%{tta}, {result['weights']} weights  "
+        if args.tta == "all":
+            accuracy = ", ".join(f"{acc:.2f}% ({'no' if mode == 'none' else mode} TTA)"
+                                 for mode, acc in result["test_acc_by_tta"].items())
+        else:
+            accuracy = f"{result['test_acc']:.2f}%" + (f" ({args.tta} TTA)" if args.tta != "none" else "")
+        print(f"test accuracy: {accuracy}, {result['weights']} weights  "
               f"[{result['checkpoint']}, epoch {result['epoch']}, {result['params']:,} params, "
               f"trained on {result['trained_on']}]")
     return 0

@@ -125,8 +125,12 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
                         data_dir: str | None = None, weights: str = "auto") -> dict:
     """`python -m fasttrain eval`: rebuild the checkpoint's model and measure its test accuracy.
 
+    `tta`: a mode of TTA_MODES, or ``all``: every mode, as "test_acc_by_tta" {mode: accuracy}, with
+    "test_acc" the accuracy without TTA (accuracy with and without TTA from one load).
     `weights`: auto (the EMA weights when the checkpoint holds them, else the model's) | ema | model.
     The result says which were evaluated under "weights"."""
+    if tta != "all" and tta not in TTA_MODES:
+        raise ValueError(f"tta mode {tta!r}: expected one of {', '.join(TTA_MODES)}, or all")
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
     cfg = config_from_dict(ckpt["config"])
@@ -144,6 +148,12 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
                       device=dev, dtype=precision.data_dtype, channels_last=channels_last,
                       seed=cfg.train.seed)
-    acc = evaluate(model, data.test, precision, dev, tta=tta, fill=black_fill(cfg.data.mean, cfg.data.std))
-    return {"checkpoint": str(path), "test_acc": acc, "tta": tta, "weights": used, "epoch": int(ckpt["epoch"]),
-            "params": count_params(model), "trained_on": ckpt.get("data_source"), "device": device_name(dev)}
+    fill = black_fill(cfg.data.mean, cfg.data.std)
+    by_tta = {mode: evaluate(model, data.test, precision, dev, tta=mode, fill=fill)
+              for mode in (TTA_MODES if tta == "all" else (tta,))}
+    result = {"checkpoint": str(path), "test_acc": by_tta["none" if tta == "all" else tta], "tta": tta,
+              "weights": used, "epoch": int(ckpt["epoch"]), "params": count_params(model),
+              "trained_on": ckpt.get("data_source"), "device": device_name(dev)}
+    if tta == "all":
+        result["test_acc_by_tta"] = by_tta
+    return result

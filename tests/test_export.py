@@ -40,6 +40,15 @@ def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tm
     from_checkpoint, from_export = eval_json(run / "last.pt", cifar_dir), eval_json(out, cifar_dir)
     assert from_checkpoint["weights"] == "ema" and from_export["weights"] == "model"  # the EMA, stored as the model
     assert from_export["test_acc"] == from_checkpoint["test_acc"] == summary["final_test_acc"]
+    # --tta all: every mode from one load, each the figure of its own mode
+    every = eval_json(out, cifar_dir, "--tta", "all")
+    assert every["test_acc"] == every["test_acc_by_tta"]["none"] == from_export["test_acc"]
+    assert every["test_acc_by_tta"]["flip_shift"] == eval_json(out, cifar_dir, "--tta", "flip_shift")["test_acc"]
+    assert set(every["test_acc_by_tta"]) == {"none", "flip", "flip_shift"}
+    line = run_cli("eval", "--checkpoint", str(out), "--device", "cpu", "--data.dir", str(cifar_dir),
+                   "--tta", "all").stdout
+    assert line.startswith(f"test accuracy: {every['test_acc']:.2f}% (no TTA), "
+                           f"{every['test_acc_by_tta']['flip']:.2f}% (flip TTA), ")
 
 
 def test_bf16_export_is_half_the_size_and_still_evaluates(run, cifar_dir, tmp_path):
