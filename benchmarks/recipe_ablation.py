@@ -49,7 +49,7 @@ from recipe_verdict import fastest_lines, fastest_reaching, kind_accuracy, next_
 from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
 
 from fasttrain.config import ConfigError, config_to_dict, load_config, parse_overrides, parse_yaml
-from fasttrain.model import build_model
+from fasttrain.model import build_model, forward_flops
 from fasttrain.runtime import resolve_device
 from fasttrain.trainer import TrainingError
 
@@ -110,21 +110,24 @@ def read_variants(path: Path, only: list[str] | None) -> dict[str, dict]:
 
 
 def variant_config(config: str, cli: dict, name: str, changes: dict, val_size: int):
-    """The config a variant trains: file, command-line overrides, the variant's, then tuning's fixed keys."""
+    """The config a variant trains (file, command-line overrides, the variant's, then tuning's fixed
+    keys) and its network's forward GFLOPs per image."""
     forced = {"data.val_size": val_size, "train.eval_test": False, "train.eval_every": 1}
     clash = sorted(set(changes) & set(forced))
     if clash:
         raise ConfigError(f"variant {name!r}: {', '.join(clash)} is set by recipe_ablation itself")
     try:
         cfg = load_config(config, {**cli, **changes, **forced})
-        build_model(cfg.model)  # the parameter budget, checked before any variant trains
-        return cfg
+        model = build_model(cfg.model)  # the parameter budget, checked before any variant trains
     except ConfigError as e:
         raise ConfigError(f"variant {name!r}: {e}") from None
+    return cfg, forward_flops(model) / 1e9
 
 
-def summarize(rows: list[dict], targets: list[float]) -> dict:
-    """Per variant: the aggregate over its seeds, and the change of mean val accuracy against base."""
+def summarize(rows: list[dict], targets: list[float], gflops: dict[str, float]) -> dict:
+    """Per variant: the aggregate over its seeds, the change of mean val accuracy against base, its
+    epochs, and its cost in epoch-GFLOPs (epochs x forward GFLOPs per image: proportional to its
+    training compute, whatever the network; the verdict's ranking of runs that shared the GPU)."""
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -132,6 +135,8 @@ def summarize(rows: list[dict], targets: list[float]) -> dict:
     base = out.get("base", {}).get("final_val_acc_mean")
     for name, agg in out.items():
         agg["epochs"] = max(len(r["epochs"]) for r in by_variant[name])  # metrics rows: epochs trained
+        agg["forward_gflops"] = gflops[name]
+        agg["epoch_gflops"] = agg["epochs"] * gflops[name]
         mean = agg["final_val_acc_mean"]
         agg["delta_val_acc_vs_base"] = None if base is None or mean is None else mean - base
     return out
@@ -259,8 +264,9 @@ def main(argv: list[str]) -> int:
     cli = parse_overrides(overrides) if overrides else {}
     variants = read_variants(args.variants, args.only)
     # every variant's config is built (and checked) before anything trains
-    configs = {name: variant_config(args.config, cli, name, changes, args.val_size)
-               for name, changes in variants.items()}
+    built = {name: variant_config(args.config, cli, name, changes, args.val_size) for name, changes in variants.items()}
+    configs = {name: cfg for name, (cfg, _) in built.items()}
+    gflops = {name: flops for name, (_, flops) in built.items()}
     base_cfg = configs["base"]
     result = {"benchmark": "recipe_ablation", "meta": None, "config_name": base_cfg.name,
               "config": config_to_dict(base_cfg), "variants_file": str(args.variants), "variants": variants,
@@ -274,7 +280,7 @@ def main(argv: list[str]) -> int:
         result["runs"].append(row)
         result["runs"].sort(key=lambda r: order[r["variant"], r["seed"]])  # variants' order, whatever finished first
         result["meta"] = result["meta"] or run_metadata(device)
-        result["aggregate"] = summarize(result["runs"], args.targets)
+        result["aggregate"] = summarize(result["runs"], args.targets, gflops)
         result["fastest"] = fastest_reaching(result["aggregate"], {target_key(t): t for t in args.targets}, args.jobs)
         result["next"] = next_candidate(result)
         out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)

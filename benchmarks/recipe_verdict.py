@@ -29,9 +29,10 @@ def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], job
 
     Quickest: the shortest median training clock when the runs ran one at a time. With `jobs` > 1 the
     clocks are shared-device times that depend on how many runs happened to share the GPU with each
-    (a run queued late has fewer neighbours and a shorter clock), so the fewest epochs rank first
-    instead, the higher accuracy breaking ties: a fair measure of cost between variants of one network
-    and batch size, and a rough one where a variant changes either."""
+    (a run queued late has fewer neighbours and a shorter clock), so the least training compute ranks
+    first instead (epoch-GFLOPs: epochs x the network's forward GFLOPs per image; plain epochs where
+    the aggregate has no FLOP count), the higher accuracy breaking ties. Compute is a fair measure of
+    cost between variants of one batch size; it ignores how well a batch size uses the GPU."""
     out = {}
     for key, target in targets.items():  # the JSON's key of a target ("92.52") and its value
         out[key] = {}
@@ -51,8 +52,8 @@ def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], job
 
 def cost_key(agg: dict, jobs: int) -> tuple:
     """What ranks a variant's cost: its median training clock when the runs ran one at a time, its
-    epochs when they shared the GPU (see fastest_reaching)."""
-    return (agg["train_seconds_median"],) if jobs == 1 else (agg["epochs"],)
+    training compute when they shared the GPU (see fastest_reaching)."""
+    return (agg["train_seconds_median"],) if jobs == 1 else (agg.get("epoch_gflops", agg["epochs"]),)
 
 
 def next_candidate(result: dict) -> dict | None:
@@ -96,7 +97,7 @@ def override_flags(changes: dict) -> str:
 
 def fastest_lines(result: dict) -> list[str]:
     """The verdict in words, a line per target (printed above the table, which stays last)."""
-    shared = " (shared-device times; ranked by epochs)" if result["jobs"] > 1 else ""
+    shared = " (shared-device times; ranked by compute)" if result["jobs"] > 1 else ""
     lines = []
     for key, kinds in result.get("fastest", {}).items():
         parts = []

@@ -426,6 +426,10 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     # one at a time the clock ranks; side by side (jobs > 1) a run queued late shares the GPU with fewer
     # and shows a shorter clock, so the fewest epochs rank first, then the higher accuracy
     assert recipe_verdict.fastest_reaching(aggregates, {"92.5": 92.5}, jobs=1)["92.5"]["plain"]["variant"] == "late"
+    # ... by compute, where the aggregates count it: 60 epochs of a network of half the FLOPs beat 40
+    with_flops = {name: dict(agg, epoch_gflops=agg["epochs"] * (0.8 if name == "late" else 1.6))
+                  for name, agg in aggregates.items()}
+    assert recipe_verdict.fastest_reaching(with_flops, {"92.5": 92.5}, jobs=6)["92.5"]["plain"]["variant"] == "late"
     fastest = recipe_verdict.fastest_reaching(aggregates, {f"{t:g}": t for t in (92.5, 91.5, 93.2, 93.35, 99.0)}, jobs=6)
     assert fastest["92.5"]["plain"] == {"variant": "cutout", "val_acc": 92.6, "margin": pytest.approx(0.1),
                                         "train_seconds": 41.0, "epochs": 40}
@@ -449,7 +453,7 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
 
     pick, line = verdict({"92.5": fastest["92.5"]})
     assert ("fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times; "
-            "ranked by epochs))") in recipe_verdict.fastest_lines(result)[0]
+            "ranked by compute))") in recipe_verdict.fastest_lines(result)[0]
     # the cheapest reaching the first target, a tie going to less TTA; its overrides as flags
     assert pick["kind"] == "plain" and pick["best_args"] == "--data.cutout=12 --model.blocks=[4,4,3]"
     assert line.startswith("next        best on nvidia-h100-x1 with SEEDS=5 "
@@ -583,9 +587,13 @@ def test_shipped_recipe_variants_all_build():
         sys.path.remove("benchmarks")
     variants = ra.read_variants(ra.DEFAULT_VARIANTS, None)
     assert list(variants)[0] == "base" and len(variants) > 10
+    gflops = {}
     for name, changes in variants.items():
-        cfg = ra.variant_config("configs/best.yaml", {}, name, changes, 5000)
+        cfg, gflops[name] = ra.variant_config("configs/best.yaml", {}, name, changes, 5000)
         assert cfg.data.val_size == 5000 and not cfg.train.eval_test
+    # the verdict's cost of runs side by side: the network's FLOPs, the paper's 798,690,304 multiply-adds x 2
+    assert gflops["base"] == pytest.approx(2 * 798_690_304 / 1e9, rel=1e-9)
+    assert gflops["cutout_12_epochs_80"] == gflops["base"] and gflops["blocks_3_3_2"] < 0.75 * gflops["base"]
 
 
 # ------------------------------------------------------------------------------------- SE tile sweep
