@@ -32,8 +32,9 @@
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
-#               runs SEARCH_ONLY (8 runs with base: cutout at 40, 60 and 80 epochs, and EMA, label smoothing
-#               0.2, cutout 16 at 60 epochs), JOBS (6) at a time, for the whole budget: one call for both
+#               runs SEARCH_ONLY (7 runs with base: cutout 12 at 40, 60 and 80 epochs, with EMA and with
+#               label smoothing 0.2 at 60, and blocks [3,3,2] (0.72x the FLOPs) at 80), JOBS (6) at a time,
+#               for the whole budget: one call for both
 #               (the preflight's ~150 s go to the search; the graph is proven since the second session)
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
@@ -245,9 +246,10 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 }
 ABLATION_ONLY=cutout_12,cutout_16,epochs_60,cutout_12_epochs_60,cutout_12_epochs_80
 # search's: the longest first (with 6 at a time they start together), then what may reach A_paper sooner
-# (8 runs with base, 400 epochs: ~0.7-1 s an epoch at batch 512 with the graph, so ~280-400 s of GPU time)
-SEARCH_ONLY=cutout_12_epochs_80,cutout_12_epochs_60,cutout_12,cutout_12_epochs_60_ema,cutout_12_epochs_60_ls_0.2,\
-cutout_16_epochs_60
+# (7 runs with base, 420 epochs, ~385 at the paper network's cost: ~0.7-1 s an epoch at batch 512 with the
+# graph, so ~270-390 s of GPU time)
+SEARCH_ONLY=cutout_12_epochs_80,blocks_3_3_2_cutout_12_epochs_80,cutout_12_epochs_60,cutout_12,cutout_12_epochs_60_ema,\
+cutout_12_epochs_60_ls_0.2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
