@@ -168,9 +168,13 @@ limited() {
   echo "== $name: exit $rc after $((SECONDS - t0))s"
 }
 
-pytest_opts=()  # both plugins are in the GPU image: 4 workers (TEST_WORKERS), and a hung test fails alone
-python -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${TEST_WORKERS:-4}")
-python -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout "${TEST_TIMEOUT_S:-90}")
+pytest_options() {    # WORKERS TIMEOUT_S: both plugins are in the GPU image (xdist workers; a hung test fails alone)
+  pytest_opts=()
+  python -c "import xdist" 2>/dev/null && pytest_opts+=(-n "$1")
+  python -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout "$2")
+  return 0
+}
+pytest_options "${TEST_WORKERS:-4}" "${TEST_TIMEOUT_S:-90}"
 
 stage_tests() {       # the gpu-marked tests: real Triton kernels, compile fullgraph, DALI on the GPU
   limited gpu-tests "$1" python -m pytest -m gpu -q -rfE -p no:cacheprovider "${pytest_opts[@]}" \
@@ -246,8 +250,8 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 }
 ABLATION_ONLY=cutout_12,cutout_16,epochs_60,cutout_12_epochs_60,cutout_12_epochs_80
 # search's: the longest first (with 6 at a time they start together), then what may reach A_paper sooner
-# (7 runs with base, 420 epochs, ~385 at the paper network's cost: ~0.7-1 s an epoch at batch 512 with the
-# graph, so ~270-390 s of GPU time)
+# (7 runs with base, 420 epochs, ~397 at the paper network's cost: ~0.7-1 s an epoch at batch 512 with the
+# graph, so ~280-400 s of GPU time)
 SEARCH_ONLY=cutout_12_epochs_80,blocks_3_3_2_cutout_12_epochs_80,cutout_12_epochs_60,cutout_12,cutout_12_epochs_60_ema,\
 cutout_12_epochs_60_ls_0.2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
@@ -261,10 +265,7 @@ stage_search() {      # the gpu tests and the ablation at once: the tests check 
   # ablation's times are shared-device times anyway, so neither spoils the other and a session saves the
   # preflight's ~150 s. The graph needs no preflight since the second session (its gpu tests and two
   # 200-epoch runs). Fewer test workers with a longer per-test limit: the ablation's compiles share the cores.
-  TEST_WORKERS=${TEST_WORKERS:-2} TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-240}
-  pytest_opts=()
-  python -c "import xdist" 2>/dev/null && pytest_opts+=(-n "$TEST_WORKERS")
-  python -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout "$TEST_TIMEOUT_S")
+  pytest_options "${TEST_WORKERS:-2}" "${TEST_TIMEOUT_S:-240}"
   stage_tests "$1" &
   local tests_pid=$!
   stage_ablation "$2" "$SEARCH_ONLY"

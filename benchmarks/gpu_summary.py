@@ -23,6 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from recipe_verdict import fastest_lines  # beside this script, standard library only
+
 
 def _read_json(path: Path) -> dict | None:
     try:
@@ -119,8 +121,9 @@ def best(d: Path) -> list[str]:
             lines.append(f"best.yaml   seed {run['seed']}: final {_pct(run['final_test_acc'])} "
                          f"(TTA {_pct(run['final_test_acc_tta'])}), train {run['train_seconds']:.1f} s, "
                          f"compile {run['compile_seconds']:.0f} s; to {reach}")
-        verdict = ", ".join(f"{t}%: {_yes_no(v.get('mean_final_reaches'))}/{_yes_no(v.get('mean_final_tta_reaches'))}"
-                            for t, v in agg["targets"].items())
+        verdict = ", ".join(f"{t}%: {_yes_no(_reaches(agg, t, 'mean_final_reaches', 'final_test_acc_mean'))}/"
+                            f"{_yes_no(_reaches(agg, t, 'mean_final_tta_reaches', 'final_test_acc_tta_mean'))}"
+                            for t in agg["targets"])
         lines.append(f"best.yaml   mean final {_pct(agg['final_test_acc_mean'])} (TTA {_pct(agg['final_test_acc_tta_mean'])})"
                      f" over {agg['seeds']} seed(s){'' if result.get('complete', True) else ' (PARTIAL)'}; "
                      f"mean reaches (plain/TTA) {verdict}")
@@ -134,6 +137,13 @@ def best(d: Path) -> list[str]:
         if rows and run_dir.name not in finished:
             lines.append(f"best.yaml   {run_dir.name} (partial, not in the result file): {_epoch_line(rows)}")
     return lines
+
+
+def _reaches(agg: dict, target: str, key: str, mean_key: str) -> bool | None:
+    """Whether a mean reaches a target: the aggregate's own answer, or (files from before it) the mean's."""
+    if key in agg["targets"][target]:
+        return agg["targets"][target][key]
+    return None if agg.get(mean_key) is None else agg[mean_key] >= float(target)
 
 
 def _yes_no(flag) -> str:
@@ -212,7 +222,9 @@ def ablation(d: Path) -> list[str]:
              f"{'' if result.get('complete') else ' (PARTIAL)'}: val % (vs base), with flip / flip_shift TTA, epochs, train s"
              f"{f' ({jobs} runs at a time: shared-device)' if (jobs := result.get('jobs', 1)) > 1 else ''}"]
     for name, agg in result["aggregate"].items():
-        delta, by_tta = agg.get("delta_val_acc_vs_base"), agg.get("final_val_acc_by_tta_mean") or {}
+        delta = agg.get("delta_val_acc_vs_base")
+        # files from before the by-mode figures hold only the recipe's own TTA mode
+        by_tta = agg.get("final_val_acc_by_tta_mean") or {result["config"]["train"]["tta"]: agg.get("final_val_acc_tta_mean")}
         lines.append(f"  {name:<20} {_pct(agg['final_val_acc_mean'])} ({'-' if delta is None else f'{delta:+.2f}'}),"
                      f" {_pct(by_tta.get('flip'))} / {_pct(by_tta.get('flip_shift'))}, {agg.get('epochs', '-')} ep, "
                      f"{agg['train_seconds_median']:.1f} s, {agg['seeds']} seed(s)")
@@ -222,23 +234,21 @@ def ablation(d: Path) -> list[str]:
 
 
 def ablation_verdict(result: dict) -> list[str]:
-    """recipe_ablation.py's verdict ("fastest": per target and TTA kind, the quickest variant whose mean
-    final validation accuracy reaches it; "next": the cheapest of the first target's, with its
-    overrides as flags) and the best stage that tests it on the test set over 5 seeds."""
-    fastest = result.get("fastest") or {}
-    lines = []
-    for key, kinds in fastest.items():
-        parts = [f"{kind} none" if f is None else
-                 f"{kind} {f['variant']} ({f['val_acc']:.2f}%, {f['margin']:+.2f}, {f['epochs']} ep, {f['train_seconds']:.1f} s)"
-                 for kind, f in kinds.items()]
-        lines.append(f"  fastest to {key}%: {'; '.join(parts)}")
-    if not fastest:
-        return lines
-    # a search cut by its time limit (or with failed runs) judged only some variants: say which were not
-    judged = set(result.get("aggregate") or {})
-    unjudged = [name for name in result.get("variants", {}) if name not in judged]
+    """recipe_ablation.py's verdict (recipe_verdict.py: "fastest", per target and TTA kind the quickest
+    variant whose mean final validation accuracy reaches it; "next", the cheapest at the first target
+    with its flags) and the best stage that tests it on the test set over 5 seeds."""
+    if "fastest" not in result:  # a file from before the verdict
+        return []
+    fastest = result["fastest"]
+    lines = [f"  {line}" for line in fastest_lines(result)]
+    # a search cut by its time limit, or with failed runs, judged only some variants: say which were not
+    aggregates = result.get("aggregate") or {}
+    unjudged = [name for name in result.get("variants", {})
+                if name not in aggregates or not aggregates[name].get("all_seeds", True)]
     partial = (f" (PARTIAL: {', '.join(unjudged)} not judged)" if unjudged
                else "" if result.get("complete") else " (PARTIAL)")
+    if not any(agg.get("all_seeds", True) for agg in aggregates.values()):
+        return lines + [f"next        no variant was judged{partial}: see the failures and the logs"]
     pick = result.get("next")
     if pick is None:
         return lines + [f"next        no variant reached {next(iter(fastest))}% on validation{partial}: longer or "

@@ -22,8 +22,9 @@ they are shared-GPU times, marked as such in the JSON (`jobs`) and the table. It
 while a step is bound by host overhead (the first H200 session) or while the runs compile, N runs
 overlap and a device session fits more variants. The JSON is rewritten after every run: a run
 stopped by a time limit keeps what it measured (with --jobs, the runs in flight are lost). A run that
-fails (diverges, runs out of memory, its process dies) is recorded under "failed" and the others
-carry on; the exit code is then 1.
+fails is recorded under "failed" and the others carry on, the exit code then 1: with --jobs > 1 any
+failure, its process dying included; one at a time (in this process) a diverged run (TrainingError)
+or a CUDA out-of-memory error, while anything else ends the ablation.
 
 The verdict (recipe_verdict.py; "fastest" and "next" in the JSON, printed above the table): per
 target and TTA kind, the quickest variant whose mean final validation accuracy reaches it, and the
@@ -124,19 +125,23 @@ def variant_config(config: str, cli: dict, name: str, changes: dict, val_size: i
     return cfg, forward_flops(model) / 1e9
 
 
-def summarize(rows: list[dict], targets: list[float], gflops: dict[str, float]) -> dict:
+def summarize(rows: list[dict], targets: list[float], gflops: dict[str, float], seeds: int = 1,
+              failed: list[dict] = ()) -> dict:
     """Per variant: the aggregate over its seeds, the change of mean val accuracy against base, its
-    epochs, and its cost in epoch-GFLOPs (epochs x forward GFLOPs per image: proportional to its
-    training compute, whatever the network; the verdict's ranking of runs that shared the GPU)."""
+    epochs, its cost in epoch-GFLOPs (epochs x forward GFLOPs per image: proportional to its training
+    compute, whatever the network; the verdict's ranking of runs that shared the GPU), and whether all
+    its `seeds` finished ("all_seeds": a variant with a failed or unfinished seed is shown, not judged)."""
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
     out = {name: aggregate(runs, targets, SPLIT) for name, runs in by_variant.items()}
     base = out.get("base", {}).get("final_val_acc_mean")
+    failed_variants = {f["variant"] for f in failed}
     for name, agg in out.items():
         agg["epochs"] = max(len(r["epochs"]) for r in by_variant[name])  # metrics rows: epochs trained
         agg["forward_gflops"] = gflops[name]
         agg["epoch_gflops"] = agg["epochs"] * gflops[name]
+        agg["all_seeds"] = agg["seeds"] >= seeds and name not in failed_variants
         mean = agg["final_val_acc_mean"]
         agg["delta_val_acc_vs_base"] = None if base is None or mean is None else mean - base
     return out
@@ -268,29 +273,31 @@ def main(argv: list[str]) -> int:
     configs = {name: cfg for name, (cfg, _) in built.items()}
     gflops = {name: flops for name, (_, flops) in built.items()}
     base_cfg = configs["base"]
-    result = {"benchmark": "recipe_ablation", "meta": None, "config_name": base_cfg.name,
-              "config": config_to_dict(base_cfg), "variants_file": str(args.variants), "variants": variants,
-              "val_size": args.val_size, "split": SPLIT, "targets": args.targets, "jobs": args.jobs,
-              "complete": False, "runs": [], "failed": [], "aggregate": {}, "fastest": {},
-              "next": None}
-    out = None
+    # the provenance (seconds of imports and probes) up front: the first run to finish is then written
+    # at once, not cut by a time limit while its metadata is gathered
+    device = resolve_device(args.device)
+    result = {"benchmark": "recipe_ablation", "meta": run_metadata(device), "config_name": base_cfg.name,
+              "config": config_to_dict(base_cfg), "overrides": cli, "variants_file": str(args.variants),
+              "variants": variants, "val_size": args.val_size, "split": SPLIT, "targets": args.targets,
+              "seeds": args.seeds, "jobs": args.jobs, "complete": False, "runs": [], "failed": [], "aggregate": {},
+              "fastest": {}, "next": None}
+    out = args.out or default_result_path("recipe_ablation", base_cfg.name, device)
 
-    def done(row: dict, device) -> None:
-        nonlocal out
-        result["runs"].append(row)
-        result["runs"].sort(key=lambda r: order[r["variant"], r["seed"]])  # variants' order, whatever finished first
-        result["meta"] = result["meta"] or run_metadata(device)
-        result["aggregate"] = summarize(result["runs"], args.targets, gflops)
+    def judge() -> None:
+        result["aggregate"] = summarize(result["runs"], args.targets, gflops, args.seeds, result["failed"])
         result["fastest"] = fastest_reaching(result["aggregate"], {target_key(t): t for t in args.targets}, args.jobs)
         result["next"] = next_candidate(result)
-        out = out or args.out or default_result_path("recipe_ablation", base_cfg.name, device)
         write_json(out, result)  # after every run: a time limit loses only the runs in flight
+
+    def done(row: dict, device) -> None:  # noqa: ARG001 - run_parallel's callback signature
+        result["runs"].append(row)
+        result["runs"].sort(key=lambda r: order[r["variant"], r["seed"]])  # variants' order, whatever finished first
+        judge()
 
     def failed(error: RunFailed) -> None:
         print(f"error: {error}", file=sys.stderr, flush=True)
         result["failed"].append(error.record)
-        if out is not None:
-            write_json(out, result)
+        judge()
 
     with tempfile.TemporaryDirectory(prefix="fasttrain-ablation-") as tmp:
         root = args.runs_dir or Path(tmp)
@@ -305,14 +312,7 @@ def main(argv: list[str]) -> int:
                 except (TrainingError, torch.cuda.OutOfMemoryError) as e:  # a bad variant: the others still run
                     failed(RunFailed(task[0], task[2], f"{type(e).__name__}: {e}"))
         else:
-            # the provenance (seconds of imports and probes) up front: the first run to finish is then
-            # written at once, not cut by a time limit while its metadata is gathered
-            device = resolve_device(args.device)
-            result["meta"] = run_metadata(device)
-            out = args.out or default_result_path("recipe_ablation", base_cfg.name, device)
             run_parallel(tasks, min(args.jobs, len(tasks)), root, done, failed)
-    if out is None:  # every run failed before one finished
-        out = args.out or default_result_path("recipe_ablation", base_cfg.name, resolve_device(args.device))
     write_complete(out, result)
     print("\n".join(fastest_lines(result)))
     print_table(result)

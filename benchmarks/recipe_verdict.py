@@ -25,7 +25,8 @@ def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], job
     final validation accuracy, measured that way, reaches it: the candidates for the next
     configs/best.yaml, whose 5-seed test run (time_to_accuracy.py) then decides. Each is {"variant",
     "val_acc" (the mean it reached with), "margin" (that minus the target), "train_seconds", "epochs"}, or
-    None when no variant reaches the target that way.
+    None when no variant reaches the target that way. A variant with a seed missing (failed, or cut
+    by a time limit: "all_seeds" false) is not judged.
 
     Quickest: the shortest median training clock when the runs ran one at a time. With `jobs` > 1 the
     clocks are shared-device times that depend on how many runs happened to share the GPU with each
@@ -33,11 +34,12 @@ def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], job
     first instead (epoch-GFLOPs: epochs x the network's forward GFLOPs per image; plain epochs where
     the aggregate has no FLOP count), the higher accuracy breaking ties. Compute is a fair measure of
     cost between variants of one batch size; it ignores how well a batch size uses the GPU."""
+    judged = {name: agg for name, agg in aggregates.items() if agg.get("all_seeds", True)}  # none missing
     out = {}
     for key, target in targets.items():  # the JSON's key of a target ("92.52") and its value
         out[key] = {}
         for kind in TTA_KINDS:
-            reaching = [(cost_key(agg, jobs) + (-kind_accuracy(agg, kind),), name) for name, agg in aggregates.items()
+            reaching = [(cost_key(agg, jobs) + (-kind_accuracy(agg, kind),), name) for name, agg in judged.items()
                         if kind_accuracy(agg, kind) is not None and kind_accuracy(agg, kind) >= target]
             if not reaching:
                 out[key][kind] = None
@@ -56,11 +58,16 @@ def cost_key(agg: dict, jobs: int) -> tuple:
     return (agg["train_seconds_median"],) if jobs == 1 else (agg.get("epoch_gflops", agg["epochs"]),)
 
 
+# command-line overrides of the ablation that are plumbing, not recipe: the best stage sets its own
+PLUMBING = ("train.checkpoint_every", "output.", "data.dir")
+
+
 def next_candidate(result: dict) -> dict | None:
     """The candidate for configs/best.yaml at the first target: the cheapest entry of its "fastest" over
-    the TTA kinds (a tie goes to less TTA), with the overrides that make it from the config as
-    `best_args` (flags for time_to_accuracy.py; train.tta set to the kind that reached, where it
-    differs). None when nothing reached the first target."""
+    the TTA kinds (cheapest first, whatever the TTA; a tie goes to less TTA), with the overrides that
+    make the config it was judged with as `best_args`: the ablation's own command-line overrides (but
+    plumbing), then the variant's, then train.tta set to the kind that reached where it differs. None
+    when nothing reached the first target."""
     if not result["fastest"]:
         return None
     key, kinds = next(iter(result["fastest"].items()))
@@ -69,7 +76,8 @@ def next_candidate(result: dict) -> dict | None:
     if not entries:
         return None
     *_, kind, pick = min(entries, key=lambda e: e[:2])
-    changes = dict(result["variants"][pick["variant"]])
+    changes = {key: value for key, value in (result.get("overrides") or {}).items() if not key.startswith(PLUMBING)}
+    changes.update(result["variants"][pick["variant"]])
     tta = changes.get("train.tta", result["config"]["train"]["tta"])
     if kind != "plain" and kind != tta:
         changes["train.tta"] = kind
@@ -97,7 +105,7 @@ def override_flags(changes: dict) -> str:
 
 def fastest_lines(result: dict) -> list[str]:
     """The verdict in words, a line per target (printed above the table, which stays last)."""
-    shared = " (shared-device times; ranked by compute)" if result["jobs"] > 1 else ""
+    shared = " (shared-device times; ranked by compute)" if result.get("jobs", 1) > 1 else ""
     lines = []
     for key, kinds in result.get("fastest", {}).items():
         parts = []

@@ -433,7 +433,10 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     fastest = recipe_verdict.fastest_reaching(aggregates, {f"{t:g}": t for t in (92.5, 91.5, 93.2, 93.35, 99.0)}, jobs=6)
     assert fastest["92.5"]["plain"] == {"variant": "cutout", "val_acc": 92.6, "margin": pytest.approx(0.1),
                                         "train_seconds": 41.0, "epochs": 40}
-    assert fastest["91.5"]["plain"]["variant"] == "cutout"  # 40 epochs each: the more accurate of base, cutout
+    assert fastest["91.5"]["plain"]["variant"] == "cutout"  # base (91.0) does not reach it
+    # a variant with a failed or unfinished seed is not judged, however good
+    unfinished = dict(aggregates, cutout=dict(aggregates["cutout"], all_seeds=False))
+    assert recipe_verdict.fastest_reaching(unfinished, {"92.5": 92.5}, jobs=6)["92.5"]["plain"]["variant"] == "late"
     assert fastest["91.5"]["flip"]["variant"] == "cutout" and fastest["91.5"]["flip_shift"]["variant"] == "cutout"
     assert fastest["93.2"]["plain"] is None and fastest["93.2"]["flip"]["variant"] == "long"
     assert fastest["93.2"]["flip_shift"]["variant"] == "late"
@@ -451,6 +454,10 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
         result["next"] = recipe_verdict.next_candidate(result)
         return result["next"], summary.ablation_verdict(result)[-1]
 
+    result["overrides"] = {"train.cuda_graph": False, "train.checkpoint_every": 1000, "output.dir": "x"}
+    pick, _ = verdict({"92.5": fastest["92.5"]})  # the ablation's own overrides too, but plumbing
+    assert pick["best_args"] == "--train.cuda_graph=false --data.cutout=12 --model.blocks=[4,4,3]"
+    result["overrides"] = {}
     pick, line = verdict({"92.5": fastest["92.5"]})
     assert ("fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times; "
             "ranked by compute))") in recipe_verdict.fastest_lines(result)[0]
@@ -538,6 +545,27 @@ def test_recipe_ablation_records_a_failed_run_names_it_and_carries_on(repo_root,
                           capture_output=True, text=True, timeout=60).stdout
     assert "  diverges             FAILED (seed 0): TrainingError" in text
     assert "(PARTIAL: diverges not judged)" in text
+
+
+def test_recipe_ablation_one_at_a_time_with_every_run_failed_still_reports(repo_root, cifar_dir, tmp_path):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("base: {}\nagain: {optim.momentum: 0.8}\n")
+    out = tmp_path / "a.json"
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants",
+                           str(variants), "--seeds", "1", "--val-size", "100", "--out", str(out), "--optim.lr",
+                           "1.0e+30", "--optim.clip", "none"], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: 2 run(s) failed: base seed 0, again seed 0" in proc.stderr
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and saved["runs"] == [] and saved["meta"]["device"]
+    session = tmp_path / "session"
+    session.mkdir()
+    (session / "ablation.json").write_text(out.read_text())
+    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "next        no variant was judged (PARTIAL: base, again not judged)" in text
 
 
 def test_recipe_ablation_jobs_name_a_run_whose_process_died(repo_root, cifar_dir, tmp_path):
