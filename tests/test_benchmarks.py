@@ -363,6 +363,15 @@ ABLATION_TINY = ["--config", "configs/smoke.yaml", "--device", "cpu", "--data.tr
                  "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false"]
 
 
+def ablation_summary(repo_root, ablation_json, tmp_path) -> str:
+    """gpu_summary.py's text for a session folder holding this ablation result, as gpu_session.sh leaves it."""
+    session = tmp_path / "session"
+    session.mkdir(exist_ok=True)
+    (session / "ablation.json").write_text(ablation_json.read_text())
+    return subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60).stdout
+
+
 def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path):
     variants = tmp_path / "variants.yaml"
     variants.write_text("base: {}\nmore_lr: {optim.lr: 0.2, optim.label_smoothing: 0.1}\nunused: {train.epochs: 3}\n")
@@ -394,11 +403,7 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     assert agg["base"]["delta_val_acc_vs_base"] == 0.0
     assert agg["more_lr"]["delta_val_acc_vs_base"] == pytest.approx(means["more_lr"] - means["base"])
 
-    session = tmp_path / "session"  # what gpu_session.sh's ablation stage leaves: the summary reads it
-    session.mkdir()
-    (session / "ablation.json").write_text(out.read_text())
-    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
-                          capture_output=True, text=True, timeout=60).stdout
+    text = ablation_summary(repo_root, out, tmp_path)  # what the ablation stage leaves, summarized
     delta = agg["more_lr"]["delta_val_acc_vs_base"]
     assert f"more_lr              {agg['more_lr']['final_val_acc_mean']:.2f}% ({delta:+.2f})" in text
     assert f"base                 {agg['base']['final_val_acc_mean']:.2f}% (+0.00)" in text
@@ -510,11 +515,7 @@ def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir
         assert "epoch   2/2" in log and "fasttrain run summary" in log
     assert two["aggregate"]["more_lr"]["delta_val_acc_vs_base"] == pytest.approx(
         two["runs"][1]["final_val_acc"] - two["runs"][0]["final_val_acc"])
-    session = tmp_path / "session"  # gpu_session.sh's summary says the times were shared
-    session.mkdir()
-    (session / "ablation.json").write_text((tmp_path / "ablation-2.json").read_text())
-    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
-                          capture_output=True, text=True, timeout=60).stdout
+    text = ablation_summary(repo_root, tmp_path / "ablation-2.json", tmp_path)  # it says the times were shared
     assert "train s (2 runs at a time: shared-device)" in text
 
 
@@ -538,11 +539,7 @@ def test_recipe_ablation_records_a_failed_run_names_it_and_carries_on(repo_root,
     assert list(saved["aggregate"]) == ["base"] and saved["failed"][0]["variant"] == "diverges"
     assert saved["failed"][0]["error"].startswith("TrainingError")
     assert (saved["failed"][0]["log"] or "").endswith(".log") == (jobs > 1)
-    session = tmp_path / "session"
-    session.mkdir()
-    (session / "ablation.json").write_text(out.read_text())
-    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
-                          capture_output=True, text=True, timeout=60).stdout
+    text = ablation_summary(repo_root, out, tmp_path)
     assert "  diverges             FAILED (seed 0): TrainingError" in text
     assert "(PARTIAL: diverges not judged)" in text
 
@@ -560,11 +557,7 @@ def test_recipe_ablation_one_at_a_time_with_every_run_failed_still_reports(repo_
     assert "error: 2 run(s) failed: base seed 0, again seed 0" in proc.stderr
     saved = json.loads(out.read_text())
     assert saved["complete"] is True and saved["runs"] == [] and saved["meta"]["device"]
-    session = tmp_path / "session"
-    session.mkdir()
-    (session / "ablation.json").write_text(out.read_text())
-    text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(session)], cwd=repo_root,
-                          capture_output=True, text=True, timeout=60).stdout
+    text = ablation_summary(repo_root, out, tmp_path)
     assert "next        no variant was judged (PARTIAL: base, again not judged)" in text
 
 
