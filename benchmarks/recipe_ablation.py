@@ -179,23 +179,21 @@ class RunFailed(Exception):
         super().__init__(f"variant {variant!r} seed {seed} failed: {error}{where}")
 
 
-def run_one(task: tuple) -> tuple[dict, object]:
-    """One (variant, seed) run in this process: its result row (tagged with the variant) and its device."""
+def run_one(task: tuple) -> dict:
+    """One (variant, seed) run in this process: its result row, tagged with the variant."""
     name, cfg, seed, run_dir, args = task
-    row, device = run_seed(seed_config(cfg, seed, run_dir), args, run_dir, split=SPLIT)
+    row, _ = run_seed(seed_config(cfg, seed, run_dir), args, run_dir, split=SPLIT)
     row["variant"] = name
     row["run_dir"] = str(run_dir) if args.runs_dir else None
-    return row, device
+    return row
 
 
 def run_worker(task: tuple, log: Path, result_path: Path, threads: int) -> None:
     """A worker process: run_one with its output in `log`, its outcome in `result_path` (JSON:
-    {"status": "ok", "row", "device"} or {"status": "error", "error"}). Errors travel as text: the
+    {"status": "ok", "row"} or {"status": "error", "error"}). Errors travel as text: the
     project's exceptions do not all survive pickling, and the parent names the failed run either way.
     A worker that dies without writing its result (a crash, a kill) is caught by its exit code."""
     import traceback
-
-    import torch
 
     torch.set_num_threads(threads)  # its share of the cores: N runs must not oversubscribe them
     with open(log, "w", encoding="utf-8") as f:  # fd-level, so the trainer's console and C code land there too
@@ -204,8 +202,7 @@ def run_worker(task: tuple, log: Path, result_path: Path, threads: int) -> None:
     sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
     try:
-        row, device = run_one(task)
-        outcome = {"status": "ok", "row": row, "device": str(device)}
+        outcome = {"status": "ok", "row": run_one(task)}
     except BaseException as e:  # noqa: BLE001 - a SIGINT's RunInterrupted too: reported, not re-raised
         traceback.print_exc()
         outcome = {"status": "error", "error": f"{type(e).__name__}: {e}"}
@@ -221,7 +218,7 @@ def tail(path: Path, lines: int = 3) -> str:
 
 def run_parallel(tasks: list[tuple], jobs: int, root: Path, done, failed) -> None:
     """Run `tasks` `jobs` at a time, each in a fresh spawned process (its own CUDA context, compile
-    caches and dynamo state), calling `done(row, device)` as each finishes, or `failed(RunFailed)` for
+    caches and dynamo state), calling `done(row)` as each finishes, or `failed(RunFailed)` for
     a run that fails or whose process dies: the others carry on (one bad variant must not cost a
     device session's whole search)."""
     import multiprocessing as mp
@@ -256,7 +253,7 @@ def run_parallel(tasks: list[tuple], jobs: int, root: Path, done, failed) -> Non
                 row = outcome["row"]
                 print(f"recipe_ablation: {name} seed {seed} done: val {row['final_val_acc']}%\n{tail(log)}",
                       flush=True)
-                done(row, torch.device(outcome["device"]))
+                done(row)
     finally:  # the parent stopped (a time limit, Ctrl-C): the runs still going would only hold the device
         for process in running:
             process.terminate()
@@ -289,7 +286,7 @@ def main(argv: list[str]) -> int:
         result["next"] = next_candidate(result)
         write_json(out, result)  # after every run: a time limit loses only the runs in flight
 
-    def done(row: dict, device) -> None:  # noqa: ARG001 - run_parallel's callback signature
+    def done(row: dict) -> None:
         result["runs"].append(row)
         result["runs"].sort(key=lambda r: order[r["variant"], r["seed"]])  # variants' order, whatever finished first
         judge()
@@ -308,7 +305,7 @@ def main(argv: list[str]) -> int:
         if args.jobs == 1:
             for task in tasks:
                 try:
-                    done(*run_one(task))
+                    done(run_one(task))
                 except (TrainingError, torch.cuda.OutOfMemoryError) as e:  # a bad variant: the others still run
                     failed(RunFailed(task[0], task[2], f"{type(e).__name__}: {e}"))
         else:

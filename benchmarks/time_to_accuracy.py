@@ -113,7 +113,14 @@ def run_seed(cfg, args, run_dir: Path, split: str = "test") -> tuple[dict, objec
         # otherwise land in epoch 1's time
         warmup = trainer.warmup()
     summary = trainer.fit()
-    by_tta = trainer.accuracy_by_tta().get(split)  # off the clock: a few passes over the split
+    # every TTA mode's final accuracy: fit() measured none and train.tta's mode, the others are measured
+    # here, off the clock (a few passes over the split)
+    measured = {"none": summary[f"final_{split}_acc"]}
+    if cfg.train.tta != "none":
+        measured[cfg.train.tta] = summary[f"final_{split}_acc_tta"]
+    missing = [mode for mode in TTA_MODES if measured.get(mode) is None]
+    measured.update(trainer.accuracy_by_tta(missing).get(split, {}) if missing else {})
+    by_tta = {mode: measured[mode] for mode in TTA_MODES if measured.get(mode) is not None} or None
     epochs = read_epochs(run_dir / "metrics.jsonl")
     row = {
         "seed": cfg.train.seed,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fasttrain.config import load_config
+from fasttrain.evaluate import evaluate_checkpoint
 from fasttrain.model import build_model, forward_flops
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -106,7 +107,8 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     proc = run_script(repo_root, cifar_dir, "benchmarks/time_to_accuracy.py", "--config", "configs/smoke.yaml",
                       "--seeds", "2", "--targets", "0", "100", "--device", "cpu", "--out", out,
                       "--runs-dir", runs, "--data.train_subset", "128", "--data.test_subset", "100",
-                      "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false")
+                      "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false",
+                      "--train.tta", "flip")
     tail = proc.stdout[proc.stdout.rindex("wrote "):]
     assert "seeds reaching" in tail and proc.stdout.rstrip().endswith("reaching the target")  # the table is last
     result = json.loads(out.read_text())
@@ -124,9 +126,13 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
         assert row["epochs_to_target"]["0"] == 1
         assert row["time_to_target"]["100"] is None and row["epochs_to_target"]["100"] is None
         assert row["final_test_acc"] == metrics[-1]["test_acc"]
-        # every TTA mode measured after the run, off the clock: "none" is the final evaluation again
+        # every TTA mode's final accuracy: none and train.tta's flip as the run measured them, ...
         assert set(row["final_test_acc_by_tta"]) == {"none", "flip", "flip_shift"}
         assert row["final_test_acc_by_tta"]["none"] == row["final_test_acc"]
+        assert row["final_test_acc_by_tta"]["flip"] == row["final_test_acc_tta"] is not None
+        # ... and the others scored after it, off the clock: what `eval` makes of its checkpoint
+        assert row["final_test_acc_by_tta"]["flip_shift"] == pytest.approx(evaluate_checkpoint(
+            runs / f"seed-{row['seed']}" / "last.pt", tta="flip_shift", device="cpu", data_dir=str(cifar_dir))["test_acc"])
         assert row["best_test_acc"] == max(m["test_acc"] for m in metrics)
         assert row["compile_seconds"] == 0.0  # no compile, and no autotuning warmup on a CPU
         assert [e["test_acc"] for e in row["epochs"]] == [m["test_acc"] for m in metrics]

@@ -176,6 +176,9 @@ class TorchLoader:
             images, labels = images[shard], labels[shard]
         self.num_samples, _ = shard_bounds(n, batch_size=batch_size, train=train, drop_last=self.drop_last,
                                            rank=rank, world_size=world_size)
+        # training: this rank's positions in every epoch's draws (the epochs differ, the positions do not)
+        self._train_shard = shard_slice(n, batch_size=batch_size, train=True, drop_last=self.drop_last, rank=rank,
+                                        world_size=world_size) if train else None
         if self.drop_last and self.num_samples == 0:
             raise ValueError(f"batch_size={batch_size} leaves no full batch of the {self._dataset_size} images "
                              f"on each of {world_size} rank(s)")
@@ -213,8 +216,7 @@ class TorchLoader:
                         self.flip_mode)
         draws = torch.cat([d.order[:, None], d.offsets, d.flips[:, None], *([d.cutout] if self.cutout else [])],
                           dim=1)
-        draws = draws[shard_slice(self._dataset_size, batch_size=self.batch_size, train=True,
-                                  drop_last=self.drop_last, rank=self.rank, world_size=self.world_size)]
+        draws = draws[self._train_shard]
         if self.device.type == "cuda":  # from pinned memory: the copy does not stall the host
             return draws.pin_memory().to(self.device, non_blocking=True)
         return draws
