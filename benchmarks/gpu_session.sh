@@ -13,7 +13,9 @@
 #   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
 #               one stage alone (limit: the deadline). torchrun: one-process torchrun, plain, with the fast
 #               paths, and with the DDP step as a CUDA graph. profile: benchmarks/profile_step.py (host- or
-#               GPU-bound, per row); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
+#               GPU-bound, per row); best: time_to_accuracy.py on best.yaml, SEEDS seeds, with BEST_ARGS, or
+#               with the candidate of the recipe_ablation result BEST_FROM names (the search keeps its own at
+#               SEARCH_KEEP, /tmp/fasttrain-search.json); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
 #               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
 #               on the one GPU, engine switches in APAPER_ARGS: for issue 6's A_paper. The runs live in
@@ -63,9 +65,13 @@
 #   then give_back.
 # The next session's calls (15 minutes in all): the two staging calls, then search as the third
 # (carry .stage/03, BUDGET_S=530, timeout_s 580, "... && bash benchmarks/gpu_session.sh search $OUT"):
-# the gpu tests (issue 4's fixes) and the recipe ablation at once. With ~250 s left after it: quick's
-# profile and throughput on the same warm machine (a fourth call within 30 s, restoring the payload as
-# above, BUDGET_S=200: "bash benchmarks/gpu_session.sh throughput $OUT/t"), then give_back. (The
+# the gpu tests (issue 4's fixes) and the recipe ablation at once. Then, on the same warm machine (a fourth
+# call within 30 s, restoring the payload as above): if its summary's next line names a candidate and
+# ~420 s or more are left, the final run at once, with no flags copied by hand (the search's result is
+# kept at /tmp/fasttrain-search.json): "SEEDS=5 BEST_FROM=/tmp/fasttrain-search.json BUDGET_S=<left - 40>
+# bash benchmarks/gpu_session.sh best $OUT/b" (its seeds are written as each finishes: one cut short keeps
+# the others); else quick's profile and throughput (BUDGET_S=200: "bash benchmarks/gpu_session.sh
+# throughput $OUT/t"); then give_back. (The
 # older plan, preflight then ablation: preflight as the third call with BUDGET_S=215, timeout_s 260,
 # then the ablation with what is left as the summary's "next call" line says, with
 # ABLATION_ARGS="--train.cuda_graph false" unless graphseed and the graph's gpu tests passed.) The session after runs
@@ -98,6 +104,7 @@ out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
 budget=${BUDGET_S:-500}
+SEARCH_KEEP=${SEARCH_KEEP:-/tmp/fasttrain-search.json}  # the last ablation's result, kept for BEST_FROM
 deadline=$((${GPU_SESSION_T0:-$(date +%s)} + budget))  # epoch seconds
 now() { date +%s; }
 
@@ -117,6 +124,8 @@ finish() {  # the summary (printed last: the reply keeps the end of the output) 
   # sleep holds no output open and ends with the machine
   [[ -n ${watchdog:-} ]] && kill "$watchdog" 2>/dev/null
   collect_apaper
+  # the search's verdict stays on the machine for a best call with BEST_FROM (OUT is emptied per call)
+  [[ -f $work/ablation.json ]] && cp "$work/ablation.json" "$SEARCH_KEEP"
   python benchmarks/gpu_summary.py "$work" | tee "$work/summary.txt"
   echo "gpu_session: finished $(( $(now) - deadline + budget ))s after the session's start (deadline ${budget}s)"
   if [[ -n $out ]]; then
@@ -141,8 +150,10 @@ if ! command -v python >/dev/null; then  # the image's interpreter may be python
   mkdir -p /tmp/gpu-session-bin && ln -sf "$(command -v python3)" /tmp/gpu-session-bin/python
   export PATH=/tmp/gpu-session-bin:$PATH
 fi
-python -m pip install -q --no-deps --no-build-isolation -e . >"$work/pip.log" 2>&1 ||
-  echo "gpu_session: pip install -e . failed (see pip.log in the archive): fasttrain.kernels will be missing" >&2
+if [[ ${INSTALL:-1} != 0 ]]; then  # INSTALL=0: the project is installed from this tree already (the tests)
+  python -m pip install -q --no-deps --no-build-isolation -e . >"$work/pip.log" 2>&1 ||
+    echo "gpu_session: pip install -e . failed (see pip.log in the archive): fasttrain.kernels will be missing" >&2
+fi
 python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" \
   | tee "$work/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
@@ -196,7 +207,20 @@ stage_graphseed() {   # the paper's recipe with the engine's fast paths and the 
     --output.progress false --train.checkpoint_every 1000
 }
 stage_best() {        # the fast recipe in full, SEEDS (1) seeds, timed; run folders kept for partial results
-  # BEST_ARGS: overrides, e.g. "--train.epochs 60" or "--train.cuda_graph false"
+  # BEST_ARGS: overrides, e.g. "--train.epochs 60" or "--train.cuda_graph false". Or BEST_FROM: a
+  # recipe_ablation.py result whose candidate ("next") to run, e.g. the search's, which every session
+  # keeps at $SEARCH_KEEP on the machine: a search and the final run chain on one warm machine with no
+  # flags copied by hand (the warm machine waits 30 s). Both set: BEST_ARGS wins.
+  if [[ -z ${BEST_ARGS:-} && -n ${BEST_FROM:-} ]]; then
+    if ! BEST_ARGS=$(python benchmarks/recipe_verdict.py "$BEST_FROM" 2>"$work/best-from.log"); then
+      cat "$work/best-from.log"
+      printf 'best\tno-candidate\t0\n' >>"$work/stages.tsv"
+      echo "== best: skipped, no candidate in BEST_FROM=$BEST_FROM"
+      return 0
+    fi
+    cat "$work/best-from.log"
+    echo "BEST_ARGS=$BEST_ARGS (from $BEST_FROM)" | tee -a "$work/best-from.log"
+  fi
   # shellcheck disable=SC2086
   limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
     --targets apaper 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000 \

@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from recipe_verdict import fastest_lines  # beside this script, standard library only
+from recipe_verdict import fastest_lines, yes_no  # beside this script, standard library only
 
 
 def _read_json(path: Path) -> dict | None:
@@ -71,7 +71,8 @@ def stages(d: Path) -> list[str]:
     out = []
     for name, code, seconds in rows:
         verdict = {"0": "ok", "124": "TIME LIMIT", "137": "TIME LIMIT (killed)",
-                   "skip": "skipped (no time left)"}.get(code, f"exit {code}")
+                   "skip": "skipped (no time left)",
+                   "no-candidate": "skipped (BEST_FROM: no candidate)"}.get(code, f"exit {code}")
         out.append(f"{name:<11} {verdict:<22} {seconds}s")
     return out
 
@@ -121,8 +122,8 @@ def best(d: Path) -> list[str]:
             lines.append(f"best.yaml   seed {run['seed']}: final {_pct(run['final_test_acc'])} "
                          f"(TTA {_pct(run['final_test_acc_tta'])}), train {run['train_seconds']:.1f} s, "
                          f"compile {run['compile_seconds']:.0f} s; to {reach}")
-        verdict = ", ".join(f"{t}%: {_yes_no(_reaches(agg, t, 'mean_final_reaches', 'final_test_acc_mean'))}/"
-                            f"{_yes_no(_reaches(agg, t, 'mean_final_tta_reaches', 'final_test_acc_tta_mean'))}"
+        verdict = ", ".join(f"{t}%: {yes_no(_reaches(agg, t, 'mean_final_reaches', 'final_test_acc_mean'))}/"
+                            f"{yes_no(_reaches(agg, t, 'mean_final_tta_reaches', 'final_test_acc_tta_mean'))}"
                             for t in agg["targets"])
         lines.append(f"best.yaml   mean final {_pct(agg['final_test_acc_mean'])} (TTA {_pct(agg['final_test_acc_tta_mean'])})"
                      f" over {agg['seeds']} seed(s){'' if result.get('complete', True) else ' (PARTIAL)'}; "
@@ -144,10 +145,6 @@ def _reaches(agg: dict, target: str, key: str, mean_key: str) -> bool | None:
     if key in agg["targets"][target]:
         return agg["targets"][target][key]
     return None if agg.get(mean_key) is None else agg[mean_key] >= float(target)
-
-
-def _yes_no(flag) -> str:
-    return "-" if flag is None else ("yes" if flag else "no")
 
 
 def throughput(d: Path) -> list[str]:
@@ -233,6 +230,9 @@ def ablation(d: Path) -> list[str]:
     return lines + ablation_verdict(result)
 
 
+SEARCH_KEEP = "/tmp/fasttrain-search.json"  # where gpu_session.sh keeps the last ablation's result (its default)
+
+
 def ablation_verdict(result: dict) -> list[str]:
     """recipe_ablation.py's verdict (recipe_verdict.py: "fastest", per target and TTA kind the quickest
     variant whose mean final validation accuracy reaches it; "next", the cheapest at the first target
@@ -256,8 +256,8 @@ def ablation_verdict(result: dict) -> list[str]:
     how = "without TTA" if pick["kind"] == "plain" else f"with {pick['kind']} TTA"
     return lines + ["next        best on nvidia-h100-x1 with SEEDS=5"
                     + (f" BEST_ARGS='{pick['best_args']}'" if pick["best_args"] else "")
-                    + f": {pick['variant']} reached {pick['target']}% {how} on validation{partial}; its 5-seed "
-                    "test mean decides configs/best.yaml"]
+                    + f" (or, on this warm machine, BEST_FROM={SEARCH_KEEP}): {pick['variant']} reached "
+                    f"{pick['target']}% {how} on validation{partial}; its 5-seed test mean decides configs/best.yaml"]
 
 
 def loader(d: Path) -> list[str]:

@@ -1,6 +1,12 @@
 """The verdict of a recipe ablation (recipe_ablation.py): which variant reaches each target soonest,
 and the candidate for configs/best.yaml with the flags that make it.
 
+    python benchmarks/recipe_verdict.py ABLATION_JSON
+
+prints the candidate's flags (its "next" entry's best_args; the line gpu_session.sh's best stage takes
+with BEST_FROM, so a search and the final run chain on one machine without copying flags by hand), or
+says on stderr why there is none and exits 1.
+
 Plain data in, plain data out (the ablation's aggregates, per variant: mean final validation accuracy
 without TTA and per TTA mode, median training clock, epochs), with no torch import, so that
 gpu_summary.py's tests and a reader can check it on its own.
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 TTA_KINDS = ("plain", "flip", "flip_shift")  # how a final accuracy was measured: no TTA, then each TTA mode
 
@@ -116,3 +123,40 @@ def fastest_lines(result: dict) -> list[str]:
                          f"{f['train_seconds']:.1f} s{shared})")
         lines.append(f"fastest to {key}% val: " + "; ".join(parts))
     return lines
+
+
+def yes_no(flag: bool | None) -> str:
+    """A reaches-the-target answer in a table: yes, no, or - where it was not measured."""
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python benchmarks/recipe_verdict.py ABLATION_JSON  (a recipe_ablation.py result)", file=sys.stderr)
+        return 2
+    try:
+        with open(argv[0], encoding="utf-8") as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"recipe_verdict: cannot read {argv[0]}: {e}; pass the JSON a recipe_ablation.py run wrote "
+              "(gpu_session.sh keeps the last one at /tmp/fasttrain-search.json)", file=sys.stderr)
+        return 1
+    if result.get("benchmark") != "recipe_ablation":
+        print(f"recipe_verdict: {argv[0]} is not a recipe_ablation.py result (its \"benchmark\" is "
+              f"{result.get('benchmark')!r})", file=sys.stderr)
+        return 1
+    pick = result.get("next")
+    if pick is None:
+        targets = list(result.get("fastest") or {})
+        print(f"recipe_verdict: no candidate in {argv[0]}: no judged variant reached "
+              f"{targets[0] + '%' if targets else 'the first target'} on validation "
+              f"({'complete' if result.get('complete') else 'a partial search'}); see its table", file=sys.stderr)
+        return 1
+    print(f"recipe_verdict: {pick['variant']} reached {pick['target']}% ({pick['kind']}) on validation; "
+          f"{pick['epochs']} epochs", file=sys.stderr)
+    print(pick["best_args"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

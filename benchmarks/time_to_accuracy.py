@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 
 from common import (add_targets_argument, check_targets, default_result_path, run_main,  # noqa: E402
                     run_metadata, wide_console, write_complete, write_json)
+from recipe_verdict import yes_no  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fasttrain.config import ConfigError, config_to_dict, load_config, validate  # noqa: E402
@@ -189,10 +190,6 @@ def _fmt(value, spec: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
 
-def _yes_no(flag: bool | None) -> str:
-    return "-" if flag is None else ("yes" if flag else "no")
-
-
 def print_tables(result: dict) -> None:
     console = wide_console()
     keys = [target_key(t) for t in result["targets"]]
@@ -218,7 +215,7 @@ def print_tables(result: dict) -> None:
         t = agg["targets"][k]
         summary.add_row(k, f"{t['reached']}/{agg['seeds']}", f"{t['fraction_reached']:.2f}",
                         _fmt(t["median_time_to_target"], ".2f"), _fmt(t["median_epochs_to_target"], "g"),
-                        _yes_no(t["mean_final_reaches"]), _yes_no(t["mean_final_tta_reaches"]))
+                        yes_no(t["mean_final_reaches"]), yes_no(t["mean_final_tta_reaches"]))
     console.print(seeds)
     console.print(summary)
 

@@ -9,7 +9,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -474,8 +476,9 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
             "ranked by compute))") in recipe_verdict.fastest_lines(result)[0]
     # the cheapest reaching the first target, a tie going to less TTA; its overrides as flags
     assert pick["kind"] == "plain" and pick["best_args"] == "--data.cutout=12 --model.blocks=[4,4,3]"
-    assert line.startswith("next        best on nvidia-h100-x1 with SEEDS=5 "
-                           "BEST_ARGS='--data.cutout=12 --model.blocks=[4,4,3]': cutout reached 92.5% without TTA")
+    assert line.startswith("next        best on nvidia-h100-x1 with SEEDS=5 BEST_ARGS='--data.cutout=12 "
+                           "--model.blocks=[4,4,3]' (or, on this warm machine, BEST_FROM=/tmp/fasttrain-search.json): "
+                           "cutout reached 92.5% without TTA")
     from fasttrain.config import parse_overrides
     assert parse_overrides(pick["best_args"].split()) == {"data.cutout": 12, "model.blocks": [4, 4, 3]}
     pick, line = verdict({"93.2": fastest["93.2"]})  # flip reaches with 80 epochs, flip_shift with 60: cheaper
@@ -490,6 +493,69 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     result.update(complete=False, aggregate={name: aggregates[name] for name in ("base", "cutout")})
     _, line = verdict(recipe_verdict.fastest_reaching(result["aggregate"], {"92.5": 92.5}, jobs=6))
     assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, late not judged);" in line
+
+
+def test_recipe_verdict_prints_the_candidates_flags_or_says_why_there_is_none(repo_root, tmp_path):
+    """The command line that gpu_session.sh's best stage reads (BEST_FROM): the flags on stdout, alone."""
+    def verdict(doc) -> subprocess.CompletedProcess:
+        path = tmp_path / "ablation.json"
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        return subprocess.run([sys.executable, "benchmarks/recipe_verdict.py", str(path)], cwd=repo_root,
+                              capture_output=True, text=True, timeout=60)
+
+    pick = {"target": "92.52", "kind": "flip", "variant": "cutout_12", "val_acc": 92.9, "margin": 0.38,
+            "epochs": 60, "best_args": "--data.cutout=12 --train.epochs=60"}
+    found = verdict({"benchmark": "recipe_ablation", "complete": True, "fastest": {"92.52": {}}, "next": pick})
+    assert found.returncode == 0 and found.stdout == "--data.cutout=12 --train.epochs=60\n"
+    assert "cutout_12 reached 92.52% (flip) on validation; 60 epochs" in found.stderr
+    none = verdict({"benchmark": "recipe_ablation", "complete": False, "fastest": {"92.52": {}}, "next": None})
+    assert none.returncode == 1 and none.stdout == ""
+    assert "no judged variant reached 92.52% on validation (a partial search)" in none.stderr
+    other = verdict({"benchmark": "time_to_accuracy", "next": pick})
+    assert other.returncode == 1 and other.stdout == "" and "not a recipe_ablation.py result" in other.stderr
+    cut = verdict('{"benchmark": "recipe_abl')  # cut mid-write
+    assert cut.returncode == 1 and cut.stdout == "" and "cannot read" in cut.stderr
+
+
+def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_path):
+    """gpu_session.sh best with BEST_FROM: the ablation result's candidate flags become the run's
+    overrides (no copying by hand within a warm machine's 30 s); with no candidate the stage says so
+    and trains nothing. A CPU-sized candidate of best.yaml, run as the device runs it."""
+    tiny = ("--train.compile=false --train.cuda_graph=false --model.base_channels=8 --model.blocks=[1,1,1] "
+            "--data.train_subset=128 --data.test_subset=100 --train.epochs=1 --train.batch_size=64 "
+            "--output.progress=false --data.cutout=4")
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir), OMP_NUM_THREADS="1", INSTALL="0", BUDGET_S="240",
+               SEARCH_KEEP=str(tmp_path / "kept.json"))
+    env.pop("BEST_ARGS", None)
+    env.pop("GPU_SESSION_T0", None)
+
+    def session(name: str, doc: dict) -> tuple[subprocess.CompletedProcess, Path]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+        out = tmp_path / name
+        out.mkdir()
+        proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "best", str(out)], cwd=repo_root,
+                              env=dict(env, BEST_FROM=str(tmp_path / f"{name}.json")), capture_output=True,
+                              text=True, timeout=280)
+        return proc, out
+
+    proc, out = session("none", {"benchmark": "recipe_ablation", "complete": True, "fastest": {"92.52": {}},
+                                 "next": None})
+    assert proc.returncode == 0, proc.stderr
+    assert "best        skipped (BEST_FROM: no candidate)" in (out / "summary.txt").read_text()
+    assert not (out / "weights-best-bf16.pt").exists()
+
+    pick = {"target": "92.52", "kind": "plain", "variant": "tiny", "val_acc": 93.0, "margin": 0.48, "epochs": 1,
+            "best_args": tiny}
+    proc, out = session("tiny", {"benchmark": "recipe_ablation", "complete": True, "fastest": {"92.52": {}},
+                                 "next": pick})
+    assert proc.returncode == 0, proc.stderr
+    assert "BEST_ARGS=" + tiny in proc.stdout and "best        ok" in (out / "summary.txt").read_text()
+    with tarfile.open(out / "gpu-session.tar.gz") as archive:
+        best = json.load(archive.extractfile("./best.json"))
+    assert best["complete"] is True and best["seeds"] == [0]
+    assert best["config"]["model"]["base_channels"] == 8 and best["config"]["data"]["cutout"] == 4
+    assert best["config"]["train"]["compile"] is False and best["config"]["train"]["epochs"] == 1
+    assert (out / "weights-best-bf16.pt").is_file()
 
 
 def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir, tmp_path):
