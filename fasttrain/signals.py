@@ -2,7 +2,9 @@
 
 The handler only sets a flag; the training loop reads it (a Python bool, no device sync) after each
 step. A second signal of the same kind gets the previous behaviour back (Ctrl-C twice: quit now,
-keeping only the last checkpoint), so a stuck save can always be interrupted.
+keeping only the last checkpoint), so a stuck save can always be interrupted. Around work that has
+nothing to save (the compile warmup: minutes on a CPU, and every bit of state restored after it) the
+handler raises at once instead (`StopRequest.raising`), so a stop is not kept waiting for it.
 
 Exit codes follow the shell convention 128 + signal number, so schedulers and shells read them as
 "stopped by that signal": 130 for SIGINT, 143 for SIGTERM.
@@ -13,7 +15,7 @@ import contextlib
 import signal
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -29,6 +31,7 @@ class StopRequest:
         self.requested = False
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._raise: Callable[[int], BaseException] | None = None
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         self.signum = signum
@@ -38,6 +41,21 @@ class StopRequest:
         # Only plain assignments here: printing from a handler can re-enter a half-written stdout.
         self.request(signum)
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if self._raise is not None:
+            raise self._raise(signum)
+
+    @contextlib.contextmanager
+    def raising(self, make_error: Callable[[int], BaseException]) -> Iterator[None]:
+        """Inside the block a signal raises make_error(signum) where the program is, instead of only
+        setting the flag: for work that has nothing to save and may run for minutes. A signal that came
+        just before the block raises on entry."""
+        if self.requested:
+            raise make_error(self.signum if self.signum is not None else signal.SIGTERM)
+        self._raise = make_error
+        try:
+            yield
+        finally:
+            self._raise = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopRequest"]:
@@ -62,9 +80,10 @@ class StopRequest:
 
 
 class RunInterrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint; str() says how to resume."""
+    """Training stopped on a signal; str() says how to resume. `checkpoint`: the one saved, or the one
+    to resume from when the stop came before any training step (None: a fresh run, nothing saved)."""
 
-    def __init__(self, message: str, signum: int | None, checkpoint: Path):
+    def __init__(self, message: str, signum: int | None, checkpoint: Path | None):
         super().__init__(message)
         self.signum = signum
         self.checkpoint = checkpoint

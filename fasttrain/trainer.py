@@ -552,6 +552,16 @@ class Trainer:
             f"or:\n  python -m fasttrain --config {cfg_file} --resume auto --output.dir {q(str(self.run_dir))}",
             self._stop.signum, path)
 
+    def _stopped_in_warmup(self, signum: int) -> RunInterrupted:
+        """A stop during the compile warmup: nothing trained since the start (or the resumed checkpoint),
+        so nothing is saved (the warmup's throwaway steps have changed the weights)."""
+        cfg_file, run = shlex.quote(str(self.run_dir / "config.yaml")), shlex.quote(str(self.run_dir))
+        since = f"the checkpoint it resumed, {self.resume_path}" if self.resume_path else "its start"
+        return RunInterrupted(
+            f"stopped by {self._stop.name} during the compile warmup, before any training step: "
+            f"the run is where it was ({since}), nothing to save\nresume with:\n  python -m fasttrain "
+            f"--config {cfg_file} --resume auto --output.dir {run}", signum, self.resume_path)
+
     def _fit(self, stop_after_epochs: int | None = None) -> dict:
         cfg, con = self.cfg, self.console
         wall_start = time.perf_counter()
@@ -577,7 +587,10 @@ class Trainer:
                      "batch as given (no automatic scaling) | only rank 0 writes files and prints")
 
         if (cfg.train.compile or self.use_graph) and self.start_epoch < epochs:
-            self.compile_seconds = self.warmup()
+            # a stop during the warmup (minutes of compiling on a CPU) is honoured at once: nothing of the
+            # run has trained yet. Under torchrun the ranks keep stopping together at the epoch start
+            with (contextlib.nullcontext() if self.dist.enabled else self._stop.raising(self._stopped_in_warmup)):
+                self.compile_seconds = self.warmup()
             what = "compile + autotune" if cfg.train.compile else "autotune"
             what += " + CUDA graph capture" if self.use_graph else ""
             con.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")

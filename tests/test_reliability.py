@@ -253,6 +253,71 @@ def test_second_signal_restores_the_default_behaviour():
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_raising_block_turns_a_signal_into_the_error_at_once():
+    """StopRequest.raising: inside the block a signal raises where the program is (the flag set too);
+    outside it only sets the flag; a stop requested just before the block raises on entry."""
+    class Stopped(Exception):
+        pass
+
+    stop = StopRequest()
+    with stop.installed():
+        with pytest.raises(Stopped, match=str(int(signal.SIGTERM))):
+            with stop.raising(lambda signum: Stopped(signum)):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs at the next bytecode; never reached
+        assert stop.requested and stop.name == "SIGTERM"
+        with pytest.raises(Stopped):  # requested before: raised on entry, the block never runs
+            with stop.raising(lambda signum: Stopped(signum)):
+                raise AssertionError("the block ran after a stop")
+    later = StopRequest()
+    with later.installed():
+        with later.raising(lambda signum: Stopped(signum)):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)  # after the block: the flag only
+        time.sleep(0.05)
+        assert later.requested
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_stop_during_the_compile_warmup_is_honoured_at_once_and_saves_nothing(cifar_dir, tmp_path, reference_run,
+                                                                                  resumed):
+    """The compile warmup (minutes on a CPU) is not waited for: nothing of the run has trained, so a
+    SIGTERM in it stops the run at once, leaves a resumed checkpoint as it was (the warmup's throwaway
+    steps changed the weights) and says how to resume. The signal comes at the warmup's first step,
+    before anything compiles."""
+    run = tmp_path / "run"
+    if resumed:
+        shutil.copytree(reference_run, run)
+    cfg = tiny_config(cifar_dir, run, "--train.compile", "true", "--train.epochs", "3")
+    before = folder_snapshot(run) if resumed else None
+    trainer = Trainer(cfg, device="cpu", console=quiet(), resume=run / "last.pt" if resumed else None)
+    calls = []
+
+    def step(images, labels):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs at the next bytecode and raises
+        raise AssertionError("the warmup went on after the signal")
+
+    trainer._train_step = step
+    t0 = time.perf_counter()
+    with pytest.raises(RunInterrupted) as stop:
+        trainer.fit()
+    assert time.perf_counter() - t0 < 30 and len(calls) == 1
+    assert stop.value.exit_code == 143 and "stopped by SIGTERM during the compile warmup" in str(stop.value)
+    assert stop.value.checkpoint == (run / "last.pt" if resumed else None)
+    if resumed:
+        assert "the checkpoint it resumed" in str(stop.value)
+        after = folder_snapshot(run)
+        for name in ("last.pt", "prev.pt"):  # untouched: not rewritten, not even with the same bytes
+            assert after[Path(name)] == before[Path(name)], name
+        assert after[Path("metrics.jsonl")][0] == before[Path("metrics.jsonl")][0]
+    else:
+        assert not list(run.glob("*.pt")) and "(its start)" in str(stop.value)
+    resume = shlex.split(str(stop.value).splitlines()[-1])
+    assert resume[-4:] == ["--resume", "auto", "--output.dir", str(run)]
+
+
 def test_truncated_last_checkpoint_falls_back_to_prev_with_a_warning(cifar_dir, tmp_path, reference_run):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
