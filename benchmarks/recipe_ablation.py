@@ -117,6 +117,10 @@ def variant_config(config: str, cli: dict, name: str, changes: dict, val_size: i
     clash = sorted(set(changes) & set(forced))
     if clash:
         raise ConfigError(f"variant {name!r}: {', '.join(clash)} is set by recipe_ablation itself")
+    clash = sorted(set(cli) & set(forced))
+    if clash:  # else silently replaced here, and carried into the candidate's flags for the final run
+        raise ConfigError(f"--{', --'.join(clash)}: set by recipe_ablation itself (the validation split's "
+                          "size is --val-size; the test set is never scored while tuning); leave it out")
     try:
         cfg = load_config(config, {**cli, **changes, **forced})
         model = build_model(cfg.model)  # the parameter budget, checked before any variant trains

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from fasttrain.files import create_temp
 
 FORMAT = "fasttrain-checkpoint-v1"
 CHECKSUM_KEY = "checksum"
@@ -48,7 +49,7 @@ def _fsync_dir(folder: Path) -> None:
 def _write_temp(obj: Any, path: Path) -> Path:
     """torch.save `obj` into a fsync'ed hidden temp file beside `path` (not matched by ``*.pt``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

@@ -658,6 +658,9 @@ def test_recipe_ablation_jobs_name_a_run_whose_process_died(repo_root, cifar_dir
     ("base: {optim.lr: 1.0}\n", [], "'base' is the unchanged recipe"),
     ("base: {}\nok: {optim.lr: 0.2}\n", ["--only", "nope"], "unknown variant(s) nope"),
     ("base: {}\n", ["--jobs", "0"], "--jobs 0: need at least 1"),
+    # the tuning protocol's own keys: never silently replaced, never carried into the final run's flags
+    ("base: {}\n", ["--data.val_size", "256"], "--data.val_size: set by recipe_ablation itself"),
+    ("base: {}\n", ["--train.eval_test", "true"], "--train.eval_test: set by recipe_ablation itself"),
 ])
 def test_recipe_ablation_refuses_bad_variants_before_training(repo_root, cifar_dir, tmp_path, variants_text, extra,
                                                               message):

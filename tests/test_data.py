@@ -326,6 +326,16 @@ def test_download_verifies_md5_and_renames_atomically(tmp_path, served_tarball, 
     load_cifar10(root, download=True)  # the second time reads the tarball, no download
 
 
+def test_downloaded_tarball_gets_the_mode_the_umask_allows(tmp_path, served_tarball):
+    """Not mkstemp's 0600: a data folder shared by a team stays readable by it."""
+    previous = os.umask(0o022)
+    try:
+        load_cifar10(tmp_path / "data", download=True)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "data" / "cifar-10-python.tar.gz").stat().st_mode & 0o777 == 0o644
+
+
 def test_download_with_wrong_md5_is_deleted(tmp_path, served_tarball, monkeypatch):
     monkeypatch.setattr(cifar, "CIFAR10_MD5", "0" * 32)
     root = tmp_path / "data"

@@ -386,6 +386,21 @@ class _Crash(BaseException):
     """Stands in for kill -9 at one point inside write_checkpoint."""
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_checkpoint_gets_the_mode_of_any_file_the_umask_allows(tmp_path, umask):
+    """Not mkstemp's 0600: a team's shared run folder must be readable as its umask says."""
+    state = {"format": FORMAT, "model": {"w": torch.ones(2)}, "epoch": 1}
+    previous = os.umask(umask)
+    try:
+        write_checkpoint(state, tmp_path / "last.pt")
+        write_checkpoint(state, tmp_path / "last.pt")  # the second write moves the first to prev.pt
+    finally:
+        os.umask(previous)
+    for name in ("last.pt", "prev.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "prev.pt"]  # no temp file left
+
+
 @pytest.mark.parametrize("crash_at", range(4))
 def test_a_crash_at_any_point_of_a_save_leaves_a_valid_checkpoint(tmp_path, monkeypatch, crash_at):
     """write_checkpoint does link(last -> tmp), replace(tmp -> prev), replace(new -> last): stop it

@@ -13,7 +13,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 import numpy as np
+
+from fasttrain.files import create_temp
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -126,8 +127,7 @@ def download_cifar10(root: Path) -> Path:
     so an interrupted or corrupt download never leaves a file that looks complete."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / "cifar-10-python.tar.gz"
-    fd, partial_name = tempfile.mkstemp(prefix=".cifar-10-python.", suffix=".part", dir=root)
-    partial = Path(partial_name)
+    fd, partial = create_temp(root, prefix=".cifar-10-python.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
             digest = _fetch(CIFAR10_URL, out)

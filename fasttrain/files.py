@@ -1,0 +1,25 @@
+"""The temporary file of an atomic write (write, fsync, rename over the target).
+
+`tempfile.mkstemp` creates its file with mode 0600 whatever the umask, and the rename keeps that mode:
+checkpoints, exported weights and the downloaded data would then be readable by their owner alone,
+even in a run folder shared by a team. A temporary file made here gets the mode of any file the
+program writes (0666 less the umask), as `torch.save(obj, path)` or `open(path, "wb")` would give it.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new, empty file in `directory` (beside its target, so the rename stays on one file system),
+    opened for writing: (file descriptor, path). A `prefix` starting with "." keeps it hidden."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = Path(directory) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:  # 48 random bits: only a crowded folder or a bad random source gets here
+            continue
+    raise FileExistsError(f"could not create a temporary file {prefix}*{suffix} in {directory}")
