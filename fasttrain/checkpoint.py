@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,10 +130,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bad magic, or a pickle that asks for code: all refused
+    except pickle.UnpicklingError:  # weights_only met a global (a class, a function): never loaded otherwise
+        raise CheckpointError(
+            f"{str(path)!r} holds pickled Python objects (a whole model saved with torch.save(model), or code), "
+            "which could run code when loaded: refused, nothing in it ran. A fasttrain checkpoint holds "
+            "tensors and plain values only (last.pt, or python -m fasttrain export)") from None
+    except Exception as e:  # truncated zip, bad magic: refused (torch's own advice would be to load unsafely)
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt, truncated or not a fasttrain checkpoint "
-            f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {e}"
+            f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {detail}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint (no '{FORMAT}' marker)")

@@ -53,6 +53,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="auto (default): the EMA weights when the checkpoint has them (train.ema_decay > 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--data.dir", dest="data_dir", help="where CIFAR-10 is (default: $FASTTRAIN_DATA, ./data)")
+    p.add_argument("--data.test_subset", dest="test_subset", type=int, metavar="N",
+                   help="score the first N test images, 0: all (default: the images the run scored, its "
+                        "data.test_subset)")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -156,7 +159,7 @@ def cmd_eval(argv: list[str]) -> int:
     from fasttrain.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, tta=args.tta, device=args.device, data_dir=args.data_dir,
-                                 weights=args.weights)
+                                 weights=args.weights, test_subset=args.test_subset)
     if args.json:
         print(json.dumps(result))
     else:
@@ -165,7 +168,7 @@ def cmd_eval(argv: list[str]) -> int:
                                  for mode, acc in result["test_acc_by_tta"].items())
         else:
             accuracy = f"{result['test_acc']:.2f}%" + (f" ({args.tta} TTA)" if args.tta != "none" else "")
-        print(f"test accuracy: {accuracy}, {result['weights']} weights  "
+        print(f"test accuracy: {accuracy} on {result['test_images']:,} test images, {result['weights']} weights  "
               f"[{result['checkpoint']}, epoch {result['epoch']}, {result['params']:,} params, "
               f"trained on {result['trained_on']}]")
     return 0
@@ -223,4 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except ImportError as e:  # an optional extra (dali, plot, tensorboard) that is not installed
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # the file system's answer (a full disk, no permission, a folder where a file goes)
+        target = e.filename2 or e.filename  # a rename's destination, not the temp file it came from
+        where = f"{target}: " if target else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR

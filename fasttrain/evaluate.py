@@ -122,8 +122,11 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
 
 
 def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "auto",
-                        data_dir: str | None = None, weights: str = "auto") -> dict:
+                        data_dir: str | None = None, weights: str = "auto", test_subset: int | None = None) -> dict:
     """`python -m fasttrain eval`: rebuild the checkpoint's model and measure its test accuracy.
+
+    On the test images the run scored (its data.test_subset: the run's own figure is reproduced), or
+    on the first `test_subset` of them (0: all); "test_images" says how many were scored.
 
     `tta`: a mode of TTA_MODES, or ``all``: every mode, as "test_acc_by_tta" {mode: accuracy}, with
     "test_acc" the accuracy without TTA (accuracy with and without TTA from one load).
@@ -136,6 +139,8 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     cfg = config_from_dict(ckpt["config"])
     if data_dir is not None:
         cfg.data.dir = data_dir
+    if test_subset is not None:
+        cfg.data.test_subset = test_subset
     used, state = select_weights(ckpt, weights, repr(str(path)))
     model = build_model(cfg.model, check=False)
     check_architecture(model, state, str(path))
@@ -152,6 +157,7 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     by_tta = {mode: evaluate(model, data.test, precision, dev, tta=mode, fill=fill)
               for mode in (TTA_MODES if tta == "all" else (tta,))}
     result = {"checkpoint": str(path), "test_acc": by_tta["none" if tta == "all" else tta], "tta": tta,
+              "test_images": data.test_images,
               "weights": used, "epoch": int(ckpt["epoch"]), "params": count_params(model),
               "trained_on": ckpt.get("data_source"), "device": device_name(dev)}
     if tta == "all":

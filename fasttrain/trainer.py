@@ -53,6 +53,21 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
+def _config_changes(saved: Config, now: Config) -> list[str]:
+    """"section.key OLD -> NEW" for every setting a resumed run changes, but where its files go and
+    where the data is read from."""
+    def flat(cfg: Config) -> dict:
+        out = {}
+        for section, keys in config_to_dict(cfg).items():  # sections, and top-level keys (name)
+            out.update({f"{section}.{key}": value for key, value in keys.items()} if isinstance(keys, dict)
+                       else {section: keys})
+        return {key: value for key, value in out.items()
+                if not key.startswith("output.") and key not in ("data.dir", "data.download")}
+
+    before, after = flat(saved), flat(now)
+    return [f"{key} {before[key]!r} -> {after[key]!r}" for key in after if before.get(key) != after[key]]
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, device: str = "auto", run_dir: str | Path | None = None,
                  resume: str | Path | None = None, overwrite: bool = False,
@@ -167,7 +182,17 @@ class Trainer:
                 f"{run_dir / LAST} (or --resume auto) to continue it, --overwrite to replace it, "
                 "or another --output.dir"
             )
+        if holds_run and self._resumes_another_folder(run_dir) and not overwrite:
+            raise ConfigError(
+                f"--resume {self.resume_path} continues a run of another folder, but the output folder "
+                f"{str(run_dir)!r} already holds a run of its own: pass an --output.dir that holds no run "
+                f"(or leave it out to continue in {str(self.resume_path.parent)!r}), or --overwrite to replace "
+                "that run")
         return run_dir
+
+    def _resumes_another_folder(self, run_dir: Path) -> bool:
+        """Whether the resumed checkpoint lies outside the run folder (a run continued somewhere new)."""
+        return self.resume_path is not None and self.resume_path.parent.resolve() != Path(run_dir).resolve()
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_state(self, epoch: int, step_in_epoch: int = 0) -> dict:
@@ -246,6 +271,11 @@ class Trainer:
         if saved.model != self.cfg.model:
             raise CheckpointError(f"{path} was trained with another model section than this config's; "
                                   "resume with the config saved in the run folder (config.yaml)")
+        changed = _config_changes(saved, self.cfg)
+        if changed:  # allowed (a longer run, a new engine switch), but the user must know it is not exact
+            self.console.warn(f"{path} was trained with another config: {'; '.join(changed)}. The run goes on "
+                              "under this config's values (the learning-rate schedule follows its epochs and "
+                              "rates from here): not an exact continuation")
         unwrap(self.model).load_state_dict(ckpt["model"])
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -568,12 +598,18 @@ class Trainer:
         epochs = cfg.train.epochs
         if self.start_epoch >= epochs:
             con.info(f"the checkpoint already completed {self.start_epoch} of {epochs} epochs: nothing to train")
+            saved = self._saved_summary()
+            if saved is not None:  # a finished run resumed again (a scheduler's restart): its files stay
+                con.info(f"its summary is kept as it is: {self.run_dir / 'summary.json'}")
+                con.summary(saved)
+                return saved
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            self._truncate_metrics(self.start_epoch)
-            if self.resume_path is None:  # a fresh run (--overwrite): an old run's last/prev.pt must
-                for name in (LAST, PREVIOUS):  # not become this run's fallback or --resume auto pick
+            moved = self._resumes_another_folder(self.run_dir)
+            self._keep_metrics(self.start_epoch, self.resume_path.parent / "metrics.jsonl" if moved else None)
+            if self.resume_path is None or moved:  # a fresh run or a moved one (--overwrite): an old run's
+                for name in (LAST, PREVIOUS):    # last/prev.pt must not become its fallback or --resume auto pick
                     (self.run_dir / name).unlink(missing_ok=True)
         if self.device.type == "cpu":
             con.warn("training on the CPU: this is slow; use a CUDA GPU for real runs")
@@ -672,6 +708,15 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------- metrics file
+    def _saved_summary(self) -> dict | None:
+        """The run folder's summary.json when it describes exactly the resumed state (its epochs are
+        the checkpoint's), else None."""
+        try:
+            saved = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return saved if isinstance(saved, dict) and saved.get("epochs") == self.start_epoch else None
+
     def _append_metrics(self, row: dict) -> None:
         if self.dist.is_main:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -679,11 +724,16 @@ class Trainer:
             if getattr(self, "_tb", None) is not None:
                 self._tb.log_epoch(row)
 
-    def _truncate_metrics(self, completed_epochs: int) -> None:
-        """On resume, drop rows past the checkpoint so the file never holds an epoch twice."""
+    def _keep_metrics(self, completed_epochs: int, source: Path | None = None) -> None:
+        """metrics.jsonl keeps the rows up to the checkpoint, so that a resumed run never holds an epoch
+        twice. `source`: the resumed run's own file when it is continued in a new folder, whose curves
+        then start with the source run's epochs (replacing what the folder held)."""
         path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("epoch", math.inf) <= completed_epochs]
+        try:
+            lines = (source or path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            if source is None:
+                return
+            lines = []
+        keep = [line for line in lines if line.strip() and json.loads(line).get("epoch", math.inf) <= completed_epochs]
         path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")

@@ -79,3 +79,9 @@ def test_export_refusals(run, cifar_dir, tmp_path):
     Trainer(tiny_config(cifar_dir, plain, train__epochs="1"), device="cpu", console=quiet()).fit()
     proc = run_cli("export", str(plain / "last.pt"), str(tmp_path / "w.pt"), "--weights", "ema", check=False)
     assert proc.returncode == 1 and "holds no EMA weights" in proc.stderr and not (tmp_path / "w.pt").exists()
+    # what the file system refuses (here: a folder where the file goes) is one line too, not a traceback
+    folder = tmp_path / "a-folder"
+    (folder / "inside").mkdir(parents=True)
+    proc = run_cli("export", str(run / "last.pt"), str(folder), "--overwrite", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {folder}") and "Traceback" not in proc.stderr
+    assert (folder / "inside").is_dir() and not list(tmp_path.glob(".a-folder*"))  # no temp file left

@@ -546,6 +546,42 @@ def test_a_folder_holding_another_run_is_refused_without_resume_or_overwrite(cif
     assert folder_snapshot(good_run) == before
 
 
+def test_a_run_continued_from_another_folder_never_replaces_a_run_there(cifar_dir, tmp_path, reference_run, capsys):
+    """--resume A --output.dir B: B holding a run of its own is refused (nothing of it touched); with
+    --overwrite that run goes entirely (no old prev.pt left as a fallback) and B's curves start with
+    A's epochs. A itself is only read. A changed setting is named in a warning."""
+    other = tmp_path / "other"
+    shutil.copytree(reference_run, other)
+    source, before = folder_snapshot(reference_run), folder_snapshot(other)
+    args = cli_args(cifar_dir, other, "--train.epochs", "3", "--resume", str(reference_run / "prev.pt"))
+    assert cli.main(args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "continues a run of another folder" in err and "already holds a run of its own" in err
+    assert folder_snapshot(other) == before
+
+    assert cli.main(args + ["--overwrite"]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # the run's console; rich wraps long lines
+    assert "was trained with another config: train.epochs 2 -> 3" in said and "not an exact continuation" in said
+    assert metric_epochs(other) == [1, 2, 3]
+    first = (reference_run / "metrics.jsonl").read_text().splitlines()[0]
+    assert (other / "metrics.jsonl").read_text().splitlines()[0] == first  # epoch 1 is the source run's
+    assert load_checkpoint(other / "last.pt")["epoch"] == 3
+    assert load_checkpoint(other / "prev.pt")["epoch"] == 2  # this run's, not the replaced run's epoch 1
+    assert folder_snapshot(reference_run) == source
+
+
+def test_resuming_a_finished_run_again_leaves_its_files_alone(cifar_dir, tmp_path, reference_run, capsys):
+    """A scheduler restarting `--resume auto` after the run finished: nothing to train, and the run's
+    summary (its accuracies) and config are kept, not rewritten with nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = folder_snapshot(run)
+    assert cli.main(cli_args(cifar_dir, run, "--resume", "auto")) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert folder_snapshot(run) == before
+    assert json.loads((run / "summary.json").read_text())["final_test_acc"] is not None
+
+
 def test_resume_auto_starts_over_when_killed_before_the_first_checkpoint(cifar_dir, tmp_path, capsys):
     """A scheduler restarting `--resume auto` after a kill in epoch 1 must not be stuck on
     "already holds a run": the folder has this run's config.yaml and no checkpoint."""
@@ -612,11 +648,13 @@ def test_malicious_checkpoint_is_refused_by_eval_and_resume(cifar_dir, tmp_path,
 
     assert cli.main(["eval", "--checkpoint", str(evil), "--device", "cpu", "--data.dir", str(cifar_dir)]) == 1
     err = capsys.readouterr().err
-    assert "weights_only=True, so nothing in it ran" in err and not sentinel.exists()
+    assert "holds pickled Python objects" in err and "refused, nothing in it ran" in err and not sentinel.exists()
+    # one line, and never torch's advice to load it again with weights_only=False
+    assert len(err.strip().splitlines()) == 1 and "weights_only=False" not in err and "False" not in err
 
     run = tmp_path / "run"
     assert cli.main(cli_args(cifar_dir, run, "--resume", str(evil))) == cli.EXIT_ERROR
-    assert "weights_only=True" in capsys.readouterr().err and not sentinel.exists()
+    assert "holds pickled Python objects" in capsys.readouterr().err and not sentinel.exists()
 
     # as the newest file of a run folder: skipped with a warning, the good one is used
     shutil.copytree(good_run, run, dirs_exist_ok=True)

@@ -10,6 +10,8 @@ import torch
 from fasttrain.checkpoint import CheckpointError, load_checkpoint
 from fasttrain.config import ConfigError, load_config
 from fasttrain.console import RunConsole
+from fasttrain.data import build_data
+from fasttrain.model import build_model
 from fasttrain.trainer import Trainer
 
 TINY_SETTINGS = {"data.train_subset": "640", "data.test_subset": "200", "model.blocks": "[1,1,1]",
@@ -149,12 +151,28 @@ def test_cli_train_then_eval(cifar_dir, tmp_path):
     assert result["test_acc"] == pytest.approx(summary["final_test_acc"])
     assert result["epoch"] == 1 and result["params"] == summary["params"]
     assert result["weights"] == "model" and result["tta"] == "none"
+    cfg = load_config(run / "config.yaml", ["--data.dir", str(cifar_dir)])
+    assert result["test_images"] == cfg.data.test_subset  # the images the run scored, and it says so
     tta = json.loads(run_cli("eval", "--checkpoint", str(run / "last.pt"), "--json", "--tta", "--device", "cpu",
                              "--data.dir", str(cifar_dir)).stdout)
-    assert tta["tta"] == "flip" and 0.0 <= tta["test_acc"] <= 100.0
+    # flip TTA recomputed here: the mean of the logits of each image and its mirror, argmax
+    model = build_model(cfg.model)
+    model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
+    model.eval()
+    data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+                      device="cpu", dtype=torch.float32, channels_last=False, seed=cfg.train.seed)
+    with torch.no_grad():
+        hits = sum(int(((model(x) + model(x.flip(3))).argmax(1) == y).sum()) for x, y in data.test)
+    assert tta["tta"] == "flip" and tta["test_acc"] == pytest.approx(100.0 * hits / data.test_images)
     shift = json.loads(run_cli("eval", "--checkpoint", str(run / "last.pt"), "--json", "--tta", "flip_shift",
                                "--device", "cpu", "--data.dir", str(cifar_dir)).stdout)
-    assert shift["tta"] == "flip_shift" and 0.0 <= shift["test_acc"] <= 100.0
+    every = json.loads(run_cli("eval", "--checkpoint", str(run / "last.pt"), "--json", "--tta", "all",
+                               "--device", "cpu", "--data.dir", str(cifar_dir)).stdout)
+    assert shift["tta"] == "flip_shift" and every["test_acc_by_tta"] == pytest.approx(
+        {"none": result["test_acc"], "flip": tta["test_acc"], "flip_shift": shift["test_acc"]})
+    whole = run_cli("eval", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--data.dir", str(cifar_dir),
+                    "--data.test_subset", "0").stdout  # the whole test set, whatever the run scored
+    assert " on 10,000 test images, model weights" in whole
 
 
 @pytest.mark.parametrize("args, message", [

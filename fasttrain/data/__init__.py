@@ -20,6 +20,7 @@ class DataBundle:
     test: Any
     classes: list[str]
     source: str
+    test_images: int = 0  # how many test images `test` scores (data.test_subset, else all)
 
 
 def _loader_class(name: str):
@@ -65,4 +66,5 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
     test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
     source = (f"{arrays.source}; train {len(train_x)}, val {0 if val_x is None else len(val_x)}, "
               f"test {len(test_x)} images; loader {loader_class.__name__}")
-    return DataBundle(train=train, val=val, test=test, classes=arrays.classes, source=source)
+    return DataBundle(train=train, val=val, test=test, classes=arrays.classes, source=source,
+                      test_images=len(test_x))
