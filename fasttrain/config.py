@@ -6,14 +6,21 @@ Loading is strict so that a typo never silently trains the wrong thing:
 * an unknown key is an error naming the key and listing the valid ones;
 * a duplicate key in a YAML mapping is an error (PyYAML would silently keep the last one);
 * a value of the wrong type is an error naming the key and the expected type;
-* out-of-range values (negative lr, zero epochs, ...) are errors naming the valid range.
+* a flag that is no config key (``--dryrun``) is an error suggesting the closest option or key;
+* out-of-range values (negative or infinite lr, zero epochs, more images than CIFAR-10 has, ...) are
+  errors naming the valid range.
 
 Every key can be overridden from the command line as a dotted flag (``--optim.lr 0.2``); the value
 is parsed as YAML (so ``[4,4,3]``, ``true`` and ``1e-3`` work) and then type-checked like the file.
+Floats are read as YAML 1.2 writes them, in files too: ``1e-3``, ``5E-4`` and ``.5`` are numbers (YAML 1.1,
+PyYAML's default, would leave the first two strings).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +132,14 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+# CIFAR-10's sizes, for the data checks in `validate` (not imported from fasttrain.data: that imports torch)
+CIFAR10_TRAIN_IMAGES = 50_000
+CIFAR10_TEST_IMAGES = 10_000
+
+# The training command's own options (fasttrain/cli.py, _train_parser; a test keeps the two in step):
+# a mistyped one reaches parse_overrides, which suggests the closest of these and of the config keys.
+CLI_OPTIONS = ("--config", "--device", "--resume", "--overwrite", "--dry-run", "--json")
+
 # Allowed values of the string-valued choices: checked by `validate`.
 CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
@@ -167,6 +182,13 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# YAML 1.2 floats that YAML 1.1 leaves strings: no dot (1e-3), an unsigned exponent (1.0e3), a signed
+# leading dot (-.5). Checked after PyYAML's own resolvers, so what 1.1 reads as a number (1_000, 0x1F,
+# 1.5, .inf) reads the same; a dot or an exponent is required, so 10 stays an int and 1e, e5 strings.
+_YAML12_FLOAT = re.compile(r"""^[-+]?(?:[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+
+                                     |\.[0-9]+(?:[eE][-+]?[0-9]+)?)$""", re.X)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
@@ -278,26 +300,58 @@ def config_to_dict(cfg: Config) -> dict:
 # --------------------------------------------------------------------------------------------
 # Overrides: ["--optim.lr", "0.2", "--train.epochs=5"] -> nested dict merged over the file
 # --------------------------------------------------------------------------------------------
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """Turn dotted flags into {"optim.lr": 0.2, ...}; values are parsed as YAML scalars/lists."""
+def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> dict[str, Any]:
+    """Turn dotted flags into {"optim.lr": 0.2, ...}; values are parsed as YAML scalars/lists.
+
+    `options`: the calling program's own flags, suggested (with the config keys) for a flag that is
+    neither; the default is the training command's, another program passes its own."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) < 3:
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
-        if "=" in arg:
-            key, text = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{arg} needs a value, e.g. {arg} 0.1")
-            key, text = arg[2:], args[i + 1]
-            i += 2
+        inline = "=" in arg
+        key, text = arg[2:].split("=", 1) if inline else (arg[2:], args[i + 1] if i + 1 < len(args) else None)
+        _check_flag(key, text, options)
+        if text is None:
+            raise ConfigError(f"{arg} needs a value, e.g. {arg} 0.1")
+        i += 1 if inline else 2
         if key in out:
             raise ConfigError(f"--{key} is given twice on the command line: keep one")
         out[key] = parse_yaml(text, f"--{key}") if text.strip() else ""
     return out
+
+
+def _check_flag(key: str, text: str | None, options: tuple[str, ...]) -> None:
+    """A flag without a dot is a top-level key (name, or a whole section given as a mapping), else no
+    config key at all: most likely a mistyped option (--dryrun), which "needs a value" would mislead."""
+    if "." in key or key == "name":
+        return
+    sections = _sections()
+    if key in sections:
+        if text is None or text.startswith("--"):  # a mapping never does: the next flag, not a value
+            keys = [f.name for f in dataclasses.fields(sections[key])]
+            raise ConfigError(f"--{key} is a config section, not a key: set one of its keys, e.g. "
+                              f"--{key}.{keys[0]} VALUE ({key} keys: {', '.join(keys)})")
+        return
+    raise ConfigError(f"unknown option --{key}: {_suggest(key, options)}")
+
+
+def _suggest(key: str, options: tuple[str, ...]) -> str:
+    # a config key is compared by its last part, so --lr finds --optim.lr and --epoch --train.epochs
+    pairs = [(o, o) for o in (*options, "--name")]
+    pairs += [(f"--{s}.{f.name}", f"--{f.name}") for s, cls in _sections().items() for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(f"--{key}", {text for _, text in pairs}, n=3, cutoff=0.75)
+    flags = [flag for text in close for flag, other in pairs if other == text][:3]
+    if flags:
+        return f"did you mean {' or '.join(flags)}?"
+    return f"the options are {', '.join(options)}; config keys look like --section.key VALUE"
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _apply_overrides(values: dict, overrides: dict[str, Any]) -> dict:
@@ -355,15 +409,14 @@ def validate(cfg: Config) -> None:
         _require(value in allowed, dotted, value, "one of " + ", ".join(allowed))
 
     d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
-    _require(d.val_size >= 0, "data.val_size", d.val_size, "must be >= 0")
-    _require(d.train_subset >= 0, "data.train_subset", d.train_subset, "must be >= 0 (0: all)")
-    _require(d.test_subset >= 0, "data.test_subset", d.test_subset, "must be >= 0 (0: all)")
+    _validate_sizes(d)
     _require(0 <= d.crop_padding < 32, "data.crop_padding", d.crop_padding,
              "0 <= padding < 32 (the image is 32x32)")
     _require(0 <= d.cutout <= 32, "data.cutout", d.cutout, "0 <= side <= 32 pixels (0: off; the image is 32x32)")
     for key in ("mean", "std"):
         v = getattr(d, key)
         _require(len(v) == 3, f"data.{key}", v, "three values, one per RGB channel")
+        _require(all(math.isfinite(x) for x in v), f"data.{key}", v, "finite values (no .inf or .nan)")
     _require(all(s > 0 for s in d.std), "data.std", d.std, "every std must be > 0")
 
     _require(m.layers >= 1, "model.layers", m.layers, "must be >= 1")
@@ -385,29 +438,57 @@ def validate(cfg: Config) -> None:
     _require(m.num_classes >= 2, "model.num_classes", m.num_classes, "must be >= 2")
     _require(m.max_params >= 1, "model.max_params", m.max_params, "must be >= 1")
 
-    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    # NaN fails every comparison below; infinity passes a lower bound, hence the isfinite checks
+    _require(0 < o.lr < math.inf, "optim.lr", o.lr, "must be > 0 and finite")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "0 <= momentum < 1")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(0 <= o.weight_decay < math.inf, "optim.weight_decay", o.weight_decay, "must be >= 0 and finite")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
              "two values in [0, 1)")
-    _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
-    _require(o.clip_value > 0, "optim.clip_value", o.clip_value, "must be > 0")
+    _require(0 < o.eps < math.inf, "optim.eps", o.eps, "must be > 0 and finite")
+    _require(0 < o.clip_value < math.inf, "optim.clip_value", o.clip_value,
+             "must be > 0 and finite (optim.clip none turns clipping off)")
     _require(o.lookahead_k >= 0, "optim.lookahead_k", o.lookahead_k, "must be >= 0 (0: off)")
     _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "0 < alpha <= 1")
-    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _require(0 <= o.warmup_epochs < math.inf, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0 and finite")
     _require(0 <= o.final_lr_frac <= 1, "optim.final_lr_frac", o.final_lr_frac, "0..1")
     _require(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "0 <= ls < 1")
     _require(o.impl == "torch" or o.name == "sgd", "optim.impl", o.impl,
              "the fused step implements SGD only: use optim.name sgd or optim.impl torch")
 
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
-    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _validate_batch(d, t)
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
     _require(t.eval_test or d.val_size > 0, "train.eval_test", t.eval_test,
              "true, unless data.val_size > 0 holds out a validation split to evaluate instead")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
-    _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    _require(0 <= t.seed < 2**64, "train.seed", t.seed, "0 <= seed < 2**64 (torch.manual_seed takes 64 bits)")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "0 <= decay < 1 (0: off)")
     _require(t.ema_warmup_steps >= 0, "train.ema_warmup_steps", t.ema_warmup_steps, "must be >= 0 (0: none)")
+
+
+def _validate_sizes(d: DataConfig) -> None:
+    """The split against CIFAR-10's sizes, so that --dry-run refuses what loading the data would
+    (fasttrain/data/__init__.py, build_data): the validation images come off the end of the full
+    training set first, then train_subset takes the first N of the rest."""
+    _require(0 <= d.val_size < CIFAR10_TRAIN_IMAGES, "data.val_size", d.val_size,
+             f"0..{CIFAR10_TRAIN_IMAGES - 1} (0: no validation split; CIFAR-10 has {CIFAR10_TRAIN_IMAGES:,} "
+             "training images)")
+    left = CIFAR10_TRAIN_IMAGES - d.val_size
+    _require(0 <= d.train_subset <= left, "data.train_subset", d.train_subset,
+             f"0..{left} (0: all; the {CIFAR10_TRAIN_IMAGES:,} training images less data.val_size = {d.val_size})")
+    _require(0 <= d.test_subset <= CIFAR10_TEST_IMAGES, "data.test_subset", d.test_subset,
+             f"0..{CIFAR10_TEST_IMAGES} (0: all; CIFAR-10 has {CIFAR10_TEST_IMAGES:,} test images)")
+
+
+def _validate_batch(d: DataConfig, t: TrainConfig) -> None:
+    """The last partial batch is dropped, so a batch larger than the training images leaves epochs of
+    0 steps. This is the one-process bound: under torchrun the batch is per rank and each rank gets
+    1/world_size of the images, which build_data checks once the world size is known."""
+    if d.train_subset:
+        images, source = d.train_subset, f"data.train_subset = {d.train_subset}"
+    else:
+        images, source = CIFAR10_TRAIN_IMAGES - d.val_size, f"{CIFAR10_TRAIN_IMAGES:,} less data.val_size"
+    _require(1 <= t.batch_size <= images, "train.batch_size", t.batch_size,
+             f"1..{images}, the training images ({source}), else an epoch has no full batch")

@@ -99,6 +99,8 @@ class ResNet(nn.Module):
         self._init_weights(cfg.zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
+        if self.fc.weight.is_meta:  # build_model's weightless copy for the budget: nothing to fill, and
+            return                  # normal_ on meta imports torch._dynamo (3 s on a CPU)
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.bias is None:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -135,11 +137,30 @@ def check_budget(model: nn.Module, cfg: ModelConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, check: bool = True) -> ResNet:
-    """Build the network; refuse (before any training) a model over the parameter budget."""
-    model = ResNet(cfg)
+    """Build the network; refuse (before any training) a model over the parameter budget.
+
+    The budget is checked on a weightless copy (the meta device) first: a model of 10^16 bytes must be
+    refused, not allocated, and one of a few GB refused in a fraction of a second."""
     if check:
-        check_budget(model, cfg)
-    return model
+        check_budget(_meta_model(cfg), cfg)
+    return ResNet(cfg)
+
+
+def _meta_model(cfg: ModelConfig) -> ResNet:
+    # fork_rng: the meta build must leave the CPU generator as it was, so the real build draws the same
+    # weights for a seed as without the check (meta initializers draw nothing today; this keeps it so)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        try:
+            return ResNet(cfg)
+        except (RuntimeError, TypeError) as e:
+            if "overflow" not in str(e).lower():
+                raise
+            # a tensor of 2**63 bytes or more: even its size cannot be computed, let alone counted
+            raise ConfigError(
+                "the model is too large to build (a tensor of it would exceed 2**63 bytes), over the budget "
+                f"model.max_params = {cfg.max_params:,}: shrink model.base_channels, "
+                "model.num_classes or model.blocks"
+            ) from None
 
 
 def forward_flops(model: nn.Module, image_size: int = 32) -> int:

@@ -1,7 +1,13 @@
 """Strict config loading: unknown/duplicate keys, types, ranges, dotted overrides."""
-import pytest
+import math
 
-from fasttrain.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides
+import pytest
+import torch
+import yaml
+
+from fasttrain import cli
+from fasttrain.config import (CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, CLI_OPTIONS, Config, ConfigError,
+                              config_from_dict, config_to_dict, load_config, parse_overrides, parse_yaml)
 
 
 def write(tmp_path, text):
@@ -90,7 +96,7 @@ def test_override_errors():
         parse_overrides(["--optim.lr", "1", "--optim.lr", "2"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["lr=3"])
-    with pytest.raises(ConfigError, match="unknown key 'lr'"):
+    with pytest.raises(ConfigError, match=r"unknown option --lr: did you mean --optim\.lr\?"):
         load_config(None, ["--lr", "3"])
     with pytest.raises(ConfigError, match="unknown key 'optim.lrr'"):
         load_config(None, ["--optim.lrr", "1"])
@@ -116,3 +122,145 @@ def test_missing_config_file():
 def test_shipped_configs_load(name):
     cfg = load_config(f"configs/{name}.yaml")
     assert cfg.name == name
+
+
+# ------------------------------------------------------------------------------------ YAML 1.2 floats
+@pytest.mark.parametrize("text, value", [
+    ("1e-3", 1e-3), ("5E-4", 5e-4), ("-2e+1", -20.0), ("2e-1", 0.2), ("1.0e3", 1000.0), ("1.e3", 1000.0),
+    ("-.5", -0.5), ("+.5", 0.5), ("007e1", 70.0),
+])
+def test_exponent_floats_are_numbers(text, value):
+    """YAML 1.1 (PyYAML's default) leaves these strings; the loader reads them as YAML 1.2 does."""
+    parsed = parse_overrides(["--optim.lr", text])["optim.lr"]
+    assert isinstance(parsed, float) and parsed == value
+
+
+@pytest.mark.parametrize("text, value", [
+    ("10", 10), ("-3", -3), ("1_000", 1000), ("0x1F", 31), ("1.5", 1.5), (".5", 0.5), ("1.0e-3", 1e-3),
+    (".inf", math.inf), ("1e", "1e"), ("e5", "e5"), ("1e3.5", "1e3.5"), ("1 e3", "1 e3"), ("--1e3", "--1e3"),
+])
+def test_what_yaml_1_1_already_read_reads_the_same(text, value):
+    parsed = parse_yaml(text)
+    assert parsed == value and type(parsed) is type(value) and parsed == yaml.safe_load(text)
+
+
+def test_exponent_floats_on_the_command_line_and_in_a_file(tmp_path):
+    cfg = load_config("configs/smoke.yaml", ["--optim.lr", "1e-3", "--optim.weight_decay=5E-4"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 5e-4)
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 2e-1\n  eps: 1E-8\n  betas: [.9, 999e-3]\n"))
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.betas) == (0.2, 1e-8, [0.9, 0.999])
+    with pytest.raises(ConfigError, match="train.epochs: expected int, got 1000.0"):  # an int field stays int
+        load_config(None, ["--train.epochs", "1e3"])
+
+
+@pytest.mark.parametrize("name", ["seed", "resnet18", "best", "smoke"])
+def test_shipped_configs_read_as_before(name):
+    with open(f"configs/{name}.yaml", encoding="utf-8") as f:
+        text = f.read()
+    assert parse_yaml(text) == yaml.safe_load(text)
+
+
+# ------------------------------------------------------------------------- values that failed later
+@pytest.mark.parametrize("override, key", [
+    ("--optim.lr=.inf", "optim.lr"),
+    ("--optim.weight_decay=.inf", "optim.weight_decay"),
+    ("--optim.eps=.inf", "optim.eps"),
+    ("--optim.clip_value=.inf", "optim.clip_value"),
+    ("--optim.warmup_epochs=.inf", "optim.warmup_epochs"),
+    ("--data.mean=[.nan, 0.5, 0.5]", "data.mean"),
+    ("--data.mean=[-.inf, 0.5, 0.5]", "data.mean"),
+    ("--data.std=[.inf, 0.2, 0.2]", "data.std"),
+    ("--train.seed=18446744073709551616", "train.seed"),
+    ("--train.seed=99999999999999999999999", "train.seed"),
+])
+def test_infinite_values_and_oversized_seeds_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + " = .* is out of range"):
+        load_config(None, [override])
+
+
+def test_the_largest_seed_is_the_largest_torch_takes():
+    cfg = load_config(None, ["--train.seed", str(2**64 - 1)])
+    torch.manual_seed(cfg.train.seed)  # what Trainer does with it
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.manual_seed(2**64)
+
+
+# ------------------------------------------------------------------------------- CIFAR-10's sizes
+@pytest.mark.parametrize("overrides, key", [
+    (["--data.val_size", "50000"], "data.val_size"),
+    (["--data.train_subset", "50001"], "data.train_subset"),
+    (["--data.val_size", "5000", "--data.train_subset", "45001"], "data.train_subset"),
+    (["--data.test_subset", "10001"], "data.test_subset"),
+    (["--train.batch_size", "50001"], "train.batch_size"),
+    (["--data.val_size", "49990", "--train.batch_size", "11"], "train.batch_size"),
+    (["--data.train_subset", "640", "--train.batch_size", "641"], "train.batch_size"),
+])
+def test_data_sizes_beyond_cifar10_are_refused(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + " = .* is out of range"):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--data.val_size", "49999", "--train.batch_size", "1"],
+    ["--data.val_size", "5000", "--data.train_subset", "45000", "--train.batch_size", "45000"],
+    ["--data.train_subset", "640", "--train.batch_size", "640"],
+    ["--data.test_subset", "10000", "--train.batch_size", "50000"],
+])
+def test_data_sizes_at_the_limits_are_accepted(overrides):
+    load_config(None, overrides)
+
+
+def test_the_size_limits_are_cifar10s():
+    from fasttrain.data.cifar import BINARY_LAYOUT, RECORDS_PER_BATCH
+
+    assert CIFAR10_TRAIN_IMAGES == len(BINARY_LAYOUT.train_files) * RECORDS_PER_BATCH == 50_000
+    assert CIFAR10_TEST_IMAGES == RECORDS_PER_BATCH == 10_000
+
+
+# --------------------------------------------------------------------------------- mistyped flags
+@pytest.mark.parametrize("args, message", [
+    (["--dryrun"], r"unknown option --dryrun: did you mean --dry-run\?"),
+    (["--dry_run", "--optim.lr", "1"], r"unknown option --dry_run: did you mean --dry-run\?"),
+    (["--jsn"], r"unknown option --jsn: did you mean --json\?"),
+    (["--devcie=cpu"], r"unknown option --devcie: did you mean --device\?"),
+    (["--epoch", "3"], r"unknown option --epoch: did you mean --train\.epochs\?"),
+    (["--zzz", "1"], r"unknown option --zzz: the options are --config, .*--dry-run.*--section\.key VALUE"),
+    (["--train"], r"--train is a config section, not a key: .*--train\.epochs VALUE \(train keys: epochs, "),
+    (["--optim", "--optim.lr", "1"], r"--optim is a config section, not a key"),
+])
+def test_a_flag_that_is_no_config_key_is_named_with_suggestions(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_overrides(args)
+
+
+def test_top_level_flags_without_a_dot_still_work():
+    assert parse_overrides(["--name", "x", "--train", "{epochs: 2}"]) == {"name": "x", "train": {"epochs": 2}}
+    assert load_config(None, ["--name", "x", "--train", "{epochs: 2}"]).train.epochs == 2
+    with pytest.raises(ConfigError, match=r"did you mean --steps\?"):  # another program's own options
+        parse_overrides(["--stpes", "3"], options=("--steps",))
+
+
+def test_cli_options_match_the_training_parser():
+    actions = cli._train_parser()._actions
+    assert set(CLI_OPTIONS) == {flag for a in actions for flag in a.option_strings} - {"-h", "--help"}
+
+
+# ------------------------------------------------------------------ the audit's commands, end to end
+@pytest.mark.parametrize("extra, message", [
+    (["--optim.lr", "1e-3"], None),
+    (["--model.base_channels", "100000000"], "trainable parameters, over the budget model.max_params"),
+    (["--train.seed", "99999999999999999999999"], "train.seed = "),
+    (["--optim.lr", ".inf"], "optim.lr = inf is out of range"),
+    (["--data.val_size", "60000"], "data.val_size = 60000 is out of range"),
+    (["--data.train_subset", "100000"], "data.train_subset = 100000 is out of range"),
+    (["--train.batch_size", "100000"], "train.batch_size = 100000 is out of range"),
+    (["--dryrun"], "unknown option --dryrun: did you mean --dry-run?"),
+])
+def test_dry_run_refuses_what_training_would_with_one_error_line(capsys, extra, message):
+    code = cli.main(["--config", "configs/smoke.yaml", "--dry-run", "--json", *extra])
+    out, err = capsys.readouterr()
+    if message is None:
+        assert code == 0 and '"lr": 0.001' in out
+    else:
+        assert code == cli.EXIT_USAGE and err.startswith("error: ") and message in err
+        assert err.count("\n") == 1, err

@@ -1,5 +1,7 @@
 """Property-based fuzzing of the config loader: whatever comes in (nested dicts, YAML text, command
-line overrides), the result is a valid Config or a clean ConfigError, never another exception.
+line overrides), the result is a valid Config or a clean ConfigError, never another exception, and a
+valid Config holds nothing that training would refuse later (an infinite float, a seed torch cannot
+take, more images than CIFAR-10 has).
 
 Inputs are built from the real section and key names and from values of the right type as well as
 of every other type, so the fuzzer reaches the type checks and the range checks, not only the
@@ -7,16 +9,19 @@ of every other type, so the fuzzer reaches the type checks and the range checks,
 @example cases pin inputs that once escaped as other exceptions.
 """
 import dataclasses
+import math
 import string
 import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fasttrain.config import CHOICES, Config, ConfigError, config_from_dict, config_to_dict, load_config, validate
+from fasttrain.config import (CHOICES, CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, Config, ConfigError, config_from_dict,
+                              config_to_dict, load_config, validate)
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,6 +97,21 @@ def check(load) -> None:
     assert isinstance(cfg, Config)
     validate(cfg)
     assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert_trainable(cfg)
+
+
+def assert_trainable(cfg: Config) -> None:
+    """What validation lets through, training takes: finite floats, a seed for torch.manual_seed, a split
+    and a batch that CIFAR-10 fills (the checks of fasttrain/data: split_validation, _first, build_data)."""
+    for name in SECTIONS:
+        for key, value in dataclasses.asdict(getattr(cfg, name)).items():
+            floats = value if isinstance(value, list) else [value]
+            assert all(math.isfinite(v) for v in floats if isinstance(v, float)), (name, key, value)
+    torch.Generator().manual_seed(cfg.train.seed)
+    d = cfg.data
+    assert 0 <= d.val_size < CIFAR10_TRAIN_IMAGES and 0 <= d.test_subset <= CIFAR10_TEST_IMAGES
+    assert 0 <= d.train_subset <= CIFAR10_TRAIN_IMAGES - d.val_size
+    assert cfg.train.batch_size <= (d.train_subset or CIFAR10_TRAIN_IMAGES - d.val_size)
 
 
 # ---------------------------------------------------------------------------------------- dicts
@@ -100,6 +120,13 @@ def check(load) -> None:
 @example({"optim": {"lr": 10**400}})  # int -> float overflow
 @example({"model": {"layers": 10**400}})
 @example({"train": {"epochs": 5, "batch_size": 2**63}})
+@example({"optim": {"lr": math.inf}})  # passed validation, failed in training (the rest below too)
+@example({"optim": {"warmup_epochs": math.inf, "clip_value": math.inf}})
+@example({"data": {"mean": [math.nan, 0.5, 0.5]}})
+@example({"train": {"seed": 10**23}})
+@example({"data": {"val_size": 60_000}})
+@example({"data": {"train_subset": 100_000}})
+@example({"train": {"batch_size": 100_000}})
 def test_any_nested_dict_gives_a_config_or_a_config_error(values):
     check(lambda: config_from_dict(values))
 
@@ -170,6 +197,9 @@ overrides = st.lists(flag, max_size=6).map(lambda parts: [token for part in part
 @example(["--train.seed", "9" * 5000], False)
 @example(["--optim", "1"], True)
 @example(["--train.epochs", "1", "--train.epochs=2"], True)
+@example(["--optim.weight_decay", ".inf"], True)
+@example(["--dryrun"], True)
+@example(["--train"], False)
 def test_any_override_list_gives_a_config_or_a_config_error(args, with_file):
     args = [a.encode("utf-8", "replace").decode("utf-8") for a in args]
     base = REPO / "configs" / "smoke.yaml" if with_file else None

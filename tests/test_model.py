@@ -23,6 +23,58 @@ def test_budget_refuses_a_bigger_model_with_count_and_budget():
         build_model(cfg)
 
 
+def test_budget_refuses_a_huge_model_without_building_it():
+    """10^8 base channels: 10^19 parameters, refused with the budget message (it was an allocation
+    of 10^16 bytes, a RuntimeError, before the count was ever taken)."""
+    with pytest.raises(ConfigError, match=r"the model has 11,441,250,017,806,250,010 trainable parameters, over the "
+                                          r"budget model\.max_params = 5,000,000: shrink model\.base_channels"):
+        build_model(ModelConfig(base_channels=10**8))
+
+
+@pytest.mark.parametrize("kw", [dict(base_channels=10**9), dict(base_channels=10**30), dict(num_classes=10**24)])
+def test_a_model_too_large_to_count_is_refused_too(kw):
+    with pytest.raises(ConfigError, match=r"too large to build .*model\.max_params = 5,000,000: shrink"):
+        build_model(ModelConfig(**kw))
+
+
+def test_a_refused_model_is_never_built_with_weights(monkeypatch):
+    """The budget is checked on the meta device: a model over it never allocates (gigabytes, for a
+    base_channels of a few thousand)."""
+    devices = []
+    init = ResNet._init_weights
+
+    def spy(self, zero_init_residual):
+        devices.append(self.fc.weight.device.type)
+        init(self, zero_init_residual)
+
+    monkeypatch.setattr(ResNet, "_init_weights", spy)
+    cfg = load_config("configs/resnet18.yaml").model
+    cfg.max_params = 5_000_000
+    with pytest.raises(ConfigError, match="over the budget"):
+        build_model(cfg)
+    assert devices == ["meta"]
+    devices.clear()
+    assert next(build_model(load_config("configs/smoke.yaml").model).parameters()).device.type == "cpu"
+    assert devices == ["meta", "cpu"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--model.se_placement", "blocks", "--model.zero_init_residual", "true"]])
+def test_build_model_draws_the_weights_of_a_plain_resnet_for_a_seed(extra):
+    """The budget check builds a meta copy first; it must not draw from the generator, or a seed
+    would give other weights (and another data stream after them) than before the check existed."""
+    cfg = load_config("configs/smoke.yaml", extra).model
+    torch.manual_seed(11)
+    built = build_model(cfg).state_dict()
+    after_build = torch.rand(4)
+    torch.manual_seed(11)
+    plain = ResNet(cfg).state_dict()
+    after_plain = torch.rand(4)
+    assert built.keys() == plain.keys() and all(torch.equal(built[k], plain[k]) for k in built)
+    assert torch.equal(after_build, after_plain)
+    assert not any(v.is_meta for v in built.values())
+    assert built["stem.0.weight"].std() > 0  # initialized, not left empty
+
+
 @pytest.mark.parametrize("kw", [
     dict(layers=2, blocks=[1, 1], conv_kernel=[3, 5], shortcut_kernel=[1, 3], pool_kernel=16, base_channels=8),
     dict(layers=4, blocks=[1, 2, 1, 1], conv_kernel=[3] * 4, shortcut_kernel=[1] * 4, pool_kernel=2, base_channels=4),

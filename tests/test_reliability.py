@@ -503,7 +503,7 @@ BAD_INPUT = [  # (extra args, exit code, message); each run targets a good run f
     (["--optim.lr", "-1"], 2, "optim.lr = -1.0 is out of range"),
     (["--train.epochs", "0"], 2, "train.epochs = 0 is out of range"),
     (["--data.crop_padding", "40"], 2, "data.crop_padding = 40 is out of range"),
-    (["--train.batch_size", "1000"], 1, "batch_size=1000 is larger than the training images"),
+    (["--train.batch_size", "1000"], 2, "train.batch_size = 1000 is out of range"),  # > train_subset 640
     (["--model.max_params", "1000"], 2, "over the budget"),
     (["--model.base_channels", "8"], 1, "another architecture"),
 ]
