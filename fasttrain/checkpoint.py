@@ -130,7 +130,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # weights_only met a global (a class, a function): never loaded otherwise
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # random bytes fail as an unpickling error too: corrupt
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a checkpoint (it was loaded with "
+                                  "weights_only=True, so nothing in it ran)") from None
+        # weights_only met a global (a class, a function): what a crafted or whole-object pickle holds
         raise CheckpointError(
             f"{str(path)!r} holds pickled Python objects (a whole model saved with torch.save(model), or code), "
             "which could run code when loaded: refused, nothing in it ran. A fasttrain checkpoint holds "

@@ -192,7 +192,8 @@ class Trainer:
 
     def _resumes_another_folder(self, run_dir: Path) -> bool:
         """Whether the resumed checkpoint lies outside the run folder (a run continued somewhere new)."""
-        return self.resume_path is not None and self.resume_path.parent.resolve() != Path(run_dir).resolve()
+        # the file resolved first: a link to runs/A/last.pt resumes runs/A, wherever the link lies
+        return self.resume_path is not None and self.resume_path.resolve().parent != Path(run_dir).resolve()
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_state(self, epoch: int, step_in_epoch: int = 0) -> dict:
@@ -582,35 +583,48 @@ class Trainer:
             f"or:\n  python -m fasttrain --config {cfg_file} --resume auto --output.dir {q(str(self.run_dir))}",
             self._stop.signum, path)
 
+    def _stoppable_warmup(self) -> float:
+        """warmup(), with a stop honoured at once (minutes of compiling on a CPU are not waited for):
+        nothing of the run has trained or been written yet. Under torchrun the ranks keep stopping
+        together at the epoch start instead."""
+        if self.dist.enabled:
+            return self.warmup()
+        try:
+            with self._stop.raising(self._stopped_in_warmup):
+                return self.warmup()
+        except RunInterrupted:
+            raise
+        except Exception:
+            if self._stop.requested:  # raised inside the compiler, which wraps it (BackendCompilerFailed)
+                raise self._stopped_in_warmup(self._stop.signum) from None
+            raise
+
     def _stopped_in_warmup(self, signum: int) -> RunInterrupted:
-        """A stop during the compile warmup: nothing trained since the start (or the resumed checkpoint),
-        so nothing is saved (the warmup's throwaway steps have changed the weights)."""
-        cfg_file, run = shlex.quote(str(self.run_dir / "config.yaml")), shlex.quote(str(self.run_dir))
-        since = f"the checkpoint it resumed, {self.resume_path}" if self.resume_path else "its start"
+        """A stop during the compile warmup: nothing trained since the start (or the resumed checkpoint)
+        and nothing written (the folder is prepared after the warmup), so nothing is saved (the warmup's
+        throwaway steps have changed the weights): the same command starts it again."""
+        again = (f"it resumes {self.resume_path} again" if self.resume_path else "it starts the run afresh")
         return RunInterrupted(
-            f"stopped by {self._stop.name} during the compile warmup, before any training step: "
-            f"the run is where it was ({since}), nothing to save\nresume with:\n  python -m fasttrain "
-            f"--config {cfg_file} --resume auto --output.dir {run}", signum, self.resume_path)
+            f"stopped by {self._stop.name} during the compile warmup, before any training step: nothing of "
+            f"the run was written, nothing to save\nresume with:\n  the same command ({again})",
+            signum, self.resume_path)
 
     def _fit(self, stop_after_epochs: int | None = None) -> dict:
         cfg, con = self.cfg, self.console
         wall_start = time.perf_counter()
         epochs = cfg.train.epochs
         if self.start_epoch >= epochs:
+            if self._resumes_another_folder(self.run_dir):  # before anything is written there
+                raise ConfigError(
+                    f"{self.resume_path} already completed {self.start_epoch} of {epochs} epochs: nothing to "
+                    f"continue in {str(self.run_dir)!r}. Raise --train.epochs to train on, or evaluate it with "
+                    f"python -m fasttrain eval --checkpoint {shlex.quote(str(self.resume_path))}")
             con.info(f"the checkpoint already completed {self.start_epoch} of {epochs} epochs: nothing to train")
             saved = self._saved_summary()
             if saved is not None:  # a finished run resumed again (a scheduler's restart): its files stay
                 con.info(f"its summary is kept as it is: {self.run_dir / 'summary.json'}")
                 con.summary(saved)
                 return saved
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            moved = self._resumes_another_folder(self.run_dir)
-            self._keep_metrics(self.start_epoch, self.resume_path.parent / "metrics.jsonl" if moved else None)
-            if self.resume_path is None or moved:  # a fresh run or a moved one (--overwrite): an old run's
-                for name in (LAST, PREVIOUS):    # last/prev.pt must not become its fallback or --resume auto pick
-                    (self.run_dir / name).unlink(missing_ok=True)
         if self.device.type == "cpu":
             con.warn("training on the CPU: this is slow; use a CUDA GPU for real runs")
         con.info(f"fasttrain: {cfg.name} | {self.params:,} params | {device_name(self.device)} | "
@@ -623,13 +637,18 @@ class Trainer:
                      "batch as given (no automatic scaling) | only rank 0 writes files and prints")
 
         if (cfg.train.compile or self.use_graph) and self.start_epoch < epochs:
-            # a stop during the warmup (minutes of compiling on a CPU) is honoured at once: nothing of the
-            # run has trained yet. Under torchrun the ranks keep stopping together at the epoch start
-            with (contextlib.nullcontext() if self.dist.enabled else self._stop.raising(self._stopped_in_warmup)):
-                self.compile_seconds = self.warmup()
+            self.compile_seconds = self._stoppable_warmup()
             what = "compile + autotune" if cfg.train.compile else "autotune"
             what += " + CUDA graph capture" if self.use_graph else ""
             con.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
+        if self.dist.is_main:  # after the warmup: a run stopped in it has written nothing
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            moved = self._resumes_another_folder(self.run_dir)
+            self._keep_metrics(self.start_epoch, self.resume_path.resolve().parent / "metrics.jsonl" if moved else None)
+            if self.resume_path is None or moved:  # a fresh run or a moved one (--overwrite): an old run's
+                for name in (LAST, PREVIOUS):    # last/prev.pt must not become its fallback or --resume auto pick
+                    (self.run_dir / name).unlink(missing_ok=True)
 
         final_test = final_val = None
         imgs_per_s = []
@@ -710,7 +729,7 @@ class Trainer:
     # ---------------------------------------------------------------- metrics file
     def _saved_summary(self) -> dict | None:
         """The run folder's summary.json when it describes exactly the resumed state (its epochs are
-        the checkpoint's), else None."""
+        the checkpoint's; the checkpoint is the folder's own, see _fit), else None."""
         try:
             saved = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
