@@ -14,10 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError
-from fasttrain.config import ConfigError, config_to_dict, load_config
+from fasttrain.config import ConfigError, config_to_dict, dump_yaml, load_config
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
@@ -125,7 +124,7 @@ def dry_run(cfg, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report))
     else:
-        print(yaml.safe_dump(report["config"], sort_keys=False).rstrip())
+        print(dump_yaml(report["config"]).rstrip())
         print(f"# trainable parameters: {params:,} (budget {cfg.model.max_params:,})")
         print(f"# forward FLOPs per image: {report['forward_flops']:,}")
         print(f"# data: {report['data']}")
@@ -229,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except OSError as e:  # the file system's answer (a full disk, no permission, a folder where a file goes)
         target = e.filename2 or e.filename  # a rename's destination, not the temp file it came from
-        where = f"{target}: " if target else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        if not target:  # no file named: not the file system's answer (a socket, a library's own): traceback
+            raise
+        print(f"error: {target}: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR

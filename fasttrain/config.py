@@ -191,6 +191,18 @@ _YAML12_FLOAT = re.compile(r"""^[-+]?(?:[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes what _StrictLoader reads back the same: a string that reads as a YAML 1.2 float (a run
+    named "1e5") is quoted."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def dump_yaml(values: Any) -> str:
+    return yaml.dump(values, Dumper=_Dumper, sort_keys=False)
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -319,8 +331,22 @@ def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> 
         i += 1 if inline else 2
         if key in out:
             raise ConfigError(f"--{key} is given twice on the command line: keep one")
-        out[key] = parse_yaml(text, f"--{key}") if text.strip() else ""
+        value = parse_yaml(text, f"--{key}") if text.strip() else ""
+        if isinstance(value, (bool, int, float)) and _field_type(key) in (str, Optional[str]):
+            value = text  # a name or a path that reads as a number or a bool (--name 1e-3) stays as typed
+        out[key] = value
     return out
+
+
+def _field_type(dotted: str) -> Any:
+    """The declared type of a dotted config key (None for no such key)."""
+    *path, last = dotted.split(".")
+    cls: Any = Config
+    for part in path:
+        cls = typing.get_type_hints(cls).get(part)
+        if not dataclasses.is_dataclass(cls):
+            return None
+    return typing.get_type_hints(cls).get(last)
 
 
 def _check_flag(key: str, text: str | None, options: tuple[str, ...]) -> None:
@@ -391,7 +417,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(dump_yaml(config_to_dict(cfg)), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import yaml
 
 from fasttrain import cli
 from fasttrain.config import (CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, CLI_OPTIONS, Config, ConfigError,
-                              config_from_dict, config_to_dict, load_config, parse_overrides, parse_yaml)
+                              config_from_dict, config_to_dict, load_config, parse_overrides, parse_yaml,
+                              save_config)
 
 
 def write(tmp_path, text):
@@ -151,6 +152,17 @@ def test_exponent_floats_on_the_command_line_and_in_a_file(tmp_path):
     assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.betas) == (0.2, 1e-8, [0.9, 0.999])
     with pytest.raises(ConfigError, match="train.epochs: expected int, got 1000.0"):  # an int field stays int
         load_config(None, ["--train.epochs", "1e3"])
+
+
+@pytest.mark.parametrize("text", ["1e5", "1e-3", "-.5", "5E-4", "1.0e3", "10", "0x1F", "1_000", ".inf", "yes"])
+def test_strings_that_read_as_numbers_keep_their_text(tmp_path, text):
+    """A name or a path typed like a number stays the string typed, on the command line and through
+    the run's saved config.yaml (written with the quoting the YAML 1.2 floats need)."""
+    cfg = load_config("configs/smoke.yaml", ["--name", text, "--output.dir", text, "--data.dir", text])
+    assert (cfg.name, cfg.output.dir, cfg.data.dir) == (text, text, text)
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert (again.name, again.output.dir, again.data.dir) == (text, text, text) and again == cfg
 
 
 @pytest.mark.parametrize("name", ["seed", "resnet18", "best", "smoke"])
