@@ -212,6 +212,11 @@ stage_best() {        # the fast recipe in full, SEEDS (1) seeds, timed; run fol
   # keeps at $SEARCH_KEEP on the machine: a search and the final run chain on one warm machine with no
   # flags copied by hand (the warm machine waits 30 s). Both set: BEST_ARGS wins.
   if [[ -z ${BEST_ARGS:-} && -n ${BEST_FROM:-} ]]; then
+    if [[ ! -f $BEST_FROM ]]; then  # a fresh machine, or a search killed before its summary
+      printf 'best\tno-file\t0\n' >>"$work/stages.tsv"
+      echo "== best: skipped, BEST_FROM=$BEST_FROM does not exist (a fresh machine? pass BEST_ARGS instead)"
+      return 0
+    fi
     if ! BEST_ARGS=$(python benchmarks/recipe_verdict.py "$BEST_FROM" 2>"$work/best-from.log"); then
       cat "$work/best-from.log"
       printf 'best\tno-candidate\t0\n' >>"$work/stages.tsv"

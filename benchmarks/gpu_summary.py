@@ -72,7 +72,8 @@ def stages(d: Path) -> list[str]:
     for name, code, seconds in rows:
         verdict = {"0": "ok", "124": "TIME LIMIT", "137": "TIME LIMIT (killed)",
                    "skip": "skipped (no time left)",
-                   "no-candidate": "skipped (BEST_FROM: no candidate)"}.get(code, f"exit {code}")
+                   "no-candidate": "skipped (BEST_FROM: no candidate)",
+                   "no-file": "skipped (BEST_FROM: no such file)"}.get(code, f"exit {code}")
         out.append(f"{name:<11} {verdict:<22} {seconds}s")
     return out
 

@@ -93,9 +93,9 @@ def next_candidate(result: dict) -> dict | None:
 
 
 def _yaml_value(value) -> str:
-    """A value as the config parser (YAML 1.1) reads it back, without spaces (gpu_session.sh splits
-    BEST_ARGS on them): compact JSON, except that a float always has a dot (YAML 1.1 reads 5e-05 as a
-    string)."""
+    """A value as the config parser reads it back, without spaces (gpu_session.sh splits BEST_ARGS on
+    them): compact JSON, except that a float always has a dot (plain YAML 1.1 reads 5e-05 as a string;
+    the config parser reads YAML 1.2 floats, but a dot reads the same to both)."""
     if isinstance(value, float) and math.isfinite(value):
         text = repr(value)
         mantissa, e, exponent = text.partition("e")
@@ -152,8 +152,9 @@ def main(argv: list[str]) -> int:
               f"{targets[0] + '%' if targets else 'the first target'} on validation "
               f"({'complete' if result.get('complete') else 'a partial search'}); see its table", file=sys.stderr)
         return 1
+    partial = "" if result.get("complete") else " (a PARTIAL search: not every variant was judged)"
     print(f"recipe_verdict: {pick['variant']} reached {pick['target']}% ({pick['kind']}) on validation; "
-          f"{pick['epochs']} epochs", file=sys.stderr)
+          f"{pick['epochs']} epochs{partial}", file=sys.stderr)
     print(pick["best_args"])
     return 0
 

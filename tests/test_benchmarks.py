@@ -507,7 +507,9 @@ def test_recipe_verdict_prints_the_candidates_flags_or_says_why_there_is_none(re
             "epochs": 60, "best_args": "--data.cutout=12 --train.epochs=60"}
     found = verdict({"benchmark": "recipe_ablation", "complete": True, "fastest": {"92.52": {}}, "next": pick})
     assert found.returncode == 0 and found.stdout == "--data.cutout=12 --train.epochs=60\n"
-    assert "cutout_12 reached 92.52% (flip) on validation; 60 epochs" in found.stderr
+    assert "cutout_12 reached 92.52% (flip) on validation; 60 epochs\n" in found.stderr
+    cut = verdict({"benchmark": "recipe_ablation", "complete": False, "fastest": {"92.52": {}}, "next": pick})
+    assert cut.stdout == found.stdout and "60 epochs (a PARTIAL search: not every variant was judged)" in cut.stderr
     none = verdict({"benchmark": "recipe_ablation", "complete": False, "fastest": {"92.52": {}}, "next": None})
     assert none.returncode == 1 and none.stdout == ""
     assert "no judged variant reached 92.52% on validation (a partial search)" in none.stderr
@@ -543,6 +545,13 @@ def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "best        skipped (BEST_FROM: no candidate)" in (out / "summary.txt").read_text()
     assert not (out / "weights-best-bf16.pt").exists()
+    missing = tmp_path / "missing"  # a fresh machine holds no search result
+    missing.mkdir()
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "best", str(missing)], cwd=repo_root,
+                          env=dict(env, BEST_FROM=str(tmp_path / "nowhere.json")), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "does not exist (a fresh machine? pass BEST_ARGS instead)" in proc.stdout
+    assert "best        skipped (BEST_FROM: no such file)" in (missing / "summary.txt").read_text()
 
     pick = {"target": "92.52", "kind": "plain", "variant": "tiny", "val_acc": 93.0, "margin": 0.48, "epochs": 1,
             "best_args": tiny}
