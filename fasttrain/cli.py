@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError
-from fasttrain.config import ConfigError, config_to_dict, dump_yaml, load_config
+from fasttrain.config import ConfigError, config_changes, config_to_dict, dump_yaml, load_config
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
@@ -99,8 +99,8 @@ def resolve_resume(resume: str | None, cfg) -> str | None:
     run_dir = Path(cfg.output.dir)
     found = find_resume_checkpoint(run_dir, warn=lambda message: print(message, file=sys.stderr))
     if found is None and (run_dir / "config.yaml").is_file():
-        try:
-            same_run = load_config(run_dir / "config.yaml") == cfg
+        try:  # where its files go may be spelled another way (a default folder saves output.dir null)
+            same_run = not config_changes(load_config(run_dir / "config.yaml"), cfg)
         except ConfigError:
             same_run = False
         if not same_run:

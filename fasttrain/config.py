@@ -309,6 +309,21 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_changes(before: Config, after: Config) -> list[str]:
+    """"section.key OLD -> NEW" for every setting that differs, but where a run's files go (output.*)
+    and where the data is read from (data.dir, data.download): what makes two runs different runs."""
+    def flat(cfg: Config) -> dict:
+        out = {}
+        for section, keys in config_to_dict(cfg).items():  # sections, and top-level keys (name)
+            out.update({f"{section}.{key}": value for key, value in keys.items()} if isinstance(keys, dict)
+                       else {section: keys})
+        return {key: value for key, value in out.items()
+                if not key.startswith("output.") and key not in ("data.dir", "data.download")}
+
+    old, new = flat(before), flat(after)
+    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in new if old.get(key) != new[key]]
+
+
 # --------------------------------------------------------------------------------------------
 # Overrides: ["--optim.lr", "0.2", "--train.epochs=5"] -> nested dict merged over the file
 # --------------------------------------------------------------------------------------------

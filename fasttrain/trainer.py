@@ -30,7 +30,7 @@ from torch import nn
 
 from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
                                   rng_state, set_rng_state, unwrap, write_checkpoint)
-from fasttrain.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from fasttrain.config import Config, ConfigError, config_changes, config_from_dict, config_to_dict, save_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
 from fasttrain.ema import WeightEMA
@@ -53,21 +53,6 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
-def _config_changes(saved: Config, now: Config) -> list[str]:
-    """"section.key OLD -> NEW" for every setting a resumed run changes, but where its files go and
-    where the data is read from."""
-    def flat(cfg: Config) -> dict:
-        out = {}
-        for section, keys in config_to_dict(cfg).items():  # sections, and top-level keys (name)
-            out.update({f"{section}.{key}": value for key, value in keys.items()} if isinstance(keys, dict)
-                       else {section: keys})
-        return {key: value for key, value in out.items()
-                if not key.startswith("output.") and key not in ("data.dir", "data.download")}
-
-    before, after = flat(saved), flat(now)
-    return [f"{key} {before[key]!r} -> {after[key]!r}" for key in after if before.get(key) != after[key]]
-
-
 class Trainer:
     def __init__(self, cfg: Config, *, device: str = "auto", run_dir: str | Path | None = None,
                  resume: str | Path | None = None, overwrite: bool = False,
@@ -272,7 +257,7 @@ class Trainer:
         if saved.model != self.cfg.model:
             raise CheckpointError(f"{path} was trained with another model section than this config's; "
                                   "resume with the config saved in the run folder (config.yaml)")
-        changed = _config_changes(saved, self.cfg)
+        changed = config_changes(saved, self.cfg)
         if changed:  # allowed (a longer run, a new engine switch), but the user must know it is not exact
             self.console.warn(f"{path} was trained with another config: {'; '.join(changed)}. The run goes on "
                               "under this config's values (the learning-rate schedule follows its epochs and "

@@ -612,6 +612,19 @@ def test_resume_auto_starts_over_when_killed_before_the_first_checkpoint(cifar_d
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
+def test_resume_auto_knows_its_run_whatever_its_saved_output_dir(cifar_dir, tmp_path, capsys):
+    """A run in a default folder (runs/<name>-<time>) saves output.dir null: restarted with its own
+    config.yaml and --output.dir after a kill before the first checkpoint, it is still its own run."""
+    run = tmp_path / "run"
+    args = cli_args(cifar_dir, run, "--train.epochs", "1")
+    run.mkdir()
+    saved = load_config(args[1], [a for a in args[2:] if a not in ("--device", "cpu")])
+    saved.output.dir = None
+    save_config(saved, run / "config.yaml")
+    assert cli.main(args + ["--resume", "auto"]) == 0, capsys.readouterr().err
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
 def test_resume_auto_refuses_a_folder_of_another_run_without_checkpoints(cifar_dir, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
