@@ -87,6 +87,48 @@ def check_targets(targets: list[float]) -> None:
 
     if any(not 0 <= t <= 100 for t in targets):
         raise ConfigError(f"--targets {targets}: accuracies are percentages in 0..100")
+    if any(0 < t < 1 for t in targets):  # 0.94 would be reached by any run: a fraction meant as a percentage
+        raise ConfigError(f"--targets {targets}: accuracies are percentages (94, not 0.94)")
+
+
+def check_out(path: Path | None) -> None:
+    """Refuse, before anything trains, an --out that cannot be written: its first write comes after the
+    first run, which a traceback there would throw away."""
+    from fasttrain.config import ConfigError
+
+    if path is None:
+        return
+    probe = path.with_name(f".{path.name}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot write there ({e.strerror or e}); pass another --out") from None
+
+
+def check_runs_dir(runs_dir: Path | None, names: list[str], overwrite: bool) -> None:
+    """Refuse, before anything trains, a --runs-dir whose run folders (`names`) already hold runs,
+    unless --overwrite: found one by one, the later runs would fail after the first trained."""
+    from fasttrain.config import ConfigError
+
+    if runs_dir is None or overwrite:
+        return
+    held = [name for name in names if (runs_dir / name / "config.yaml").exists() or any((runs_dir / name).glob("*.pt"))]
+    if held:
+        raise ConfigError(f"--runs-dir {runs_dir} already holds runs ({', '.join(held)}): pass --overwrite to "
+                          "replace them, or another --runs-dir")
+
+
+def parse_known_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    """The script's own flags, and the rest as config overrides ({"optim.lr": 0.2}): a flag that is
+    neither gets the closest of the script's options and the config keys as a suggestion."""
+    from fasttrain.config import parse_overrides
+
+    args, rest = parser.parse_known_args(argv)
+    options = tuple(o for action in parser._actions for o in action.option_strings
+                    if o.startswith("--") and o != "--help")
+    return args, parse_overrides(rest, options) if rest else {}
 
 
 def bf16_peak_tflops(name: str) -> float | None:
@@ -385,6 +427,11 @@ def run_main(main) -> None:
         code = 2
     except (DataError, CheckpointError, TrainingError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except OSError as e:  # the file system's answer about a named file; anything else keeps its traceback
+        if not (e.filename2 or e.filename):
+            raise
+        print(f"error: {e.filename2 or e.filename}: {e.strerror or e}", file=sys.stderr)
         code = 1
     sys.exit(code)
 

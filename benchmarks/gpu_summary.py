@@ -346,8 +346,15 @@ def summarize(d: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python benchmarks/gpu_summary.py DIR  (a gpu_session.sh output folder)", file=sys.stderr)
+    usage = "usage: python benchmarks/gpu_summary.py DIR  (a gpu_session.sh output folder)"
+    if argv in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__.strip()}")
+        return 0
+    if len(argv) != 1:
+        print(usage, file=sys.stderr)
+        return 2
+    if not Path(argv[0]).is_dir():
+        print(f"error: {argv[0]} is not a folder; {usage[len('usage: '):]}", file=sys.stderr)
         return 2
     print(summarize(Path(argv[0])))
     return 0

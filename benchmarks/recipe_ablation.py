@@ -42,14 +42,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (REPO_ROOT, add_targets_argument, check_targets, default_result_path, run_main, run_metadata,
-                    wide_console, write_complete, write_json)
+from common import (REPO_ROOT, add_targets_argument, check_out, check_runs_dir, check_targets, default_result_path,
+                    parse_known_overrides, run_main, run_metadata, wide_console, write_complete, write_json)
 import torch
 from rich.table import Table
 from recipe_verdict import fastest_lines, fastest_reaching, kind_accuracy, next_candidate
 from time_to_accuracy import _fmt, aggregate, run_seed, seed_config, target_key
 
-from fasttrain.config import ConfigError, config_to_dict, load_config, parse_overrides, parse_yaml
+from fasttrain.config import ConfigError, config_to_dict, load_config, parse_yaml
 from fasttrain.model import build_model, forward_flops
 from fasttrain.runtime import resolve_device
 from fasttrain.trainer import TrainingError
@@ -76,8 +76,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each in its own process on the one device (default 1: one after the "
                         "other, times comparable); more fits more variants in a session, times then shared")
-    args, overrides = p.parse_known_args(argv)
-    args.overwrite = False  # run_seed's Trainer: every run folder here is new
+    p.add_argument("--overwrite", action="store_true", help="replace runs already in --runs-dir")
+    args, overrides = parse_known_overrides(p, argv)
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: need at least 1")
     if args.jobs < 1:
@@ -85,6 +85,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.val_size < 1:
         raise ConfigError(f"--val-size {args.val_size}: tuning needs a validation split of at least 1 image")
     check_targets(args.targets)
+    check_out(args.out)
     return args, overrides
 
 
@@ -267,13 +268,15 @@ def run_parallel(tasks: list[tuple], jobs: int, root: Path, done, failed) -> Non
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
-    cli = parse_overrides(overrides) if overrides else {}
+    cli = overrides
     variants = read_variants(args.variants, args.only)
     # every variant's config is built (and checked) before anything trains
     built = {name: variant_config(args.config, cli, name, changes, args.val_size) for name, changes in variants.items()}
     configs = {name: cfg for name, (cfg, _) in built.items()}
     gflops = {name: flops for name, (_, flops) in built.items()}
     base_cfg = configs["base"]
+    check_runs_dir(args.runs_dir, [f"{name}-seed-{cfg.train.seed + i}" for name, cfg in configs.items()
+                                   for i in range(args.seeds)], args.overwrite)
     # the provenance (seconds of imports and probes) up front: the first run to finish is then written
     # at once, not cut by a time limit while its metadata is gathered
     device = resolve_device(args.device)

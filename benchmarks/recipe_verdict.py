@@ -131,8 +131,12 @@ def yes_no(flag: bool | None) -> str:
 
 
 def main(argv: list[str]) -> int:
+    usage = "usage: python benchmarks/recipe_verdict.py ABLATION_JSON  (a recipe_ablation.py result)"
+    if argv in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__.strip()}")
+        return 0
     if len(argv) != 1:
-        print("usage: python benchmarks/recipe_verdict.py ABLATION_JSON  (a recipe_ablation.py result)", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         with open(argv[0], encoding="utf-8") as f:

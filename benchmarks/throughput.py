@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, bf16_peak_tflops, default_result_path, endless, matmul_tflops, PaperLoader, run_main,
-                    run_metadata, Timer, wide_console, write_complete, write_json)
+from common import (REPO_ROOT, bf16_peak_tflops, default_result_path, endless, matmul_tflops, PaperLoader,
+                    parse_known_overrides, run_main, run_metadata, Timer, wide_console, write_complete, write_json)
 from rich.table import Table
 
 import fasttrain.data
@@ -310,7 +310,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--smoke", action="store_true", help="tiny model and step counts: seconds on a CPU")
     p.add_argument("--batch", type=int, help="the ablation's batch size (default 128, the paper's; --smoke 32)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="steps 7 and 8 again at these batch sizes "
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="steps 7, 8 and 9 again at these batch sizes "
                                                               "(default 128 512 1024; --smoke 32 64)")
     p.add_argument("--steps", type=int, help="timed steps per window (default 100; --smoke 3)")
     p.add_argument("--warmup-steps", type=int, help="untimed steps first (default 15; --smoke 1)")
@@ -321,7 +321,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "they are reported in the ablation's order; default all")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/throughput-MODEL-DEVICE-TIME.json);"
                                             " the chart is written beside it as .png")
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = parse_known_overrides(p, argv)
     defaults = (dict(config=REPO_ROOT / "configs/smoke.yaml", batch=32, batch_sizes=[32, 64], steps=3,
                      warmup_steps=1, repeats=1, workers=1) if args.smoke else
                 dict(config=REPO_ROOT / "configs/seed.yaml", batch=128, batch_sizes=[128, 512, 1024], steps=100,

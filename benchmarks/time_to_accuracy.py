@@ -30,8 +30,8 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common import (add_targets_argument, check_targets, default_result_path, run_main,  # noqa: E402
-                    run_metadata, wide_console, write_complete, write_json)
+from common import (add_targets_argument, check_out, check_runs_dir, check_targets,  # noqa: E402
+                    default_result_path, parse_known_overrides, run_main, run_metadata, wide_console, write_complete, write_json)
 from recipe_verdict import yes_no  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -54,10 +54,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--runs-dir", type=Path, help="keep the seeds' run folders here (default: a temporary "
                                                  "folder, deleted at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace runs already in --runs-dir")
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = parse_known_overrides(p, argv)
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: need at least 1")
     check_targets(args.targets)
+    check_out(args.out)
     return args, overrides
 
 
@@ -204,8 +205,9 @@ def print_tables(result: dict) -> None:
     summary = Table(
         title=f"over {agg['seeds']} seed(s); process wall {result['process_wall_seconds']:.1f} s",
         caption=f"final test accuracy: mean {_fmt(agg['final_test_acc_mean'], '.2f', '%')}, std "
-                f"{_fmt(agg['final_test_acc_std'], '.2f')}; with {result['config']['train']['tta']} TTA: mean "
-                f"{_fmt(agg['final_test_acc_tta_mean'], '.2f', '%')}, std {_fmt(agg['final_test_acc_tta_std'], '.2f')}; "
+                f"{_fmt(agg['final_test_acc_std'], '.2f')}; "
+                + (f"with {result['config']['train']['tta']} TTA: mean {_fmt(agg['final_test_acc_tta_mean'], '.2f', '%')}, "
+                   f"std {_fmt(agg['final_test_acc_tta_std'], '.2f')}; " if result['config']['train']['tta'] != "none" else "")
                 + "".join(f"TTA {mode}: mean {acc:.2f}%; " for mode, acc in agg.get("final_test_acc_by_tta_mean", {}).items())
                 + "median time over the seeds reaching the target")
     for col in ("target %", "seeds reaching", "fraction", "median time s", "median epochs", "mean final reaches",
@@ -233,6 +235,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     base = load_config(args.config, overrides)
     base.train.eval_every = 1
+    check_runs_dir(args.runs_dir, [f"seed-{base.train.seed + i}" for i in range(args.seeds)], args.overwrite)
     result = {"benchmark": "time_to_accuracy", "meta": None, "config": config_to_dict(base), "seeds": [],
               "targets": args.targets, "runs": [], "aggregate": None, "complete": False, "process_wall_seconds": None}
     out = None

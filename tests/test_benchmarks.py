@@ -104,6 +104,29 @@ def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tm
         bench["common"].a_paper(tmp_path / "one")
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--target", "50"], "unknown option --target: did you mean --targets?"),  # the script's own, suggested
+    (["--resume", "auto"], "unknown option --resume: the options are --config, --seeds, --targets"),
+    (["--targets", "0.94"], "accuracies are percentages (94, not 0.94)"),
+    (["--out", "/proc/nowhere/t.json"], "--out /proc/nowhere/t.json: cannot write there"),
+    (["--runs-dir", "HELD"], "already holds runs (seed-1): pass --overwrite to replace them, or another --runs-dir"),
+])
+def test_time_to_accuracy_refuses_before_training(repo_root, cifar_dir, tmp_path, extra, message):
+    """Bad flags, a fraction for a percentage, an --out that cannot be written and a --runs-dir that
+    holds a run are refused up front, in one line, before any seed trains (found one by one, the
+    later ones used to cost the runs before them, on a GPU session's clock)."""
+    held = tmp_path / "held"
+    (held / "seed-1").mkdir(parents=True)
+    (held / "seed-1" / "config.yaml").write_text("name: earlier\n")
+    extra = [str(held) if arg == "HELD" else arg for arg in extra]
+    env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir))
+    proc = subprocess.run([sys.executable, "benchmarks/time_to_accuracy.py", "--config", "configs/smoke.yaml",
+                           "--seeds", "2", "--device", "cpu", "--train.epochs", "1", *extra], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (held / "seed-0").exists()  # nothing trained
+
+
 def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     out, runs = tmp_path / "tta.json", tmp_path / "runs"
     proc = run_script(repo_root, cifar_dir, "benchmarks/time_to_accuracy.py", "--config", "configs/smoke.yaml",
@@ -517,6 +540,10 @@ def test_recipe_verdict_prints_the_candidates_flags_or_says_why_there_is_none(re
     assert other.returncode == 1 and other.stdout == "" and "not a recipe_ablation.py result" in other.stderr
     cut = verdict('{"benchmark": "recipe_abl')  # cut mid-write
     assert cut.returncode == 1 and cut.stdout == "" and "cannot read" in cut.stderr
+    for script in ("recipe_verdict.py", "gpu_summary.py"):  # --help is help, not a file name
+        shown = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=repo_root, capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: python benchmarks/{script}"), shown.stderr
 
 
 def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_path):
@@ -670,17 +697,24 @@ def test_recipe_ablation_jobs_name_a_run_whose_process_died(repo_root, cifar_dir
     # the tuning protocol's own keys: never silently replaced, never carried into the final run's flags
     ("base: {}\n", ["--data.val_size", "256"], "--data.val_size: set by recipe_ablation itself"),
     ("base: {}\n", ["--train.eval_test", "true"], "--train.eval_test: set by recipe_ablation itself"),
+    ("base: {}\nok: {optim.lr: 0.2}\n", ["--runs-dir", "HELD"], "already holds runs (ok-seed-0): pass --overwrite"),
 ])
 def test_recipe_ablation_refuses_bad_variants_before_training(repo_root, cifar_dir, tmp_path, variants_text, extra,
                                                               message):
     variants = tmp_path / "variants.yaml"
     variants.write_text(variants_text)
+    held = tmp_path / "held"  # a runs folder that holds one of the runs already
+    (held / "ok-seed-0").mkdir(parents=True)
+    (held / "ok-seed-0" / "config.yaml").write_text("name: earlier\n")
+    runs = held if "HELD" in extra else tmp_path / "runs"
+    extra = [a for a in extra if a not in ("--runs-dir", "HELD")]
     env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir))
     proc = subprocess.run([sys.executable, "benchmarks/recipe_ablation.py", *ABLATION_TINY, "--variants",
-                           str(variants), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "a.json"),
+                           str(variants), "--runs-dir", str(runs), "--out", str(tmp_path / "a.json"),
                            *extra], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "a.json").exists()  # nothing trained
+    assert not (held / "base-seed-0").exists()
 
 
 def test_shipped_recipe_variants_all_build():

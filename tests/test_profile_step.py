@@ -113,7 +113,7 @@ def test_cpu_summary_has_no_gpu_numbers(ps):
 def test_batch_sizes_default_to_those_the_rows_name(ps):
     args, overrides = ps.parse_args(["--rows", "7@512,4,8@1024", "--train.seed", "3"])
     assert args.batch_sizes == [512, 1024] and args.batch == 128 and args.steps == 20
-    assert overrides == ["--train.seed", "3"]
+    assert overrides == {"train.seed": 3}  # parsed, as config overrides
     assert ps.parse_args([])[0].rows == ["4", "5", "7", "7@512"]
 
 
