@@ -40,8 +40,8 @@ import torch
 BENCHMARKS = str(Path(__file__).resolve().parent)
 if BENCHMARKS not in sys.path:  # imported by file path (the tests): common.py sits next to this file
     sys.path.insert(0, BENCHMARKS)
-from common import (REPO_ROOT, RESULTS_DIR, PaperLoader, Timer, device_slug, endless,  # noqa: E402
-                    print_table, require_cuda, run_metadata, write_json)
+from common import (REPO_ROOT, RESULTS_DIR, PaperLoader, Timer, check_out, device_slug, endless,  # noqa: E402
+                    print_table, require_cuda, run_main, run_metadata, write_json)
 
 from fasttrain.config import DataConfig  # noqa: E402
 
@@ -168,6 +168,15 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.dali_prefetch < 1 or (args.dali_threads is not None and args.dali_threads < 1):
         p.error("--dali-prefetch and --dali-threads must be >= 1")
+    if args.images < (0 if args.data else 1):
+        p.error("--images must be >= 1 (with --data, 0 takes all of it)")
+    for key in ("batch_size", "epochs", "steps"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    unknown = sorted({name.strip() for name in args.loaders.split(",") if name.strip()}
+                     - {"dali", "dali-host", "torch", "torchvision"})
+    if unknown:
+        p.error(f"--loaders: unknown loader(s) {', '.join(unknown)}; the loaders are dali, dali-host, torch, torchvision")
     return args
 
 
@@ -187,15 +196,13 @@ def main(argv=None) -> int:
     from fasttrain.data.dali import DaliLoader, dali_available
     from fasttrain.data.loader_torch import TorchLoader
 
+    cfg = None if args.no_train else load_config(args.config)  # a bad config before any measuring
+    check_out(Path(args.out) if args.out else None)
     x, y, data_what = load_arrays(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     common = dict(batch_size=args.batch_size, train=True, device=device, dtype=dtype, mean=MEAN,
                   std=STD, channels_last=True, crop_padding=4, flip=True, seed=0)
     wanted = [name.strip() for name in args.loaders.split(",") if name.strip()]
-    unknown = set(wanted) - {"dali", "dali-host", "torch", "torchvision"}
-    if unknown:
-        print(f"bench_loader: unknown loader(s) {sorted(unknown)}", file=sys.stderr)
-        return 2
 
     dali_opts = dict(prefetch=args.dali_prefetch, num_threads=args.dali_threads)
     factories = {
@@ -220,8 +227,7 @@ def main(argv=None) -> int:
         rows.append({"loader": name, "mode": "alone", **result})
         print(f"{name:<12} alone  {result['images_per_s']:>12,.0f} images/s", flush=True)
 
-    if not args.no_train:
-        cfg = load_config(args.config)
+    if cfg is not None:
         model_cfg = cfg.model
         if args.cpu_smoke:  # the seed network's shape, shrunk so a CPU step takes milliseconds
             model_cfg = dataclasses.replace(model_cfg, base_channels=8, blocks=[1] * model_cfg.layers)
@@ -279,4 +285,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

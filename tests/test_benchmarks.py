@@ -127,6 +127,19 @@ def test_time_to_accuracy_refuses_before_training(repo_root, cifar_dir, tmp_path
     assert "Traceback" not in proc.stderr and not (held / "seed-0").exists()  # nothing trained
 
 
+@pytest.mark.parametrize("extra, code, message", [
+    (["--config", "configs/nope.yaml"], 2, "error: config file 'configs/nope.yaml' not found"),
+    (["--data", "/nonexistent"], 1, "error: no CIFAR-10 in /nonexistent"),
+    (["--images", "0"], 2, "error: --images must be >= 1"),
+    (["--loaders", "torch,foo"], 2, "error: --loaders: unknown loader(s) foo"),
+    (["--out", "/proc/nowhere/l.json"], 2, "error: --out /proc/nowhere/l.json: cannot write there"),
+])
+def test_bench_loader_bad_input_is_one_error_line(repo_root, tmp_path, extra, code, message):
+    proc = subprocess.run([sys.executable, "benchmarks/bench_loader.py", "--cpu-smoke", *extra], cwd=repo_root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     out, runs = tmp_path / "tta.json", tmp_path / "runs"
     proc = run_script(repo_root, cifar_dir, "benchmarks/time_to_accuracy.py", "--config", "configs/smoke.yaml",
