@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from recipe_verdict import fastest_lines, yes_no  # beside this script, standard library only
+from recipe_verdict import fastest_lines, one_argument, yes_no  # beside this script, standard library only
 
 
 def _read_json(path: Path) -> dict | None:
@@ -347,12 +347,9 @@ def summarize(d: Path) -> str:
 
 def main(argv: list[str]) -> int:
     usage = "usage: python benchmarks/gpu_summary.py DIR  (a gpu_session.sh output folder)"
-    if argv in (["-h"], ["--help"]):
-        print(f"{usage}\n\n{__doc__.strip()}")
-        return 0
-    if len(argv) != 1:
-        print(usage, file=sys.stderr)
-        return 2
+    code = one_argument(argv, usage, __doc__)
+    if code is not None:
+        return code
     if not Path(argv[0]).is_dir():
         print(f"error: {argv[0]} is not a folder; {usage[len('usage: '):]}", file=sys.stderr)
         return 2

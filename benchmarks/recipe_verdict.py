@@ -130,14 +130,23 @@ def yes_no(flag: bool | None) -> str:
     return "-" if flag is None else ("yes" if flag else "no")
 
 
-def main(argv: list[str]) -> int:
-    usage = "usage: python benchmarks/recipe_verdict.py ABLATION_JSON  (a recipe_ablation.py result)"
+def one_argument(argv: list[str], usage: str, doc: str) -> int | None:
+    """The command line of a script taking one argument: None when it is one, else the exit code
+    after printing help (-h, --help: 0) or the usage (2)."""
     if argv in (["-h"], ["--help"]):
-        print(f"{usage}\n\n{__doc__.strip()}")
+        print(f"{usage}\n\n{doc.strip()}")
         return 0
     if len(argv) != 1:
         print(usage, file=sys.stderr)
         return 2
+    return None
+
+
+def main(argv: list[str]) -> int:
+    usage = "usage: python benchmarks/recipe_verdict.py ABLATION_JSON  (a recipe_ablation.py result)"
+    code = one_argument(argv, usage, __doc__)
+    if code is not None:
+        return code
     try:
         with open(argv[0], encoding="utf-8") as f:
             result = json.load(f)
