@@ -110,11 +110,12 @@ def check_out(path: Path | None) -> None:
 def check_runs_dir(runs_dir: Path | None, names: list[str], overwrite: bool) -> None:
     """Refuse, before anything trains, a --runs-dir whose run folders (`names`) already hold runs,
     unless --overwrite: found one by one, the later runs would fail after the first trained."""
+    from fasttrain.checkpoint import holds_run
     from fasttrain.config import ConfigError
 
     if runs_dir is None or overwrite:
         return
-    held = [name for name in names if (runs_dir / name / "config.yaml").exists() or any((runs_dir / name).glob("*.pt"))]
+    held = [name for name in names if holds_run(runs_dir / name)]
     if held:
         raise ConfigError(f"--runs-dir {runs_dir} already holds runs ({', '.join(held)}): pass --overwrite to "
                           "replace them, or another --runs-dir")
@@ -418,6 +419,7 @@ def run_main(main) -> None:
     from fasttrain.checkpoint import CheckpointError
     from fasttrain.config import ConfigError
     from fasttrain.data.cifar import DataError
+    from fasttrain.files import file_error_line
     from fasttrain.trainer import TrainingError
 
     try:
@@ -428,10 +430,11 @@ def run_main(main) -> None:
     except (DataError, CheckpointError, TrainingError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
-    except OSError as e:  # the file system's answer about a named file; anything else keeps its traceback
-        if not (e.filename2 or e.filename):
+    except OSError as e:
+        line = file_error_line(e)
+        if line is None:
             raise
-        print(f"error: {e.filename2 or e.filename}: {e.strerror or e}", file=sys.stderr)
+        print(line, file=sys.stderr)
         code = 1
     sys.exit(code)
 

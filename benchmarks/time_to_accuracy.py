@@ -31,7 +31,8 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common import (add_targets_argument, check_out, check_runs_dir, check_targets,  # noqa: E402
-                    default_result_path, parse_known_overrides, run_main, run_metadata, wide_console, write_complete, write_json)
+                    default_result_path, parse_known_overrides, run_main, run_metadata, wide_console,
+                    write_complete, write_json)
 from recipe_verdict import yes_no  # noqa: E402
 from rich.table import Table  # noqa: E402
 

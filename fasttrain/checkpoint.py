@@ -223,6 +223,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
+def holds_run(folder: str | Path) -> bool:
+    """Whether `folder` holds a run (its config.yaml or a checkpoint): what a new run must not overwrite."""
+    folder = Path(folder)
+    return (folder / "config.yaml").exists() or any(folder.glob("*.pt"))
+
+
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
     """The run folder's checkpoints, newest first: last.pt, prev.pt, then any other *.pt by mtime.
 

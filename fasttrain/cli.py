@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError
 from fasttrain.config import ConfigError, config_changes, config_to_dict, dump_yaml, load_config
+from fasttrain.files import file_error_line
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:  # an optional extra (dali, plot, tensorboard) that is not installed
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as e:  # the file system's answer (a full disk, no permission, a folder where a file goes)
-        target = e.filename2 or e.filename  # a rename's destination, not the temp file it came from
-        if not target:  # no file named: not the file system's answer (a socket, a library's own): traceback
+    except OSError as e:
+        line = file_error_line(e)
+        if line is None:
             raise
-        print(f"error: {target}: {e.strerror or e}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return EXIT_ERROR

@@ -188,7 +188,6 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 # 1.5, .inf) reads the same; a dot or an exponent is required, so 10 stays an int and 1e, e5 strings.
 _YAML12_FLOAT = re.compile(r"""^[-+]?(?:[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+
                                      |\.[0-9]+(?:[eE][-+]?[0-9]+)?)$""", re.X)
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 class _Dumper(yaml.SafeDumper):
@@ -196,7 +195,8 @@ class _Dumper(yaml.SafeDumper):
     named "1e5") is quoted."""
 
 
-_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+for _yaml_class in (_StrictLoader, _Dumper):
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 def dump_yaml(values: Any) -> str:

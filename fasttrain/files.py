@@ -12,6 +12,14 @@ import secrets
 from pathlib import Path
 
 
+def file_error_line(e: OSError) -> str | None:
+    """The one `error:` line for the file system's answer about a named file (a full disk, no permission,
+    a folder where a file goes), naming a rename's destination rather than its temp file; None for an
+    OSError that names no file (a socket, a library's own), which keeps its traceback."""
+    target = e.filename2 or e.filename
+    return f"error: {target}: {e.strerror or e}" if target else None
+
+
 def create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
     """A new, empty file in `directory` (beside its target, so the rename stays on one file system),
     opened for writing: (file descriptor, path). A `prefix` starting with "." keeps it hidden."""

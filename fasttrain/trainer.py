@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
-                                  rng_state, set_rng_state, unwrap, write_checkpoint)
+from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, holds_run,
+                                  load_checkpoint, rng_state, set_rng_state, unwrap, write_checkpoint)
 from fasttrain.config import Config, ConfigError, config_changes, config_from_dict, config_to_dict, save_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
@@ -160,14 +160,14 @@ class Trainer:
         if run_dir is None:
             run_dir = Path("runs") / f"{self.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(run_dir)
-        holds_run = (run_dir / "config.yaml").exists() or any(run_dir.glob("*.pt"))
-        if holds_run and self.resume_path is None and not overwrite:
+        held = holds_run(run_dir)
+        if held and self.resume_path is None and not overwrite:
             raise ConfigError(
                 f"the output folder {str(run_dir)!r} already holds a run: pass --resume "
                 f"{run_dir / LAST} (or --resume auto) to continue it, --overwrite to replace it, "
                 "or another --output.dir"
             )
-        if holds_run and self._resumes_another_folder(run_dir) and not overwrite:
+        if held and self._resumes_another_folder(run_dir) and not overwrite:
             raise ConfigError(
                 f"--resume {self.resume_path} continues a run of another folder, but the output folder "
                 f"{str(run_dir)!r} already holds a run of its own: pass an --output.dir that holds no run "
