@@ -34,10 +34,10 @@
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
-#               runs SEARCH_ONLY (7 runs with base: cutout 12 at 40, 60 and 80 epochs, with EMA and with
-#               label smoothing 0.2 at 60, and blocks [3,3,2] (0.72x the FLOPs) at 80), JOBS (6) at a time,
-#               for the whole budget: one call for both
-#               (the preflight's ~150 s go to the search; the graph is proven since the second session)
+#               runs SEARCH_ONLY (6 runs with base, all at once: best.yaml at 60 epochs alone, with label
+#               smoothing 0.2, alternating flip or batch 1024, and blocks [2,2,2] at 80), JOBS (6) at a
+#               time, for the whole budget: one call for both. The third session's search (on the older
+#               base) is in benchmarks/results/2026-11-26-h200-search
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
 # start of the device command so that unstaging counts too), else after this script starts. A stage
@@ -63,22 +63,18 @@
 #   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
 #   needs no pieces)
 #   then give_back.
-# The next session's calls (15 minutes in all): the two staging calls, then search as the third
-# (carry .stage/03, BUDGET_S=530, timeout_s 580, "... && bash benchmarks/gpu_session.sh search $OUT"):
-# the gpu tests (issue 4's fixes) and the recipe ablation at once. Then, on the same warm machine (a fourth
-# call within 30 s, restoring the payload as above): if its summary's next line names a candidate and
-# ~420 s or more are left, the final run at once, with no flags copied by hand (the search's result is
-# kept at /tmp/fasttrain-search.json): "SEEDS=5 BEST_FROM=/tmp/fasttrain-search.json BUDGET_S=<left - 40>
-# bash benchmarks/gpu_session.sh best $OUT/b" (its seeds are written as each finishes: one cut short keeps
-# the others); else quick's profile and throughput (BUDGET_S=200: "bash benchmarks/gpu_session.sh
-# throughput $OUT/t"); then give_back. (The
-# older plan, preflight then ablation: preflight as the third call with BUDGET_S=215, timeout_s 260,
-# then the ablation with what is left as the summary's "next call" line says, with
-# ABLATION_ARGS="--train.cuda_graph false" unless graphseed and the graph's gpu tests passed.) The session after runs
-# quick (profile, the CUDA-graph throughput rows, bench_se and the tile sweep: issues 4 and 5) and, once a
-# recipe reaches A_paper on validation, best with SEEDS=5 (time_to_accuracy.py on the test set: issue 6):
-# the ablation's summary ends with that call ("next  best on nvidia-h100-x1 with SEEDS=5 BEST_ARGS='...'",
-# the quickest variant whose mean validation accuracy reached A_paper, its overrides as flags).
+# The next session's calls (15 minutes in all), for issue 6's headline: the two staging calls naming kind
+# nvidia-h100-x1 (the targets are stated on an H100; if none opens, the tool falls back to an H200: say so),
+# then best as the third (carry .stage/03, timeout_s 580, "export GPU_SESSION_T0=$(date +%s) BUDGET_S=530;
+# ... && SEEDS=5 bash benchmarks/gpu_session.sh best $OUT"): best.yaml ([3,3,2], cutout 12, 80 epochs),
+# 5 seeds on the test set, one at a time (on an H200 57 s of training and ~66 s of wall each, +28 s for
+# the first compile: ~360 s), then its weights (the export keeps 30 s). Then, on the same warm machine
+# within 30 s, with what is left (~250 s): "ROWS=1,9,9@512 BUDGET_S=<left - 40> bash
+# benchmarks/gpu_session.sh throughput $OUT/t" (issue 5's CUDA-graph rows), else nothing; then give_back.
+# The session after: search (issue 6's time goal, 30 s) and quick's profile, bench_se and tile sweep.
+# The third session (H200) ran search (457 s: 121 gpu tests passed; 7 runs, of which blocks [3,3,2] with
+# cutout 12 at 80 epochs was the fastest to A_paper on validation) then best on its candidate, BEST_FROM
+# (4 of 5 seeds in 335 s: the first seed's compile took 28 s).
 # Issues 5 and 6 state their targets on one H100: the runs that measure them (throughput, best) name
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as both sessions
 # so far did); the recipe search may run on either.
@@ -226,8 +222,11 @@ stage_best() {        # the fast recipe in full, SEEDS (1) seeds, timed; run fol
     cat "$work/best-from.log"
     echo "BEST_ARGS=$BEST_ARGS (from $BEST_FROM)" | tee -a "$work/best-from.log"
   fi
+  # the export's 30 s are kept out of the runs' limit: a third session's 4 finished seeds, cut at the
+  # deadline, left none and came back without weights
+  local left=$((deadline - $(now) - ${EXPORT_RESERVE_S:-30}))
   # shellcheck disable=SC2086
-  limited best "$1" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
+  limited best "$((left < $1 ? left : $1))" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
     --targets apaper 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000 \
     ${BEST_ARGS:-}
   # the trained weights come back beside the archive (which holds no .pt): bf16, ~9 MB, for issue 6;
@@ -277,12 +276,11 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
     --train.epochs 2 --train.compile true --optim.impl fused --train.cuda_graph true \
     --output.dir "$work/torchrun1graph" --output.progress false --train.checkpoint_every 1000
 }
-ABLATION_ONLY=cutout_12,cutout_16,epochs_60,cutout_12_epochs_60,cutout_12_epochs_80
-# search's: the longest first (with 6 at a time they start together), then what may reach A_paper sooner
-# (7 runs with base, 420 epochs, ~397 at the paper network's cost: ~0.7-1 s an epoch at batch 512 with the
-# graph, so ~280-400 s of GPU time)
-SEARCH_ONLY=cutout_12_epochs_80,blocks_3_3_2_cutout_12_epochs_80,cutout_12_epochs_60,cutout_12,cutout_12_epochs_60_ema,\
-cutout_12_epochs_60_ls_0.2
+# ablation's: what each ingredient of best.yaml buys, one taken away at a time (issue 6's write-up)
+ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,paper_blocks,epochs_60
+# search's: what may reach A_paper sooner than best.yaml's 80 epochs (6 runs with base, 420 epochs: six side
+# by side ran [3,3,2] at ~3.6 s an epoch on an H200 in the third session, so ~290 s for base's 80)
+SEARCH_ONLY=epochs_60,epochs_60_label_smoothing_0.2,epochs_60_alternating_flip,epochs_60_batch_1024,blocks_2_2_2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \

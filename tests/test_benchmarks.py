@@ -6,6 +6,7 @@ independent data (the run folders' metrics.jsonl, the timed windows), not just c
 import importlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -599,6 +600,8 @@ def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_p
                                  "next": pick})
     assert proc.returncode == 0, proc.stderr
     assert "BEST_ARGS=" + tiny in proc.stdout and "best        ok" in (out / "summary.txt").read_text()
+    limit = int(re.search(r"== best \(limit (\d+)s\)", proc.stdout).group(1))
+    assert limit <= 240 - 30  # the export's 30 s are kept out of the runs' limit
     with tarfile.open(out / "gpu-session.tar.gz") as archive:
         best = json.load(archive.extractfile("./best.json"))
     assert best["complete"] is True and best["seeds"] == [0]
@@ -744,8 +747,26 @@ def test_shipped_recipe_variants_all_build():
         cfg, gflops[name] = ra.variant_config("configs/best.yaml", {}, name, changes, 5000)
         assert cfg.data.val_size == 5000 and not cfg.train.eval_test
     # the verdict's cost of runs side by side: the network's FLOPs, the paper's 798,690,304 multiply-adds x 2
-    assert gflops["base"] == pytest.approx(2 * 798_690_304 / 1e9, rel=1e-9)
-    assert gflops["cutout_12_epochs_80"] == gflops["base"] and gflops["blocks_3_3_2"] < 0.75 * gflops["base"]
+    assert gflops["paper_blocks"] == pytest.approx(2 * 798_690_304 / 1e9, rel=1e-9)
+    assert gflops["base"] == pytest.approx(1.144395776, rel=1e-9)  # best.yaml's [3,3,2]
+    assert gflops["epochs_60"] == gflops["base"] and gflops["blocks_2_2_2"] < 0.75 * gflops["base"]
+
+
+def test_gpu_session_variant_lists_name_shipped_variants(repo_root):
+    """gpu_session.sh's ABLATION_ONLY and SEARCH_ONLY name variants of benchmarks/recipe_variants.yaml: a
+    typo there would end a device call at recipe_ablation's --only check, its minutes spent on staging."""
+    sys.path.insert(0, "benchmarks")
+    try:
+        ra = importlib.import_module("recipe_ablation")
+    finally:
+        sys.path.remove("benchmarks")
+    script = (repo_root / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", "")
+    lists = dict(re.findall(r"^(ABLATION_ONLY|SEARCH_ONLY)=(\S+)$", script, flags=re.M))
+    assert set(lists) == {"ABLATION_ONLY", "SEARCH_ONLY"}
+    for name, names in lists.items():
+        only = names.split(",")
+        assert len(only) <= 5, f"{name}: base and at most 5 more start together at JOBS=6"
+        assert list(ra.read_variants(ra.DEFAULT_VARIANTS, only)) == ["base", *only], name
 
 
 # ------------------------------------------------------------------------------------- SE tile sweep
