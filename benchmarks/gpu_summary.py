@@ -129,6 +129,11 @@ def best(d: Path) -> list[str]:
         lines.append(f"best.yaml   mean final {_pct(agg['final_test_acc_mean'])} (TTA {_pct(agg['final_test_acc_tta_mean'])})"
                      f" over {agg['seeds']} seed(s){'' if result.get('complete', True) else ' (PARTIAL)'}; "
                      f"mean reaches (plain/TTA) {verdict}")
+        for t, target in agg["targets"].items():  # the recipe's time where its mean final reaches a target
+            times = {m: s for m, s in (target.get("time_by_mean_final") or {}).items() if s is not None}
+            if times:
+                lines.append(f"best.yaml   time to {t}% by the mean final: "
+                             + ", ".join(f"{m} {s:.1f} s" for m, s in times.items()))
         if result.get("complete", True):
             return lines
         finished = {f"seed-{run['seed']}" for run in result["runs"]}

@@ -69,13 +69,21 @@ def test_aggregate_medians_only_over_seeds_that_reached(bench):
     assert agg["targets"]["90"] == {"reached": 2, "fraction_reached": pytest.approx(2 / 3),
                                     "median_time_to_target": 4.0, "median_epochs_to_target": 3.5,
                                     "mean_final_reaches": True, "mean_final_tta_reaches": None,
-                                    "mean_final_by_tta_reaches": {}}  # rows without by-mode figures
+                                    "mean_final_by_tta_reaches": {},  # rows without by-mode figures
+                                    "time_by_mean_final": {}}
     # the recipe's verdict is the mean's: 2 of 3 seeds reach 91, the mean (91.0) does; no seed reaches 92
     with_tta = [dict(r, final_test_acc_tta=r["final_test_acc"] + 1.5, time_to_target={"91": None, "92": None},
                      epochs_to_target={"91": None, "92": None}) for r in rows]
     verdict = tta.aggregate(with_tta, [91.0, 92.0])["targets"]
     assert (verdict["91"]["mean_final_reaches"], verdict["91"]["mean_final_tta_reaches"]) == (True, True)
     assert (verdict["92"]["mean_final_reaches"], verdict["92"]["mean_final_tta_reaches"]) == (False, True)
+    # the recipe's time where its verdict rests on the mean final: the median training clock, per TTA mode
+    by_mode = [dict(r, train_seconds=sec, final_test_acc_by_tta={"none": r["final_test_acc"],
+                                                                  "flip": r["final_test_acc"] + 1.5})
+               for r, sec in zip(with_tta, (30.0, 50.0, 40.0))]
+    times = tta.aggregate(by_mode, [91.0, 92.0])["targets"]
+    assert times["91"]["time_by_mean_final"] == {"none": 40.0, "flip": 40.0}
+    assert times["92"]["time_by_mean_final"] == {"none": None, "flip": 40.0}
 
 
 def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tmp_path, capsys):
