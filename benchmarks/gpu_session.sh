@@ -234,9 +234,16 @@ stage_best() {        # the fast recipe in full, SEEDS (1) seeds, timed; run fol
   [[ -f $work/best.json ]] || return 0
   local ck sha
   sha=$(git rev-parse --short HEAD 2>/dev/null || echo no-git)
+  # the weights say what they were trained on (issue 6): the staged data is the JPEG-75 stand-in, decoded
+  # by its build.py, since the device reaches no network; DATA_LABEL names anything else
+  local data=${DATA_LABEL:-}
+  if [[ -z $data && ${FASTTRAIN_DATA:-} == *"/.stage/payload/"* ]]; then
+    data="the JPEG-75 stand-in for CIFAR-10 (shared/data/cifar10-jpeg75), not the official files"
+  fi
   for ck in "$work"/best-runs/*/last.pt; do
     [[ -f $ck ]] && limited export 30 python -m fasttrain export "$ck" "${out:-$work}/weights-best-bf16.pt" \
-      --dtype bf16 --overwrite --note "benchmarks/gpu_session.sh best stage, $sha"
+      --dtype bf16 --overwrite --note "trained on ${data:-CIFAR-10 from ${FASTTRAIN_DATA:-./data}}; $(basename \
+      "$(dirname "$ck")") of benchmarks/gpu_session.sh best, git $sha"
     break
   done
 }

@@ -616,6 +616,9 @@ def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_p
     assert best["config"]["model"]["base_channels"] == 8 and best["config"]["data"]["cutout"] == 4
     assert best["config"]["train"]["compile"] is False and best["config"]["train"]["epochs"] == 1
     assert (out / "weights-best-bf16.pt").is_file()
+    from fasttrain.checkpoint import load_checkpoint
+    note = load_checkpoint(out / "weights-best-bf16.pt")["export"]["note"]
+    assert note.startswith(f"trained on CIFAR-10 from {cifar_dir}; seed-0 of benchmarks/gpu_session.sh best")
 
 
 def test_recipe_ablation_jobs_run_the_same_runs_in_parallel(repo_root, cifar_dir, tmp_path):
