@@ -1,10 +1,18 @@
-"""Exponential moving average of a model's weights (`train.ema_decay`)."""
+"""Exponential moving average of a model's weights (`train.ema_decay`, `train.ema_bn`)."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers (SyncBatchNorm included) that keep running statistics."""
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 class WeightEMA:
@@ -18,6 +26,13 @@ class WeightEMA:
     ema_warmup_steps is 0), so early on the average follows the fast-moving weights.
     Under DDP every rank applies the same update to the same all-reduced weights: no collective per
     step (the trainer syncs the EMA's BN buffers with the model's at epoch ends).
+
+    The averaged BN statistics are not the statistics of the averaged weights' own activations: an
+    average of weights that kept rotating (high learning rate with weight decay under BatchNorm, a
+    long horizon) has smaller, differently aimed filters, whose activations the averaged running
+    mean/var no longer normalise. `recompute_bn` re-estimates them from training batches, as SWA
+    does (torch.optim.swa_utils.update_bn); `train.ema_bn: recompute` has the trainer call it before
+    the EMA weights are evaluated or saved.
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0):
@@ -46,6 +61,40 @@ class WeightEMA:
     def reset(self) -> None:
         """EMA = the live weights (a resume from a checkpoint saved without EMA)."""
         torch._foreach_copy_(self._ema_f + self._ema_i, self._live_f + self._live_i)
+
+    @torch.no_grad()
+    def recompute_bn(self, batches: Iterable[torch.Tensor],
+                     autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> int:
+        """Replace the EMA module's BN running statistics by those of its own activations on `batches`
+        (image tensors; the count taken is the caller's), what torch.optim.swa_utils.update_bn computes:
+        statistics reset, then the equal-weight average over the batches of each batch's mean and
+        unbiased variance (momentum None), num_batches_tracked = the number of batches. Only the BN
+        layers run in training mode (anything else, dropout included, stays in eval mode: no random
+        numbers are drawn, so the training run's RNG streams are untouched). In place: the lists that
+        `update` lerps stay valid. The result depends on the EMA parameters and the batches only, not
+        on the statistics before. `autocast()`: the evaluation's precision context. Returns the number
+        of batches used; none is an error (raised before anything is changed)."""
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:  # checked before anything is reset
+            raise ValueError("recompute_bn needs at least one batch")
+        norms = batch_norms(self.module)
+        momenta = [bn.momentum for bn in norms]
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: every batch weighs the same
+            bn.train()
+        count = 0
+        try:
+            for images in itertools.chain([first], batches):
+                with autocast():
+                    self.module(images)
+                count += 1
+        finally:
+            for bn, momentum in zip(norms, momenta):
+                bn.momentum = momentum
+            self.module.eval()
+        return count
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -1,13 +1,17 @@
-"""EMA of the weights (train.ema_decay) and test-time augmentation views (train.tta), on the CPU."""
+"""EMA of the weights (train.ema_decay, train.ema_bn) and test-time augmentation views (train.tta), on the CPU."""
 import copy
+import itertools
 import json
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
+from fake_cuda_graphs import FakeCudaGraphs
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import ConfigError, load_config
+from fasttrain.ema import batch_norms
 from fasttrain.evaluate import black_fill, evaluate, evaluate_checkpoint, shift_image, tta_views
 from fasttrain.runtime import Precision
 from fasttrain.trainer import Trainer, WeightEMA
@@ -49,9 +53,145 @@ def test_ema_matches_a_hand_written_reference(warmup):
 
 def test_ema_config_validation():
     assert load_config(None, ["--train.ema_decay", "0.999"]).train.ema_decay == 0.999
-    for bad in (["--train.ema_decay", "1"], ["--train.ema_decay", "-0.1"], ["--train.ema_warmup_steps", "-1"]):
+    default = load_config(None).train
+    assert (default.ema_bn, default.ema_bn_batches) == ("average", 20)  # the default is unchanged: averaged
+    cfg = load_config(None, ["--train.ema_decay", "0.999", "--train.ema_bn", "recompute", "--train.ema_bn_batches", "5"])
+    assert (cfg.train.ema_bn, cfg.train.ema_bn_batches) == ("recompute", 5)
+    for bad in (["--train.ema_decay", "1"], ["--train.ema_decay", "-0.1"], ["--train.ema_warmup_steps", "-1"],
+                ["--train.ema_bn_batches", "0"], ["--train.ema_bn_batches", "-3"]):
         with pytest.raises(ConfigError, match=bad[0][2:].replace(".", r"\.")):
             load_config(None, bad)
+    with pytest.raises(ConfigError, match=r"train\.ema_bn = 'swa' is out of range: one of average, recompute"):
+        load_config(None, ["--train.ema_bn", "swa"])
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1),
+                         nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                         nn.Linear(5, 3))
+
+
+def _buffers(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_recompute_bn_equals_swa_update_bn_and_fixes_the_averaged_statistics():
+    """WeightEMA.recompute_bn gives exactly what torch.optim.swa_utils.update_bn gives on the same batches,
+    whatever statistics the EMA held before; it changes nothing else, draws no random numbers, and the
+    EMA goes on averaging the same tensors afterwards. And why it exists: the EMA of weights that kept
+    turning (here the first conv's filters rotated between two states) is not normalised by the averaged
+    running statistics, while the recomputed ones normalise its activations."""
+    model = _bn_net()
+    ema = WeightEMA(model, 0.5)
+    batches = [torch.randn(16, 3, 8, 8) * 2 + 1 for _ in range(4)]
+    conv = model[0]
+    first = conv.weight.detach().clone()
+    turned = torch.roll(first, 1, dims=0) * torch.tensor([1.0, -1, 1, -1, 1, -1]).view(-1, 1, 1, 1)  # other filters
+    for step, weight in enumerate([first, turned, first, turned], start=1):
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+        model.train()
+        for x in batches:
+            model(x)  # the live running statistics of this weight
+        ema.update(step)
+
+    def first_bn_output(module, x):  # per-channel statistics of the first BN's eval-mode output
+        out = module[1](module[0](x)).transpose(0, 1).flatten(1)
+        return out.mean(1), out.var(1, unbiased=False)
+
+    x = batches[0]
+    with torch.no_grad():
+        _, var_averaged = first_bn_output(ema.module, x)
+    assert (var_averaged - 1).abs().max() > 0.2  # the averaged statistics do not normalise the averaged weights
+
+    params = {k: v.clone() for k, v in ema.module.named_parameters()}
+    reference = copy.deepcopy(ema.module)
+    update_bn(batches, reference)
+    with torch.no_grad():
+        for bn in batch_norms(ema.module):  # garbage before: the result must not depend on it
+            bn.running_mean.fill_(7.0), bn.running_var.fill_(0.01), bn.num_batches_tracked.fill_(99)
+    rng = torch.get_rng_state()
+    assert ema.recompute_bn(batches) == 4
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout stayed off: no random numbers drawn
+    expected = _buffers(reference)
+    for k, v in _buffers(ema.module).items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert int(ema.module[1].num_batches_tracked) == 4
+    assert all(torch.equal(v, params[k]) for k, v in ema.module.named_parameters())
+    assert not any(m.training for m in ema.module.modules()) and all(bn.momentum == 0.1 for bn in batch_norms(ema.module))
+
+    one = WeightEMA(model, 0.5)  # one batch: eval-mode outputs on it are normalised like a training forward's
+    one.module.load_state_dict(ema.module.state_dict())
+    one.recompute_bn([x])
+    with torch.no_grad():
+        mean, var = first_bn_output(one.module, x)
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    torch.testing.assert_close(var, torch.full_like(var, (n - 1) / n), atol=1e-3, rtol=0)  # running_var is unbiased
+
+    before = _buffers(ema.module)
+    with pytest.raises(ValueError, match="at least one batch"):
+        ema.recompute_bn(iter([]))
+    assert all(torch.equal(v, before[k]) for k, v in _buffers(ema.module).items())  # nothing was reset
+    ema.update(5)  # the averaged lists still point at the recomputed buffers: they move towards the live ones
+    assert not torch.equal(ema.module[1].running_mean, before["1.running_mean"])
+    torch.testing.assert_close(ema.module[1].running_mean, 0.5 * before["1.running_mean"] + 0.5 * model[1].running_mean)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "fake-cuda-graph"])
+def test_ema_averages_the_weights_the_trainer_trains(cifar_dir, tmp_path, monkeypatch, graph):
+    """The wiring, through the real Trainer with the recipe's engine switches that run on a CPU: the fused
+    Lookahead-SGD (its PyTorch path), channels_last, the compile warmup's throwaway steps and restore, and
+    (faked) CUDA-graph capture and replay. (1) decay ~0: the EMA is the live model bit for bit, and its
+    evaluation is the live model's; (2) decay 0.9 with a warmup ramp: after every step the EMA equals an
+    average kept by hand of the live model's state (parameters and BN statistics) as the trainer leaves it."""
+    if graph:
+        FakeCudaGraphs(monkeypatch.setattr)
+    for decay in ("1e-9", "0.9"):
+        cfg = tiny_config(cifar_dir, tmp_path / decay, **{
+            "optim.impl": "fused", "train.ema_decay": decay, "train.ema_warmup_steps": "4",
+            "data.val_size": "200", "train.eval_every": "1"})
+        trainer = Trainer(cfg, device="cpu", console=quiet())
+        trainer.use_graph = graph  # a CPU run switches it off: force the graph path onto the fakes
+        assert trainer.channels_last and type(trainer.optimizer).__name__ == "FusedLookaheadSGD"
+        ema, live = trainer.ema, trainer.model
+        reference = {k: v.clone() for k, v in ema.state_dict().items()}
+        real_update, real_warmup = ema.update, trainer.warmup
+        updates = []
+
+        def update(step):  # the hand-kept average, from what the trainer left in the live model
+            real_update(step)
+            d = float(decay) * min(1.0, step / 4)
+            for k, v in live.state_dict().items():
+                reference[k] = d * reference[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+            for k, v in ema.state_dict().items():
+                torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
+            updates.append(step)
+
+        def warmup():  # its throwaway steps update the EMA (and the reference): both must be as before
+            before = {k: v.clone() for k, v in ema.state_dict().items()}
+            seconds = real_warmup()
+            for k, v in ema.state_dict().items():
+                assert torch.equal(v, before[k]), k
+            reference.update(before)
+            return seconds
+
+        monkeypatch.setattr(ema, "update", update)
+        monkeypatch.setattr(trainer, "warmup", warmup)
+        if not graph:
+            trainer.warmup()  # what train.compile runs before the clock starts (the graph path runs it in fit)
+        summary = trainer.fit()
+        steps = 2 * trainer.steps_per_epoch
+        assert updates[-steps:] == list(range(1, steps + 1))  # every real step, after the warmup's
+        if decay == "0.9":  # a real average, not a copy
+            assert not torch.equal(ema.state_dict()["fc.weight"], live.state_dict()["fc.weight"])
+        else:
+            for k, v in live.state_dict().items():
+                assert torch.equal(ema.state_dict()[k], v), k
+            for split, loader in trainer._eval_splits():
+                acc = evaluate(live, loader, trainer.precision, trainer.device)
+                assert summary[f"final_{split}_acc"] == acc, split
 
 
 def test_tta_modes_in_config():
@@ -153,3 +293,86 @@ def test_eval_test_false_never_touches_the_test_set(cifar_dir, tmp_path, monkeyp
 def test_eval_test_false_needs_a_validation_split():
     with pytest.raises(ConfigError, match=r"train\.eval_test.*data\.val_size"):
         load_config(None, ["--train.eval_test", "false"])
+
+
+RECOMPUTE = {"train.ema_decay": "0.9", "train.ema_warmup_steps": "4", "data.val_size": "200"}
+
+
+def test_ema_bn_recompute_through_the_trainer(cifar_dir, tmp_path):
+    """train.ema_bn recompute: the run trains exactly as with average (same data, RNG, live weights and EMA
+    weights); only the EMA's BN statistics differ, and they are update_bn's on the first ema_bn_batches
+    training batches of the epoch just trained, applied to the EMA weights. Those are what is evaluated
+    (per epoch, off the clock, and at the end), saved, and scored again by `eval`; the final recompute
+    counts in train_seconds."""
+    averaged = Trainer(tiny_config(cifar_dir, tmp_path / "a", **RECOMPUTE), device="cpu", console=quiet())
+    a = averaged.fit()  # saves after both epochs: prev.pt holds epoch 1
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path / "r", **RECOMPUTE, **{
+        "train.ema_bn": "recompute", "train.ema_bn_batches": "3", "train.checkpoint_every": "2"}),
+        device="cpu", console=quiet())
+    r = trainer.fit()  # evaluates after epoch 1 without saving
+    for k, v in averaged.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+    for k, v in averaged.ema.module.named_parameters():
+        assert torch.equal(dict(trainer.ema.module.named_parameters())[k], v), k
+    assert not torch.equal(batch_norms(trainer.ema.module)[0].running_var, batch_norms(averaged.ema.module)[0].running_var)
+
+    def recomputed(ema_state, epoch):  # the reference: update_bn on that epoch's first 3 training batches
+        module = copy.deepcopy(averaged.ema.module)
+        module.load_state_dict(ema_state)
+        loader = trainer.data.train
+        loader.set_epoch(epoch)
+        update_bn([images for images, _ in itertools.islice(loader, 3)], module)
+        return module.eval()
+
+    reference = recomputed(averaged.ema.state_dict(), 1)
+    expected = _buffers(reference)
+    got = _buffers(trainer.ema.module)
+    assert got.keys() == expected.keys() and len(got) > 3
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
+    for k, v in load_checkpoint(tmp_path / "r" / "last.pt")["ema"].items():  # saved: the recomputed statistics
+        assert torch.equal(v, trainer.ema.state_dict()[k]), k
+    for split, data in (("val", trainer.data.val), ("test", trainer.data.test)):
+        assert r[f"final_{split}_acc"] == evaluate(reference, data, trainer.precision, trainer.device), split
+    assert evaluate_checkpoint(tmp_path / "r" / "last.pt", device="cpu", data_dir=str(cifar_dir))["test_acc"] == \
+        r["final_test_acc"]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    epoch1 = recomputed(load_checkpoint(tmp_path / "a" / "prev.pt")["ema"], 0)
+    assert rows[0]["val_acc"] == evaluate(epoch1, trainer.data.val, trainer.precision, trainer.device)
+    assert (r["ema_bn"], a["ema_bn"], a["ema_bn_seconds"]) == ("recompute", "average", None)
+    assert r["ema_bn_seconds"] > 0
+    assert r["train_seconds"] == pytest.approx(sum(row["epoch_seconds"] for row in rows) + r["ema_bn_seconds"])
+
+    with torch.no_grad():  # a checkpoint written where nothing recomputed yet recomputes first
+        for bn in batch_norms(trainer.ema.module):
+            bn.running_var.fill_(5.0)
+    trainer._ema_bn_at = None
+    trainer.save_checkpoint(2, name="again.pt")
+    for k, v in _buffers(reference).items():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "r" / "again.pt")["ema"][k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_bn_recompute_resumes_exactly(cifar_dir, tmp_path):
+    """2 epochs in one go == 1 epoch, stop, resume, 1 more, with train.ema_bn recompute. The run in one go
+    neither evaluates nor saves after epoch 1, so it recomputes only at the end; the stopped run
+    recomputes after epoch 1 too (to evaluate and save): the statistics depend on the EMA weights and
+    the batches only, so the final EMA is the same bit for bit."""
+    settings = {**RECOMPUTE, "train.ema_bn": "recompute", "train.ema_bn_batches": "2", "train.eval_every": "2",
+                "train.checkpoint_every": "2"}
+    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a", **settings), device="cpu", console=quiet())
+    full = straight.fit()
+    half = Trainer(tiny_config(cifar_dir, tmp_path / "b", **settings), device="cpu", console=quiet())
+    half.fit(stop_after_epochs=1)
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")["ema"]
+    counts = {int(v) for k, v in saved.items() if k.endswith("num_batches_tracked")}
+    assert counts == {2}  # recomputed after epoch 1 (averaged, it would be the live model's 10 steps)
+    resumed = Trainer(tiny_config(cifar_dir, tmp_path / "b", **settings), device="cpu", console=quiet(),
+                      resume=tmp_path / "b" / "last.pt")
+    summary = resumed.fit()
+    for a, b in ((straight.model.state_dict(), resumed.model.state_dict()),
+                 (straight.ema.state_dict(), resumed.ema.state_dict())):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert summary["final_test_acc"] == full["final_test_acc"]
+    assert summary["final_val_acc"] == full["final_val_acc"]
