@@ -35,7 +35,8 @@
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
 #               runs SEARCH_ONLY (6 runs with base, all at once: best.yaml at 60 epochs alone, with label
-#               smoothing 0.2, alternating flip or batch 1024, and blocks [2,2,2] at 80), JOBS (6) at a
+#               smoothing 0.2, alternating flip or the EMA with recomputed BN statistics, and blocks [2,2,2]
+#               at 80), JOBS (6) at a
 #               time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search
 #
@@ -287,7 +288,7 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,paper_blocks,epochs_60
 # search's: what may reach A_paper sooner than best.yaml's 80 epochs (6 runs with base, 420 epochs: six side
 # by side ran [3,3,2] at ~3.6 s an epoch on an H200 in the third session, so ~290 s for base's 80)
-SEARCH_ONLY=epochs_60,epochs_60_label_smoothing_0.2,epochs_60_alternating_flip,epochs_60_batch_1024,blocks_2_2_2
+SEARCH_ONLY=epochs_60,epochs_60_label_smoothing_0.2,epochs_60_alternating_flip,epochs_60_ema_recompute,blocks_2_2_2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
