@@ -192,8 +192,11 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     assert agg["targets"]["100"] == {"reached": 0, "fraction_reached": 0.0, "median_time_to_target": None,
                                      "median_epochs_to_target": None, "mean_final_reaches": False,
                                      "mean_final_tta_reaches": None if agg["final_test_acc_tta_mean"] is None else False,
-                                     "mean_final_by_tta_reaches": {"none": False, "flip": False, "flip_shift": False}}
+                                     "mean_final_by_tta_reaches": {"none": False, "flip": False, "flip_shift": False},
+                                     "time_by_mean_final": {"none": None, "flip": None, "flip_shift": None}}
     assert agg["targets"]["0"]["mean_final_reaches"] is True
+    assert agg["targets"]["0"]["time_by_mean_final"] == {mode: agg["train_seconds_median"]
+                                                         for mode in ("none", "flip", "flip_shift")}
     assert agg["final_test_acc_by_tta_mean"]["flip_shift"] == pytest.approx(
         statistics.fmean(r["final_test_acc_by_tta"]["flip_shift"] for r in result["runs"]))
     assert result["process_wall_seconds"] > sum(r["train_seconds"] for r in result["runs"])
