@@ -64,13 +64,15 @@
 #   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
 #   needs no pieces)
 #   then give_back.
-# The next session's calls (15 minutes in all), for issue 6's headline: the two staging calls naming kind
-# nvidia-h100-x1 (the targets are stated on an H100; if none opens, the tool falls back to an H200: say so),
-# then best as the third (carry .stage/03, timeout_s 580, "export GPU_SESSION_T0=$(date +%s) BUDGET_S=530;
-# ... && SEEDS=5 bash benchmarks/gpu_session.sh best $OUT"): best.yaml ([3,3,2], cutout 12, 80 epochs),
-# 5 seeds on the test set, one at a time (on an H200 57 s of training and ~66 s of wall each, +28 s for
-# the first compile: ~360 s), then its weights (the export keeps 30 s). Then, on the same warm machine
-# within 30 s, with what is left (~250 s): "ROWS=1,9,9@512 BUDGET_S=<left - 40> bash
+# The next session's calls (15 minutes in all), for issue 6's headline: the first staging call names kind
+# nvidia-h100-x1 (the targets are stated on an H100; a call naming it gets no other kind, and when none
+# opens it fails after ~90 s at a cost of 1-2 minutes: then stage with no kind, which may give an H200,
+# and say which card measured), then best as the third (carry .stage/03, timeout_s 595,
+# "export GPU_SESSION_T0=$(date +%s) BUDGET_S=560; ... && SEEDS=5 bash benchmarks/gpu_session.sh best $OUT"):
+# best.yaml ([3,3,2], cutout 12, 80 epochs), 5 seeds on the test set, one at a time (on an H200 57 s of
+# training and ~66 s of wall each, +28 s for the first compile: ~360 s; an H100's lower memory bandwidth
+# may cost ~20-40% more: the 560 s leave room), then its weights (the export keeps 30 s). Then, on the
+# same warm machine within 30 s, with what is left (~200 s): "ROWS=1,9,9@512 BUDGET_S=<left - 40> bash
 # benchmarks/gpu_session.sh throughput $OUT/t" (issue 5's CUDA-graph rows), else nothing; then give_back.
 # The session after: search (issue 6's time goal, 30 s) and quick's profile, bench_se and tile sweep.
 # The third session (H200) ran search (457 s: 121 gpu tests passed; 7 runs, of which blocks [3,3,2] with
