@@ -192,7 +192,7 @@ def print_tables(result: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- main
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     p = argparse.ArgumentParser(prog="python benchmarks/profile_step.py", allow_abbrev=False,
                                 description="Is the training step host-bound or GPU-bound? (see the module doc)")
     p.add_argument("--config", type=Path, help="default configs/seed.yaml; --smoke: configs/smoke.yaml")

@@ -58,7 +58,7 @@ SPLIT = "val"
 DEFAULT_VARIANTS = REPO_ROOT / "benchmarks" / "recipe_variants.yaml"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     p = argparse.ArgumentParser(prog="python benchmarks/recipe_ablation.py", allow_abbrev=False,
                                 description="Train recipe variants on a held-out validation split and compare "
                                             "validation accuracy and time. Any config key is a flag.")
@@ -268,10 +268,9 @@ def run_parallel(tasks: list[tuple], jobs: int, root: Path, done, failed) -> Non
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
-    cli = overrides
     variants = read_variants(args.variants, args.only)
     # every variant's config is built (and checked) before anything trains
-    built = {name: variant_config(args.config, cli, name, changes, args.val_size) for name, changes in variants.items()}
+    built = {name: variant_config(args.config, overrides, name, changes, args.val_size) for name, changes in variants.items()}
     configs = {name: cfg for name, (cfg, _) in built.items()}
     gflops = {name: flops for name, (_, flops) in built.items()}
     base_cfg = configs["base"]
@@ -281,7 +280,7 @@ def main(argv: list[str]) -> int:
     # at once, not cut by a time limit while its metadata is gathered
     device = resolve_device(args.device)
     result = {"benchmark": "recipe_ablation", "meta": run_metadata(device), "config_name": base_cfg.name,
-              "config": config_to_dict(base_cfg), "overrides": cli, "variants_file": str(args.variants),
+              "config": config_to_dict(base_cfg), "overrides": overrides, "variants_file": str(args.variants),
               "variants": variants, "val_size": args.val_size, "split": SPLIT, "targets": args.targets,
               "seeds": args.seeds, "jobs": args.jobs, "complete": False, "runs": [], "failed": [], "aggregate": {},
               "fastest": {}, "next": None}

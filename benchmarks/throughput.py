@@ -302,7 +302,7 @@ def write_chart(result: dict, path: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------- main
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     p = argparse.ArgumentParser(prog="python benchmarks/throughput.py", allow_abbrev=False,
                                 description="Training images/s, one optimization at a time (see the module doc)")
     p.add_argument("--config", type=Path, help="model/optimizer/data config (default configs/seed.yaml; "

@@ -41,7 +41,7 @@ from fasttrain.evaluate import TTA_MODES  # noqa: E402
 from fasttrain.trainer import Trainer  # noqa: E402
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     p = argparse.ArgumentParser(
         prog="python benchmarks/time_to_accuracy.py", allow_abbrev=False,
         description="Train a config over several seeds; report time to target test accuracies. "

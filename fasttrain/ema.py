@@ -9,6 +9,7 @@ from typing import Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
+
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers (SyncBatchNorm included) that keep running statistics."""
     return [m for m in module.modules()
