@@ -136,14 +136,34 @@ def check_budget(model: nn.Module, cfg: ModelConfig) -> int:
     return n
 
 
-def build_model(cfg: ModelConfig, check: bool = True) -> ResNet:
-    """Build the network; refuse (before any training) a model over the parameter budget.
+def build_model(cfg: ModelConfig, check: bool = True, device: torch.device | str | None = None) -> ResNet:
+    """Build the network (on `device`, if given); refuse (before any training) a model over the
+    parameter budget, and say so plainly when one within a raised budget does not fit in memory.
 
     The budget is checked on a weightless copy (the meta device) first: a model of 10^16 bytes must be
     refused, not allocated, and one of a few GB refused in a fraction of a second."""
+    meta = _meta_model(cfg)
     if check:
-        check_budget(_meta_model(cfg), cfg)
-    return ResNet(cfg)
+        check_budget(meta, cfg)
+    try:
+        model = ResNet(cfg)
+        return model if device is None else model.to(device)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and not _is_allocation_failure(e):
+            raise
+        where = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "host memory"
+        size = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+        raise ConfigError(
+            f"the model ({count_params(meta):,} trainable parameters, {size / 2**30:,.1f} GiB of fp32 "
+            f"weights before any activation or optimizer state) does not fit in {where}: shrink "
+            "model.base_channels or model.blocks (model.max_params = "
+            f"{cfg.max_params:,} admits it, but this machine cannot hold it)"
+        ) from None
+
+
+def _is_allocation_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
 def _meta_model(cfg: ModelConfig) -> ResNet:

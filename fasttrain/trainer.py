@@ -77,7 +77,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model, device=self.device)
         self.params = count_params(self.model)
         self.channels_last = use_channels_last(cfg, self.device, self.console.warn)
         if self.channels_last:

@@ -58,6 +58,43 @@ def test_a_refused_model_is_never_built_with_weights(monkeypatch):
     assert devices == ["meta", "cpu"]
 
 
+@pytest.mark.parametrize("failure, where", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                  "you tried to allocate 129600000000 bytes. Error code 12"), "host memory"),
+    (MemoryError(), "host memory"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 120.00 GiB"), "the GPU"),
+])
+def test_a_model_within_a_raised_budget_that_does_not_fit_is_a_config_error(monkeypatch, failure, where):
+    """model.max_params raised by hand past what the machine holds: the allocation's failure (a
+    RuntimeError from the CPU allocator, a MemoryError, or CUDA's OutOfMemoryError in .to(device)) is
+    one message with the model's size and the fix, not a traceback from inside nn.Conv2d."""
+    cfg = load_config("configs/smoke.yaml").model
+    if isinstance(failure, torch.OutOfMemoryError):
+        def fail_to(self, *args, **kwargs):
+            raise failure
+        monkeypatch.setattr(ResNet, "to", fail_to)
+    else:
+        init = ResNet._init_weights
+
+        def fail_init(self, zero_init_residual):
+            if not self.fc.weight.is_meta:
+                raise failure
+            init(self, zero_init_residual)
+        monkeypatch.setattr(ResNet, "_init_weights", fail_init)
+    with pytest.raises(ConfigError, match=rf"the model \(19,996 trainable parameters, 0\.0 GiB of fp32 weights .*\) "
+                                          rf"does not fit in {where}: shrink model\.base_channels or model\.blocks"):
+        build_model(cfg, device="cpu")
+
+
+def test_other_errors_of_a_build_are_not_called_a_lack_of_memory(monkeypatch):
+    def broken(self, zero_init_residual):
+        if not self.fc.weight.is_meta:
+            raise RuntimeError("some other failure")
+    monkeypatch.setattr(ResNet, "_init_weights", broken)
+    with pytest.raises(RuntimeError, match="^some other failure$"):
+        build_model(load_config("configs/smoke.yaml").model)
+
+
 @pytest.mark.parametrize("extra", [[], ["--model.se_placement", "blocks", "--model.zero_init_residual", "true"]])
 def test_build_model_draws_the_weights_of_a_plain_resnet_for_a_seed(extra):
     """The budget check builds a meta copy first; it must not draw from the generator, or a seed
