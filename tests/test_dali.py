@@ -175,6 +175,23 @@ def test_crops_and_flips_recovered_from_pixels_are_uniform_and_follow_the_plan()
 
 
 @needs_dali
+@pytest.mark.parametrize("p", [1, 2, 3, 5, 7])
+def test_every_padding_crops_exactly_the_planned_window(p):
+    """The crop is crop_mirror_normalize's window at position (dy + p) / 2p of the padded image:
+    for paddings whose 2p is no power of two too, DALI's rounding lands on exactly the planned
+    offset, end offsets included, and the output keeps the image's size."""
+    n = 200
+    x = random_images(n, seed=20 + p)
+    dl = loader(x, np.arange(n), batch_size=50, seed=p, crop_padding=p)
+    plan = dl.plan()
+    images, labels = collect(dl)
+    assert images.shape == (n, 3, 32, 32)
+    found = recover_crops(to_pixels(images), x[labels.numpy()], p)
+    assert torch.equal(found, torch.from_numpy(np.concatenate([plan.starts + p, plan.mirror[:, None]], 1)).long())
+    assert set(found[:, 0].tolist()) | set(found[:, 1].tolist()) >= {0, 2 * p}  # both ends are reached
+
+
+@needs_dali
 def test_no_augmentation_when_switched_off():
     x = random_images(128, seed=3)
     images, labels = collect(loader(x, np.arange(128), crop_padding=0, flip=False))
