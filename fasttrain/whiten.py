@@ -1,0 +1,70 @@
+"""Patch-whitening initialisation of the stem convolution (`model.stem_init: whiten`).
+
+The stem's F_1 x F_1 filters start as the eigenvectors of the covariance of the training images'
+F_1 x F_1 patches (normalised as the loaders normalise them), each divided by sqrt(eigenvalue + eps)
+and kept beside its negative. Convolved with an image, the filters give decorrelated projections of
+its patches with about unit variance, and after the stem's ReLU one channel carries each sign: from
+the first step the network sees the input with its strong, smooth directions no louder than its fine
+detail. This is airbench's frozen whitening layer (Jordan 2024, after hlb-CIFAR10), adapted to the
+paper's 3x3 stem with BatchNorm after it; `model.stem_frozen` keeps the filters as they start.
+
+With F_1 = 3 a patch has 27 values, so 54 filters; a stem of more channels (the paper's 64) keeps
+its Kaiming initialisation in the rest, and a stem of fewer takes the eigenvectors of the largest
+eigenvalues first. The covariance is estimated from the first `WHITEN_IMAGES` training images in
+float64 on the CPU: the same filters for a seed on any device and every rank.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+WHITEN_IMAGES = 5000  # training images whose patches estimate the covariance (airbench: 5,000)
+WHITEN_EPS = 5e-4     # added to each eigenvalue: keeps near-null directions (variance ~1e-4) from blowing up
+_CHUNK = 250          # images per step of the estimate: 250 x 900 patches x 27 values = 49 MB in float64
+
+
+def patch_covariance(images: np.ndarray, mean, std, kernel: int) -> torch.Tensor:
+    """[d, d] float64 covariance of every (valid, unpadded) kernel x kernel patch of `images`
+    (uint8 [N, H, W, C]) after (x / 255 - mean) / std; d = C x kernel x kernel, flattened in the
+    order of a convolution weight's (in_channels, kh, kw)."""
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+        raise ValueError(f"need uint8 images [N, H, W, C] with N >= 1; got {images.dtype} {list(images.shape)}")
+    c = images.shape[-1]
+    mean = torch.tensor(mean, dtype=torch.float64).view(1, c, 1, 1)
+    std = torch.tensor(std, dtype=torch.float64).view(1, c, 1, 1)
+    d = c * kernel * kernel
+    second, total, count = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0
+    for start in range(0, len(images), _CHUNK):
+        x = torch.from_numpy(images[start:start + _CHUNK]).permute(0, 3, 1, 2).double()
+        x = (x / 255 - mean) / std
+        patches = x.unfold(2, kernel, 1).unfold(3, kernel, 1)        # [n, C, H', W', k, k]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, d)  # one row per patch: (C, kh, kw)
+        second += patches.T @ patches
+        total += patches.sum(0)
+        count += len(patches)
+    centre = total / count
+    return second / count - torch.outer(centre, centre)
+
+
+def whitening_filters(images: np.ndarray, mean, std, kernel: int, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """[d, C, kernel, kernel] float32: the patch covariance's eigenvectors, largest eigenvalue first,
+    each divided by sqrt(eigenvalue + eps)."""
+    values, vectors = torch.linalg.eigh(patch_covariance(images, mean, std, kernel))  # ascending
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    filters = (vectors / torch.sqrt(values + eps)).T                                  # one row per filter
+    return filters.reshape(-1, images.shape[-1], kernel, kernel).float()
+
+
+@torch.no_grad()
+def whiten_stem(conv: nn.Conv2d, images: np.ndarray, mean, std, eps: float = WHITEN_EPS) -> int:
+    """Set the leading output channels of `conv` to +- the whitening filters of `images` (the first
+    `WHITEN_IMAGES` are used); the rest keep their values. Returns how many channels were set."""
+    k = conv.kernel_size[0]
+    if conv.kernel_size != (k, k) or conv.groups != 1 or conv.in_channels != images.shape[-1]:
+        raise ValueError(f"whitening needs a square, ungrouped convolution of the images' {images.shape[-1]} "
+                         f"channels; got {conv}")
+    filters = whitening_filters(images[:WHITEN_IMAGES], mean, std, k, eps)
+    pairs = min(len(filters), conv.out_channels // 2)
+    conv.weight[:2 * pairs].copy_(torch.cat([filters[:pairs], -filters[:pairs]]).to(conv.weight))
+    return 2 * pairs
