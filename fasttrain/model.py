@@ -6,7 +6,9 @@
             shortcut: identity, or a K_i x K_i conv (stride s) + BN when the shape changes
     head:   [dropout], average pool P, flatten, linear -> num_classes
 
-Convolutions have no bias (BN follows); SE's two 1x1 convolutions do. The paper's best model
+Convolutions have no bias (BN follows); SE's two 1x1 convolutions do. `stem_frozen` keeps the stem
+convolution's weights out of training (and of the trainable-parameter count); `stem_init: whiten` is
+applied by the trainer, which has the training images (fasttrain/whiten.py). The paper's best model
 (N=3, B=[4,4,3], F=[3,3,3], K=[1,1,1], C_1=64, P=8, SE after the stem, r=16) has 4,697,742
 trainable parameters; its ResNet18 comparison (N=4, B=[2,2,2,2], P=4, no SE) has 11,173,962.
 """
@@ -78,6 +80,7 @@ class ResNet(nn.Module):
             nn.BatchNorm2d(c1),
             nn.ReLU(inplace=True),
         )
+        self.stem[0].weight.requires_grad_(not cfg.stem_frozen)
         self.stem_se = SqueezeExcite(c1, cfg.se_reduction, cfg.se_impl) if se_stem else None
 
         stages, cin = [], c1

@@ -44,6 +44,7 @@ from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
 from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
 from fasttrain.signals import NeverStop, RunInterrupted, StopRequest
+from fasttrain.whiten import whiten_stem
 
 
 class TrainingError(RuntimeError):
@@ -98,6 +99,14 @@ class Trainer:
         if data_first and self.dist.enabled and cfg.data.download:
             barrier(self.dist)
         self.steps_per_epoch = len(self.data.train)
+        # model.stem_init whiten: the stem's filters from the training images, before the optimizer (Lookahead's
+        # slow weights), the EMA and DDP copy the weights; a resumed run takes them from its checkpoint. It is
+        # training work (it reads the training data), so its seconds count in train_seconds.
+        self.stem_init_seconds: float | None = None
+        if cfg.model.stem_init == "whiten" and self.resume_path is None:
+            t0 = time.perf_counter()
+            whiten_stem(self.model.stem[0], self.data.train_images, cfg.data.mean, cfg.data.std)
+            self.stem_init_seconds = time.perf_counter() - t0
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # listed once, not per step
         self.optimizer = build_optimizer(self.trainable, cfg.optim)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
@@ -132,7 +141,7 @@ class Trainer:
 
         self.start_epoch = 0  # epochs already completed
         self.best_test_acc: float | None = None
-        self.train_seconds = 0.0
+        self.train_seconds = self.stem_init_seconds or 0.0  # a resumed run: its checkpoint's, in _load
         self.compile_seconds = 0.0
         self.start_step = 0  # steps of epoch `start_epoch` already done (a checkpoint saved mid-epoch)
         self._stop = StopRequest()
@@ -739,6 +748,9 @@ class Trainer:
             # the EMA's BN statistics: average | recompute (None: no EMA); with recompute, the seconds of the
             # final recompute, which train_seconds includes (None when this process did not run it)
             "ema_bn": cfg.train.ema_bn if self.ema is not None else None, "ema_bn_seconds": ema_bn_seconds,
+            # model.stem_init whiten: the seconds of the whitening, which train_seconds includes (None when this
+            # process did not compute it: kaiming, or a resumed run)
+            "stem_init": cfg.model.stem_init, "stem_init_seconds": self.stem_init_seconds,
             "train_seconds": self.train_seconds, "compile_seconds": self.compile_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
             "images_per_second": (sum(imgs_per_s) / len(imgs_per_s)) if imgs_per_s else None,

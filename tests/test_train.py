@@ -72,29 +72,31 @@ def test_smoke_config_learns_through_the_dali_loader(cifar_dir, tmp_path, one_to
     assert trainer.fit()["final_test_acc"] > 25.0  # chance is 10%
 
 
-@pytest.mark.parametrize("ema", [{}, {"train__ema_decay": "0.9", "train__ema_warmup_steps": "15"}],
-                         ids=["no-ema", "ema"])
-def test_resume_is_exact(cifar_dir, tmp_path, ema):
+@pytest.mark.parametrize("extra", [{}, {"train__ema_decay": "0.9", "train__ema_warmup_steps": "15"},
+                                 {"model__stem_init": "whiten", "model__stem_frozen": "true"}],
+                         ids=["no-ema", "ema", "whitened-frozen-stem"])
+def test_resume_is_exact(cifar_dir, tmp_path, extra):
     """2 epochs in one go == 1 epoch, stop, resume from last.pt, 1 more epoch (CPU, fixed seed).
 
     Lookahead k=3 with 10 steps per epoch puts the checkpoint mid-period, so the slow weights and
     the step count must travel in the checkpoint too; with EMA (warmup 15 steps: mid-ramp at the
-    checkpoint) the EMA weights and buffers must too, and the evaluated accuracy is the EMA's.
+    checkpoint) the EMA weights and buffers must too, and the evaluated accuracy is the EMA's; with a
+    whitened, frozen stem the resumed run takes the filters from the checkpoint, unchanged.
     """
     torch.manual_seed(123)  # the global RNG must not leak into the run
-    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a", **ema), device="cpu", console=quiet())
+    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a", **extra), device="cpu", console=quiet())
     full = straight.fit()
-    half = Trainer(tiny_config(cifar_dir, tmp_path / "b", **ema), device="cpu", console=quiet())
+    half = Trainer(tiny_config(cifar_dir, tmp_path / "b", **extra), device="cpu", console=quiet())
     half.fit(stop_after_epochs=1)
     saved = load_checkpoint(tmp_path / "b" / "last.pt")
-    assert saved["epoch"] == 1 and (saved["ema"] is not None) == bool(ema)
+    assert saved["epoch"] == 1 and (saved["ema"] is not None) == ("train__ema_decay" in extra)
     torch.manual_seed(999)
-    resumed = Trainer(tiny_config(cifar_dir, tmp_path / "b", **ema), device="cpu", console=quiet(),
+    resumed = Trainer(tiny_config(cifar_dir, tmp_path / "b", **extra), device="cpu", console=quiet(),
                       resume=tmp_path / "b" / "last.pt")
     assert resumed.start_epoch == 1
     summary = resumed.fit()
     pairs = [(straight.model.state_dict(), resumed.model.state_dict())]
-    if ema:
+    if "train__ema_decay" in extra:
         pairs.append((straight.ema.state_dict(), resumed.ema.state_dict()))
         assert not torch.equal(straight.ema.state_dict()["fc.weight"], straight.model.state_dict()["fc.weight"])
         assert straight.eval_net is straight.ema.module and full["eval_weights"] == "ema"

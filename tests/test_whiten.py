@@ -102,3 +102,59 @@ def test_whiten_stem_writes_a_channels_last_weight_in_place():
 def test_bad_input_is_refused_with_what_was_expected(conv, images, match):
     with pytest.raises(ValueError, match=match):
         whiten_stem(conv, images, MEAN, STD)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In the trainer: model.stem_init and model.stem_frozen
+
+
+def test_a_whitened_run_starts_from_the_training_images_filters(cifar_dir, tmp_path):
+    """Set before the optimizer copies the weights (Lookahead's slow weights hold the whitened filters
+    too), estimated on the run's training split, and its seconds are on the training clock."""
+    from test_train import quiet, tiny_config
+
+    from fasttrain.trainer import Trainer
+
+    cfg = tiny_config(cifar_dir, tmp_path, model__stem_init="whiten", train__epochs="1")
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    images = trainer.data.train_images
+    assert len(images) == 640  # data.train_subset: the training split, not the validation or test images
+    filters = whitening_filters(images, cfg.data.mean, cfg.data.std, 3)
+    stem = trainer.model.stem[0].weight.detach()
+    torch.testing.assert_close(stem[:4], filters[:4])       # base_channels 8: 4 pairs
+    torch.testing.assert_close(stem[4:], -filters[:4])
+    torch.testing.assert_close(trainer.optimizer.slow[0], stem)
+    assert trainer.stem_init_seconds > 0
+    summary = trainer.fit()
+    assert summary["stem_init"] == "whiten" and summary["stem_init_seconds"] == trainer.stem_init_seconds
+    assert summary["train_seconds"] > summary["stem_init_seconds"]
+    plain = Trainer(tiny_config(cifar_dir, tmp_path / "plain", train__epochs="1"), device="cpu", console=quiet())
+    assert plain.stem_init_seconds is None and not torch.allclose(plain.model.stem[0].weight[:4], filters[:4])
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_a_frozen_stem_is_not_trained_nor_counted(cifar_dir, tmp_path, impl):
+    from test_train import quiet, tiny_config
+
+    from fasttrain.trainer import Trainer
+
+    cfg = tiny_config(cifar_dir, tmp_path, model__stem_init="whiten", model__stem_frozen="true",
+                      optim__impl=impl, train__epochs="1")
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    unfrozen = Trainer(tiny_config(cifar_dir, tmp_path / "u", optim__impl=impl, train__epochs="1"), device="cpu",
+                       console=quiet())
+    assert trainer.params == unfrozen.params - 8 * 3 * 3 * 3
+    stem0, fc0 = trainer.model.stem[0].weight.detach().clone(), trainer.model.fc.weight.detach().clone()
+    trainer.fit()
+    assert torch.equal(trainer.model.stem[0].weight, stem0)  # frozen: weight decay and momentum too
+    assert not torch.equal(trainer.model.fc.weight, fc0)      # the rest trains
+
+
+def test_the_budget_counts_a_frozen_stem_out():
+    from fasttrain.config import load_config
+    from fasttrain.model import build_model, count_params
+
+    cfg = load_config("configs/seed.yaml").model
+    assert count_params(build_model(cfg)) == 4_697_742
+    cfg.stem_frozen = True
+    assert count_params(build_model(cfg)) == 4_697_742 - 64 * 3 * 3 * 3

@@ -21,6 +21,9 @@ class DataBundle:
     classes: list[str]
     source: str
     test_images: int = 0  # how many test images `test` scores (data.test_subset, else all)
+    # uint8 [N, H, W, C]: the training split's images, the same on every rank (what model.stem_init: whiten
+    # estimates its filters on)
+    train_images: Any = None
 
 
 def _loader_class(name: str):
@@ -67,4 +70,4 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
     source = (f"{arrays.source}; train {len(train_x)}, val {0 if val_x is None else len(val_x)}, "
               f"test {len(test_x)} images; loader {loader_class.__name__}")
     return DataBundle(train=train, val=val, test=test, classes=arrays.classes, source=source,
-                      test_images=len(test_x))
+                      test_images=len(test_x), train_images=train_x)
