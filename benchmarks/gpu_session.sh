@@ -34,9 +34,9 @@
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
-#               runs SEARCH_ONLY (6 runs with base, all at once: best.yaml at 60 epochs alone, with label
-#               smoothing 0.2, alternating flip or the EMA with recomputed BN statistics, and blocks [2,2,2]
-#               at 80), JOBS (6) at a
+#               runs SEARCH_ONLY (6 runs with base, all at once: best.yaml at 60 epochs alone, with the
+#               whitened, frozen stem (and at 40 epochs), with the EMA with recomputed BN statistics, and with
+#               label smoothing 0.2), JOBS (6) at a
 #               time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search
 #
@@ -74,7 +74,9 @@
 # may cost ~20-40% more: the 560 s leave room), then its weights (the export keeps 30 s). Then, on the
 # same warm machine within 30 s, with what is left (~200 s): "ROWS=1,9,9@512 BUDGET_S=<left - 40> bash
 # benchmarks/gpu_session.sh throughput $OUT/t" (issue 5's CUDA-graph rows), else nothing; then give_back.
-# The session after: search (issue 6's time goal, 30 s) and quick's profile, bench_se and tile sweep.
+# The session after: search (issue 6's time goal, 30 s: best.yaml at 60 epochs, with the whitened, frozen stem
+# at 60 and 40, the EMA with recomputed BN statistics, label smoothing 0.2), then quick's profile, bench_se,
+# the tile sweep, and the loader stage (DALI now crops in crop_mirror_normalize: is it past 200k img/s?).
 # The third session (H200) ran search (457 s: 121 gpu tests passed; 7 runs, of which blocks [3,3,2] with
 # cutout 12 at 80 epochs was the fastest to A_paper on validation) then best on its candidate, BEST_FROM
 # (4 of 5 seeds in 335 s: the first seed's compile took 28 s).
@@ -288,9 +290,9 @@ stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the 
 }
 # ablation's: what each ingredient of best.yaml buys, one taken away at a time (issue 6's write-up)
 ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,paper_blocks,epochs_60
-# search's: what may reach A_paper sooner than best.yaml's 80 epochs (6 runs with base, 420 epochs: six side
+# search's: what may reach A_paper sooner than best.yaml's 80 epochs (6 runs with base, 360 epochs: six side
 # by side ran [3,3,2] at ~3.6 s an epoch on an H200 in the third session, so ~290 s for base's 80)
-SEARCH_ONLY=epochs_60,epochs_60_label_smoothing_0.2,epochs_60_alternating_flip,epochs_60_ema_recompute,blocks_2_2_2
+SEARCH_ONLY=epochs_60,epochs_60_whiten_frozen,epochs_40_whiten_frozen,epochs_60_ema_recompute,epochs_60_label_smoothing_0.2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \

@@ -11,7 +11,9 @@ paper's 3x3 stem with BatchNorm after it; `model.stem_frozen` keeps the filters 
 With F_1 = 3 a patch has 27 values, so 54 filters; a stem of more channels (the paper's 64) keeps
 its Kaiming initialisation in the rest, and a stem of fewer takes the eigenvectors of the largest
 eigenvalues first. The covariance is estimated from the first `WHITEN_IMAGES` training images in
-float64 on the CPU: the same filters for a seed on any device and every rank.
+float64 on the stem's device (2.5 s on a 2-core CPU; on a GPU a few dozen small kernels, not timed
+yet: either way it counts in the training clock), its 27 x 27 eigendecomposition on the CPU; DDP then
+hands every rank rank 0's filters.
 """
 from __future__ import annotations
 
@@ -24,19 +26,19 @@ WHITEN_EPS = 5e-4     # added to each eigenvalue: keeps near-null directions (va
 _CHUNK = 250          # images per step of the estimate: 250 x 900 patches x 27 values = 49 MB in float64
 
 
-def patch_covariance(images: np.ndarray, mean, std, kernel: int) -> torch.Tensor:
-    """[d, d] float64 covariance of every (valid, unpadded) kernel x kernel patch of `images`
-    (uint8 [N, H, W, C]) after (x / 255 - mean) / std; d = C x kernel x kernel, flattened in the
-    order of a convolution weight's (in_channels, kh, kw)."""
+def patch_covariance(images: np.ndarray, mean, std, kernel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[d, d] float64 covariance (on the CPU) of every (valid, unpadded) kernel x kernel patch of
+    `images` (uint8 [N, H, W, C]) after (x / 255 - mean) / std, computed on `device`; d = C x kernel x
+    kernel, flattened in the order of a convolution weight's (in_channels, kh, kw)."""
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
         raise ValueError(f"need uint8 images [N, H, W, C] with N >= 1; got {images.dtype} {list(images.shape)}")
     c = images.shape[-1]
-    mean = torch.tensor(mean, dtype=torch.float64).view(1, c, 1, 1)
-    std = torch.tensor(std, dtype=torch.float64).view(1, c, 1, 1)
+    f64 = dict(dtype=torch.float64, device=device)
+    mean, std = torch.tensor(mean, **f64).view(1, c, 1, 1), torch.tensor(std, **f64).view(1, c, 1, 1)
     d = c * kernel * kernel
-    second, total, count = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0
+    second, total, count = torch.zeros(d, d, **f64), torch.zeros(d, **f64), 0
     for start in range(0, len(images), _CHUNK):
-        x = torch.from_numpy(images[start:start + _CHUNK]).permute(0, 3, 1, 2).double()
+        x = torch.from_numpy(images[start:start + _CHUNK]).to(device).permute(0, 3, 1, 2).double()
         x = (x / 255 - mean) / std
         patches = x.unfold(2, kernel, 1).unfold(3, kernel, 1)        # [n, C, H', W', k, k]
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, d)  # one row per patch: (C, kh, kw)
@@ -44,14 +46,19 @@ def patch_covariance(images: np.ndarray, mean, std, kernel: int) -> torch.Tensor
         total += patches.sum(0)
         count += len(patches)
     centre = total / count
-    return second / count - torch.outer(centre, centre)
+    return (second / count - torch.outer(centre, centre)).cpu()
 
 
-def whitening_filters(images: np.ndarray, mean, std, kernel: int, eps: float = WHITEN_EPS) -> torch.Tensor:
-    """[d, C, kernel, kernel] float32: the patch covariance's eigenvectors, largest eigenvalue first,
-    each divided by sqrt(eigenvalue + eps)."""
-    values, vectors = torch.linalg.eigh(patch_covariance(images, mean, std, kernel))  # ascending
+def whitening_filters(images: np.ndarray, mean, std, kernel: int, eps: float = WHITEN_EPS,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """[d, C, kernel, kernel] float32 on the CPU: the patch covariance's eigenvectors, largest
+    eigenvalue first, each divided by sqrt(eigenvalue + eps)."""
+    values, vectors = torch.linalg.eigh(patch_covariance(images, mean, std, kernel, device))  # ascending
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    # an eigenvector's sign is arbitrary (LAPACK builds may differ): make each one's largest entry positive,
+    # so the same covariance gives the same filter in the same channel everywhere
+    largest = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
+    vectors = vectors * torch.where(largest < 0, -1.0, 1.0)
     filters = (vectors / torch.sqrt(values + eps)).T                                  # one row per filter
     return filters.reshape(-1, images.shape[-1], kernel, kernel).float()
 
@@ -64,7 +71,7 @@ def whiten_stem(conv: nn.Conv2d, images: np.ndarray, mean, std, eps: float = WHI
     if conv.kernel_size != (k, k) or conv.groups != 1 or conv.in_channels != images.shape[-1]:
         raise ValueError(f"whitening needs a square, ungrouped convolution of the images' {images.shape[-1]} "
                          f"channels; got {conv}")
-    filters = whitening_filters(images[:WHITEN_IMAGES], mean, std, k, eps)
+    filters = whitening_filters(images[:WHITEN_IMAGES], mean, std, k, eps, device=conv.weight.device)
     pairs = min(len(filters), conv.out_channels // 2)
     conv.weight[:2 * pairs].copy_(torch.cat([filters[:pairs], -filters[:pairs]]).to(conv.weight))
     return 2 * pairs

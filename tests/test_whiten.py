@@ -46,6 +46,13 @@ def test_the_filters_whiten_the_patches_they_were_estimated_on(kernel):
     assert (cov.diagonal()[values > 100 * WHITEN_EPS] > 0.95).all()
 
 
+def test_each_filter_has_a_sign_of_its_own_not_lapacks():
+    """eigh may return v or -v; the filters do not: each one's largest entry is positive."""
+    filters = whitening_filters(smooth_images(40, seed=12), MEAN, STD, 3).flatten(1)
+    largest = filters.gather(1, filters.abs().argmax(1, keepdim=True))
+    assert (largest > 0).all()
+
+
 def test_patch_covariance_is_the_covariance_of_every_valid_patch():
     images = smooth_images(3, seed=5, hw=6)
     x = normalized(images)
@@ -91,6 +98,19 @@ def test_whiten_stem_writes_a_channels_last_weight_in_place():
     whiten_stem(conv, images, MEAN, STD)
     assert conv.weight is param and param.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(param[:27], whitening_filters(images, MEAN, STD, 3))
+
+
+@pytest.mark.gpu
+def test_the_estimate_on_the_gpu_is_the_cpus():
+    """The trainer whitens on the stem's device: float64 there gives the CPU's covariance to rounding."""
+    images = smooth_images(300, seed=11, hw=32)
+    cpu = patch_covariance(images, MEAN, STD, 3)
+    gpu = patch_covariance(images, MEAN, STD, 3, device="cuda")
+    assert gpu.device.type == "cpu"
+    torch.testing.assert_close(gpu, cpu, atol=1e-12, rtol=1e-10)
+    conv = nn.Conv2d(3, 64, 3, padding=1, bias=False).cuda()
+    whiten_stem(conv, images, MEAN, STD)
+    torch.testing.assert_close(conv.weight[:27].cpu(), whitening_filters(images, MEAN, STD, 3), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("conv, images, match", [
