@@ -68,14 +68,15 @@ def target_key(target: float) -> str:
 
 
 # ------------------------------------------------------------------------------------- per-epoch data
-def read_epochs(metrics_path: Path) -> list[dict]:
-    """The run's metrics rows, with the training clock accumulated epoch by epoch."""
-    epochs, clock = [], 0.0
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        clock += row["epoch_seconds"]
+def read_epochs(metrics_path: Path, start: float = 0.0, final: float = 0.0) -> list[dict]:
+    """The run's metrics rows, with the training clock accumulated epoch by epoch. It starts at `start`,
+    the training work before the first epoch (the stem's whitening, summary stem_init_seconds), and the
+    last epoch's takes `final` too, the work that makes the final model after it (the EMA's last BN
+    recompute, ema_bn_seconds): the clock then ends at the summary's train_seconds."""
+    epochs, clock = [], start
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        clock += row["epoch_seconds"] + (final if i == len(rows) - 1 else 0.0)
         epochs.append({"epoch": row["epoch"], "test_acc": row["test_acc"], "val_acc": row.get("val_acc"),
                        "epoch_seconds": row["epoch_seconds"], "train_seconds": clock})
     return epochs
@@ -124,7 +125,8 @@ def run_seed(cfg, args, run_dir: Path, split: str = "test") -> tuple[dict, objec
     missing = [mode for mode in TTA_MODES if measured.get(mode) is None]
     measured.update(trainer.accuracy_by_tta(missing).get(split, {}) if missing else {})
     by_tta = {mode: measured[mode] for mode in TTA_MODES if measured.get(mode) is not None} or None
-    epochs = read_epochs(run_dir / "metrics.jsonl")
+    epochs = read_epochs(run_dir / "metrics.jsonl", start=summary.get("stem_init_seconds") or 0.0,
+                         final=summary.get("ema_bn_seconds") or 0.0)
     row = {
         "seed": cfg.train.seed,
         f"final_{split}_acc": summary[f"final_{split}_acc"],

@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
 
     if args.groupnorm:
         build = trainer_module.build_model
-        trainer_module.build_model = lambda model_cfg: batchnorm_to_groupnorm(build(model_cfg))
+        trainer_module.build_model = lambda model_cfg, **kw: batchnorm_to_groupnorm(build(model_cfg, **kw))  # CPU only
 
     fake = FakeCudaGraphs(setattr) if args.fake_graph else None
     info = init_distributed("cpu")

@@ -57,6 +57,16 @@ def test_time_to_target_is_the_clock_at_the_first_epoch_reaching_it(bench):
     assert tta.time_to_target(epochs, 60.5) == (None, None)
 
 
+def test_the_clock_takes_the_work_before_the_first_epoch_and_after_the_last(bench, tmp_path):
+    """read_epochs: the stem's whitening (stem_init_seconds) before epoch 1, the EMA's final BN recompute
+    (ema_bn_seconds) after the last: its clock ends where the trainer's train_seconds does."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e, "test_acc": 50.0, "epoch_seconds": 2.0}) + "\n" for e in (1, 2, 3)))
+    epochs = bench["time_to_accuracy"].read_epochs(path, start=0.5, final=0.25)
+    assert [e["train_seconds"] for e in epochs] == [2.5, 4.5, 6.75]
+    assert [e["train_seconds"] for e in bench["time_to_accuracy"].read_epochs(path)] == [2.0, 4.0, 6.0]
+
+
 def test_aggregate_medians_only_over_seeds_that_reached(bench):
     tta = bench["time_to_accuracy"]
     rows = [{"final_test_acc": a, "final_test_acc_tta": None, "best_test_acc": a, "train_seconds": 10.0,
@@ -155,7 +165,7 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
                       "--seeds", "2", "--targets", "0", "100", "--device", "cpu", "--out", out,
                       "--runs-dir", runs, "--data.train_subset", "128", "--data.test_subset", "100",
                       "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false",
-                      "--train.tta", "flip")
+                      "--train.tta", "flip", "--model.stem_init", "whiten")
     tail = proc.stdout[proc.stdout.rindex("wrote "):]
     assert "seeds reaching" in tail and proc.stdout.rstrip().endswith("reaching the target")  # the table is last
     result = json.loads(out.read_text())
@@ -167,8 +177,13 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     for row in result["runs"]:
         # recompute from the run's own metrics file, not from what the script stored
         metrics = [json.loads(line) for line in (runs / f"seed-{row['seed']}" / "metrics.jsonl").read_text().splitlines()]
-        clock = [sum(m["epoch_seconds"] for m in metrics[:i + 1]) for i in range(len(metrics))]
+        summary = json.loads((runs / f"seed-{row['seed']}" / "summary.json").read_text())
+        # the clock starts with the stem's whitening (training work before the first epoch) ...
+        assert summary["stem_init_seconds"] > 0
+        clock = [summary["stem_init_seconds"] + sum(m["epoch_seconds"] for m in metrics[:i + 1])
+                 for i in range(len(metrics))]
         assert row["train_seconds"] == pytest.approx(clock[-1])
+        assert row["train_seconds"] == pytest.approx(summary["train_seconds"])  # ... and ends at the trainer's
         assert row["time_to_target"]["0"] == pytest.approx(clock[0])  # any accuracy reaches 0%: epoch 1
         assert row["epochs_to_target"]["0"] == 1
         assert row["time_to_target"]["100"] is None and row["epochs_to_target"]["100"] is None
