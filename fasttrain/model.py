@@ -145,9 +145,8 @@ def build_model(cfg: ModelConfig, check: bool = True, device: torch.device | str
 
     The budget is checked on a weightless copy (the meta device) first: a model of 10^16 bytes must be
     refused, not allocated, and one of a few GB refused in a fraction of a second."""
-    meta = _meta_model(cfg)
     if check:
-        check_budget(meta, cfg)
+        check_budget(_meta_model(cfg), cfg)
     try:
         model = ResNet(cfg)
         return model if device is None else model.to(device)
@@ -155,6 +154,7 @@ def build_model(cfg: ModelConfig, check: bool = True, device: torch.device | str
         if not isinstance(e, MemoryError) and not _is_allocation_failure(e):
             raise
         where = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "host memory"
+        meta = _meta_model(cfg)  # only here: eval and export build without the check, and need no copy
         size = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
         raise ConfigError(
             f"the model ({count_params(meta):,} trainable parameters, {size / 2**30:,.1f} GiB of fp32 "
