@@ -199,14 +199,74 @@ def test_malicious_pickle_is_refused(tmp_path, payload):
 
 def test_unpickler_admits_only_numpy_array_globals():
     unpickler = cifar._CifarUnpickler(b"", "somefile")
-    assert unpickler.find_class("numpy.core.multiarray", "_reconstruct") is cifar._numpy_reconstruct()
-    assert unpickler.find_class("numpy._core.multiarray", "_reconstruct") is cifar._numpy_reconstruct()
-    assert unpickler.find_class("numpy", "ndarray") is np.ndarray
-    assert unpickler.find_class("numpy", "dtype") is np.dtype
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1 and numpy 2 spellings
+        reconstruct = unpickler.find_class(module, "_reconstruct")
+        array = reconstruct(unpickler.find_class("numpy", "ndarray"), (0,), b"b")
+        assert type(array) is np.ndarray and array.shape == (0,)
+    assert unpickler.find_class("numpy", "dtype")("u1", False, True) == np.uint8
     for module, name in [("numpy", "load"), ("numpy.core.multiarray", "scalar"), ("builtins", "getattr"),
                          ("subprocess", "Popen"), ("copy_reg", "_reconstructor")]:
         with pytest.raises(DataError, match=f"somefile: refused to unpickle the global {module}.{name}"):
             unpickler.find_class(module, name)
+
+
+def _global(module: str, name: str) -> bytes:
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _pickled_dtype(code: str, state_flags: int = 0) -> bytes:
+    """numpy.dtype(code, False, True) with numpy's own state tuple; `state_flags` forges its flags."""
+    state = (pickle.MARK + pickle.BININT1 + b"\x03" + pickle.SHORT_BINUNICODE + b"\x01|" + pickle.NONE * 3
+             + (pickle.BININT + struct.pack("<i", -1)) * 2 + pickle.BININT + struct.pack("<i", state_flags)
+             + pickle.TUPLE)
+    return (_global("numpy", "dtype") + pickle.MARK + pickle.SHORT_BINUNICODE + bytes([len(code)])
+            + code.encode() + pickle.NEWFALSE + pickle.NEWTRUE + pickle.TUPLE + pickle.REDUCE + state + pickle.BUILD)
+
+
+# Three ways to an array whose elements are pointers taken from the file's bytes (reading one would
+# crash the process, or worse): numpy.ndarray called on a buffer, numpy's own reconstructor with an
+# object dtype, and a plain dtype whose flags the pickled state forges to "holds objects".
+_POINTER_BYTES = pickle.SHORT_BINBYTES + b"\x08" + b"A" * 8
+OBJECT_ARRAY_PICKLES = {
+    "ndarray-called": _global("numpy", "ndarray") + pickle.MARK + pickle.MARK + pickle.BININT1 + b"\x01"
+                      + pickle.TUPLE + _pickled_dtype("O") + _POINTER_BYTES + pickle.TUPLE + pickle.REDUCE,
+    "object-dtype": _global("numpy.core.multiarray", "_reconstruct") + pickle.MARK
+                    + _global("numpy", "ndarray") + pickle.MARK + pickle.BININT1 + b"\x00" + pickle.TUPLE
+                    + pickle.SHORT_BINBYTES + b"\x01b" + pickle.TUPLE + pickle.REDUCE
+                    + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.TUPLE
+                    + _pickled_dtype("O") + pickle.NEWFALSE + _POINTER_BYTES + pickle.TUPLE + pickle.BUILD,
+    "forged-flags": _global("numpy.core.multiarray", "_reconstruct") + pickle.MARK
+                    + _global("numpy", "ndarray") + pickle.MARK + pickle.BININT1 + b"\x00" + pickle.TUPLE
+                    + pickle.SHORT_BINBYTES + b"\x01b" + pickle.TUPLE + pickle.REDUCE
+                    + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.MARK + pickle.BININT1 + b"\x08" + pickle.TUPLE
+                    + _pickled_dtype("u1", state_flags=0x3F) + pickle.NEWFALSE + _POINTER_BYTES + pickle.TUPLE
+                    + pickle.BUILD,
+}
+
+
+@pytest.mark.parametrize("how", OBJECT_ARRAY_PICKLES)
+def test_arrays_of_pointers_are_refused_before_anything_reads_them(tmp_path, how):
+    """The labels list holds the crafted array: the reader's np.asarray(labels) would dereference it."""
+    folder = write_python(tmp_path, make_arrays())
+    batch = pickle.loads((folder / "data_batch_3").read_bytes(), encoding="bytes")
+    good = py2_pickle({b"data": batch[b"data"]})  # one item: ... SETITEM STOP; the labels go in before STOP
+    assert good.endswith(pickle.SETITEM + pickle.STOP)
+    crafted = (good[:-1] + pickle.SHORT_BINSTRING + b"\x06labels" + pickle.EMPTY_LIST
+               + OBJECT_ARRAY_PICKLES[how] + pickle.APPEND + pickle.SETITEM + pickle.STOP)
+    (folder / "data_batch_3").write_bytes(crafted)
+    with pytest.raises(DataError, match=r"data_batch_3: refused .*not an official one"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_a_clean_crafted_pickle_of_the_same_shape_loads():
+    """The control for the test above: the same hand-built frame around a plain label list is accepted."""
+    data = np.arange(PER_BATCH * 3072, dtype=np.uint8).reshape(PER_BATCH, 3072)
+    good = py2_pickle({b"data": data})
+    labels = pickle.EMPTY_LIST + pickle.MARK + pickle.BININT1 + b"\x07" + pickle.APPENDS
+    crafted = good[:-1] + pickle.SHORT_BINSTRING + b"\x06labels" + labels + pickle.SETITEM + pickle.STOP
+    batch = cifar._unpickle(crafted, "somefile")
+    assert batch[b"labels"] == [7]
+    np.testing.assert_array_equal(batch[b"data"], data)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,6 +342,42 @@ def test_tarball_missing_member_and_truncated(tmp_path):
     tarball.write_bytes(tarball.read_bytes()[:5000])
     with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz: cannot read the tarball .*truncated or corrupt"):
         load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("form", ["binary-tarball", "python-tarball"])
+def test_tarball_with_a_flipped_bit_is_refused(tmp_path, form):
+    """gzip's CRC covers every member; a bit flipped anywhere in the compressed stream is an error, not
+    a changed pixel. (Not the last 16 bytes: the deflate stream's final bits may be padding.)"""
+    tarball = FORMS[form](tmp_path, make_arrays())
+    packed = tarball.read_bytes()
+    rng = np.random.default_rng(0)
+    for offset in rng.integers(20, len(packed) - 16, size=6):
+        flipped = bytearray(packed)
+        flipped[offset] ^= 1 << int(rng.integers(8))
+        tarball.write_bytes(bytes(flipped))
+        with pytest.raises(DataError, match=rf"{tarball.name}: .*(corrupt|not the official)"):
+            load_cifar10(tmp_path, download=False)
+    tarball.write_bytes(packed)
+    assert load_cifar10(tmp_path, download=False).train_x.shape == (5 * PER_BATCH, 32, 32, 3)
+
+
+def test_tarball_member_larger_than_any_official_file_is_not_read(tmp_path):
+    folder = write_binary(tmp_path / "src", make_arrays())
+    (folder / "test_batch.bin").write_bytes(bytes(2 * PER_BATCH * 3073 + (1 << 20) + 1))
+    pack(folder, tmp_path / "cifar-10-binary.tar.gz")
+    with pytest.raises(DataError, match=r"member cifar-10-batches-bin/test_batch.bin claims 1,171,497 bytes.*"
+                                        r"not the official cifar-10-binary.tar.gz"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_data_dir_may_name_the_tarball_but_no_other_file(tmp_path):
+    tarball = FORMS["binary-tarball"](tmp_path, make_arrays())
+    assert load_cifar10(tarball, download=False).source.endswith(str(tarball))
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(DataError, match=rf"{other} is a file, not a folder: --data.dir .*names the folder"):
+        load_cifar10(other, download=True)  # and no download is attempted into a file's path
+    assert other.read_text() == "x"
 
 
 def test_nothing_found_says_where_to_put_files(tmp_path):

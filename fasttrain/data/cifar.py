@@ -103,9 +103,13 @@ def find_cifar10(root: str | Path) -> CifarLocation | None:
     """The first of the four accepted forms present in `root`, or None.
 
     Folders come before tarballs (no decompression) and binary before python (no unpickling). `root`
-    may also be a batches folder itself, for FASTTRAIN_DATA pointed one level too deep.
+    may also be a batches folder or an official tarball itself, for FASTTRAIN_DATA pointed one level
+    too deep.
     """
     root = Path(root)
+    for layout in LAYOUTS:
+        if root.name == layout.tarball and root.is_file():
+            return CifarLocation(layout, root)
     for layout in LAYOUTS:
         if root.name == layout.folder and root.is_dir():
             return CifarLocation(layout, root)
@@ -125,9 +129,13 @@ def find_cifar10(root: str | Path) -> CifarLocation | None:
 def download_cifar10(root: Path) -> Path:
     """Fetch the official python tarball into `root`: a temp file, md5 check, then an atomic rename,
     so an interrupted or corrupt download never leaves a file that looks complete."""
-    root.mkdir(parents=True, exist_ok=True)
     target = root / "cifar-10-python.tar.gz"
-    fd, partial = create_temp(root, prefix=".cifar-10-python.", suffix=".part")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, partial = create_temp(root, prefix=".cifar-10-python.", suffix=".part")
+    except OSError as err:
+        raise DataError(f"no CIFAR-10 in {root}, and the download cannot be saved there ({err}). Choose a "
+                        f"folder you can write with --data.dir DIR or {ENV_VAR}=DIR.\n" + placement_help(root)) from err
     try:
         with os.fdopen(fd, "wb") as out:
             digest = _fetch(CIFAR10_URL, out)
@@ -196,6 +204,9 @@ def load_cifar10(root: str | Path, download: bool = True) -> CifarArrays:
     """Read CIFAR-10 from `root` (any of the four official forms), downloading it first if allowed."""
     root = Path(root).expanduser().absolute()
     location = find_cifar10(root)
+    if location is None and root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder: --data.dir (or {ENV_VAR}) names the folder that holds "
+                        f"CIFAR-10, or one of its official tarballs.\n" + placement_help(root.parent))
     if location is None:
         if not download:
             raise DataError(f"no CIFAR-10 in {root} (download disabled).\n" + placement_help(root))
@@ -252,6 +263,12 @@ def _read_folder(location: CifarLocation) -> dict[str, bytes]:
     return raw
 
 
+def _max_member_bytes() -> int:
+    """An official batch holds about RECORDS_PER_BATCH x 3,073 bytes in either version (the python one
+    adds file names); twice that is room enough. (A function: tests shrink RECORDS_PER_BATCH.)"""
+    return 2 * RECORDS_PER_BATCH * (1 + IMAGE_BYTES) + (1 << 20)
+
+
 def _read_tarball(location: CifarLocation) -> dict[str, bytes]:
     """Read the members straight out of the tarball: nothing is extracted, so no path can escape."""
     wanted = {f"{location.layout.folder}/{name}": name for name in location.layout.files}
@@ -260,8 +277,17 @@ def _read_tarball(location: CifarLocation) -> dict[str, bytes]:
         with tarfile.open(location.path, "r:gz") as tar:
             for member in tar:
                 name = wanted.get(member.name.removeprefix("./"))
-                if name is not None and member.isfile():  # links and devices are never followed
-                    raw[name] = tar.extractfile(member).read()
+                if name is None or not member.isfile():  # links and devices are never followed
+                    continue
+                if member.size > _max_member_bytes():  # a crafted header must not exhaust memory
+                    raise DataError(f"{location.path}: member {member.name} claims {member.size:,} bytes, more "
+                                    f"than any official file holds: it is not the official "
+                                    f"{location.layout.tarball}. Delete it and download it again.")
+                raw[name] = tar.extractfile(member).read()
+            # gzip checks its CRC only at the end of the stream, which reading the members stops short of:
+            # without this, a flipped bit in a member would load as a changed pixel.
+            while tar.fileobj.read(1 << 20):
+                pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"{location.path}: cannot read the tarball ({err}); it is truncated or corrupt. "
                         f"Delete it and download it again.") from err
@@ -309,25 +335,72 @@ def _check_classes(classes: list[str], where: str) -> list[str]:
     return classes
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only the globals a numpy-array pickle needs, so a crafted file cannot run code.
+class _CifarUnpickler(pickle._Unpickler):  # the Python one: its BUILD opcode can be checked
+    """Admits only what a plain numeric numpy array's pickle needs, so a crafted file cannot run code.
+
+    Refusing foreign globals is not enough: numpy.ndarray and numpy.dtype alone can build an array of
+    "objects" whose elements are pointers taken from the file's bytes, which crash the process (or
+    worse) when read or freed. So `ndarray` is a token only `_reconstruct` accepts, a dtype must be a
+    plain number, and BUILD may give a dtype only the state it already has (no forged flags or fields)
+    and an array only raw bytes.
 
     The official batches were written by Python 2, so their strings arrive as bytes (encoding='bytes').
     """
 
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, raw: bytes, where: str):
         super().__init__(io.BytesIO(raw), encoding="bytes")
         self.where = where
+        self._ndarray = self._call_ndarray  # one object: `_reconstruct` knows it by identity
 
     def find_class(self, module: str, name: str):
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            return _numpy_reconstruct()
+            return self._reconstruct
         if module == "numpy" and name == "ndarray":
-            return np.ndarray
+            return self._ndarray
         if module == "numpy" and name == "dtype":
-            return np.dtype
+            return self._dtype
         raise DataError(f"{self.where}: refused to unpickle the global {module}.{name}. CIFAR-10 python "
                         "batches hold only numpy arrays, so this file is not an official one and may be "
+                        "malicious. Delete it and use the official cifar-10-python.tar.gz.")
+
+    def _reconstruct(self, cls, shape, typecode):
+        # numpy pickles an array as _reconstruct(ndarray, (0,), b'b'), then BUILD with its state
+        if cls is not self._ndarray or typecode not in (b"b", "b"):
+            self._refuse(f"an array built as _reconstruct({cls!r}, {typecode!r})")
+        return _numpy_reconstruct()(np.ndarray, shape, typecode)
+
+    def _call_ndarray(self, *args):
+        self._refuse("numpy.ndarray called directly (it builds an array over raw bytes)")
+
+    def _dtype(self, *args):
+        dtype = np.dtype(*args)
+        if dtype.kind not in "biuf" or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+            self._refuse(f"the dtype {dtype!r}: CIFAR-10 python batches hold only plain numbers")
+        return dtype
+
+    def load_build(self):
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.dtype):
+            # Python 2's str arrives as bytes: b'|' is the byte order '|'
+            as_text = tuple(v.decode("latin1") if isinstance(v, bytes) else v for v in state) \
+                if isinstance(state, tuple) else state
+            if as_text != target.__reduce__()[2]:
+                self._refuse(f"the state {state!r} for {target!r} (it would change what the dtype holds)")
+        elif isinstance(target, np.ndarray):
+            # (version, shape, dtype, fortran order, data): the dtype came through _dtype, the data is bytes
+            if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)
+                    and isinstance(state[4], bytes)):
+                self._refuse("an array state that is not (version, shape, dtype, order, bytes)")
+        else:
+            self._refuse(f"a state for {type(target).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _refuse(self, what: str):
+        raise DataError(f"{self.where}: refused {what}. This file is not an official one and may be "
                         "malicious. Delete it and use the official cifar-10-python.tar.gz.")
 
 
