@@ -82,6 +82,16 @@ def _tile(c_start, hw_start, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexp
 
 
 @triton.jit
+def _gate_tile(HW_BLOCKS, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(n, c, hw, mask) of an elementwise program. Axis 0 walks (image, HW block) pairs: only it may
+    exceed CUDA's 65,535 programs (an axis of HW blocks alone would, for large images in channels_last)."""
+    pid = tl.program_id(0)
+    n = (pid // HW_BLOCKS).to(tl.int64)
+    c, hw, mask = _tile(tl.program_id(1) * BLOCK_C, (pid % HW_BLOCKS) * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
+    return n, c, hw, mask
+
+
+@triton.jit
 def _offsets(c, hw, stride_c, stride_hw):
     """Element offsets of a tile inside one image; the stride-1 axis is the coalesced one."""
     return c[:, None] * stride_c + hw[None, :] * stride_hw
@@ -147,11 +157,10 @@ def _se_excite_kernel(
 def _se_gate_kernel(
     x_ptr, s_ptr, r_ptr, y_ptr, C, HW,
     sx_n, sx_c, sx_hw, sr_n, sr_c, sr_hw, sy_n, sy_c, sy_hw,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    HW_BLOCKS, HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """y = x * s[n, c], or relu(x * s[n, c] + r). Grid (N, cdiv(C, BLOCK_C), cdiv(HW, BLOCK_HW))."""
-    n = tl.program_id(0).to(tl.int64)
-    c, hw, mask = _tile(tl.program_id(1) * BLOCK_C, tl.program_id(2) * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
+    """y = x * s[n, c], or relu(x * s[n, c] + r). Grid from `_gate_grid`."""
+    n, c, hw, mask = _gate_tile(HW_BLOCKS, C, HW, BLOCK_C, BLOCK_HW)
     x = tl.load(x_ptr + n * sx_n + _offsets(c, hw, sx_c, sx_hw), mask=mask, other=0.0)
     s = tl.load(s_ptr + n * C + c, mask=c < C, other=0.0)
     y = x.to(tl.float32) * s[:, None]
@@ -267,11 +276,10 @@ def _se_wgrad_kernel(
 @triton.jit
 def _se_gate_bwd_kernel(
     g_ptr, s_ptr, p_ptr, dx_ptr, C, HW, sg_n, sg_c, sg_hw, sd_n, sd_c, sd_hw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    HW_BLOCKS, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """dx = g * s[n, c] + p[n, c] with p = dm / HW. Grid (N, cdiv(C, BLOCK_C), cdiv(HW, BLOCK_HW))."""
-    n = tl.program_id(0).to(tl.int64)
-    c, hw, mask = _tile(tl.program_id(1) * BLOCK_C, tl.program_id(2) * BLOCK_HW, C, HW, BLOCK_C, BLOCK_HW)
+    """dx = g * s[n, c] + p[n, c] with p = dm / HW. Grid from `_gate_grid`."""
+    n, c, hw, mask = _gate_tile(HW_BLOCKS, C, HW, BLOCK_C, BLOCK_HW)
     g = tl.load(g_ptr + n * sg_n + _offsets(c, hw, sg_c, sg_hw), mask=mask, other=0.0)
     s = tl.load(s_ptr + n * C + c, mask=c < C, other=0.0)
     p = tl.load(p_ptr + n * C + c, mask=c < C, other=0.0)
@@ -326,6 +334,13 @@ def _blocks(C: int, HW: int, channels_fast: bool, tile: int) -> tuple[int, int]:
     return min(next_pow2(C), max(1, tile // block_hw)), block_hw
 
 
+def _gate_grid(N: int, C: int, HW: int, block_c: int, block_hw: int) -> tuple[tuple[int, int], int]:
+    """((N x HW blocks, C blocks), HW blocks) for the elementwise kernels: CUDA allows 2^31 - 1 programs
+    on axis 0 but 65,535 on the others, and only C blocks stay small for every real shape."""
+    hw_blocks = max(1, triton.cdiv(HW, block_hw))
+    return (N * hw_blocks, triton.cdiv(C, block_c)), hw_blocks
+
+
 def _warps(block_elems: int) -> int:
     return 8 if block_elems >= 4096 else 4
 
@@ -340,7 +355,7 @@ def _pool(x: torch.Tensor, xs: tuple[int, int, int]) -> torch.Tensor:
     m = torch.empty(N, C, device=x.device, dtype=torch.float32)
     bc, bhw = _blocks(C, H * W, xs[1] == 1, _REDUCE_TILE)
     _se_pool_kernel[(N, triton.cdiv(C, bc))](
-        x, m, C, H * W, *xs, 1.0 / (H * W), BLOCK_C=bc, BLOCK_HW=bhw, num_warps=_warps(bc * bhw)
+        x, m, C, H * W, *xs, 1.0 / max(H * W, 1), BLOCK_C=bc, BLOCK_HW=bhw, num_warps=_warps(bc * bhw)
     )
     return m
 
@@ -362,9 +377,9 @@ def _se_gate_triton(x, w1, b1, w2, b2, residual):
     s = _excite(_pool(x, xs), w1, b1, w2, b2)
     r, rs = _flat(residual) if residual is not None else (x, xs)
     bc, bhw = _blocks(C, H * W, xs[1] == 1, _GATE_TILE)
-    grid = (N, triton.cdiv(C, bc), triton.cdiv(H * W, bhw))
+    grid, hw_blocks = _gate_grid(N, C, H * W, bc, bhw)
     _se_gate_kernel[grid](
-        x, s, r, y_buf, C, H * W, *xs, *rs, *_nchw_strides(y_buf),
+        x, s, r, y_buf, C, H * W, *xs, *rs, *_nchw_strides(y_buf), hw_blocks,
         HAS_RESIDUAL=residual is not None, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=_warps(bc * bhw),
     )
     return y if y_buf is y else y.copy_(y_buf)
@@ -376,7 +391,7 @@ def _bwd_reduce(dy, ds, x, xs, y, ys, g, has_res):
     gs, m = (torch.empty(N, C, device=x.device, dtype=torch.float32) for _ in range(2))
     bc, bhw = _blocks(C, H * W, xs[1] == 1, _REDUCE_TILE)
     _se_bwd_reduce_kernel[(N, triton.cdiv(C, bc))](
-        dy, x, y, g, gs, m, C, H * W, *ds, *xs, *ys, *_nchw_strides(g), 1.0 / (H * W),
+        dy, x, y, g, gs, m, C, H * W, *ds, *xs, *ys, *_nchw_strides(g), 1.0 / max(H * W, 1),
         HAS_RESIDUAL=has_res, BLOCK_C=bc, BLOCK_HW=bhw, num_warps=_warps(bc * bhw),
     )
     return gs, m
@@ -390,7 +405,7 @@ def _excite_backward(m, gs, w1, b1, w2, b2, HW):
     h, dh = (torch.empty(N, CR, **f32) for _ in range(2))
     bc, bcr = _mlp_blocks(C, CR)
     _se_excite_bwd_kernel[(N,)](
-        m, gs, w1, b1, w2, b2, s, h, dz, dh, dx_pool, C, CR, 1.0 / HW, BLOCK_C=bc, BLOCK_CR=bcr
+        m, gs, w1, b1, w2, b2, s, h, dz, dh, dx_pool, C, CR, 1.0 / max(HW, 1), BLOCK_C=bc, BLOCK_CR=bcr
     )
     dw1, db1, dw2, db2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
     bc = min(next_pow2(C), 64)
@@ -405,8 +420,9 @@ def _gate_backward(g, s, dx_pool, dx, channels_fast):
     """Pass 2: dx = g * s + dm / HW."""
     N, C, H, W = dx.shape
     bc, bhw = _blocks(C, H * W, channels_fast, _GATE_TILE)
-    _se_gate_bwd_kernel[(N, triton.cdiv(C, bc), triton.cdiv(H * W, bhw))](
-        g, s, dx_pool, dx, C, H * W, *_nchw_strides(g), *_nchw_strides(dx),
+    grid, hw_blocks = _gate_grid(N, C, H * W, bc, bhw)
+    _se_gate_bwd_kernel[grid](
+        g, s, dx_pool, dx, C, H * W, *_nchw_strides(g), *_nchw_strides(dx), hw_blocks,
         BLOCK_C=bc, BLOCK_HW=bhw, num_warps=_warps(bc * bhw),
     )
 
@@ -441,7 +457,7 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor:
 
 def _excitation_reference(x, w1, b1, w2, b2):
     """(m, h, s) in fp32 for x [N, C, H, W]."""
-    m = x.float().mean(dim=(2, 3))
+    m = x.float().sum(dim=(2, 3)) / max(x.shape[2] * x.shape[3], 1)  # an empty image pools to 0, not NaN
     h = F.relu(F.linear(m, w1.float(), b1.float()))
     s = torch.sigmoid(F.linear(h, w2.float(), b2.float()))
     return m, h, s
@@ -469,7 +485,7 @@ def _se_gate_backward_reference(dy, x, w1, b1, w2, b2, y):
         dz = (g * x.float()).sum(dim=(2, 3)) * s * (1 - s)
         dh = (dz @ w2.float()) * (h > 0)
         dm = dh @ w1.float()
-        dx = g * s[:, :, None, None] + (dm / (x.shape[2] * x.shape[3]))[:, :, None, None]
+        dx = g * s[:, :, None, None] + (dm / max(x.shape[2] * x.shape[3], 1))[:, :, None, None]
         grads = (dz.t() @ h, dz.sum(0), dh.t() @ m, dh.sum(0))
     dw2, db2, dw1, db1 = (gr.to(w.dtype) for gr, w in zip(grads, (w2, b2, w1, b1)))
     dres = torch.empty_like(dy).copy_(g) if y is not None else x.new_empty(0)
@@ -521,7 +537,8 @@ def _se_gate_backward_op(
 @_se_gate_backward_op.register_fake
 def _(dy, x, w1, b1, w2, b2, y):
     dres = torch.empty_like(dy) if y is not None else x.new_empty(0)
-    return torch.empty_like(x), *(torch.empty_like(t) for t in (w1, b1, w2, b2)), dres
+    # both real paths return contiguous weight gradients, whatever the weights' strides
+    return torch.empty_like(x), *(t.new_empty(t.shape) for t in (w1, b1, w2, b2)), dres
 
 
 def _setup_context(ctx, inputs, output):

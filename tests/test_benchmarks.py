@@ -820,6 +820,27 @@ def test_tile_sweep_ranks_only_correct_pairs_by_the_stem_then_the_total(repo_roo
     assert [p["default"] for p in ranked] == [False, False, True]
 
 
+def test_tile_sweep_checks_the_backward_too(repo_root, interpreted, monkeypatch):
+    """The sweep's correctness check covers the gradients: a backward kernel that drops the pooled path
+    of dx (a wrong tile would do as much) is caught, though the forward is untouched."""
+    sys.path.insert(0, str(repo_root / "benchmarks" / "kernels"))
+    try:
+        tune = importlib.import_module("tune_se")
+    finally:
+        sys.path.remove(str(repo_root / "benchmarks" / "kernels"))
+    from fasttrain.kernels import se as se_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 4, 4).to(torch.bfloat16).requires_grad_()
+    w = [(torch.randn(1, 16) * 0.3).requires_grad_(), torch.zeros(1, requires_grad=True),
+         (torch.randn(16, 1) * 0.3).requires_grad_(), torch.zeros(16, requires_grad=True)]
+    assert tune.forward_backward_error(se_mod, x, w, None) < 1e-2
+    real_gate_backward = se_mod._gate_backward
+    monkeypatch.setattr(se_mod, "_gate_backward",
+                        lambda g, s, dx_pool, dx, fast: real_gate_backward(g, s, torch.zeros_like(dx_pool), dx, fast))
+    assert tune.forward_backward_error(se_mod, x, w, None) > 1e-2
+
+
 def test_gpu_result_files_partial_until_finished(bench, tmp_path, capsys):
     """bench_se/tune_se save a .partial.json as they go; the final write replaces it."""
     common, cpu = bench["common"], torch.device("cpu")

@@ -204,6 +204,44 @@ def test_opcheck(interpreted, channels_last, residual):
     torch.library.opcheck(torch.ops.fasttrain.se_gate.default, tuple(inputs))
 
 
+def test_opcheck_backward_with_transposed_weights(interpreted):
+    """The backward op's fake kernel promises what both real paths return: contiguous weight gradients,
+    also for weights that arrive transposed (a legal [Cr, C] matrix)."""
+    torch.manual_seed(5)
+    x, w1, b1, w2, b2, _ = _se_inputs((2, 8, 3, 3), torch.float32, "cpu", residual=False, conv_weights=False)
+    w1_transposed = w1.t().contiguous().t()
+    assert not w1_transposed.is_contiguous()
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.fasttrain.se_gate_backward.default, (dy, x, w1_transposed, b1, w2, b2, None))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 0, 3), (0, 8, 4, 4)], ids=["no-pixels", "no-images"])
+def test_empty_inputs_give_empty_outputs_and_zero_weight_grads(interpreted, shape):
+    """No pixels (or no images) to gate: the output is empty and nothing moves the weights. The mean
+    of no pixels is taken as 0 on both paths, not as a division by zero (kernel) or NaN (reference)."""
+    for fn in (se_gate, se_gate_reference):
+        x, w1, b1, w2, b2, r = _se_inputs(shape, torch.float32, "cpu", residual=True)
+        y, _, grads = _run(fn, [x, w1, b1, w2, b2, r])
+        assert y.shape == shape, fn.__name__
+        for g in grads[1:5]:
+            assert torch.equal(g, torch.zeros_like(g)), fn.__name__
+
+
+@pytest.mark.parametrize("N, C, HW, channels_fast", [
+    (1, 2048, 256 * 256, True), (1, 512, 512 * 512, True), (2, 64, 1500 * 1500, True),
+    (70_000, 16, 1, False), (512, 64, 32 * 32, True), (3, 24, 35, False)])
+def test_gate_grid_stays_within_cuda_limits(N, C, HW, channels_fast):
+    """CUDA launches at most 65,535 programs on grid axes 1 and 2 (2^31 - 1 on axis 0). With the GPU's
+    tile sizes, an axis of HW blocks alone passes that for large channels_last images."""
+    from fasttrain.kernels import se
+    for tile in (1024, 2048, 8192):
+        block_c, block_hw = se._blocks(C, HW, channels_fast, tile)
+        (programs, c_blocks), hw_blocks = se._gate_grid(N, C, HW, block_c, block_hw)
+        assert programs == N * hw_blocks and programs <= 2**31 - 1 and c_blocks <= 65_535
+        assert c_blocks * block_c >= C and hw_blocks * block_hw >= HW  # every element has a program
+        assert (hw_blocks - 1) * block_hw < HW  # and no program is wholly outside
+
+
 class _SEBlock(nn.Module):
     """conv -> BN -> se_gate(+ residual, ReLU): the way the model uses the op."""
 

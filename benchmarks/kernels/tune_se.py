@@ -2,9 +2,9 @@
 
 The SE launchers size each program's [BLOCK_C, BLOCK_HW] tile from two module constants:
 `_GATE_TILE` (the elementwise gate kernels, forward and backward) and `_REDUCE_TILE` (the pooling
-reductions). This script sets every pair from `--tiles`, checks the output against the PyTorch
-reference (a fast wrong configuration is worth nothing), times forward+backward of each shape of
-bench_se.py with CUDA events, and ranks the pairs: by the paper's model (SE after the stem only) and
+reductions). This script sets every pair from `--tiles`, checks the output and every gradient against
+the PyTorch reference (a fast wrong configuration is worth nothing), times forward+backward of each
+shape of bench_se.py with CUDA events, and ranks the pairs: by the paper's model (SE after the stem only) and
 by the sum over all shapes (SE in every block). The defaults are marked in the table. Change the
 constants in kernels/se.py only from a result file this wrote.
 
@@ -25,6 +25,19 @@ from bench_se import SHAPES, bench_case, make_inputs  # noqa: E402
 from common import RESULTS_DIR, finish_gpu_benchmark, save_partial, start_gpu_benchmark  # noqa: E402
 
 STEM = "stem"  # the placement of the paper's model (configs/seed.yaml): one SE after the stem
+
+
+def forward_backward_error(se_mod, x, w, r) -> float:
+    """The largest relative error (L2) of the output and of every input's gradient, kernels against the
+    PyTorch reference: the tiles size the backward kernels too, so both directions are checked."""
+    inputs = [x, *w] + ([r] if r is not None else [])
+    dy = torch.randn_like(x)
+    outputs = {}
+    for name, fn in (("got", se_mod.se_gate), ("want", se_mod.se_gate_reference)):
+        y = fn(x, *w, residual=r)
+        outputs[name] = [y, *torch.autograd.grad(y, inputs, dy)]
+    return max(float((g.float() - e.float()).norm() / e.float().norm().clamp_min(1e-12))
+               for g, e in zip(outputs["got"], outputs["want"]))
 
 
 def rank_pairs(rows: list[dict]) -> list[dict]:
@@ -64,10 +77,7 @@ def main() -> None:
             for label, channels, size, residual in SHAPES:
                 torch.manual_seed(0)
                 x, w, r = make_inputs(args.batch, channels, size, residual, torch.bfloat16, True)
-                with torch.no_grad():
-                    got = se_mod.se_gate(x, *w, residual=r).float()
-                    want = se_mod.se_gate_reference(x, *w, residual=r).float()
-                err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+                err = forward_backward_error(se_mod, x, w, r)
                 _, fwd_bwd_ms = bench_case(se_mod.se_gate, x, w, r, args.warmup, args.iters)
                 rows.append({"gate_tile": gate, "reduce_tile": reduce, "default": (gate, reduce) == defaults,
                              "placement": label, "shape": [args.batch, channels, size, size],
