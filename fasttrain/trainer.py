@@ -538,8 +538,9 @@ class Trainer:
 
     @contextlib.contextmanager
     def _tensorboard(self):
-        """output.tensorboard: event files beside metrics.jsonl (rank 0). Opened before training, so
-        a missing `tensorboard` package is one clear error before any GPU time is spent."""
+        """output.tensorboard: event files beside metrics.jsonl (rank 0). The package is checked before
+        training, so a missing one is one clear error before any GPU time is spent; the file is opened
+        after the warmup, where the run folder is set up."""
         self._tb = None
         if self.cfg.output.tensorboard and self.dist.is_main:
             from fasttrain.tb import TensorBoardWriter
@@ -678,6 +679,8 @@ class Trainer:
             if self.resume_path is None or moved:  # a fresh run or a moved one (--overwrite): an old run's
                 for name in (LAST, PREVIOUS):    # last/prev.pt must not become its fallback or --resume auto pick
                     (self.run_dir / name).unlink(missing_ok=True)
+            if self._tb is not None:
+                self._tb.start(self.start_epoch, fresh=self.resume_path is None or moved)
 
         final_test = final_val = ema_bn_seconds = None
         imgs_per_s = []

@@ -90,6 +90,45 @@ def test_tensorboard_writer_logs_every_numeric_field(tmp_path):
     assert [e.step for e in events.Scalars("lr")] == [1, 2, 3]
 
 
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_resume_purges_the_epochs_after_the_checkpoint(tmp_path):
+    """A process logged epochs 1-3 but checkpointed after 1; the resumed one logs 2-3 again. TensorBoard
+    must show each epoch once, with the resumed values, as metrics.jsonl does."""
+    from fasttrain.tb import TensorBoardWriter
+
+    with TensorBoardWriter(tmp_path) as first:
+        first.start(completed_epochs=0, fresh=True)
+        for epoch in (1, 2, 3):
+            first.log_epoch({"epoch": epoch, "train_loss": 10.0 + epoch})
+    with TensorBoardWriter(tmp_path) as resumed:
+        resumed.start(completed_epochs=1, fresh=False)
+        for epoch in (2, 3):
+            resumed.log_epoch({"epoch": epoch, "train_loss": 20.0 + epoch})
+    assert _scalars(tmp_path, "train_loss") == [(1, 11.0), (2, 22.0), (3, 23.0)]
+
+
+def test_tensorboard_fresh_start_deletes_old_event_files_and_writes_nothing_before(tmp_path):
+    from fasttrain.tb import TensorBoardWriter
+
+    with TensorBoardWriter(tmp_path) as old:
+        old.log_epoch({"epoch": 1, "train_loss": 1.0})
+    (tmp_path / "keep.txt").write_text("not an event file")
+    writer = TensorBoardWriter(tmp_path)
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # made, not started: nothing written
+    with writer:
+        writer.start(completed_epochs=0, fresh=True)
+        writer.log_epoch({"epoch": 1, "train_loss": 2.0})
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1 and (tmp_path / "keep.txt").exists()
+    assert _scalars(tmp_path, "train_loss") == [(1, 2.0)]
+
+
 def test_tensorboard_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
