@@ -25,6 +25,7 @@ PROCESS_START = time.perf_counter()  # before the heavy imports: the end-to-end 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -72,21 +73,27 @@ def read_epochs(metrics_path: Path, start: float = 0.0, final: float = 0.0) -> l
     """The run's metrics rows, with the training clock accumulated epoch by epoch. It starts at `start`,
     the training work before the first epoch (the stem's whitening, summary stem_init_seconds), and the
     last epoch's takes `final` too, the work that makes the final model after it (the EMA's last BN
-    recompute, ema_bn_seconds): the clock then ends at the summary's train_seconds."""
+    recompute, ema_bn_seconds): the clock then ends at the summary's train_seconds.
+
+    `eval_ema_bn_seconds`: the EMA's BN recompute that an earlier epoch's evaluation needed. The run
+    did it off its clock (the run goes on from the unchanged training state), but a run stopped there
+    to use that model would have paid it, so time_to_target adds it."""
     epochs, clock = [], start
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for i, row in enumerate(rows):
         clock += row["epoch_seconds"] + (final if i == len(rows) - 1 else 0.0)
         epochs.append({"epoch": row["epoch"], "test_acc": row["test_acc"], "val_acc": row.get("val_acc"),
-                       "epoch_seconds": row["epoch_seconds"], "train_seconds": clock})
+                       "epoch_seconds": row["epoch_seconds"], "train_seconds": clock,
+                       "eval_ema_bn_seconds": row.get("eval_ema_bn_seconds") or 0.0})
     return epochs
 
 
 def time_to_target(epochs: list[dict], target: float, split: str = "test") -> tuple[float | None, int | None]:
-    """(training seconds, epoch) at the end of the first epoch whose `split` accuracy >= target, else (None, None)."""
+    """(training seconds, epoch) at the end of the first epoch whose `split` accuracy >= target, else
+    (None, None); the seconds include the BN recompute that epoch's evaluated EMA model needed."""
     for e in epochs:
         if e[f"{split}_acc"] is not None and e[f"{split}_acc"] >= target:
-            return e["train_seconds"], e["epoch"]
+            return e["train_seconds"] + e["eval_ema_bn_seconds"], e["epoch"]
     return None, None
 
 
@@ -143,7 +150,16 @@ def run_seed(cfg, args, run_dir: Path, split: str = "test") -> tuple[dict, objec
     for target in args.targets:
         row["time_to_target"][target_key(target)], row["epochs_to_target"][target_key(target)] = \
             time_to_target(epochs, target, split)
-    return row, trainer.device
+    device = trainer.device
+    # The Trainer sits in reference cycles: free its model, EMA, CUDA graph and GPU-resident data now,
+    # not at some later collection, so the next seed compiles and captures on a clean device.
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return row, device
 
 
 # ------------------------------------------------------------------------------------- aggregate

@@ -730,7 +730,9 @@ class Trainer:
             imgs_per_s.append(row["images_per_second"])
             last = epoch + 1 == end_epoch
             if (epoch + 1) % cfg.train.eval_every == 0 or last:
-                self._recompute_ema_bn()  # train.ema_bn recompute, off the clock (a no-op after the final one)
+                if self.ema_bn_recompute:  # off the clock, but this evaluation needed it: time_to_accuracy
+                    # adds it to a time-to-target reached here (0.0 after the final one, on the clock)
+                    row["eval_ema_bn_seconds"] = self._recompute_ema_bn()
                 for split, loader in self._eval_splits():
                     row[f"{split}_acc"] = evaluate(self.eval_net, loader, self.precision, self.device,
                                                    dist_info=self.dist)

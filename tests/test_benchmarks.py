@@ -50,11 +50,13 @@ def run_script(repo_root, cifar_dir, *args):
 # ------------------------------------------------------------------------------------- time to accuracy
 def test_time_to_target_is_the_clock_at_the_first_epoch_reaching_it(bench):
     tta = bench["time_to_accuracy"]
-    epochs = [{"epoch": i + 1, "test_acc": acc, "train_seconds": 2.0 * (i + 1)}
+    epochs = [{"epoch": i + 1, "test_acc": acc, "train_seconds": 2.0 * (i + 1), "eval_ema_bn_seconds": 0.0}
               for i, acc in enumerate([20.0, 50.0, 40.0, 60.0])]
     assert tta.time_to_target(epochs, 45.0) == (4.0, 2)  # epoch 2, not the later epochs above it
     assert tta.time_to_target(epochs, 20.0) == (2.0, 1)  # reaching = equal counts
     assert tta.time_to_target(epochs, 60.5) == (None, None)
+    epochs[1]["eval_ema_bn_seconds"] = 0.25  # the EMA's BN recompute that epoch 2's evaluation needed
+    assert tta.time_to_target(epochs, 45.0) == (4.25, 2)
 
 
 def test_the_clock_takes_the_work_before_the_first_epoch_and_after_the_last(bench, tmp_path):
@@ -165,7 +167,8 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
                       "--seeds", "2", "--targets", "0", "100", "--device", "cpu", "--out", out,
                       "--runs-dir", runs, "--data.train_subset", "128", "--data.test_subset", "100",
                       "--train.epochs", "2", "--model.blocks", "[1,1,1]", "--output.progress", "false",
-                      "--train.tta", "flip", "--model.stem_init", "whiten")
+                      "--train.tta", "flip", "--model.stem_init", "whiten",
+                      "--train.ema_decay", "0.9", "--train.ema_bn", "recompute")
     tail = proc.stdout[proc.stdout.rindex("wrote "):]
     assert "seeds reaching" in tail and proc.stdout.rstrip().endswith("reaching the target")  # the table is last
     result = json.loads(out.read_text())
@@ -182,9 +185,13 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
         assert summary["stem_init_seconds"] > 0
         clock = [summary["stem_init_seconds"] + sum(m["epoch_seconds"] for m in metrics[:i + 1])
                  for i in range(len(metrics))]
+        clock[-1] += summary["ema_bn_seconds"]  # ... the last epoch makes the final model: the EMA's BN recompute
+        assert summary["ema_bn_seconds"] > 0 and metrics[-1]["eval_ema_bn_seconds"] == 0.0  # counted once
         assert row["train_seconds"] == pytest.approx(clock[-1])
         assert row["train_seconds"] == pytest.approx(summary["train_seconds"])  # ... and ends at the trainer's
-        assert row["time_to_target"]["0"] == pytest.approx(clock[0])  # any accuracy reaches 0%: epoch 1
+        # any accuracy reaches 0%: epoch 1, whose evaluated EMA model needed its own BN recompute
+        assert metrics[0]["eval_ema_bn_seconds"] > 0
+        assert row["time_to_target"]["0"] == pytest.approx(clock[0] + metrics[0]["eval_ema_bn_seconds"])
         assert row["epochs_to_target"]["0"] == 1
         assert row["time_to_target"]["100"] is None and row["epochs_to_target"]["100"] is None
         assert row["final_test_acc"] == metrics[-1]["test_acc"]
