@@ -152,7 +152,7 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     precision = Precision.resolve(cfg.train.precision, dev)
     data = build_data(cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
                       device=dev, dtype=precision.data_dtype, channels_last=channels_last,
-                      seed=cfg.train.seed)
+                      seed=cfg.train.seed, test_only=True)
     fill = black_fill(cfg.data.mean, cfg.data.std)
     by_tta = {mode: evaluate(model, data.test, precision, dev, tta=mode, fill=fill)
               for mode in (TTA_MODES if tta == "all" else (tta,))}

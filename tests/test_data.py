@@ -494,6 +494,20 @@ def test_build_data(tmp_path):
         build_data(data_cfg(tmp_path, loader="pil"), batch_size=32, **common)
 
 
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_build_data_test_only_builds_the_test_loader_alone(tmp_path, loader):
+    """Scoring a checkpoint (`fasttrain eval`) needs no training loader: none is built (no 240 MB of padded
+    training images on the GPU), and the test batches are the full bundle's."""
+    write_binary(tmp_path, make_arrays())
+    common = dict(eval_batch_size=16, device="cpu", dtype=torch.float32, channels_last=False, seed=3)
+    full = build_data(data_cfg(tmp_path, loader=loader, test_subset=12), batch_size=32, **common)
+    alone = build_data(data_cfg(tmp_path, loader=loader, test_subset=12), batch_size=10_000, test_only=True, **common)
+    assert alone.train is None and alone.val is None and alone.train_images is None
+    assert alone.test_images == 12 and "test 12 images" in alone.source
+    for (x_full, y_full), (x_alone, y_alone) in zip(full.test, alone.test, strict=True):
+        assert torch.equal(x_full, x_alone) and torch.equal(y_full, y_alone)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The real data set (CI sets FASTTRAIN_DATA)
 

@@ -15,7 +15,7 @@ __all__ = ["CifarArrays", "DataBundle", "DataError", "TorchLoader", "build_data"
 
 @dataclass
 class DataBundle:
-    train: Any  # a loader (protocol in docs/ARCHITECTURE.md)
+    train: Any  # a loader (protocol in docs/ARCHITECTURE.md); None with build_data(test_only=True)
     val: Any | None  # None when data.val_size == 0
     test: Any
     classes: list[str]
@@ -46,7 +46,9 @@ def _first(x, y, count: int, key: str):
 
 def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str | torch.device,
                dtype: torch.dtype, channels_last: bool, seed: int, rank: int = 0,
-               world_size: int = 1) -> DataBundle:
+               world_size: int = 1, test_only: bool = False) -> DataBundle:
+    """The loaders of one run. `test_only` (scoring a checkpoint): the test loader alone; no training
+    set is uploaded (240 MB padded on a GPU with DALI) and `train` and `val` are None."""
     arrays = load_cifar10(resolve_data_dir(getattr(data_cfg, "dir", None)),
                           download=getattr(data_cfg, "download", True))
     # the validation images come off the end of the full training set first, so train_subset never
@@ -55,7 +57,7 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
     train_x, train_y = _first(train_x, train_y, data_cfg.train_subset, "data.train_subset")
     test_x, test_y = _first(arrays.test_x, arrays.test_y, data_cfg.test_subset, "data.test_subset")
     per_rank = len(train_x) // world_size
-    if batch_size > per_rank:
+    if batch_size > per_rank and not test_only:
         raise DataError(f"batch_size={batch_size} is larger than the training images each rank gets "
                         f"({len(train_x)} images / {world_size} rank(s) = {per_rank}); lower the batch "
                         "size, or raise data.train_subset / lower data.val_size.")
@@ -64,9 +66,12 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
     common = dict(device=device, dtype=dtype, mean=data_cfg.mean, std=data_cfg.std, channels_last=channels_last,
                   crop_padding=data_cfg.crop_padding, flip=data_cfg.flip, flip_mode=data_cfg.flip_mode, seed=seed,
                   rank=rank, world_size=world_size)
+    test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
+    if test_only:
+        return DataBundle(train=None, val=None, test=test, classes=arrays.classes, test_images=len(test_x),
+                          source=f"{arrays.source}; test {len(test_x)} images; loader {loader_class.__name__}")
     train = loader_class(train_x, train_y, batch_size=batch_size, train=True, cutout=data_cfg.cutout, **common)
     val = None if val_x is None else loader_class(val_x, val_y, batch_size=eval_batch_size, train=False, **common)
-    test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
     source = (f"{arrays.source}; train {len(train_x)}, val {0 if val_x is None else len(val_x)}, "
               f"test {len(test_x)} images; loader {loader_class.__name__}")
     return DataBundle(train=train, val=val, test=test, classes=arrays.classes, source=source,
