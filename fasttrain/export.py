@@ -24,14 +24,17 @@ KIND = "weights"  # the "kind" entry that marks an exported file (a training che
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _run_summary(checkpoint: Path, epoch: int, used: str) -> dict:
+def _run_summary(checkpoint: Path, ckpt: dict, used: str) -> dict:
     """The run's accuracy figures (its summary.json, beside the checkpoint) when they are these
-    weights': the final epoch's checkpoint, and the weights the run evaluated (EMA or model)."""
+    weights': the final epoch's checkpoint (its epochs and its training seconds, which no other run
+    shares), and the weights the run evaluated (EMA or model)."""
     try:
         summary = json.loads((checkpoint.parent / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if summary.get("epochs") != epoch or summary.get("eval_weights", "model") != used:
+    if (not isinstance(summary, dict) or summary.get("epochs") != int(ckpt["epoch"])
+            or summary.get("train_seconds") != ckpt.get("train_seconds")
+            or summary.get("eval_weights", "model") != used):
         return {}
     keys = ("final_test_acc", "final_test_acc_tta", "tta_mode", "final_val_acc", "best_test_acc",
             "train_seconds", "device", "git_sha")
@@ -52,7 +55,7 @@ def export_weights(checkpoint: str | Path, out: str | Path, *, weights: str = "a
     state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     info = {
         "weights": used, "dtype": dtype, "epoch": int(ckpt["epoch"]), "params": count_params(model),
-        "trained_on": ckpt.get("data_source"), "run": _run_summary(checkpoint, int(ckpt["epoch"]), used),
+        "trained_on": ckpt.get("data_source"), "run": _run_summary(checkpoint, ckpt, used),
         "note": note,
         "exported_from": str(checkpoint), "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "exported_by_git_sha": git_sha(), "torch": str(torch.__version__),

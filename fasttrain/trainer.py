@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, holds_run,
+from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, checkpoint_candidates,
+                                  holds_run,
                                   load_checkpoint, rng_state, set_rng_state, unwrap, write_checkpoint)
 from fasttrain.config import Config, ConfigError, config_changes, config_from_dict, config_to_dict, save_config
 from fasttrain.console import RunConsole
@@ -174,6 +175,11 @@ class Trainer:
             run_dir = Path("runs") / f"{self.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(run_dir)
         held = holds_run(run_dir)
+        if held and self.resume_path is None and not overwrite and not checkpoint_candidates(run_dir):
+            raise ConfigError(  # a run that stopped or failed before its first checkpoint: nothing to resume
+                f"the output folder {str(run_dir)!r} holds the config.yaml of a run that saved no checkpoint "
+                "(it stopped or failed before its first): pass --overwrite to replace it, or another --output.dir"
+            )
         if held and self.resume_path is None and not overwrite:
             raise ConfigError(
                 f"the output folder {str(run_dir)!r} already holds a run: pass --resume "
@@ -677,7 +683,9 @@ class Trainer:
             moved = self._resumes_another_folder(self.run_dir)
             self._keep_metrics(self.start_epoch, self.resume_path.resolve().parent / "metrics.jsonl" if moved else None)
             if self.resume_path is None or moved:  # a fresh run or a moved one (--overwrite): an old run's
-                for name in (LAST, PREVIOUS):    # last/prev.pt must not become its fallback or --resume auto pick
+                # last/prev.pt must not become its fallback or --resume auto pick, nor its summary.json the
+                # figures `export` or a restart reads for this run's checkpoints
+                for name in (LAST, PREVIOUS, "summary.json"):
                     (self.run_dir / name).unlink(missing_ok=True)
             if self._tb is not None:
                 self._tb.start(self.start_epoch, fresh=self.resume_path is None or moved)
@@ -763,7 +771,12 @@ class Trainer:
             "precision": self.precision.name, "torch": torch.__version__, "git_sha": git_sha(),
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
-        if cfg.train.tta != "none" and self.start_epoch < epochs:
+        if self.start_epoch >= epochs:  # a finished run without its summary (stopped while writing it):
+            # the final model is the checkpoint's, so its figures are measured again
+            for split, loader in self._eval_splits():
+                summary[f"final_{split}_acc"] = evaluate(self.eval_net, loader, self.precision, self.device,
+                                                         dist_info=self.dist)
+        if cfg.train.tta != "none":
             for split, loader in self._eval_splits():
                 summary[f"final_{split}_acc_tta"] = evaluate(self.eval_net, loader, self.precision, self.device,
                                                              tta=cfg.train.tta, dist_info=self.dist, fill=self.eval_fill)
@@ -774,13 +787,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- metrics file
     def _saved_summary(self) -> dict | None:
-        """The run folder's summary.json when it describes exactly the resumed state (its epochs are
-        the checkpoint's; the checkpoint is the folder's own, see _fit), else None."""
+        """The run folder's summary.json when it describes exactly the resumed state (its epochs and
+        training seconds are the checkpoint's; the checkpoint is the folder's own, see _fit), else None."""
         try:
             saved = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return saved if isinstance(saved, dict) and saved.get("epochs") == self.start_epoch else None
+        return saved if (isinstance(saved, dict) and saved.get("epochs") == self.start_epoch
+                         and saved.get("train_seconds") == self.train_seconds) else None
 
     def _append_metrics(self, row: dict) -> None:
         if self.dist.is_main:
@@ -800,5 +814,18 @@ class Trainer:
             if source is None:
                 return
             lines = []
-        keep = [line for line in lines if line.strip() and json.loads(line).get("epoch", math.inf) <= completed_epochs]
+        rows = [(line, _decoded_row(line)) for line in lines if line.strip()]
+        torn = sum(row is None for _, row in rows)
+        if torn:  # a write cut by a kill or a full disk: that row's epoch is after the checkpoint, or logged again
+            self.console.warn(f"{source or path}: dropped {torn} unreadable line(s)")
+        keep = [line for line, row in rows if row is not None and row.get("epoch", math.inf) <= completed_epochs]
         path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _decoded_row(line: str) -> dict | None:
+    """A metrics.jsonl line as its row, or None when it is not one (a torn write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None

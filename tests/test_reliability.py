@@ -601,6 +601,72 @@ def test_resuming_a_finished_run_again_leaves_its_files_alone(cifar_dir, tmp_pat
     assert json.loads((run / "summary.json").read_text())["final_test_acc"] is not None
 
 
+def test_a_finished_run_without_its_summary_measures_it_again(cifar_dir, tmp_path, reference_run, capsys):
+    """Killed between the final checkpoint and summary.json (e.g. in the final TTA pass): the restart has
+    nothing to train and rebuilds the summary from the final model, not a summary of nulls."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    kept = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    assert cli.main(cli_args(cifar_dir, run, "--resume", "auto", "--train.tta", "flip")) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    rebuilt = json.loads((run / "summary.json").read_text())
+    assert rebuilt["final_test_acc"] == pytest.approx(kept["final_test_acc"])  # the same model, measured again
+    assert rebuilt["final_test_acc_tta"] is not None and rebuilt["epochs"] == 2
+
+
+def test_overwrite_drops_the_old_runs_summary(cifar_dir, tmp_path, reference_run):
+    """--overwrite replaces the whole run: killed after two epochs, the new run's checkpoints must not
+    be described by the old run's summary.json (export stamps its accuracy on the weights)."""
+    from fasttrain.distributed import DIE_RANK_ENV, DIE_STEP_ENV
+    from fasttrain.export import export_weights
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    steps = load_checkpoint(run / "last.pt")["steps_per_epoch"]
+    run_cli(cli_args(cifar_dir, run, "--train.epochs", "3", "--optim.lr", "0.01") + ["--overwrite"],
+            env_extra={DIE_RANK_ENV: "0", DIE_STEP_ENV: str(2 * steps + 1)}, expect=1)  # dies in epoch 3
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert not (run / "summary.json").exists()
+    assert export_weights(run / "last.pt", tmp_path / "weights.pt")["run"] == {}
+
+
+def test_export_takes_a_summary_only_for_its_own_checkpoint(tmp_path, reference_run):
+    """The summary describes a checkpoint when both its epochs and its training seconds are the
+    checkpoint's: a summary of another run with the same epochs is not taken."""
+    from fasttrain.export import export_weights
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert export_weights(run / "last.pt", tmp_path / "a.pt")["run"]["final_test_acc"] == summary["final_test_acc"]
+    (run / "summary.json").write_text(json.dumps(dict(summary, train_seconds=summary["train_seconds"] + 1.0)))
+    assert export_weights(run / "last.pt", tmp_path / "b.pt")["run"] == {}
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(cifar_dir, tmp_path, reference_run, capsys):
+    """A kill (or a full disk) in the middle of appending a metrics row: the resumed run drops the torn
+    line with a warning instead of failing on it."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "lr": 0.1, "train_lo')
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "3", "--resume", "auto")) == 0
+    assert "dropped 1 unreadable line(s)" in " ".join(capsys.readouterr().out.split())
+    assert metric_epochs(run) == [1, 2, 3]
+
+
+def test_a_folder_whose_run_saved_no_checkpoint_says_overwrite(cifar_dir, tmp_path, capsys):
+    """A run that failed before its first checkpoint left config.yaml: retrying with a changed setting
+    is told to --overwrite, not to resume a last.pt that does not exist."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: failed-before-its-first-checkpoint\n")
+    assert cli.main(cli_args(cifar_dir, run)) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "saved no checkpoint" in err and "--overwrite" in err and "last.pt" not in err
+
+
 def test_resume_auto_starts_over_when_killed_before_the_first_checkpoint(cifar_dir, tmp_path, capsys):
     """A scheduler restarting `--resume auto` after a kill in epoch 1 must not be stuck on
     "already holds a run": the folder has this run's config.yaml and no checkpoint."""
