@@ -51,12 +51,19 @@ def use_channels_last(cfg: Config, device: torch.device, warn=None) -> bool:
     """train.channels_last, except where a known PyTorch bug makes it unsafe.
 
     torch 2.14's CPU (oneDNN) backward of a strided 1x1 convolution with channels_last input and
-    fewer than 8 channels corrupts memory or hangs; such tiny nets run NCHW on the CPU (no effect
-    on GPUs, where channels_last is what makes the convolutions fast).
+    fewer than 8 channels corrupts memory or hangs; such tiny nets run NCHW on the CPU, compiled or
+    not (no effect on GPUs, where channels_last is what makes the convolutions fast).
     """
+    tiny_on_cpu = device.type == "cpu" and cfg.model.base_channels < 8
+    if tiny_on_cpu and cfg.train.compile:
+        # inductor picks channels_last for convolutions by itself ("layout optimisation"), whatever this
+        # function returns: seen to segfault, or hang in oneDNN's 1x1 weight backward, for such nets
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
     if not cfg.train.channels_last:
         return False
-    if device.type == "cpu" and cfg.model.base_channels < 8:
+    if tiny_on_cpu:
         if warn is not None:
             warn("train.channels_last is off for this run: on the CPU, channels_last with fewer than 8 "
                  "channels (model.base_channels) hits a PyTorch oneDNN bug")
