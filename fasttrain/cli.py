@@ -51,7 +51,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
                    help="auto (default): the EMA weights when the checkpoint has them (train.ema_decay > 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--data.dir", dest="data_dir", help="where CIFAR-10 is (default: $FASTTRAIN_DATA, ./data)")
+    p.add_argument("--data.dir", dest="data_dir",
+                   help="where CIFAR-10 is (default: $FASTTRAIN_DATA, else the run's data.dir, else ./data)")
     p.add_argument("--data.test_subset", dest="test_subset", type=int, metavar="N",
                    help="score the first N test images, 0: all (default: the images the run scored, its "
                         "data.test_subset)")

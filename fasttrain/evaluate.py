@@ -15,6 +15,7 @@ several views of each test image, with the weights of `tta_views`:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from torch import nn
 from fasttrain.checkpoint import check_architecture, load_checkpoint, select_weights
 from fasttrain.config import CHOICES, config_from_dict
 from fasttrain.data import build_data
+from fasttrain.data.cifar import ENV_VAR
 from fasttrain.distributed import DistInfo, all_reduce_sum
 from fasttrain.model import build_model, count_params
 from fasttrain.runtime import Precision, device_name, resolve_device, use_channels_last
@@ -131,7 +133,8 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     `tta`: a mode of TTA_MODES, or ``all``: every mode, as "test_acc_by_tta" {mode: accuracy}, with
     "test_acc" the accuracy without TTA (accuracy with and without TTA from one load).
     `weights`: auto (the EMA weights when the checkpoint holds them, else the model's) | ema | model.
-    The result says which were evaluated under "weights"."""
+    The result says which were evaluated under "weights". The data: `data_dir`, else $FASTTRAIN_DATA,
+    else the run's own data.dir (its training machine's path), else ./data."""
     if tta != "all" and tta not in TTA_MODES:
         raise ValueError(f"tta mode {tta!r}: expected one of {', '.join(TTA_MODES)}, or all")
     dev = resolve_device(device)
@@ -139,6 +142,8 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     cfg = config_from_dict(ckpt["config"])
     if data_dir is not None:
         cfg.data.dir = data_dir
+    elif os.environ.get(ENV_VAR):  # this machine's copy, before the path the run was trained with
+        cfg.data.dir = None
     if test_subset is not None:
         cfg.data.test_subset = test_subset
     used, state = select_weights(ckpt, weights, repr(str(path)))

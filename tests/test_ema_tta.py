@@ -269,6 +269,19 @@ def test_ema_checkpoint_round_trip_and_eval(cifar_dir, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["tta_mode"] == "flip_shift"
 
 
+def test_eval_on_another_machine_finds_the_data_by_fasttrain_data(cifar_dir, tmp_path, monkeypatch):
+    """The checkpoint saves the training machine's data.dir; where that path is not, FASTTRAIN_DATA (as
+    `eval --help` says) names this machine's copy instead of an error that suggests it in vain."""
+    trained_with = tmp_path / "their-data"
+    trained_with.symlink_to(cifar_dir, target_is_directory=True)
+    cfg = tiny_config(trained_with, tmp_path / "run", train__epochs="1")
+    summary = Trainer(cfg, device="cpu", console=quiet()).fit()
+    trained_with.unlink()
+    monkeypatch.setenv("FASTTRAIN_DATA", str(cifar_dir))
+    result = evaluate_checkpoint(tmp_path / "run" / "last.pt", device="cpu")
+    assert result["test_acc"] == pytest.approx(summary["final_test_acc"])
+
+
 def test_eval_test_false_never_touches_the_test_set(cifar_dir, tmp_path, monkeypatch):
     """Tuning on the validation split: per epoch, at the end and with TTA only val is evaluated."""
     import fasttrain.trainer as trainer_mod

@@ -131,6 +131,17 @@ def test_knobs_build_and_run(kw):
     # the blocks per stage and the conv kernels per stage follow B_i and F_i
     assert [len(s) for s in model.stages] == cfg.blocks
     assert [s[0].conv1.kernel_size[0] for s in model.stages] == cfg.conv_kernel
+    # K_i: every projection shortcut of stage i has a K_i x K_i kernel (the first stage keeps its width:
+    # an identity shortcut, unless C_1 differs from the stem's)
+    for i, stage in enumerate(model.stages):
+        for block in stage:
+            if not isinstance(block.shortcut, torch.nn.Identity):
+                assert block.shortcut[0].kernel_size == (cfg.shortcut_kernel[i],) * 2
+    assert any(not isinstance(s[0].shortcut, torch.nn.Identity) for s in model.stages[1:])
+    # P: the average pool's kernel, and the classifier's input of C_N x (final size / P)^2 features
+    final_size = 32 // 2 ** (cfg.layers - 1)
+    assert model.pool.kernel_size == cfg.pool_kernel
+    assert model.fc.in_features == widths[-1] * (final_size // cfg.pool_kernel) ** 2
 
 
 def test_se_placement():
