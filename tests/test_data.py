@@ -437,7 +437,7 @@ def test_download_with_wrong_md5_is_deleted(tmp_path, served_tarball, monkeypatc
     root = tmp_path / "data"
     with pytest.raises(DataError, match=r"md5 is [0-9a-f]{32}, not 0{32}.*deleted"):
         load_cifar10(root, download=True)
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # the folder made for the download goes with it
 
 
 def test_offline_download_says_where_to_put_files(tmp_path, monkeypatch):
@@ -449,7 +449,11 @@ def test_offline_download_says_where_to_put_files(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"(?s)downloading https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
                                         r"failed .*name resolution.*cifar-10-batches-bin.*FASTTRAIN_DATA=DIR"):
         load_cifar10(root, download=True)
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # the folder made for the download goes with it
+    root.mkdir()  # a folder that was there stays, empty
+    with pytest.raises(DataError, match="failed"):
+        load_cifar10(root, download=True)
+    assert root.is_dir() and list(root.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def download_cifar10(root: Path) -> Path:
     """Fetch the official python tarball into `root`: a temp file, md5 check, then an atomic rename,
     so an interrupted or corrupt download never leaves a file that looks complete."""
     target = root / "cifar-10-python.tar.gz"
+    made = not root.exists()  # a folder made for a download that fails is removed again: nothing left behind
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, partial = create_temp(root, prefix=".cifar-10-python.", suffix=".part")
@@ -152,6 +153,9 @@ def download_cifar10(root: Path) -> Path:
         ) from err
     finally:
         partial.unlink(missing_ok=True)
+        if made and not target.exists():
+            with contextlib.suppress(OSError):  # not empty (someone else's files): kept
+                root.rmdir()
     return target
 
 
