@@ -11,9 +11,13 @@ Loading is strict so that a typo never silently trains the wrong thing:
   errors naming the valid range.
 
 Every key can be overridden from the command line as a dotted flag (``--optim.lr 0.2``); the value
-is parsed as YAML (so ``[4,4,3]``, ``true`` and ``1e-3`` work) and then type-checked like the file.
-Floats are read as YAML 1.2 writes them, in files too: ``1e-3``, ``5E-4`` and ``.5`` are numbers (YAML 1.1,
-PyYAML's default, would leave the first two strings).
+is parsed as YAML (so ``[4,4,3]``, ``true`` and ``1e-3`` work) and then type-checked like the file,
+but a string key's value (a name, a path) is taken as typed unless YAML-quoted (``--name "exp #3"``
+keeps its ``#3``, which YAML would read as a comment). A whole section given as a mapping
+(``--train "{epochs: 2, seed: 1}"``) sets the keys it names, like dotted flags, and keeps the others.
+Scalars are read as YAML 1.2 reads them, in files too: ``1e-3``, ``5E-4`` and ``.5`` are numbers (YAML
+1.1, PyYAML's default, would leave the first two strings), and ``yes``/``no``/``on``/``off`` and
+``1:30`` are strings (1.1 reads bools and the base-60 number 90), so a bool takes ``true`` or ``false``.
 """
 from __future__ import annotations
 
@@ -172,7 +176,14 @@ CHOICES = {
 # YAML with duplicate-key detection (safe loader only: a config can never construct objects)
 # --------------------------------------------------------------------------------------------
 class _StrictLoader(yaml.SafeLoader):
-    pass
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        # YAML 1.2 where 1.1 changes what was typed: yes/no/on/off are strings, not bools (the type check
+        # then says "use true or false"), and 1:30 is a string, not the base-60 number 90
+        tag = super().resolve(kind, value, implicit)
+        if (tag == "tag:yaml.org,2002:bool" and value.lower() not in ("true", "false")
+                or tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in value):
+            return "tag:yaml.org,2002:str"
+        return tag
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -279,7 +290,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         or (tp is str and isinstance(value, str))
     )
     if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__})")
+        fix = ": use true or false" if tp is bool else ""
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__}){fix}")
     if tp is float:
         try:
             return float(value)
@@ -339,8 +351,12 @@ def config_changes(before: Config, after: Config) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Overrides: ["--optim.lr", "0.2", "--train.epochs=5"] -> nested dict merged over the file
 # --------------------------------------------------------------------------------------------
+_YAML_NULLS = ("null", "Null", "NULL", "~")  # what sets an optional key (--data.dir) to null
+
+
 def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> dict[str, Any]:
-    """Turn dotted flags into {"optim.lr": 0.2, ...}; values are parsed as YAML scalars/lists.
+    """Turn dotted flags into {"optim.lr": 0.2, ...}; values are parsed as YAML scalars/lists (a string
+    key's taken as typed), and a section given as a mapping (--train "{epochs: 2}") as its dotted keys.
 
     `options`: the calling program's own flags, suggested (with the config keys) for a flag that is
     neither; the default is the training command's, another program passes its own."""
@@ -356,13 +372,31 @@ def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> 
         if text is None:
             raise ConfigError(f"{arg} needs a value, e.g. {arg} 0.1")
         i += 1 if inline else 2
-        if key in out:
-            raise ConfigError(f"--{key} is given twice on the command line: keep one")
-        value = parse_yaml(text, f"--{key}") if text.strip() else ""
-        if isinstance(value, (bool, int, float)) and _field_type(key) in (str, Optional[str]):
-            value = text  # a name or a path that reads as a number or a bool (--name 1e-3) stays as typed
-        out[key] = value
+        tp = _field_type(key)
+        # a name or a path stays as typed (YAML would read --name 1e-3 as a number and cut "run #2" at the
+        # #), unless it is quoted, as benchmarks/recipe_verdict.py writes a string: then it is read as YAML
+        quoted = len(text) > 1 and text[0] == text[-1] and text[0] in "'\""
+        if (tp is str or tp == Optional[str] and text not in _YAML_NULLS) and not quoted:
+            value = text
+        else:
+            value = parse_yaml(text, f"--{key}") if text.strip() else ""
+        for dotted, v in _section_keys(key, value).items():
+            if dotted in out:
+                raise ConfigError(f"--{dotted} is given twice on the command line: keep one")
+            out[dotted] = v
     return out
+
+
+def _section_keys(key: Any, value: Any) -> dict[str, Any]:
+    """A whole section given as a mapping (--train "{epochs: 2}") as its dotted keys (train.epochs), so that
+    it changes the keys it names and keeps the others as the file and earlier flags set them."""
+    if key not in _sections():
+        return {key: value}
+    if not isinstance(value, dict):
+        first = dataclasses.fields(_sections()[key])[0].name
+        raise ConfigError(f"--{key} takes a mapping of {key} keys, e.g. --{key} '{{{first}: VALUE}}' or "
+                          f"--{key}.{first} VALUE; got {_show(value)}")
+    return {f"{key}.{k}": v for k, v in value.items()}
 
 
 def _field_type(dotted: str) -> Any:
@@ -408,6 +442,7 @@ def _sections() -> dict[str, type]:
 
 
 def _apply_overrides(values: dict, overrides: dict[str, Any]) -> dict:
+    overrides = {k: v for key, value in overrides.items() for k, v in _section_keys(key, value).items()}
     for dotted, value in overrides.items():
         *path, last = dotted.split(".")
         node = values
@@ -475,7 +510,7 @@ def validate(cfg: Config) -> None:
     _require(m.layers >= 1, "model.layers", m.layers, "must be >= 1")
     for key in ("blocks", "conv_kernel", "shortcut_kernel"):
         v = getattr(m, key)
-        _require(len(v) == m.layers, f"model.{key}", v, f"one entry per layer (model.layers = {m.layers})")
+        _require(len(v) == m.layers, f"model.{key}", v, f"one entry per layer (model.layers = {_show(m.layers)})")
     _require(all(b >= 1 for b in m.blocks), "model.blocks", m.blocks, "every stage needs >= 1 block")
     _require(all(k >= 1 and k % 2 == 1 for k in m.conv_kernel), "model.conv_kernel", m.conv_kernel,
              "odd kernel sizes >= 1 (so padding keeps the spatial size)")
@@ -488,7 +523,8 @@ def validate(cfg: Config) -> None:
              f"1..{final_size} (the last stage's feature map is {final_size}x{final_size})")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
     _require(m.se_reduction >= 1, "model.se_reduction", m.se_reduction, "must be >= 1")
-    _require(m.num_classes >= 2, "model.num_classes", m.num_classes, "must be >= 2")
+    _require(m.num_classes >= 10, "model.num_classes", m.num_classes,
+             "must be >= 10: CIFAR-10's labels are 0..9, and a label past the last output stops training")
     _require(m.max_params >= 1, "model.max_params", m.max_params, "must be >= 1")
 
     # NaN fails every comparison below; infinity passes a lower bound, hence the isfinite checks

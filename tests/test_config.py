@@ -1,4 +1,5 @@
 """Strict config loading: unknown/duplicate keys, types, ranges, dotted overrides."""
+import functools
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import yaml
 
 from fasttrain import cli
 from fasttrain.config import (CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, CLI_OPTIONS, Config, ConfigError,
-                              config_from_dict, config_to_dict, load_config, parse_overrides, parse_yaml,
-                              save_config)
+                              config_changes, config_from_dict, config_to_dict, load_config, parse_overrides,
+                              parse_yaml, save_config)
 
 
 def write(tmp_path, text):
@@ -165,6 +166,52 @@ def test_strings_that_read_as_numbers_keep_their_text(tmp_path, text):
     assert (again.name, again.output.dir, again.data.dir) == (text, text, text) and again == cfg
 
 
+@pytest.mark.parametrize("flag, text", [
+    ("--output.dir", "/tmp/x/run #2"), ("--name", "exp #3"), ("--data.dir", "data #1"), ("--name", "a: b"),
+    ("--name", "[x]"), ("--name", "null"), ("--output.dir", "- x"),
+])
+def test_a_string_keys_value_is_taken_as_typed(tmp_path, flag, text):
+    """YAML cut "run #2" at the comment, and a name like "a: b" was a mapping: a string key now takes the
+    command line's text as it is, through the saved config.yaml too."""
+    cfg = load_config("configs/smoke.yaml", [flag, text])
+    assert functools.reduce(getattr, flag[2:].split("."), cfg) == text
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_a_quoted_string_is_read_as_yaml():
+    """benchmarks/recipe_verdict.py writes a string override quoted (--train.tta="flip_shift")."""
+    assert parse_overrides(['--train.tta="flip_shift"', "--name", "'exp #3'", "--output.dir", '"null"']) == {
+        "train.tta": "flip_shift", "name": "exp #3", "output.dir": "null"}
+    assert parse_overrides(["--data.dir", "null", "--output.dir", "~"]) == {"data.dir": None, "output.dir": None}
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("train.epochs", "1:30", r"train\.epochs: expected int, got '1:30' \(str\)"),
+    ("optim.lr", "1:30", r"optim\.lr: expected float, got '1:30' \(str\)"),
+    ("optim.lr", "-1:30.5", r"optim\.lr: expected float, got '-1:30\.5' \(str\)"),
+    ("train.compile", "yes", r"train\.compile: expected bool, got 'yes' \(str\): use true or false"),
+    ("train.compile", "on", r"train\.compile: expected bool, got 'on' \(str\): use true or false"),
+    ("optim.nesterov", "Off", r"optim\.nesterov: expected bool, got 'Off' \(str\): use true or false"),
+    ("data.flip", "NO", r"data\.flip: expected bool, got 'NO' \(str\): use true or false"),
+])
+def test_yaml_1_1_base_60_numbers_and_yes_no_bools_are_refused(tmp_path, key, text, message):
+    """YAML 1.1 read 1:30 as 90 and yes/on as true; YAML 1.2 reads them as strings, so a number or a bool
+    key refuses them, the same on the command line, in a section mapping and in a file."""
+    section, name = key.split(".")
+    for load in (lambda: load_config(None, [f"--{key}", text]),
+                 lambda: load_config(None, [f"--{section}", f"{{{name}: {text}}}"]),
+                 lambda: load_config(write(tmp_path, f"{section}:\n  {name}: {text}\n"))):
+        with pytest.raises(ConfigError, match=message):
+            load()
+
+
+def test_yes_and_base_60_look_alikes_are_strings_in_a_file(tmp_path):
+    assert parse_yaml("[yes, on, 1:30, -1:30.5, true, FALSE]") == ["yes", "on", "1:30", "-1:30.5", True, False]
+    assert load_config(write(tmp_path, "name: 1:30\noutput:\n  dir: yes\n")).output.dir == "yes"
+    assert load_config(write(tmp_path, "name: 1:30\n")).name == "1:30"
+
+
 @pytest.mark.parametrize("name", ["seed", "resnet18", "best", "smoke"])
 def test_shipped_configs_read_as_before(name):
     with open(f"configs/{name}.yaml", encoding="utf-8") as f:
@@ -222,6 +269,15 @@ def test_data_sizes_at_the_limits_are_accepted(overrides):
     load_config(None, overrides)
 
 
+@pytest.mark.parametrize("classes", [2, 9])
+def test_fewer_outputs_than_cifar10_has_classes_are_refused(classes):
+    """Label 9 past the last output was an IndexError in the first training step, not a config error."""
+    with pytest.raises(ConfigError, match=rf"model\.num_classes = {classes} is out of range: must be >= 10: "
+                                          r"CIFAR-10's labels are 0\.\.9"):
+        load_config(None, ["--model.num_classes", str(classes)])
+    assert load_config(None, ["--model.num_classes", "11"]).model.num_classes == 11
+
+
 def test_the_size_limits_are_cifar10s():
     from fasttrain.data.cifar import BINARY_LAYOUT, RECORDS_PER_BATCH
 
@@ -246,10 +302,33 @@ def test_a_flag_that_is_no_config_key_is_named_with_suggestions(args, message):
 
 
 def test_top_level_flags_without_a_dot_still_work():
-    assert parse_overrides(["--name", "x", "--train", "{epochs: 2}"]) == {"name": "x", "train": {"epochs": 2}}
+    assert parse_overrides(["--name", "x", "--train", "{epochs: 2}"]) == {"name": "x", "train.epochs": 2}
     assert load_config(None, ["--name", "x", "--train", "{epochs: 2}"]).train.epochs == 2
     with pytest.raises(ConfigError, match=r"did you mean --steps\?"):  # another program's own options
         parse_overrides(["--stpes", "3"], options=("--steps",))
+
+
+def test_a_section_mapping_changes_only_the_keys_it_names():
+    """--train "{...}" once replaced the whole section with the defaults: best.yaml's batch 512, compile,
+    CUDA graph and flip TTA, and the earlier --train.batch_size, silently gone."""
+    best = load_config("configs/best.yaml")
+    cfg = load_config("configs/best.yaml", ["--train.batch_size", "64", "--train", "{epochs: 2, seed: 3}"])
+    assert config_changes(best, cfg) == ["train.epochs 80 -> 2", "train.batch_size 512 -> 64", "train.seed 0 -> 3"]
+    assert load_config("configs/best.yaml", {"train": {"epochs": 2}}) == load_config("configs/best.yaml",
+                                                                                     ["--train.epochs", "2"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train", "null"], r"--train takes a mapping of train keys, e\.g\. --train '\{epochs: VALUE\}' or "
+                          r"--train\.epochs VALUE; got None"),
+    (["--train", "3"], r"--train takes a mapping of train keys.*got 3"),
+    (["--train.epochs", "3", "--train", "{epochs: 2}"], r"--train\.epochs is given twice on the command line"),
+    (["--train", "{epochz: 2}"], r"unknown key 'train\.epochz'"),
+    (["--train", "{epochs: ten}"], r"train\.epochs: expected int"),
+])
+def test_a_section_mapping_is_checked_like_dotted_keys(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/best.yaml", args)
 
 
 def test_cli_options_match_the_training_parser():
