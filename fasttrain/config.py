@@ -16,8 +16,9 @@ but a string key's value (a name, a path) is taken as typed unless YAML-quoted (
 keeps its ``#3``, which YAML would read as a comment). A whole section given as a mapping
 (``--train "{epochs: 2, seed: 1}"``) sets the keys it names, like dotted flags, and keeps the others.
 Scalars are read as YAML 1.2 reads them, in files too: ``1e-3``, ``5E-4`` and ``.5`` are numbers (YAML
-1.1, PyYAML's default, would leave the first two strings), and ``yes``/``no``/``on``/``off`` and
-``1:30`` are strings (1.1 reads bools and the base-60 number 90), so a bool takes ``true`` or ``false``.
+1.1, PyYAML's default, would leave the first two strings), and ``yes``/``no``/``on``/``off``, ``1:30``
+and ``010`` are strings (1.1 reads bools, the base-60 number 90 and the octal 8), so a bool takes
+``true`` or ``false`` and a number is written without a leading zero.
 """
 from __future__ import annotations
 
@@ -178,10 +179,12 @@ CHOICES = {
 class _StrictLoader(yaml.SafeLoader):
     def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
         # YAML 1.2 where 1.1 changes what was typed: yes/no/on/off are strings, not bools (the type check
-        # then says "use true or false"), and 1:30 is a string, not the base-60 number 90
+        # then says "use true or false"), 1:30 is a string, not the base-60 number 90, and so is 010,
+        # not the octal 8 (YAML 1.2 would read ten: refused rather than guessed)
         tag = super().resolve(kind, value, implicit)
         if (tag == "tag:yaml.org,2002:bool" and value.lower() not in ("true", "false")
-                or tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in value):
+                or tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in value
+                or tag == "tag:yaml.org,2002:int" and re.fullmatch(r"[-+]?0[0-7_]+", value)):
             return "tag:yaml.org,2002:str"
         return tag
 

@@ -194,6 +194,7 @@ def test_a_quoted_string_is_read_as_yaml():
     ("train.compile", "on", r"train\.compile: expected bool, got 'on' \(str\): use true or false"),
     ("optim.nesterov", "Off", r"optim\.nesterov: expected bool, got 'Off' \(str\): use true or false"),
     ("data.flip", "NO", r"data\.flip: expected bool, got 'NO' \(str\): use true or false"),
+    ("train.epochs", "010", r"train\.epochs: expected int, got '010' \(str\)"),  # 1.1: the octal 8
 ])
 def test_yaml_1_1_base_60_numbers_and_yes_no_bools_are_refused(tmp_path, key, text, message):
     """YAML 1.1 read 1:30 as 90 and yes/on as true; YAML 1.2 reads them as strings, so a number or a bool
@@ -208,6 +209,7 @@ def test_yaml_1_1_base_60_numbers_and_yes_no_bools_are_refused(tmp_path, key, te
 
 def test_yes_and_base_60_look_alikes_are_strings_in_a_file(tmp_path):
     assert parse_yaml("[yes, on, 1:30, -1:30.5, true, FALSE]") == ["yes", "on", "1:30", "-1:30.5", True, False]
+    assert parse_yaml("[010, 0, 10, 0x1F, 0.5, 1_000]") == ["010", 0, 10, 31, 0.5, 1000]
     assert load_config(write(tmp_path, "name: 1:30\noutput:\n  dir: yes\n")).output.dir == "yes"
     assert load_config(write(tmp_path, "name: 1:30\n")).name == "1:30"
 
