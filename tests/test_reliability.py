@@ -293,13 +293,15 @@ def test_a_stop_during_the_compile_warmup_is_honoured_at_once_and_writes_nothing
     cfg = tiny_config(cifar_dir, run, "--train.compile", "true", "--train.epochs", "3")
     before = folder_snapshot(run) if resumed else None
     trainer = Trainer(cfg, device="cpu", console=quiet(), resume=run / "last.pt" if resumed else None)
-    calls = []
+    calls, went_on = [], []
 
     def signal_now():
         calls.append(1)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)  # the handler runs at the next bytecode and raises
-        raise AssertionError("the warmup went on after the signal")
+        # Reached only if the stop was not honoured at once. Recorded, not raised: the trainer would
+        # turn any exception after a signal into the very RunInterrupted this test expects.
+        went_on.append(1)
 
     if inside == "step":
         trainer._train_step = lambda images, labels: signal_now()
@@ -311,7 +313,7 @@ def test_a_stop_during_the_compile_warmup_is_honoured_at_once_and_writes_nothing
     t0 = time.perf_counter()
     with pytest.raises(RunInterrupted) as stop:
         trainer.fit()
-    assert time.perf_counter() - t0 < 60 and len(calls) == 1
+    assert time.perf_counter() - t0 < 60 and len(calls) == 1 and not went_on
     assert stop.value.exit_code == 143 and "stopped by SIGTERM during the compile warmup" in str(stop.value)
     assert "nothing of the run was written" in str(stop.value)
     assert stop.value.checkpoint == (run / "last.pt" if resumed else None)

@@ -172,6 +172,19 @@ def test_cli_train_then_eval(cifar_dir, tmp_path):
                                "--device", "cpu", "--data.dir", str(cifar_dir)).stdout)
     assert shift["tta"] == "flip_shift" and every["test_acc_by_tta"] == pytest.approx(
         {"none": result["test_acc"], "flip": tta["test_acc"], "flip_shift": shift["test_acc"]})
+    # flip_shift recomputed here too, its translated views built by hand: the image moved by (1, 1) and
+    # (-1, -1) pixels, the uncovered row and column black (-mean/std normalized), each also mirrored
+    black = (-torch.tensor(cfg.data.mean) / torch.tensor(cfg.data.std)).reshape(1, 3, 1, 1)
+    hits = 0
+    with torch.no_grad():
+        for x, y in data.test:
+            down_right, up_left = black.expand_as(x).clone(), black.expand_as(x).clone()
+            down_right[:, :, 1:, 1:] = x[:, :, :-1, :-1]
+            up_left[:, :, :-1, :-1] = x[:, :, 1:, 1:]
+            logits = 0.25 * (model(x) + model(x.flip(3))) + 0.125 * sum(
+                model(v) + model(v.flip(3)) for v in (down_right, up_left))
+            hits += int((logits.argmax(1) == y).sum())
+    assert abs(shift["test_acc"] - 100.0 * hits / data.test_images) <= 100.0 / data.test_images  # a tie at most
     whole = run_cli("eval", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--data.dir", str(cifar_dir),
                     "--data.test_subset", "0").stdout  # the whole test set, whatever the run scored
     assert " on 10,000 test images, model weights" in whole

@@ -1,4 +1,5 @@
 """model.stem_init: whiten -- the patch-whitening filters, checked by what they do to patches."""
+import json
 import numpy as np
 import pytest
 import torch
@@ -147,7 +148,8 @@ def test_a_whitened_run_starts_from_the_training_images_filters(cifar_dir, tmp_p
     assert trainer.stem_init_seconds > 0
     summary = trainer.fit()
     assert summary["stem_init"] == "whiten" and summary["stem_init_seconds"] == trainer.stem_init_seconds
-    assert summary["train_seconds"] > summary["stem_init_seconds"]
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["train_seconds"] == pytest.approx(summary["stem_init_seconds"] + sum(e["epoch_seconds"] for e in epochs))
     plain = Trainer(tiny_config(cifar_dir, tmp_path / "plain", train__epochs="1"), device="cpu", console=quiet())
     assert plain.stem_init_seconds is None and not torch.allclose(plain.model.stem[0].weight[:4], filters[:4])
 
