@@ -242,3 +242,28 @@ def test_tiny_nets_stay_nchw_on_the_cpu_compiled_or_not(monkeypatch, compiled, b
     assert use_channels_last(cfg, torch.device("cpu"), warned.append) is (base_channels >= 8)
     assert bool(warned) is (base_channels < 8)
     assert inductor_config.layout_optimization is not (compiled and base_channels < 8)
+
+
+def test_the_fused_optimizers_pytorch_path_trains_like_its_kernel(cifar_dir, tmp_path, monkeypatch):
+    """What a CPU user runs with optim.impl fused: the optimizer's PyTorch path (the tests' interpreter
+    otherwise takes the Triton kernel), through the whole trainer, gives the kernel's weights (whose
+    match with torch SGD + Lookahead step by step is tests/test_kernels_optim.py's). Not compared with
+    optim.impl torch here: in this tiny net an fp32 rounding difference in one step grows ~1000x in the
+    next (seen: 3e-8 -> 3e-5), which no tolerance separates from a wrong step after 10 steps."""
+    import fasttrain.kernels.lookahead_sgd as fused_module
+
+    settings = dict(train__epochs="1", optim__impl="fused", optim__nesterov="true", optim__lookahead_k="3",
+                    optim__clip="value", optim__clip_value="0.5")
+    kernel = Trainer(tiny_config(cifar_dir, tmp_path / "kernel", **settings), device="cpu", console=quiet())
+    kernel.fit()
+    took = []
+    monkeypatch.setattr(fused_module, "use_triton", lambda t: took.append(t.device.type) or False)
+    reference = Trainer(tiny_config(cifar_dir, tmp_path / "reference", **settings), device="cpu", console=quiet())
+    reference.fit()
+    assert len(took) >= reference.steps_per_epoch and set(took) == {"cpu"}  # every step took the PyTorch path
+    for (name, a), b in zip(kernel.model.state_dict().items(), reference.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    changed = [not torch.equal(a, b) for a, b in zip(kernel.model.state_dict().values(),
+                                                       Trainer(tiny_config(cifar_dir, tmp_path / "init", **settings),
+                                                               device="cpu", console=quiet()).model.state_dict().values())]
+    assert sum(changed) > len(changed) // 2  # trained: most tensors moved from their initial values
