@@ -5,7 +5,8 @@
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
 missing data, a bad checkpoint, a diverged run) end with one clear `error:` line and a non-zero exit
 code, never a traceback. SIGINT/SIGTERM during training finish the step, save a checkpoint and exit
-130/143 (128 + signal) with the command that resumes the run.
+130/143 (128 + signal) with the command that resumes the run (under torchrun: every rank exits so,
+rank 0 prints the command).
 """
 from __future__ import annotations
 
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[command](argv)
     except RunInterrupted as e:  # SIGINT/SIGTERM during training: checkpointed; say how to resume
-        print(str(e), file=sys.stderr)
+        if e.announce:  # under torchrun rank 0 alone: one resume command, not one per rank
+            print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second Ctrl-C during a save
         print("interrupted: nothing was saved after the last checkpoint", file=sys.stderr)

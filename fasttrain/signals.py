@@ -1,8 +1,11 @@
 """Graceful stop on SIGINT / SIGTERM: finish the current step, checkpoint, exit with a resume hint.
 
 The handler only sets a flag; the training loop reads it (a Python bool, no device sync) after each
-step. A second signal of the same kind gets the previous behaviour back (Ctrl-C twice: quit now,
-keeping only the last checkpoint), so a stuck save can always be interrupted. Around work that has
+step. Under torchrun the ranks agree on it every few steps instead (fasttrain.distributed.StopAgreement),
+so that all of them stop after the same step. A second signal of the same kind gets the previous
+behaviour back (Ctrl-C twice: quit now, keeping only the last checkpoint), so a stuck save can always
+be interrupted; under torchrun a repeat within LAUNCHER_REPEAT_S seconds is not a second signal but
+the agent's copy of the first (see there). Around work that has
 nothing to save (the compile warmup: minutes on a CPU, and every bit of state restored after it) the
 handler raises at once instead (`StopRequest.raising`), so a stop is not kept waiting for it.
 
@@ -14,10 +17,18 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# Under torchrun a worker can get the same signal twice: from a scheduler or service manager that
+# signals every process of the job (Slurm at the time limit, systemd's control-group kill) and, a few
+# milliseconds later, from torchrun's agent, which forwards every SIGINT/SIGTERM it receives to its
+# workers. Taken as "a second signal: quit now", the copy would kill the worker before it saves
+# (measured: no checkpoint, torchrun done 1.3 s after the signal). A repeat of the same signal within
+# this many seconds of the first is therefore that copy and ignored (StopRequest(repeat_window_s)).
+LAUNCHER_REPEAT_S = 5.0
 
 
 def exit_code(signum: int) -> int:
@@ -25,11 +36,16 @@ def exit_code(signum: int) -> int:
 
 
 class StopRequest:
-    """The stop flag. `requested` is the one attribute the hot loop reads."""
+    """The stop flag. `requested` is the one attribute the hot loop reads.
 
-    def __init__(self) -> None:
+    `repeat_window_s` > 0 (under torchrun: LAUNCHER_REPEAT_S): a repeat of a signal within that many
+    seconds of its first arrival is ignored; a later one gets the previous behaviour back, as always."""
+
+    def __init__(self, repeat_window_s: float = 0.0) -> None:
         self.requested = False
         self.signum: int | None = None
+        self.repeat_window_s = repeat_window_s
+        self._first_at: dict[int, float] = {}  # signal number -> when it first came (time.monotonic)
         self._previous: dict[int, object] = {}
         self._raise: Callable[[int], BaseException] | None = None
 
@@ -37,12 +53,30 @@ class StopRequest:
         self.signum = signum
         self.requested = True
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
+    def _handle(self, signum, frame) -> None:
         # Only plain assignments here: printing from a handler can re-enter a half-written stdout.
+        if signum in self._first_at:  # only with a repeat window: else the first one restored the previous
+            if time.monotonic() - self._first_at[signum] < self.repeat_window_s:
+                return  # torchrun's agent forwarding the signal this process already got
+            self._pass_on(signum, frame)
+            return
         self.request(signum)
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if self.repeat_window_s > 0:
+            self._first_at[signum] = time.monotonic()  # the handler stays, to recognise the copy
+        else:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
         if self._raise is not None:
             raise self._raise(signum)
+
+    def _pass_on(self, signum: int, frame) -> None:
+        """A second signal: the behaviour from before install(), at once (the default one: this
+        process ends by that signal; Python's SIGINT handler: KeyboardInterrupt)."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signum)
 
     @contextlib.contextmanager
     def raising(self, make_error: Callable[[int], BaseException]) -> Iterator[None]:
@@ -73,6 +107,7 @@ class StopRequest:
             for signum, previous in self._previous.items():
                 signal.signal(signum, previous)
             self._previous.clear()
+            self._first_at.clear()
 
     @property
     def name(self) -> str:
@@ -81,17 +116,13 @@ class StopRequest:
 
 class RunInterrupted(Exception):
     """Training stopped on a signal; str() says how to resume. `checkpoint`: the one saved, or the one
-    to resume from when the stop came before any training step (None: a fresh run, nothing saved)."""
+    to resume from when the stop came before any training step (None: a fresh run, nothing saved).
+    `announce`: whether this process prints the message; under torchrun every rank stops (and exits
+    128 + signal) but only rank 0 prints, so the resume command appears once."""
 
-    def __init__(self, message: str, signum: int | None, checkpoint: Path | None):
+    def __init__(self, message: str, signum: int | None, checkpoint: Path | None, announce: bool = True):
         super().__init__(message)
         self.signum = signum
         self.checkpoint = checkpoint
+        self.announce = announce
         self.exit_code = exit_code(signum if signum is not None else signal.SIGTERM)
-
-
-class NeverStop:
-    """Stand-in for StopRequest where the loop must not break on its own (distributed ranks agree
-    on stopping at epoch boundaries instead, see Trainer._stop_agreed)."""
-
-    requested = False

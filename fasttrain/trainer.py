@@ -37,14 +37,14 @@ from fasttrain.data import build_data
 from fasttrain.ema import WeightEMA
 from fasttrain.evaluate import TTA_MODES, black_fill, evaluate
 from fasttrain.export import KIND as EXPORT_KIND
-from fasttrain.distributed import (DistInfo, all_reduce_min, all_reduce_sum, barrier, broadcast_object, die_now,
-                                   fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
-                                   sync_buffers)
+from fasttrain.distributed import (DistInfo, StopAgreement, all_gather_objects, all_reduce_min, all_reduce_sum,
+                                   barrier, broadcast_object, die_now, fault_injection_step, is_peer_failure,
+                                   peer_failure_message, rank_seed, sync_buffers)
 from fasttrain.graph import DDP_WARMUP_ITERS, WARMUP_ITERS, GraphedStep, graph_problems, side_stream, step_state
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
 from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
-from fasttrain.signals import NeverStop, RunInterrupted, StopRequest
+from fasttrain.signals import LAUNCHER_REPEAT_S, RunInterrupted, StopRequest
 from fasttrain.whiten import whiten_stem
 
 
@@ -145,7 +145,11 @@ class Trainer:
         self.train_seconds = self.stem_init_seconds or 0.0  # a resumed run: its checkpoint's, in _load
         self.compile_seconds = 0.0
         self.start_step = 0  # steps of epoch `start_epoch` already done (a checkpoint saved mid-epoch)
-        self._stop = StopRequest()
+        # torchrun: the agent's forwarded copy of a signal this rank got directly is not a second one
+        self._stop = StopRequest(repeat_window_s=LAUNCHER_REPEAT_S if self.dist.enabled else 0.0)
+        self._stop_agreement = StopAgreement(self._stop, self.dist, self.device)  # every rank stops at one step
+        # a mid-epoch resume under torchrun restored this rank's own RNG state: train_epoch must not reseed it
+        self._rank_rng_restored = False
         self._last_saved: tuple[tuple[int, int], Path] | None = None  # ((epoch, step), path) of the newest save
         self._install_test_faults()
         if self.resume_path is not None:
@@ -200,7 +204,9 @@ class Trainer:
         return self.resume_path is not None and self.resume_path.resolve().parent != Path(run_dir).resolve()
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint_state(self, epoch: int, step_in_epoch: int = 0) -> dict:
+    def checkpoint_state(self, epoch: int, step_in_epoch: int = 0, rank_rng: list | None = None) -> dict:
+        """The checkpoint dict. `rank_rng`: every rank's RNG state in rank order (under torchrun,
+        gathered by save_checkpoint), which a mid-epoch resume on as many ranks restores per rank."""
         return {
             "format": FORMAT,
             "model": unwrap(self.model).state_dict(),
@@ -214,7 +220,8 @@ class Trainer:
             "step_in_epoch": step_in_epoch,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world_size,  # ranks; train.batch_size is per rank
-            "rng": rng_state(self.device),
+            "rng": rng_state(self.device),  # rank 0's: what a resume on another number of ranks uses
+            "rng_per_rank": rank_rng,  # None for one process
             "config": config_to_dict(self.cfg),
             "params": self.params,
             "best_test_acc": self.best_test_acc,
@@ -237,8 +244,10 @@ class Trainer:
         path = self.run_dir / name
         rotate = (name == LAST and self._last_saved is not None
                   and Path(self._last_saved[1]).resolve() == path.resolve())
+        # every rank's own randomness (dropout), for an exact mid-epoch resume (one small gather per save)
+        rank_rng = all_gather_objects(rng_state(self.device), self.dist) if self.dist.enabled else None
         if self.dist.is_main:
-            write_checkpoint(self.checkpoint_state(epoch, step_in_epoch), path,
+            write_checkpoint(self.checkpoint_state(epoch, step_in_epoch, rank_rng), path,
                              previous=PREVIOUS if rotate else None)
         barrier(self.dist)
         self._last_saved = ((epoch, step_in_epoch), path)
@@ -302,9 +311,9 @@ class Trainer:
                 self.ema.reset()
                 self.console.warn(f"{path} holds no EMA weights (saved with train.ema_decay 0): "
                                   "the EMA starts from the resumed weights")
-        set_rng_state(ckpt["rng"], self.device)
         self.start_epoch = int(ckpt["epoch"])
         self.start_step = int(ckpt.get("step_in_epoch", 0))
+        self._restore_rng(ckpt)
         saved_steps = int(ckpt.get("steps_per_epoch", self.steps_per_epoch))
         if self.start_step and saved_steps != self.steps_per_epoch:
             # the position inside the epoch only means something for the same batches
@@ -318,11 +327,40 @@ class Trainer:
                 f"{path} was trained with {saved_steps} steps per epoch on {ckpt.get('world_size', 1)} rank(s); "
                 f"this run has {self.steps_per_epoch} on {self.dist.world_size}: the global batch changes, and the "
                 f"learning-rate schedule continues from epoch {self.start_epoch}")
+        if self.start_step:
+            self._warn_inexact_mid_epoch(path, ckpt)
         self.best_test_acc = ckpt.get("best_test_acc")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         self._last_saved = ((self.start_epoch, self.start_step), path)
         mid = f" and {self.start_step} steps of epoch {self.start_epoch + 1}" if self.start_step else ""
         self.console.info(f"resumed {path} after epoch {self.start_epoch}{mid}")
+
+    def _restore_rng(self, ckpt: dict) -> None:
+        """This rank's own RNG state when the checkpoint holds one per rank for this many ranks (under
+        torchrun), else rank 0's. At an epoch boundary it hardly matters (train_epoch seeds each rank's
+        stream per epoch); mid-epoch it is what makes dropout continue exactly on every rank."""
+        per_rank = ckpt.get("rng_per_rank")
+        self._rank_rng_restored = (self.dist.enabled and isinstance(per_rank, list)
+                                   and len(per_rank) == self.dist.world_size)
+        set_rng_state(per_rank[self.dist.rank] if self._rank_rng_restored else ckpt["rng"], self.device)
+
+    def _warn_inexact_mid_epoch(self, path: Path, ckpt: dict) -> None:
+        """A mid-epoch checkpoint resumed on another number of ranks (with the same steps per epoch, else
+        _load refused it): the batches go on where they stopped, but not each rank's randomness. Allowed
+        rather than refused: a preempted job restarted on another allocation keeps its partial epoch."""
+        saved_world = int(ckpt.get("world_size", 1))
+        if self._rank_rng_restored or (saved_world == 1 and not self.dist.enabled):
+            return
+        if saved_world == self.dist.world_size:  # a checkpoint without per-rank RNG states (hand-made)
+            self.console.warn(f"{path} was saved in the middle of epoch {self.start_epoch + 1} without each "
+                              "rank's RNG state: the ranks' dropout does not continue as saved (not an exact "
+                              "continuation)")
+            return
+        self.console.warn(
+            f"{path} was saved in the middle of epoch {self.start_epoch + 1} by {saved_world} rank(s) and is "
+            f"resumed on {self.dist.world_size}: the data continues where it stopped, but the ranks' own "
+            "randomness (dropout) and per-rank BatchNorm batches do not continue as saved: not an exact "
+            f"continuation (resume on {saved_world} rank(s) for one)")
 
     # ---------------------------------------------------------------- test-only fault injection
     def _install_test_faults(self) -> None:
@@ -407,12 +445,16 @@ class Trainer:
         `skip`: steps of this epoch a mid-epoch checkpoint already did. The epoch's batch stream is a
         pure function of (seed, epoch), so drawing and dropping `skip` batches puts the loader exactly
         where the interrupted run stopped. The sums then cover only the remaining steps ("steps").
-        On a stop signal (single process) the loop ends after the current step; "steps" says how far it got.
+        On a stop signal the loop ends after the current step (one process) or after the step the ranks
+        agree on (torchrun: StopAgreement, at most 2 x STOP_AGREEMENT_EVERY steps later, the same step
+        on every rank); "steps" says how far it got.
         """
         loader = self.data.train
         loader.set_epoch(epoch)
         self.net.train()
-        if self.dist.enabled:  # this rank's own randomness (dropout) in this epoch: see rank_seed
+        if self.dist.enabled and not (skip and self._rank_rng_restored):
+            # this rank's own randomness (dropout) in this epoch: see rank_seed (resumed mid-epoch on as
+            # many ranks: each rank's saved state goes on instead, see _restore_rng)
             torch.manual_seed(rank_seed(self.cfg.train.seed, epoch, self.dist.rank))
         dev = self.device
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
@@ -424,7 +466,7 @@ class Trainer:
         if skip:
             batches = itertools.islice(batches, skip, None)
             advance(skip)
-        stop = NeverStop() if self.dist.enabled else self._stop  # ranks agree at epoch ends instead
+        stop = self._stop_agreement
         for images, labels in batches:
             if self._die_at_step is not None and self.schedule.step_count == self._die_at_step:
                 die_now(self.dist, self._die_at_step)  # test-only fault injection
@@ -438,8 +480,9 @@ class Trainer:
             seen += labels.shape[0]
             steps += 1
             advance()
-            if stop.requested:  # a Python bool set by the signal handler: no device sync
+            if stop.after_step(steps):  # no device sync (torchrun: a reduction read k steps later)
                 break
+        stop.drain()  # torchrun: the epoch's last reduction, still in flight
         return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "first_bad_step": first_bad_step,
                 "steps": steps}
 
@@ -594,13 +637,10 @@ class Trainer:
             ) from e
 
     def _stop_agreed(self) -> bool:
-        """Whether to stop now. Under torchrun the ranks must stop at the same step, so they agree
-        here, at epoch starts, with one tiny all-reduce (a per-step agreement would be a host sync)."""
-        if not self.dist.enabled:
-            return self._stop.requested
-        flag = torch.tensor([float(self._stop.requested)], device=self.device)
-        all_reduce_sum(flag, self.dist)
-        return bool(flag.item() > 0)
+        """Whether to stop now, at an epoch start: a stop that came during the previous epoch's last
+        steps, evaluation or checkpoint. Under torchrun the ranks agree with one blocking all-reduce
+        (off the clock); inside epochs train_epoch agrees every few steps without a host sync."""
+        return self._stop_agreement.now()
 
     def _stop_run(self, epoch: int, step: int) -> None:
         """Checkpoint the position reached (unless exactly that is saved already), raise RunInterrupted."""
@@ -613,11 +653,23 @@ class Trainer:
         else:
             where = f"the end of epoch {epoch}" if epoch else "the start of training"
         cfg_file, q = shlex.quote(str(self.run_dir / "config.yaml")), shlex.quote  # copy-paste safe
+        launch = self._resume_launcher()
         raise RunInterrupted(
             f"stopped by {self._stop.name} at {where}; checkpoint saved: {path}\n"
-            f"resume with:\n  python -m fasttrain --config {cfg_file} --resume {q(str(path))}\n"
-            f"or:\n  python -m fasttrain --config {cfg_file} --resume auto --output.dir {q(str(self.run_dir))}",
-            self._stop.signum, path)
+            f"resume with:\n  {launch} -m fasttrain --config {cfg_file} --resume {q(str(path))}\n"
+            f"or:\n  {launch} -m fasttrain --config {cfg_file} --resume auto --output.dir {q(str(self.run_dir))}",
+            self._stop.signum, path, announce=self.dist.is_main)
+
+    def _resume_launcher(self) -> str:
+        """What starts the resumed run: `python` for one process; under torchrun a launch of as many ranks,
+        which continues a mid-epoch stop exactly (another number of ranks would not, see _load)."""
+        if not self.dist.enabled:
+            return "python"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        if per_node == self.dist.world_size:
+            return f"torchrun --standalone --nproc_per_node={per_node}"
+        return (f"torchrun --nnodes={self.dist.world_size // per_node} --nproc_per_node={per_node} "
+                "[this job's --rdzv-* options, on every node]")
 
     def _stoppable_warmup(self) -> float:
         """warmup(), with a stop honoured at once (minutes of compiling on a CPU are not waited for):

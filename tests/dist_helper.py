@@ -1,7 +1,8 @@
 """Launched by tests/test_distributed.py, under torchrun (or alone, as the 1-process reference).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_helper.py --dump DIR \
-        [--stop-after N] [--resume PATH] [--groupnorm] [--fake-graph] --config FILE --section.key VALUE ...
+        [--stop-after N] [--resume PATH] [--groupnorm] [--fake-graph] [--sigterm-after STEP --sigterm-rank R] \
+        --config FILE --section.key VALUE ...
 
 Trains with the real Trainer (DDP, sharded loaders, optimizer, schedule, checkpoints), then each
 rank writes DIR/rank<r>.pt (outside the run folder) holding its model state, a draw of its global
@@ -14,10 +15,17 @@ batch statistics would differ from the big batch's.
 
 --fake-graph trains through train.cuda_graph's capture/replay path with torch.cuda's graph API faked
 (tests/fake_cuda_graphs.py): DDP's warmup, the capture on every rank and the replays, in lockstep.
+
+--sigterm-after STEP --sigterm-rank R: rank R alone sends itself SIGTERM right after global training
+step STEP (a deterministic signal point). The run stops with RunInterrupted; each rank then writes
+what it stopped with ("stop": the steps it ran, the exception's exit code, message and announce flag)
+and its model state, and exits 143.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +39,7 @@ from fasttrain.console import RunConsole
 from fasttrain.data import build_data
 from fasttrain.distributed import init_distributed, shutdown
 from fasttrain.evaluate import evaluate
+from fasttrain.signals import RunInterrupted
 from fasttrain.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: the shared fakes
@@ -46,6 +55,30 @@ def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def count_steps(trainer: Trainer, sigterm_after: int | None) -> list[int]:
+    """Count this rank's training steps (global step numbers); send SIGTERM to this process right
+    after step `sigterm_after` (None: never). The handler only sets the flag, as a real signal would."""
+    inner, done = trainer._train_step, []
+
+    def step(images, labels):
+        out = inner(images, labels)
+        done.append(trainer.schedule.step_count)
+        if trainer.schedule.step_count == sigterm_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer._train_step = step
+    return done
+
+
+def dump_stop(out: Path, rank: int, trainer: Trainer, steps: list[int], stop: RunInterrupted) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"rank": rank, "state": {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()},
+                "stop": {"steps": list(steps), "exit_code": stop.exit_code, "message": str(stop),
+                         "announce": stop.announce}}, out / f"rank{rank}.pt")
+    return stop.exit_code
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dump", required=True)
@@ -53,6 +86,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--resume")
     p.add_argument("--groupnorm", action="store_true")
     p.add_argument("--fake-graph", action="store_true")
+    p.add_argument("--sigterm-after", type=int)
+    p.add_argument("--sigterm-rank", type=int, default=0)
     p.add_argument("--config", required=True)
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
@@ -68,7 +103,11 @@ def main(argv: list[str]) -> int:
                           console=RunConsole(progress=False, enabled=info.is_main))
         trainer.use_graph = fake is not None  # a CPU run switches it off: force the graph path onto the fakes
         initial = {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()}
-        summary = trainer.fit(stop_after_epochs=args.stop_after)
+        steps = count_steps(trainer, args.sigterm_after if info.rank == args.sigterm_rank else None)
+        try:
+            summary = trainer.fit(stop_after_epochs=args.stop_after)
+        except RunInterrupted as e:
+            return dump_stop(Path(args.dump), info.rank, trainer, steps, e)
         dist_acc = evaluate(trainer.eval_net, trainer.data.test, trainer.precision, trainer.device,
                             dist_info=info)
         full_acc = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +25,9 @@ from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import ConfigError, load_config
 from fasttrain.console import RunConsole
 from fasttrain.data.loader_torch import TorchLoader
-from fasttrain.distributed import DistInfo, rank_seed
+from fasttrain.distributed import STOP_AGREEMENT_EVERY, DistInfo, StopAgreement, rank_seed
 from fasttrain.evaluate import evaluate_checkpoint
+from fasttrain.signals import StopRequest
 from fasttrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +237,198 @@ def test_ranks_stay_identical_and_resume_is_exact(cifar_dir, tmp_path):
     rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
+# ------------------------------------------------------------------------------------------------
+# SIGTERM/SIGINT under torchrun: the ranks agree on the stop every STOP_AGREEMENT_EVERY steps
+# ------------------------------------------------------------------------------------------------
+# one epoch of 48 steps per rank (1536 images, 2 ranks x 16), long enough for a stop inside it; dropout
+# on, so an exact resume needs each rank's own RNG state
+LONG = tiny(**{"data.train_subset": "1536", "train.batch_size": "16", "train.epochs": "1"}) + ["--model.dropout", "0.2"]
+LONG_STEPS = 48
+
+
+class WarningsSeen(RunConsole):
+    def __init__(self):
+        super().__init__(progress=False, enabled=False)
+        self.seen: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.seen.append(message)
+
+
+@pytest.fixture(scope="module")
+def straight_long(cifar_dir, tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank run of LONG (run folder + rank dumps) that stopped runs must reproduce."""
+    root = tmp_path_factory.mktemp("straight_long")
+    helper(cifar_dir, root, root / "dump", "--output.dir", str(root / "run"), config=LONG)
+    return root
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(cifar_dir, tmp_path,
+                                                                                  straight_long):
+    """Only rank 1 gets SIGTERM, right after step 5: the ranks agree at step 32 (the reduction launched
+    after step 16 carries the request, and is read 16 steps later), rank 0 included; the exact
+    position and each rank's RNG are saved, rank 0 alone announces it, and the resumed run ends
+    bit for bit where the straight one does, per-rank random streams included."""
+    k = STOP_AGREEMENT_EVERY
+    signal_at = 5
+    expected = (signal_at // k + 1) * k + k  # the next multiple of k carries it; read k steps later
+    assert signal_at < expected <= signal_at + 2 * k and expected < LONG_STEPS
+    run = tmp_path / "run"
+    proc = torchrun([str(HELPER), "--dump", str(tmp_path / "stop"), "--config", SMOKE, *LONG, "--output.dir",
+                     str(run), "--sigterm-after", str(signal_at), "--sigterm-rank", "1"], cifar_dir, cwd=tmp_path,
+                    check=False)
+    assert proc.returncode != 0 and "exitcode  : 143" in proc.stderr, proc.stderr[-4000:]  # torchrun: 1
+    stops = [torch.load(tmp_path / "stop" / f"rank{r}.pt", weights_only=True)["stop"] for r in range(2)]
+    assert [s["steps"] for s in stops] == [list(range(1, expected + 1))] * 2  # the same steps on both ranks
+    assert [s["exit_code"] for s in stops] == [143, 143]
+    assert [s["announce"] for s in stops] == [True, False]  # one resume message, from rank 0
+    assert f"stopped by SIGTERM at epoch 1, step {expected}/{LONG_STEPS}" in stops[0]["message"]
+    assert "torchrun --standalone --nproc_per_node=2 -m fasttrain" in stops[0]["message"]
+    saved = load_checkpoint(run / "last.pt")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["world_size"]) == (0, expected, 2)
+    assert len(saved["rng_per_rank"]) == 2
+    # one process at batch 32 (the same 48 steps) may resume it, but is told it is not exact
+    one = load_config(SMOKE, tiny(**{"data.train_subset": "1536", "train.batch_size": "32", "train.epochs": "1"})
+                      + ["--model.dropout", "0.2", "--data.dir", str(cifar_dir), "--output.dir", str(tmp_path / "one")])
+    console = WarningsSeen()
+    Trainer(one, device="cpu", resume=run / "last.pt", console=console)
+    assert any("resumed on 1" in w and "not an exact continuation (resume on 2 rank(s)" in w for w in console.seen)
+
+    b0, b1 = helper(cifar_dir, tmp_path, tmp_path / "resumed", "--output.dir", str(run),
+                    "--resume", str(run / "last.pt"), config=LONG)
+    a0, a1 = (torch.load(straight_long / "dump" / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert_same_state(a0["state"], b0["state"])
+    assert_same_state(a1["state"], b1["state"])
+    assert torch.equal(a0["rng_probe"], b0["rng_probe"]) and torch.equal(a1["rng_probe"], b1["rng_probe"])
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["train_steps"]) for r in rows] == [(1, LONG_STEPS - expected)]
+
+
+def wait_for_file(proc, path: Path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert proc.poll() is None, f"torchrun ended (exit {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def sigterm_torchrun_mid_epoch(cifar_dir, tmp_path, run: Path, every_process: bool) -> tuple[int, str]:
+    """torchrun -m fasttrain (LONG, steps slowed by 30 ms), SIGTERM half a second (a few steps) into the
+    epoch; every_process: to the agent and to both workers at once (a Slurm or systemd stop), else to
+    the agent alone (Ctrl-C, a container stop), which forwards it. Returns torchrun's exit code and output."""
+    log = tmp_path / "torchrun.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "-m", "fasttrain", "--config", SMOKE, *LONG, "--output.dir", str(run), "--device", "cpu"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env=worker_env(cifar_dir, FASTTRAIN_TEST_STEP_SLEEP="0.03"))
+    try:
+        wait_for_file(proc, run / "config.yaml")  # rank 0 writes it as training starts
+        time.sleep(0.5)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        for pid in [proc.pid] + ([int(w) for w in workers] if every_process else []):
+            os.kill(pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, log.read_text()
+
+
+def test_sigterm_to_torchrun_mid_epoch_saves_the_position_and_rank0_prints_the_resume_command(
+        cifar_dir, tmp_path, straight_long):
+    """The reviewer's case with epochs longer than torchrun's 30 s grace: the stop must not wait for the
+    epoch's end. torchrun forwards SIGTERM; the ranks stop within 2 x STOP_AGREEMENT_EVERY steps, save
+    the mid-epoch position, rank 0 alone prints the command, whose resumed run matches the straight one.
+    torchrun itself exits 1 (it re-raises the signal it got as SignalException, whatever the workers'
+    status), its workers 143."""
+    run = tmp_path / "run"
+    code, out = sigterm_torchrun_mid_epoch(cifar_dir, tmp_path, run, every_process=False)
+    assert code == 1 and "SignalException" in out, out[-4000:]
+    assert out.count("stopped by SIGTERM at epoch 1, step ") == 1 and out.count("resume with:") == 1, out[-4000:]
+    saved = load_checkpoint(run / "last.pt")
+    assert saved["epoch"] == 0 and 0 < saved["step_in_epoch"] < LONG_STEPS, saved["step_in_epoch"]
+    assert saved["step_in_epoch"] % STOP_AGREEMENT_EVERY == 0  # an agreement point
+
+    line = next(s for s in out.splitlines() if "--resume" in s and "auto" not in s)
+    command = shlex.split(line)
+    assert command[:3] == ["torchrun", "--standalone", "--nproc_per_node=2"] and command[-1] == str(run / "last.pt")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *command[1:], "--device", "cpu"],
+                          capture_output=True, text=True, cwd=tmp_path, env=worker_env(cifar_dir), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    straight = load_checkpoint(straight_long / "run" / "last.pt")
+    assert_same_state(straight["model"], load_checkpoint(run / "last.pt")["model"])
+
+
+def test_sigterm_to_every_process_of_a_torchrun_job_still_saves_mid_epoch(cifar_dir, tmp_path):
+    """A scheduler that signals every process (Slurm, systemd) makes each worker get SIGTERM twice: its
+    own and torchrun's forwarded copy a moment later. The copy is not a second signal ("quit now"):
+    the workers still stop together, save and announce once."""
+    run = tmp_path / "run"
+    code, out = sigterm_torchrun_mid_epoch(cifar_dir, tmp_path, run, every_process=True)
+    assert code == 1, out[-4000:]
+    assert out.count("stopped by SIGTERM at epoch 1, step ") == 1, out[-4000:]
+    saved = load_checkpoint(run / "last.pt")
+    assert saved["epoch"] == 0 and 0 < saved["step_in_epoch"] < LONG_STEPS, saved["step_in_epoch"]
+
+
+def test_the_launchers_copy_of_a_signal_is_not_a_second_signal():
+    """StopRequest(repeat_window_s): a repeat within the window is ignored; a later one quits at once
+    (here Python's SIGINT handler: KeyboardInterrupt), as a second signal always does."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = StopRequest(repeat_window_s=0.5)
+        with stop.installed():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # torchrun's forwarded copy
+            time.sleep(0.05)
+            assert stop.requested and stop.signum == signal.SIGINT
+            time.sleep(0.5)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs at the next bytecode; never reached
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+@pytest.mark.gpu
+def test_stop_agreement_on_a_gpu_reads_k_steps_later_without_draining_the_queue():
+    """The CUDA path of StopAgreement (pinned copy + event) on a 1-rank NCCL group (DistInfo says 2
+    ranks, so the torchrun path runs): the request made after step 6 is carried by the reduction after
+    step 8 and read after step 12; the host's wait leaves the last k steps of GPU work queued."""
+    import torch.distributed as tdist
+
+    assert torch.cuda.is_available(), "a gpu-marked test: run it where CUDA is (-m gpu)"
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    torch.cuda._sleep(1_000_000)  # calibrate a "step" of ~10 ms of GPU time
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(10_000_000)
+    torch.cuda.synchronize()
+    step_cycles = int(10_000_000 * 0.010 / (time.perf_counter() - t0))
+    tdist.init_process_group("nccl", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        stop, k = StopRequest(), 4
+        agreement = StopAgreement(stop, DistInfo(rank=0, world_size=2), dev, every=k)
+        stopped_after = None
+        for step in range(1, 41):
+            torch.cuda._sleep(step_cycles)
+            if step == 6:
+                stop.request(signal.SIGTERM)
+            if agreement.after_step(step):
+                stopped_after = step
+                break
+        t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        queued = time.perf_counter() - t0
+    finally:
+        tdist.destroy_process_group()
+    assert stopped_after == 12
+    assert queued > 0.02, queued  # ~k x 10 ms still queued when the host decided: no drain
+
+
 def test_torchrun_with_compile_and_the_fused_step(cifar_dir, tmp_path):
     """DDP with torch.compile (dynamo splits the graph at DDP's buckets) and the fused Lookahead-SGD
     stepping after the all-reduce: the run compiles off the clock, trains and writes its results.
@@ -338,8 +533,11 @@ def test_dali_loader_shards_are_disjoint_slices_of_one_permutation():
 
 def test_rank_seeds_differ_per_rank_and_epoch():
     seeds = {rank_seed(0, epoch, rank) for epoch in range(3) for rank in range(4)}
-    assert len(seeds) == 12 and rank_seed(5, 1, 2) == rank_seed(5, 1, 2)
-    assert all(0 <= s < 2**63 for s in seeds)
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+    # the same in another process (as on every rank, and after a restart): no per-process salt such as hash()
+    other = subprocess.run([sys.executable, "-c", "from fasttrain.distributed import rank_seed; print(rank_seed(5, 1, 2))"],
+                           capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="random"))
+    assert int(other.stdout) == rank_seed(5, 1, 2)
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(cifar_dir, tmp_path):
