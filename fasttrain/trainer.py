@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -55,6 +56,9 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
+ENGINE_MODEL_KEYS = ("se_impl", "max_params")  # model keys a resume may change: not the architecture
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, device: str = "auto", run_dir: str | Path | None = None,
                  resume: str | Path | None = None, overwrite: bool = False,
@@ -283,7 +287,9 @@ class Trainer:
                                   "--checkpoint, or resume from the run's last.pt")
         check_architecture(unwrap(self.model), ckpt["model"], str(path))
         saved = config_from_dict(ckpt["config"])
-        if saved.model != self.cfg.model:
+        # the model section is the architecture, but for the switches that leave the weights' meaning
+        # alone: how SE runs (se_impl) and the budget (max_params) may change, with the warning below
+        if dataclasses.replace(saved.model, **{k: getattr(self.cfg.model, k) for k in ENGINE_MODEL_KEYS}) != self.cfg.model:
             raise CheckpointError(f"{path} was trained with another model section than this config's; "
                                   "resume with the config saved in the run folder (config.yaml)")
         changed = config_changes(saved, self.cfg)

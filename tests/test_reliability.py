@@ -527,6 +527,21 @@ def test_bad_input_is_one_clear_error_and_leaves_the_run_folder_alone(cifar_dir,
     assert folder_snapshot(good_run) == before
 
 
+def test_a_resume_may_switch_the_se_implementation_and_the_budget(cifar_dir, tmp_path, reference_run, capsys):
+    """model.se_impl (how SE runs) and model.max_params (the budget) are engine switches: a resume under
+    another value goes on with a warning, as for other switches; another architecture is refused."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "3", "--model.se_impl", "triton",
+                             "--model.max_params", "4000000", "--resume", str(run / "last.pt"))) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "model.se_impl 'torch' -> 'triton'" in said and "model.max_params" in said and "not an exact continuation" in said
+    assert metric_epochs(run) == [1, 2, 3]
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "4", "--model.dropout", "0.1",  # same shapes
+                             "--resume", str(run / "last.pt"))) == 1
+    assert "another model section" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("edit, message", [
     (_truncate, "bytes, expected 30,730,000"),
     (_bad_label, "label 12 of image 0 is outside 0..9"),
