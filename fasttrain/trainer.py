@@ -730,7 +730,10 @@ class Trainer:
                      f"batch {per_rank * self.dist.world_size} | optim.lr {cfg.optim.lr:g} applies to that global "
                      "batch as given (no automatic scaling) | only rank 0 writes files and prints")
 
-        if (cfg.train.compile or self.use_graph) and self.start_epoch < epochs:
+        # cuDNN's autotuning (cudnn.benchmark, on unless train.deterministic) is first-call work like a
+        # compile: warmed up off the clock on a GPU even for an eager run, or epoch 1 would carry it
+        autotunes = self.device.type == "cuda" and torch.backends.cudnn.benchmark
+        if (cfg.train.compile or self.use_graph or autotunes) and self.start_epoch < epochs:
             self.compile_seconds = self._stoppable_warmup()
             what = "compile + autotune" if cfg.train.compile else "autotune"
             what += " + CUDA graph capture" if self.use_graph else ""

@@ -62,3 +62,14 @@ def test_gpu_resume_continues(cifar_dir, tmp_path, optim):
         assert steps and all(not t.is_cuda for t in steps)  # a CUDA step would be .item()'d every step
     summary = resumed.fit()
     assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2] and summary["final_test_acc"] > 10.0
+
+
+def test_an_eager_gpu_run_autotunes_off_the_clock(cifar_dir, tmp_path):
+    """No compile, no CUDA graph: cuDNN's autotuning (cudnn.benchmark) still runs in the warmup before
+    the clock, reported as compile_seconds, not in epoch 1's time."""
+    cfg = tiny_config(cifar_dir, tmp_path, **{"train.compile": "false", "train.cuda_graph": "false",
+                                              "train.epochs": "1"})
+    trainer = Trainer(cfg, device="cuda", console=quiet())
+    assert torch.backends.cudnn.benchmark
+    summary = trainer.fit()
+    assert summary["compile_seconds"] > 0 and summary["final_test_acc"] is not None
