@@ -305,9 +305,11 @@ def _with_grad(p, g):
 
 def test_invalid_arguments():
     p = [torch.zeros(2, requires_grad=True)]
-    for bad in (dict(lr=-1.0), dict(momentum=0.0, nesterov=True), dict(clip_value=0.0),
-                dict(lookahead_k=-1), dict(lookahead_alpha=0.0), dict(weight_decay=-1e-4)):
-        with pytest.raises(ValueError):
+    for bad, says in ((dict(lr=-1.0), "invalid lr -1.0"), (dict(momentum=0.0, nesterov=True), "Nesterov"),
+                      (dict(clip_value=0.0), "invalid clip_value 0.0"), (dict(lookahead_k=-1), "invalid lookahead_k -1"),
+                      (dict(lookahead_alpha=0.0), "invalid lookahead_alpha 0.0"),
+                      (dict(weight_decay=-1e-4), "invalid weight_decay -0.0001")):
+        with pytest.raises(ValueError, match=says):  # each refused for its own reason
             FusedLookaheadSGD(p, **bad)
 
 
