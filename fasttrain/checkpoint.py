@@ -15,6 +15,7 @@ Crash safety (docs/ARCHITECTURE.md, "Checkpoints"):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -221,6 +222,18 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda.cpu(), device)
+
+
+def run_summary(run_dir: str | Path, epoch: int, train_seconds: float | None) -> dict | None:
+    """The run folder's summary.json when it describes the checkpoint of `epoch` completed epochs and
+    `train_seconds` of training (a run's final one: no other run shares its training seconds), else None."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("epochs") != epoch or summary.get("train_seconds") != train_seconds:
+        return None
+    return summary
 
 
 def holds_run(folder: str | Path) -> bool:

@@ -10,12 +10,12 @@ halves the file again; evaluation casts the weights back to the model's fp32.
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 import torch
 
-from fasttrain.checkpoint import FORMAT, check_architecture, load_checkpoint, select_weights, write_checkpoint
+from fasttrain.checkpoint import (FORMAT, check_architecture, load_checkpoint, run_summary, select_weights,
+                                  write_checkpoint)
 from fasttrain.config import config_from_dict
 from fasttrain.model import build_model, count_params
 from fasttrain.runtime import git_sha
@@ -26,15 +26,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def _run_summary(checkpoint: Path, ckpt: dict, used: str) -> dict:
     """The run's accuracy figures (its summary.json, beside the checkpoint) when they are these
-    weights': the final epoch's checkpoint (its epochs and its training seconds, which no other run
-    shares), and the weights the run evaluated (EMA or model)."""
-    try:
-        summary = json.loads((checkpoint.parent / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if (not isinstance(summary, dict) or summary.get("epochs") != int(ckpt["epoch"])
-            or summary.get("train_seconds") != ckpt.get("train_seconds")
-            or summary.get("eval_weights", "model") != used):
+    weights': the final epoch's checkpoint (checkpoint.run_summary), and the weights the run evaluated
+    (EMA or model)."""
+    summary = run_summary(checkpoint.parent, int(ckpt["epoch"]), ckpt.get("train_seconds"))
+    if summary is None or summary.get("eval_weights", "model") != used:
         return {}
     keys = ("final_test_acc", "final_test_acc_tta", "tta_mode", "final_val_acc", "best_test_acc",
             "train_seconds", "device", "git_sha")

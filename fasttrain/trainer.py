@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, checkpoint_candidates,
-                                  holds_run,
-                                  load_checkpoint, rng_state, set_rng_state, unwrap, write_checkpoint)
+                                  holds_run, load_checkpoint, rng_state, run_summary, set_rng_state, unwrap,
+                                  write_checkpoint)
 from fasttrain.config import Config, ConfigError, config_changes, config_from_dict, config_to_dict, save_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
@@ -714,7 +714,7 @@ class Trainer:
                     f"continue in {str(self.run_dir)!r}. Raise --train.epochs to train on, or evaluate it with "
                     f"python -m fasttrain eval --checkpoint {shlex.quote(str(self.resume_path))}")
             con.info(f"the checkpoint already completed {self.start_epoch} of {epochs} epochs: nothing to train")
-            saved = self._saved_summary()
+            saved = run_summary(self.run_dir, self.start_epoch, self.train_seconds)  # the folder's own (above)
             if saved is not None:  # a finished run resumed again (a scheduler's restart): its files stay
                 con.info(f"its summary is kept as it is: {self.run_dir / 'summary.json'}")
                 con.summary(saved)
@@ -847,16 +847,6 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------- metrics file
-    def _saved_summary(self) -> dict | None:
-        """The run folder's summary.json when it describes exactly the resumed state (its epochs and
-        training seconds are the checkpoint's; the checkpoint is the folder's own, see _fit), else None."""
-        try:
-            saved = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return saved if (isinstance(saved, dict) and saved.get("epochs") == self.start_epoch
-                         and saved.get("train_seconds") == self.train_seconds) else None
-
     def _append_metrics(self, row: dict) -> None:
         if self.dist.is_main:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
