@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import math
 import os
@@ -265,6 +266,15 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # GPU timing
 # ----------------------------------------------------------------------------------------------------
+def release_memory() -> None:
+    """Free what a finished run left before the next one builds: a Trainer sits in reference cycles
+    (model, EMA, CUDA graph, GPU-resident data), which only a collection frees; then the CUDA cache's
+    blocks go back, so the next run compiles and captures on a clean device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def require_cuda(script: str, hint: str = "run it on the GPU machine") -> None:
     """GPU benchmarks refuse to run without a CUDA device: one line on stderr, then SystemExit(2)."""
     if not torch.cuda.is_available():

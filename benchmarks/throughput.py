@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import gc
 import statistics
 import tempfile
 import time
@@ -40,7 +39,8 @@ from pathlib import Path
 
 import torch
 from common import (REPO_ROOT, bf16_peak_tflops, default_result_path, endless, matmul_tflops, PaperLoader,
-                    parse_known_overrides, run_main, run_metadata, Timer, wide_console, write_complete, write_json)
+                    parse_known_overrides, release_memory, run_main, run_metadata, Timer, wide_console,
+                    write_complete, write_json)
 from rich.table import Table
 
 import fasttrain.data
@@ -239,9 +239,7 @@ def run_variant(variant: Variant, base, args, unavailable: dict[str, str], devic
         traceback.print_exc()
         row["status"], row["reason"] = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
     finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
     return row
 
 

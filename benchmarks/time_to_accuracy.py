@@ -25,15 +25,14 @@ PROCESS_START = time.perf_counter()  # before the heavy imports: the end-to-end 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common import (add_targets_argument, check_out, check_runs_dir, check_targets,  # noqa: E402
-                    default_result_path, parse_known_overrides, run_main, run_metadata, wide_console,
-                    write_complete, write_json)
+                    default_result_path, parse_known_overrides, release_memory, run_main, run_metadata,
+                    wide_console, write_complete, write_json)
 from recipe_verdict import yes_no  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -146,14 +145,8 @@ def run_seed(cfg, args, run_dir: Path, split: str = "test") -> tuple[dict, objec
         row["time_to_target"][target_key(target)], row["epochs_to_target"][target_key(target)] = \
             time_to_target(epochs, target, split)
     device = trainer.device
-    # The Trainer sits in reference cycles: free its model, EMA, CUDA graph and GPU-resident data now,
-    # not at some later collection, so the next seed compiles and captures on a clean device.
-    del trainer
-    gc.collect()
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    del trainer  # the last reference: release_memory can free it before the next seed builds
+    release_memory()
     return row, device
 
 
