@@ -183,12 +183,12 @@ class Trainer:
             run_dir = Path("runs") / f"{self.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(run_dir)
         held = holds_run(run_dir)
-        if held and self.resume_path is None and not overwrite and not checkpoint_candidates(run_dir):
-            raise ConfigError(  # a run that stopped or failed before its first checkpoint: nothing to resume
-                f"the output folder {str(run_dir)!r} holds the config.yaml of a run that saved no checkpoint "
-                "(it stopped or failed before its first): pass --overwrite to replace it, or another --output.dir"
-            )
         if held and self.resume_path is None and not overwrite:
+            if not checkpoint_candidates(run_dir):  # it stopped or failed before its first checkpoint
+                raise ConfigError(
+                    f"the output folder {str(run_dir)!r} holds the config.yaml of a run that saved no checkpoint "
+                    "(it stopped or failed before its first): pass --overwrite to replace it, or another --output.dir"
+                )
             raise ConfigError(
                 f"the output folder {str(run_dir)!r} already holds a run: pass --resume "
                 f"{run_dir / LAST} (or --resume auto) to continue it, --overwrite to replace it, "
@@ -743,13 +743,14 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             moved = self._resumes_another_folder(self.run_dir)
             self._keep_metrics(self.start_epoch, self.resume_path.resolve().parent / "metrics.jsonl" if moved else None)
-            if self.resume_path is None or moved:  # a fresh run or a moved one (--overwrite): an old run's
+            fresh = self.resume_path is None or moved
+            if fresh:  # a fresh run or a moved one (--overwrite): an old run's
                 # last/prev.pt must not become its fallback or --resume auto pick, nor its summary.json the
                 # figures `export` or a restart reads for this run's checkpoints
                 for name in (LAST, PREVIOUS, "summary.json"):
                     (self.run_dir / name).unlink(missing_ok=True)
             if self._tb is not None:
-                self._tb.start(self.start_epoch, fresh=self.resume_path is None or moved)
+                self._tb.start(self.start_epoch, fresh=fresh)
 
         final_test = final_val = ema_bn_seconds = None
         imgs_per_s = []
