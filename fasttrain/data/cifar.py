@@ -365,9 +365,7 @@ class _CifarUnpickler(pickle._Unpickler):  # the Python one: its BUILD opcode ca
             return self._ndarray
         if module == "numpy" and name == "dtype":
             return self._dtype
-        raise DataError(f"{self.where}: refused to unpickle the global {module}.{name}. CIFAR-10 python "
-                        "batches hold only numpy arrays, so this file is not an official one and may be "
-                        "malicious. Delete it and use the official cifar-10-python.tar.gz.")
+        self._refuse(f"to unpickle the global {module}.{name} (CIFAR-10 python batches hold only numpy arrays)")
 
     def _reconstruct(self, cls, shape, typecode):
         # numpy pickles an array as _reconstruct(ndarray, (0,), b'b'), then BUILD with its state
