@@ -226,20 +226,22 @@ def test_tensorboard_event_files_beside_metrics(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize("compiled, base_channels", [(True, 4), (True, 8), (False, 4)])
-def test_tiny_nets_stay_nchw_on_the_cpu_compiled_or_not(monkeypatch, compiled, base_channels):
+def test_tiny_nets_stay_nchw_on_the_cpu_compiled_or_not(compiled, base_channels):
     """Under 8 channels, channels_last hits a oneDNN bug on the CPU (segfaults, hangs): the trainer's
     switch goes off, and so does inductor's own choice of channels_last for convolutions when compiling."""
     import torch._inductor.config as inductor_config
 
     from fasttrain.runtime import use_channels_last
 
-    monkeypatch.setattr(inductor_config, "layout_optimization", True)
     cfg = load_config("configs/smoke.yaml", ["--model.base_channels", str(base_channels),
                                              "--train.compile", str(compiled).lower(), "--train.channels_last", "true"])
     warned = []
-    assert use_channels_last(cfg, torch.device("cpu"), warned.append) is (base_channels >= 8)
+    # the config module's own patch, which restores the value afterwards: pytest's monkeypatch restores it
+    # with a delattr that torch 2.11's config module turns into "no such attribute" for later tests
+    with inductor_config.patch(layout_optimization=True):
+        assert use_channels_last(cfg, torch.device("cpu"), warned.append) is (base_channels >= 8)
+        assert inductor_config.layout_optimization is not (compiled and base_channels < 8)
     assert bool(warned) is (base_channels < 8)
-    assert inductor_config.layout_optimization is not (compiled and base_channels < 8)
 
 
 def test_the_fused_optimizers_pytorch_path_trains_like_its_kernel(cifar_dir, tmp_path, monkeypatch):

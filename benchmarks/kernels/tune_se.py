@@ -36,8 +36,8 @@ def forward_backward_error(se_mod, x, w, r) -> float:
     for name, fn in (("got", se_mod.se_gate), ("want", se_mod.se_gate_reference)):
         y = fn(x, *w, residual=r)
         outputs[name] = [y, *torch.autograd.grad(y, inputs, dy)]
-    return max(float((g.float() - e.float()).norm() / e.float().norm().clamp_min(1e-12))
-               for g, e in zip(outputs["got"], outputs["want"]))
+    got, want = ([t.detach().float() for t in outputs[k]] for k in ("got", "want"))
+    return max(float((g - e).norm() / e.norm().clamp_min(1e-12)) for g, e in zip(got, want))
 
 
 def rank_pairs(rows: list[dict]) -> list[dict]:
