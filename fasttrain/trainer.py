@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, checkpoint_candidates,
-                                  holds_run, load_checkpoint, rng_state, run_summary, set_rng_state, unwrap,
-                                  write_checkpoint)
-from fasttrain.config import Config, ConfigError, config_changes, config_from_dict, config_to_dict, save_config
+from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
+                                  rng_state, run_summary, set_rng_state, unwrap, write_checkpoint)
+from fasttrain.config import Config, ConfigError, config_changes, config_from_dict, config_to_dict
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
 from fasttrain.ema import WeightEMA
@@ -44,6 +43,8 @@ from fasttrain.distributed import (DistInfo, StopAgreement, all_gather_objects, 
 from fasttrain.graph import DDP_WARMUP_ITERS, WARMUP_ITERS, GraphedStep, graph_problems, side_stream, step_state
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
+from fasttrain.run_folder import (SUMMARY, append_metrics, choose_run_dir, prepare_run_dir,
+                                  resumes_another_folder)
 from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
 from fasttrain.signals import LAUNCHER_REPEAT_S, RunInterrupted, StopRequest
 from fasttrain.whiten import whiten_stem
@@ -73,7 +74,7 @@ class Trainer:
                               "pass --train.sync_bn false for a CPU run")
         # every rank takes rank 0's choices (a default run folder is named after rank 0's clock)
         self.resume_path = broadcast_object(Path(resume) if resume else None, self.dist)
-        self.run_dir = broadcast_object(self._choose_run_dir(run_dir, overwrite), self.dist)
+        self.run_dir = broadcast_object(choose_run_dir(cfg, run_dir, self.resume_path, overwrite), self.dist)
         self._die_at_step = fault_injection_step(self.dist)  # test-only, None outside tests
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -172,40 +173,6 @@ class Trainer:
             raise ConfigError("train.cuda_graph is on, but " + "; ".join(problems) +
                               " (or pass --train.cuda_graph false)")
         return True
-
-    # ---------------------------------------------------------------- run folder
-    def _choose_run_dir(self, run_dir, overwrite: bool) -> Path:
-        if run_dir is None and self.cfg.output.dir:
-            run_dir = self.cfg.output.dir
-        if run_dir is None and self.resume_path is not None:
-            run_dir = self.resume_path.parent
-        if run_dir is None:
-            run_dir = Path("runs") / f"{self.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(run_dir)
-        held = holds_run(run_dir)
-        if held and self.resume_path is None and not overwrite:
-            if not checkpoint_candidates(run_dir):  # it stopped or failed before its first checkpoint
-                raise ConfigError(
-                    f"the output folder {str(run_dir)!r} holds the config.yaml of a run that saved no checkpoint "
-                    "(it stopped or failed before its first): pass --overwrite to replace it, or another --output.dir"
-                )
-            raise ConfigError(
-                f"the output folder {str(run_dir)!r} already holds a run: pass --resume "
-                f"{run_dir / LAST} (or --resume auto) to continue it, --overwrite to replace it, "
-                "or another --output.dir"
-            )
-        if held and self._resumes_another_folder(run_dir) and not overwrite:
-            raise ConfigError(
-                f"--resume {self.resume_path} continues a run of another folder, but the output folder "
-                f"{str(run_dir)!r} already holds a run of its own: pass an --output.dir that holds no run "
-                f"(or leave it out to continue in {str(self.resume_path.parent)!r}), or --overwrite to replace "
-                "that run")
-        return run_dir
-
-    def _resumes_another_folder(self, run_dir: Path) -> bool:
-        """Whether the resumed checkpoint lies outside the run folder (a run continued somewhere new)."""
-        # the file resolved first: a link to runs/A/last.pt resumes runs/A, wherever the link lies
-        return self.resume_path is not None and self.resume_path.resolve().parent != Path(run_dir).resolve()
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_state(self, epoch: int, step_in_epoch: int = 0, rank_rng: list | None = None) -> dict:
@@ -704,21 +671,66 @@ class Trainer:
             signum, self.resume_path)
 
     def _fit(self, stop_after_epochs: int | None = None) -> dict:
-        cfg, con = self.cfg, self.console
         wall_start = time.perf_counter()
-        epochs = cfg.train.epochs
+        epochs = self.cfg.train.epochs
         if self.start_epoch >= epochs:
-            if self._resumes_another_folder(self.run_dir):  # before anything is written there
-                raise ConfigError(
-                    f"{self.resume_path} already completed {self.start_epoch} of {epochs} epochs: nothing to "
-                    f"continue in {str(self.run_dir)!r}. Raise --train.epochs to train on, or evaluate it with "
-                    f"python -m fasttrain eval --checkpoint {shlex.quote(str(self.resume_path))}")
-            con.info(f"the checkpoint already completed {self.start_epoch} of {epochs} epochs: nothing to train")
-            saved = run_summary(self.run_dir, self.start_epoch, self.train_seconds)  # the folder's own (above)
-            if saved is not None:  # a finished run resumed again (a scheduler's restart): its files stay
-                con.info(f"its summary is kept as it is: {self.run_dir / 'summary.json'}")
-                con.summary(saved)
-                return saved
+            kept = self._finished_already()
+            if kept is not None:
+                return kept
+        self._announce()
+        # cuDNN's autotuning (cudnn.benchmark, on unless train.deterministic) is first-call work like a
+        # compile: warmed up off the clock on a GPU even for an eager run, or epoch 1 would carry it
+        autotunes = self.device.type == "cuda" and torch.backends.cudnn.benchmark
+        if (self.cfg.train.compile or self.use_graph or autotunes) and self.start_epoch < epochs:
+            self.compile_seconds = self._stoppable_warmup()
+            what = "compile + autotune" if self.cfg.train.compile else "autotune"
+            what += " + CUDA graph capture" if self.use_graph else ""
+            self.console.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
+        if self.dist.is_main:  # after the warmup: a run stopped in it has written nothing
+            fresh = prepare_run_dir(self.run_dir, self.cfg, self.resume_path, self.start_epoch, self.console.warn)
+            if self._tb is not None:
+                self._tb.start(self.start_epoch, fresh=fresh)
+
+        last_row: dict = {}
+        ema_bn_seconds = None
+        imgs_per_s = []
+        end_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
+        for epoch in range(self.start_epoch, end_epoch):
+            started = time.perf_counter()
+            row, final_recompute = self._run_epoch(epoch)
+            ema_bn_seconds = final_recompute if final_recompute is not None else ema_bn_seconds
+            imgs_per_s.append(row["images_per_second"])
+            last = epoch + 1 == end_epoch
+            if (epoch + 1) % self.cfg.train.eval_every == 0 or last:
+                self._evaluate_into(row)
+                last_row = row
+            if self.dist.is_main:
+                append_metrics(self.run_dir, row)
+                if self._tb is not None:
+                    self._tb.log_epoch(row)
+            self.console.epoch_line(row, epochs, (epochs - epoch - 1) * (time.perf_counter() - started))
+            if (epoch + 1) % self.cfg.train.checkpoint_every == 0 or last:
+                self.save_checkpoint(epoch + 1)
+        return self._finish(last_row, ema_bn_seconds, imgs_per_s, time.perf_counter() - wall_start)
+
+    def _finished_already(self) -> dict | None:
+        """A resumed checkpoint that completed train.epochs: its kept summary (a finished run resumed again,
+        a scheduler's restart: its files stay), else None and _fit measures it again (no training)."""
+        epochs = self.cfg.train.epochs
+        if resumes_another_folder(self.resume_path, self.run_dir):  # before anything is written there
+            raise ConfigError(
+                f"{self.resume_path} already completed {self.start_epoch} of {epochs} epochs: nothing to "
+                f"continue in {str(self.run_dir)!r}. Raise --train.epochs to train on, or evaluate it with "
+                f"python -m fasttrain eval --checkpoint {shlex.quote(str(self.resume_path))}")
+        self.console.info(f"the checkpoint already completed {self.start_epoch} of {epochs} epochs: nothing to train")
+        saved = run_summary(self.run_dir, self.start_epoch, self.train_seconds)  # the folder's own (above)
+        if saved is not None:
+            self.console.info(f"its summary is kept as it is: {self.run_dir / SUMMARY}")
+            self.console.summary(saved)
+        return saved
+
+    def _announce(self) -> None:
+        cfg, con = self.cfg, self.console
         if self.device.type == "cpu":
             con.warn("training on the CPU: this is slow; use a CUDA GPU for real runs")
         con.info(f"fasttrain: {cfg.name} | {self.params:,} params | {device_name(self.device)} | "
@@ -730,94 +742,72 @@ class Trainer:
                      f"batch {per_rank * self.dist.world_size} | optim.lr {cfg.optim.lr:g} applies to that global "
                      "batch as given (no automatic scaling) | only rank 0 writes files and prints")
 
-        # cuDNN's autotuning (cudnn.benchmark, on unless train.deterministic) is first-call work like a
-        # compile: warmed up off the clock on a GPU even for an eager run, or epoch 1 would carry it
-        autotunes = self.device.type == "cuda" and torch.backends.cudnn.benchmark
-        if (cfg.train.compile or self.use_graph or autotunes) and self.start_epoch < epochs:
-            self.compile_seconds = self._stoppable_warmup()
-            what = "compile + autotune" if cfg.train.compile else "autotune"
-            what += " + CUDA graph capture" if self.use_graph else ""
-            con.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
-        if self.dist.is_main:  # after the warmup: a run stopped in it has written nothing
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            moved = self._resumes_another_folder(self.run_dir)
-            self._keep_metrics(self.start_epoch, self.resume_path.resolve().parent / "metrics.jsonl" if moved else None)
-            fresh = self.resume_path is None or moved
-            if fresh:  # a fresh run or a moved one (--overwrite): an old run's
-                # last/prev.pt must not become its fallback or --resume auto pick, nor its summary.json the
-                # figures `export` or a restart reads for this run's checkpoints
-                for name in (LAST, PREVIOUS, "summary.json"):
-                    (self.run_dir / name).unlink(missing_ok=True)
-            if self._tb is not None:
-                self._tb.start(self.start_epoch, fresh=fresh)
+    def _run_epoch(self, epoch: int) -> tuple[dict, float | None]:
+        """Train one epoch on the clock, then, off it, read its sums once: its metrics row, and the seconds
+        of the end-of-run EMA BN recompute when this was the run's last epoch (None otherwise). A stop
+        signal checkpoints the position and raises RunInterrupted; a non-finite loss, TrainingError."""
+        skip = self.start_step if epoch == self.start_epoch else 0  # resumed mid-epoch
+        if self._stop_agreed():  # a signal during the previous epoch's evaluation or checkpoint
+            self._stop_run(epoch, skip)
+        lr = self.schedule.lr_at(epoch * self.steps_per_epoch)  # the epoch's first lr, resumed or not
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        with self.console.epoch_bar(epoch + 1, self.cfg.train.epochs, self.steps_per_epoch) as advance:
+            sums = self.train_epoch(epoch, advance, skip=skip)
+        synchronize(self.device)
+        epoch_seconds = time.perf_counter() - t0
+        self.train_seconds += epoch_seconds
 
-        final_test = final_val = ema_bn_seconds = None
-        imgs_per_s = []
-        end_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
-        for epoch in range(self.start_epoch, end_epoch):
-            skip = self.start_step if epoch == self.start_epoch else 0  # resumed mid-epoch
-            if self._stop_agreed():  # a signal during the previous epoch's evaluation or checkpoint
-                self._stop_run(epoch, skip)
-            lr = self.schedule.lr_at(epoch * self.steps_per_epoch)  # the epoch's first lr, resumed or not
-            synchronize(self.device)
-            t0 = time.perf_counter()
-            with con.epoch_bar(epoch + 1, epochs, self.steps_per_epoch) as advance:
-                sums = self.train_epoch(epoch, advance, skip=skip)
-            synchronize(self.device)
-            epoch_seconds = time.perf_counter() - t0
-            self.train_seconds += epoch_seconds
+        # ---- off the clock
+        stats = torch.stack([sums["loss_sum"].double(), sums["correct"].double(), sums["first_bad_step"].double()])
+        if self.dist.enabled:  # loss and accuracy over all ranks; the first bad step of any rank
+            stats = self._reduce_epoch_stats(stats)
+            sync_buffers(self.model, self.dist)  # rank 0's BN statistics everywhere: evaluated == saved
+            if self.ema is not None:  # EMA'd BN statistics follow each rank's own: same fix
+                sync_buffers(self.ema.module, self.dist)
+        loss_sum, correct, first_bad = stats.tolist()
+        self._check_finite(epoch, int(first_bad))  # before any save: a bad epoch is never checkpointed
+        if skip + sums["steps"] < self.steps_per_epoch:  # stopped mid-epoch by a signal
+            self._stop_run(epoch, skip + sums["steps"])
+        final_recompute = None
+        if epoch + 1 == self.cfg.train.epochs and self.ema_bn_recompute:
+            # train.ema_bn recompute at the end of the run: it produces the final (evaluated, saved,
+            # exported) model, so its time counts into train_seconds (summary: ema_bn_seconds)
+            final_recompute = self._recompute_ema_bn()
+            self.train_seconds += final_recompute
+        seen_all = sums["seen"] * self.dist.world_size
+        # After a mid-epoch resume, train_loss/train_acc/images_per_second cover only the steps
+        # this process ran (the device-side sums restart); "train_steps" says how many.
+        row = {
+            "epoch": epoch + 1, "lr": lr,
+            "train_loss": loss_sum / max(1, sums["steps"] * self.dist.world_size),
+            "train_steps": sums["steps"],
+            "train_acc": 100.0 * correct / max(1, seen_all),
+            "val_acc": None, "test_acc": None,
+            "epoch_seconds": epoch_seconds,
+            "images_per_second": seen_all / epoch_seconds if epoch_seconds > 0 else float("nan"),
+        }
+        return row, final_recompute
 
-            # ---- off the clock: read the epoch's sums once, evaluate, log, checkpoint
-            stats = torch.stack([sums["loss_sum"].double(), sums["correct"].double(),
-                                 sums["first_bad_step"].double()])
-            if self.dist.enabled:  # loss and accuracy over all ranks; the first bad step of any rank
-                stats = self._reduce_epoch_stats(stats)
-                sync_buffers(self.model, self.dist)  # rank 0's BN statistics everywhere: evaluated == saved
-                if self.ema is not None:  # EMA'd BN statistics follow each rank's own: same fix
-                    sync_buffers(self.ema.module, self.dist)
-            loss_sum, correct, first_bad = stats.tolist()
-            self._check_finite(epoch, int(first_bad))  # before any save: a bad epoch is never checkpointed
-            if skip + sums["steps"] < self.steps_per_epoch:  # stopped mid-epoch by a signal
-                self._stop_run(epoch, skip + sums["steps"])
-            if epoch + 1 == epochs and self.ema_bn_recompute:
-                # train.ema_bn recompute at the end of the run: it produces the final (evaluated, saved,
-                # exported) model, so its time counts into train_seconds (summary: ema_bn_seconds)
-                ema_bn_seconds = self._recompute_ema_bn()
-                self.train_seconds += ema_bn_seconds
-            seen_all = sums["seen"] * self.dist.world_size
-            # After a mid-epoch resume, train_loss/train_acc/images_per_second cover only the steps
-            # this process ran (the device-side sums restart); "train_steps" says how many.
-            row = {
-                "epoch": epoch + 1, "lr": lr,
-                "train_loss": loss_sum / max(1, sums["steps"] * self.dist.world_size),
-                "train_steps": sums["steps"],
-                "train_acc": 100.0 * correct / max(1, seen_all),
-                "val_acc": None, "test_acc": None,
-                "epoch_seconds": epoch_seconds,
-                "images_per_second": seen_all / epoch_seconds if epoch_seconds > 0 else float("nan"),
-            }
-            imgs_per_s.append(row["images_per_second"])
-            last = epoch + 1 == end_epoch
-            if (epoch + 1) % cfg.train.eval_every == 0 or last:
-                if self.ema_bn_recompute:  # off the clock, but this evaluation needed it: time_to_accuracy
-                    # adds it to a time-to-target reached here (0.0 after the final one, on the clock)
-                    row["eval_ema_bn_seconds"] = self._recompute_ema_bn()
-                for split, loader in self._eval_splits():
-                    row[f"{split}_acc"] = evaluate(self.eval_net, loader, self.precision, self.device,
-                                                   dist_info=self.dist)
-                final_val, final_test = row["val_acc"], row["test_acc"]
-                if final_test is not None:
-                    self.best_test_acc = max(self.best_test_acc or 0.0, final_test)
-            self._append_metrics(row)
-            eta = (epochs - epoch - 1) * (time.perf_counter() - t0)
-            con.epoch_line(row, epochs, eta)
-            if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
-                self.save_checkpoint(epoch + 1)
+    def _evaluate_into(self, row: dict) -> None:
+        """The epoch's evaluation (off the clock) into its metrics row."""
+        if self.ema_bn_recompute:  # off the clock, but this evaluation needed it: time_to_accuracy
+            # adds it to a time-to-target reached here (0.0 after the final one, on the clock)
+            row["eval_ema_bn_seconds"] = self._recompute_ema_bn()
+        for split, loader in self._eval_splits():
+            row[f"{split}_acc"] = evaluate(self.eval_net, loader, self.precision, self.device, dist_info=self.dist)
+        if row["test_acc"] is not None:
+            self.best_test_acc = max(self.best_test_acc or 0.0, row["test_acc"])
 
+    def _finish(self, last_row: dict, ema_bn_seconds: float | None, imgs_per_s: list[float],
+                wall_seconds: float) -> dict:
+        """The run's summary.json: the last evaluation's figures (measured again for a finished run that
+        lost its summary), the TTA accuracies, the clocks and the provenance."""
+        cfg = self.cfg
         summary = {
-            "name": cfg.name, "params": self.params, "epochs": epochs,
-            "final_test_acc": final_test, "best_test_acc": self.best_test_acc, "final_val_acc": final_val,
+            "name": cfg.name, "params": self.params, "epochs": cfg.train.epochs,
+            "final_test_acc": last_row.get("test_acc"), "best_test_acc": self.best_test_acc,
+            "final_val_acc": last_row.get("val_acc"),
             "final_test_acc_tta": None, "final_val_acc_tta": None, "tta_mode": cfg.train.tta,
             "eval_weights": "ema" if self.ema is not None else "model", "ema_decay": cfg.train.ema_decay,
             # the EMA's BN statistics: average | recompute (None: no EMA); with recompute, the seconds of the
@@ -827,14 +817,14 @@ class Trainer:
             # process did not compute it: kaiming, or a resumed run)
             "stem_init": cfg.model.stem_init, "stem_init_seconds": self.stem_init_seconds,
             "train_seconds": self.train_seconds, "compile_seconds": self.compile_seconds,
-            "wall_seconds": time.perf_counter() - wall_start,
+            "wall_seconds": wall_seconds,
             "images_per_second": (sum(imgs_per_s) / len(imgs_per_s)) if imgs_per_s else None,
             "device": device_name(self.device), "world_size": self.dist.world_size,
             "precision": self.precision.name, "torch": torch.__version__, "git_sha": git_sha(),
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
-        if self.start_epoch >= epochs:  # a finished run without its summary (stopped while writing it):
-            # the final model is the checkpoint's, so its figures are measured again
+        if self.start_epoch >= cfg.train.epochs:  # a finished run without its summary (stopped while writing
+            # it): the final model is the checkpoint's, so its figures are measured again
             for split, loader in self._eval_splits():
                 summary[f"final_{split}_acc"] = evaluate(self.eval_net, loader, self.precision, self.device,
                                                          dist_info=self.dist)
@@ -843,41 +833,6 @@ class Trainer:
                 summary[f"final_{split}_acc_tta"] = evaluate(self.eval_net, loader, self.precision, self.device,
                                                              tta=cfg.train.tta, dist_info=self.dist, fill=self.eval_fill)
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        con.summary(summary)
+            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        self.console.summary(summary)
         return summary
-
-    # ---------------------------------------------------------------- metrics file
-    def _append_metrics(self, row: dict) -> None:
-        if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if getattr(self, "_tb", None) is not None:
-                self._tb.log_epoch(row)
-
-    def _keep_metrics(self, completed_epochs: int, source: Path | None = None) -> None:
-        """metrics.jsonl keeps the rows up to the checkpoint, so that a resumed run never holds an epoch
-        twice. `source`: the resumed run's own file when it is continued in a new folder, whose curves
-        then start with the source run's epochs (replacing what the folder held)."""
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            lines = (source or path).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            if source is None:
-                return
-            lines = []
-        rows = [(line, _decoded_row(line)) for line in lines if line.strip()]
-        torn = sum(row is None for _, row in rows)
-        if torn:  # a write cut by a kill or a full disk: that row's epoch is after the checkpoint, or logged again
-            self.console.warn(f"{source or path}: dropped {torn} unreadable line(s)")
-        keep = [line for line, row in rows if row is not None and row.get("epoch", math.inf) <= completed_epochs]
-        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
-def _decoded_row(line: str) -> dict | None:
-    """A metrics.jsonl line as its row, or None when it is not one (a torn write)."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
