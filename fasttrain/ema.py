@@ -69,7 +69,7 @@ class WeightEMA:
         """Replace the EMA module's BN running statistics by those of its own activations on `batches`
         (image tensors; the count taken is the caller's), what torch.optim.swa_utils.update_bn computes:
         statistics reset, then the equal-weight average over the batches of each batch's mean and
-        unbiased variance (momentum None), num_batches_tracked = the number of batches. Only the BN
+        unbiased variance, num_batches_tracked = the number of batches. Only the BN
         layers run in training mode (anything else, dropout included, stays in eval mode: no random
         numbers are drawn, so the training run's RNG streams are untouched). In place: the lists that
         `update` lerps stay valid. The result depends on the EMA parameters and the batches only, not
@@ -83,11 +83,15 @@ class WeightEMA:
         momenta = [bn.momentum for bn in norms]
         for bn in norms:
             bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: every batch weighs the same
             bn.train()
         count = 0
         try:
             for images in itertools.chain([first], batches):
+                # the cumulative average (every batch weighs the same) as momentum 1/(i+1) before batch i:
+                # momentum None computes the same factor from num_batches_tracked with a host read (a
+                # device sync per BN layer and batch, and the final recompute is on the training clock)
+                for bn in norms:
+                    bn.momentum = 1.0 / (count + 1)
                 with autocast():
                     self.module(images)
                 count += 1

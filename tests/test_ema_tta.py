@@ -139,6 +139,18 @@ def test_recompute_bn_equals_swa_update_bn_and_fixes_the_averaged_statistics():
     torch.testing.assert_close(ema.module[1].running_mean, 0.5 * before["1.running_mean"] + 0.5 * model[1].running_mean)
 
 
+def test_recompute_bn_weights_batches_equally_without_reading_the_batch_count():
+    """BatchNorm with momentum None computes each batch's weight as 1 / float(num_batches_tracked): a host
+    read of a device tensor (a sync per layer and batch on a GPU, where the run's final recompute is on the
+    training clock). recompute_bn sets the same weights as momenta instead: 1, 1/2, 1/3, ... per batch."""
+    ema = WeightEMA(_bn_net(), 0.5)
+    seen = {}
+    for i, bn in enumerate(batch_norms(ema.module)):
+        bn.register_forward_pre_hook(lambda m, args, i=i: seen.setdefault(i, []).append(m.momentum))
+    ema.recompute_bn([torch.randn(8, 3, 8, 8) for _ in range(3)])
+    assert seen and all(momenta == [1.0, 1 / 2, 1 / 3] for momenta in seen.values()), seen
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "fake-cuda-graph"])
 def test_ema_averages_the_weights_the_trainer_trains(cifar_dir, tmp_path, monkeypatch, graph):
     """The wiring, through the real Trainer with the recipe's engine switches that run on a CPU: the fused
