@@ -11,8 +11,9 @@
 #               ones finish early). The plan for a session's one big command; the first session's quick
 #               (rows 1-8, best, kernels, loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
 #   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
-#               one stage alone (limit: the deadline). torchrun: one-process torchrun, plain, with the fast
-#               paths, and with the DDP step as a CUDA graph. profile: benchmarks/profile_step.py (host- or
+#               one stage alone (limit: the deadline). torchrun: a plain run, the same under one-process torchrun (the
+#               launcher's cost: one process is a plain run), then the gpu tests of tests/test_distributed.py
+#               (DDP on NCCL in a one-rank group, its step as a CUDA graph, the stop agreement). profile: benchmarks/profile_step.py (host- or
 #               GPU-bound, per row); best: time_to_accuracy.py on best.yaml, SEEDS seeds, with BEST_ARGS, or
 #               with the candidate of the recipe_ablation result BEST_FROM names (the search keeps its own at
 #               SEARCH_KEEP, /tmp/fasttrain-search.json); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
@@ -271,22 +272,18 @@ stage_seed() {        # the paper's recipe for a few epochs: epoch times, images
   limited seed "$1" python -m fasttrain --config configs/seed.yaml --train.epochs 3 --output.dir "$work/seed" \
     --output.progress false --train.checkpoint_every 1000
 }
-stage_torchrun() {    # single-GPU torchrun overhead against a plain run of the same config (issue 7)
+stage_torchrun() {    # the torchrun launcher against a plain run, then the DDP path on the GPU (issue 7)
   # torchrun's workers run in their own process session: on TERM it needs its own ~30 s to stop them
   # before timeout's KILL, or a worker stuck in NCCL would keep the GPU after the command
   local KILL_AFTER=45
   limited plain "$1" python -m fasttrain --config configs/seed.yaml --train.epochs 2 --output.dir "$work/plain" \
     --output.progress false --train.checkpoint_every 1000
+  # one process under torchrun is a plain run (WORLD_SIZE=1: no process group, no DDP): the launcher's cost only
   limited torchrun1 "$1" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
     --train.epochs 2 --output.dir "$work/torchrun1" --output.progress false --train.checkpoint_every 1000
-  # NCCL + DDP with the engine's fast paths (compile, Triton SE, fused step after the all-reduce): never run yet
-  limited torchrun1fast "$2" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
-    --train.epochs 2 --train.compile true --model.se_impl triton --optim.impl fused \
-    --output.dir "$work/torchrun1fast" --output.progress false --train.checkpoint_every 1000
-  # ... and the whole DDP step as a CUDA graph (NCCL under capture): its epoch time against torchrun1fast's
-  limited torchrun1graph "$2" torchrun --standalone --nproc_per_node=1 -m fasttrain --config configs/seed.yaml \
-    --train.epochs 2 --train.compile true --optim.impl fused --train.cuda_graph true \
-    --output.dir "$work/torchrun1graph" --output.progress false --train.checkpoint_every 1000
+  # DDP on NCCL, and the DDP step as a CUDA graph (NCCL under capture), in a one-rank group the trainer treats
+  # as distributed, and the ranks' stop agreement on CUDA: what one GPU can run of the torchrun path
+  limited ddp-tests "$2" python -m pytest -m gpu -q -rfE -p no:cacheprovider tests/test_distributed.py
 }
 # ablation's: what each ingredient of best.yaml buys, one taken away at a time (issue 6's write-up)
 ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,paper_blocks,epochs_60

@@ -277,7 +277,7 @@ def loader(d: Path) -> list[str]:
 def runs(d: Path) -> list[str]:
     lines = []
     apaper = sorted(p.name for p in d.glob("apaper-*") if p.is_dir())
-    for name in ("seed", "graphseed", "plain", "torchrun1", "torchrun1fast", "torchrun1graph", *apaper):
+    for name in ("seed", "graphseed", "plain", "torchrun1", *apaper):
         rows = _metrics(d / name)
         if rows:
             lines.append(f"{name:<11} {_epoch_line(rows)}")
