@@ -128,6 +128,7 @@ def main(argv: list[str]) -> int:
             "train_batches": len(trainer.data.train),
             "final_test_acc": summary["final_test_acc"],
             "captures": fake.captures if fake else 0, "replays": fake.replays if fake else 0,
+            "warmups": fake.warmups if fake else [], "capture_modes": fake.capture_modes if fake else [],
         }, out / f"rank{info.rank}.pt")
     finally:
         shutdown(info)

@@ -20,17 +20,25 @@ class FakeCudaGraphs:
 
     def __init__(self, patch):
         self.captures = self.replays = 0
+        self.warmups: list[int] = []  # per capture: the eager steps run before it (GraphedStep's warmup)
+        self.capture_modes: list[str] = []  # per capture: its capture_error_mode
+        self._eager = 0  # eager step bodies since the last capture
         fake = self
         original_init = graph_module.GraphedStep.__init__
+        original_body = graph_module.GraphedStep._zeroed_body
 
         def init(step, *args, **kwargs):
             fake.step = step
             original_init(step, *args, **kwargs)
 
+        def eager_body(step):
+            fake._eager += 1
+            return original_body(step)
+
         class Graph:
             def replay(self):
                 fake.replays += 1
-                loss, logits = fake.step._zeroed_body()
+                loss, logits = original_body(fake.step)
                 fake.step.loss.copy_(loss)
                 fake.step.logits.copy_(logits)
 
@@ -38,7 +46,10 @@ class FakeCudaGraphs:
         def capture(graph, capture_error_mode="global"):
             assert capture_error_mode in ("global", "thread_local")
             fake.captures += 1
+            fake.warmups.append(fake._eager)
+            fake.capture_modes.append(capture_error_mode)
             yield
+            fake._eager = 0  # the capture's own body is not a warmup step
 
         class Stream:
             def __init__(self, *args, **kwargs):
@@ -49,6 +60,7 @@ class FakeCudaGraphs:
 
         patch(graph_module, "_require_cuda", lambda t: None)
         patch(graph_module.GraphedStep, "__init__", init)
+        patch(graph_module.GraphedStep, "_zeroed_body", eager_body)
         for name, value in {"CUDAGraph": Graph, "graph": capture, "Stream": Stream,
                             "current_stream": lambda device=None: Stream(),
                             "stream": lambda s: contextlib.nullcontext(),

@@ -285,8 +285,8 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
     assert rows["10"]["status"] == "skipped" and "compile" in rows["10"]["reason"]
     for graphed in ("9", "9@32"):  # CUDA graphs: GPU only, and the row says so
         assert rows[graphed]["status"] == "skipped" and "CUDA GPU" in rows[graphed]["reason"]
-    # the Triton SE (interpreted here) and DALI (its CPU backend) rows run: a broken import would
-    # otherwise pass as a row skipped with a reason
+    # the Triton SE row (its op, running the PyTorch reference on a CPU: run_script unsets the interpreter)
+    # and DALI (its CPU backend) rows run: a broken import would otherwise pass as a row skipped with a reason
     assert rows["6"]["status"] == rows["8"]["status"] == rows["8@32"]["status"] == "ok"
     base = rows["1"]["images_per_second"]
     for r in rows.values():

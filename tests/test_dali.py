@@ -253,7 +253,9 @@ def test_same_seed_same_batches_and_resume():
     for epoch in (0, 1):
         a.set_epoch(epoch)
         b.set_epoch(epoch)
-        for (ai, al), (bi, bl) in zip(a, b):
+        pairs = list(zip(a, b))
+        assert len(pairs) == len(a) > 0
+        for (ai, al), (bi, bl) in pairs:
             assert torch.equal(al, bl) and torch.equal(ai, bi)
     other = collect(loader(x, y, seed=10))[1]
     first = collect(loader(x, y, seed=9))[1]

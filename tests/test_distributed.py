@@ -27,6 +27,7 @@ from fasttrain.console import RunConsole
 from fasttrain.data.loader_torch import TorchLoader
 from fasttrain.distributed import STOP_AGREEMENT_EVERY, DistInfo, StopAgreement, rank_seed
 from fasttrain.evaluate import evaluate_checkpoint
+from fasttrain.graph import DDP_WARMUP_ITERS
 from fasttrain.signals import StopRequest
 from fasttrain.trainer import Trainer
 
@@ -113,6 +114,8 @@ def test_graphed_step_under_ddp_replays_in_lockstep_and_trains_like_eager(cifar_
     steps = 2 * graphed[0]["train_batches"]
     for e, g in zip(eager, graphed):
         assert (g["captures"], g["replays"]) == (1, steps) and (e["captures"], e["replays"]) == (0, 0)
+        # PyTorch's rules for a captured DDP backward: 11 eager iterations first, thread-local capture
+        assert g["warmups"] == [DDP_WARMUP_ITERS] and g["capture_modes"] == ["thread_local"]
         assert_same_state(e["state"], g["state"], exact=False)
     assert_same_state(graphed[0]["state"], graphed[1]["state"])  # the ranks stayed identical
 
@@ -129,10 +132,12 @@ class OneRankGroup(DistInfo):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_one_rank_ddp_trains_like_a_plain_run_and_its_graph_like_its_eager_step(cifar_dir, tmp_path, device):
+def test_one_rank_ddp_trains_like_a_plain_run_and_its_graph_like_its_eager_step(cifar_dir, tmp_path, device,
+                                                                               monkeypatch):
     """The trainer's torchrun path on one device, in process: gloo on the CPU, NCCL on a GPU, where the
     DDP step is also captured as a CUDA graph (NCCL under capture) and must end where the eager DDP step
-    does. fp32, deterministic; 2 epochs of 10 steps (StopAgreement all-reduces at step 16 of 20)."""
+    does. fp32, deterministic; 2 epochs of 20 steps, in each of which StopAgreement launches its async
+    all-reduce after step 16 (on the GPU: between graph replays) and drains it at the epoch's end."""
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -141,7 +146,10 @@ def test_one_rank_ddp_trains_like_a_plain_run_and_its_graph_like_its_eager_step(
     if device == "cuda":
         assert torch.cuda.is_available(), "a gpu-marked test: run it where CUDA is (-m gpu)"
         torch.cuda.set_device(0)
-    settings = dict(optim__impl="fused", train__precision="fp32", train__deterministic="true")
+    launches = []
+    launch = StopAgreement._launch
+    monkeypatch.setattr(StopAgreement, "_launch", lambda self: launches.append(self.info) or launch(self))
+    settings = dict(optim__impl="fused", train__precision="fp32", train__deterministic="true", train__batch_size="32")
     runs = {"plain": (DistInfo(), "false"), "ddp": (OneRankGroup(), "false")}
     if device == "cuda":
         runs["ddp_graph"] = (OneRankGroup(), "true")
@@ -152,8 +160,10 @@ def test_one_rank_ddp_trains_like_a_plain_run_and_its_graph_like_its_eager_step(
             cfg = tiny_config(cifar_dir, tmp_path / name, train__cuda_graph=graph, **settings)
             trainer = Trainer(cfg, device=device, console=quiet(), dist_info=info)
             assert isinstance(trainer.net, DistributedDataParallel) is info.enabled
+            launches.clear()
             summary = trainer.fit()
-            assert summary["world_size"] == 1 and summary["epochs"] == 2
+            assert summary["world_size"] == 1 and summary["epochs"] == 2 and trainer.steps_per_epoch == 20
+            assert len(launches) == (2 if info.enabled else 0)  # one agreement in flight per epoch
             assert (trainer._graph is not None) is (graph == "true")
             saved = load_checkpoint(tmp_path / name / "last.pt")
             assert (saved["rng_per_rank"] is not None) is info.enabled  # gathered over the group
@@ -172,7 +182,8 @@ def test_torchrun_cli_trains_and_only_rank0_writes(cifar_dir, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     run = tmp_path / "run"
-    # with the fused Lookahead-SGD (its PyTorch path on CPU): it steps after DDP's all-reduce in backward()
+    # with the fused Lookahead-SGD (the workers inherit TRITON_INTERPRET from conftest: the interpreted kernel;
+    # on a GPU machine, its PyTorch path on CPU tensors): it steps after DDP's all-reduce in backward()
     proc = torchrun(["-m", "fasttrain", "--config", SMOKE, *TINY, "--optim.impl", "fused", "--output.dir", str(run),
                      "--device", "cpu"], cifar_dir, cwd=cwd)
     # rank 0 wrote the run folder, and nobody wrote anything anywhere else (no stray runs/ folder)
@@ -555,10 +566,11 @@ def test_torch_loader_shards_are_disjoint_slices_of_one_permutation():
 
 @pytest.mark.dali
 def test_dali_loader_shards_are_disjoint_slices_of_one_permutation():
-    dali = pytest.importorskip("fasttrain.data.dali")
-    if not dali.dali_available():
-        pytest.skip("NVIDIA DALI is not importable")
-    check_shards(dali.DaliLoader, num_threads=1)
+    from fasttrain.data.dali import DaliLoader, dali_available
+
+    # the README's test command installs the dali extra: without it this fails (tests/test_dali.py's rule)
+    assert dali_available(), "nvidia-dali is missing: pip install 'fasttrain-resnet[dali]'"
+    check_shards(DaliLoader, num_threads=1)
 
 
 def test_rank_seeds_differ_per_rank_and_epoch():

@@ -158,9 +158,10 @@ def test_ema_averages_the_weights_the_trainer_trains(cifar_dir, tmp_path, monkey
     (faked) CUDA-graph capture and replay. (1) decay ~0: the EMA is the live model bit for bit, and its
     evaluation is the live model's; (2) decay 0.9 with a warmup ramp: after every step the EMA equals an
     average kept by hand of the live model's state (parameters and BN statistics) as the trainer leaves it."""
-    if graph:
-        FakeCudaGraphs(monkeypatch.setattr)
+    fake = FakeCudaGraphs(monkeypatch.setattr) if graph else None
     for decay in ("1e-9", "0.9"):
+        if fake is not None:
+            fake.captures = fake.replays = 0
         cfg = tiny_config(cifar_dir, tmp_path / decay, **{
             "optim.impl": "fused", "train.ema_decay": decay, "train.ema_warmup_steps": "4",
             "data.val_size": "200", "train.eval_every": "1"})
@@ -196,6 +197,8 @@ def test_ema_averages_the_weights_the_trainer_trains(cifar_dir, tmp_path, monkey
         summary = trainer.fit()
         steps = 2 * trainer.steps_per_epoch
         assert updates[-steps:] == list(range(1, steps + 1))  # every real step, after the warmup's
+        if fake is not None:  # the real steps were the graph's replays
+            assert (fake.captures, fake.replays) == (1, steps)
         if decay == "0.9":  # a real average, not a copy
             assert not torch.equal(ema.state_dict()["fc.weight"], live.state_dict()["fc.weight"])
         else:
@@ -277,7 +280,9 @@ def test_ema_checkpoint_round_trip_and_eval(cifar_dir, tmp_path):
     shifted = evaluate_checkpoint(tmp_path / "last.pt", tta="flip_shift", device="cpu", data_dir=str(cifar_dir))
     assert shifted["test_acc"] == pytest.approx(summary["final_test_acc_tta"])
     live = evaluate_checkpoint(tmp_path / "last.pt", device="cpu", data_dir=str(cifar_dir), weights="model")
-    assert live["weights"] == "model"
+    live_acc = evaluate(trainer.model, trainer.data.test, trainer.precision, trainer.device)  # the live weights'
+    assert live["weights"] == "model" and live["test_acc"] == pytest.approx(live_acc)
+    assert live_acc != pytest.approx(summary["final_test_acc"])  # the two sets of weights score apart here
     assert json.loads((tmp_path / "summary.json").read_text())["tta_mode"] == "flip_shift"
 
 

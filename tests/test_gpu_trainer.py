@@ -71,5 +71,14 @@ def test_an_eager_gpu_run_autotunes_off_the_clock(cifar_dir, tmp_path):
                                               "train.epochs": "1"})
     trainer = Trainer(cfg, device="cuda", console=quiet())
     assert torch.backends.cudnn.benchmark
+    events = []
+    warmup, train_epoch, step = trainer.warmup, trainer.train_epoch, trainer._train_step
+    trainer.warmup = lambda *a, **k: events.append("warmup start") or warmup(*a, **k)
+    trainer.train_epoch = lambda *a, **k: events.append("epoch") or train_epoch(*a, **k)
+    trainer._train_step = lambda *a, **k: events.append("step") or step(*a, **k)
     summary = trainer.fit()
     assert summary["compile_seconds"] > 0 and summary["final_test_acc"] is not None
+    # the warmup's throwaway steps (where cuDNN autotunes each convolution) ran before the clocked epoch
+    first_epoch = events.index("epoch")
+    assert events[0] == "warmup start" and "step" in events[:first_epoch], events[:12]
+    assert events.count("epoch") == 1
