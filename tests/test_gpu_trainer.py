@@ -82,3 +82,33 @@ def test_an_eager_gpu_run_autotunes_off_the_clock(cifar_dir, tmp_path):
     first_epoch = events.index("epoch")
     assert events[0] == "warmup start" and "step" in events[:first_epoch], events[:12]
     assert events.count("epoch") == 1
+
+
+@pytest.mark.parametrize("engine", [
+    {"optim.impl": "torch", "train.cuda_graph": "false"},  # torch SGD + the Python Lookahead, eager
+    {"optim.impl": "fused", "train.cuda_graph": "false", "model.se_impl": "triton"},
+    {"optim.impl": "fused", "train.cuda_graph": "true"},  # the replayed graph, as best.yaml runs
+], ids=["torch-eager", "fused-triton-eager", "fused-graph"])
+def test_the_training_loop_never_syncs_the_host_per_step(cifar_dir, tmp_path, engine):
+    """The rule the trainer's docstring states, checked by CUDA itself: torch.cuda.set_sync_debug_mode
+    warns at every synchronizing call (an .item(), a blocking copy, a stream or event synchronize).
+    One epoch of 40 steps after the warmup: what syncs at all must not scale with the steps (the
+    epoch's own set-up may; the per-epoch read of the sums is after train_epoch)."""
+    import warnings
+
+    cfg = tiny_config(cifar_dir, tmp_path, **{"train.precision": "bf16", "train.batch_size": "32",
+                                              "data.train_subset": "1280", "train.epochs": "1", **engine})
+    trainer = Trainer(cfg, device="cuda", console=quiet())
+    trainer.warmup()  # off the clock, as fit() runs it: compile, autotune, the graph's capture
+    assert (trainer._graph is not None) is (engine["train.cuda_graph"] == "true")
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            sums = trainer.train_epoch(0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert sums["steps"] == trainer.steps_per_epoch == 40
+    assert len(syncs) < 5, f"{len(syncs)} synchronizing calls in {sums['steps']} steps: {syncs[:3]}"
