@@ -150,6 +150,7 @@ class Trainer:
         self.train_seconds = self.stem_init_seconds or 0.0  # a resumed run: its checkpoint's, in _load
         self.compile_seconds = 0.0
         self.start_step = 0  # steps of epoch `start_epoch` already done (a checkpoint saved mid-epoch)
+        self._epoch_partial: dict | None = None  # and their sums (checkpoint_state's "epoch_partial")
         # torchrun: the agent's forwarded copy of a signal this rank got directly is not a second one
         self._stop = StopRequest(repeat_window_s=LAUNCHER_REPEAT_S if self.dist.enabled else 0.0)
         self._stop_agreement = StopAgreement(self._stop, self.dist, self.device)  # every rank stops at one step
@@ -175,9 +176,11 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint_state(self, epoch: int, step_in_epoch: int = 0, rank_rng: list | None = None) -> dict:
+    def checkpoint_state(self, epoch: int, step_in_epoch: int = 0, rank_rng: list | None = None,
+                         partial: dict | None = None) -> dict:
         """The checkpoint dict. `rank_rng`: every rank's RNG state in rank order (under torchrun,
-        gathered by save_checkpoint), which a mid-epoch resume on as many ranks restores per rank."""
+        gathered by save_checkpoint), which a mid-epoch resume on as many ranks restores per rank.
+        `partial`: a mid-epoch stop's sums of the epoch so far (_run_epoch), for its metrics row."""
         return {
             "format": FORMAT,
             "model": unwrap(self.model).state_dict(),
@@ -189,6 +192,9 @@ class Trainer:
             # steps done of epoch `epoch` (0 at an epoch boundary; >0 after a stop on a signal):
             # resume skips that many batches of the epoch's (seed, epoch)-determined stream
             "step_in_epoch": step_in_epoch,
+            # with step_in_epoch > 0: {loss_sum, correct, seen, steps} of those steps over all ranks, so the
+            # resumed epoch's metrics row (train_loss, train_acc) is the uninterrupted run's
+            "epoch_partial": partial if step_in_epoch else None,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world_size,  # ranks; train.batch_size is per rank
             "rng": rng_state(self.device),  # rank 0's: what a resume on another number of ranks uses
@@ -201,7 +207,8 @@ class Trainer:
             "torch": str(torch.__version__),  # a TorchVersion object would be refused by weights_only loading
         }
 
-    def save_checkpoint(self, epoch: int, name: str = LAST, step_in_epoch: int = 0) -> Path:
+    def save_checkpoint(self, epoch: int, name: str = LAST, step_in_epoch: int = 0,
+                        partial: dict | None = None) -> Path:
         """Write `name` atomically; for last.pt the previous one is kept as prev.pt.
 
         Only a last.pt of this run's own line is rotated into prev.pt: one this process wrote or
@@ -218,7 +225,7 @@ class Trainer:
         # every rank's own randomness (dropout), for an exact mid-epoch resume (one small gather per save)
         rank_rng = all_gather_objects(rng_state(self.device), self.dist) if self.dist.enabled else None
         if self.dist.is_main:
-            write_checkpoint(self.checkpoint_state(epoch, step_in_epoch, rank_rng), path,
+            write_checkpoint(self.checkpoint_state(epoch, step_in_epoch, rank_rng, partial), path,
                              previous=PREVIOUS if rotate else None)
         barrier(self.dist)
         self._last_saved = ((epoch, step_in_epoch), path)
@@ -286,6 +293,8 @@ class Trainer:
                                   "the EMA starts from the resumed weights")
         self.start_epoch = int(ckpt["epoch"])
         self.start_step = int(ckpt.get("step_in_epoch", 0))
+        partial = ckpt.get("epoch_partial")  # None in a checkpoint of an epoch boundary (or an older one)
+        self._epoch_partial = partial if self.start_step and isinstance(partial, dict) else None
         self._restore_rng(ckpt)
         saved_steps = int(ckpt.get("steps_per_epoch", self.steps_per_epoch))
         if self.start_step and saved_steps != self.steps_per_epoch:
@@ -412,12 +421,14 @@ class Trainer:
             # NCCL's watchdog (polling events)
             capture_error_mode="thread_local" if self.cfg.data.loader == "dali" or self.dist.enabled else "global")
 
-    def train_epoch(self, epoch: int, advance=lambda n=1: None, skip: int = 0) -> dict:
+    def train_epoch(self, epoch: int, advance=lambda n=1: None, skip: int = 0,
+                    partial: dict | None = None) -> dict:
         """One pass over this rank's shard; returns device-side sums, read by the caller once.
 
         `skip`: steps of this epoch a mid-epoch checkpoint already did. The epoch's batch stream is a
         pure function of (seed, epoch), so drawing and dropping `skip` batches puts the loader exactly
-        where the interrupted run stopped. The sums then cover only the remaining steps ("steps").
+        where the interrupted run stopped. "steps" and "seen" count only the remaining steps; the loss and
+        correct sums start from `partial`'s (the stopped run's, saved in its checkpoint) when given.
         On a stop signal the loop ends after the current step (one process) or after the step the ranks
         agree on (torchrun: StopAgreement, at most 2 x STOP_AGREEMENT_EVERY steps later, the same step
         on every rank); "steps" says how far it got.
@@ -430,8 +441,11 @@ class Trainer:
             # many ranks: each rank's saved state goes on instead, see _restore_rng)
             torch.manual_seed(rank_seed(self.cfg.train.seed, epoch, self.dist.rank))
         dev = self.device
-        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        # `partial`: the sums (over all ranks) of the `skip` steps before a mid-epoch stop, carried on rank 0,
+        # so that the epoch's row is the uninterrupted run's (one process: the same float32 additions)
+        carried = partial if partial is not None and self.dist.is_main else {"loss_sum": 0.0, "correct": 0}
+        loss_sum = torch.full((), carried["loss_sum"], dtype=torch.float32, device=dev)
+        correct = torch.full((), int(carried["correct"]), dtype=torch.int64, device=dev)
         step_in_epoch = torch.full((), skip, dtype=torch.int64, device=dev)
         first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
         seen = steps = 0
@@ -615,12 +629,13 @@ class Trainer:
         (off the clock); inside epochs train_epoch agrees every few steps without a host sync."""
         return self._stop_agreement.now()
 
-    def _stop_run(self, epoch: int, step: int) -> None:
-        """Checkpoint the position reached (unless exactly that is saved already), raise RunInterrupted."""
+    def _stop_run(self, epoch: int, step: int, partial: dict | None = None) -> None:
+        """Checkpoint the position reached (unless exactly that is saved already), raise RunInterrupted.
+        `partial`: the sums of the epoch's `step` steps (see checkpoint_state)."""
         if self._last_saved is not None and self._last_saved[0] == (epoch, step):
             path = self._last_saved[1]
         else:
-            path = self.save_checkpoint(epoch, step_in_epoch=step)
+            path = self.save_checkpoint(epoch, step_in_epoch=step, partial=partial)
         if step:
             where = f"epoch {epoch + 1}, step {step}/{self.steps_per_epoch}"
         else:
@@ -701,7 +716,9 @@ class Trainer:
             ema_bn_seconds = final_recompute if final_recompute is not None else ema_bn_seconds
             imgs_per_s.append(row["images_per_second"])
             last = epoch + 1 == end_epoch
-            if (epoch + 1) % self.cfg.train.eval_every == 0 or last:
+            # evaluated on the run's own schedule only: a stop_after_epochs stop must not add an evaluation
+            # (its row and best_test_acc would differ from the uninterrupted run's)
+            if (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == epochs:
                 self._evaluate_into(row)
                 last_row = row
             if self.dist.is_main:
@@ -711,7 +728,8 @@ class Trainer:
             self.console.epoch_line(row, epochs, (epochs - epoch - 1) * (time.perf_counter() - started))
             if (epoch + 1) % self.cfg.train.checkpoint_every == 0 or last:
                 self.save_checkpoint(epoch + 1)
-        return self._finish(last_row, ema_bn_seconds, imgs_per_s, time.perf_counter() - wall_start)
+        return self._finish(last_row, ema_bn_seconds, imgs_per_s, time.perf_counter() - wall_start,
+                            completed=end_epoch)
 
     def _finished_already(self) -> dict | None:
         """A resumed checkpoint that completed train.epochs: its kept summary (a finished run resumed again,
@@ -747,13 +765,14 @@ class Trainer:
         of the end-of-run EMA BN recompute when this was the run's last epoch (None otherwise). A stop
         signal checkpoints the position and raises RunInterrupted; a non-finite loss, TrainingError."""
         skip = self.start_step if epoch == self.start_epoch else 0  # resumed mid-epoch
+        partial = self._epoch_partial if skip else None  # the sums of those steps, from the checkpoint
         if self._stop_agreed():  # a signal during the previous epoch's evaluation or checkpoint
-            self._stop_run(epoch, skip)
+            self._stop_run(epoch, skip, partial)
         lr = self.schedule.lr_at(epoch * self.steps_per_epoch)  # the epoch's first lr, resumed or not
         synchronize(self.device)
         t0 = time.perf_counter()
         with self.console.epoch_bar(epoch + 1, self.cfg.train.epochs, self.steps_per_epoch) as advance:
-            sums = self.train_epoch(epoch, advance, skip=skip)
+            sums = self.train_epoch(epoch, advance, skip=skip, partial=partial)
         synchronize(self.device)
         epoch_seconds = time.perf_counter() - t0
         self.train_seconds += epoch_seconds
@@ -767,25 +786,29 @@ class Trainer:
                 sync_buffers(self.ema.module, self.dist)
         loss_sum, correct, first_bad = stats.tolist()
         self._check_finite(epoch, int(first_bad))  # before any save: a bad epoch is never checkpointed
+        # the epoch so far over all ranks; loss_sum and correct include `partial`'s already (train_epoch)
+        before = partial or {"seen": 0, "steps": 0}  # no partial: resumed from a checkpoint without one
+        so_far = {"loss_sum": loss_sum, "correct": int(correct), "steps": before["steps"] + sums["steps"],
+                  "seen": before["seen"] + sums["seen"] * self.dist.world_size}
         if skip + sums["steps"] < self.steps_per_epoch:  # stopped mid-epoch by a signal
-            self._stop_run(epoch, skip + sums["steps"])
+            self._stop_run(epoch, skip + sums["steps"], so_far)
         final_recompute = None
         if epoch + 1 == self.cfg.train.epochs and self.ema_bn_recompute:
             # train.ema_bn recompute at the end of the run: it produces the final (evaluated, saved,
             # exported) model, so its time counts into train_seconds (summary: ema_bn_seconds)
             final_recompute = self._recompute_ema_bn()
             self.train_seconds += final_recompute
-        seen_all = sums["seen"] * self.dist.world_size
-        # After a mid-epoch resume, train_loss/train_acc/images_per_second cover only the steps
-        # this process ran (the device-side sums restart); "train_steps" says how many.
+        seen_here = sums["seen"] * self.dist.world_size
+        # After a mid-epoch resume, train_loss/train_acc cover the whole epoch (the stopped run's sums come
+        # with its checkpoint), epoch_seconds and images_per_second the steps this process ran.
         row = {
             "epoch": epoch + 1, "lr": lr,
-            "train_loss": loss_sum / max(1, sums["steps"] * self.dist.world_size),
-            "train_steps": sums["steps"],
-            "train_acc": 100.0 * correct / max(1, seen_all),
+            "train_loss": loss_sum / max(1, so_far["steps"] * self.dist.world_size),
+            "train_steps": so_far["steps"],
+            "train_acc": 100.0 * correct / max(1, so_far["seen"]),
             "val_acc": None, "test_acc": None,
             "epoch_seconds": epoch_seconds,
-            "images_per_second": seen_all / epoch_seconds if epoch_seconds > 0 else float("nan"),
+            "images_per_second": seen_here / epoch_seconds if epoch_seconds > 0 else float("nan"),
         }
         return row, final_recompute
 
@@ -800,9 +823,10 @@ class Trainer:
             self.best_test_acc = max(self.best_test_acc or 0.0, row["test_acc"])
 
     def _finish(self, last_row: dict, ema_bn_seconds: float | None, imgs_per_s: list[float],
-                wall_seconds: float) -> dict:
+                wall_seconds: float, completed: int) -> dict:
         """The run's summary.json: the last evaluation's figures (measured again for a finished run that
-        lost its summary), the TTA accuracies, the clocks and the provenance."""
+        lost its summary), the TTA accuracies, the clocks and the provenance. `completed` epochs short of
+        train.epochs (fit's stop_after_epochs, checkpointed): the figures so far, returned only."""
         cfg = self.cfg
         summary = {
             "name": cfg.name, "params": self.params, "epochs": cfg.train.epochs,
@@ -823,6 +847,10 @@ class Trainer:
             "precision": self.precision.name, "torch": torch.__version__, "git_sha": git_sha(),
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
+        if completed < cfg.train.epochs:
+            self.console.info(f"stopped after epoch {completed} of {cfg.train.epochs} (stop_after_epochs); "
+                              f"checkpoint saved: {self.run_dir / LAST}")
+            return summary
         if self.start_epoch >= cfg.train.epochs:  # a finished run without its summary (stopped while writing
             # it): the final model is the checkpoint's, so its figures are measured again
             for split, loader in self._eval_splits():

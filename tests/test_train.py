@@ -73,21 +73,25 @@ def test_smoke_config_learns_through_the_dali_loader(cifar_dir, tmp_path, one_to
 
 
 @pytest.mark.parametrize("extra", [{}, {"train__ema_decay": "0.9", "train__ema_warmup_steps": "15"},
-                                 {"model__stem_init": "whiten", "model__stem_frozen": "true"}],
-                         ids=["no-ema", "ema", "whitened-frozen-stem"])
+                                 {"model__stem_init": "whiten", "model__stem_frozen": "true"},
+                                 {"train__eval_every": "2"}],
+                         ids=["no-ema", "ema", "whitened-frozen-stem", "eval-every-2"])
 def test_resume_is_exact(cifar_dir, tmp_path, extra):
     """2 epochs in one go == 1 epoch, stop, resume from last.pt, 1 more epoch (CPU, fixed seed).
 
     Lookahead k=3 with 10 steps per epoch puts the checkpoint mid-period, so the slow weights and
     the step count must travel in the checkpoint too; with EMA (warmup 15 steps: mid-ramp at the
     checkpoint) the EMA weights and buffers must too, and the evaluated accuracy is the EMA's; with a
-    whitened, frozen stem the resumed run takes the filters from the checkpoint, unchanged.
+    whitened, frozen stem the resumed run takes the filters from the checkpoint, unchanged. The metrics
+    rows are the uninterrupted run's too (timing aside): with eval_every 2 the stop after epoch 1 must
+    not add an evaluation there, nor write a summary.json for a run that has not finished.
     """
     torch.manual_seed(123)  # the global RNG must not leak into the run
     straight = Trainer(tiny_config(cifar_dir, tmp_path / "a", **extra), device="cpu", console=quiet())
     full = straight.fit()
     half = Trainer(tiny_config(cifar_dir, tmp_path / "b", **extra), device="cpu", console=quiet())
     half.fit(stop_after_epochs=1)
+    assert not (tmp_path / "b" / "summary.json").exists()
     saved = load_checkpoint(tmp_path / "b" / "last.pt")
     assert saved["epoch"] == 1 and (saved["ema"] is not None) == ("train__ema_decay" in extra)
     torch.manual_seed(999)
@@ -104,9 +108,11 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
-    assert summary["final_test_acc"] == full["final_test_acc"]
-    rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    assert summary["final_test_acc"] == full["final_test_acc"] and summary["best_test_acc"] == full["best_test_acc"]
+    timing = ("epoch_seconds", "images_per_second")
+    rows, want = ([{k: v for k, v in json.loads(line).items() if k not in timing}
+                   for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("b", "a"))
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == want
 
 
 def test_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
