@@ -57,8 +57,10 @@ def _write_temp(obj: Any, path: Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: its zip writer's
+            raise KeyboardInterrupt from None  # close then fails ("unexpected pos"); the cause is the Ctrl-C
         raise
     return Path(tmp)
 
@@ -263,11 +265,16 @@ def find_resume_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = pr
     problems = []
     for path in candidates:
         try:
-            load_checkpoint(path)
-            return path
+            kind = load_checkpoint(path).get("kind")
         except CheckpointError as e:
             problems.append(str(e))
             warn(f"warning: skipping {path}: {e}")
+            continue
+        if kind is None:  # a training checkpoint (an exported weights file says what it is)
+            return path
+        problems.append(f"{path} is an exported {kind} file, not a training checkpoint")
+        warn(f"warning: skipping {path}: an exported {kind} file (python -m fasttrain export), which has no "
+             "optimizer state to resume from")
     if candidates:
         raise CheckpointError(f"no usable checkpoint in {str(run_dir)!r}: " + "; ".join(problems))
     return None

@@ -28,6 +28,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fasttrain",
         description="Train an Efficient-ResNet on CIFAR-10. Any config key is a flag: --optim.lr 0.2",
+        epilog="other commands: python -m fasttrain eval|plot|export --help (a checkpoint's test accuracy, a run's "
+               "curves, its weights to ship)",
         allow_abbrev=False,
     )
     p.add_argument("--config", help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml)")
@@ -107,7 +109,8 @@ def resolve_resume(resume: str | None, cfg) -> str | None:
             same_run = False
         if not same_run:
             raise ConfigError(f"--resume auto: {str(run_dir)!r} holds no checkpoint and the config.yaml of "
-                              "another run; pass --overwrite to replace it, or another --output.dir")
+                              "another run: pass another --output.dir, or start a new run there with --overwrite "
+                              "instead of --resume auto")
     return str(found) if found else None
 
 
@@ -135,6 +138,9 @@ def dry_run(cfg, as_json: bool) -> int:
 
 def cmd_train(argv: list[str]) -> int:
     args, rest = _train_parser().parse_known_args(argv)
+    if args.json and not args.dry_run:
+        raise ConfigError("--json prints the --dry-run report: pass --dry-run --json (a training run logs to "
+                          "its run folder's metrics.jsonl and summary.json)")
     cfg = load_config(args.config, rest)
     if args.dry_run:
         return dry_run(cfg, args.json)
@@ -179,7 +185,15 @@ def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     from fasttrain.export import export_weights
 
-    if Path(args.out).exists() and not args.overwrite:
+    out = Path(args.out)
+    if not args.out or args.out.endswith(("/", "\\")):
+        raise ConfigError(f"OUT {args.out!r}: name the weights file to write, e.g. weights.pt")
+    if out.exists() and out.resolve() == Path(args.checkpoint).resolve():
+        raise ConfigError(f"{args.out} is the checkpoint being exported: write the weights to another file "
+                          "(replacing it would lose the run's optimizer state and its resumability)")
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"{args.out} exists and is not a regular file: name a file to write, e.g. weights.pt")
+    if out.exists() and not args.overwrite:
         raise ConfigError(f"{args.out} exists: pass --overwrite to replace it, or another OUT")
     info = export_weights(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, note=args.note)
     if args.json:
@@ -202,6 +216,9 @@ def cmd_plot(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export}
+# what a Ctrl-C outside the training loop left behind (every file is written atomically)
+INTERRUPTED = {"train": "interrupted: nothing was written after the run's last checkpoint (if it has one)",
+               "export": "interrupted: OUT was not written", "plot": "interrupted: no image was written"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second Ctrl-C during a save
-        print("interrupted: nothing was saved after the last checkpoint", file=sys.stderr)
+        print(INTERRUPTED.get(command, "interrupted"), file=sys.stderr)
         return EXIT_INTERRUPTED
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -368,7 +368,8 @@ def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> 
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) < 3:
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE (the commands: "
+                              "train (the default), eval, plot, export; python -m fasttrain COMMAND --help)")
         inline = "=" in arg
         key, text = arg[2:].split("=", 1) if inline else (arg[2:], args[i + 1] if i + 1 < len(args) else None)
         _check_flag(key, text, options)

@@ -5,11 +5,15 @@ so plotting never needs a display and never touches matplotlib's global backend 
 """
 from __future__ import annotations
 
-import json
 import math
+import sys
 from pathlib import Path
 
 from fasttrain.config import ConfigError
+from fasttrain.run_folder import decoded_row
+
+# what savefig can write; the file's suffix picks it (matplotlib's own list is larger, PNG is the point)
+FORMATS = (".png", ".pdf", ".svg")
 
 INSTALL_HINT = "pip install 'fasttrain-resnet[plot]'"
 
@@ -27,19 +31,25 @@ def new_figure(width: float, height: float):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of RUN_DIR/metrics.jsonl; ConfigError (one clean CLI line) when there are none."""
+    """The rows of RUN_DIR/metrics.jsonl; ConfigError (one clean CLI line) when there are none. A line that
+    is not a row with an integer epoch (a write torn by a kill) is left out with a warning, as the trainer
+    leaves it out on resume."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path} not found: RUN_DIR must be a fasttrain run folder (it holds metrics.jsonl "
                           "once the first epoch has finished)")
-    rows = []
+    rows, skipped = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}, line {number}: not a JSON metrics row ({e})") from None
+        row = decoded_row(line)
+        if row is None or not isinstance(row.get("epoch"), int) or isinstance(row.get("epoch"), bool):
+            skipped.append(number)
+            continue
+        rows.append(row)
+    if skipped:
+        print(f"warning: {path}: left out {len(skipped)} line(s) that are not metrics rows (line "
+              f"{', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})", file=sys.stderr)
     if not rows:
         raise ConfigError(f"{path} holds no epochs yet: nothing to plot")
     return rows
@@ -70,6 +80,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw loss, train/val/test accuracy, lr and images/s per epoch; return the PNG path
     (default RUN_DIR/curves.png)."""
     run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a folder: name the image file, e.g. {out / 'curves.png'}")
+    if out.suffix.lower() not in FORMATS:
+        raise ConfigError(f"--out {str(out)!r}: the file name's suffix picks the format, one of "
+                          f"{', '.join(FORMATS)}")
     rows = read_metrics(run_dir)
     fig = new_figure(11, 7.5)
     (loss_ax, acc_ax), (lr_ax, speed_ax) = fig.subplots(2, 2)
@@ -80,7 +96,6 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     _panel(speed_ax, rows, [("images_per_second", "train")], "training throughput", "images / s")
     best = max((r["test_acc"] for r in rows if isinstance(r.get("test_acc"), (int, float))), default=None)
     fig.suptitle(f"{run_dir.name}: {len(rows)} epoch(s)" + (f", best test {best:.2f}%" if best is not None else ""))
-    out = Path(out) if out is not None else run_dir / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fasttrain.checkpoint import CheckpointError, load_checkpoint
+from fasttrain.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
 from fasttrain.trainer import Trainer
 from test_train import quiet, run_cli, tiny_config
 
@@ -68,6 +68,17 @@ def test_an_export_cannot_be_resumed_from(run, cifar_dir, tmp_path):
     cfg = tiny_config(cifar_dir, tmp_path / "again", train__epochs="2", train__ema_decay="0.9")
     with pytest.raises(CheckpointError, match="exported weights file.*no optimizer state"):
         Trainer(cfg, device="cpu", console=quiet(), resume=out)
+    # --resume auto passes over an exported file in a run folder (named in a warning) for a checkpoint
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "prev.pt").write_bytes((run / "last.pt").read_bytes())
+    (folder / "last.pt").write_bytes(out.read_bytes())
+    warned = []
+    assert find_resume_checkpoint(folder, warn=warned.append) == folder / "prev.pt"
+    assert len(warned) == 1 and "last.pt: an exported weights file" in warned[0]
+    (folder / "prev.pt").unlink()
+    with pytest.raises(CheckpointError, match="exported weights file, not a training checkpoint"):
+        find_resume_checkpoint(folder, warn=warned.append)
 
 
 def test_export_refusals(run, cifar_dir, tmp_path):
@@ -79,9 +90,17 @@ def test_export_refusals(run, cifar_dir, tmp_path):
     Trainer(tiny_config(cifar_dir, plain, train__epochs="1"), device="cpu", console=quiet()).fit()
     proc = run_cli("export", str(plain / "last.pt"), str(tmp_path / "w.pt"), "--weights", "ema", check=False)
     assert proc.returncode == 1 and "holds no EMA weights" in proc.stderr and not (tmp_path / "w.pt").exists()
-    # what the file system refuses (here: a folder where the file goes) is one line too, not a traceback
+    # an OUT that is not a regular file (a folder, a device) is not replaced, even with --overwrite
     folder = tmp_path / "a-folder"
     (folder / "inside").mkdir(parents=True)
     proc = run_cli("export", str(run / "last.pt"), str(folder), "--overwrite", check=False)
-    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {folder}") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "is not a regular file" in proc.stderr and "Traceback" not in proc.stderr
     assert (folder / "inside").is_dir() and not list(tmp_path.glob(".a-folder*"))  # no temp file left
+    # the checkpoint itself: replacing it would throw the run's optimizer state away
+    before = (run / "last.pt").read_bytes()
+    proc = run_cli("export", str(run / "last.pt"), str(run / "last.pt"), "--overwrite", check=False)
+    assert proc.returncode == 2 and "is the checkpoint being exported" in proc.stderr
+    assert (run / "last.pt").read_bytes() == before
+    # what the file system refuses (here: a file where the folder goes) is one line too, not a traceback
+    proc = run_cli("export", str(run / "last.pt"), str(out / "w.pt"), check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

@@ -64,6 +64,23 @@ def test_plot_cli(tmp_path, capsys):
     assert err.startswith("error: ") and "metrics.jsonl" in err and err.count("\n") == 1
 
 
+def test_plot_leaves_out_lines_that_are_not_rows_and_refuses_an_out_it_cannot_write(tmp_path, capsys):
+    """A write torn by a kill (the trainer drops such a line on resume), or JSON that is not a row: left
+    out with a warning. An --out that is a folder or has no image suffix: exit 2, nothing written."""
+    run = write_run(tmp_path / "run", metrics_rows())
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('[1, 2]\n{"epoch": "4"}\n{"epoch": 4, "lr": 0.0')
+    assert main(["plot", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "left out 3 line(s) that are not metrics rows (line 4, 5, 6)" in err
+    assert (run / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    for out, why in ((tmp_path, "is a folder"), (tmp_path / "c.txt", "the file name's suffix picks the format")):
+        assert main(["plot", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and err.count("\n") == 1
+    assert not (tmp_path / "c.txt").exists()
+
+
 def test_plot_without_matplotlib_says_how_to_install(tmp_path):
     run = write_run(tmp_path / "run", metrics_rows())
     proc = run_cli("plot", str(run), prelude="sys.modules['matplotlib'] = None; ")  # as if not installed

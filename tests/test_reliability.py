@@ -721,8 +721,44 @@ def test_resume_auto_refuses_a_folder_of_another_run_without_checkpoints(cifar_d
     (run / "config.yaml").write_text("name: someone-else\n")
     before = folder_snapshot(run)
     assert cli.main(cli_args(cifar_dir, run, "--resume", "auto")) == cli.EXIT_USAGE
-    assert "holds no checkpoint and the config.yaml of another run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no checkpoint and the config.yaml of another run" in err
+    assert "with --overwrite instead of --resume auto" in err  # --overwrite beside --resume auto is not taken
     assert folder_snapshot(run) == before
+
+
+def test_command_line_mistakes_are_usage_errors_that_name_the_fix(cifar_dir, tmp_path, good_run, capsys):
+    """Exit 2 and one line, nothing trained or written: --json without --dry-run (it would train and print
+    nothing of it), a test subset eval cannot take, a misspelt command."""
+    run = tmp_path / "run"
+    assert cli.main(cli_args(cifar_dir, run) + ["--json"]) == cli.EXIT_USAGE
+    assert "pass --dry-run --json" in capsys.readouterr().err and not run.exists()
+    for n in ("-5", "20000"):
+        assert cli.main(["eval", "--checkpoint", str(good_run / "last.pt"), "--device", "cpu",
+                         "--data.test_subset", n]) == cli.EXIT_USAGE
+        assert "data.test_subset" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--checkpoint", str(good_run / "last.pt")]) == cli.EXIT_USAGE
+    assert "the commands: train (the default), eval, plot, export" in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_file(tmp_path, monkeypatch, capsys, good_run):
+    """Ctrl-C while torch.save writes: its zip writer's close then fails with a RuntimeError ("unexpected
+    pos"), which hid the KeyboardInterrupt behind a traceback and exit 1. It is the interrupt (exit 130, one
+    line), and neither the target nor a temp file is left."""
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        try:
+            real_save(obj, f, *args, **kwargs)
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9397248 vs 9397144")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    out = tmp_path / "weights.pt"
+    assert cli.main(["export", str(good_run / "last.pt"), str(out)]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "interrupted: OUT was not written\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------ security
