@@ -142,7 +142,12 @@ def cmd_train(argv: list[str]) -> int:
         raise ConfigError("--json prints the --dry-run report: pass --dry-run --json (a training run logs to "
                           "its run folder's metrics.jsonl and summary.json)")
     cfg = load_config(args.config, rest)
-    if args.dry_run:
+    if args.dry_run:  # what training would refuse at once, refused here too
+        from fasttrain.runtime import resolve_device
+
+        resolve_device(args.device)
+        if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+            raise ConfigError(f"--resume {args.resume!r}: no such checkpoint file")
         return dry_run(cfg, args.json)
     from fasttrain.distributed import init_distributed, shutdown
     from fasttrain.runtime import resolve_device

@@ -466,6 +466,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     values: dict = {}
     if path is not None:
         p = Path(path)
+        if not str(path).strip() or p.is_dir():
+            raise ConfigError(f"--config {str(path)!r} is not a file: name a YAML config, e.g. configs/best.yaml")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found (the shipped ones are in configs/)")
         try:

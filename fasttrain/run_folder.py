@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -53,7 +54,22 @@ def choose_run_dir(cfg: Config, run_dir: str | Path | None, resume_path: Path | 
             f"{str(run_dir)!r} already holds a run of its own: pass an --output.dir that holds no run "
             f"(or leave it out to continue in {str(resume_path.parent)!r}), or --overwrite to replace "
             "that run")
+    _check_writable(run_dir)
     return run_dir
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Refuse a run folder this process cannot write before any training (its first write is after the
+    first epoch: that epoch, and a half-updated folder, would be lost)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"the output folder {str(run_dir)!r} cannot be made: {str(existing)!r} is a file; "
+                          "choose another --output.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output folder {str(run_dir)!r} is not writable ({str(existing)!r} refuses new "
+                          "files): choose a writable --output.dir")
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, resume_path: Path | None, completed_epochs: int,

@@ -67,6 +67,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         self.device = resolve_device(device, self.dist)
+        self._device_flag = "" if device == "auto" else f" --device {device}"  # for the printed resume command
         self.precision = Precision.resolve(cfg.train.precision, self.device)
         self.console = console or RunConsole(cfg.output.progress, enabled=self.dist.is_main)
         if self.dist.enabled and cfg.train.sync_bn and self.device.type != "cuda":
@@ -644,8 +645,9 @@ class Trainer:
         launch = self._resume_launcher()
         raise RunInterrupted(
             f"stopped by {self._stop.name} at {where}; checkpoint saved: {path}\n"
-            f"resume with:\n  {launch} -m fasttrain --config {cfg_file} --resume {q(str(path))}\n"
-            f"or:\n  {launch} -m fasttrain --config {cfg_file} --resume auto --output.dir {q(str(self.run_dir))}",
+            f"resume with:\n  {launch} -m fasttrain --config {cfg_file}{self._device_flag} --resume {q(str(path))}\n"
+            f"or:\n  {launch} -m fasttrain --config {cfg_file}{self._device_flag} --resume auto --output.dir "
+            f"{q(str(self.run_dir))}",
             self._stop.signum, path, announce=self.dist.is_main)
 
     def _resume_launcher(self) -> str:
@@ -863,4 +865,7 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         self.console.summary(summary)
+        if self._stop.requested:  # during the last evaluation or the summary: the run was complete by then
+            self.console.warn(f"{self._stop.name} came after the last training step: the run finished and its "
+                              "files are complete (exit 0), nothing to resume")
         return summary

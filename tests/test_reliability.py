@@ -739,6 +739,41 @@ def test_command_line_mistakes_are_usage_errors_that_name_the_fix(cifar_dir, tmp
         assert "data.test_subset" in capsys.readouterr().err
     assert cli.main(["evaluate", "--checkpoint", str(good_run / "last.pt")]) == cli.EXIT_USAGE
     assert "the commands: train (the default), eval, plot, export" in capsys.readouterr().err
+    # --dry-run refuses what training would: a device that is not there, a checkpoint that is not there
+    assert cli.main(cli_args(cifar_dir, run) + ["--dry-run", "--resume", str(tmp_path / "none.pt")]) == cli.EXIT_USAGE
+    assert "no such checkpoint file" in capsys.readouterr().err
+    assert cli.main(["--config", str(tmp_path), "--dry-run"]) == cli.EXIT_USAGE
+    assert "is not a file: name a YAML config" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(cifar_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Its first write comes after the first epoch (and the compile warmup): refused at once instead."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(cli_args(cifar_dir, blocker / "run")) == cli.EXIT_USAGE
+    assert "is a file; choose another --output.dir" in capsys.readouterr().err
+    import fasttrain.run_folder as run_folder  # root may write anywhere: the refusal as a user would get it
+
+    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: False)
+    assert cli.main(cli_args(cifar_dir, tmp_path / "run")) == cli.EXIT_USAGE
+    assert "is not writable" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tmp_path):
+    """A stop during the final evaluation: the run is complete by then (exit 0, its files written), and
+    the console says the signal was seen rather than ignoring it silently."""
+    from fasttrain.console import RunConsole
+
+    warned = []
+    console = RunConsole(progress=False, enabled=True)
+    console.warn = warned.append
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path / "run", "--train.epochs", "1"), device="cpu", console=console)
+    evaluate_into = trainer._evaluate_into
+    trainer._evaluate_into = lambda row: (trainer._stop.request(signal.SIGINT), evaluate_into(row))
+    summary = trainer.fit()
+    assert summary["final_test_acc"] is not None and (tmp_path / "run" / "summary.json").is_file()
+    assert any("SIGINT came after the last training step" in w for w in warned), warned
 
 
 def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_file(tmp_path, monkeypatch, capsys, good_run):
