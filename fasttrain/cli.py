@@ -221,9 +221,9 @@ def cmd_plot(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export}
-# what a Ctrl-C outside the training loop left behind (every file is written atomically)
+# what a Ctrl-C outside the training loop left behind (checkpoints and exports are written atomically)
 INTERRUPTED = {"train": "interrupted: nothing was written after the run's last checkpoint (if it has one)",
-               "export": "interrupted: OUT was not written", "plot": "interrupted: no image was written"}
+               "export": "interrupted: OUT was not written"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,7 +295,9 @@ class Trainer:
         self.start_epoch = int(ckpt["epoch"])
         self.start_step = int(ckpt.get("step_in_epoch", 0))
         partial = ckpt.get("epoch_partial")  # None in a checkpoint of an epoch boundary (or an older one)
-        self._epoch_partial = partial if self.start_step and isinstance(partial, dict) else None
+        well_formed = isinstance(partial, dict) and all(
+            isinstance(partial.get(k), (int, float)) for k in ("loss_sum", "correct", "seen", "steps"))
+        self._epoch_partial = partial if self.start_step and well_formed else None
         self._restore_rng(ckpt)
         saved_steps = int(ckpt.get("steps_per_epoch", self.steps_per_epoch))
         if self.start_step and saved_steps != self.steps_per_epoch:
