@@ -114,6 +114,20 @@ def resolve_resume(resume: str | None, cfg) -> str | None:
     return str(found) if found else None
 
 
+def _follow_a_moved_run(cfg, args, rest: list[str]) -> None:
+    """`--config RUN/config.yaml --resume RUN/last.pt` continues RUN, also after the folder was moved or
+    renamed: the saved config names the folder the run started in (output.dir), which the move made
+    stale. Only for a config and checkpoint of one folder, and unless --output.dir is given."""
+    if args.resume in (None, "auto") or not args.config or any(a.startswith("--output") for a in rest):
+        return
+    folder = Path(args.resume).resolve().parent
+    if (cfg.output.dir and Path(args.config).resolve().parent == folder
+            and Path(cfg.output.dir).resolve() != folder and Path(args.resume).is_file()):
+        print(f"note: {args.config} names the run folder {cfg.output.dir!r}; continuing in {str(folder)!r}, "
+              "where it lies now (pass --output.dir to choose another)", file=sys.stderr)
+        cfg.output.dir = str(Path(args.resume).parent)
+
+
 def dry_run(cfg, as_json: bool) -> int:
     from fasttrain.data.cifar import find_cifar10, resolve_data_dir
     from fasttrain.model import build_model, count_params, forward_flops
@@ -142,6 +156,7 @@ def cmd_train(argv: list[str]) -> int:
         raise ConfigError("--json prints the --dry-run report: pass --dry-run --json (a training run logs to "
                           "its run folder's metrics.jsonl and summary.json)")
     cfg = load_config(args.config, rest)
+    _follow_a_moved_run(cfg, args, rest)
     if args.dry_run:  # what training would refuse at once, refused here too
         from fasttrain.runtime import resolve_device
 

@@ -760,6 +760,21 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(cifa
     assert "is not writable" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
+def test_a_moved_run_folder_resumes_where_it_lies_now(cifar_dir, tmp_path, capsys):
+    """The README's "continue a run exactly" command after `mv runs/A runs/B`: its saved config.yaml still
+    names runs/A (output.dir), but the run goes on in runs/B, and runs/A is not made again."""
+    first = tmp_path / "A"
+    assert cli.main(cli_args(cifar_dir, first, "--train.epochs", "1")) == 0
+    moved = tmp_path / "B"
+    first.rename(moved)
+    args = ["--config", str(moved / "config.yaml"), "--device", "cpu", "--resume", str(moved / "last.pt"),
+            "--train.epochs", "2"]
+    assert cli.main(args) == 0
+    assert "continuing in" in capsys.readouterr().err and not first.exists()
+    assert [json.loads(r)["epoch"] for r in (moved / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert load_checkpoint(moved / "last.pt")["epoch"] == 2
+
+
 def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tmp_path):
     """A stop during the final evaluation: the run is complete by then (exit 0, its files written), and
     the console says the signal was seen rather than ignoring it silently."""
