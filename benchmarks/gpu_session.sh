@@ -11,10 +11,11 @@
 #               ones finish early). The plan for a session's one big command; the first session's quick
 #               (rows 1-8, best, kernels, loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
 #   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
-#               one stage alone (limit: the deadline). torchrun: a plain run, the same under one-process torchrun (the
-#               launcher's cost: one process is a plain run), then the gpu tests of tests/test_distributed.py
-#               (DDP on NCCL in a one-rank group, its step as a CUDA graph, the stop agreement). profile: benchmarks/profile_step.py (host- or
-#               GPU-bound, per row); best: time_to_accuracy.py on best.yaml, SEEDS seeds, with BEST_ARGS, or
+#               one stage alone (limit: the deadline). torchrun: a plain run, the same under one-process
+#               torchrun (the launcher's cost: one process is a plain run), then the gpu tests of
+#               tests/test_distributed.py (DDP on NCCL in a one-rank group, its step as a CUDA graph, the stop
+#               agreement). profile: benchmarks/profile_step.py (host- or GPU-bound, per row);
+#               best: time_to_accuracy.py on best.yaml, SEEDS seeds, with BEST_ARGS, or
 #               with the candidate of the recipe_ablation result BEST_FROM names (the search keeps its own at
 #               SEARCH_KEEP, /tmp/fasttrain-search.json); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
 #               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)

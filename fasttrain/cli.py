@@ -157,15 +157,14 @@ def cmd_train(argv: list[str]) -> int:
                           "its run folder's metrics.jsonl and summary.json)")
     cfg = load_config(args.config, rest)
     _follow_a_moved_run(cfg, args, rest)
-    if args.dry_run:  # what training would refuse at once, refused here too
-        from fasttrain.runtime import resolve_device
+    from fasttrain.runtime import resolve_device
 
+    if args.dry_run:  # what training would refuse at once, refused here too
         resolve_device(args.device)
         if args.resume not in (None, "auto") and not Path(args.resume).is_file():
             raise ConfigError(f"--resume {args.resume!r}: no such checkpoint file")
         return dry_run(cfg, args.json)
     from fasttrain.distributed import init_distributed, shutdown
-    from fasttrain.runtime import resolve_device
     from fasttrain.trainer import Trainer
 
     dist_info = init_distributed(resolve_device(args.device).type)
@@ -208,13 +207,14 @@ def cmd_export(argv: list[str]) -> int:
     out = Path(args.out)
     if not args.out or args.out.endswith(("/", "\\")):
         raise ConfigError(f"OUT {args.out!r}: name the weights file to write, e.g. weights.pt")
-    if out.exists() and out.resolve() == Path(args.checkpoint).resolve():
-        raise ConfigError(f"{args.out} is the checkpoint being exported: write the weights to another file "
-                          "(replacing it would lose the run's optimizer state and its resumability)")
-    if out.exists() and not out.is_file():
-        raise ConfigError(f"{args.out} exists and is not a regular file: name a file to write, e.g. weights.pt")
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"{args.out} exists: pass --overwrite to replace it, or another OUT")
+    if out.exists():
+        if out.resolve() == Path(args.checkpoint).resolve():
+            raise ConfigError(f"{args.out} is the checkpoint being exported: write the weights to another file "
+                              "(replacing it would lose the run's optimizer state and its resumability)")
+        if not out.is_file():
+            raise ConfigError(f"{args.out} exists and is not a regular file: name a file to write, e.g. weights.pt")
+        if not args.overwrite:
+            raise ConfigError(f"{args.out} exists: pass --overwrite to replace it, or another OUT")
     info = export_weights(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, note=args.note)
     if args.json:
         print(json.dumps(info))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrain.checkpoint import check_architecture, load_checkpoint, select_weights
-from fasttrain.config import CHOICES, _validate_sizes, config_from_dict
+from fasttrain.config import CHOICES, config_from_dict
 from fasttrain.data import build_data
 from fasttrain.data.cifar import ENV_VAR
 from fasttrain.distributed import DistInfo, all_reduce_sum
@@ -139,14 +139,14 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
         raise ValueError(f"tta mode {tta!r}: expected one of {', '.join(TTA_MODES)}, or all")
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
-    cfg = config_from_dict(ckpt["config"])
+    values = ckpt["config"]
+    if test_subset is not None:  # validated with the rest (a ConfigError, exit 2, naming the range)
+        values = {**values, "data": {**values.get("data", {}), "test_subset": test_subset}}
+    cfg = config_from_dict(values)
     if data_dir is not None:
         cfg.data.dir = data_dir
     elif os.environ.get(ENV_VAR):  # this machine's copy, before the path the run was trained with
         cfg.data.dir = None
-    if test_subset is not None:
-        cfg.data.test_subset = test_subset
-        _validate_sizes(cfg.data)  # a ConfigError (exit 2) naming the range, as for the config key
     used, state = select_weights(ckpt, weights, repr(str(path)))
     model = build_model(cfg.model, check=False)
     check_architecture(model, state, str(path))

@@ -29,7 +29,7 @@ from fasttrain.checkpoint import (FORMAT, CheckpointError, find_resume_checkpoin
 from fasttrain.config import load_config, save_config
 from fasttrain.signals import RunInterrupted, StopRequest
 from fasttrain.trainer import Trainer, TrainingError
-from test_train import quiet
+from test_train import quiet, untimed_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
@@ -226,13 +226,10 @@ def test_sigint_in_process_stops_after_the_step_and_resume_is_exact(cifar_dir, t
     resumed.fit()
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    want = [json.loads(r) for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows = untimed_rows(tmp_path / "b")
     assert [r["epoch"] for r in rows] == [1, 2] and [r["train_steps"] for r in rows] == [STEPS, STEPS]
     # the stopped epoch's row is the uninterrupted run's: its first 3 steps' sums came with the checkpoint
-    timing = ("epoch_seconds", "images_per_second")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == \
-           [{k: v for k, v in r.items() if k not in timing} for r in want]
+    assert rows == untimed_rows(tmp_path / "a")
 
     # the resumed run kept its own line: prev.pt is now the mid-epoch checkpoint it resumed from
     assert load_checkpoint(tmp_path / "b" / "prev.pt")["step_in_epoch"] == 3

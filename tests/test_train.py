@@ -38,6 +38,13 @@ def quiet():
     return RunConsole(progress=False, enabled=False)
 
 
+def untimed_rows(run_dir) -> list[dict]:
+    """A run's metrics.jsonl rows without their timing fields: what an exact resume must reproduce."""
+    timing = ("epoch_seconds", "images_per_second")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_cli(*args, env_extra=None, check=True):
     env = dict(os.environ, **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-m", "fasttrain", *args], capture_output=True, text=True, env=env,
@@ -109,10 +116,8 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
         for k in a:
             assert torch.equal(a[k], b[k]), k
     assert summary["final_test_acc"] == full["final_test_acc"] and summary["best_test_acc"] == full["best_test_acc"]
-    timing = ("epoch_seconds", "images_per_second")
-    rows, want = ([{k: v for k, v in json.loads(line).items() if k not in timing}
-                   for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("b", "a"))
-    assert [r["epoch"] for r in rows] == [1, 2] and rows == want
+    rows = untimed_rows(tmp_path / "b")
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == untimed_rows(tmp_path / "a")
 
 
 def test_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
