@@ -1,6 +1,6 @@
 """The paper's ResNet family ("Efficient ResNets", Thakur et al. 2023), every knob a config key.
 
-    stem:   conv F_1 x F_1 (3 -> C_1), BN, ReLU, [SE when se_placement = stem]
+    stem:   conv 3x3 (3 -> C_1), BN, ReLU, [SE when se_placement = stem]; 3x3 whatever F_1 is, as in the paper
     stage i (i = 1..N): B_i BasicBlocks with C_1 * 2^(i-1) channels, stride 2 in the first block of i > 1
     block:  conv F_i - BN - ReLU - conv F_i - BN [- SE when se_placement = blocks] + shortcut, ReLU
             shortcut: identity, or a K_i x K_i conv (stride s) + BN when the shape changes
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrain.config import ConfigError, ModelConfig
+
+STEM_KERNEL = 3  # the reference's stem is a 3x3 conv for every F_1 (F_i sizes the stages' convs only)
 
 
 class SqueezeExcite(nn.Module):
@@ -76,7 +78,7 @@ class ResNet(nn.Module):
         se_stem = cfg.se and cfg.se_placement == "stem"
         se_blocks = cfg.se and cfg.se_placement == "blocks"
         self.stem = nn.Sequential(
-            nn.Conv2d(3, c1, cfg.conv_kernel[0], 1, cfg.conv_kernel[0] // 2, bias=False),
+            nn.Conv2d(3, c1, STEM_KERNEL, 1, STEM_KERNEL // 2, bias=False),
             nn.BatchNorm2d(c1),
             nn.ReLU(inplace=True),
         )

@@ -131,6 +131,7 @@ def test_knobs_build_and_run(kw):
     # the blocks per stage and the conv kernels per stage follow B_i and F_i
     assert [len(s) for s in model.stages] == cfg.blocks
     assert [s[0].conv1.kernel_size[0] for s in model.stages] == cfg.conv_kernel
+    assert model.stem[0].kernel_size == (3, 3)  # the paper's stem is 3x3 whatever F_1 is
     # K_i: every projection shortcut of stage i has a K_i x K_i kernel (the first stage keeps its width:
     # an identity shortcut, unless C_1 differs from the stem's)
     for i, stage in enumerate(model.stages):
