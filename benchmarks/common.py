@@ -371,7 +371,7 @@ def cuda_times_ms(fn, warmup: int = 20, iters: int = 100, flush_l2: bool = True,
 
 def matmul_tflops(n: int = 8192, iters: int = 10) -> float:
     """Measured dense bf16 matrix-product rate in TFLOP/s (random n x n operands, median of `iters`):
-    the practical compute ceiling, beside the datasheet peak (METHOD.md: measure both ceilings)."""
+    the practical compute ceiling, beside the datasheet peak (both ceilings are reported)."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = statistics.median(cuda_times_ms(lambda: a @ b, warmup=3, iters=iters, flush_l2=False))

@@ -29,8 +29,8 @@
 #               (275 s of training at 1.37 s an epoch). Rerun it only for other data (the official files).
 #   preflight   tests + graphseed (~150 s): whether the CUDA graph is right (the gpu tests) and learns
 #               (graphseed: the paper's recipe, 3 epochs, with the graph; 1.41 s an epoch on an H200).
-#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default: the candidates for
-#               reaching A_paper: cutout against the overfitting, longer runs), SEEDS (1) seeds each, JOBS
+#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ABLATION_ONLY: best.yaml
+#               with one ingredient taken away at a time, for issue 6's write-up; the search is `search`), SEEDS (1) seeds each, JOBS
 #               (6) runs at a time on the one GPU (their compiles overlap on the 16 cores; accuracies as one
 #               at a time, times shared), ABLATION_ARGS for every run (the next-call line turns best.yaml's
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
@@ -86,8 +86,8 @@
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as both sessions
 # so far did); the recipe search may run on either.
 # Sizing (estimates): best.yaml at batch 512 with the graph is GPU-bound, maybe ~0.7 s an epoch
-# (seed.yaml at batch 128 ran 36,286 img/s with it), so the six default runs side by side (320 epochs
-# in all) take ~220-320 s of GPU time plus ~40 s of compiles: one call.
+# (seed.yaml at batch 128 ran 36,286 img/s with it), so the six search runs side by side (360 epochs
+# in all) take ~250-360 s of GPU time plus ~40 s of compiles: one call.
 # Second session (H200): machine start + part 1 27 s, part 2 4 s, preflight 156 s, apaper 303 s twice.
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
 # the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
@@ -236,7 +236,7 @@ stage_best() {        # the fast recipe in full, SEEDS (1) seeds, timed; run fol
   limited best "$((left < $1 ? left : $1))" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
     --targets apaper 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000 \
     ${BEST_ARGS:-}
-  # the trained weights come back beside the archive (which holds no .pt): bf16, ~9 MB, for issue 6;
+  # the trained weights come back beside the archive (which holds no .pt): bf16, ~6 MB for best.yaml, for issue 6;
   # only from a finished run (best.json written), never a checkpoint cut by the limit
   [[ -f $work/best.json ]] || return 0
   local ck sha
@@ -351,7 +351,7 @@ case $stage in
   seed)       stage_seed "$budget" ;;
   profile)    stage_profile "$budget" ;;
   graphseed)  stage_graphseed "$budget" ;;
-  torchrun)   stage_torchrun "$((budget / 4))" "$budget" ;;  # the fast run compiles: it gets what is left
+  torchrun)   stage_torchrun "$((budget / 4))" "$budget" ;;  # the DDP gpu tests get what is left
   apaper)     stage_apaper "$budget" ;;
   ablation)   stage_ablation "$budget" ;;
   search)     stage_search 450 "$budget" ;;

@@ -311,8 +311,8 @@ def apaper_sizing(d: Path) -> list[str]:
 def next_call(d: Path) -> list[str]:
     """After a session's quick or preflight: what the next call should run, decided here because a warm
     machine waits only 30 s. A_paper is recorded (benchmarks/results/2026-11-26-h200-apaper), so it is
-    issue 6's recipe search: the ablation stage (its default variants) on best.yaml, which runs the
-    whole-step CUDA graph. The graph stays on when graphseed trained and the gpu tests ran to the end
+    the ablation stage on best.yaml (its default variants: one ingredient taken away at a time, for issue
+    6's write-up; the search is the `search` stage), which runs the whole-step CUDA graph. The graph stays on when graphseed trained and the gpu tests ran to the end
     (pytest's exit code 0, or 1: some failed) with none of the graph's tests (every test named *graph*)
     among the failures; otherwise the ablation turns it off."""
     codes = {name: code for name, code, _ in _stage_rows(d) or []}

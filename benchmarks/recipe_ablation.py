@@ -12,9 +12,10 @@ split every epoch and never the test set (train.eval_test false): tuning decisio
 validation accuracy alone (issue 6). The test set is for the final measurement of the chosen recipe,
 with `time_to_accuracy.py` on the full training set.
 
-Timing is time_to_accuracy.py's: the training clock is the sum of the trainer's `epoch_seconds`,
-compile and autotuning are reported apart, and time-to-target is the clock at the end of the first
-epoch whose validation accuracy (no TTA) reaches the target. By default all variants run in one
+Timing is time_to_accuracy.py's: the training clock is the sum of the trainer's `epoch_seconds` (plus
+the stem's whitening and the EMA's BN recomputes, as there), compile and autotuning are reported
+apart, and time-to-target is the clock at the end of the first epoch whose validation accuracy (no
+TTA) reaches the target. By default all variants run in one
 process one after the other, so their times are comparable. `--jobs N` runs N of them at a time, each
 in its own fresh process (its log in the runs folder, NAME-seed-S.log), sharing the one GPU: the
 accuracies are the same as one at a time (the same seeds give the same runs), the times are not --

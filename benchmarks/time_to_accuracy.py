@@ -7,7 +7,9 @@ What is timed, and what is not:
 * seed i trains with train.seed = (the config's seed) + i, evaluating the test set after every epoch
   (train.eval_every is forced to 1) so the epoch that first reaches a target is known exactly;
 * the training clock is the sum of the metrics rows' `epoch_seconds` (each measured by the trainer
-  between two device synchronizes): per-epoch evaluation, logging and checkpoints are off the clock;
+  between two device synchronizes), plus the stem's whitening before the first epoch and the final EMA
+  BN recompute after the last (the summary's `train_seconds`); a time-to-target also counts the BN
+  recomputes its evaluations needed. Per-epoch evaluation, logging and checkpoints are off the clock;
 * torch.compile and cuDNN autotuning run on throwaway steps before the clock starts (the trainer's
   warmup, which restores every bit of state); their time is reported per seed as `compile_seconds`;
 * time-to-target = the training clock at the end of the first epoch whose test accuracy (without

@@ -3,7 +3,7 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (never pickled objects),
 so ``torch.load(weights_only=True)`` reads it and a crafted file cannot run code.
 
-Crash safety (docs/ARCHITECTURE.md, "Checkpoints"):
+Crash safety (docs/ARCHITECTURE.md: the Layout table's checkpoint.py row and "Checkpoint contract"):
 * every write goes to a temporary file in the run folder, is fsync'ed, then renamed over the target,
   so a crash (even kill -9) leaves the old file or the new one, never a torn one;
 * the trainer keeps two generations, ``last.pt`` and ``prev.pt``: the new file is complete on disk

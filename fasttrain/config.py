@@ -75,7 +75,7 @@ class ModelConfig:
     se_impl: str = "torch"           # torch | triton (fused kernel, fasttrain.kernels.se)
     zero_init_residual: bool = False  # each block's last BN starts at gamma 0: blocks start as identities
     stem_init: str = "kaiming"       # kaiming | whiten: the stem conv starts as a whitening of the training
-                                     # images' F_1 x F_1 patches (airbench; set by the trainer, fasttrain/whiten.py)
+                                     # images' 3x3 patches (airbench; set by the trainer, fasttrain/whiten.py)
     stem_frozen: bool = False        # the stem conv's weights are not trained (nor counted in max_params)
     num_classes: int = 10
     max_params: int = 5_000_000      # trainable-parameter budget; a bigger model is refused

@@ -1,14 +1,14 @@
 """Patch-whitening initialisation of the stem convolution (`model.stem_init: whiten`).
 
-The stem's F_1 x F_1 filters start as the eigenvectors of the covariance of the training images'
-F_1 x F_1 patches (normalised as the loaders normalise them), each divided by sqrt(eigenvalue + eps)
+The stem's 3x3 filters (3x3 whatever F_1 is, as in the paper) start as the eigenvectors of the
+covariance of the training images' 3x3 patches (normalised as the loaders normalise them), each divided by sqrt(eigenvalue + eps)
 and kept beside its negative. Convolved with an image, the filters give decorrelated projections of
 its patches with about unit variance, and after the stem's ReLU one channel carries each sign: from
 the first step the network sees the input with its strong, smooth directions no louder than its fine
 detail. This is airbench's frozen whitening layer (Jordan 2024, after hlb-CIFAR10), adapted to the
 paper's 3x3 stem with BatchNorm after it; `model.stem_frozen` keeps the filters as they start.
 
-With F_1 = 3 a patch has 27 values, so 54 filters; a stem of more channels (the paper's 64) keeps
+A 3x3 patch of 3 channels has 27 values, so 54 filters; a stem of more channels (the paper's 64) keeps
 its Kaiming initialisation in the rest, and a stem of fewer takes the eigenvectors of the largest
 eigenvalues first. The covariance is estimated from the first `WHITEN_IMAGES` training images in
 float64 on the stem's device (2.5 s on a 2-core CPU; on a GPU a few dozen small kernels, not timed

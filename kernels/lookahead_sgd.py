@@ -216,9 +216,10 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
     the parameter's shape, strides and dtype) and ``step`` (an int64 tensor shared by all
     parameters of a device). ``state_dict()``/``load_state_dict()`` use torch's standard layout.
 
-    For CUDA graphs: pass ``lr`` as a device tensor and update it outside the graph (a float lr is
-    written with ``fill_``, whose value a captured graph would freeze), and take one eager step
-    before capturing so the kernel is compiled and the address table filled.
+    For CUDA graphs: a float ``lr`` reaches the device table by a ``fill_`` that a captured graph would
+    freeze, so call ``_sync_hyperparameters()`` outside the graph before each replay (the trainer passes
+    it to ``GraphedStep`` as ``before_replay``), or pass ``lr`` as a device tensor updated outside the
+    graph; and take one eager step before capturing so the kernel is compiled and the address table filled.
     """
 
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, clip_value=None,

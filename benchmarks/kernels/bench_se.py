@@ -12,8 +12,9 @@ Implementations:
   eager-module    the model's torch path (SqueezeExcite.forward: 1x1 convs in the activation dtype)
   compiled-module torch.compile of it
 
-Effective bandwidth = compulsory bytes / time, where compulsory bytes count each large tensor once
-(forward: x, residual, y; backward adds dy, dx, dresidual and the y read for the ReLU mask), and is
+Effective bandwidth = compulsory bytes / time, where compulsory bytes count each large tensor once per
+pass (forward: x, residual, y; backward: dy, x again, dx, and with the residual the y read for the ReLU
+mask and dresidual), and is
 reported as a percentage of the device-to-device copy bandwidth measured here.
 
     python benchmarks/kernels/bench_se.py [--batch-sizes 128 512] [--impls triton eager-ref ...]

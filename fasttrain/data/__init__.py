@@ -27,7 +27,8 @@ class DataBundle:
 
 
 def _loader_class(name: str):
-    # "auto" is the torch path until a measurement on the H100 shows DALI is faster end to end.
+    # "auto" is the torch path: measured faster than DALI alone and no slower inside a training step
+    # (H200, benchmarks/bench_loader.py; README, "Data paths"); a faster DALI measurement would change it.
     if name in ("auto", "torch"):
         return TorchLoader
     if name == "dali":

@@ -302,8 +302,9 @@ class DaliLoader:
         height, width = x.shape[1:3]
         self._image_hw = (int(height), int(width))
 
-        # Labels never enter DALI: a batch's labels are a slice of the epoch's label vector,
-        # gathered once per epoch on the device (the image batches arrive in plan order).
+        # Labels never enter DALI: a batch's labels are a slice of the epoch's label vector, gathered
+        # once per epoch on the host and copied to the device in one copy (the image batches arrive in
+        # plan order).
         self._labels = torch.from_numpy(y.astype(np.int64))  # a private, writable copy
         p = self.crop_padding
         if p > 0:  # stored padded: the crop becomes an in-bounds window of crop_mirror_normalize
