@@ -321,6 +321,8 @@ def test_dtype_and_layout(dtype, channels_last):
         if channels_last:
             assert images.is_contiguous(memory_format=torch.channels_last)
             assert images.stride() == (3072, 1, 96, 3)
+            # DALI's HWC output, permuted without a copy; bf16 (which DALI lacks) is one cast from fp32
+            assert (images._base is not None) == (dtype != torch.bfloat16)
         else:
             assert images.is_contiguous()
         if not train:  # the values, to the output type's precision

@@ -101,9 +101,9 @@ def test_graphed_step_refuses_cpu_tensors():
 
 
 # ------------------------------------------------------------------------------------- the plumbing, faked
-def _cpu_trainer(cifar_dir, out, graph: bool, resume=None):
+def _cpu_trainer(cifar_dir, out, graph: bool, resume=None, **changes):
     cfg = tiny_config(cifar_dir, out, **{"optim.impl": "fused", "optim.lookahead_k": "2",
-                                         "optim.warmup_epochs": "0.5"})
+                                         "optim.warmup_epochs": "0.5", **changes})
     trainer = Trainer(cfg, device="cpu", console=quiet(), resume=resume)
     trainer.use_graph = graph  # a CPU run switches it off: force the graph path onto the fakes
     return trainer
@@ -133,6 +133,22 @@ def test_graph_plumbing_trains_like_eager_and_resumes(cifar_dir, tmp_path, monke
     graphed.optimizer.load_state_dict(graphed.optimizer.state_dict())  # re-creates its buffers
     with pytest.raises(RuntimeError, match="capture it again"):
         graphed._train_step(*next(iter(graphed.data.train)))
+
+
+@pytest.mark.dali
+def test_graph_plumbing_with_dali_captures_thread_local(cifar_dir, tmp_path, monkeypatch):
+    """DALI prefetches on its own threads while the step is captured: the capture must be thread_local
+    (a global one would fail on their CUDA calls), and the replayed step trains as the eager one."""
+    fake = FakeCudaGraphs(monkeypatch.setattr)
+    dali = {"data.loader": "dali"}
+    eager = _cpu_trainer(cifar_dir, tmp_path / "e", False, **dali)
+    graphed = _cpu_trainer(cifar_dir, tmp_path / "g", True, **dali)
+    eager.fit()
+    graphed.fit()
+    assert fake.capture_modes == ["thread_local"] and fake.warmups == [WARMUP_ITERS]
+    assert fake.captures == 1 and fake.replays == 2 * graphed.steps_per_epoch
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------- on a GPU

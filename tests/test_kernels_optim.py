@@ -122,13 +122,13 @@ def set_grads(params, step, scale=1.0):
         p.grad = (scale * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype)
 
 
-def run_pair(steps, nesterov, clip, k, device="cpu", lr_at=lambda t: HYPER["lr"]):
+def run_pair(steps, nesterov, clip, k, device="cpu", lr_at=lambda t: HYPER["lr"], alpha=0.5):
     """(fused params, reference params, fused optimizer) after `steps` identical steps."""
     fused_params, ref_params = make_params(SHAPES, device), make_params(SHAPES, device)
     fused = FusedLookaheadSGD(fused_params, **HYPER, nesterov=nesterov, clip_value=clip, lookahead_k=k,
-                              lookahead_alpha=0.5)
+                              lookahead_alpha=alpha)
     sgd = torch.optim.SGD(ref_params, **HYPER, nesterov=nesterov)
-    lookahead = ReferenceLookahead(ref_params, k, 0.5)
+    lookahead = ReferenceLookahead(ref_params, k, alpha)
     for t in range(1, steps + 1):
         for opt in (fused, sgd):
             opt.param_groups[0]["lr"] = lr_at(t)
@@ -150,6 +150,15 @@ def test_matches_torch_sgd_clip_lookahead(interpreted, nesterov, clip, k):
     for p, q in zip(fused_params, ref_params):
         torch.testing.assert_close(p, q, **FP32_TOL)
     assert int(fused.state[fused_params[0]]["step"]) == 50
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_lookahead_alpha_other_than_a_half(interpreted, alpha):
+    """slow += alpha * (fast - slow): at alpha 0.5 the two weights of the interpolation are equal, so
+    only another alpha tells the slow weight's share from the fast one's."""
+    fused_params, ref_params, _ = run_pair(50, True, 0.5, 5, alpha=alpha)
+    for p, q in zip(fused_params, ref_params):
+        torch.testing.assert_close(p, q, **FP32_TOL)
 
 
 def test_lr_changes_take_effect(interpreted):
@@ -266,7 +275,7 @@ def test_round_once_reference_is_tight():
 def test_cpu_fallback_is_the_same_optimizer(interpreted, monkeypatch):
     """Without the interpreter CPU tensors take the PyTorch path: same math, same state."""
     kernel_params, torch_params = make_params(SHAPES), make_params(SHAPES)
-    kw = dict(**HYPER, nesterov=True, clip_value=0.5, lookahead_k=3)
+    kw = dict(**HYPER, nesterov=True, clip_value=0.5, lookahead_k=3, lookahead_alpha=0.8)  # alpha != 1 - alpha
     kernel_opt, torch_opt = FusedLookaheadSGD(kernel_params, **kw), FusedLookaheadSGD(torch_params, **kw)
     for t in range(1, 8):
         set_grads(kernel_params, t)

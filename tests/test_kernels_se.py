@@ -130,6 +130,37 @@ def test_se_gate_matches_reference(interpreted, case):
     check_against_reference(_se_inputs(shape, dtype, "cpu", channels_last, residual, REDUCTION[shape[1]]))
 
 
+@pytest.mark.parametrize("shape, reduction, dtype, channels_last, residual", [
+    ((20, 512, 2, 2), 16, torch.float32, False, False),   # 4 channel blocks in the MLP, 10 image blocks in dW
+    ((3, 1000, 1, 3), 16, torch.bfloat16, True, True),    # C not a power of two: 16 channel blocks, Cr = 62
+], ids=["20x512x2x2-fp32-nchw-gate", "3x1000x1x3-bf16-nhwc-residual"])
+def test_se_gate_matches_reference_over_several_mlp_blocks(interpreted, shape, reduction, dtype, channels_last,
+                                                           residual):
+    """Widths where the excitation MLP loops over several channel blocks and the weight gradients over
+    several image blocks (the SHAPES above fit one block of each): each block's sum must add up."""
+    from fasttrain.kernels import se
+    c = shape[1]
+    block_c, _ = se._mlp_blocks(c, c // reduction)
+    assert block_c < c  # the loop over channel blocks runs more than once
+    torch.manual_seed(4)
+    check_against_reference(_se_inputs(shape, dtype, "cpu", channels_last, residual, reduction))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("channels_last, residual", [(False, False), (True, True), (False, True)],
+                         ids=["nchw-gate", "nhwc-residual", "nchw-residual"])
+def test_cpu_path_without_triton_matches_autograd_of_the_reference(monkeypatch, dtype, channels_last, residual):
+    """Where Triton cannot run (a CPU without the interpreter) the op takes its PyTorch path, whose
+    backward is written by hand: it must equal autograd through the reference, and pass opcheck."""
+    from fasttrain.kernels import se
+    monkeypatch.setattr(se, "use_triton", lambda tensor: False)
+    torch.manual_seed(6)
+    inputs = _se_inputs((3, 24, 7, 5), dtype, "cpu", channels_last, residual, reduction=4, conv_weights=False)
+    check_against_reference(inputs)
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    torch.library.opcheck(torch.ops.fasttrain.se_gate.default, tuple(leaves))
+
+
 def test_matrix_weights_in_activation_dtype(interpreted):
     """A pure-bf16 model: [Cr, C] matrices in bf16 give bf16 weight gradients of the right value."""
     torch.manual_seed(1)
