@@ -61,8 +61,21 @@ def _write_temp(obj: Any, path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: its zip writer's
             raise KeyboardInterrupt from None  # close then fails ("unexpected pos"); the cause is the Ctrl-C
+        cause = _file_system_cause(e)
+        if cause is not None:  # a full disk: torch's writer and the file's close say so without a name
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
     return Path(tmp)
+
+
+def _file_system_cause(e: BaseException) -> OSError | None:
+    """The nameless OSError (errno set: ENOSPC, EIO, EDQUOT) behind a failed write, also when torch's zip
+    writer turned it into a RuntimeError ("unexpected pos") on its way out; None for anything else."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            return e
+        e = e.__context__
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,11 +143,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint safely and verify its checksum; any problem is a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+        raise CheckpointError(f"checkpoint {str(path)!r} not found: a run folder holds last.pt (and prev.pt); "
+                              "--resume auto finds the newest good one in the run's --output.dir")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # random bytes fail as an unpickling error too: corrupt
+        # weights_only names a refused class or function by pickle's opcode, GLOBAL ("Unsupported global:
+        # GLOBAL io.open ...", "unsupported GLOBAL posix.system whose module posix is blocked"); random
+        # bytes fail as an unpickling error too, without one: corrupt
+        if "GLOBAL" not in str(e):
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a checkpoint (it was loaded with "
                                   "weights_only=True, so nothing in it ran)") from None
         # weights_only met a global (a class, a function): what a crafted or whole-object pickle holds
@@ -143,10 +160,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "which could run code when loaded: refused, nothing in it ran. A fasttrain checkpoint holds "
             "tensors and plain values only (last.pt, or python -m fasttrain export)") from None
     except Exception as e:  # truncated zip, bad magic: refused (torch's own advice would be to load unsafely)
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        detail = (str(e).strip().splitlines() or [""])[0]
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt, truncated or not a fasttrain checkpoint "
-            f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {detail}"
+            f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {detail}. "
+            "A run folder keeps the checkpoint before as prev.pt, which --resume auto falls back to"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint (no '{FORMAT}' marker)")
@@ -276,5 +295,6 @@ def find_resume_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = pr
         warn(f"warning: skipping {path}: an exported {kind} file (python -m fasttrain export), which has no "
              "optimizer state to resume from")
     if candidates:
-        raise CheckpointError(f"no usable checkpoint in {str(run_dir)!r}: " + "; ".join(problems))
+        raise CheckpointError(f"no usable checkpoint in {str(run_dir)!r}: " + "; ".join(problems) + ". Resume "
+                              "from a good copy with --resume PATH, or start the run afresh with --overwrite")
     return None

@@ -244,6 +244,8 @@ INTERRUPTED = {"train": "interrupted: nothing was written after the run's last c
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    import torch
+
     from fasttrain.data.cifar import DataError
     from fasttrain.signals import RunInterrupted
     from fasttrain.trainer import TrainingError
@@ -262,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except torch.OutOfMemoryError as e:  # outside training (fit has its own message): a run's setup, eval
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no detail"
+        fix = ("lower --train.batch_size or --train.eval_batch_size, or train with --device cpu" if command == "train"
+               else "or evaluate with --device cpu")
+        print(f"error: out of GPU memory in `{command}` ({detail}). Another process may hold the GPU's memory "
+              f"(nvidia-smi lists them): free it, {fix}.", file=sys.stderr)
         return EXIT_ERROR
     except ImportError as e:  # an optional extra (dali, plot, tensorboard) that is not installed
         print(f"error: {e}", file=sys.stderr)

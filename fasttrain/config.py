@@ -33,6 +33,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from fasttrain.files import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and the fix."""
@@ -187,6 +189,36 @@ class _StrictLoader(yaml.SafeLoader):
                 or tag == "tag:yaml.org,2002:int" and re.fullmatch(r"[-+]?0[0-7_]+", value)):
             return "tag:yaml.org,2002:str"
         return tag
+
+
+    def compose_document(self) -> yaml.Node:
+        # Aliases (*name) share nodes, so a few lines can stand for billions of values ("billion laughs"):
+        # refuse a document that expands past any config's size before anything walks or prints it
+        node = super().compose_document()
+        if _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            raise ConfigError(f"expands to over {MAX_YAML_VALUES:,} values through YAML aliases (*name): "
+                              "a config is a few dozen; write the values out")
+        return node
+
+
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many nodes the document holds with every alias written out (memoized: shared nodes are
+    counted as often as they are used, but walked once). A node inside itself is refused."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError(f"line {node.start_mark.line + 1}: a YAML alias refers to a value that holds it "
+                          "(a recursive structure): write the values out")
+    open_nodes.add(key)
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    sizes[key] = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    return sizes[key]
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -485,7 +517,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_yaml(config_to_dict(cfg)), encoding="utf-8")
+    write_text_atomic(path, dump_yaml(config_to_dict(cfg)))  # a run's resume command reads it back
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,3 +31,19 @@ def create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
         except FileExistsError:  # 48 random bits: only a crowded folder or a bad random source gets here
             continue
     raise FileExistsError(f"could not create a temporary file {prefix}*{suffix} in {directory}")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` as one step (temp file beside it, fsync, rename): a kill or a full disk
+    mid-write leaves the old file whole, never an empty or half-written one."""
+    path = Path(path)
+    fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

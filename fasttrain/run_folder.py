@@ -15,6 +15,7 @@ from typing import Callable
 
 from fasttrain.checkpoint import LAST, PREVIOUS, checkpoint_candidates, holds_run
 from fasttrain.config import Config, ConfigError, save_config
+from fasttrain.files import write_text_atomic
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -111,7 +112,7 @@ def keep_metrics(run_dir: Path, completed_epochs: int, source: Path | None, warn
     if torn:  # a write cut by a kill or a full disk: that row's epoch is after the checkpoint, or logged again
         warn(f"{source or path}: dropped {torn} unreadable line(s)")
     keep = [line for line, row in rows if row is not None and row.get("epoch", math.inf) <= completed_epochs]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def decoded_row(line: str) -> dict | None:

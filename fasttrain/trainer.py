@@ -37,6 +37,7 @@ from fasttrain.data import build_data
 from fasttrain.ema import WeightEMA
 from fasttrain.evaluate import TTA_MODES, black_fill, evaluate
 from fasttrain.export import KIND as EXPORT_KIND
+from fasttrain.files import write_text_atomic
 from fasttrain.distributed import (DistInfo, StopAgreement, all_gather_objects, all_reduce_min, all_reduce_sum,
                                    barrier, broadcast_object, die_now, fault_injection_step, is_peer_failure,
                                    peer_failure_message, rank_seed, sync_buffers)
@@ -226,8 +227,14 @@ class Trainer:
         # every rank's own randomness (dropout), for an exact mid-epoch resume (one small gather per save)
         rank_rng = all_gather_objects(rng_state(self.device), self.dist) if self.dist.enabled else None
         if self.dist.is_main:
-            write_checkpoint(self.checkpoint_state(epoch, step_in_epoch, rank_rng, partial), path,
-                             previous=PREVIOUS if rotate else None)
+            try:
+                write_checkpoint(self.checkpoint_state(epoch, step_in_epoch, rank_rng, partial), path,
+                                 previous=PREVIOUS if rotate else None)
+            except OSError as e:  # a full disk, a folder gone read-only: nothing is replaced by a torn file
+                raise TrainingError(
+                    f"could not write the checkpoint {path}: {e.strerror or e}. {self._kept_checkpoint_note()} "
+                    f"Free space in {self.run_dir} (or make it writable) and continue with:\n  "
+                    f"{self._resume_auto_command()}") from e
         barrier(self.dist)
         self._last_saved = ((epoch, step_in_epoch), path)
         return path
@@ -623,7 +630,7 @@ class Trainer:
                 f"{t.compile_mode if t.compile else 'off'}). To fit: lower --train.batch_size "
                 f"(e.g. {max(1, t.batch_size // 2)}, and optim.lr with it) or --train.eval_batch_size; "
                 "do not use compile mode max-autotune (--train.compile_mode default); use --train.precision bf16. "
-                f"The last checkpoint is kept. ({detail})"
+                f"{self._kept_checkpoint_note()} ({detail})"
             ) from e
 
     def _stop_agreed(self) -> bool:
@@ -643,14 +650,18 @@ class Trainer:
             where = f"epoch {epoch + 1}, step {step}/{self.steps_per_epoch}"
         else:
             where = f"the end of epoch {epoch}" if epoch else "the start of training"
-        cfg_file, q = shlex.quote(str(self.run_dir / "config.yaml")), shlex.quote  # copy-paste safe
-        launch = self._resume_launcher()
+        cfg_file = shlex.quote(str(self.run_dir / "config.yaml"))  # copy-paste safe
         raise RunInterrupted(
             f"stopped by {self._stop.name} at {where}; checkpoint saved: {path}\n"
-            f"resume with:\n  {launch} -m fasttrain --config {cfg_file}{self._device_flag} --resume {q(str(path))}\n"
-            f"or:\n  {launch} -m fasttrain --config {cfg_file}{self._device_flag} --resume auto --output.dir "
-            f"{q(str(self.run_dir))}",
+            f"resume with:\n  {self._resume_launcher()} -m fasttrain --config {cfg_file}{self._device_flag} "
+            f"--resume {shlex.quote(str(path))}\nor:\n  {self._resume_auto_command()}",
             self._stop.signum, path, announce=self.dist.is_main)
+
+    def _resume_auto_command(self) -> str:
+        """The command that continues this run from the newest good checkpoint of its folder."""
+        q = shlex.quote
+        return (f"{self._resume_launcher()} -m fasttrain --config {q(str(self.run_dir / 'config.yaml'))}"
+                f"{self._device_flag} --resume auto --output.dir {q(str(self.run_dir))}")
 
     def _resume_launcher(self) -> str:
         """What starts the resumed run: `python` for one process; under torchrun a launch of as many ranks,
@@ -865,7 +876,7 @@ class Trainer:
                 summary[f"final_{split}_acc_tta"] = evaluate(self.eval_net, loader, self.precision, self.device,
                                                              tta=cfg.train.tta, dist_info=self.dist, fill=self.eval_fill)
         if self.dist.is_main:
-            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         self.console.summary(summary)
         if self._stop.requested:  # during the last evaluation or the summary: the run was complete by then
             self.console.warn(f"{self._stop.name} came after the last training step: the run finished and its "

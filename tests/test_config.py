@@ -115,6 +115,27 @@ def test_yaml_cannot_construct_objects(tmp_path):
         load_config(write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n"))
 
 
+def _laughs(levels):
+    """The "billion laughs": each level a list of nine aliases of the one before, 9^levels strings."""
+    lines = ['l0: &l0 ["lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\ndata:\n  loader: *l{levels}\n"
+
+
+def test_yaml_alias_expansion_is_bounded(tmp_path):
+    """A few lines of aliases can stand for billions of values, which a type message's repr (or any walk)
+    would expand: refused from the node graph, before anything is built. Small aliases still work."""
+    with pytest.raises(ConfigError, match="expands to over 100,000 values"):
+        load_config(write(tmp_path, _laughs(10)))  # 3.5e9 strings: without the bound, hours and all memory
+    with pytest.raises(ConfigError, match="a recursive structure"):
+        load_config(write(tmp_path, "data: &d\n  loader: [*d]\n"))
+    cfg = load_config(write(tmp_path, "model:\n  blocks: &b [1, 1, 1]\n  conv_kernel: *b\n"))
+    assert cfg.model.blocks == cfg.model.conv_kernel == [1, 1, 1]
+    with pytest.raises(ConfigError, match="data.loader") as refused:  # under the bound: the type error
+        load_config(write(tmp_path, "data:\n  loader: [&a [1, 2, 3], *a, *a]\n"))
+    assert "\n" not in str(refused.value)
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")

@@ -7,6 +7,8 @@ backward crashes on channels_last inputs with 4 channels, and memory layout is n
 tests are about.
 """
 import contextlib
+import errno
+import io
 import json
 import os
 import pickle
@@ -24,6 +26,7 @@ import pytest
 import torch
 
 from fasttrain import cli
+from fasttrain import trainer as trainer_module
 from fasttrain.checkpoint import (FORMAT, CheckpointError, find_resume_checkpoint, load_checkpoint,
                                   write_checkpoint)
 from fasttrain.config import load_config, save_config
@@ -478,6 +481,84 @@ def test_out_of_memory_becomes_a_clear_error(cifar_dir, tmp_path, monkeypatch, c
     for hint in ("--train.batch_size", "max-autotune", "--train.precision bf16", "Tried to allocate 20.00 GiB"):
         assert hint in err
     assert not (tmp_path / "run" / "last.pt").exists()
+    assert "No checkpoint was written for this run." in err and "is kept" not in err
+
+
+def test_out_of_memory_while_setting_up_the_run_is_a_clear_error(cifar_dir, tmp_path, monkeypatch, capsys):
+    """Before fit(): the data set's copy to the device can run out of memory too (another process holding
+    the GPU); one error line with the fixes, not a traceback."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 150.00 MiB")
+
+    monkeypatch.setattr(trainer_module, "build_data", out_of_memory)
+    assert cli.main(cli_args(cifar_dir, tmp_path / "run")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of GPU memory in `train` (CUDA out of memory. Tried to allocate 150.00 MiB)")
+    assert "nvidia-smi" in err and "--train.batch_size" in err and "Traceback" not in err
+
+
+def _full_disk_save(real_save):
+    """torch.save on a full disk, as seen on a 480 KiB tmpfs: the write fails with a nameless ENOSPC, the
+    zip writer's close then raises "unexpected pos" over it."""
+    def save(obj, f, *args, **kwargs):
+        try:
+            real_save(obj, io.BytesIO(), *args, **kwargs)
+            f.write(b"PK\x03\x04 part of a zip")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 200704 vs 200528")
+    return save
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_how_to_continue(cifar_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(cifar_dir, run), device="cpu", console=quiet())
+    trainer.save_checkpoint(1)
+    before = (run / "last.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", _full_disk_save(torch.save))
+    with pytest.raises(TrainingError) as failed:
+        trainer.save_checkpoint(2)
+    message = str(failed.value)
+    assert message.startswith(f"could not write the checkpoint {run / 'last.pt'}: No space left on device.")
+    assert f"The last good checkpoint ({run / 'last.pt'}) is kept." in message
+    assert message.endswith(f"--resume auto --output.dir {run}")
+    assert (run / "last.pt").read_bytes() == before
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+@pytest.mark.parametrize("write", ["config", "metrics"])
+def test_a_full_disk_rewriting_a_run_file_leaves_the_old_one_whole(tmp_path, monkeypatch, write):
+    """config.yaml (which the printed resume command reads) and metrics.jsonl's rewrite on resume (like
+    summary.json) are replaced in one step: a write that fails part way leaves the old file, not an empty one."""
+    from fasttrain import files
+    from fasttrain.config import Config, save_config
+    from fasttrain.run_folder import keep_metrics
+
+    path = tmp_path / {"config": "config.yaml", "metrics": "metrics.jsonl"}[write]
+    old = '{"epoch": 1}\n{"epoch": 2}\n' if write == "metrics" else "old: contents\n"
+    path.write_text(old)
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        real_fsync(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        if write == "config":
+            save_config(Config(), path)
+        else:
+            keep_metrics(tmp_path, 1, None, warn=print)  # drops epoch 2
+    assert path.read_text() == old and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_full_disk_during_export_names_the_file(tmp_path, monkeypatch, capsys, good_run):
+    monkeypatch.setattr(torch, "save", _full_disk_save(torch.save))
+    out = tmp_path / "weights.pt"
+    assert cli.main(["export", str(good_run / "last.pt"), str(out)]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == f"error: {out}: No space left on device\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -819,12 +900,21 @@ class _Payload:
         return open, (self.path, "w")
 
 
+class _ShellPayload(_Payload):
+    """The classic one: os.system("touch path"). torch refuses its module outright, in other words."""
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.path)}",)
+
+
 def test_payloads_are_live(tmp_path):
     """The malicious files below really run code when loaded the unsafe way (so the tests can fail)."""
     pickle.loads(pickle.dumps({b"data": _Payload(tmp_path / "a")}))
     torch.save({"format": FORMAT, "model": _Payload(tmp_path / "b")}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)
-    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
+    torch.save({"format": FORMAT, "model": _ShellPayload(tmp_path / "c")}, tmp_path / "shell.pt")
+    torch.load(tmp_path / "shell.pt", weights_only=False)
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists() and (tmp_path / "c").exists()
 
 
 def test_malicious_cifar_pickle_is_refused(tmp_path, capsys):
@@ -860,6 +950,11 @@ def test_malicious_checkpoint_is_refused_by_eval_and_resume(cifar_dir, tmp_path,
     run = tmp_path / "run"
     assert cli.main(cli_args(cifar_dir, run, "--resume", str(evil))) == cli.EXIT_ERROR
     assert "holds pickled Python objects" in capsys.readouterr().err and not sentinel.exists()
+    state["model"]["stem.0.weight"] = _ShellPayload(sentinel)  # torch words this refusal differently
+    torch.save(state, evil)
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
+        load_checkpoint(evil)
+    assert not sentinel.exists()
     # random bytes fail to unpickle too, but they are a corrupt file, not a crafted one
     noise = tmp_path / "noise.pt"
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
