@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,6 +349,41 @@ def test_kernel_compiles_for_h100_with_vector_loads():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["4", "True", "8", "True", "1", "False"], out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA machines the gpu tests run the kernel")
+@pytest.mark.parametrize("decay_all", ["true", "false"], ids=["one-group", "no-decay-group"])
+def test_one_kernel_launch_per_step_for_the_papers_network(decay_all):
+    """Issue 4's "one launch per optimizer step over all parameters": the paper's network (81 tensors,
+    4,697,742 parameters), with weight decay on all of them or with a second, no-decay group for norms
+    and biases, steps with one Triton launch, recorded rather than run (in a process without the
+    interpreter, the launcher as it would run on a GPU)."""
+    script = textwrap.dedent(f"""
+        import torch
+        from fasttrain.config import load_config
+        from fasttrain.kernels import lookahead_sgd
+        from fasttrain.kernels._utils import record_launches
+        from fasttrain.model import build_model
+        from fasttrain.optim import build_optimizer
+        cfg = load_config("configs/seed.yaml", ["--optim.impl", "fused", "--optim.decay_norm_and_bias", "{decay_all}"])
+        model = build_model(cfg.model)
+        opt = build_optimizer(model.parameters(), cfg.optim)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        lookahead_sgd.use_triton = lambda tensor: True
+        with record_launches() as launches:
+            for _ in range(3):
+                opt.step()
+        print(type(opt).__name__, len(opt.param_groups), sum(p.numel() for p in model.parameters()), len(launches))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    name, groups, params, launches = out.stdout.split()
+    assert name == "FusedLookaheadSGD" and int(params) == 4_697_742
+    assert int(groups) == (1 if decay_all == "true" else 2)
+    assert int(launches) == 3, f"{launches} launches for 3 steps over {groups} parameter group(s)"
 
 
 # ----------------------------------------------------------------------------------------------------

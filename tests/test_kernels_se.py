@@ -326,6 +326,38 @@ def test_compile_fullgraph_cpu(interpreted):
     _check_compiled("cpu", "aot_eager")
 
 
+@pytest.mark.parametrize("placement, gates", [("stem", 1), ("blocks", 3)])
+def test_whole_model_compiles_fullgraph_with_every_se_as_the_op(interpreted, placement, gates):
+    """The model as the trainer builds it (model.se_impl: triton), not one block: torch.compile(fullgraph=True)
+    captures it whole, every SE gate is the opaque op, and forward and backward equal eager."""
+    from fasttrain.config import ModelConfig
+    from fasttrain.model import build_model
+
+    torch.manual_seed(7)
+    cfg = ModelConfig(layers=3, blocks=[1, 1, 1], conv_kernel=[3] * 3, shortcut_kernel=[1] * 3, base_channels=8,
+                      pool_kernel=8, se=True, se_placement=placement, se_reduction=4, se_impl="triton")
+    model = build_model(cfg)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.compile(model, fullgraph=True, backend=recording_backend)(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    assert len(graphs) == 1
+    assert sum(n.target is torch.ops.fasttrain.se_gate.default for n in graphs[0].graph.nodes) == gates
+    _assert_close(y, y_eager, 1e-5)
+    for g, p in zip(grads, model.parameters()):
+        _assert_close(g, p.grad, 1e-5)
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_cpu_inductor(interpreted):
     _check_compiled("cpu", "inductor")
