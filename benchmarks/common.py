@@ -378,27 +378,58 @@ def matmul_tflops(n: int = 8192, iters: int = 10) -> float:
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+def times_ms(device: torch.device, fn, warmup: int = 20, iters: int = 100, **cuda_options) -> list[float]:
+    """cuda_times_ms on a GPU. On the CPU (a kernel benchmark's --cpu-smoke, which checks that the
+    script works, not how fast) the host clock's time of each call, after `warmup` untimed calls."""
+    if device.type == "cuda":
+        return cuda_times_ms(fn, warmup, iters, **cuda_options)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def copy_bandwidth_gbs(device: torch.device | str = "cuda", nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written per second):
     the practical ceiling that kernels' effective bandwidth is compared against."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = statistics.median(cuda_times_ms(lambda: dst.copy_(src), warmup=5, iters=20, flush_l2=False))
+    ms = statistics.median(times_ms(device, lambda: dst.copy_(src), warmup=5, iters=20, flush_l2=False))
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------
 # The kernel microbenchmarks (benchmarks/kernels/*.py): opening, and result file + table
 # ----------------------------------------------------------------------------------------------------
-def start_gpu_benchmark(script: str) -> tuple[torch.device, dict, float]:
+def start_gpu_benchmark(script: str, cpu_smoke: bool = False) -> tuple[torch.device, dict, float]:
     """Refuse without CUDA (require_cuda); else (device, run metadata, measured device-to-device copy
-    GB/s, the reference the kernels' bandwidth is compared with), the copy bandwidth told on stderr."""
-    require_cuda(script)
-    device = torch.device("cuda", torch.cuda.current_device())
-    meta = run_metadata(device, flat=True)
-    copy_gbs = copy_bandwidth_gbs()
+    GB/s, the reference the kernels' bandwidth is compared with), the copy bandwidth told on stderr.
+    `cpu_smoke`: the CPU instead, for a run that checks the script works (metadata says cpu_smoke)."""
+    if not cpu_smoke:
+        require_cuda(script, "run it on the GPU machine, or pass --cpu-smoke for a tiny CPU run that only "
+                             "checks it works")
+    device = torch.device("cpu") if cpu_smoke else torch.device("cuda", torch.cuda.current_device())
+    meta = {**run_metadata(device, flat=True), "cpu_smoke": cpu_smoke}
+    copy_gbs = copy_bandwidth_gbs(device, nbytes=(64 << 20) if cpu_smoke else (1 << 30))
     print(f"{meta['device']}: device-to-device copy {copy_gbs:,.0f} GB/s", file=sys.stderr)
     return device, meta, copy_gbs
+
+
+def kernel_bench_out(args: argparse.Namespace) -> str:
+    """Where a kernel benchmark writes: --out, else benchmarks/results/ for a GPU run and a temporary
+    folder for a --cpu-smoke run (its numbers are not results)."""
+    if args.out:
+        return args.out
+    if args.cpu_smoke:
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / "fasttrain-cpu-smoke")
+    return str(RESULTS_DIR)
 
 
 def gpu_result_path(folder: str | Path, stem: str, device: torch.device, partial: bool = False) -> Path:
@@ -419,7 +450,8 @@ def finish_gpu_benchmark(folder: str | Path, stem: str, device: torch.device, pa
     path = write_json(gpu_result_path(folder, stem, device), payload)
     gpu_result_path(folder, stem, device, partial=True).unlink(missing_ok=True)
     print(f"wrote {path}", file=sys.stderr)
-    print_table(*table)
+    title, columns, rows = table
+    print_table(f"CPU smoke run, its times mean nothing: {title}" if payload.get("cpu_smoke") else title, columns, rows)
     return path
 
 

@@ -5,6 +5,7 @@ independent data (the run folders' metrics.jsonl, the timed windows), not just c
 """
 import importlib
 import json
+import math
 import os
 import re
 import statistics
@@ -861,3 +862,30 @@ def test_gpu_result_files_partial_until_finished(bench, tmp_path, capsys):
     assert final == common.gpu_result_path(tmp_path, "bench_x", cpu) and final.name.endswith(".json")
     assert json.loads(final.read_text()) == {"rows": [1, 2]} and not partial.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+
+
+# ------------------------------------------------------------------------------------- kernel benchmarks
+@pytest.mark.parametrize("script, rows", [
+    ("bench_se.py", [(placement, impl) for placement in ("stem", "block")
+                     for impl in ("triton", "eager-ref", "compiled-ref", "eager-module", "compiled-module")]),
+    ("bench_optim.py", [(None, impl) for impl in ("fused", "foreach+python", "fused-sgd+lerp")]),
+])
+def test_kernel_benchmark_cpu_smoke_runs_every_implementation(repo_root, tmp_path, script, rows):
+    """What the GPU session's kernels stage runs, on a CPU: every implementation of each case is built,
+    run forward and backward (or stepped) and timed, and the result file is whole and says it is a smoke
+    run. The fused kernels take their PyTorch paths here (no interpreter: the script's own process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, f"benchmarks/kernels/{script}", "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU smoke run, its times mean nothing" in proc.stdout
+    (result,) = tmp_path.iterdir()  # no .partial.json left beside it
+    report = json.loads(result.read_text())
+    assert result.name == f"{script[:-3]}_cpu.json" and report["cpu_smoke"] is True
+    assert report["device"].startswith("CPU") and report["git_sha"]
+    assert [(r.get("placement"), r["impl"]) for r in report["rows"]] == rows
+    times = [r[k] for r in report["rows"] for k in ("forward_ms", "forward_backward_ms", "step_ms") if k in r]
+    assert len(times) == len(rows) * (2 if script == "bench_se.py" else 1)
+    assert all(math.isfinite(t) and t > 0 for t in times)
+    if script == "bench_optim.py":
+        assert {r["params"] for r in report["rows"]} == {4_697_742}

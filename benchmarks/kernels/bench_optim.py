@@ -14,6 +14,7 @@ and write p, buf every step, and read slow, write slow and p again on the sync s
 with the device-to-device copy bandwidth measured here.
 
     python benchmarks/kernels/bench_optim.py [--blocks 50]
+    python benchmarks/kernels/bench_optim.py --cpu-smoke   # seconds on a CPU: every implementation steps
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
-from common import RESULTS_DIR, cuda_times_ms, finish_gpu_benchmark, start_gpu_benchmark  # noqa: E402
+from common import finish_gpu_benchmark, kernel_bench_out, start_gpu_benchmark, times_ms  # noqa: E402
 
 from fasttrain.config import ModelConfig  # noqa: E402
 from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD  # noqa: E402
@@ -36,10 +37,10 @@ K, ALPHA, CLIP = 5, 0.5, 0.1
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
 
-def network_parameters() -> list[torch.Tensor]:
-    """Fresh CUDA parameters of the paper's network (the default ModelConfig: 4,697,742 in 81
-    tensors), channels_last conv weights as trained."""
-    model = build_model(ModelConfig()).cuda().to(memory_format=torch.channels_last)
+def network_parameters(device: torch.device) -> list[torch.Tensor]:
+    """Fresh parameters of the paper's network (the default ModelConfig: 4,697,742 in 81 tensors) on
+    `device`, channels_last conv weights as trained."""
+    model = build_model(ModelConfig()).to(device, memory_format=torch.channels_last)
     return [p.detach().clone().requires_grad_() for p in model.parameters()]
 
 
@@ -89,12 +90,20 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["fused", "foreach+python", "fused-sgd+lerp"],
                         choices=["fused", "foreach+python", "fused-sgd+lerp"])
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
+    parser.add_argument("--out", help="folder for the JSON results (default benchmarks/results/; a temporary "
+                                      "folder with --cpu-smoke)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="a tiny CPU run (2 blocks, 1 warmup block) that checks every implementation steps "
+                             "and the result file is written; its times mean nothing (the fused one takes its "
+                             "PyTorch path on a CPU)")
     args = parser.parse_args()
-    device, meta, copy_gbs = start_gpu_benchmark("bench_optim.py")
+    if args.cpu_smoke:
+        args.blocks = 2
+    device, meta, copy_gbs = start_gpu_benchmark("bench_optim.py", args.cpu_smoke)
+    out = kernel_bench_out(args)
     rows = []
     for impl in args.impls:
-        params = network_parameters()
+        params = network_parameters(device)
         numel = sum(p.numel() for p in with_grads(params))
         step = make_step(impl, params)
 
@@ -102,13 +111,14 @@ def main() -> None:
             for _ in range(K):
                 step()
 
-        ms = median(cuda_times_ms(block, warmup=4, iters=args.blocks, include_host=True)) / K
+        ms = median(times_ms(device, block, warmup=1 if args.cpu_smoke else 4, iters=args.blocks,
+                             include_host=True)) / K
         gbs = 4 * numel * (5 + 3 / K) / (ms * 1e-3) / 1e9
         rows.append({"impl": impl, "params": numel, "tensors": len(params), "step_ms": ms, "gbs": gbs,
                      "pct_copy": 100 * gbs / copy_gbs, "param_source": "fasttrain.model"})
         print(f"  {impl}: {ms * 1e3:.1f} us/step", file=sys.stderr)
 
-    finish_gpu_benchmark(args.out, "bench_optim", device, {
+    finish_gpu_benchmark(out, "bench_optim", device, {
         **meta, "copy_gbs": copy_gbs, "k": K, "clip_value": CLIP, **HYPER,
         "bandwidth_definition": "4 B x numel x (5 + 3/k) per step / median step time", "rows": rows}, (
         f"Lookahead-SGD step, {rows[0]['params']:,} fp32 parameters in {rows[0]['tensors']} tensors, "

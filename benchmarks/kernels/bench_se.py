@@ -18,6 +18,7 @@ mask and dresidual), and is
 reported as a percentage of the device-to-device copy bandwidth measured here.
 
     python benchmarks/kernels/bench_se.py [--batch-sizes 128 512] [--impls triton eager-ref ...]
+    python benchmarks/kernels/bench_se.py --cpu-smoke   # seconds on a CPU: every implementation runs once
 """
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
-from common import (RESULTS_DIR, cuda_times_ms, finish_gpu_benchmark, save_partial,  # noqa: E402
-                    start_gpu_benchmark)
+from common import finish_gpu_benchmark, kernel_bench_out, save_partial, start_gpu_benchmark, times_ms  # noqa: E402
 
 # (label, channels, size, fused residual)
 SHAPES = [("stem", 64, 32, False), ("block", 64, 32, True), ("block", 128, 16, True), ("block", 256, 8, True)]
@@ -46,28 +46,32 @@ def se_module_math(x, w1, b1, w2, b2, residual=None):
     return out if residual is None else F.relu(out + residual)
 
 
-def implementation(name: str):
+def implementation(name: str, backend: str = "inductor"):
     """A fresh callable per (shape, batch) case: the compiled ones are static-shape graphs, as training
-    compiles them (one torch.compile reused across shapes would go dynamic, then hit the recompile limit)."""
+    compiles them (one torch.compile reused across shapes would go dynamic, then hit the recompile limit).
+    A --cpu-smoke run compiles with aot_eager: the same capture in seconds, no C++ build."""
     from fasttrain.kernels.se import se_gate, se_gate_reference
+
+    def compiled(fn):
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
     return {
         "triton": lambda: se_gate,
         "eager-ref": lambda: se_gate_reference,
-        "compiled-ref": lambda: torch.compile(se_gate_reference, fullgraph=True, dynamic=False),
+        "compiled-ref": lambda: compiled(se_gate_reference),
         "eager-module": lambda: se_module_math,
-        "compiled-module": lambda: torch.compile(se_module_math, fullgraph=True, dynamic=False),
+        "compiled-module": lambda: compiled(se_module_math),
     }[name]()
 
 
-def make_inputs(batch, channels, size, residual, dtype, channels_last):
+def make_inputs(batch, channels, size, residual, dtype, channels_last, device):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     shape = (batch, channels, size, size)
-    x = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()
-    r = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_() if residual else None
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
+    r = torch.randn(shape, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_() if residual else None
     cr = channels // 16
-    w = [torch.randn(cr, channels, 1, 1, device="cuda") * 0.1, torch.zeros(cr, device="cuda"),
-         torch.randn(channels, cr, 1, 1, device="cuda") * 0.1, torch.zeros(channels, device="cuda")]
+    w = [torch.randn(cr, channels, 1, 1, device=device) * 0.1, torch.zeros(cr, device=device),
+         torch.randn(channels, cr, 1, 1, device=device) * 0.1, torch.zeros(channels, device=device)]
     return x, [t.requires_grad_() for t in w], r
 
 
@@ -84,8 +88,8 @@ def bench_case(fn, x, w, r, warmup, iters):
     def forward_backward():  # autograd.grad: no accumulation into .grad, only the op's own work
         torch.autograd.grad(fn(x, *w, residual=r), inputs, dy)
 
-    return (median(cuda_times_ms(forward, warmup, iters)),
-            median(cuda_times_ms(forward_backward, warmup, iters)))
+    return (median(times_ms(x.device, forward, warmup, iters)),
+            median(times_ms(x.device, forward_backward, warmup, iters)))
 
 
 def main() -> None:
@@ -96,16 +100,23 @@ def main() -> None:
     parser.add_argument("--nchw", action="store_true", help="NCHW activations instead of channels_last")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
+    parser.add_argument("--out", help="folder for the JSON results (default benchmarks/results/; a temporary "
+                                      "folder with --cpu-smoke)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="a tiny CPU run (batch 2, two shapes, 1 warmup, 2 timed calls) that checks every "
+                             "implementation runs and the result file is written; its times mean nothing")
     args = parser.parse_args()
-    device, meta, copy_gbs = start_gpu_benchmark("bench_se.py")
+    if args.cpu_smoke:
+        args.batch_sizes, args.warmup, args.iters = [2], 1, 2
+    device, meta, copy_gbs = start_gpu_benchmark("bench_se.py", args.cpu_smoke)
+    out = kernel_bench_out(args)
     dtype = getattr(torch, args.dtype)
     rows = []
     for batch in args.batch_sizes:
-        for label, channels, size, residual in SHAPES:
+        for label, channels, size, residual in SHAPES[:2] if args.cpu_smoke else SHAPES:
             torch._dynamo.reset()  # each case compiles its own static graphs (see implementation)
-            fns = {name: implementation(name) for name in args.impls}
-            x, w, r = make_inputs(batch, channels, size, residual, dtype, not args.nchw)
+            fns = {name: implementation(name, "aot_eager" if args.cpu_smoke else "inductor") for name in args.impls}
+            x, w, r = make_inputs(batch, channels, size, residual, dtype, not args.nchw, device)
             tensor_bytes = x.numel() * x.element_size()
             fwd_bytes = tensor_bytes * (3 if residual else 2)
             bwd_bytes = fwd_bytes + tensor_bytes * (5 if residual else 3)  # dy, x, dx (+ y, dres)
@@ -120,9 +131,9 @@ def main() -> None:
                     "forward_backward_pct_copy": 100 * gbs[1] / copy_gbs,
                 })
                 print(f"  {label} {rows[-1]['shape']} {name}: {fwd_ms:.3f} / {fwd_bwd_ms:.3f} ms", file=sys.stderr)
-            save_partial(args.out, "bench_se", device, {**meta, "rows": rows})
+            save_partial(out, "bench_se", device, {**meta, "rows": rows})
 
-    finish_gpu_benchmark(args.out, "bench_se", device, {
+    finish_gpu_benchmark(out, "bench_se", device, {
         **meta, "dtype": args.dtype, "channels_last": not args.nchw, "copy_gbs": copy_gbs,
         "bandwidth_definition": "compulsory bytes (each large tensor once) / median time", "rows": rows}, (
         f"SE gate, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}, {meta['device']} "
