@@ -190,7 +190,6 @@ class _StrictLoader(yaml.SafeLoader):
             return "tag:yaml.org,2002:str"
         return tag
 
-
     def compose_document(self) -> yaml.Node:
         # Aliases (*name) share nodes, so a few lines can stand for billions of values ("billion laughs"):
         # refuse a document that expands past any config's size before anything walks or prints it
