@@ -7,7 +7,8 @@
 Trains with the real Trainer (DDP, sharded loaders, optimizer, schedule, checkpoints), then each
 rank writes DIR/rank<r>.pt (outside the run folder) holding its model state, a draw of its global
 RNG, the test accuracy evaluated across ranks and, on rank 0, the accuracy of the same model on
-the whole test set evaluated alone, so the test can compare ranks, runs and evaluation modes.
+the whole test set evaluated alone, so the test can compare ranks, runs and evaluation modes, and
+the run-folder writes it made (record_writes).
 
 --groupnorm swaps every BatchNorm2d for a GroupNorm (per-sample statistics, same parameters), so
 2 ranks x batch B match 1 process x batch 2B up to float rounding; with BatchNorm each rank's
@@ -71,6 +72,25 @@ def count_steps(trainer: Trainer, sigterm_after: int | None) -> list[int]:
     return done
 
 
+def record_writes() -> list[str]:
+    """The trainer's file writes in this process, by file name: checkpoints, metrics rows and
+    whole-file writes (summary.json). Only rank 0 may write; both ranks writing one file atomically
+    would leave the same files behind, so the run folder alone cannot show it."""
+    writes = []
+
+    def recording(fn, file_of):
+        def write(*args, **kwargs):
+            writes.append(Path(file_of(*args)).name)
+            return fn(*args, **kwargs)
+        return write
+
+    for name, file_of in (("write_checkpoint", lambda state, path, *rest: path),
+                          ("append_metrics", lambda run_dir, row: "metrics.jsonl"),
+                          ("write_text_atomic", lambda path, text: path)):
+        setattr(trainer_module, name, recording(getattr(trainer_module, name), file_of))
+    return writes
+
+
 def dump_stop(out: Path, rank: int, trainer: Trainer, steps: list[int], stop: RunInterrupted) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"rank": rank, "state": {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()},
@@ -97,6 +117,7 @@ def main(argv: list[str]) -> int:
         trainer_module.build_model = lambda model_cfg, **kw: batchnorm_to_groupnorm(build(model_cfg, **kw))  # CPU only
 
     fake = FakeCudaGraphs(setattr) if args.fake_graph else None
+    writes = record_writes()
     info = init_distributed("cpu")
     try:
         trainer = Trainer(cfg, device="cpu", resume=args.resume, dist_info=info,
@@ -129,6 +150,7 @@ def main(argv: list[str]) -> int:
             "final_test_acc": summary["final_test_acc"],
             "captures": fake.captures if fake else 0, "replays": fake.replays if fake else 0,
             "warmups": fake.warmups if fake else [], "capture_modes": fake.capture_modes if fake else [],
+            "writes": writes,
         }, out / f"rank{info.rank}.pt")
     finally:
         shutdown(info)

@@ -225,6 +225,21 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     assert result["process_wall_seconds"] > sum(r["train_seconds"] for r in result["runs"])
 
 
+def test_time_to_accuracy_reports_the_compile_warmup_off_the_clock(repo_root, cifar_dir, tmp_path):
+    """With train.compile the warmup compiles (on throwaway steps) before the clock: its seconds are the
+    seed's compile_seconds, as the run's summary has them, and none of them are in the training clock."""
+    out, runs = tmp_path / "tta.json", tmp_path / "runs"
+    run_script(repo_root, cifar_dir, "benchmarks/time_to_accuracy.py", "--config", "configs/smoke.yaml",
+               "--seeds", "1", "--targets", "0", "--device", "cpu", "--out", out, "--runs-dir", runs,
+               "--data.train_subset", "128", "--data.test_subset", "100", "--train.epochs", "1",
+               "--model.blocks", "[1,1,1]", "--output.progress", "false", "--train.compile", "true")
+    (row,) = json.loads(out.read_text())["runs"]
+    summary = json.loads((runs / "seed-0" / "summary.json").read_text())
+    assert row["compile_seconds"] == summary["compile_seconds"] > 0
+    (metrics,) = [json.loads(line) for line in (runs / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert row["train_seconds"] == pytest.approx(metrics["epoch_seconds"])  # the clock: the epoch alone
+
+
 # ------------------------------------------------------------------------------------- throughput
 @pytest.mark.gpu
 def test_cuda_times_are_the_gpus_unless_the_host_is_asked_for(bench):
@@ -251,6 +266,27 @@ def test_bf16_peak_table(bench):
     assert peak("NVIDIA H200") == 989.0
     assert peak("NVIDIA A100-SXM4-40GB") == 312.0
     assert peak("NVIDIA GeForce RTX 4090") is None  # unknown: no guess
+
+
+def test_speedup_and_share_of_the_bf16_peak(bench):
+    """Row 1 is the base of every speed-up; the FLOP rate is images/s x training FLOPs per image (3 x the
+    model's forward count) against the card's peak: the paper's network at the issue's 80,000 img/s on an
+    H100 is 3 x 1.597 GFLOP x 80,000 = 383 TFLOP/s, 39% of 989."""
+    tp = bench["throughput"]
+    train_flops = tp.TRAIN_FLOPS_PER_FORWARD * 2 * 798_690_304  # seed.yaml: 798,690,304 multiply-adds
+    rows = [{"step": "1", "status": "ok", "images_per_second": 5_000.0},
+            {"step": "7", "status": "ok", "images_per_second": 80_000.0},
+            {"step": "9", "status": "skipped", "images_per_second": None}]
+    tp.add_ratios(rows, train_flops, 989.0)
+    assert [r["speedup"] for r in rows] == [1.0, 16.0, None]
+    assert rows[1]["tflops"] == pytest.approx(383.37, abs=0.01)
+    assert rows[1]["bf16_peak_fraction"] == pytest.approx(0.3876, abs=1e-4)
+    assert rows[2]["tflops"] is None and rows[2]["bf16_peak_fraction"] is None
+    tp.add_ratios(rows, train_flops, None)  # a card without a datasheet peak: no share, never a guess
+    assert rows[1]["bf16_peak_fraction"] is None and rows[1]["speedup"] == 16.0
+    rows[0]["status"] = "failed"  # no row 1: no speed-ups
+    tp.add_ratios(rows, train_flops, 989.0)
+    assert rows[1]["speedup"] is None
 
 
 def test_unavailable_feature_skips_its_row_and_is_dropped_later(bench, tmp_path):

@@ -183,9 +183,10 @@ def test_torchrun_cli_trains_and_only_rank0_writes(cifar_dir, tmp_path):
     cwd.mkdir()
     run = tmp_path / "run"
     # with the fused Lookahead-SGD (the workers inherit TRITON_INTERPRET from conftest: the interpreted kernel;
-    # on a GPU machine, its PyTorch path on CPU tensors): it steps after DDP's all-reduce in backward()
+    # on a GPU machine, its PyTorch path on CPU tensors): it steps after DDP's all-reduce in backward(); in bf16
+    # autocast, the GPU's default precision (DDP reduces the fp32 gradients of the fp32 weights)
     proc = torchrun(["-m", "fasttrain", "--config", SMOKE, *TINY, "--optim.impl", "fused", "--output.dir", str(run),
-                     "--device", "cpu"], cifar_dir, cwd=cwd)
+                     "--device", "cpu", "--train.precision", "bf16"], cifar_dir, cwd=cwd)
     # rank 0 wrote the run folder, and nobody wrote anything anywhere else (no stray runs/ folder)
     assert {p.name for p in run.iterdir()} == RUN_FILES
     assert list(cwd.iterdir()) == []
@@ -197,7 +198,7 @@ def test_torchrun_cli_trains_and_only_rank0_writes(cifar_dir, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["precision"] == "bf16"
     # 2 ranks x 8 steps x 32 images per epoch; the test accuracy counts all 201 images once: the
     # checkpoint (rank 0's weights) evaluated in one process gives exactly the same number
     assert rows[0]["train_steps"] == 8
@@ -262,6 +263,8 @@ def test_ranks_stay_identical_and_resume_is_exact(cifar_dir, tmp_path):
     assert_same_state(a0["state"], a1["state"])  # parameters and BN statistics, bit for bit
     assert not torch.equal(a0["rng_probe"], a1["rng_probe"])  # per-rank randomness
     assert {p.name for p in (tmp_path / "a").iterdir()} == RUN_FILES
+    assert a1["writes"] == []  # rank 0 alone writes the run folder
+    assert a0["writes"] == ["metrics.jsonl", "last.pt"] * 2 + ["summary.json"]
     # uneven evaluation shards (100 and 101 images, 2 and 3 batches): exact counts, = one process
     assert (a0["test_shard"], a1["test_shard"]) == (100, 101)
     assert (a0["test_batches"], a1["test_batches"]) == (2, 3)

@@ -54,6 +54,36 @@ def run_cli(*args, env_extra=None, check=True):
     return proc
 
 
+def test_the_training_clock_leaves_out_evaluation_and_checkpoints(cifar_dir, tmp_path, monkeypatch):
+    """Issue 5: per-epoch evaluations, checkpoints and logging are off the training clock. The trainer's
+    clock is made to jump 1000 s whenever one of them runs: no epoch_seconds, nor train_seconds, may
+    hold a jump (an epoch of this tiny run takes well under a second)."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    import fasttrain.trainer as trainer_module
+
+    jumps = []
+    fake_time = SimpleNamespace(**{name: getattr(real_time, name) for name in dir(real_time) if not name.startswith("_")})
+    fake_time.perf_counter = lambda: real_time.perf_counter() + 1000.0 * len(jumps)
+    monkeypatch.setattr(trainer_module, "time", fake_time)
+
+    def jumping(fn, what):
+        def wrapped(*args, **kwargs):
+            jumps.append(what)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(trainer_module, "evaluate", jumping(trainer_module.evaluate, "evaluate"))
+    monkeypatch.setattr(Trainer, "save_checkpoint", jumping(Trainer.save_checkpoint, "checkpoint"))
+    monkeypatch.setattr(trainer_module, "append_metrics", jumping(trainer_module.append_metrics, "log"))
+    summary = Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="3"), device="cpu", console=quiet()).fit()
+    assert {"evaluate", "checkpoint", "log"} <= set(jumps)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 < row["epoch_seconds"] < 100 for row in rows), rows
+    assert 0 < summary["train_seconds"] < 100
+
+
 def test_smoke_config_learns(cifar_dir, tmp_path):
     cfg = load_config("configs/smoke.yaml", ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path)])
     summary = Trainer(cfg, device="cpu", console=quiet()).fit()
