@@ -174,6 +174,9 @@ def aggregate(rows: list[dict], targets: list[float], split: str = "test") -> di
                                            for m in modes},
         f"best_{split}_acc_mean": _mean_std([r[f"best_{split}_acc"] for r in rows])[0],
         "train_seconds_median": statistics.median(r["train_seconds"] for r in rows),
+        # the compile warmup, off the clock: the first seed's is the cold compile, later seeds hit the caches
+        "compile_seconds_first": rows[0]["compile_seconds"] if rows else None,
+        "compile_seconds_total": sum(r["compile_seconds"] for r in rows),
         "targets": {},
     }
     for target in targets:

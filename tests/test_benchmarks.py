@@ -73,9 +73,10 @@ def test_the_clock_takes_the_work_before_the_first_epoch_and_after_the_last(benc
 def test_aggregate_medians_only_over_seeds_that_reached(bench):
     tta = bench["time_to_accuracy"]
     rows = [{"final_test_acc": a, "final_test_acc_tta": None, "best_test_acc": a, "train_seconds": 10.0,
-             "time_to_target": {"90": t}, "epochs_to_target": {"90": e}}
-            for a, t, e in [(91.0, 3.0, 3), (89.0, None, None), (93.0, 5.0, 4)]]
+             "compile_seconds": c, "time_to_target": {"90": t}, "epochs_to_target": {"90": e}}
+            for a, t, e, c in [(91.0, 3.0, 3, 27.5), (89.0, None, None, 4.0), (93.0, 5.0, 4, 3.5)]]
     agg = tta.aggregate(rows, [90.0])
+    assert (agg["compile_seconds_first"], agg["compile_seconds_total"]) == (27.5, 35.0)  # the cold compile, all
     assert agg["final_test_acc_mean"] == pytest.approx(91.0)
     assert agg["final_test_acc_std"] == pytest.approx(2.0)  # sample std (n - 1)
     assert agg["final_test_acc_tta_mean"] is None
@@ -236,6 +237,8 @@ def test_time_to_accuracy_reports_the_compile_warmup_off_the_clock(repo_root, ci
     (row,) = json.loads(out.read_text())["runs"]
     summary = json.loads((runs / "seed-0" / "summary.json").read_text())
     assert row["compile_seconds"] == summary["compile_seconds"] > 0
+    agg = json.loads(out.read_text())["aggregate"]
+    assert agg["compile_seconds_first"] == agg["compile_seconds_total"] == row["compile_seconds"]
     (metrics,) = [json.loads(line) for line in (runs / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert row["train_seconds"] == pytest.approx(metrics["epoch_seconds"])  # the clock: the epoch alone
 
