@@ -102,6 +102,8 @@ def test_same_seed_same_batches_other_seed_other_batches():
     for (x1, y1), (x2, y2) in zip(first, second):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not torch.equal(epoch(first, 3)[1], epoch(other, 3)[1])
+    # seed 7's epoch 1 is not seed 8's epoch 0 (a seed + epoch mix would make every run replay its neighbour's)
+    assert not torch.equal(epoch(first, 1)[1], epoch(other, 0)[1])
 
 
 @pytest.mark.parametrize("count", [512, 515])

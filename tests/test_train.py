@@ -86,11 +86,24 @@ def test_the_training_clock_leaves_out_evaluation_and_checkpoints(cifar_dir, tmp
 
 def test_smoke_config_learns(cifar_dir, tmp_path):
     cfg = load_config("configs/smoke.yaml", ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path)])
-    summary = Trainer(cfg, device="cpu", console=quiet()).fit()
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    step_lrs = []  # the learning rate each step trains with
+    step_body = trainer._step_body
+    trainer._step_body = lambda *batch: (step_lrs.append(trainer.optimizer.param_groups[0]["lr"]), step_body(*batch))[1]
+    summary = trainer.fit()
     assert summary["final_test_acc"] > 25.0, summary  # chance is 10%
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # the epoch's mean loss per batch (cross-entropy of 10 classes starts near ln 10 = 2.3) and its share of
+    # correct training images, both over the whole epoch: above chance once it learns, never above 100
+    assert all(0.5 < r["train_loss"] < 2.5 for r in rows), rows
+    assert 20.0 < rows[-1]["train_acc"] <= 100.0 and rows[-1]["train_acc"] > rows[0]["train_acc"]
+    # step t trains with the schedule's lr_at(t), from the first warmup step; a row's lr is its epoch's first
+    steps = trainer.steps_per_epoch
+    assert step_lrs == pytest.approx([trainer.schedule.lr_at(t) for t in range(4 * steps)], rel=1e-12)
+    assert step_lrs[0] > 0 and [r["lr"] for r in rows] == [step_lrs[e * steps] for e in range(4)]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in rows)
     for key in ("epoch", "lr", "train_loss", "train_acc", "test_acc", "epoch_seconds", "images_per_second"):
         assert rows[-1][key] is not None
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -148,6 +161,15 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
     assert summary["final_test_acc"] == full["final_test_acc"] and summary["best_test_acc"] == full["best_test_acc"]
     rows = untimed_rows(tmp_path / "b")
     assert [r["epoch"] for r in rows] == [1, 2] and rows == untimed_rows(tmp_path / "a")
+    # evaluated: every eval_every-th epoch, counted from 1, and always the last
+    assert [r["test_acc"] is not None for r in rows] == [extra.get("train__eval_every") != "2", True]
+
+
+def test_eval_every_evaluates_every_nth_epoch_and_the_last(cifar_dir, tmp_path):
+    Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="5", train__eval_every="2"), device="cpu",
+            console=quiet()).fit()
+    rows = untimed_rows(tmp_path)
+    assert [r["epoch"] for r in rows if r["test_acc"] is not None] == [2, 4, 5]
 
 
 def test_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
