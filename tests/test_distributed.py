@@ -519,6 +519,11 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(cifar_dir, tmp_p
     moved = (flat(one["state"]) - flat(one["initial"])).norm()
     apart = (flat(one["state"]) - flat(two0["state"])).norm()
     assert moved > 0.1 and apart / moved < 1e-2, (float(apart), float(moved))
+    # the logged epoch means are over all ranks' images: the loss per batch and the accuracy alike
+    (row_one,), (row_two,) = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                              for name in ("one", "two"))
+    assert row_two["train_loss"] == pytest.approx(row_one["train_loss"], rel=1e-2)
+    assert row_two["train_acc"] == pytest.approx(row_one["train_acc"], abs=2.0)  # 512 images: a few may flip
 
 
 # ------------------------------------------------------------------------------------------------

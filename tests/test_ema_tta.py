@@ -232,6 +232,10 @@ def test_shift_image_moves_pixels_and_fills_the_border():
     assert torch.equal(filled[:, :, 1:, 1:], x[:, :, :-1, :-1])
     for c, v in enumerate((-1.0, -2.0, -3.0)):
         assert (filled[:, c, 0, :] == v).all() and (filled[:, c, :, 0] == v).all()
+    filled_up_left = shift_image(x, -1, -1, fill=[-1.0, -2.0, -3.0])  # the other corner keeps every source pixel
+    assert torch.equal(filled_up_left[:, :, :-1, :-1], x[:, :, 1:, 1:])
+    for c, v in enumerate((-1.0, -2.0, -3.0)):
+        assert (filled_up_left[:, c, -1, :] == v).all() and (filled_up_left[:, c, :, -1] == v).all()
     cl = shift_image(x.contiguous(memory_format=torch.channels_last), -1, -1)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, up_left)
     assert black_fill([0.5, 0.5, 0.25], [0.25, 0.5, 0.5]) == [-2.0, -1.0, -0.5]
@@ -264,6 +268,12 @@ def test_flip_shift_logits_are_the_weighted_view_average():
     assert acc == 100.0
     plain = model(x).argmax(1)
     assert evaluate(model, [(x, plain)], Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu")) == 100.0
+    # the shifted views' border takes evaluate's fill (the trainer passes black in normalized units)
+    black = [-1.0, -2.0, -3.0]
+    with_black = sum(w * model(v) for v, w in tta_views(x, "flip_shift", fill=torch.tensor(black))).argmax(1)
+    assert not torch.equal(with_black, expected)  # so a fill that went missing would be seen
+    assert evaluate(model, [(x, with_black)], Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu"),
+                    tta="flip_shift", fill=black) == 100.0
 
 
 def test_ema_checkpoint_round_trip_and_eval(cifar_dir, tmp_path):

@@ -51,6 +51,19 @@ def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tm
                            f"{every['test_acc_by_tta']['flip']:.2f}% (flip TTA), ")
 
 
+def test_eval_tta_all_reports_each_mode_under_its_own_name(run, cifar_dir, monkeypatch):
+    """`--tta all`: test_acc is the figure without TTA, and each mode's figure sits under its own name
+    (the real accuracies of a tiny run can coincide, so each mode is given its own here)."""
+    from fasttrain import evaluate as evaluate_module
+
+    by_mode = {"none": 11.0, "flip": 22.0, "flip_shift": 33.0}
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *args, tta="none", **kwargs: by_mode[tta])
+    result = evaluate_module.evaluate_checkpoint(run / "last.pt", tta="all", device="cpu", data_dir=str(cifar_dir))
+    assert result["test_acc"] == 11.0 and result["test_acc_by_tta"] == by_mode
+    assert evaluate_module.evaluate_checkpoint(run / "last.pt", tta="flip", device="cpu",
+                                               data_dir=str(cifar_dir))["test_acc"] == 22.0
+
+
 def test_bf16_export_is_half_the_size_and_still_evaluates(run, cifar_dir, tmp_path):
     fp32, bf16 = tmp_path / "fp32.pt", tmp_path / "bf16.pt"
     info = json.loads(run_cli("export", str(run / "last.pt"), str(fp32), "--weights", "model", "--json").stdout)

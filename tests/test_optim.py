@@ -85,6 +85,16 @@ def test_cosine_schedule_shape():
     assert opt.param_groups[0]["lr"] == pytest.approx(lrs[1])
 
 
+def test_a_warmup_as_long_as_the_run_still_reaches_the_peak():
+    """warmup_epochs beyond the run: the warmup takes every step but the last, which trains at the peak
+    (a warmup of all of them would never reach it)."""
+    model, _ = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = LRSchedule(opt, OptimConfig(lr=0.5, schedule="cosine", warmup_epochs=5), steps_per_epoch=10, epochs=2)
+    assert sched.warmup_steps == 19
+    assert sched.lr_at(0) == pytest.approx(0.5 / 19) and sched.lr_at(18) == pytest.approx(0.5)
+
+
 def test_linear_and_constant_schedules():
     model, _ = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)

@@ -165,6 +165,17 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
     assert [r["test_acc"] is not None for r in rows] == [extra.get("train__eval_every") != "2", True]
 
 
+def test_best_test_acc_is_the_best_epoch_not_the_last(cifar_dir, tmp_path, monkeypatch):
+    import fasttrain.trainer as trainer_module
+
+    scores = iter([50.0, 40.0])  # the epochs' test accuracies: the first is the best
+    monkeypatch.setattr(trainer_module, "evaluate", lambda *args, **kwargs: next(scores))
+    summary = Trainer(tiny_config(cifar_dir, tmp_path), device="cpu", console=quiet()).fit()
+    assert (summary["best_test_acc"], summary["final_test_acc"]) == (50.0, 40.0)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert (saved["best_test_acc"], saved["final_test_acc"]) == (50.0, 40.0)
+
+
 def test_eval_every_evaluates_every_nth_epoch_and_the_last(cifar_dir, tmp_path):
     Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="5", train__eval_every="2"), device="cpu",
             console=quiet()).fit()
