@@ -4,6 +4,7 @@
 checkpoints, exported weights and the downloaded data would then be readable by their owner alone,
 even in a run folder shared by a team. A temporary file made here gets the mode of any file the
 program writes (0666 less the umask), as `torch.save(obj, path)` or `open(path, "wb")` would give it.
+`write_text_atomic` is the whole write for a run folder's text files.
 """
 from __future__ import annotations
 
