@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fasttrain.files import create_temp
+from fasttrain.files import write_temp
 
 FORMAT = "fasttrain-checkpoint-v1"
 CHECKSUM_KEY = "checksum"
@@ -51,21 +51,15 @@ def _fsync_dir(folder: Path) -> None:
 def _write_temp(obj: Any, path: Path) -> Path:
     """torch.save `obj` into a fsync'ed hidden temp file beside `path` (not matched by ``*.pt``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        return write_temp(path, lambda f: torch.save(obj, f))
+    except BaseException as e:  # the temp file is gone already (write_temp)
         if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: its zip writer's
             raise KeyboardInterrupt from None  # close then fails ("unexpected pos"); the cause is the Ctrl-C
         cause = _file_system_cause(e)
         if cause is not None:  # a full disk: torch's writer and the file's close say so without a name
             raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
-    return Path(tmp)
 
 
 def _file_system_cause(e: BaseException) -> OSError | None:

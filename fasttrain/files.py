@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import IO, Callable
 
 
 def file_error_line(e: OSError) -> str | None:
@@ -34,16 +35,27 @@ def create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
     raise FileExistsError(f"could not create a temporary file {prefix}*{suffix} in {directory}")
 
 
+def write_temp(path: Path, write: Callable[[IO], object], text: bool = False) -> Path:
+    """`write(f)` into a new, fsync'ed, hidden temp file beside `path` (.NAME.*.tmp: not matched by a
+    glob for NAME's suffix), whose path is returned for the caller's rename; removed if anything fails."""
+    fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text` as one step (temp file beside it, fsync, rename): a kill or a full disk
     mid-write leaves the old file whole, never an empty or half-written one."""
     path = Path(path)
-    fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = write_temp(path, lambda f: f.write(text), text=True)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
