@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fasttrain.data.cifar import DataError
     from fasttrain.signals import RunInterrupted
-    from fasttrain.trainer import TrainingError
+    from fasttrain.trainer import TrainingError, oom_detail
 
     try:
         return COMMANDS[command](argv)
@@ -266,10 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except torch.OutOfMemoryError as e:  # outside training (fit has its own message): a run's setup, eval
-        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no detail"
         fix = ("lower --train.batch_size or --train.eval_batch_size, or train with --device cpu" if command == "train"
                else "or evaluate with --device cpu")
-        print(f"error: out of GPU memory in `{command}` ({detail}). Another process may hold the GPU's memory "
+        print(f"error: out of GPU memory in `{command}` ({oom_detail(e)}). Another process may hold the GPU's memory "
               f"(nvidia-smi lists them): free it, {fix}.", file=sys.stderr)
         return EXIT_ERROR
     except ImportError as e:  # an optional extra (dali, plot, tensorboard) that is not installed

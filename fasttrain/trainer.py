@@ -51,6 +51,12 @@ from fasttrain.signals import LAUNCHER_REPEAT_S, RunInterrupted, StopRequest
 from fasttrain.whiten import whiten_stem
 
 
+def oom_detail(e: torch.OutOfMemoryError) -> str:
+    """The first line of torch's out-of-memory message (what it tried to allocate), bounded."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "no detail"
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory, ...): the message says why and what to do."""
 
@@ -623,7 +629,7 @@ class Trainer:
             yield
         except torch.OutOfMemoryError as e:
             t = self.cfg.train
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no detail"
+            detail = oom_detail(e)
             raise TrainingError(
                 f"out of GPU memory with train.batch_size {t.batch_size} per process (eval_batch_size "
                 f"{t.eval_batch_size}, precision {self.precision.name}, compile "
@@ -650,18 +656,19 @@ class Trainer:
             where = f"epoch {epoch + 1}, step {step}/{self.steps_per_epoch}"
         else:
             where = f"the end of epoch {epoch}" if epoch else "the start of training"
-        cfg_file = shlex.quote(str(self.run_dir / "config.yaml"))  # copy-paste safe
         raise RunInterrupted(
             f"stopped by {self._stop.name} at {where}; checkpoint saved: {path}\n"
-            f"resume with:\n  {self._resume_launcher()} -m fasttrain --config {cfg_file}{self._device_flag} "
-            f"--resume {shlex.quote(str(path))}\nor:\n  {self._resume_auto_command()}",
+            f"resume with:\n  {self._resume_command(shlex.quote(str(path)))}\nor:\n  {self._resume_auto_command()}",
             self._stop.signum, path, announce=self.dist.is_main)
+
+    def _resume_command(self, resume: str) -> str:
+        """The command that continues this run from `resume` (a quoted path, or auto ...): copy-paste safe."""
+        return (f"{self._resume_launcher()} -m fasttrain --config {shlex.quote(str(self.run_dir / 'config.yaml'))}"
+                f"{self._device_flag} --resume {resume}")
 
     def _resume_auto_command(self) -> str:
         """The command that continues this run from the newest good checkpoint of its folder."""
-        q = shlex.quote
-        return (f"{self._resume_launcher()} -m fasttrain --config {q(str(self.run_dir / 'config.yaml'))}"
-                f"{self._device_flag} --resume auto --output.dir {q(str(self.run_dir))}")
+        return self._resume_command(f"auto --output.dir {shlex.quote(str(self.run_dir))}")
 
     def _resume_launcher(self) -> str:
         """What starts the resumed run: `python` for one process; under torchrun a launch of as many ranks,
