@@ -1,12 +1,13 @@
 """Patch-whitening initialisation of the stem convolution (`model.stem_init: whiten`).
 
 The stem's 3x3 filters (3x3 whatever F_1 is, as in the paper) start as the eigenvectors of the
-covariance of the training images' 3x3 patches (normalised as the loaders normalise them), each divided by sqrt(eigenvalue + eps)
-and kept beside its negative. Convolved with an image, the filters give decorrelated projections of
-its patches with about unit variance, and after the stem's ReLU one channel carries each sign: from
-the first step the network sees the input with its strong, smooth directions no louder than its fine
-detail. This is airbench's frozen whitening layer (Jordan 2024, after hlb-CIFAR10), adapted to the
-paper's 3x3 stem with BatchNorm after it; `model.stem_frozen` keeps the filters as they start.
+covariance of the training images' 3x3 patches (normalised as the loaders normalise them), each
+divided by sqrt(eigenvalue + eps) and kept beside its negative. Convolved with an image, the filters
+give decorrelated projections of its patches with about unit variance, and after the stem's ReLU one
+channel carries each sign: from the first step the network sees the input with its strong, smooth
+directions no louder than its fine detail. This is airbench's frozen whitening layer (Jordan 2024,
+after hlb-CIFAR10), adapted to the paper's 3x3 stem with BatchNorm after it; `model.stem_frozen`
+keeps the filters as they start.
 
 A 3x3 patch of 3 channels has 27 values, so 54 filters; a stem of more channels (the paper's 64) keeps
 its Kaiming initialisation in the rest, and a stem of fewer takes the eigenvectors of the largest
