@@ -197,6 +197,7 @@ class _StrictLoader(yaml.SafeLoader):
         if _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
             raise ConfigError(f"expands to over {MAX_YAML_VALUES:,} values through YAML aliases (*name): "
                               "a config is a few dozen; write the values out")
+        self.mapping_paths = _mapping_paths(node, (), {})
         return node
 
 
@@ -220,7 +221,21 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int])
     return sizes[key]
 
 
+def _mapping_paths(node: yaml.Node, path: tuple[str, ...], paths: dict[int, tuple[str, ...]]) -> dict:
+    """Each mapping's dotted place in the document ({id(node): ("optim",)}), so that an error inside it
+    names the full key (optim.lr), not the leaf alone. A node shared through an alias keeps its first."""
+    if id(node) in paths or not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return paths
+    paths[id(node)] = path
+    children = ([(str(k.value), v) for k, v in node.value] if isinstance(node, yaml.MappingNode)
+                else [(f"[{i}]", v) for i, v in enumerate(node.value)])
+    for name, child in children:
+        _mapping_paths(child, path + (name,), paths)
+    return paths
+
+
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    parent = getattr(loader, "mapping_paths", {}).get(id(node), ())
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -231,7 +246,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
                               f"not a {type(key).__name__}") from None
         if key in seen:
             raise ConfigError(
-                f"duplicate key {key!r} (line {seen[key].start_mark.line + 1} and line "
+                f"duplicate key {'.'.join((*parent, str(key)))!r} (line {seen[key].start_mark.line + 1} and line "
                 f"{key_node.start_mark.line + 1}): keep one of them"
             )
         seen[key] = key_node

@@ -1,6 +1,7 @@
 """Strict config loading: unknown/duplicate keys, types, ranges, dotted overrides."""
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -37,9 +38,14 @@ def test_unknown_section(tmp_path):
         load_config(write(tmp_path, "optimizer:\n  lr: 0.1\n"))
 
 
-def test_duplicate_key_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="duplicate key 'lr'.*line 2.*line 3"):
-        load_config(write(tmp_path, "optim:\n  lr: 0.1\n  lr: 0.2\n"))
+@pytest.mark.parametrize("text, key, lines", [
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", "optim.lr", (2, 3)),  # named by its full dotted key
+    ("train:\n  epochs: 2\noptim:\n  lr: 0.1\ntrain:\n  seed: 1\n", "train", (1, 5)),
+    ("x: &m {se: true}\nmodel:\n  blocks: [1, 1, 1]\n  se: true\n  se: false\n", "model.se", (4, 5)),
+])
+def test_duplicate_key_is_an_error(tmp_path, text, key, lines):
+    with pytest.raises(ConfigError, match=f"duplicate key '{re.escape(key)}' \\(line {lines[0]} and line {lines[1]}\\)"):
+        load_config(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("text, key, expected", [
