@@ -66,16 +66,24 @@
 #   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
 #   needs no pieces)
 #   then give_back.
-# The next session's calls (15 minutes in all), for issue 6's headline: the first staging call names kind
-# nvidia-h100-x1 (the targets are stated on an H100; a call naming it gets no other kind, and when none
-# opens it fails after ~90 s at a cost of 1-2 minutes: then stage with no kind, which may give an H200,
-# and say which card measured), then best as the third (carry .stage/03, timeout_s 595,
-# "export GPU_SESSION_T0=$(date +%s) BUDGET_S=560; ... && SEEDS=5 bash benchmarks/gpu_session.sh best $OUT"):
+# The next session's calls (15 minutes in all), for issue 6's headline. Neither needs DALI, so the data
+# travel alone: `../shared/device/stage --no-dali` makes one part, .stage/01 (23 MB: CIFAR-10 and Pillow;
+# tried 2026-11-27), and the first call both starts the machine and runs best:
+#   run: kind nvidia-h100-x1 (the targets are stated on an H100; a call naming it gets no other kind, and
+#        when none opens it fails after ~90 s at a cost of 1-2 minutes: then the same call with no kind,
+#        which may give an H200: say which card measured), carry [".stage/01"], timeout_s 595, command
+#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=560; bash .stage/01/unstage.sh >/dev/null &&
+#         mkdir -p /tmp/stg && cp -a .stage/payload .stage/01 /tmp/stg/ && . .stage/env.sh &&
+#         SEEDS=5 bash benchmarks/gpu_session.sh best $OUT"
 # best.yaml ([3,3,2], cutout 12, 80 epochs), 5 seeds on the test set, one at a time (on an H200 57 s of
 # training and ~66 s of wall each, +28 s for the first compile: ~360 s; an H100's lower memory bandwidth
 # may cost ~20-40% more: the 560 s leave room), then its weights (the export keeps 30 s). Then, on the
-# same warm machine within 30 s, with what is left (~200 s): "ROWS=1,9,9@512 BUDGET_S=<left - 40> bash
-# benchmarks/gpu_session.sh throughput $OUT/t" (issue 5's CUDA-graph rows), else nothing; then give_back.
+# same warm machine within 30 s, with what is left (~200 s), carrying nothing (unstage.sh finds the
+# payload unpacked and writes env.sh again):
+#        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/01 .stage/ && bash .stage/01/unstage.sh
+#         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) ROWS=1,9,9@512
+#         BUDGET_S=<left - 40>; bash benchmarks/gpu_session.sh throughput $OUT/t)"
+# (issue 5's CUDA-graph rows), else nothing; then give_back.
 # The session after: search (issue 6's time goal, 30 s: best.yaml at 60 epochs, with the whitened, frozen stem
 # at 60 and 40, the EMA with recomputed BN statistics, label smoothing 0.2), then quick's profile, bench_se,
 # the tile sweep, and the loader stage (DALI now crops in crop_mirror_normalize: is it past 200k img/s?).
