@@ -360,7 +360,10 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     unknown = [k for k in values if k not in fields]
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown key {key!r}; valid keys in {where}: {', '.join(fields)}")
+        # a typo (epoch), or the dash other tools write (batch-size): the closest key, if one is close
+        close = difflib.get_close_matches(str(unknown[0]).replace("-", "_"), list(fields), n=1, cutoff=0.75)
+        hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown key {key!r}; {hint}valid keys in {where}: {', '.join(fields)}")
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -429,7 +432,15 @@ def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> 
         if (tp is str or tp == Optional[str] and text not in _YAML_NULLS) and not quoted:
             value = text
         else:
-            value = parse_yaml(text, f"--{key}") if text.strip() else ""
+            try:
+                value = parse_yaml(text, f"--{key}") if text.strip() else ""
+            except ConfigError:
+                opening = text.lstrip()[:1]
+                if opening in ("[", "{") and text.rstrip()[-1:] not in ("]", "}"):
+                    example = "[2, 2, 2]" if opening == "[" else "{epochs: 2}"
+                    raise ConfigError(f"--{key} {text!r} is cut short: the shell splits an unquoted list or mapping "
+                                      f"at its spaces; quote it, e.g. --{key} '{example}'") from None
+                raise
         for dotted, v in _section_keys(key, value).items():
             if dotted in out:
                 raise ConfigError(f"--{dotted} is given twice on the command line: keep one")

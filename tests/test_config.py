@@ -31,6 +31,24 @@ def test_unknown_key_names_it_and_lists_valid_ones(tmp_path):
         load_config(write(tmp_path, "optim:\n  learning_rate: 0.1\n"))
     msg = str(e.value)
     assert "optim.learning_rate" in msg and "lr" in msg and "momentum" in msg
+    assert "did you mean" not in msg  # nothing close enough to guess
+
+
+@pytest.mark.parametrize("args, guess", [
+    (["--train.epoch", "2"], "train.epochs"),
+    (["--train.batch-size", "64"], "train.batch_size"),  # the dash other tools write
+    (["--trian.epochs", "2"], "train"),
+    (["--optim", "{lrr: 0.1}"], "optim.lr"),
+])
+def test_an_unknown_key_close_to_a_real_one_names_it(args, guess):
+    with pytest.raises(ConfigError, match=f"unknown key .*; did you mean '{re.escape(guess)}'\\? valid keys in"):
+        load_config(None, args)
+
+
+@pytest.mark.parametrize("args", [["--model.blocks", "[2,", "2,", "2]"], ["--train", "{epochs:", "2}"]])
+def test_an_unquoted_list_split_by_the_shell_says_to_quote_it(args):
+    with pytest.raises(ConfigError, match=f"--{re.escape(args[0][2:])} '.*' is cut short: the shell splits .* quote it"):
+        parse_overrides(args)
 
 
 def test_unknown_section(tmp_path):
