@@ -136,6 +136,10 @@ def write_checkpoint(state: dict, path: str | Path, previous: str | None = PREVI
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint safely and verify its checksum; any problem is a CheckpointError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        held = [str(p) for p in checkpoint_candidates(path)]
+        raise CheckpointError(f"{str(path)!r} is a folder, not a checkpoint: pass a checkpoint file"
+                              + (f" ({', '.join(held[:3])})" if held else " (it holds none)"))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found: a run folder holds last.pt (and prev.pt); "
                               "--resume auto finds the newest good one in the run's --output.dir")

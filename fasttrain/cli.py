@@ -11,12 +11,14 @@ rank 0 prints the command).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
 
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError
-from fasttrain.config import ConfigError, config_changes, config_to_dict, dump_yaml, load_config
+from fasttrain.config import (ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
+                              load_config)
 from fasttrain.files import file_error_line
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
@@ -32,7 +34,8 @@ def _train_parser() -> argparse.ArgumentParser:
                "curves, its weights to ship)",
         allow_abbrev=False,
     )
-    p.add_argument("--config", help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml)")
+    p.add_argument("--config", help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml); "
+                   "none: the paper's recipe (seed.yaml's values), or with --resume PATH the checkpoint's own")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' picks the newest valid one in the run folder")
@@ -114,11 +117,31 @@ def resolve_resume(resume: str | None, cfg) -> str | None:
     return str(found) if found else None
 
 
+def _checkpoint_config(resume: str, rest: list[str]):
+    """`--resume RUN/last.pt` without --config: the config the checkpoint was trained with (the defaults
+    would be another architecture), with the command line's overrides, continued in the checkpoint's
+    folder (where it lies now) unless --output.dir says otherwise."""
+    from fasttrain.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(resume).get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{resume} holds no config: pass the --config it was trained with")
+    cfg = config_with_overrides(copy.deepcopy(saved), rest)
+    if not _gives_output_dir(rest):
+        cfg.output.dir = str(Path(resume).parent)
+    print(f"note: no --config given: using the config saved in {resume}", file=sys.stderr)
+    return cfg
+
+
+def _gives_output_dir(rest: list[str]) -> bool:
+    return any(a == "--output.dir" or a.startswith("--output.dir=") for a in rest)
+
+
 def _follow_a_moved_run(cfg, args, rest: list[str]) -> None:
     """`--config RUN/config.yaml --resume RUN/last.pt` continues RUN, also after the folder was moved or
     renamed: the saved config names the folder the run started in (output.dir), which the move made
     stale. Only for a config and checkpoint of one folder, and unless --output.dir is given."""
-    if args.resume in (None, "auto") or not args.config or any(a.startswith("--output") for a in rest):
+    if args.resume in (None, "auto") or not args.config or _gives_output_dir(rest):
         return
     folder = Path(args.resume).resolve().parent
     if (cfg.output.dir and Path(args.config).resolve().parent == folder
@@ -155,7 +178,10 @@ def cmd_train(argv: list[str]) -> int:
     if args.json and not args.dry_run:
         raise ConfigError("--json prints the --dry-run report: pass --dry-run --json (a training run logs to "
                           "its run folder's metrics.jsonl and summary.json)")
-    cfg = load_config(args.config, rest)
+    if args.config is None and args.resume not in (None, "auto"):
+        cfg = _checkpoint_config(args.resume, rest)
+    else:
+        cfg = load_config(args.config, rest)
     _follow_a_moved_run(cfg, args, rest)
     from fasttrain.runtime import resolve_device
 

@@ -535,6 +535,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         values.setdefault("name", p.stem)
+    return config_with_overrides(values, overrides)
+
+
+def config_with_overrides(values: dict, overrides: list[str] | dict | None = None) -> Config:
+    """A config from its values (a file's, or the ones a checkpoint saved) and dotted overrides."""
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
         values = _apply_overrides(values, ov)

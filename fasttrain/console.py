@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 from typing import Iterator
 
 from rich.console import Console as RichConsole
@@ -24,12 +26,23 @@ def format_seconds(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+class _OutlivingConsole(RichConsole):
+    """rich's console, except when what reads stdout goes away (`| head`, a killed `tee`): rich would end
+    the program (SystemExit 1) in the middle of an epoch; the run goes on silently, its files complete."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # and Python's flush at exit finds a sink, not the dead pipe
+        os.close(devnull)
+
+
 class RunConsole:
     def __init__(self, progress: bool = True, enabled: bool = True):
         self.enabled = enabled  # only rank 0 of a distributed run prints
-        self.rich = RichConsole(highlight=False)
+        self.rich = _OutlivingConsole(highlight=False)
         if not self.rich.is_terminal:  # a log file: one line per epoch, never wrapped at 80 columns
-            self.rich = RichConsole(highlight=False, width=240)
+            self.rich = _OutlivingConsole(highlight=False, width=240)
         self.show_bar = progress and enabled and self.rich.is_terminal
 
     def print(self, *args, **kwargs) -> None:

@@ -2,13 +2,15 @@
 
 The rules (README, "Command line"): a folder that holds a run is refused unless this run resumes one of
 its own checkpoints or `--overwrite` is given; a run resumed into a new folder starts its metrics with the
-source run's epochs; a fresh or moved run never inherits another run's checkpoints or summary.
+source run's epochs; a fresh or moved run never inherits another run's checkpoints or summary. One process
+at a time writes a folder: it holds the folder's lock file from its first write to its end.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,8 +19,14 @@ from fasttrain.checkpoint import LAST, PREVIOUS, checkpoint_candidates, holds_ru
 from fasttrain.config import Config, ConfigError, save_config
 from fasttrain.files import write_text_atomic
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: no folder lock there
+    fcntl = None
+
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+LOCK = ".fasttrain.lock"  # held by the process writing the folder; removed when it ends
 
 
 def resumes_another_folder(resume_path: Path | None, run_dir: Path) -> bool:
@@ -57,6 +65,72 @@ def choose_run_dir(cfg: Config, run_dir: str | Path | None, resume_path: Path | 
             "that run")
     _check_writable(run_dir)
     return run_dir
+
+
+class FolderLock:
+    """An exclusive flock on the run folder's lock file, held while one process writes the folder. The
+    kernel drops it when the process dies, so a killed run leaves a stale file, never a stale lock."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def take(cls, run_dir: Path) -> tuple[FolderLock | None, str]:
+        """(the lock, "") or, when another process holds it, (None, who holds it: "pid N on HOST")."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK
+        if fcntl is None:
+            return cls(path, None), ""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                return None, holder
+            try:  # a holder unlinks the file before it unlocks: a lock on a file no longer at `path` guards nothing
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+                return cls(path, fd), ""
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def claim_run_dir(cfg: Config, run_dir: Path, resume_path: Path | None, overwrite: bool,
+                  default_name: bool) -> tuple[Path, FolderLock]:
+    """Lock the run folder before the run's first write (rank 0, after the warmup) and check it again under
+    the lock: another run may have started in it since choose_run_dir looked (two jobs launched at once).
+    A default-named folder (runs/<config>-<time>) taken meanwhile gives way to <name>-2, -3, ...; a named
+    one is a ConfigError naming the process that holds it."""
+    names = [run_dir] + ([run_dir.with_name(f"{run_dir.name}-{i}") for i in range(2, 100)] if default_name else [])
+    for candidate in names:
+        lock, holder = FolderLock.take(candidate)
+        if lock is None:
+            if default_name:
+                continue
+            raise ConfigError(f"the output folder {str(candidate)!r} is in use by another fasttrain run ({holder}): "
+                              "wait for it to end, or choose another --output.dir")
+        try:
+            return choose_run_dir(cfg, candidate, resume_path, overwrite), lock  # its checks, under the lock
+        except ConfigError:
+            lock.release()
+            if not (default_name and holds_run(candidate)):
+                raise
+    raise ConfigError(f"the output folders {str(run_dir)!r} to {str(names[-1])!r} are all taken: "
+                      "pass an --output.dir")
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -1,4 +1,7 @@
-"""Graceful stop on SIGINT / SIGTERM: finish the current step, checkpoint, exit with a resume hint.
+"""Graceful stop on SIGINT / SIGTERM / SIGHUP: finish the current step, checkpoint, exit with a resume hint.
+
+SIGHUP is a closed terminal or a dropped ssh session; a run started under nohup (SIGHUP ignored) keeps
+ignoring it, as asked.
 
 The handler only sets a flag; the training loop reads it (a Python bool, no device sync) after each
 step. Under torchrun the ranks agree on it every few steps instead (fasttrain.distributed.StopAgreement),
@@ -10,7 +13,7 @@ nothing to save (the compile warmup: minutes on a CPU, and every bit of state re
 handler raises at once instead (`StopRequest.raising`), so a stop is not kept waiting for it.
 
 Exit codes follow the shell convention 128 + signal number, so schedulers and shells read them as
-"stopped by that signal": 130 for SIGINT, 143 for SIGTERM.
+"stopped by that signal": 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 # Under torchrun a worker can get the same signal twice: from a scheduler or service manager that
 # signals every process of the job (Slurm at the time limit, systemd's control-group kill) and, a few
 # milliseconds later, from torchrun's agent, which forwards every SIGINT/SIGTERM it receives to its
@@ -93,12 +96,14 @@ class StopRequest:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopRequest"]:
-        """Handle SIGINT/SIGTERM inside the block (main thread only: elsewhere Python forbids handlers)."""
+        """Handle SIGINT/SIGTERM/SIGHUP inside the block (main thread only: elsewhere Python forbids handlers)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
         for signum in HANDLED:
             previous = signal.getsignal(signum)
+            if signum == getattr(signal, "SIGHUP", None) and previous == signal.SIG_IGN:
+                continue  # nohup: the run was asked to outlive its terminal
             self._previous[signum] = signal.SIG_DFL if previous is None else previous
             signal.signal(signum, self._handle)
         try:

@@ -44,8 +44,8 @@ from fasttrain.distributed import (DistInfo, StopAgreement, all_gather_objects, 
 from fasttrain.graph import DDP_WARMUP_ITERS, WARMUP_ITERS, GraphedStep, graph_problems, side_stream, step_state
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
-from fasttrain.run_folder import (SUMMARY, append_metrics, choose_run_dir, prepare_run_dir,
-                                  resumes_another_folder)
+from fasttrain.run_folder import (SUMMARY, FolderLock, append_metrics, choose_run_dir, claim_run_dir,
+                                  prepare_run_dir, resumes_another_folder)
 from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
 from fasttrain.signals import LAUNCHER_REPEAT_S, RunInterrupted, StopRequest
 from fasttrain.whiten import whiten_stem
@@ -83,6 +83,10 @@ class Trainer:
         # every rank takes rank 0's choices (a default run folder is named after rank 0's clock)
         self.resume_path = broadcast_object(Path(resume) if resume else None, self.dist)
         self.run_dir = broadcast_object(choose_run_dir(cfg, run_dir, self.resume_path, overwrite), self.dist)
+        # checked again under the folder's lock before the first write (_claim_run_dir)
+        self._overwrite = overwrite
+        self._default_run_dir = run_dir is None and not cfg.output.dir and self.resume_path is None
+        self._folder_lock: FolderLock | None = None
         self._die_at_step = fault_injection_step(self.dist)  # test-only, None outside tests
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -255,8 +259,18 @@ class Trainer:
         raise TrainingError(
             f"not saving a checkpoint after {where}: the weights hold NaN or infinite values "
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). {self._kept_checkpoint_note()} "
-            "Lower optim.lr, raise optim.warmup_epochs, enable gradient clipping, or use train.precision bf16/fp32."
+            f"{self._divergence_fixes()}"
         )
+
+    def _divergence_fixes(self) -> str:
+        """What to change after a non-finite loss or weights: the precision advice only where it is not
+        already taken (fp16 overflows where bf16 and fp32 do not)."""
+        fixes = ["lower optim.lr", "raise optim.warmup_epochs"]
+        fixes.append("enable gradient clipping (optim.clip)" if self.cfg.optim.clip == "none"
+                     else "lower optim.clip_value")
+        if self.precision.name == "fp16":
+            fixes.append("use train.precision bf16 or fp32")
+        return (", ".join(fixes[:-1]) + " or " + fixes[-1]).capitalize() + "."
 
     def _kept_checkpoint_note(self) -> str:
         last = self.run_dir / LAST
@@ -285,6 +299,11 @@ class Trainer:
             self.console.warn(f"{path} was trained with another config: {'; '.join(changed)}. The run goes on "
                               "under this config's values (the learning-rate schedule follows its epochs and "
                               "rates from here): not an exact continuation")
+        trained_on = ckpt.get("data_source")
+        if trained_on and trained_on != self.data.source:  # another folder (FASTTRAIN_DATA unset: ./data, maybe
+            # downloaded there: the official images under a run of the JPEG stand-in), or another split
+            self.console.warn(f"{path} was trained on {trained_on}; this run reads {self.data.source}. If that is "
+                              "not the same data in another place, pass the --data.dir it was trained on")
         unwrap(self.model).load_state_dict(ckpt["model"])
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -497,7 +516,7 @@ class Trainer:
         raise TrainingError(
             f"the training loss became NaN or infinite at epoch {epoch + 1}, step {first_bad_step + 1} "
             f"(learning rate {lr:.4g}); this epoch was not checkpointed. {self._kept_checkpoint_note()} "
-            "Lower optim.lr, raise optim.warmup_epochs, enable gradient clipping, or use train.precision bf16/fp32."
+            f"{self._divergence_fixes()}"
         )
 
     def _recompute_ema_bn(self) -> float:
@@ -586,7 +605,31 @@ class Trainer:
         Running out of GPU memory becomes a TrainingError that says what to change.
         """
         with self._stop.installed(), self._oom_guard(), self._peer_failure_guard(), self._tensorboard():
-            return self._fit(stop_after_epochs)
+            try:
+                return self._fit(stop_after_epochs)
+            finally:
+                if self._folder_lock is not None:
+                    self._folder_lock.release()
+                    self._folder_lock = None
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 locks the run folder for this process (run_folder.claim_run_dir: a default-named one may
+        move to <name>-2); every rank takes its choice, or its refusal."""
+        claimed: Path | ConfigError | None = None
+        if self.dist.is_main:
+            try:
+                claimed, self._folder_lock = claim_run_dir(self.cfg, self.run_dir, self.resume_path,
+                                                           self._overwrite, self._default_run_dir)
+            except ConfigError as e:
+                claimed = e
+        claimed = broadcast_object(claimed, self.dist)
+        if isinstance(claimed, ConfigError):
+            raise claimed
+        if claimed != self.run_dir:
+            self.console.info(f"{self.run_dir} was taken by a run started meanwhile: this one writes {claimed}")
+            self.run_dir = claimed
+            if self._tb is not None:
+                self._tb.run_dir = claimed
 
     @contextlib.contextmanager
     def _tensorboard(self):
@@ -723,7 +766,8 @@ class Trainer:
             what = "compile + autotune" if self.cfg.train.compile else "autotune"
             what += " + CUDA graph capture" if self.use_graph else ""
             self.console.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
-        if self.dist.is_main:  # after the warmup: a run stopped in it has written nothing
+        self._claim_run_dir()  # after the warmup: a run stopped in it has written nothing
+        if self.dist.is_main:
             fresh = prepare_run_dir(self.run_dir, self.cfg, self.resume_path, self.start_epoch, self.console.warn)
             if self._tb is not None:
                 self._tb.start(self.start_epoch, fresh=fresh)
@@ -747,9 +791,10 @@ class Trainer:
                 append_metrics(self.run_dir, row)
                 if self._tb is not None:
                     self._tb.log_epoch(row)
-            self.console.epoch_line(row, epochs, (epochs - epoch - 1) * (time.perf_counter() - started))
             if (epoch + 1) % self.cfg.train.checkpoint_every == 0 or last:
                 self.save_checkpoint(epoch + 1)
+            # printed after the epoch is on disk: a stop while printing (a closed terminal) loses nothing
+            self.console.epoch_line(row, epochs, (epochs - epoch - 1) * (time.perf_counter() - started))
         return self._finish(last_row, ema_bn_seconds, imgs_per_s, time.perf_counter() - wall_start,
                             completed=end_epoch)
 

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -29,7 +30,9 @@ from fasttrain import cli
 from fasttrain import trainer as trainer_module
 from fasttrain.checkpoint import (FORMAT, CheckpointError, find_resume_checkpoint, load_checkpoint,
                                   write_checkpoint)
+from fasttrain import run_folder
 from fasttrain.config import load_config, save_config
+from fasttrain.run_folder import LOCK, FolderLock
 from fasttrain.signals import RunInterrupted, StopRequest
 from fasttrain.trainer import Trainer, TrainingError
 from test_train import quiet, untimed_rows
@@ -258,6 +261,42 @@ def test_second_signal_restores_the_default_behaviour():
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_sighup_stops_like_sigterm_unless_the_run_was_started_under_nohup():
+    """A closed terminal or a dropped ssh session (SIGHUP) saves and stops like a scheduler's SIGTERM
+    (exit 129); under nohup, which starts the run with SIGHUP ignored, it stays ignored."""
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        stop = StopRequest()
+        with stop.installed():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+            assert stop.requested and stop.name == "SIGHUP"
+        assert RunInterrupted("stopped", stop.signum, None).exit_code == 129
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        stop = StopRequest()
+        with stop.installed():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+            assert not stop.requested
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
+
+
+def test_a_closed_stdout_pipe_never_stops_the_run(cifar_dir, tmp_path):
+    """`fasttrain ... | head -1`: the reader goes away after the first line. The run goes on silently to
+    its end (rich alone would exit 1 mid-epoch, between an epoch's metrics row and its checkpoint)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fasttrain", *cli_args(cifar_dir, run)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+    proc.stdout.readline()
+    proc.stdout.close()  # like head after its line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert metric_epochs(run) == [1, 2] and load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert (run / "summary.json").exists()
+
+
 def test_raising_block_turns_a_signal_into_the_error_at_once():
     """StopRequest.raising: inside the block a signal raises where the program is (the flag set too);
     outside it only sets the flag; a stop requested just before the block raises on entry."""
@@ -393,6 +432,17 @@ def test_find_resume_checkpoint_order_and_failures(tmp_path, good_run):
         find_resume_checkpoint(run, warn=lambda m: None)
 
 
+def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(good_run, tmp_path, capsys):
+    """`eval --checkpoint runs/X`: the folder, not "not found" (it exists), with the checkpoints to pick."""
+    with pytest.raises(CheckpointError, match=rf"is a folder, not a checkpoint: pass a checkpoint file "
+                                              rf"\({re.escape(str(good_run / 'last.pt'))}, "):
+        load_checkpoint(good_run)
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint: pass a checkpoint file \\(it holds none\\)"):
+        load_checkpoint(tmp_path)
+    assert cli.main(["eval", "--checkpoint", str(good_run), "--device", "cpu"]) == cli.EXIT_ERROR
+    assert "is a folder, not a checkpoint" in capsys.readouterr().err
+
+
 class _Crash(BaseException):
     """Stands in for kill -9 at one point inside write_checkpoint."""
 
@@ -451,6 +501,8 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_dir
                    env_extra={"FASTTRAIN_INJECT_NAN_STEP": str(STEPS + 5)})
     assert "error: the training loss became NaN or infinite at epoch 2, step 5" in proc.stderr
     assert f"The last good checkpoint ({run / 'last.pt'}) is kept" in proc.stderr
+    assert "Lower optim.lr, raise optim.warmup_epochs" in proc.stderr
+    assert "train.precision" not in proc.stderr  # an fp32 run: no advice it has already taken
     assert "Traceback" not in proc.stderr
     kept = load_checkpoint(run / "last.pt")
     assert (kept["epoch"], kept["step_in_epoch"]) == (1, 0)
@@ -652,6 +704,83 @@ def test_a_folder_holding_another_run_is_refused_without_resume_or_overwrite(cif
     assert folder_snapshot(good_run) == before
 
 
+def test_a_folder_in_use_by_another_run_is_refused_and_free_again_when_it_ends(cifar_dir, tmp_path, capsys):
+    """Two runs started at once into one folder: both pass the first check (nothing is written before the
+    warmup ends), so the folder is locked from the first write and checked again under the lock. The lock
+    is the other run's here (a second descriptor: flock excludes it like another process)."""
+    run = tmp_path / "run"
+    other, _ = FolderLock.take(run)
+    try:
+        assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "1")) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"'{run}' is in use by another fasttrain run (pid {os.getpid()} on " in err, err
+        assert sorted(p.name for p in run.iterdir()) == [LOCK]  # nothing of the refused run
+    finally:
+        other.release()
+    assert not run.exists() or not any(run.iterdir())
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "1")) == 0
+    assert metric_epochs(run) == [1] and not (run / LOCK).exists()  # released at the end
+
+
+def test_a_stale_lock_file_of_a_killed_run_blocks_nothing(cifar_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text("pid 1 on a-killed-host\n")  # the kernel dropped its lock with the process
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "1")) == 0
+    assert metric_epochs(run) == [1] and not (run / LOCK).exists()
+
+
+@pytest.mark.parametrize("taken_by", ["a running run", "a finished run"])
+def test_a_default_run_folder_taken_meanwhile_gives_way_to_the_next_name(cifar_dir, tmp_path, monkeypatch, taken_by):
+    """runs/<config>-<second>: two runs launched in the same second (a job array) pick the same name; the
+    one that writes second moves to <name>-2 instead of mixing its files into the other's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20261127-000000")
+    cfg = tiny_config(cifar_dir, "unused", "--train.epochs", "1")
+    cfg.output.dir = None
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    first = Path("runs/smoke-20261127-000000")
+    assert trainer.run_dir == first
+    holder = None
+    if taken_by == "a running run":
+        holder, _ = FolderLock.take(first)
+    else:
+        (first / "config.yaml").parent.mkdir(parents=True)
+        (first / "config.yaml").write_text("name: smoke\n")
+    try:
+        summary = trainer.fit()
+    finally:
+        if holder is not None:
+            holder.release()
+    assert summary["run_dir"] == "runs/smoke-20261127-000000-2" and metric_epochs(Path(summary["run_dir"])) == [1]
+    assert sorted(p.name for p in first.iterdir()) == ([] if holder else ["config.yaml"])
+
+
+def test_resume_without_a_config_continues_with_the_checkpoints_own(cifar_dir, tmp_path, reference_run, capsys):
+    """`--resume RUN/last.pt` alone: not the defaults (the paper's 4.7M network, which the checkpoint's
+    weights do not fit) but the config it was trained with, overrides on top, in the folder it lies in."""
+    run = tmp_path / "moved"
+    shutil.copytree(reference_run, run)
+    assert cli.main(["--device", "cpu", "--resume", str(run / "last.pt"), "--train.epochs", "3"]) == 0
+    assert f"using the config saved in {run / 'last.pt'}" in capsys.readouterr().err
+    assert metric_epochs(run) == [1, 2, 3] and load_checkpoint(run / "last.pt")["epoch"] == 3
+    assert load_config(run / "config.yaml").train.epochs == 3
+
+
+def test_a_resume_that_reads_other_data_says_so(cifar_dir, tmp_path, reference_run, capsys):
+    """A resume in a shell with another FASTTRAIN_DATA (or none: ./data, downloaded there) would go on
+    training on other images unnoticed: the warning names both sources and the fix."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    elsewhere = tmp_path / "elsewhere"  # the same files under another name: all the warning can see
+    elsewhere.symlink_to(Path(cifar_dir).resolve(), target_is_directory=True)
+    assert cli.main(cli_args(elsewhere, run, "--train.epochs", "3", "--resume", str(run / "last.pt"))) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{run / 'last.pt'} was trained on CIFAR-10" in said and f"this run reads CIFAR-10" in said, said
+    assert str(elsewhere) in said and "pass the --data.dir it was trained on" in said
+    assert metric_epochs(run) == [1, 2, 3]
+
+
 def test_a_run_continued_from_another_folder_never_replaces_a_run_there(cifar_dir, tmp_path, reference_run, capsys):
     """--resume A --output.dir B: B holding a run of its own is refused (nothing of it touched); with
     --overwrite that run goes entirely (no old prev.pt left as a fallback) and B's curves start with
@@ -668,6 +797,7 @@ def test_a_run_continued_from_another_folder_never_replaces_a_run_there(cifar_di
     assert cli.main(args + ["--overwrite"]) == 0
     said = " ".join(capsys.readouterr().out.split())  # the run's console; rich wraps long lines
     assert "was trained with another config: train.epochs 2 -> 3" in said and "not an exact continuation" in said
+    assert "was trained on" not in said  # the same data
     assert metric_epochs(other) == [1, 2, 3]
     first = (reference_run / "metrics.jsonl").read_text().splitlines()[0]
     assert (other / "metrics.jsonl").read_text().splitlines()[0] == first  # epoch 1 is the source run's
@@ -840,13 +970,14 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(cifa
 
 def test_a_moved_run_folder_resumes_where_it_lies_now(cifar_dir, tmp_path, capsys):
     """The README's "continue a run exactly" command after `mv runs/A runs/B`: its saved config.yaml still
-    names runs/A (output.dir), but the run goes on in runs/B, and runs/A is not made again."""
+    names runs/A (output.dir), but the run goes on in runs/B, and runs/A is not made again. Another
+    output key on the command line (--output.progress) changes nothing of that: only --output.dir does."""
     first = tmp_path / "A"
     assert cli.main(cli_args(cifar_dir, first, "--train.epochs", "1")) == 0
     moved = tmp_path / "B"
     first.rename(moved)
     args = ["--config", str(moved / "config.yaml"), "--device", "cpu", "--resume", str(moved / "last.pt"),
-            "--train.epochs", "2"]
+            "--train.epochs", "2", "--output.progress", "false"]
     assert cli.main(args) == 0
     assert "continuing in" in capsys.readouterr().err and not first.exists()
     assert [json.loads(r)["epoch"] for r in (moved / "metrics.jsonl").read_text().splitlines()] == [1, 2]
