@@ -776,7 +776,7 @@ def test_a_resume_that_reads_other_data_says_so(cifar_dir, tmp_path, reference_r
     elsewhere.symlink_to(Path(cifar_dir).resolve(), target_is_directory=True)
     assert cli.main(cli_args(elsewhere, run, "--train.epochs", "3", "--resume", str(run / "last.pt"))) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert f"{run / 'last.pt'} was trained on CIFAR-10" in said and f"this run reads CIFAR-10" in said, said
+    assert f"{run / 'last.pt'} was trained on CIFAR-10" in said and "this run reads CIFAR-10" in said, said
     assert str(elsewhere) in said and "pass the --data.dir it was trained on" in said
     assert metric_epochs(run) == [1, 2, 3]
 
