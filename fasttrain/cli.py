@@ -152,13 +152,15 @@ def _follow_a_moved_run(cfg, args, rest: list[str]) -> None:
 
 
 def dry_run(cfg, as_json: bool) -> int:
-    from fasttrain.data.cifar import find_cifar10, resolve_data_dir
+    from fasttrain.data.cifar import find_cifar10, read_cifar10, resolve_data_dir
     from fasttrain.model import build_model, count_params, forward_flops
 
     model = build_model(cfg.model)
     params = count_params(model)
     root = resolve_data_dir(cfg.data.dir)
     found = find_cifar10(root)
+    if found:
+        read_cifar10(found)  # the checks training makes at once (every file there, its size, its labels)
     data = (f"{found.path} ({found.layout.kind} version)" if found else
             f"no CIFAR-10 under {root}" + (" (training would download it)" if cfg.data.download else ""))
     report = {"params": params, "forward_flops": forward_flops(model), "max_params": cfg.model.max_params,

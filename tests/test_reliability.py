@@ -694,6 +694,8 @@ def test_bad_data_is_one_clear_error_and_leaves_the_run_folder_alone(cifar_dir, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert folder_snapshot(good_run) == before
+    assert cli.main(args + ["--dry-run"]) == cli.EXIT_ERROR  # what training refuses, the dry run refuses
+    assert message in capsys.readouterr().err
 
 
 def test_a_folder_holding_another_run_is_refused_without_resume_or_overwrite(cifar_dir, good_run, capsys):
