@@ -123,6 +123,26 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
     return 100.0 * correct_n / max(1, total_n)
 
 
+def _network(ckpt: dict, cfg, weights: str, path: str | Path) -> tuple[str, torch.nn.Module]:
+    """(which weights, the checkpoint's network holding them) on the CPU, in fp32."""
+    used, state = select_weights(ckpt, weights, repr(str(path)))
+    model = build_model(cfg.model, check=False)
+    check_architecture(model, state, str(path))
+    model.load_state_dict(state)  # a bf16 export's weights are cast to the fp32 parameters
+    return used, model
+
+
+def load_model(path: str | Path, *, weights: str = "auto", device: str | torch.device = "cpu"):
+    """A checkpoint's or exported weights file's network for your own code: (model, config), the model
+    in eval mode, fp32, on `device`. Its input: RGB images as floats in [0, 1], N x 3 x 32 x 32, each
+    channel normalized with config.data.mean and config.data.std; its output: 10 class logits in the
+    order of CIFAR-10's batches.meta. Read safely (weights_only, checksummed), like `eval` reads it."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cfg = config_from_dict(ckpt["config"])
+    _, model = _network(ckpt, cfg, weights, path)
+    return model.to(device).eval(), cfg
+
+
 def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "auto",
                         data_dir: str | None = None, weights: str = "auto", test_subset: int | None = None) -> dict:
     """`python -m fasttrain eval`: rebuild the checkpoint's model and measure its test accuracy.
@@ -147,10 +167,7 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
         cfg.data.dir = data_dir
     elif os.environ.get(ENV_VAR):  # this machine's copy, before the path the run was trained with
         cfg.data.dir = None
-    used, state = select_weights(ckpt, weights, repr(str(path)))
-    model = build_model(cfg.model, check=False)
-    check_architecture(model, state, str(path))
-    model.load_state_dict(state)
+    used, model = _network(ckpt, cfg, weights, path)
     model = model.to(dev)
     channels_last = use_channels_last(cfg, dev)
     if channels_last:

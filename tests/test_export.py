@@ -117,3 +117,30 @@ def test_export_refusals(run, cifar_dir, tmp_path):
     # what the file system refuses (here: a file where the folder goes) is one line too, not a traceback
     proc = run_cli("export", str(run / "last.pt"), str(out / "w.pt"), check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "bf16 export"])
+def test_load_model_as_the_readme_uses_it_scores_what_eval_scores(run, cifar_dir, tmp_path, which):
+    """`fasttrain.load_model` and the README's inference lines (uint8 RGB images -> [0, 1] -> the
+    config's mean/std) predict what `eval` measures: the same weights (the EMA's), the same inputs."""
+    import fasttrain
+    from fasttrain.data.cifar import load_cifar10
+
+    path = run / "last.pt"
+    if which == "bf16 export":
+        path = tmp_path / "bf16.pt"
+        run_cli("export", str(run / "last.pt"), str(path), "--dtype", "bf16")
+    model, cfg = fasttrain.load_model(path)
+    assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    measured = eval_json(path, cifar_dir)
+    data = load_cifar10(cifar_dir, download=False)
+    n = measured["test_images"]
+    images = torch.from_numpy(data.test_x[:n]).permute(0, 3, 1, 2)  # uint8 N x 3 x 32 x 32, RGB
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        predicted = model((images.float() / 255 - mean) / std).argmax(1)
+    accuracy = 100.0 * (predicted == torch.from_numpy(data.test_y[:n])).float().mean().item()
+    # an export keeps one set of weights (the EMA's), under "model"
+    assert measured["weights"] == ("ema" if which == "checkpoint" else "model")
+    assert abs(accuracy - measured["test_acc"]) <= 100.0 / n  # at most one image apart (summation order)
