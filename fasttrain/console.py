@@ -41,8 +41,8 @@ class RunConsole:
     def __init__(self, progress: bool = True, enabled: bool = True):
         self.enabled = enabled  # only rank 0 of a distributed run prints
         self.rich = _OutlivingConsole(highlight=False)
-        if not self.rich.is_terminal:  # a log file: one line per epoch, never wrapped at 80 columns
-            self.rich = _OutlivingConsole(highlight=False, width=240)
+        if not self.rich.is_terminal:  # a log file: one line per message, never wrapped (tables: 240 columns)
+            self.rich = _OutlivingConsole(highlight=False, width=240, soft_wrap=True)
         self.show_bar = progress and enabled and self.rich.is_terminal
 
     def print(self, *args, **kwargs) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.config import ConfigError
-from fasttrain.run_folder import decoded_row
+from fasttrain.run_folder import CURVES, decoded_row
 
 # what savefig can write; the file's suffix picks it (matplotlib's own list is larger, PNG is the point)
 FORMATS = (".png", ".pdf", ".svg")
@@ -80,9 +80,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw loss, train/val/test accuracy, lr and images/s per epoch; return the PNG path
     (default RUN_DIR/curves.png)."""
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "curves.png"
+    out = Path(out) if out is not None else run_dir / CURVES
     if out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a folder: name the image file, e.g. {out / 'curves.png'}")
+        raise ConfigError(f"--out {str(out)!r} is a folder: name the image file, e.g. {out / CURVES}")
     if out.suffix.lower() not in FORMATS:
         raise ConfigError(f"--out {str(out)!r}: the file name's suffix picks the format, one of "
                           f"{', '.join(FORMATS)}")

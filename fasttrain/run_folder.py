@@ -26,6 +26,7 @@ except ImportError:  # not on Windows: no folder lock there
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+CURVES = "curves.png"  # `python -m fasttrain plot`'s default image
 LOCK = ".fasttrain.lock"  # held by the process writing the folder; removed when it ends
 
 
@@ -159,8 +160,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume_path: Path | None, comple
     moved = resumes_another_folder(resume_path, run_dir)
     keep_metrics(run_dir, completed_epochs, resume_path.resolve().parent / METRICS if moved else None, warn)
     fresh = resume_path is None or moved
-    if fresh:
-        for name in (LAST, PREVIOUS, SUMMARY):
+    if fresh:  # nothing of a replaced run stays to pass for this one's (its curves included)
+        for name in (LAST, PREVIOUS, SUMMARY, CURVES):
             (run_dir / name).unlink(missing_ok=True)
     return fresh
 

@@ -296,9 +296,11 @@ class Trainer:
                                   "resume with the config saved in the run folder (config.yaml)")
         changed = config_changes(saved, self.cfg)
         if changed:  # allowed (a longer run, a new engine switch), but the user must know it is not exact
+            schedule = any(c.startswith(("optim.", "train.epochs ", "train.batch_size ")) for c in changed)
             self.console.warn(f"{path} was trained with another config: {'; '.join(changed)}. The run goes on "
-                              "under this config's values (the learning-rate schedule follows its epochs and "
-                              "rates from here): not an exact continuation")
+                              "under this config's values"
+                              + (" (the learning-rate schedule follows its epochs and rates from here)"
+                                 if schedule else "") + ": not an exact continuation")
         trained_on = ckpt.get("data_source")
         if trained_on and trained_on != self.data.source:  # another folder (FASTTRAIN_DATA unset: ./data, maybe
             # downloaded there: the official images under a run of the JPEG stand-in), or another split
@@ -762,9 +764,12 @@ class Trainer:
         # compile: warmed up off the clock on a GPU even for an eager run, or epoch 1 would carry it
         autotunes = self.device.type == "cuda" and torch.backends.cudnn.benchmark
         if (self.cfg.train.compile or self.use_graph or autotunes) and self.start_epoch < epochs:
-            self.compile_seconds = self._stoppable_warmup()
             what = "compile + autotune" if self.cfg.train.compile else "autotune"
             what += " + CUDA graph capture" if self.use_graph else ""
+            if self.cfg.train.compile:  # silent otherwise for up to a minute (a GPU) or several (a CPU)
+                self.console.info(f"{what} warmup on throwaway steps (off the training clock; "
+                                  "--train.compile false skips the compile) ...")
+            self.compile_seconds = self._stoppable_warmup()
             self.console.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
         self._claim_run_dir()  # after the warmup: a run stopped in it has written nothing
         if self.dist.is_main:
@@ -818,6 +823,11 @@ class Trainer:
         cfg, con = self.cfg, self.console
         if self.device.type == "cpu":
             con.warn("training on the CPU: this is slow; use a CUDA GPU for real runs")
+            kernels = [k for k, on in (("model.se_impl triton", cfg.model.se and cfg.model.se_impl == "triton"),
+                                       ("optim.impl fused", cfg.optim.impl == "fused")) if on]
+            if kernels:  # the Triton kernels need a GPU: their ops fall back to the PyTorch reference
+                con.info(f"{' and '.join(kernels)}: on the CPU the PyTorch reference runs (the Triton kernels "
+                         "need a CUDA GPU)")
         con.info(f"fasttrain: {cfg.name} | {self.params:,} params | {device_name(self.device)} | "
                  f"{self.precision.name} | data {self.data.source} | {self.steps_per_epoch} steps/epoch"
                  f" x {self.dist.world_size} rank(s) | run {self.run_dir}")

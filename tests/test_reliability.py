@@ -502,6 +502,9 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_dir
     assert "error: the training loss became NaN or infinite at epoch 2, step 5" in proc.stderr
     assert f"The last good checkpoint ({run / 'last.pt'}) is kept" in proc.stderr
     assert "Lower optim.lr, raise optim.warmup_epochs" in proc.stderr
+    # a log (not a terminal): the header is one line however long, its run folder on it
+    assert any(line.startswith("fasttrain: smoke | ") and line.endswith(f"| run {run}")
+               for line in proc.stdout.splitlines()), proc.stdout
     assert "train.precision" not in proc.stderr  # an fp32 run: no advice it has already taken
     assert "Traceback" not in proc.stderr
     kept = load_checkpoint(run / "last.pt")
@@ -769,6 +772,21 @@ def test_resume_without_a_config_continues_with_the_checkpoints_own(cifar_dir, t
     assert load_config(run / "config.yaml").train.epochs == 3
 
 
+@pytest.mark.parametrize("change, schedule_note", [(("--train.eval_every", "2"), False),
+                                                   (("--optim.lr", "0.05"), True)])
+def test_a_resume_under_a_changed_config_names_the_change(cifar_dir, tmp_path, reference_run, change, schedule_note):
+    """Each change is named; the note on the learning-rate schedule only where it is concerned."""
+    said = []
+    console = quiet()
+    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    Trainer(tiny_config(cifar_dir, run, *change), device="cpu", console=console, resume=run / "last.pt")
+    warning = next(line for line in said if "was trained with another config" in line)
+    assert f"{change[0][2:]} " in warning and "not an exact continuation" in warning
+    assert ("learning-rate schedule" in warning) == schedule_note, warning
+
+
 def test_a_resume_that_reads_other_data_says_so(cifar_dir, tmp_path, reference_run, capsys):
     """A resume in a shell with another FASTTRAIN_DATA (or none: ./data, downloaded there) would go on
     training on other images unnoticed: the warning names both sources and the fix."""
@@ -851,17 +869,19 @@ def test_a_finished_run_without_its_summary_measures_it_again(cifar_dir, tmp_pat
 
 def test_overwrite_drops_the_old_runs_summary(cifar_dir, tmp_path, reference_run):
     """--overwrite replaces the whole run: killed after two epochs, the new run's checkpoints must not
-    be described by the old run's summary.json (export stamps its accuracy on the weights)."""
+    be described by the old run's summary.json (export stamps its accuracy on the weights), nor its
+    curves shown by the old run's plot."""
     from fasttrain.distributed import DIE_RANK_ENV, DIE_STEP_ENV
     from fasttrain.export import export_weights
 
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
+    (run / "curves.png").write_bytes(b"the old run's plot")
     steps = load_checkpoint(run / "last.pt")["steps_per_epoch"]
     run_cli(cli_args(cifar_dir, run, "--train.epochs", "3", "--optim.lr", "0.01") + ["--overwrite"],
             env_extra={DIE_RANK_ENV: "0", DIE_STEP_ENV: str(2 * steps + 1)}, expect=1)  # dies in epoch 3
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
-    assert not (run / "summary.json").exists()
+    assert not (run / "summary.json").exists() and not (run / "curves.png").exists()
     assert export_weights(run / "last.pt", tmp_path / "weights.pt")["run"] == {}
 
 
