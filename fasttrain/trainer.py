@@ -57,6 +57,12 @@ def oom_detail(e: torch.OutOfMemoryError) -> str:
     return text.splitlines()[0][:300] if text else "no detail"
 
 
+def eta_seconds(epoch_seconds: float, steps_run: int, steps_per_epoch: int, epochs_left: int) -> float:
+    """The time the epochs still to come will take, from the one just run: per step, since an epoch
+    resumed mid-way ran only its rest, and the whole epochs to come must not look as short."""
+    return epochs_left * epoch_seconds * steps_per_epoch / max(1, steps_run)
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory, ...): the message says why and what to do."""
 
@@ -783,6 +789,7 @@ class Trainer:
         end_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
         for epoch in range(self.start_epoch, end_epoch):
             started = time.perf_counter()
+            steps_here = self.steps_per_epoch - (self.start_step if epoch == self.start_epoch else 0)
             row, final_recompute = self._run_epoch(epoch)
             ema_bn_seconds = final_recompute if final_recompute is not None else ema_bn_seconds
             imgs_per_s.append(row["images_per_second"])
@@ -799,7 +806,8 @@ class Trainer:
             if (epoch + 1) % self.cfg.train.checkpoint_every == 0 or last:
                 self.save_checkpoint(epoch + 1)
             # printed after the epoch is on disk: a stop while printing (a closed terminal) loses nothing
-            self.console.epoch_line(row, epochs, (epochs - epoch - 1) * (time.perf_counter() - started))
+            self.console.epoch_line(row, epochs, eta_seconds(time.perf_counter() - started, steps_here,
+                                                             self.steps_per_epoch, epochs - epoch - 1))
         return self._finish(last_row, ema_bn_seconds, imgs_per_s, time.perf_counter() - wall_start,
                             completed=end_epoch)
 

@@ -245,6 +245,14 @@ def test_sigint_in_process_stops_after_the_step_and_resume_is_exact(cifar_dir, t
         Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "b" / "prev.pt")
 
 
+def test_the_eta_after_a_mid_epoch_resume_counts_whole_epochs():
+    """Resumed at step 8 of 10, the first epoch ran 2 steps in 1 s: the 2 epochs still to come take
+    10 s, not 2 s (the eta was their count times that short epoch's time)."""
+    assert trainer_module.eta_seconds(1.0, 2, 10, 2) == pytest.approx(10.0)
+    assert trainer_module.eta_seconds(3.0, 10, 10, 2) == pytest.approx(6.0)  # a whole epoch
+    assert trainer_module.eta_seconds(3.0, 10, 10, 0) == 0.0
+
+
 def test_second_signal_restores_the_default_behaviour():
     # Python's own SIGINT handler first: a process started in the background by a non-interactive
     # shell inherits SIGINT ignored, and then "the previous behaviour" would be to ignore it
