@@ -131,6 +131,9 @@ def test_knobs_build_and_run(kw):
     # the blocks per stage and the conv kernels per stage follow B_i and F_i
     assert [len(s) for s in model.stages] == cfg.blocks
     assert [s[0].conv1.kernel_size[0] for s in model.stages] == cfg.conv_kernel
+    # both convs of every block: F_i is the block's kernel, not its first conv's only
+    assert [{b.conv2.kernel_size[0] for b in s} for s in model.stages] == [{k} for k in cfg.conv_kernel]
+    assert all(b.conv2.padding == (b.conv2.kernel_size[0] // 2,) * 2 for s in model.stages for b in s)
     assert model.stem[0].kernel_size == (3, 3)  # the paper's stem is 3x3 whatever F_1 is
     # K_i: every projection shortcut of stage i has a K_i x K_i kernel (the first stage keeps its width:
     # an identity shortcut, unless C_1 differs from the stem's)
@@ -143,6 +146,15 @@ def test_knobs_build_and_run(kw):
     final_size = 32 // 2 ** (cfg.layers - 1)
     assert model.pool.kernel_size == cfg.pool_kernel
     assert model.fc.in_features == widths[-1] * (final_size // cfg.pool_kernel) ** 2
+    # dropout: its rate, before the pool (on the feature map, not on the pooled features)
+    assert (model.dropout.p if cfg.dropout > 0 else 0.0) == cfg.dropout
+    calls = []
+    hooks = [getattr(model, name).register_forward_hook(lambda *a, name=name: calls.append(name))
+             for name in ("dropout", "pool")]
+    model(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert calls == ["dropout", "pool"]
 
 
 def test_se_placement():
@@ -153,6 +165,52 @@ def test_se_placement():
     assert isinstance(stem.stem_se, SqueezeExcite) and all(b.se is None for s in stem.stages for b in s)
     assert blocks.stem_se is None and all(isinstance(b.se, SqueezeExcite) for s in blocks.stages for b in s)
     assert none.stem_se is None and sum(isinstance(m, SqueezeExcite) for m in none.modules()) == 0
+    off = build_model(ModelConfig(**base, se=False, se_placement="blocks"))  # se false wins over placement
+    assert sum(isinstance(m, SqueezeExcite) for m in off.modules()) == 0
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_torch_se_is_the_kernels_reference(residual):
+    """model.se_impl torch (the default) computes what the Triton op and its reference compute: the
+    spatial mean, the gate, and with a residual (SE in blocks) the add and the block's ReLU."""
+    from fasttrain.kernels.se import se_gate_reference
+
+    torch.manual_seed(0)
+    se = SqueezeExcite(24, 16)
+    x = torch.randn(2, 24, 5, 3)
+    r = torch.randn(2, 24, 5, 3) if residual else None
+    expected = se_gate_reference(x, se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias, r)
+    torch.testing.assert_close(se(x, residual=r), expected)
+    assert se.fc1.out_channels == 1  # 24 // 16: the hidden width rounds down (never below 1)
+
+
+def test_convolutions_start_with_kaiming_normal_fan_out():
+    """He et al.'s init for ReLU networks, by each conv's fan-out (torchvision's ResNet): std
+    sqrt(2 / (out_channels * k * k)); SE's biased 1x1 convs keep PyTorch's default."""
+    torch.manual_seed(0)
+    model = build_model(load_config("configs/seed.yaml").model)
+    conv = model.stages[1][0].conv1  # 64 -> 128 channels, 3x3
+    expected = (2 / (128 * 9)) ** 0.5
+    assert abs(conv.weight.std().item() / expected - 1) < 0.05
+    bound = 1 / 64 ** 0.5  # kaiming_uniform(a=sqrt(5)): |w| <= 1/sqrt(fan_in)
+    assert model.stem_se.fc1.weight.abs().max() <= bound
+
+
+def test_a_model_of_exactly_the_budget_is_allowed():
+    cfg = load_config("configs/seed.yaml").model
+    cfg.max_params = 4_697_742
+    assert count_params(build_model(cfg)) == cfg.max_params
+    cfg.max_params -= 1
+    with pytest.raises(ConfigError, match="over the budget"):
+        build_model(cfg)
+
+
+def test_counting_flops_leaves_the_model_in_its_mode():
+    model = build_model(load_config("configs/smoke.yaml").model)
+    forward_flops(model.train())
+    assert model.training
+    forward_flops(model.eval())
+    assert not model.training
 
 
 def test_se_gates_channels_in_unit_interval():
