@@ -100,6 +100,35 @@ def test_bad_arguments_are_refused():
         loader(x, y, dtype=torch.float64)
     with pytest.raises(ValueError, match="no full batch"):
         loader(x, y, batch_size=40, world_size=2)
+    with pytest.raises(ValueError, match="std > 0"):
+        loader(x, y, std=(0.0, 0.25, 0.25))
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        loader(x, y, rank=2, world_size=2)
+
+
+@needs_dali
+def test_a_pipeline_that_disagrees_with_its_plan_is_an_error_not_a_short_epoch(monkeypatch):
+    """The loader checks that DALI yielded exactly the planned samples: a plan and pipeline out of step
+    (a bug) would otherwise train on a silently shorter or longer epoch."""
+    x, y = random_images(96), np.zeros(96, np.int64)
+    dl = loader(x, y, train=False)
+    assert sum(len(labels) for _, labels in dl) == dl.num_samples == 96
+    dl.num_samples += 1
+    with pytest.raises(RuntimeError, match="DALI produced 96 samples, the plan has 97"):
+        list(dl)
+
+
+@needs_dali
+def test_an_evaluation_loader_never_erases(monkeypatch):
+    """cutout is training augmentation: an eval loader given it (the API allows it) still yields the
+    plain normalized images, every one, in order; and an eval plan keeps its last partial batch."""
+    n = 70
+    x, y = random_images(n), np.arange(n) % 10
+    images, labels = collect(loader(x, y, train=False, cutout=8))
+    assert torch.equal(labels, torch.from_numpy(y))
+    torch.testing.assert_close(images, reference_normalize(x), atol=1e-5, rtol=1e-5)
+    plan = epoch_plan(100, batch_size=32, train=False)
+    assert plan.indices.tolist() == list(range(100)) and plan.erase_anchor is None
 
 
 # ---------------------------------------------------------------------------------------------------
