@@ -101,6 +101,36 @@ def test_graphed_step_refuses_cpu_tensors():
 
 
 # ------------------------------------------------------------------------------------- the plumbing, faked
+def test_graphed_step_leaves_the_rng_as_it_found_it_and_replays_fixed_shapes(monkeypatch):
+    """Its warmup steps draw random numbers (dropout) and are undone: the RNG too, so the first real step
+    draws what an eager run's would. The host settings (before_replay: the learning rate) are pushed
+    before the capture and before every replay; a batch of another shape is refused."""
+    FakeCudaGraphs(monkeypatch.setattr)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def body(images, labels):
+        logits = model(torch.nn.functional.dropout(images, 0.5))
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        opt.step()
+        return loss, logits
+
+    pushes = []
+    images, labels = torch.randn(8, 4), torch.arange(8) % 3
+    rng = torch.get_rng_state()
+    weights = model.weight.detach().clone()
+    step = GraphedStep(body, params=list(model.parameters()), state=step_state(model, opt),
+                       before_replay=lambda: pushes.append(1), images=images, labels=labels)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(model.weight, weights)
+    for _ in range(3):
+        step(images, labels)
+    assert len(pushes) == 1 + 3
+    with pytest.raises(ValueError, match="fixed shapes"):
+        step(images, labels[:1])
+
+
 def _cpu_trainer(cifar_dir, out, graph: bool, resume=None, **changes):
     cfg = tiny_config(cifar_dir, out, **{"optim.impl": "fused", "optim.lookahead_k": "2",
                                          "optim.warmup_epochs": "0.5", **changes})
