@@ -599,3 +599,41 @@ def test_sync_bn_on_cpu_is_a_clear_error(cifar_dir, tmp_path):
                                      "--output.dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
         Trainer(cfg, device="cpu", dist_info=DistInfo(rank=0, world_size=2), console=RunConsole(False, False))
+
+
+@pytest.mark.parametrize("raw, expected", [(None, 300.0), ("42.5", 42.5), ("0", None), ("-1", None),
+                                           ("soon", None)])
+def test_the_collective_timeout_comes_from_the_environment_and_must_be_positive(monkeypatch, raw, expected):
+    from fasttrain import distributed
+
+    if raw is None:
+        monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, raw)
+    if expected is None:  # 0 would make every collective time out at once
+        with pytest.raises(ConfigError, match=r"FASTTRAIN_DIST_TIMEOUT=.*in seconds \(> 0\)"):
+            distributed._timeout_s(None)
+    else:
+        assert distributed._timeout_s(None) == expected
+
+
+def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone(monkeypatch):
+    """all_reduce_min finds the first bad step over the ranks (MAX would hide one rank's divergence);
+    shutdown on the way out of an exception does not wait on peers that may be gone."""
+    from fasttrain import distributed
+
+    ops, destroyed = [], []
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op: ops.append(op))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(1))
+    two = DistInfo(rank=0, world_size=2)
+    distributed.all_reduce_min(torch.zeros(2), two)
+    distributed.all_reduce_sum(torch.zeros(2), two)
+    assert ops == [torch.distributed.ReduceOp.MIN, torch.distributed.ReduceOp.SUM]
+    try:
+        raise RuntimeError("a peer died")
+    except RuntimeError:
+        distributed.shutdown(two)
+    assert destroyed == []
+    distributed.shutdown(two)  # a run that ended normally
+    assert destroyed == [1]
