@@ -26,18 +26,31 @@ EXIT_USAGE = 2        # the command line or config is wrong
 EXIT_INTERRUPTED = 130  # Ctrl-C; a checkpointed stop on a signal exits 128 + signal (130 SIGINT, 143 SIGTERM)
 
 
+class _Once(argparse.Action):
+    """An option given twice is an error (argparse would keep the last one silently), as a config key
+    given twice is."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given:
+            parser.error(f"{option_string} is given twice: keep one")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fasttrain",
-        description="Train an Efficient-ResNet on CIFAR-10. Any config key is a flag: --optim.lr 0.2",
+        description="Train an Efficient-ResNet on CIFAR-10. Any config key is a flag: --optim.lr 0.2 (every "
+                    "key with its value: --dry-run; what each means, with units: fasttrain/config.py)",
         epilog="other commands: python -m fasttrain eval|plot|export --help (a checkpoint's test accuracy, a run's "
                "curves, its weights to ship)",
         allow_abbrev=False,
     )
-    p.add_argument("--config", help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml); "
+    p.add_argument("--config", action=_Once, help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml); "
                    "none: the paper's recipe (seed.yaml's values), or with --resume PATH the checkpoint's own")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--resume", metavar="PATH|auto",
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], action=_Once)
+    p.add_argument("--resume", metavar="PATH|auto", action=_Once,
                    help="continue from a checkpoint; 'auto' picks the newest valid one in the run folder")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     p.add_argument("--dry-run", action="store_true",

@@ -402,3 +402,13 @@ def test_dry_run_refuses_what_training_would_with_one_error_line(capsys, extra, 
     else:
         assert code == cli.EXIT_USAGE and err.startswith("error: ") and message in err
         assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args", [["--config", "configs/smoke.yaml", "--config", "configs/best.yaml"],
+                                  ["--config", "configs/smoke.yaml", "--device", "cpu", "--device", "cuda"]])
+def test_a_command_option_given_twice_is_refused_like_a_config_key(capsys, args):
+    """argparse alone keeps the last --config silently: a run of the other config than the user meant."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*args, "--dry-run"])
+    assert stop.value.code == cli.EXIT_USAGE
+    assert f"{args[-2]} is given twice: keep one" in capsys.readouterr().err
