@@ -102,6 +102,7 @@ def check_mixed_dtypes(build, device, clip, drop_grad_from=None):
             torch.testing.assert_close(r, q, **FP32_TOL)  # the plain reference is torch's SGD in fp32
         else:
             assert_rounded_alike(p, r)
+    return fused
 
 
 def reference_step(sgd, lookahead, params, clip):
@@ -153,10 +154,11 @@ def test_matches_torch_sgd_clip_lookahead(interpreted, nesterov, clip, k):
     assert int(fused.state[fused_params[0]]["step"]) == 50
 
 
-@pytest.mark.parametrize("alpha", [0.3, 0.8])
+@pytest.mark.parametrize("alpha", [0.3, 0.8, 1.0])
 def test_lookahead_alpha_other_than_a_half(interpreted, alpha):
     """slow += alpha * (fast - slow): at alpha 0.5 the two weights of the interpolation are equal, so
-    only another alpha tells the slow weight's share from the fast one's."""
+    only another alpha tells the slow weight's share from the fast one's. alpha 1 (the sync keeps the
+    fast weights) is allowed by optim.lookahead_alpha's range, so the optimizer must accept it too."""
     fused_params, ref_params, _ = run_pair(50, True, 0.5, 5, alpha=alpha)
     for p, q in zip(fused_params, ref_params):
         torch.testing.assert_close(p, q, **FP32_TOL)
@@ -318,6 +320,7 @@ def test_invalid_arguments():
     for bad, says in ((dict(lr=-1.0), "invalid lr -1.0"), (dict(momentum=0.0, nesterov=True), "Nesterov"),
                       (dict(clip_value=0.0), "invalid clip_value 0.0"), (dict(lookahead_k=-1), "invalid lookahead_k -1"),
                       (dict(lookahead_alpha=0.0), "invalid lookahead_alpha 0.0"),
+                      (dict(momentum=-0.5), "invalid momentum -0.5"),
                       (dict(weight_decay=-1e-4), "invalid weight_decay -0.0001")):
         with pytest.raises(ValueError, match=says):  # each refused for its own reason
             FusedLookaheadSGD(p, **bad)
@@ -384,6 +387,137 @@ def test_one_kernel_launch_per_step_for_the_papers_network(decay_all):
     assert name == "FusedLookaheadSGD" and int(params) == 4_697_742
     assert int(groups) == (1 if decay_all == "true" else 2)
     assert int(launches) == 3, f"{launches} launches for 3 steps over {groups} parameter group(s)"
+
+
+def _steps_with_a_change_at(t_change, change, steps=8, k=3):
+    """(fused params, reference params) after `steps` steps, `change` (a dict of hyperparameters)
+    written into param_groups[0] of both before step `t_change`."""
+    fused_params, ref_params = make_params(SHAPES[:2]), make_params(SHAPES[:2])
+    fused = FusedLookaheadSGD(fused_params, **HYPER, lookahead_k=k)
+    sgd, lookahead = torch.optim.SGD(ref_params, **HYPER), ReferenceLookahead(ref_params, k, 0.5)
+    clip = None
+    for t in range(1, steps + 1):
+        if t == t_change:
+            fused.param_groups[0].update(change)
+            sgd.param_groups[0].update({key: v for key, v in change.items() if key in sgd.param_groups[0]})
+            clip = change.get("clip_value", clip)
+            lookahead.k = change.get("lookahead_k", lookahead.k)
+            lookahead.alpha = change.get("lookahead_alpha", lookahead.alpha)
+        set_grads(fused_params, t)
+        set_grads(ref_params, t)
+        fused.step()
+        reference_step(sgd, lookahead, ref_params, clip)
+    return fused_params, ref_params
+
+
+@pytest.mark.parametrize("change", [
+    dict(momentum=0.5, weight_decay=1e-2),
+    dict(nesterov=True, clip_value=0.3),
+    dict(lookahead_k=2, lookahead_alpha=0.8),
+], ids=["momentum-wd", "nesterov-clip", "lookahead"])
+def test_hyperparameter_changes_mid_run_take_effect(interpreted, change):
+    """Not only lr: momentum, weight decay, Nesterov, clipping and Lookahead's k and alpha written into
+    param_groups mid-run reach the kernel's table (a table written once would ignore them)."""
+    fused_params, ref_params = _steps_with_a_change_at(4, change)
+    for p, q in zip(fused_params, ref_params):
+        torch.testing.assert_close(p, q, **FP32_TOL)
+
+
+def test_gradient_updated_in_place_in_another_layout(interpreted):
+    """A channels_last parameter whose .grad is one contiguous tensor, refilled in place every step
+    (same address each step): the kernel reads a re-laid-out copy, which must be made afresh each
+    step, not kept from the step that first saw the address."""
+    conv = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    ref = conv.detach().clone().requires_grad_()
+    fused = FusedLookaheadSGD([conv], **HYPER, lookahead_k=0)
+    sgd = torch.optim.SGD([ref], **HYPER)
+    conv.grad = torch.zeros(conv.shape)  # contiguous: not conv's layout
+    for t in range(1, 5):
+        g = torch.randn(conv.shape, generator=torch.Generator().manual_seed(t))
+        conv.grad.copy_(g)
+        ref.grad = g.clone()
+        fused.step()
+        sgd.step()
+        assert conv.grad.is_contiguous()
+    torch.testing.assert_close(conv, ref, **FP32_TOL)
+
+
+def test_clipping_keeps_nan_gradients(interpreted):
+    """Clip-by-value keeps a NaN gradient NaN (like clamp and clip_grad_value_), so divergence shows
+    in the parameters instead of being clipped to -clip_value and hidden."""
+    p = torch.zeros(4, requires_grad=True)
+    q = torch.zeros(4, requires_grad=True)
+    fused = FusedLookaheadSGD([p], lr=0.1, momentum=0.9, clip_value=1.0, lookahead_k=0)
+    sgd = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    p.grad = torch.tensor([float("nan"), 5.0, -5.0, 0.5])
+    q.grad = p.grad.clone()
+    fused.step()
+    torch.nn.utils.clip_grad_value_([q], 1.0)
+    sgd.step()
+    assert torch.isnan(p[0]) and torch.isnan(q[0])
+    torch.testing.assert_close(p, q, equal_nan=True, **FP32_TOL)
+    assert torch.equal(p[1:], torch.tensor([-0.1, 0.1, -0.05]))
+
+
+def test_cpu_fallback_counts_each_step_once_over_several_buckets(monkeypatch):
+    """The PyTorch path with an fp32 and an fp16 bucket: only the device's last bucket advances the
+    shared step counter, so Lookahead (k=2) syncs on the same steps as the reference."""
+    monkeypatch.setattr(lookahead_sgd, "use_triton", lambda tensor: False)
+
+    def build():
+        gen = torch.Generator().manual_seed(8)
+        return [torch.randn(5, 3, generator=gen), torch.randn(12, generator=gen).to(torch.float16)]
+
+    fused = check_mixed_dtypes(build, "cpu", clip=1.0)
+    assert all(int(state["step"]) == 9 for state in fused.state.values())
+
+
+def test_grad_of_another_dtype_is_refused():
+    """An fp16 gradient on an fp32 parameter (autograd allows it once grad_dtype is None): the kernel
+    would read its bytes as fp32."""
+    p = torch.zeros(8, requires_grad=True)
+    opt = FusedLookaheadSGD([p], lookahead_k=0)
+    p.grad_dtype = None
+    p.grad = torch.zeros(8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="dense gradients with the parameter's dtype"):
+        FusedLookaheadSGD._grad_like_param(p)
+    with pytest.raises(RuntimeError, match="dense gradients with the parameter's dtype"):
+        opt.step()
+
+
+def test_clips_by_value_needs_every_group():
+    """fasttrain.optim skips its own clamp only when the kernel clamps every group's gradients."""
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    mixed = FusedLookaheadSGD([{"params": [a], "clip_value": 1.0}, {"params": [b]}], clip_value=None)
+    assert not mixed.clips_by_value
+    assert FusedLookaheadSGD([{"params": [a]}, {"params": [b]}], clip_value=1.0).clips_by_value
+    assert not FusedLookaheadSGD([a, b], clip_value=None).clips_by_value
+
+
+def test_bucket_of_empty_parameters_still_counts_steps(interpreted):
+    """A bucket whose parameters are all empty launches nothing, yet the step counter (and so the
+    Lookahead schedule) must advance."""
+    empty = torch.zeros(0, requires_grad=True)
+    opt = FusedLookaheadSGD([empty], lookahead_k=2)
+    for _ in range(2):
+        empty.grad = torch.zeros(0)
+        opt.step()
+    assert int(opt.state[empty]["step"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_state_offsets_are_16_byte_aligned(dtype):
+    """Every parameter's slice of the flat state starts on a 16-byte boundary (the GPU kernel's vector
+    loads assume it), whatever the sizes of the parameters before it."""
+    params = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in [(27,), (5,), (10, 5)]]
+    opt = FusedLookaheadSGD(params)
+    (bucket,) = opt._buckets
+    size = bucket.momentum.element_size()
+    offsets = bucket.tensor_table[:, 1].tolist()
+    assert len(set(offsets)) == 3 and all(off * size % 16 == 0 for off in offsets), offsets
+    for p in params:
+        for key in ("momentum_buffer", "slow_param"):
+            assert opt.state[p][key].data_ptr() % 16 == 0, key
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -83,10 +83,11 @@ def ieee_fp32_matmuls():
         yield
 
 
-def check_against_reference(inputs):
-    """se_gate vs the fp32 reference on the same inputs: values, dtypes, memory formats, all grads."""
+def check_against_reference(inputs, dy=None):
+    """se_gate vs the fp32 reference on the same inputs: values, dtypes, memory formats, all grads
+    (for upstream gradient dy, random if None)."""
     x = inputs[0]
-    y, dy, grads = _run(se_gate, inputs)
+    y, dy, grads = _run(se_gate, inputs, dy)
     ref_inputs = [t.float() if t is not None else None for t in inputs]
     with ieee_fp32_matmuls():
         y_ref, _, grads_ref = _run(se_gate_reference, ref_inputs, dy.float())
@@ -193,6 +194,62 @@ def test_mixed_broadcast_and_unflattenable_layouts(interpreted):
         _assert_close(a.grad, b.grad, WEIGHT_GRAD_TOL)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["gate", "residual"])
+def test_width_one_input_sliced_from_a_wider_one(interpreted, residual):
+    """W == 1 with a stride_w that is not stride_h's: x[..., :1] of a wider tensor. H is then the
+    strided axis, so stride_hw must be stride_h (stride_w would read the next columns)."""
+    torch.manual_seed(8)
+    _, w1, b1, w2, b2, r = _se_inputs((2, 8, 5, 1), torch.float32, "cpu", residual=residual)
+    x = torch.randn(2, 8, 5, 4)[..., :1]
+    assert x.stride()[2:] == (4, 1)
+    if residual:
+        r = torch.randn(2, 8, 5, 4)[..., 1:2].copy_(r)  # sliced the same way, off the kink as before
+    inputs = [x, w1, b1, w2, b2, r]
+    dy = torch.randn(2, 8, 5, 4)[..., 2:3]  # the upstream gradient sliced too
+    y, _, grads = _run(se_gate, inputs, dy)
+    with ieee_fp32_matmuls():
+        y_ref, _, grads_ref = _run(se_gate_reference, inputs, dy)
+    _assert_close(y, y_ref, TOL[torch.float32])
+    for name, g, g_ref in zip(["x", "w1", "b1", "w2", "b2", "residual"], grads, grads_ref):
+        if g_ref is not None:
+            assert g.shape == g_ref.shape, name
+            _assert_close(g, g_ref, WEIGHT_GRAD_TOL)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_upstream_gradient_whose_hw_do_not_flatten(interpreted, channels_last):
+    """dy with H and W swapped in memory (stride_h == 1): the kernels write dresidual into a contiguous
+    scratch tensor, which must be copied into the returned gradient (which keeps dy's layout)."""
+    torch.manual_seed(9)
+    inputs = _se_inputs((2, 8, 5, 3), torch.float32, "cpu", channels_last, residual=True)
+    dy = torch.randn(2, 8, 3, 5).transpose(2, 3)
+    assert dy.shape == inputs[0].shape and dy.stride()[2:] == (1, 5)
+    check_against_reference(inputs, dy)
+
+
+def test_weights_in_transposed_layout(interpreted):
+    """[Cr, C] / [C, Cr] weights that arrive transposed in memory (legal matrices): the kernels index
+    them row-major, so the launchers must make them contiguous, forward and backward."""
+    torch.manual_seed(10)
+    inputs = _se_inputs((3, 24, 7, 5), torch.float32, "cpu", residual=True, conv_weights=False)
+    inputs[1], inputs[3] = (w.t().contiguous().t() for w in (inputs[1], inputs[3]))
+    assert not inputs[1].is_contiguous() and not inputs[3].is_contiguous()
+    check_against_reference(inputs)
+
+
+def test_reference_computes_in_fp32_under_autocast():
+    """The reference (the op's CPU path and the tests' yardstick) ignores autocast: under bf16 autocast
+    its fp32 result is the same as without, not one whose MLP ran in bf16."""
+    torch.manual_seed(11)
+    x, w1, b1, w2, b2, r = _se_inputs((3, 24, 7, 5), torch.float32, "cpu", residual=True)
+    for residual in (None, r):
+        plain = se_gate_reference(x, w1, b1, w2, b2, residual)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = se_gate_reference(x, w1, b1, w2, b2, residual)
+        assert autocast.dtype == torch.float32
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
+
+
 def _numerics_switches():
     return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
             torch.backends.cudnn.deterministic, torch.get_float32_matmul_precision())
@@ -223,6 +280,9 @@ def test_bad_shapes_are_refused():
         se_gate(x, w1[:, :4], b1, w2, b2)
     with pytest.raises(RuntimeError, match="residual"):
         se_gate(x, w1, b1, w2, b2, residual=x[:, :4])
+    for bad_b1, bad_b2 in ((torch.zeros(3), b2), (b1, torch.zeros(9))):  # the kernels would read past b1/b2
+        with pytest.raises(RuntimeError, match="bias"):
+            se_gate(x, w1, bad_b1, w2, bad_b2)
 
 
 @pytest.mark.parametrize("channels_last, residual", [(False, False), (True, True)],
