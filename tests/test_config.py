@@ -412,3 +412,34 @@ def test_a_command_option_given_twice_is_refused_like_a_config_key(capsys, args)
         cli.main([*args, "--dry-run"])
     assert stop.value.code == cli.EXIT_USAGE
     assert f"{args[-2]} is given twice: keep one" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the edges of the ranges (mutants)
+@pytest.mark.parametrize("args, key", [
+    (["--train.epochs", "true"], "train.epochs"),  # a bool is no int: not 1 epoch
+    (["--data.crop_padding", "32"], "data.crop_padding"),
+    (["--data.mean", "[0.5, 0.5]"], "data.mean"),
+    (["--optim.nesterov", "true", "--optim.momentum", "0"], "optim.nesterov"),
+    (["--optim.betas", "[0.9, 1.0]"], "optim.betas"),
+    (["--optim.impl", "fused", "--optim.name", "adamw"], "optim.impl"),  # the fused step is SGD's only
+])
+def test_values_just_outside_a_range_are_refused(args, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, args)
+
+
+@pytest.mark.parametrize("args, key, value", [
+    (["--data.cutout", "32"], "cutout", 32),
+    (["--optim.final_lr_frac", "1"], "final_lr_frac", 1.0),  # the schedule ends at its peak
+    (["--data.crop_padding", "31"], "crop_padding", 31),
+])
+def test_values_at_the_edge_of_a_range_are_allowed(args, key, value):
+    cfg = load_config(None, args)
+    assert getattr(cfg.data if key in ("cutout", "crop_padding") else cfg.optim, key) == value
+
+
+def test_where_the_data_is_read_from_is_no_config_change():
+    """A resume on another machine (another data.dir) is not a changed run: no warning, and --resume auto
+    does not take that folder's config.yaml for another run's."""
+    assert config_changes(load_config(None), load_config(None, ["--data.dir", "/elsewhere",
+                                                               "--data.download", "false"])) == []
