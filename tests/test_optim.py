@@ -80,9 +80,18 @@ def test_cosine_schedule_shape():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))                    # then non-increasing
     assert sched.lr_at(10 + 20) == pytest.approx(0.04 + 0.36 * 0.5)          # half-way down the cosine
     assert sched.lr_at(50) == pytest.approx(0.04)                              # ends at final_lr_frac
+    assert lrs[10] == pytest.approx(0.4) and max(lrs) <= 0.4 + 1e-12          # the peak, never above it
+    assert sched.lr_at(50 + 7) == pytest.approx(0.04)                          # and stays at the floor
     assert opt.param_groups[0]["lr"] == pytest.approx(lrs[0])
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(lrs[1])
+
+
+def test_a_fractional_warmup_rounds_to_the_nearest_step():
+    model, _ = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    assert LRSchedule(opt, OptimConfig(warmup_epochs=0.29), steps_per_epoch=10, epochs=2).warmup_steps == 3
+    assert LRSchedule(opt, OptimConfig(warmup_epochs=0.21), steps_per_epoch=10, epochs=2).warmup_steps == 2
 
 
 def test_a_warmup_as_long_as_the_run_still_reaches_the_peak():
