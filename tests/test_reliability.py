@@ -31,7 +31,7 @@ from fasttrain import trainer as trainer_module
 from fasttrain.checkpoint import (FORMAT, CheckpointError, find_resume_checkpoint, load_checkpoint,
                                   write_checkpoint)
 from fasttrain import run_folder
-from fasttrain.config import load_config, save_config
+from fasttrain.config import ConfigError, load_config, save_config
 from fasttrain.run_folder import LOCK, FolderLock
 from fasttrain.signals import RunInterrupted, StopRequest
 from fasttrain.trainer import Trainer, TrainingError
@@ -305,6 +305,36 @@ def test_a_closed_stdout_pipe_never_stops_the_run(cifar_dir, tmp_path):
     assert (run / "summary.json").exists()
 
 
+def test_the_handlers_from_before_are_back_after_the_block():
+    """After a run (a notebook, a benchmark's loop of runs), Ctrl-C must work as before it: a leftover
+    handler would only set the flag of a run that is over."""
+    from fasttrain.signals import HANDLED
+
+    before = {signum: signal.getsignal(signum) for signum in HANDLED}
+    with StopRequest().installed():
+        assert signal.getsignal(signal.SIGINT) != before[signal.SIGINT]
+    assert {signum: signal.getsignal(signum) for signum in HANDLED} == before
+
+
+def test_a_repeat_after_the_launchers_window_ends_the_process_by_the_default_action(monkeypatch):
+    """Under torchrun a repeat within the window is the agent's copy; a later one is a second signal:
+    the default action, which for SIGTERM is to end the process (re-raised, here recorded)."""
+    raised = []
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+    inherited = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        stop = StopRequest(repeat_window_s=0.01)
+        with stop.installed():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert stop.requested and raised == []
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert raised == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, inherited)
+
+
 def test_raising_block_turns_a_signal_into_the_error_at_once():
     """StopRequest.raising: inside the block a signal raises where the program is (the flag set too);
     outside it only sets the flag; a stop requested just before the block raises on entry."""
@@ -449,6 +479,85 @@ def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(good_run, tmp
         load_checkpoint(tmp_path)
     assert cli.main(["eval", "--checkpoint", str(good_run), "--device", "cpu"]) == cli.EXIT_ERROR
     assert "is a folder, not a checkpoint" in capsys.readouterr().err
+
+
+def test_the_checksum_covers_dtypes_keys_and_the_format(tmp_path):
+    """Damage that keeps the bytes (a dtype, a key's name: "ema" read as "emb" would resume without its
+    EMA) changes the checksum; a file of another format version is refused even with a valid one."""
+    from fasttrain.checkpoint import state_checksum
+
+    assert state_checksum({"a": torch.zeros(2)}) != state_checksum({"a": torch.zeros(2, dtype=torch.int32)})
+    assert state_checksum({"ema": 1}) != state_checksum({"emb": 1})
+    future = tmp_path / "future.pt"
+    write_checkpoint({"format": FORMAT + "-v2", "model": {}}, future)
+    with pytest.raises(CheckpointError, match="not a fasttrain checkpoint"):
+        load_checkpoint(future)
+
+
+def test_without_hard_links_the_previous_checkpoint_is_still_kept(tmp_path, monkeypatch):
+    """exFAT, FAT and some network mounts have no hard links: prev.pt is then kept by a rename."""
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    write_checkpoint({"format": FORMAT, "model": {}, "epoch": 1}, tmp_path / "last.pt")
+    write_checkpoint({"format": FORMAT, "model": {}, "epoch": 2}, tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "prev.pt")["epoch"] == 1 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+
+
+def test_weights_with_keys_the_model_lacks_are_another_architecture():
+    from fasttrain.checkpoint import check_architecture
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match="not in model: extra.weight"):
+        check_architecture(model, {**model.state_dict(), "extra.weight": torch.zeros(1)}, "f.pt")
+
+
+def test_the_cpu_generator_is_restored_exactly():
+    """What draws from the global CPU generator inside an epoch (dropout on a CPU run) replays exactly
+    after a mid-epoch resume."""
+    from fasttrain.checkpoint import rng_state, set_rng_state
+
+    saved = rng_state(torch.device("cpu"))
+    drawn = torch.rand(4)
+    set_rng_state(saved, torch.device("cpu"))
+    assert torch.equal(torch.rand(4), drawn)
+
+
+def test_a_folder_holding_only_checkpoints_is_a_run(tmp_path, cifar_dir):
+    """A fresh run there would delete them (it starts its folder afresh): refused like a config.yaml."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"someone's checkpoint")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_folder.choose_run_dir(tiny_config(cifar_dir, run), None, None, overwrite=False)
+
+
+def test_a_run_continued_into_another_folder_starts_it_afresh(tmp_path, cifar_dir):
+    """--resume A/last.pt --output.dir B --overwrite: B's old checkpoints and summary go (they would be the
+    new run's fallback, or its figures), and a source run without metrics leaves B's rows none."""
+    source, target = tmp_path / "A", tmp_path / "B"
+    source.mkdir()
+    target.mkdir()
+    for name in ("last.pt", "prev.pt", "summary.json"):
+        (target / name).write_text("the old run's")
+    (target / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    cfg = tiny_config(cifar_dir, target)
+    assert run_folder.prepare_run_dir(target, cfg, source / "last.pt", 1, warn=print) is True
+    assert not any((target / name).exists() for name in ("last.pt", "prev.pt", "summary.json"))
+    assert (target / "metrics.jsonl").read_text() == ""
+
+
+def test_file_errors_name_the_destination_and_leave_no_temp_file(tmp_path):
+    from fasttrain.files import file_error_line, write_text_atomic
+
+    rename = OSError(errno.EACCES, "Permission denied", str(tmp_path / ".a.x.tmp"), None, str(tmp_path / "a"))
+    assert file_error_line(rename) == f"error: {tmp_path / 'a'}: Permission denied"
+    blocked = tmp_path / "summary.json"
+    blocked.mkdir()  # a folder where the file goes: the rename fails
+    with pytest.raises(OSError):
+        write_text_atomic(blocked, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
 class _Crash(BaseException):
