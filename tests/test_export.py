@@ -144,3 +144,39 @@ def test_load_model_as_the_readme_uses_it_scores_what_eval_scores(run, cifar_dir
     # an export keeps one set of weights (the EMA's), under "model"
     assert measured["weights"] == ("ema" if which == "checkpoint" else "model")
     assert abs(accuracy - measured["test_acc"]) <= 100.0 / n  # at most one image apart (summation order)
+
+
+def test_bf16_export_casts_only_the_float_tensors(run, tmp_path):
+    """BatchNorm's num_batches_tracked counters stay int64: a bf16 counter would round them."""
+    out = tmp_path / "bf16.pt"
+    run_cli("export", str(run / "last.pt"), str(out), "--dtype", "bf16")
+    saved = load_checkpoint(out)["model"]
+    ints = {k: v.dtype for k, v in saved.items() if not v.is_floating_point()}
+    assert ints and set(ints.values()) == {torch.int64}
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.bfloat16}
+
+
+def test_exporting_again_over_a_file_keeps_no_prev_pt(run, tmp_path):
+    """A weights file is no checkpoint generation: re-exporting it (into a run folder too) must not make,
+    or replace, that folder's prev.pt, the run's fallback for --resume auto."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "prev.pt").write_bytes(b"the run's fallback")
+    for _ in range(2):
+        run_cli("export", str(run / "last.pt"), str(folder / "w.pt"), "--overwrite")
+    assert (folder / "prev.pt").read_bytes() == b"the run's fallback"
+    assert sorted(p.name for p in folder.iterdir()) == ["prev.pt", "w.pt"]
+
+
+def test_weights_that_do_not_fit_their_config_are_not_exported(run, tmp_path):
+    """A checkpoint whose config names another architecture than its weights (edited, or mixed up) is
+    refused at export, not shipped to fail later."""
+    from fasttrain.checkpoint import write_checkpoint
+    from fasttrain.export import export_weights
+
+    ckpt = load_checkpoint(run / "last.pt")
+    ckpt["config"]["model"]["base_channels"] = 2 * ckpt["config"]["model"]["base_channels"]
+    write_checkpoint(ckpt, tmp_path / "mixed.pt", previous=None)  # sealed again: a valid file
+    with pytest.raises(CheckpointError, match="another architecture"):
+        export_weights(tmp_path / "mixed.pt", tmp_path / "w.pt")
+    assert not (tmp_path / "w.pt").exists()
