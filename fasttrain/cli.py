@@ -28,7 +28,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C; a checkpointed stop on a signal exits 128 + si
 
 class _Once(argparse.Action):
     """An option given twice is an error (argparse would keep the last one silently), as a config key
-    given twice is."""
+    given twice is: a second --config would train another recipe than the first one names. (--device
+    stays last-wins: appended to a printed resume command it overrides, as expected.)"""
 
     def __call__(self, parser, namespace, values, option_string=None):
         given = namespace.__dict__.setdefault("_given_once", set())
@@ -49,7 +50,7 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", action=_Once, help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml); "
                    "none: the paper's recipe (seed.yaml's values), or with --resume PATH the checkpoint's own")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], action=_Once)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--resume", metavar="PATH|auto", action=_Once,
                    help="continue from a checkpoint; 'auto' picks the newest valid one in the run folder")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")

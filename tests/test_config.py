@@ -405,7 +405,7 @@ def test_dry_run_refuses_what_training_would_with_one_error_line(capsys, extra, 
 
 
 @pytest.mark.parametrize("args", [["--config", "configs/smoke.yaml", "--config", "configs/best.yaml"],
-                                  ["--config", "configs/smoke.yaml", "--device", "cpu", "--device", "cuda"]])
+                                  ["--config", "configs/smoke.yaml", "--resume", "a.pt", "--resume", "auto"]])
 def test_a_command_option_given_twice_is_refused_like_a_config_key(capsys, args):
     """argparse alone keeps the last --config silently: a run of the other config than the user meant."""
     with pytest.raises(SystemExit) as stop:
