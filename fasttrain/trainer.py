@@ -773,8 +773,8 @@ class Trainer:
             what = "compile + autotune" if self.cfg.train.compile else "autotune"
             what += " + CUDA graph capture" if self.use_graph else ""
             if self.cfg.train.compile:  # silent otherwise for up to a minute (a GPU) or several (a CPU)
-                self.console.info(f"{what} warmup on throwaway steps (off the training clock; "
-                                  "--train.compile false skips the compile) ...")
+                self.console.info(f"warming up ({what}) on throwaway steps, off the training clock "
+                                  "(--train.compile false skips the compile) ...")
             self.compile_seconds = self._stoppable_warmup()
             self.console.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
         self._claim_run_dir()  # after the warmup: a run stopped in it has written nothing

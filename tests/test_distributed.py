@@ -485,6 +485,7 @@ def test_torchrun_with_compile_and_the_fused_step(cifar_dir, tmp_path):
     proc = torchrun(["-m", "fasttrain", "--config", SMOKE, *TINY, "--optim.impl", "fused", "--train.compile", "true",
                      "--output.dir", str(run), "--device", "cpu"], cifar_dir, cwd=tmp_path, timeout=600)
     assert proc.stdout.count("compile + autotune warmup") == 1  # rank 0 reports the warmup
+    assert proc.stdout.count("warming up (compile + autotune) on throwaway steps") == 1  # and announces it
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["train_steps"] == 8 for r in rows)
     summary = json.loads((run / "summary.json").read_text())

@@ -576,3 +576,12 @@ def test_mixed_dtypes_on_cuda():
                 torch.randn(4099, generator=gen).to(torch.bfloat16), torch.randn(7, generator=gen)]
 
     check_mixed_dtypes(build, "cuda", clip=None)
+
+
+def test_a_state_dict_with_bad_hyperparameters_is_refused_on_load():
+    """A saved group's settings are checked like the constructor's (a hand-edited or foreign state)."""
+    p = torch.zeros(4, requires_grad=True)
+    saved = FusedLookaheadSGD([p], lr=0.1, lookahead_k=2).state_dict()
+    saved["param_groups"][0]["lookahead_alpha"] = 0.0
+    with pytest.raises(ValueError, match="alpha"):
+        FusedLookaheadSGD([p], lr=0.1, lookahead_k=2).load_state_dict(saved)
