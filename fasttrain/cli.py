@@ -48,8 +48,9 @@ def _train_parser() -> argparse.ArgumentParser:
                "curves, its weights to ship)",
         allow_abbrev=False,
     )
-    p.add_argument("--config", action=_Once, help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml); "
-                   "none: the paper's recipe (seed.yaml's values), or with --resume PATH the checkpoint's own")
+    p.add_argument("--config", action=_Once,
+                   help="YAML config (configs/best.yaml, seed.yaml, resnet18.yaml, smoke.yaml); none: the paper's "
+                        "recipe (seed.yaml's values), or with --resume PATH the checkpoint's own")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--resume", metavar="PATH|auto", action=_Once,
                    help="continue from a checkpoint; 'auto' picks the newest valid one in the run folder")

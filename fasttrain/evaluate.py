@@ -135,8 +135,8 @@ def _network(ckpt: dict, cfg, weights: str, path: str | Path) -> tuple[str, torc
 def load_model(path: str | Path, *, weights: str = "auto", device: str | torch.device = "cpu"):
     """A checkpoint's or exported weights file's network for your own code: (model, config), the model
     in eval mode, fp32, on `device`. Its input: RGB images as floats in [0, 1], N x 3 x 32 x 32, each
-    channel normalized with config.data.mean and config.data.std; its output: 10 class logits in the
-    order of CIFAR-10's batches.meta. Read safely (weights_only, checksummed), like `eval` reads it."""
+    channel normalized with config.data.mean and config.data.std; its output: model.num_classes logits
+    (CIFAR-10's 10 in the order of its batches.meta). Read safely (weights_only, checksummed), like `eval` reads it."""
     ckpt = load_checkpoint(path, map_location="cpu")
     cfg = config_from_dict(ckpt["config"])
     _, model = _network(ckpt, cfg, weights, path)

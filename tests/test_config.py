@@ -47,7 +47,8 @@ def test_an_unknown_key_close_to_a_real_one_names_it(args, guess):
 
 @pytest.mark.parametrize("args", [["--model.blocks", "[2,", "2,", "2]"], ["--train", "{epochs:", "2}"]])
 def test_an_unquoted_list_split_by_the_shell_says_to_quote_it(args):
-    with pytest.raises(ConfigError, match=f"--{re.escape(args[0][2:])} '.*' is cut short: the shell splits .* quote it"):
+    message = f"--{re.escape(args[0][2:])} '.*' is cut short: the shell splits .* quote it"
+    with pytest.raises(ConfigError, match=message):
         parse_overrides(args)
 
 
@@ -62,7 +63,8 @@ def test_unknown_section(tmp_path):
     ("x: &m {se: true}\nmodel:\n  blocks: [1, 1, 1]\n  se: true\n  se: false\n", "model.se", (4, 5)),
 ])
 def test_duplicate_key_is_an_error(tmp_path, text, key, lines):
-    with pytest.raises(ConfigError, match=f"duplicate key '{re.escape(key)}' \\(line {lines[0]} and line {lines[1]}\\)"):
+    message = f"duplicate key '{re.escape(key)}' \\(line {lines[0]} and line {lines[1]}\\)"
+    with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
 
 

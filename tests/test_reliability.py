@@ -475,7 +475,7 @@ def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(good_run, tmp
     with pytest.raises(CheckpointError, match=rf"is a folder, not a checkpoint: pass a checkpoint file "
                                               rf"\({re.escape(str(good_run / 'last.pt'))}, "):
         load_checkpoint(good_run)
-    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint: pass a checkpoint file \\(it holds none\\)"):
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint: .* \(it holds none\)"):
         load_checkpoint(tmp_path)
     assert cli.main(["eval", "--checkpoint", str(good_run), "--device", "cpu"]) == cli.EXIT_ERROR
     assert "is a folder, not a checkpoint" in capsys.readouterr().err
