@@ -11,7 +11,6 @@ rank 0 prints the command).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -141,7 +140,7 @@ def _checkpoint_config(resume: str, rest: list[str]):
     saved = load_checkpoint(resume).get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{resume} holds no config: pass the --config it was trained with")
-    cfg = config_with_overrides(copy.deepcopy(saved), rest)
+    cfg = config_with_overrides(saved, rest)  # the loaded dict is this call's own
     if not _gives_output_dir(rest):
         cfg.output.dir = str(Path(resume).parent)
     print(f"note: no --config given: using the config saved in {resume}", file=sys.stderr)

@@ -789,7 +789,7 @@ class Trainer:
         end_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
         for epoch in range(self.start_epoch, end_epoch):
             started = time.perf_counter()
-            steps_here = self.steps_per_epoch - (self.start_step if epoch == self.start_epoch else 0)
+            steps_here = self.steps_per_epoch - self._resumed_steps(epoch)
             row, final_recompute = self._run_epoch(epoch)
             ema_bn_seconds = final_recompute if final_recompute is not None else ema_bn_seconds
             imgs_per_s.append(row["images_per_second"])
@@ -845,11 +845,15 @@ class Trainer:
                      f"batch {per_rank * self.dist.world_size} | optim.lr {cfg.optim.lr:g} applies to that global "
                      "batch as given (no automatic scaling) | only rank 0 writes files and prints")
 
+    def _resumed_steps(self, epoch: int) -> int:
+        """The steps of `epoch` done before this process started: a checkpoint saved mid-epoch's, else 0."""
+        return self.start_step if epoch == self.start_epoch else 0
+
     def _run_epoch(self, epoch: int) -> tuple[dict, float | None]:
         """Train one epoch on the clock, then, off it, read its sums once: its metrics row, and the seconds
         of the end-of-run EMA BN recompute when this was the run's last epoch (None otherwise). A stop
         signal checkpoints the position and raises RunInterrupted; a non-finite loss, TrainingError."""
-        skip = self.start_step if epoch == self.start_epoch else 0  # resumed mid-epoch
+        skip = self._resumed_steps(epoch)
         partial = self._epoch_partial if skip else None  # the sums of those steps, from the checkpoint
         if self._stop_agreed():  # a signal during the previous epoch's evaluation or checkpoint
             self._stop_run(epoch, skip, partial)
