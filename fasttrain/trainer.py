@@ -166,7 +166,11 @@ class Trainer:
         self.start_epoch = 0  # epochs already completed
         self.best_test_acc: float | None = None
         self.train_seconds = self.stem_init_seconds or 0.0  # a resumed run: its checkpoint's, in _load
-        self.compile_seconds = 0.0
+        # the run's clocks over all its processes: a resumed run adds this process's to its checkpoint's
+        self.compile_seconds = 0.0  # the compile warmups, off the training clock
+        self._earlier_wall_seconds = 0.0  # the earlier processes' wall time, up to their last checkpoint
+        self._wall_start: float | None = None  # this process's fit() start (perf_counter)
+        self.epoch_images_per_second: list[float] = []  # each completed epoch's, in order
         self.start_step = 0  # steps of epoch `start_epoch` already done (a checkpoint saved mid-epoch)
         self._epoch_partial: dict | None = None  # and their sums (checkpoint_state's "epoch_partial")
         # torchrun: the agent's forwarded copy of a signal this rank got directly is not a second one
@@ -221,6 +225,8 @@ class Trainer:
             "params": self.params,
             "best_test_acc": self.best_test_acc,
             "train_seconds": self.train_seconds,
+            "compile_seconds": self.compile_seconds, "wall_seconds": self.wall_seconds(),
+            "epoch_images_per_second": self.epoch_images_per_second,
             "data_source": self.data.source,
             "torch": str(torch.__version__),  # a TorchVersion object would be refused by weights_only loading
         }
@@ -356,6 +362,11 @@ class Trainer:
             self._warn_inexact_mid_epoch(path, ckpt)
         self.best_test_acc = ckpt.get("best_test_acc")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.compile_seconds = float(ckpt.get("compile_seconds", 0.0))
+        self._earlier_wall_seconds = float(ckpt.get("wall_seconds", 0.0))
+        rates = ckpt.get("epoch_images_per_second")  # absent from an older checkpoint: this process's only
+        well_formed = isinstance(rates, list) and all(isinstance(r, (int, float)) for r in rates)
+        self.epoch_images_per_second = [float(r) for r in rates][:self.start_epoch] if well_formed else []
         self._last_saved = ((self.start_epoch, self.start_step), path)
         mid = f" and {self.start_step} steps of epoch {self.start_epoch + 1}" if self.start_step else ""
         self.console.info(f"resumed {path} after epoch {self.start_epoch}{mid}")
@@ -758,8 +769,14 @@ class Trainer:
             f"the run was written, nothing to save\nresume with:\n  the same command ({again})",
             signum, self.resume_path)
 
+    def wall_seconds(self) -> float:
+        """The run's wall time so far: this process's since fit() started, plus a resumed run's earlier
+        processes' up to their last checkpoint (the time between processes is not the run's)."""
+        here = time.perf_counter() - self._wall_start if self._wall_start is not None else 0.0
+        return self._earlier_wall_seconds + here
+
     def _fit(self, stop_after_epochs: int | None = None) -> dict:
-        wall_start = time.perf_counter()
+        self._wall_start = time.perf_counter()
         epochs = self.cfg.train.epochs
         if self.start_epoch >= epochs:
             kept = self._finished_already()
@@ -775,8 +792,9 @@ class Trainer:
             if self.cfg.train.compile:  # silent otherwise for up to a minute (a GPU) or several (a CPU)
                 self.console.info(f"warming up ({what}) on throwaway steps, off the training clock "
                                   "(--train.compile false skips the compile) ...")
-            self.compile_seconds = self._stoppable_warmup()
-            self.console.info(f"{what} warmup: {self.compile_seconds:.1f} s (off the training clock)")
+            warmup_seconds = self._stoppable_warmup()
+            self.compile_seconds += warmup_seconds
+            self.console.info(f"{what} warmup: {warmup_seconds:.1f} s (off the training clock)")
         self._claim_run_dir()  # after the warmup: a run stopped in it has written nothing
         if self.dist.is_main:
             fresh = prepare_run_dir(self.run_dir, self.cfg, self.resume_path, self.start_epoch, self.console.warn)
@@ -785,14 +803,13 @@ class Trainer:
 
         last_row: dict = {}
         ema_bn_seconds = None
-        imgs_per_s = []
         end_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
         for epoch in range(self.start_epoch, end_epoch):
             started = time.perf_counter()
             steps_here = self.steps_per_epoch - self._resumed_steps(epoch)
             row, final_recompute = self._run_epoch(epoch)
             ema_bn_seconds = final_recompute if final_recompute is not None else ema_bn_seconds
-            imgs_per_s.append(row["images_per_second"])
+            self.epoch_images_per_second.append(row["images_per_second"])
             last = epoch + 1 == end_epoch
             # evaluated on the run's own schedule only: a stop_after_epochs stop must not add an evaluation
             # (its row and best_test_acc would differ from the uninterrupted run's)
@@ -808,8 +825,7 @@ class Trainer:
             # printed after the epoch is on disk: a stop while printing (a closed terminal) loses nothing
             self.console.epoch_line(row, epochs, eta_seconds(time.perf_counter() - started, steps_here,
                                                              self.steps_per_epoch, epochs - epoch - 1))
-        return self._finish(last_row, ema_bn_seconds, imgs_per_s, time.perf_counter() - wall_start,
-                            completed=end_epoch)
+        return self._finish(last_row, ema_bn_seconds, completed=end_epoch)
 
     def _finished_already(self) -> dict | None:
         """A resumed checkpoint that completed train.epochs: its kept summary (a finished run resumed again,
@@ -911,8 +927,7 @@ class Trainer:
         if row["test_acc"] is not None:
             self.best_test_acc = max(self.best_test_acc or 0.0, row["test_acc"])
 
-    def _finish(self, last_row: dict, ema_bn_seconds: float | None, imgs_per_s: list[float],
-                wall_seconds: float, completed: int) -> dict:
+    def _finish(self, last_row: dict, ema_bn_seconds: float | None, completed: int) -> dict:
         """The run's summary.json: the last evaluation's figures (measured again for a finished run that
         lost its summary), the TTA accuracies, the clocks and the provenance. `completed` epochs short of
         train.epochs (fit's stop_after_epochs, checkpointed): the figures so far, returned only."""
@@ -929,9 +944,11 @@ class Trainer:
             # model.stem_init whiten: the seconds of the whitening, which train_seconds includes (None when this
             # process did not compute it: kaiming, or a resumed run)
             "stem_init": cfg.model.stem_init, "stem_init_seconds": self.stem_init_seconds,
+            # the clocks cover all of a resumed run's processes (see __init__); images_per_second: the mean
+            # of the epochs' (after a mid-epoch resume, that epoch's covers the steps its last process ran)
             "train_seconds": self.train_seconds, "compile_seconds": self.compile_seconds,
-            "wall_seconds": wall_seconds,
-            "images_per_second": (sum(imgs_per_s) / len(imgs_per_s)) if imgs_per_s else None,
+            "wall_seconds": self.wall_seconds(),
+            "images_per_second": (sum(rates) / len(rates)) if (rates := self.epoch_images_per_second) else None,
             "device": device_name(self.device), "world_size": self.dist.world_size,
             "precision": self.precision.name, "torch": torch.__version__, "git_sha": git_sha(),
             "data_source": self.data.source, "run_dir": str(self.run_dir),

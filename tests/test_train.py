@@ -149,6 +149,11 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
                       resume=tmp_path / "b" / "last.pt")
     assert resumed.start_epoch == 1
     summary = resumed.fit()
+    # the clocks and the rate cover both processes: the first's come with its checkpoint
+    timed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["images_per_second"] == pytest.approx(sum(r["images_per_second"] for r in timed) / 2)
+    assert summary["wall_seconds"] > saved["wall_seconds"] > 0
+    assert summary["train_seconds"] > saved["train_seconds"] > 0
     pairs = [(straight.model.state_dict(), resumed.model.state_dict())]
     if "train__ema_decay" in extra:
         pairs.append((straight.ema.state_dict(), resumed.ema.state_dict()))
