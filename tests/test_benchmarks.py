@@ -928,3 +928,24 @@ def test_kernel_benchmark_cpu_smoke_runs_every_implementation(repo_root, tmp_pat
     assert all(math.isfinite(t) and t > 0 for t in times)
     if script == "bench_optim.py":
         assert {r["params"] for r in report["rows"]} == {4_697_742}
+
+
+def test_tile_sweep_cpu_smoke_runs_every_pair(repo_root, tmp_path):
+    """The tune stage's script on a CPU: every (gate, reduce) tile pair at each smoke shape is checked against
+    the reference, timed and ranked, and the result file is whole. (Its make_inputs call once lacked the
+    device argument: a TypeError on the first pair that only a GPU session would have met.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/kernels/tune_se.py", "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU smoke run, its times mean nothing" in proc.stdout
+    (result,) = tmp_path.iterdir()  # no .partial.json left beside it
+    report = json.loads(result.read_text())
+    assert result.name == "tune_se_cpu.json" and report["cpu_smoke"] is True
+    pairs = [(g, r) for g in (64, 128) for r in (64, 128)]
+    assert [(row["gate_tile"], row["reduce_tile"]) for row in report["rows"]] == [p for p in pairs for _ in range(2)]
+    assert [row["placement"] for row in report["rows"][:2]] == ["stem", "block"]
+    assert all(row["correct"] and math.isfinite(row["forward_backward_ms"]) for row in report["rows"])
+    assert sorted((p["gate_tile"], p["reduce_tile"]) for p in report["ranked"]) == pairs
+    stem_ms = [p["stem_ms"] for p in report["ranked"]]
+    assert stem_ms == sorted(stem_ms) and all(t > 0 for t in stem_ms)

@@ -9,6 +9,7 @@ by the sum over all shapes (SE in every block). The defaults are marked in the t
 constants in kernels/se.py only from a result file this wrote.
 
     python benchmarks/kernels/tune_se.py [--batch 512] [--tiles 1024 2048 4096 8192] [--out DIR]
+    python benchmarks/kernels/tune_se.py --cpu-smoke   # seconds on a CPU: the sweep's plumbing runs once
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_se import SHAPES, bench_case, make_inputs  # noqa: E402
-from common import RESULTS_DIR, finish_gpu_benchmark, save_partial, start_gpu_benchmark  # noqa: E402
+from common import finish_gpu_benchmark, kernel_bench_out, save_partial, start_gpu_benchmark  # noqa: E402
 
 STEM = "stem"  # the placement of the paper's model (configs/seed.yaml): one SE after the stem
 
@@ -62,11 +63,20 @@ def main() -> None:
                         help="values tried for both constants (powers of two)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
+    parser.add_argument("--out", help="folder for the JSON results (default benchmarks/results/; a temporary "
+                                      "folder with --cpu-smoke)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="a tiny CPU run (batch 2, two tile pairs, two shapes, 1 warmup, 2 timed calls) that "
+                             "checks the sweep runs and its result file is written; the PyTorch reference "
+                             "runs (no Triton on a CPU), so its times and ranking mean nothing")
     args = parser.parse_args()
     if any(t < 64 or t & (t - 1) for t in args.tiles):
         parser.error(f"--tiles {args.tiles}: powers of two >= 64")
-    device, meta, copy_gbs = start_gpu_benchmark("tune_se.py")
+    shapes = SHAPES
+    if args.cpu_smoke:
+        args.batch, args.tiles, args.warmup, args.iters, shapes = 2, [64, 128], 1, 2, SHAPES[:2]
+    device, meta, copy_gbs = start_gpu_benchmark("tune_se.py", args.cpu_smoke)
+    out = kernel_bench_out(args)
     from fasttrain.kernels import se as se_mod
 
     defaults = (se_mod._GATE_TILE, se_mod._REDUCE_TILE)
@@ -74,9 +84,9 @@ def main() -> None:
     try:
         for gate, reduce in itertools.product(args.tiles, args.tiles):
             se_mod._GATE_TILE, se_mod._REDUCE_TILE = gate, reduce
-            for label, channels, size, residual in SHAPES:
+            for label, channels, size, residual in shapes:
                 torch.manual_seed(0)
-                x, w, r = make_inputs(args.batch, channels, size, residual, torch.bfloat16, True)
+                x, w, r = make_inputs(args.batch, channels, size, residual, torch.bfloat16, True, device)
                 err = forward_backward_error(se_mod, x, w, r)
                 _, fwd_bwd_ms = bench_case(se_mod.se_gate, x, w, r, args.warmup, args.iters)
                 rows.append({"gate_tile": gate, "reduce_tile": reduce, "default": (gate, reduce) == defaults,
@@ -85,11 +95,11 @@ def main() -> None:
                              "correct": err < 1e-2})  # bf16 storage: ~4e-3 expected, NaN fails too
                 print(f"  gate {gate} reduce {reduce} {label} {rows[-1]['shape']}: {fwd_bwd_ms:.3f} ms "
                       f"(rel err {err:.1e})", file=sys.stderr)
-            save_partial(args.out, "tune_se", device, {**meta, "rows": rows})
+            save_partial(out, "tune_se", device, {**meta, "rows": rows})
     finally:
         se_mod._GATE_TILE, se_mod._REDUCE_TILE = defaults
     ranked = rank_pairs(rows)
-    finish_gpu_benchmark(args.out, "tune_se", device, {
+    finish_gpu_benchmark(out, "tune_se", device, {
         **meta, "batch": args.batch, "dtype": "bfloat16", "channels_last": True, "copy_gbs": copy_gbs,
         "defaults": {"gate_tile": defaults[0], "reduce_tile": defaults[1]}, "ranked": ranked, "rows": rows}, (
         f"SE tile sweep, batch {args.batch}, bf16 channels_last, {meta['device']}: fwd+bwd ms, best first "
