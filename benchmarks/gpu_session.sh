@@ -72,12 +72,13 @@
 #   run: kind nvidia-h100-x1 (the targets are stated on an H100; a call naming it gets no other kind, and
 #        when none opens it fails after ~90 s at a cost of 1-2 minutes: then the same call with no kind,
 #        which may give an H200: say which card measured), carry [".stage/01"], timeout_s 595, command
-#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=560; bash .stage/01/unstage.sh >/dev/null &&
+#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=565 EXPORT_RESERVE_S=20; bash .stage/01/unstage.sh >/dev/null &&
 #         mkdir -p /tmp/stg && cp -a .stage/payload .stage/01 /tmp/stg/ && . .stage/env.sh &&
 #         SEEDS=5 bash benchmarks/gpu_session.sh best $OUT"
 # best.yaml ([3,3,2], cutout 12, 80 epochs), 5 seeds on the test set, one at a time (on an H200 57 s of
 # training and ~66 s of wall each, +28 s for the first compile: ~360 s; an H100's lower memory bandwidth
-# may cost ~20-40% more: the 560 s leave room), then its weights (the export keeps 30 s). Then, on the
+# may cost ~20-40% more, ~450-500 s: the 565 s from the start, less ~15 s of unstaging, leave little room),
+# then its weights (the export keeps 20 s: a load and a write of 13 MB). Then, on the
 # same warm machine within 30 s, with what is left (~200 s), carrying nothing (unstage.sh finds the
 # payload unpacked and writes env.sh again):
 #        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/01 .stage/ && bash .stage/01/unstage.sh
