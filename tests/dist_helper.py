@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import fasttrain.resuming as resuming_module
 import fasttrain.trainer as trainer_module
 from fasttrain.checkpoint import unwrap
 from fasttrain.config import load_config
@@ -84,10 +85,10 @@ def record_writes() -> list[str]:
             return fn(*args, **kwargs)
         return write
 
-    for name, file_of in (("write_checkpoint", lambda state, path, *rest: path),
-                          ("append_metrics", lambda run_dir, row: "metrics.jsonl"),
-                          ("write_text_atomic", lambda path, text: path)):
-        setattr(trainer_module, name, recording(getattr(trainer_module, name), file_of))
+    for module, name, file_of in ((resuming_module, "write_checkpoint", lambda state, path, *rest: path),
+                                  (trainer_module, "append_metrics", lambda run_dir, row: "metrics.jsonl"),
+                                  (trainer_module, "write_text_atomic", lambda path, text: path)):
+        setattr(module, name, recording(getattr(module, name), file_of))
     return writes
 
 
