@@ -420,6 +420,14 @@ def start_gpu_benchmark(script: str, cpu_smoke: bool = False) -> tuple[torch.dev
     return device, meta, copy_gbs
 
 
+def add_kernel_bench_arguments(parser: argparse.ArgumentParser, smoke_help: str) -> None:
+    """--out and --cpu-smoke, as every kernel benchmark takes them (see kernel_bench_out); `smoke_help`:
+    what its smoke run does."""
+    parser.add_argument("--out", help="folder for the JSON results (default benchmarks/results/; a temporary "
+                                      "folder with --cpu-smoke)")
+    parser.add_argument("--cpu-smoke", action="store_true", help=smoke_help)
+
+
 def kernel_bench_out(args: argparse.Namespace) -> str:
     """Where a kernel benchmark writes: --out, else benchmarks/results/ for a GPU run and a temporary
     folder for a --cpu-smoke run (its numbers are not results)."""

@@ -26,7 +26,8 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
-from common import finish_gpu_benchmark, kernel_bench_out, start_gpu_benchmark, times_ms  # noqa: E402
+from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_bench_out,  # noqa: E402
+                    start_gpu_benchmark, times_ms)
 
 from fasttrain.config import ModelConfig  # noqa: E402
 from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD  # noqa: E402
@@ -90,12 +91,9 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["fused", "foreach+python", "fused-sgd+lerp"],
                         choices=["fused", "foreach+python", "fused-sgd+lerp"])
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
-    parser.add_argument("--out", help="folder for the JSON results (default benchmarks/results/; a temporary "
-                                      "folder with --cpu-smoke)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="a tiny CPU run (2 blocks, 1 warmup block) that checks every implementation steps "
-                             "and the result file is written; its times mean nothing (the fused one takes its "
-                             "PyTorch path on a CPU)")
+    add_kernel_bench_arguments(parser, "a tiny CPU run (2 blocks, 1 warmup block) that checks every implementation "
+                                       "steps and the result file is written; its times mean nothing (the fused one "
+                                       "takes its PyTorch path on a CPU)")
     args = parser.parse_args()
     if args.cpu_smoke:
         args.blocks = 2

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
-from common import finish_gpu_benchmark, kernel_bench_out, save_partial, start_gpu_benchmark, times_ms  # noqa: E402
+from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_bench_out,  # noqa: E402
+                    save_partial, start_gpu_benchmark, times_ms)
 
 # (label, channels, size, fused residual)
 SHAPES = [("stem", 64, 32, False), ("block", 64, 32, True), ("block", 128, 16, True), ("block", 256, 8, True)]
@@ -100,11 +101,9 @@ def main() -> None:
     parser.add_argument("--nchw", action="store_true", help="NCHW activations instead of channels_last")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--out", help="folder for the JSON results (default benchmarks/results/; a temporary "
-                                      "folder with --cpu-smoke)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="a tiny CPU run (batch 2, two shapes, 1 warmup, 2 timed calls) that checks every "
-                             "implementation runs and the result file is written; its times mean nothing")
+    add_kernel_bench_arguments(parser, "a tiny CPU run (batch 2, two shapes, 1 warmup, 2 timed calls) that checks "
+                                       "every implementation runs and the result file is written; its times mean "
+                                       "nothing")
     args = parser.parse_args()
     if args.cpu_smoke:
         args.batch_sizes, args.warmup, args.iters = [2], 1, 2

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_se import SHAPES, bench_case, make_inputs  # noqa: E402
-from common import finish_gpu_benchmark, kernel_bench_out, save_partial, start_gpu_benchmark  # noqa: E402
+from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_bench_out,  # noqa: E402
+                    save_partial, start_gpu_benchmark)
 
 STEM = "stem"  # the placement of the paper's model (configs/seed.yaml): one SE after the stem
 
@@ -63,12 +64,9 @@ def main() -> None:
                         help="values tried for both constants (powers of two)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--out", help="folder for the JSON results (default benchmarks/results/; a temporary "
-                                      "folder with --cpu-smoke)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="a tiny CPU run (batch 2, two tile pairs, two shapes, 1 warmup, 2 timed calls) that "
-                             "checks the sweep runs and its result file is written; the PyTorch reference "
-                             "runs (no Triton on a CPU), so its times and ranking mean nothing")
+    add_kernel_bench_arguments(parser, "a tiny CPU run (batch 2, two tile pairs, two shapes, 1 warmup, 2 timed calls) "
+                                       "that checks the sweep runs and its result file is written; the PyTorch "
+                                       "reference runs (no Triton on a CPU), so its times and ranking mean nothing")
     args = parser.parse_args()
     if any(t < 64 or t & (t - 1) for t in args.tiles):
         parser.error(f"--tiles {args.tiles}: powers of two >= 64")
