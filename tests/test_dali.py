@@ -230,6 +230,13 @@ def test_no_augmentation_when_switched_off():
     found = recover_crops(to_pixels(collect(loader(x, np.arange(128), crop_padding=0))[0]),
                           x[labels.numpy()], 0)
     assert 0 < found[:, 2].sum() < 128
+    # flip false with flip_mode alternating: no flip either, in the plan or the pixels, in an even or odd epoch
+    off = loader(x, np.arange(128), crop_padding=0, flip=False, flip_mode="alternating")
+    for epoch in (0, 1):
+        off.set_epoch(epoch)
+        assert not off.plan().mirror.any(), epoch
+        images, labels = collect(off)
+        torch.testing.assert_close(images, reference_normalize(x[labels.numpy()]), atol=1e-5, rtol=1e-5)
 
 
 @needs_dali

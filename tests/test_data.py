@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from augment_check import recover_crops
 from fasttrain.config import DataConfig
 from fasttrain.data import DataBundle, TorchLoader, build_data
 from fasttrain.data import cifar
 from fasttrain.data.cifar import DataError, find_cifar10, load_cifar10, resolve_data_dir, split_validation
+from fasttrain.data.loader_torch import epoch_draws
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_BATCH = 20  # a miniature CIFAR: 5 training batches and a test batch of 20 images each
@@ -204,6 +206,9 @@ def test_unpickler_admits_only_numpy_array_globals():
         array = reconstruct(unpickler.find_class("numpy", "ndarray"), (0,), b"b")
         assert type(array) is np.ndarray and array.shape == (0,)
     assert unpickler.find_class("numpy", "dtype")("u1", False, True) == np.uint8
+    for code in ("U4", "S4", "V8", "c16", "M8"):  # no objects in them, but not plain numbers either
+        with pytest.raises(DataError, match=r"somefile: refused the dtype dtype\(.*hold only plain numbers"):
+            unpickler.find_class("numpy", "dtype")(code, False, True)
     for module, name in [("numpy", "load"), ("numpy.core.multiarray", "scalar"), ("builtins", "getattr"),
                          ("subprocess", "Popen"), ("copy_reg", "_reconstructor")]:
         with pytest.raises(DataError, match=f"somefile: refused to unpickle the global {module}.{name}"):
@@ -214,19 +219,27 @@ def _global(module: str, name: str) -> bytes:
     return pickle.GLOBAL + f"{module}\n{name}\n".encode()
 
 
-def _pickled_dtype(code: str, state_flags: int = 0) -> bytes:
-    """numpy.dtype(code, False, True) with numpy's own state tuple; `state_flags` forges its flags."""
+def _pickled_dtype(code: str, state_flags: int | None = 0) -> bytes:
+    """numpy.dtype(code, False, True) with numpy's own state tuple; `state_flags` forges its flags (None: no
+    state and no BUILD, the dtype as its constructor made it)."""
+    call = (_global("numpy", "dtype") + pickle.MARK + pickle.SHORT_BINUNICODE + bytes([len(code)]) + code.encode()
+            + pickle.NEWFALSE + pickle.NEWTRUE + pickle.TUPLE + pickle.REDUCE)
+    if state_flags is None:
+        return call
     state = (pickle.MARK + pickle.BININT1 + b"\x03" + pickle.SHORT_BINUNICODE + b"\x01|" + pickle.NONE * 3
              + (pickle.BININT + struct.pack("<i", -1)) * 2 + pickle.BININT + struct.pack("<i", state_flags)
              + pickle.TUPLE)
-    return (_global("numpy", "dtype") + pickle.MARK + pickle.SHORT_BINUNICODE + bytes([len(code)])
-            + code.encode() + pickle.NEWFALSE + pickle.NEWTRUE + pickle.TUPLE + pickle.REDUCE + state + pickle.BUILD)
+    return call + state + pickle.BUILD
 
 
-# Three ways to an array whose elements are pointers taken from the file's bytes (reading one would
-# crash the process, or worse): numpy.ndarray called on a buffer, numpy's own reconstructor with an
-# object dtype, and a plain dtype whose flags the pickled state forges to "holds objects".
+# Ways to an array whose elements are pointers taken from the file's bytes (reading one would crash the
+# process, or worse): numpy.ndarray called on a buffer, numpy's own reconstructor with an object dtype
+# (with a dtype state, and without one: then no BUILD check sees the dtype, only its constructor's), and
+# a plain dtype whose flags the pickled state forges to "holds objects".
 _POINTER_BYTES = pickle.SHORT_BINBYTES + b"\x08" + b"A" * 8
+_RECONSTRUCT_EMPTY = (_global("numpy.core.multiarray", "_reconstruct") + pickle.MARK + _global("numpy", "ndarray")
+                      + pickle.MARK + pickle.BININT1 + b"\x00" + pickle.TUPLE + pickle.SHORT_BINBYTES + b"\x01b"
+                      + pickle.TUPLE + pickle.REDUCE)
 OBJECT_ARRAY_PICKLES = {
     "ndarray-called": _global("numpy", "ndarray") + pickle.MARK + pickle.MARK + pickle.BININT1 + b"\x01"
                       + pickle.TUPLE + _pickled_dtype("O") + _POINTER_BYTES + pickle.TUPLE + pickle.REDUCE,
@@ -241,7 +254,14 @@ OBJECT_ARRAY_PICKLES = {
                     + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.MARK + pickle.BININT1 + b"\x08" + pickle.TUPLE
                     + _pickled_dtype("u1", state_flags=0x3F) + pickle.NEWFALSE + _POINTER_BYTES + pickle.TUPLE
                     + pickle.BUILD,
+    "object-dtype-without-state": _RECONSTRUCT_EMPTY + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.MARK
+                                  + pickle.BININT1 + b"\x01" + pickle.TUPLE + _pickled_dtype("O8", state_flags=None)
+                                  + pickle.NEWFALSE + _POINTER_BYTES + pickle.TUPLE + pickle.BUILD,
 }
+# which check refuses each: the object dtype as soon as it is made, the forged state at its BUILD
+REFUSED_BECAUSE = {"ndarray-called": r"the dtype dtype\('O'\)", "object-dtype": r"the dtype dtype\('O'\)",
+                   "object-dtype-without-state": r"the dtype dtype\('O'\)",
+                   "forged-flags": r"the state \(3, '\|', None, None, None, -1, -1, 63\) for dtype\('uint8'\)"}
 
 
 @pytest.mark.parametrize("how", OBJECT_ARRAY_PICKLES)
@@ -254,7 +274,7 @@ def test_arrays_of_pointers_are_refused_before_anything_reads_them(tmp_path, how
     crafted = (good[:-1] + pickle.SHORT_BINSTRING + b"\x06labels" + pickle.EMPTY_LIST
                + OBJECT_ARRAY_PICKLES[how] + pickle.APPEND + pickle.SETITEM + pickle.STOP)
     (folder / "data_batch_3").write_bytes(crafted)
-    with pytest.raises(DataError, match=r"data_batch_3: refused .*not an official one"):
+    with pytest.raises(DataError, match=rf"data_batch_3: refused {REFUSED_BECAUSE[how]}.*not an official one"):
         load_cifar10(tmp_path, download=False)
 
 
@@ -273,12 +293,24 @@ def test_a_clean_crafted_pickle_of_the_same_shape_loads():
 # Validation errors
 
 
-def test_truncated_binary_batch(tmp_path):
+@pytest.mark.parametrize("change", [-100, 5], ids=["truncated", "5-extra-bytes"])
+def test_binary_batch_of_the_wrong_length(tmp_path, change):
+    """Too short or too long by a few bytes: either way not an official batch (a longer one must not be
+    read as its first 20 records, nor fail later in a reshape)."""
     folder = write_binary(tmp_path, make_arrays())
     path = folder / "data_batch_3.bin"
-    path.write_bytes(path.read_bytes()[:-100])
-    expected = f"{PER_BATCH * 3073:,}"
-    with pytest.raises(DataError, match=rf"data_batch_3.bin: .* expected {expected} .*truncated.*fresh copy"):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:change] if change < 0 else raw + bytes(change))
+    found, expected = f"{PER_BATCH * 3073 + change:,}", f"{PER_BATCH * 3073:,}"
+    with pytest.raises(DataError, match=rf"data_batch_3.bin: {found} bytes, expected {expected} .*truncated.*fresh"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_binary_meta_with_nine_class_names(tmp_path):
+    """batches.meta.txt must name exactly the 10 classes: one missing is an error that gives the count."""
+    folder = write_binary(tmp_path, make_arrays())
+    (folder / "batches.meta.txt").write_text("\n".join(CLASSES[:9]) + "\n")
+    with pytest.raises(DataError, match=r"batches.meta.txt: 9 class names, expected 10"):
         load_cifar10(tmp_path, download=False)
 
 
@@ -308,6 +340,7 @@ def test_python_label_out_of_range(tmp_path):
     (dict(data=np.zeros((PER_BATCH, 3000), np.uint8)), r"b'data' is uint8 \[20, 3000\], expected uint8 \[20, 3072\]"),
     (dict(data=np.zeros((PER_BATCH, 3072), np.float32)), r"b'data' is float32"),
     (dict(labels=[1, 2, 3]), r"b'labels' must be 20 integers"),
+    (dict(labels=[1.5] * PER_BATCH), r"b'labels' must be 20 integers, found float64 \[20\]"),  # not truncated to 1
 ])
 def test_python_wrong_shapes(tmp_path, change, message):
     folder = write_python(tmp_path, make_arrays())
@@ -359,6 +392,36 @@ def test_tarball_with_a_flipped_bit_is_refused(tmp_path, form):
             load_cifar10(tmp_path, download=False)
     tarball.write_bytes(packed)
     assert load_cifar10(tmp_path, download=False).train_x.shape == (5 * PER_BATCH, 32, 32, 3)
+
+
+def test_tarball_whose_members_carry_a_dot_slash_prefix_loads_exactly(tmp_path):
+    """`tar czf X -C DIR .` names every member ./cifar-10-batches-py/...: the same files, read as they are."""
+    arrays = make_arrays()
+    folder = write_python(tmp_path / "src", arrays)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname=f"./{folder.name}")
+        assert all(name.startswith("./") for name in tar.getnames())
+    loaded = load_cifar10(tmp_path, download=False)
+    assert loaded.source.endswith("cifar-10-python.tar.gz")
+    np.testing.assert_array_equal(loaded.train_x, arrays[0])
+    np.testing.assert_array_equal(loaded.test_y, arrays[3])
+
+
+def test_tarball_member_that_is_a_link_is_never_followed(tmp_path):
+    """A crafted tarball whose data_batch_1.bin is a symlink (here to data_batch_2.bin, which tarfile would
+    resolve inside the archive) counts as missing: links and devices are never read through."""
+    folder = write_binary(tmp_path / "src", make_arrays())
+    tarball = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for path in sorted(folder.iterdir(), key=lambda p: p.name != "data_batch_2.bin"):  # the target first
+            if path.name != "data_batch_1.bin":
+                tar.add(path, arcname=f"{folder.name}/{path.name}")
+        link = tarfile.TarInfo(f"{folder.name}/data_batch_1.bin")
+        link.type, link.linkname = tarfile.SYMTYPE, "data_batch_2.bin"
+        tar.addfile(link)
+    with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz lacks cifar-10-batches-bin/data_batch_1.bin: "
+                                        r"it is not the official"):
+        load_cifar10(tmp_path, download=False)
 
 
 def test_tarball_member_larger_than_any_official_file_is_not_read(tmp_path):
@@ -440,6 +503,26 @@ def test_download_with_wrong_md5_is_deleted(tmp_path, served_tarball, monkeypatc
     assert not root.exists()  # the folder made for the download goes with it
 
 
+def test_download_disabled_never_touches_the_network(tmp_path, monkeypatch):
+    """data.download false: an empty folder is an error that says so, and not one request is made (an
+    offline cluster node must not hang on a connect timeout, nor a site's policy be broken)."""
+    requests = []
+
+    def recorder(url, timeout=None):
+        requests.append(url)
+        raise URLError("the test forbids the network")
+
+    monkeypatch.setattr(cifar, "urlopen", recorder)
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(DataError, match=rf"no CIFAR-10 in {root} \(download disabled\)"):
+        load_cifar10(root, download=False)
+    with pytest.raises(DataError, match=r"\(download disabled\)"):  # the config's data.download reaches it
+        build_data(data_cfg(root, download=False), batch_size=32, eval_batch_size=16, device="cpu",
+                   dtype=torch.float32, channels_last=False, seed=0)
+    assert requests == [] and list(root.iterdir()) == []
+
+
 def test_offline_download_says_where_to_put_files(tmp_path, monkeypatch):
     def no_network(url, timeout=None):
         raise URLError("[Errno -3] Temporary failure in name resolution")
@@ -465,8 +548,13 @@ def test_split_validation_holds_out_the_end():
     arrays = cifar.CifarArrays(train_x, train_y, test_x, test_y, CLASSES, "test")
     tx, ty, vx, vy = split_validation(arrays, 30)
     np.testing.assert_array_equal(vx, train_x[-30:])
-    np.testing.assert_array_equal(ty, train_y[:-30])
+    np.testing.assert_array_equal(vy, train_y[-30:])
+    np.testing.assert_array_equal(tx, train_x[:70])
+    np.testing.assert_array_equal(ty, train_y[:70])
     assert len(tx) == 70 and len(vy) == 30
+    # disjoint and complete: training part then validation part is the original set, image for image
+    np.testing.assert_array_equal(np.concatenate([tx, vx]), train_x)
+    np.testing.assert_array_equal(np.concatenate([ty, vy]), train_y)
     assert split_validation(arrays, 0)[2:] == (None, None)
     with pytest.raises(DataError, match="val_size=100"):
         split_validation(arrays, 100)
@@ -496,6 +584,53 @@ def test_build_data(tmp_path):
         build_data(data_cfg(tmp_path), batch_size=64, rank=1, world_size=2, **common)
     with pytest.raises(DataError, match="data.loader must be auto, dali or torch"):
         build_data(data_cfg(tmp_path, loader="pil"), batch_size=32, **common)
+
+
+def test_build_data_batch_sizes_and_inclusive_limits(tmp_path):
+    """Training batches by batch_size, validation and test by eval_batch_size. The limits include their
+    ends: a subset as large as the set is the whole set, and a batch of all of a rank's training images is
+    one batch per epoch."""
+    write_binary(tmp_path, make_arrays())
+    common = dict(eval_batch_size=16, device="cpu", dtype=torch.float32, channels_last=False, seed=3)
+
+    def sizes(loader):
+        return [len(labels) for _, labels in loader]
+
+    bundle = build_data(data_cfg(tmp_path, val_size=20), batch_size=32, **common)
+    assert (sizes(bundle.train), sizes(bundle.val), sizes(bundle.test)) == ([32, 32], [16, 4], [16, 4])
+    whole = build_data(data_cfg(tmp_path, train_subset=90, test_subset=PER_BATCH), batch_size=90, **common)
+    assert (len(whole.train_images), whole.test_images, sizes(whole.train)) == (90, PER_BATCH, [90])
+    for key, count in (("train_subset", 91), ("test_subset", PER_BATCH + 1)):
+        with pytest.raises(DataError, match=rf"data\.{key}={count} must be in 0\.\.{count - 1} "):
+            build_data(data_cfg(tmp_path, **{key: count}), batch_size=32, **common)
+    second_rank = build_data(data_cfg(tmp_path), batch_size=45, rank=1, world_size=2, **common)  # 90 / 2 ranks
+    assert sizes(second_rank.train) == [45]
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_build_data_hands_crop_and_flip_settings_to_the_training_loader(tmp_path, loader):
+    """data.crop_padding, data.flip and data.flip_mode reach the training loader, read back from its pixels:
+    padding 2 crops at offsets 0..4 (not the loaders' default 4), flip false never mirrors (flip_mode
+    alternating included), and flip_mode alternating mirrors each image in exactly one of epochs 0 and 1."""
+    write_binary(tmp_path, make_arrays())
+    common = dict(eval_batch_size=16, device="cpu", dtype=torch.float32, channels_last=False, seed=3)
+
+    def augmentation(epoch, **settings):
+        """Per training image (by index): its (row offset, col offset, flip) in `epoch`."""
+        cfg = data_cfg(tmp_path, loader=loader, mean=[0.0] * 3, std=[1.0] * 3, **settings)  # output = x / 255
+        bundle = build_data(cfg, batch_size=30, **common)
+        bundle.train.set_epoch(epoch)
+        pixels = torch.round(torch.cat([images for images, _ in bundle.train]) * 255)
+        order = epoch_draws(3, epoch, 90, 0, False).order  # the shuffle (drawn first): the same for any setting
+        assert len(pixels) == len(order) == 90  # 3 batches of 30 hold every image
+        found = recover_crops(pixels, bundle.train_images[order.numpy()], settings["crop_padding"])
+        return found[order.argsort()]
+
+    cropped = augmentation(0, crop_padding=2, flip=False, flip_mode="alternating")
+    assert set(cropped[:, :2].flatten().tolist()) == set(range(5))  # 0..4, both ends reached
+    assert not cropped[:, 2].any()
+    flips = [augmentation(e, crop_padding=0, flip=True, flip_mode="alternating")[:, 2] for e in (0, 1)]
+    assert torch.equal(flips[1], 1 - flips[0]) and 0 < flips[0].sum() < 90
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

@@ -51,6 +51,41 @@ def test_ema_matches_a_hand_written_reference(warmup):
     assert not torch.equal(other.state_dict()["0.weight"], ema.state_dict()["0.weight"])
 
 
+def test_ema_reset_makes_the_average_the_live_model():
+    """reset() (a resume from a checkpoint saved without EMA): every parameter and BN buffer of the EMA,
+    the integer counter included, becomes the live model's, as a copy that later changes to the model do
+    not reach."""
+    model = tiny_model()
+    ema = WeightEMA(model, 0.9)
+    with torch.no_grad():  # the live model moves away from the EMA's deep copy: weights and BN buffers
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            tensor.add_(3)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    assert live.keys() == ema.state_dict().keys() and "1.running_var" in live and "1.num_batches_tracked" in live
+    assert not any(torch.equal(v, live[k]) for k, v in ema.state_dict().items())
+    ema.reset()
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, live[k]), k
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    assert torch.equal(ema.state_dict()["0.weight"], live["0.weight"])  # copied, not shared
+
+
+def test_resume_of_a_run_without_ema_starts_the_average_at_the_resumed_weights(cifar_dir, tmp_path):
+    """A checkpoint saved with train.ema_decay 0, resumed with 0.9: right after construction the EMA is the
+    resumed model (not the freshly initialised one the trainer copied before loading the checkpoint)."""
+    one_step = {"data__train_subset": "64", "data__test_subset": "100"}  # one step of 64 images per epoch
+    Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="1", **one_step), device="cpu", console=quiet()).fit()
+    assert load_checkpoint(tmp_path / "last.pt")["ema"] is None
+    cfg = tiny_config(cifar_dir, tmp_path, train__epochs="2", train__ema_decay="0.9", **one_step)
+    resumed = Trainer(cfg, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
+    live, averaged = resumed.model.state_dict(), resumed.ema.state_dict()
+    assert live.keys() == averaged.keys()
+    for k, v in averaged.items():
+        assert torch.equal(v, live[k]), k
+    assert resumed.start_epoch == 1
+
+
 def test_ema_config_validation():
     assert load_config(None, ["--train.ema_decay", "0.999"]).train.ema_decay == 0.999
     default = load_config(None).train

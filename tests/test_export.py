@@ -64,6 +64,46 @@ def test_eval_tta_all_reports_each_mode_under_its_own_name(run, cifar_dir, monke
                                                data_dir=str(cifar_dir))["test_acc"] == 22.0
 
 
+def test_eval_data_dir_wins_over_fasttrain_data(run, cifar_dir, tmp_path, monkeypatch):
+    """`eval --data.dir DIR` reads DIR even where FASTTRAIN_DATA names another folder (here an empty one;
+    the network is forbidden, so a download attempt there would fail): the run's own figure comes back."""
+    from urllib.error import URLError
+
+    from fasttrain.data import cifar
+    from fasttrain.evaluate import evaluate_checkpoint
+
+    def no_network(url, timeout=None):
+        raise URLError("the test forbids the network")
+
+    monkeypatch.setattr(cifar, "urlopen", no_network)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("FASTTRAIN_DATA", str(elsewhere))
+    result = evaluate_checkpoint(run / "last.pt", device="cpu", data_dir=str(cifar_dir))
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["test_acc"] == summary["final_test_acc"] and result["test_images"] == 200
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_eval_builds_the_test_loader_alone(run, cifar_dir, monkeypatch):
+    """Scoring a checkpoint asks build_data for the test loader only: no training loader (on a GPU with DALI,
+    240 MB of padded training images) and no validation loader are built."""
+    from fasttrain import evaluate as evaluate_module
+
+    built = []
+    real_build_data = evaluate_module.build_data
+
+    def recording(*args, **kwargs):
+        built.append((kwargs, real_build_data(*args, **kwargs)))
+        return built[-1][1]
+
+    monkeypatch.setattr(evaluate_module, "build_data", recording)
+    evaluate_module.evaluate_checkpoint(run / "last.pt", device="cpu", data_dir=str(cifar_dir))
+    [(kwargs, bundle)] = built
+    assert kwargs["test_only"] is True
+    assert bundle.train is None and bundle.val is None and bundle.test_images == 200
+
+
 def test_bf16_export_is_half_the_size_and_still_evaluates(run, cifar_dir, tmp_path):
     fp32, bf16 = tmp_path / "fp32.pt", tmp_path / "bf16.pt"
     info = json.loads(run_cli("export", str(run / "last.pt"), str(fp32), "--weights", "model", "--json").stdout)

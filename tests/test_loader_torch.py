@@ -56,10 +56,15 @@ def test_augmentation_is_exact_crop_and_flip_with_uniform_statistics():
     assert abs(flips.double().mean().item() - 0.5) < 0.04  # 2,048 draws: 3.6 standard deviations
 
 
-def test_no_crop_no_flip_yields_the_source_images():
+@pytest.mark.parametrize("flip_mode", ["random", "alternating"])
+def test_no_crop_no_flip_yields_the_source_images(flip_mode):
+    """flip false switches flips off in either flip mode: alternating never mirrors an image, in an even
+    epoch or an odd one."""
     sources = random_images(128)
-    images, labels = epoch(make_loader(sources, crop_padding=0, flip=False))
-    assert torch.equal(to_pixels(images), torch.from_numpy(sources[labels.numpy()]))
+    loader = make_loader(sources, crop_padding=0, flip=False, flip_mode=flip_mode)
+    for number in (0, 1):
+        images, labels = epoch(loader, number)
+        assert torch.equal(to_pixels(images), torch.from_numpy(sources[labels.numpy()])), number
 
 
 def test_eval_is_exact_normalization_every_image_once_in_order():
@@ -227,6 +232,9 @@ def test_rejects_bad_inputs():
         make_loader(random_images(100), batch_size=101)
     with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
         make_loader(random_images(10).astype(np.float32))
+    with pytest.raises(ValueError, match=r"10 images but labels of shape \[9\]"):
+        TorchLoader(random_images(10), np.arange(9), batch_size=5, train=True, device="cpu", dtype=torch.float32,
+                    mean=[0.0] * 3, std=[1.0] * 3)
     with pytest.raises(ValueError, match="rank=2/world_size=2"):
         make_loader(random_images(10), rank=2, world_size=2)
     with pytest.raises(ValueError, match="cutout=-1"):

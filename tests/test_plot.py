@@ -81,6 +81,37 @@ def test_plot_leaves_out_lines_that_are_not_rows_and_refuses_an_out_it_cannot_wr
     assert not (tmp_path / "c.txt").exists()
 
 
+def test_plot_draws_each_series_without_missing_or_non_finite_points(tmp_path, monkeypatch, capsys):
+    """What the figure shows: train/val/test accuracy as three labelled lines, each point only where its row
+    has a finite number (a diverged NaN loss or an inf is left out, not drawn off the scale); a row whose
+    epoch is JSON `true` is no row; the title's best test accuracy is the highest one. An --out suffix in
+    capitals (C.PNG) still picks PNG."""
+    import fasttrain.plot as plot_module
+
+    rows = metrics_rows(epochs=4)
+    for row in rows:
+        row["val_acc"] = 9.0 * row["epoch"]
+    rows[1]["train_loss"], rows[2]["val_acc"] = float("nan"), float("inf")
+    rows.insert(1, {**rows[0], "epoch": True, "test_acc": 99.0})  # bool is an int to Python, but no epoch
+    run = write_run(tmp_path / "run", rows)
+    figures = []
+    real_new_figure = plot_module.new_figure
+    monkeypatch.setattr(plot_module, "new_figure", lambda *size: figures.append(real_new_figure(*size)) or figures[-1])
+    out = plot_run(run, tmp_path / "C.PNG")
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+    [fig] = figures
+    loss_ax, acc_ax, _, _ = fig.axes
+
+    def drawn(ax):
+        return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+    assert drawn(acc_ax) == {"train": ([1, 2, 3, 4], [10.0, 20.0, 30.0, 40.0]), "val": ([1, 2, 4], [9.0, 18.0, 36.0]),
+                             "test": ([1, 3], [12.0, 36.0])}
+    assert drawn(loss_ax) == {"train": ([1, 3, 4], [2.3, 2.3 / 3, 2.3 / 4])}
+    assert fig.get_suptitle() == "run: 4 epoch(s), best test 36.00%"
+    assert "left out 1 line(s) that are not metrics rows (line 2)" in capsys.readouterr().err
+
+
 def test_plot_without_matplotlib_says_how_to_install(tmp_path):
     run = write_run(tmp_path / "run", metrics_rows())
     proc = run_cli("plot", str(run), prelude="sys.modules['matplotlib'] = None; ")  # as if not installed
@@ -144,6 +175,23 @@ def test_tensorboard_fresh_start_deletes_old_event_files_and_writes_nothing_befo
         writer.log_epoch({"epoch": 1, "train_loss": 2.0})
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1 and (tmp_path / "keep.txt").exists()
     assert _scalars(tmp_path, "train_loss") == [(1, 2.0)]
+
+
+def test_tensorboard_epoch_is_on_disk_before_close(tmp_path, monkeypatch):
+    """Each epoch is flushed as it is logged: a live TensorBoard (or a crash before close) sees every epoch
+    that ended, not only what SummaryWriter's two-minute timer flushed. Checked where it matters most: on a
+    file system without append (an object store, e.g. S3), where tensorboard's writer keeps the records in a
+    temporary file until a flush (the local file system is made to look like one)."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from fasttrain.tb import TensorBoardWriter
+
+    monkeypatch.delattr(gfile.LocalFileSystem, "append")
+    with TensorBoardWriter(tmp_path) as writer:
+        writer.log_epoch({"epoch": 1, "train_loss": 2.5})
+        assert _scalars(tmp_path, "train_loss") == [(1, 2.5)]
+        writer.log_epoch({"epoch": 2, "train_loss": 1.5})
+        assert _scalars(tmp_path, "train_loss") == [(1, 2.5), (2, 1.5)]
 
 
 def test_tensorboard_missing_says_how_to_install(monkeypatch, tmp_path):
