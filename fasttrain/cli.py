@@ -4,8 +4,8 @@
 
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
 missing data, a bad checkpoint, a diverged run) end with one clear `error:` line and a non-zero exit
-code, never a traceback. SIGINT/SIGTERM during training finish the step, save a checkpoint and exit
-130/143 (128 + signal) with the command that resumes the run (under torchrun: every rank exits so,
+code, never a traceback. SIGINT/SIGTERM/SIGHUP during training finish the step, save a checkpoint and
+exit 130/143/129 (128 + signal) with the command that resumes the run (under torchrun: every rank exits so,
 rank 0 prints the command).
 """
 from __future__ import annotations

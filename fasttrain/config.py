@@ -79,7 +79,7 @@ class ModelConfig:
     stem_init: str = "kaiming"       # kaiming | whiten: the stem conv starts as a whitening of the training
                                      # images' 3x3 patches (airbench; set by the trainer, fasttrain/whiten.py)
     stem_frozen: bool = False        # the stem conv's weights are not trained (nor counted in max_params)
-    num_classes: int = 10
+    num_classes: int = 10            # outputs of the head (at least CIFAR-10's 10 classes)
     max_params: int = 5_000_000      # trainable-parameter budget; a bigger model is refused
 
 
@@ -89,7 +89,7 @@ class OptimConfig:
     impl: str = "torch"              # torch | fused (one-launch Lookahead-SGD, fasttrain.kernels)
     lr: float = 0.1                  # peak learning rate (per the global batch, see README)
     momentum: float = 0.9            # SGD momentum (AdamW: beta1 comes from `betas`)
-    nesterov: bool = False
+    nesterov: bool = False           # Nesterov momentum (SGD only; the paper: false)
     weight_decay: float = 5e-4       # L2 as in torch SGD (decoupled for AdamW)
     decay_norm_and_bias: bool = True  # false: no weight decay on 1-D parameters (BN, biases); the paper: true
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
@@ -101,16 +101,17 @@ class OptimConfig:
     schedule: str = "cosine"         # cosine | linear | constant (each after optional warmup)
     warmup_epochs: float = 0.0       # linear warmup from 0, in epochs (fractions allowed)
     final_lr_frac: float = 0.0       # lr at the end, as a fraction of `lr`
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0     # cross-entropy label smoothing, 0-1 (0: off, the paper's recipe)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
+    epochs: int = 200                # passes over the training set; the LR schedule spans them
     batch_size: int = 128            # per process; the global batch is batch_size * world size
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000      # images per evaluation batch, per process (memory only: same accuracy)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True
+    channels_last: bool = True       # NHWC activations (fast convolutions on GPUs; NCHW kept for CPU nets under
+                                     # 8 base channels, see runtime.use_channels_last)
     compile: bool = False            # torch.compile the model
     compile_mode: str = "default"    # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     cuda_graph: bool = False         # the whole training step as one CUDA graph (fasttrain/graph.py; GPU only)
@@ -126,7 +127,7 @@ class TrainConfig:
     ema_bn_batches: int = 20         # training batches per recompute (augmented: the first ones of the epoch
                                      # just trained; at most an epoch's). 20 x 512 = 10,240 images; on the
                                      # CPU 4 scored like 20, 1 was noisy
-    seed: int = 0
+    seed: int = 0                    # initial weights, shuffle and augmentation draws (per epoch: resumable)
     deterministic: bool = False      # cuDNN deterministic algorithms (slower)
     checkpoint_every: int = 1        # write last.pt every N epochs (and at the end)
     sync_bn: bool = False            # SyncBatchNorm under DistributedDataParallel

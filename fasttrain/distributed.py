@@ -60,9 +60,7 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _timeout_s(timeout_s: float | None) -> float:
-    if timeout_s is not None:
-        return float(timeout_s)
+def _timeout_s() -> float:
     raw = os.environ.get(TIMEOUT_ENV)
     if raw is None:
         return DEFAULT_TIMEOUT_S
@@ -75,17 +73,17 @@ def _timeout_s(timeout_s: float | None) -> float:
     return value
 
 
-def init_distributed(device_type: str, timeout_s: float | None = None) -> DistInfo:
+def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun describes in the environment; a no-op for one process.
 
-    The timeout (argument, else $FASTTRAIN_DIST_TIMEOUT, else 300 s) bounds how long a collective
+    The timeout ($FASTTRAIN_DIST_TIMEOUT, else 300 s) bounds how long a collective
     waits for a dead peer, so a rank that dies ends the job with an error instead of a silent hang.
     """
     if not launched_by_torchrun():
         return DistInfo()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    timeout = datetime.timedelta(seconds=_timeout_s(timeout_s))
+    timeout = datetime.timedelta(seconds=_timeout_s())
     if device_type == "cuda":
         visible = torch.cuda.device_count()
         if local_rank >= visible:

@@ -177,6 +177,8 @@ class LRSchedule:
         return self.lr_at(self.step_count)
 
     def state_dict(self) -> dict:
+        # the position is all a resume needs: the shape comes from the resumed config (a longer train.epochs
+        # re-plans the rest); total_steps and warmup_steps only record what the checkpoint was trained under
         return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
     def load_state_dict(self, state: dict) -> None:

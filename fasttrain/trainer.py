@@ -367,7 +367,7 @@ class Trainer(Resumable):
         the EMA scored higher on validation with them than with un-augmented training images in 16, by
         1-2 points at the end of the runs. Called off the training clock (per-epoch evaluation,
         checkpoints) except at the end of the run, where it produces the final model and is counted
-        (see _fit). Never inside a training step: no host sync is added there."""
+        (see _run_epoch). Never inside a training step: no host sync is added there."""
         if not self.ema_bn_recompute or self._ema_bn_at == self.schedule.step_count:
             return 0.0
         synchronize(self.device)
@@ -436,7 +436,7 @@ class Trainer(Resumable):
         """Train to `train.epochs` (or stop early after `stop_after_epochs` in total, checkpointed).
 
         On SIGINT/SIGTERM the current step finishes, the exact position is checkpointed (mid-epoch
-        included) and RunInterrupted is raised; the CLI prints how to resume and exits 130/143.
+        included) and RunInterrupted is raised; the CLI prints how to resume and exits 130/143/129.
         Running out of GPU memory becomes a TrainingError that says what to change.
         """
         with self._stop.installed(), self._oom_guard(), self._peer_failure_guard(), self._tensorboard():

@@ -57,7 +57,7 @@ __all__ = ["se_gate", "se_gate_reference"]
 
 # Elements per program of the elementwise and reduction kernels (a [BLOCK_C, BLOCK_HW] tile), and the
 # size cap of the broadcast-multiply tiles of the MLP kernels. The GPU values keep a tile in registers;
-# the interpreter pays ~30 ms per program whatever its size, so it gets 4x larger tiles (the test shapes
+# the interpreter pays ~30 ms per program whatever its size, so it gets 8x larger tiles (the test shapes
 # still run multi-iteration loops and partial tiles: channels_last 32x32, odd 7x5).
 # GPU values from benchmarks/kernels/tune_se.py on an H200 (benchmarks/results/2026-11-26-h200/tune):
 # gate 2048 / reduce 1024 was the fastest pair over the network's four SE shapes (2.78 ms against 4.06

@@ -613,9 +613,9 @@ def test_the_collective_timeout_comes_from_the_environment_and_must_be_positive(
         monkeypatch.setenv(distributed.TIMEOUT_ENV, raw)
     if expected is None:  # 0 would make every collective time out at once
         with pytest.raises(ConfigError, match=r"FASTTRAIN_DIST_TIMEOUT=.*in seconds \(> 0\)"):
-            distributed._timeout_s(None)
+            distributed._timeout_s()
     else:
-        assert distributed._timeout_s(None) == expected
+        assert distributed._timeout_s() == expected
 
 
 def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone(monkeypatch):
