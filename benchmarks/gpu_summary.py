@@ -263,7 +263,7 @@ def ablation_verdict(result: dict) -> list[str]:
     return lines + ["next        best on nvidia-h100-x1 with SEEDS=5"
                     + (f" BEST_ARGS='{pick['best_args']}'" if pick["best_args"] else "")
                     + f" (or, on this warm machine, BEST_FROM={SEARCH_KEEP}): {pick['variant']} reached "
-                    f"{pick['target']}% {how} on validation{partial}; its 5-seed test mean decides configs/best.yaml"]
+                    f"{pick['target']}% {how} on validation{partial}; its 5-seed test mean is reported, not tuned on"]
 
 
 def loader(d: Path) -> list[str]:

@@ -29,8 +29,10 @@ or a CUDA out-of-memory error, while anything else ends the ablation.
 
 The verdict (recipe_verdict.py; "fastest" and "next" in the JSON, printed above the table): per
 target and TTA kind, the quickest variant whose mean final validation accuracy reaches it, and the
-candidate for configs/best.yaml with its overrides as flags; the 5-seed test run of
-time_to_accuracy.py decides (gpu_summary.py prints that run as the next call). The table is printed last.
+candidate for configs/best.yaml with its overrides as flags, chosen on validation alone; the 5-seed test
+run of time_to_accuracy.py then reports its test accuracy and time (gpu_summary.py prints that run as the
+next call), and a test figure never sends the search back to pick another (that would tune on the test
+set). The table is printed last.
 """
 from __future__ import annotations
 

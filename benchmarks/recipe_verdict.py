@@ -30,10 +30,10 @@ def kind_accuracy(agg: dict, kind: str) -> float | None:
 def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], jobs: int = 1) -> dict[str, dict]:
     """Per target and per TTA kind (none: "plain", "flip", "flip_shift"), the quickest variant whose mean
     final validation accuracy, measured that way, reaches it: the candidates for the next
-    configs/best.yaml, whose 5-seed test run (time_to_accuracy.py) then decides. Each is {"variant",
-    "val_acc" (the mean it reached with), "margin" (that minus the target), "train_seconds", "epochs"}, or
-    None when no variant reaches the target that way. A variant with a seed missing (failed, or cut
-    by a time limit: "all_seeds" false) is not judged.
+    configs/best.yaml, chosen on validation alone; their 5-seed test run (time_to_accuracy.py) only reports.
+    Each is {"variant", "val_acc" (the mean it reached with), "margin" (that minus the target),
+    "train_seconds", "epochs"}, or None when no variant reaches the target that way. A variant with a seed
+    missing (failed, or cut by a time limit: "all_seeds" false) is not judged.
 
     Quickest: the shortest median training clock when the runs ran one at a time. With `jobs` > 1 the
     clocks are shared-device times that depend on how many runs happened to share the GPU with each
