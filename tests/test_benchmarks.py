@@ -32,9 +32,22 @@ def bench(repo_root):
     """The scripts' modules, imported from benchmarks/ as the scripts import each other."""
     sys.path.insert(0, str(repo_root / "benchmarks"))
     try:
-        yield {name: importlib.import_module(name) for name in ("common", "time_to_accuracy", "throughput")}
+        yield {name: importlib.import_module(name) for name in ("common", "time_to_accuracy", "throughput",
+                                                                "gpu_summary", "recipe_ablation", "bench_loader")}
     finally:
         sys.path.remove(str(repo_root / "benchmarks"))
+
+
+def table_rows(text: str) -> list[dict]:
+    """A rich table's rows as {column: cell} (one-line cells), read from its printed text."""
+    header, rows = None, []
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split("[│┃]", line.strip())[1:-1]]
+        if line.lstrip().startswith("┃"):
+            header = cells
+        elif line.lstrip().startswith("│") and header:
+            rows.append(dict(zip(header, cells)))
+    return rows
 
 
 def run_script(repo_root, cifar_dir, *args):
@@ -91,13 +104,16 @@ def test_aggregate_medians_only_over_seeds_that_reached(bench):
     verdict = tta.aggregate(with_tta, [91.0, 92.0])["targets"]
     assert (verdict["91"]["mean_final_reaches"], verdict["91"]["mean_final_tta_reaches"]) == (True, True)
     assert (verdict["92"]["mean_final_reaches"], verdict["92"]["mean_final_tta_reaches"]) == (False, True)
-    # the recipe's time where its verdict rests on the mean final: the median training clock, per TTA mode
+    # the recipe's time where its verdict rests on the mean final: the median training clock (31 s of 30, 31
+    # and a slow 100: one slow seed moves a mean, not the median), per TTA mode
     by_mode = [dict(r, train_seconds=sec, final_test_acc_by_tta={"none": r["final_test_acc"],
                                                                   "flip": r["final_test_acc"] + 1.5})
-               for r, sec in zip(with_tta, (30.0, 50.0, 40.0))]
-    times = tta.aggregate(by_mode, [91.0, 92.0])["targets"]
-    assert times["91"]["time_by_mean_final"] == {"none": 40.0, "flip": 40.0}
-    assert times["92"]["time_by_mean_final"] == {"none": None, "flip": 40.0}
+               for r, sec in zip(with_tta, (30.0, 100.0, 31.0))]
+    timed = tta.aggregate(by_mode, [91.0, 92.0])
+    assert timed["train_seconds_median"] == 31.0
+    times = timed["targets"]
+    assert times["91"]["time_by_mean_final"] == {"none": 31.0, "flip": 31.0}
+    assert times["92"]["time_by_mean_final"] == {"none": None, "flip": 31.0}
 
 
 def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tmp_path, capsys):
@@ -125,12 +141,19 @@ def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tm
         json.dumps({"name": "seed", "epochs": 3, "final_test_acc": 70.0}))
     with pytest.raises(ValueError, match="not a finished 200-epoch run"):
         bench["common"].a_paper(tmp_path / "one")
+    for i, acc in enumerate((90.0, 91.0, 95.0)):  # three runs: their mean (92.0), not the median (91.0)
+        (tmp_path / "three" / f"seed-{i}").mkdir(parents=True)
+        (tmp_path / "three" / f"seed-{i}" / "summary.json").write_text(
+            json.dumps({"name": "seed", "epochs": 200, "final_test_acc": acc}))
+    assert bench["common"].a_paper(tmp_path / "three") == 92.0
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--target", "50"], "unknown option --target: did you mean --targets?"),  # the script's own, suggested
     (["--resume", "auto"], "unknown option --resume: the options are --config, --seeds, --targets"),
     (["--targets", "0.94"], "accuracies are percentages (94, not 0.94)"),
+    (["--targets", "925"], "accuracies are percentages in 0..100"),  # 92.5 mistyped: no run ever reaches it
+    (["--seeds", "0"], "--seeds 0: need at least 1"),
     (["--out", "/proc/nowhere/t.json"], "--out /proc/nowhere/t.json: cannot write there"),
     (["--runs-dir", "HELD"], "already holds runs (seed-1): pass --overwrite to replace them, or another --runs-dir"),
 ])
@@ -154,10 +177,13 @@ def test_time_to_accuracy_refuses_before_training(repo_root, cifar_dir, tmp_path
     (["--config", "configs/nope.yaml"], 2, "error: config file 'configs/nope.yaml' not found"),
     (["--data", "/nonexistent"], 1, "error: no CIFAR-10 in /nonexistent"),
     (["--images", "0"], 2, "error: --images must be >= 1"),
+    *[([flag, "0", "--out", "OUT"], 2, f"error: {flag} must be >= 1")  # else nothing measured, or a division by 0
+      for flag in ("--batch-size", "--epochs", "--steps")],
     (["--loaders", "torch,foo"], 2, "error: --loaders: unknown loader(s) foo"),
     (["--out", "/proc/nowhere/l.json"], 2, "error: --out /proc/nowhere/l.json: cannot write there"),
 ])
 def test_bench_loader_bad_input_is_one_error_line(repo_root, tmp_path, extra, code, message):
+    extra = [str(tmp_path / "l.json") if arg == "OUT" else arg for arg in extra]  # never the repo's results
     proc = subprocess.run([sys.executable, "benchmarks/bench_loader.py", "--cpu-smoke", *extra], cwd=repo_root,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == code and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -262,6 +288,23 @@ def test_cuda_times_are_the_gpus_unless_the_host_is_asked_for(bench):
     assert gpu < 0.5 < 1.5 < host, (gpu, host)
 
 
+@pytest.mark.gpu
+def test_timer_on_a_gpu_reports_seconds(bench):
+    """Timer on a GPU reads CUDA events, whose elapsed_time is in milliseconds, and reports seconds: ~50 ms
+    of GPU spin (torch.cuda._sleep, sized by the spin rate cuda_times_ms measures) times within 20% of the
+    host's clock around it, which the Timer's synchronize at entry and wait on its end event bracket."""
+    import time
+
+    common, device = bench["common"], torch.device("cuda", torch.cuda.current_device())
+    cycles = int(50 * common._spin_cycles_per_ms(device.index))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with common.Timer(device) as timer:
+        torch.cuda._sleep(cycles)
+    host = time.perf_counter() - t0
+    assert 0.02 < timer.seconds < 0.5 and timer.seconds == pytest.approx(host, rel=0.2), (timer.seconds, host)
+
+
 def test_bf16_peak_table(bench):
     peak = bench["common"].bf16_peak_tflops
     assert peak("NVIDIA H100 80GB HBM3") == 989.0
@@ -305,6 +348,41 @@ def test_unavailable_feature_skips_its_row_and_is_dropped_later(bench, tmp_path)
     knobs, dropped = tp.effective_knobs(variants["7"].knobs, unavailable)
     assert dropped == ["triton_se"] and knobs == replace(variants["7"].knobs, se_impl="torch")
     assert knobs.optim_impl == "fused" and knobs.compile
+
+
+def test_a_rows_warmup_steps_run_before_its_timed_windows_and_the_median_window_counts(bench, monkeypatch, tmp_path):
+    """measure (the trainer and its steps faked): --warmup-steps untimed steps first, then --repeats timed
+    windows of --steps steps each, and the row's images/s and ms/step are the median window's."""
+    tp, calls = bench["throughput"], []
+
+    class Loader:
+        def set_epoch(self, epoch):
+            pass
+
+        def __iter__(self):
+            return iter([(torch.zeros(1), torch.zeros(1))] * 5)
+
+    class FakeTrainer:
+        def __init__(self, cfg, device, run_dir, console):
+            self.device, self.use_graph, self.data = torch.device("cpu"), False, type("Data", (), {"train": Loader()})
+
+        def _train_step(self, images, labels):
+            calls.append("step")
+
+    seconds, real_window = iter([0.3, 0.1, 0.2]), tp.timed_window
+
+    def window(step, batches, steps, device):
+        calls.append("window")
+        real_window(step, batches, steps, device)
+        return next(seconds)
+
+    monkeypatch.setattr(tp, "Trainer", FakeTrainer)
+    monkeypatch.setattr(tp, "timed_window", window)
+    args = type("Args", (), {"device": "cpu", "warmup_steps": 2, "steps": 4, "repeats": 3, "workers": 0})
+    row = tp.measure(None, tp.Knobs(data="torch", batch_size=16), args, tmp_path)
+    assert calls == ["step"] * 2 + (["window"] + ["step"] * 4) * 3
+    assert row["window_seconds"] == [0.3, 0.1, 0.2]
+    assert row["images_per_second"] == pytest.approx(4 * 16 / 0.2) and row["ms_per_step"] == pytest.approx(50.0)
 
 
 def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
@@ -359,12 +437,18 @@ def test_throughput_rows_subset_has_no_speedup_without_step_1(repo_root, cifar_d
     assert all(r["speedup"] is None for r in result["rows"])  # step 1 was not measured: no made-up base
 
 
-def test_throughput_unknown_row_is_a_clear_error(repo_root, cifar_dir, tmp_path):
+@pytest.mark.parametrize("extra, messages", [
+    (["--rows", "2,99"], ["--rows 2,99", "7@64"]),
+    # no timed window at all: a median of nothing, after every row's warmup was spent
+    (["--repeats", "0"], ["--steps, --repeats and batch sizes must be >= 1"]),
+])
+def test_throughput_unknown_row_or_a_zero_count_is_a_clear_error(repo_root, cifar_dir, tmp_path, extra, messages):
+    """An unknown row or a count below 1 is refused up front (exit 2, one line), before any row is built."""
     env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir))
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--smoke", "--rows", "2,99",
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--smoke", *extra,
                            "--out", str(tmp_path / "t.json")], cwd=repo_root, env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 2 and "--rows 2,99" in proc.stderr and "7@64" in proc.stderr
+    assert proc.returncode == 2 and all(m in proc.stderr for m in messages), proc.stderr
     assert not (tmp_path / "t.json").exists()
 
 
@@ -451,6 +535,46 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     text = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
                           capture_output=True, text=True, timeout=60).stdout
     assert "best.yaml   seed-0 (partial, not in the result file): 2 epochs" in text
+
+
+def test_gpu_summary_best_lines_are_the_result_files_figures(bench, tmp_path):
+    """best.json's lines from a synthetic result: the mean final is the final accuracy's mean (91.00), not the
+    best epoch's (92.00); each seed's time to each target is its seconds (not its epochs); and every target
+    the mean final reaches gets its own time line, in seconds, per TTA mode that reaches it."""
+    runs = [{"seed": seed, "final_test_acc": acc, "final_test_acc_tta": None, "train_seconds": 120.0,
+             "compile_seconds": 3.0, "time_to_target": {"90": t90, "91": t91, "92": None},
+             "epochs_to_target": {"90": 7, "91": 9, "92": None}}
+            for seed, acc, t90, t91 in [(0, 90.5, 61.5, 80.4), (1, 91.5, 55.0, None)]]
+    targets = {"90": {"none": 120.0, "flip": 120.0}, "91": {"none": None, "flip": 120.0},
+               "92": {"none": None, "flip": None}}
+    agg = {"seeds": 2, "final_test_acc_mean": 91.0, "final_test_acc_tta_mean": None, "best_test_acc_mean": 92.0,
+           "train_seconds_median": 120.0,
+           "targets": {t: {"mean_final_reaches": t in ("90", "91"), "mean_final_tta_reaches": None,
+                           "time_by_mean_final": times} for t, times in targets.items()}}
+    (tmp_path / "best.json").write_text(json.dumps({"complete": True, "runs": runs, "aggregate": agg}))
+    lines = bench["gpu_summary"].best(tmp_path)
+    assert lines == [
+        "best.yaml   seed 0: final 90.50% (TTA -), train 120.0 s, compile 3 s; to 90%: 61.5 s, 91%: 80.4 s, 92%: - s",
+        "best.yaml   seed 1: final 91.50% (TTA -), train 120.0 s, compile 3 s; to 90%: 55.0 s, 91%: - s, 92%: - s",
+        "best.yaml   mean final 91.00% (TTA -) over 2 seed(s); mean reaches (plain/TTA) 90%: yes/-, 91%: yes/-, "
+        "92%: no/-",
+        "best.yaml   time to 90% by the mean final: none 120.0 s, flip 120.0 s",
+        "best.yaml   time to 91% by the mean final: flip 120.0 s"]  # and no line for 92%: nothing reaches it
+    assert "92.00%" not in "\n".join(lines)
+
+
+def test_gpu_summary_shows_the_peak_share_in_percent_and_optimizers_against_fused(bench, tmp_path):
+    """throughput.json's bf16_peak_fraction is a fraction (0.39), shown as 39.0% of the peak; bench_optim's
+    ratios are each implementation's step time over the fused kernel's (4x slower shows as 4.00x fused)."""
+    summary = bench["gpu_summary"]
+    (tmp_path / "throughput.json").write_text(json.dumps({
+        "model": {"name": "seed"}, "complete": True, "bf16_peak_tflops": 989.0, "measured_bf16_matmul_tflops": None,
+        "rows": [{"step": "7", "name": "compiled", "status": "ok", "images_per_second": 80_000.0, "speedup": 16.0,
+                  "bf16_peak_fraction": 0.39}]}))
+    assert summary.throughput(tmp_path)[1].endswith(" 80,000 img/s  16.00x  39.0% peak")
+    (tmp_path / "bench_optim_nvidia-h100.json").write_text(json.dumps({"rows": [
+        {"impl": "fused", "step_ms": 0.5}, {"impl": "foreach+python", "step_ms": 2.0}]}))
+    assert summary.kernels(tmp_path) == ["bench_optim fused 500 us, foreach+python 2000 us (4.00x fused)"]
 
 
 GRAPH_OFF = 'ablation with ABLATION_ARGS="--train.cuda_graph false" and BUDGET_S from what is left: '
@@ -600,12 +724,67 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     assert pick["best_args"] == "--train.ema_decay=5.0e-05 --train.tta=\"flip_shift\""
     assert parse_overrides(pick["best_args"].split()) == {"train.ema_decay": 5e-05, "train.tta": "flip_shift"}
     assert "late reached 93.2% with flip_shift TTA on validation;" in line
+    # a variant that turns TTA off but reaches only with flip: its flags turn flip back on (the config's own
+    # flip is overridden by the variant's none, so leaving train.tta out would judge it without TTA)
+    result["variants"]["long"] = {"train.epochs": 80, "train.tta": "none"}
+    pick, _ = verdict({"93.2": dict(fastest["93.2"], flip_shift=None)})
+    assert (pick["kind"], pick["variant"]) == ("flip", "long")
+    assert pick["best_args"] == "--train.epochs=80 --train.tta=\"flip\""
     pick, line = verdict({"99": fastest["99"]})
     assert pick is None and line.startswith("next        no variant reached 99% on validation:")
     # cut by its time limit: the variants never judged are named beside the pick
     result.update(complete=False, aggregate={name: aggregates[name] for name in ("base", "cutout")})
     _, line = verdict(recipe_verdict.fastest_reaching(result["aggregate"], {"92.5": 92.5}, jobs=6))
     assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, late not judged);" in line
+
+
+def ablation_row(variant: str, seed: int, acc: float, seconds: float, epochs: int) -> dict:
+    """A run's result row as recipe_ablation.py records it, synthetic: reaching 90% at its last epoch."""
+    return {"variant": variant, "seed": seed, "final_val_acc": acc, "final_val_acc_tta": None, "best_val_acc": acc,
+            "train_seconds": seconds, "compile_seconds": 0.0, "time_to_target": {"90": seconds},
+            "epochs_to_target": {"90": epochs}, "epochs": [{"epoch": e + 1} for e in range(epochs)]}
+
+
+def test_recipe_ablation_summary_judges_whole_variants_at_their_own_compute(bench):
+    """summarize: a variant with fewer seeds than asked (the time limit cut it) is shown but not judged,
+    however good; each variant's epoch-GFLOPs are its epochs times its own network's GFLOPs."""
+    ra = bench["recipe_ablation"]
+    rows = [ablation_row("base", 0, 90.5, 40.0, 2), ablation_row("base", 1, 90.7, 42.0, 2),
+            ablation_row("x", 0, 93.0, 20.0, 3)]  # x: 1 of 2 seeds, quicker and better
+    agg = ra.summarize(rows, [90.0], {"base": 1.6, "x": 0.5}, seeds=2)
+    assert (agg["base"]["all_seeds"], agg["x"]["all_seeds"]) == (True, False)
+    assert agg["base"]["epoch_gflops"] == pytest.approx(2 * 1.6) and agg["x"]["epoch_gflops"] == pytest.approx(3 * 0.5)
+    for jobs in (1, 2):
+        assert ra.fastest_reaching(agg, {"90": 90.0}, jobs)["90"]["plain"]["variant"] == "base"
+
+
+def test_recipe_ablation_ranks_runs_side_by_side_by_compute(bench, repo_root, tmp_path, monkeypatch, capsys):
+    """recipe_ablation.main with --jobs 2 (the runs themselves faked, no training): the ranking is by
+    compute, as fastest_reaching does for shared-device clocks, so the bigger network with the shorter
+    clock loses; each variant trains with the command line's overrides under its own (its lr, not the
+    CLI's)."""
+    ra = bench["recipe_ablation"]
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("base: {}\nwide: {model.base_channels: 32, optim.lr: 0.25}\n")
+    lrs = {}
+
+    def fake_parallel(tasks, jobs, root, done, failed):
+        assert jobs == 2
+        for name, cfg, seed, _, _ in tasks:  # wide: the shorter (shared-device) clock, over 10x the compute
+            lrs[name] = cfg.optim.lr
+            done(ablation_row(name, seed, 95.0, 10.0 if name == "wide" else 50.0, 2))
+
+    monkeypatch.setattr(ra, "run_parallel", fake_parallel)
+    out = tmp_path / "a.json"
+    assert ra.main(["--config", str(repo_root / "configs" / "smoke.yaml"), "--device", "cpu", "--variants",
+                    str(variants), "--seeds", "1", "--val-size", "100", "--targets", "90", "--jobs", "2",
+                    "--out", str(out), "--optim.lr", "0.3"]) == 0
+    result = json.loads(out.read_text())
+    assert lrs == {"base": 0.3, "wide": 0.25}
+    agg = result["aggregate"]
+    assert agg["wide"]["epoch_gflops"] > 10 * agg["base"]["epoch_gflops"]
+    assert result["fastest"]["90"]["plain"]["variant"] == "base" and result["next"]["variant"] == "base"
+    assert "fastest to 90% val: without TTA: base (" in capsys.readouterr().out
 
 
 def test_recipe_verdict_prints_the_candidates_flags_or_says_why_there_is_none(repo_root, tmp_path):
@@ -889,6 +1068,43 @@ def test_tile_sweep_checks_the_backward_too(repo_root, interpreted, monkeypatch)
     monkeypatch.setattr(se_mod, "_gate_backward",
                         lambda g, s, dx_pool, dx, fast: real_gate_backward(g, s, torch.zeros_like(dx_pool), dx, fast))
     assert tune.forward_backward_error(se_mod, x, w, None) > 1e-2
+
+
+def test_result_files_write_every_non_finite_number_as_null(bench, tmp_path):
+    """JSON has no NaN or Infinity (strict parsers refuse them): write_json writes null for each, inside
+    lists, tuples and nested dicts as at the top."""
+    path = bench["common"].write_json(tmp_path / "r.json", {
+        "a": float("nan"), "rows": [1.5, float("inf"), {"ms": float("-inf"), "w": [float("nan"), 2]}],
+        "pair": (float("inf"), 3.0), "nested": {"deeper": {"x": float("nan")}}})
+    assert json.loads(path.read_text()) == {"a": None, "rows": [1.5, None, {"ms": None, "w": [None, 2]}],
+                                            "pair": [None, 3.0], "nested": {"deeper": {"x": None}}}
+
+
+def test_result_tables_put_each_figure_under_its_own_header(bench, capsys):
+    """The printed tables of time_to_accuracy.py, throughput.py and bench_loader.py: each figure of a
+    synthetic result sits in its own column (two numbers of one format are easily swapped)."""
+    tta = bench["time_to_accuracy"]
+    runs = [{"seed": 0, "final_test_acc": 91.25, "final_test_acc_tta": 92.5, "best_test_acc": 93.75,
+             "train_seconds": 10.0, "compile_seconds": 1.0, "time_to_target": {"90": 8.0},
+             "epochs_to_target": {"90": 4}}]
+    tta.print_tables({"config": {"name": "best", "train": {"tta": "flip"}}, "meta": {"device": "cpu"}, "runs": runs,
+                      "targets": [90.0], "aggregate": tta.aggregate(runs, [90.0]), "process_wall_seconds": 12.0})
+    seed = table_rows(capsys.readouterr().out)[0]
+    assert (seed["final %"], seed["final TTA %"], seed["best %"]) == ("91.25", "92.50", "93.75")
+
+    bench["throughput"].print_table({"bf16_peak_tflops": None, "measured_bf16_matmul_tflops": None,
+                                     "model": {"name": "seed", "params": 1000}, "meta": {"device": "cpu"},
+                                     "rows": [{"step": "1", "name": "plain", "batch_size": 128, "status": "ok",
+                                               "images_per_second": 5000.0, "ms_per_step": 25.6, "speedup": 1.0,
+                                               "tflops": 0.5, "bf16_peak_fraction": None, "warmup_seconds": 2.0,
+                                               "note": None}]})
+    row = table_rows(capsys.readouterr().out)[0]
+    assert (row["img/s"], row["ms/step"], row["speed-up"]) == ("5,000", "25.60", "1.00x")
+
+    bench["bench_loader"].print_results([{"loader": "torch", "mode": "alone", "images": 2048, "seconds": 0.5,
+                                          "images_per_s": 4096.0}])
+    row = table_rows(capsys.readouterr().out)[0]
+    assert (row["images/s"], row["images"], row["seconds"]) == ("4,096", "2048", "0.500")
 
 
 def test_gpu_result_files_partial_until_finished(bench, tmp_path, capsys):

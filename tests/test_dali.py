@@ -447,7 +447,7 @@ def _bench_module():
 def test_benchmark_cpu_smoke(tmp_path, capsys):
     bench = _bench_module()
     out = tmp_path / "loader.json"
-    assert bench.main(["--cpu-smoke", "--images", "256", "--batch-size", "32", "--steps", "1",
+    assert bench.main(["--cpu-smoke", "--images", "256", "--batch-size", "32", "--steps", "2", "--epochs", "2",
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["cpu_smoke"] and report["device"].startswith("CPU")
@@ -456,6 +456,13 @@ def test_benchmark_cpu_smoke(tmp_path, capsys):
     for name in ("dali", "torch", "torchvision"):
         assert {(name, "alone"), (name, "train-step")} <= measured
     assert ("none", "train-step") in measured
+    # every rate is the images over the seconds they took: 2 timed epochs of 256 alone, 2 steps of 32 training
+    for r in report["results"]:
+        assert r["images"] == (2 * 256 if r["mode"] == "alone" else 2 * 32), r
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"]), r
+    # the target's figure is DALI's own, alone (not the train-step's)
+    (dali_alone,) = [r for r in report["results"] if (r["loader"], r["mode"]) == ("dali", "alone")]
+    assert report["target"]["measured"] == dali_alone["images_per_s"] and report["target"]["met"] is None
     printed = capsys.readouterr().out
     assert "images/s" in printed and printed.rstrip().splitlines()[-1] == f"wrote {out}"
 
