@@ -122,7 +122,8 @@ class Resumable:
         saved = config_from_dict(ckpt["config"])
         # the model section is the architecture, but for the switches that leave the weights' meaning
         # alone: how SE runs (se_impl) and the budget (max_params) may change, with the warning below
-        if dataclasses.replace(saved.model, **{k: getattr(self.cfg.model, k) for k in ENGINE_MODEL_KEYS}) != self.cfg.model:
+        engine = {k: getattr(self.cfg.model, k) for k in ENGINE_MODEL_KEYS}
+        if dataclasses.replace(saved.model, **engine) != self.cfg.model:
             raise CheckpointError(f"{path} was trained with another model section than this config's; "
                                   "resume with the config saved in the run folder (config.yaml)")
         changed = config_changes(saved, self.cfg)
