@@ -22,7 +22,7 @@ from fasttrain.files import file_error_line
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
-EXIT_INTERRUPTED = 130  # Ctrl-C; a checkpointed stop on a signal exits 128 + signal (130 SIGINT, 143 SIGTERM)
+EXIT_INTERRUPTED = 130  # Ctrl-C; a checkpointed stop on a signal: 128 + signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP)
 
 
 class _Once(argparse.Action):
