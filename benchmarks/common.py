@@ -80,7 +80,7 @@ def add_targets_argument(parser: argparse.ArgumentParser, default: list[float], 
     parser.add_argument("--targets", type=accuracy_target, nargs="+", default=default,
                         help=f"{split} accuracies in percent; `apaper` is A_paper, the paper's recipe on our data "
                              f"(benchmarks/results/2026-11-26-h200-apaper), e.g. --targets apaper "
-                             f"{' '.join(f'{t:g}' for t in default)}")
+                             f"{' '.join(f'{t:g}' for t in default)} (default: {' '.join(f'{t:g}' for t in default)})")
 
 
 def check_targets(targets: list[float]) -> None:

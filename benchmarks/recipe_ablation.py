@@ -70,7 +70,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
                    help="YAML: variant name -> {dotted key: value} (default benchmarks/recipe_variants.yaml)")
     p.add_argument("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
                    help="run only these variants, comma-separated, in this order (base is added first)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per variant (train.seed + 0 .. seeds-1)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per variant (train.seed + 0 .. seeds-1; default 2)")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     add_targets_argument(p, [93.0, 94.0], "validation")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])

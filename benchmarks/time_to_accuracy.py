@@ -49,7 +49,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         description="Train a config over several seeds; report time to target test accuracies. "
                     "Any config key is a flag: --train.epochs 10")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/best.yaml")
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (train.seed + 0 .. seeds-1)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (train.seed + 0 .. seeds-1; default 5)")
     add_targets_argument(p, [94.0, 95.0, 96.0], "test")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/"

@@ -99,7 +99,7 @@ class OptimConfig:
     lookahead_k: int = 5             # Lookahead sync period in steps (0: no Lookahead)
     lookahead_alpha: float = 0.5     # slow-weight step size
     schedule: str = "cosine"         # cosine | linear | constant (each after optional warmup)
-    warmup_epochs: float = 0.0       # linear warmup from 0, in epochs (fractions allowed)
+    warmup_epochs: float = 0.0       # linear warmup, in epochs (fractions allowed): step i of W at lr x (i+1)/W
     final_lr_frac: float = 0.0       # lr at the end, as a fraction of `lr`
     label_smoothing: float = 0.0     # cross-entropy label smoothing, 0-1 (0: off, the paper's recipe)
 

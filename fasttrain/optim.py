@@ -135,7 +135,7 @@ def clip_gradients(params: list[nn.Parameter], cfg: OptimConfig, optimizer: torc
 
 
 class LRSchedule:
-    """Per-step learning rate: linear warmup from 0, then cosine / linear decay, or constant.
+    """Per-step learning rate: linear warmup (step i of W at peak x (i+1)/W), then cosine / linear decay, or constant.
 
     Sized from the real step count (epochs x batches per epoch), so changing the batch size or
     the data subset keeps the shape of the schedule. ``state_dict`` holds the step for resume.
