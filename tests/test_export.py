@@ -64,6 +64,21 @@ def test_eval_tta_all_reports_each_mode_under_its_own_name(run, cifar_dir, monke
                                                data_dir=str(cifar_dir))["test_acc"] == 22.0
 
 
+def test_eval_prints_the_accuracy_under_the_tta_it_used(run, cifar_dir, monkeypatch, capsys):
+    """The line `eval` prints without --json: the figure of the mode asked for, named (a bare --tta is
+    flip), and no TTA named without it (each mode is given its own figure here, as above)."""
+    from fasttrain import cli
+    from fasttrain import evaluate as evaluate_module
+
+    by_mode = {"none": 11.0, "flip": 22.0, "flip_shift": 33.0}
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *args, tta="none", **kwargs: by_mode[tta])
+    command = ["eval", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--data.dir", str(cifar_dir)]
+    for extra, said in (([], "11.00% on"), (["--tta"], "22.00% (flip TTA) on"),
+                        (["--tta", "flip_shift"], "33.00% (flip_shift TTA) on")):
+        assert cli.main(command + extra) == 0
+        assert capsys.readouterr().out.startswith(f"test accuracy: {said} 200 test images, ema weights  ")
+
+
 def test_eval_data_dir_wins_over_fasttrain_data(run, cifar_dir, tmp_path, monkeypatch):
     """`eval --data.dir DIR` reads DIR even where FASTTRAIN_DATA names another folder (here an empty one;
     the network is forbidden, so a download attempt there would fail): the run's own figure comes back."""
@@ -157,6 +172,24 @@ def test_export_refusals(run, cifar_dir, tmp_path):
     # what the file system refuses (here: a file where the folder goes) is one line too, not a traceback
     proc = run_cli("export", str(run / "last.pt"), str(out / "w.pt"), check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_export_says_what_it_wrote_and_refuses_an_out_that_names_a_folder(run, tmp_path, capsys):
+    """The line `export` prints: the file, its weights, and the run's final test accuracy (its summary
+    describes this checkpoint). An OUT ending in a slash names a folder, not the file to write: refused,
+    nothing made (a file named like the folder would be)."""
+    from fasttrain import cli
+
+    out = tmp_path / "weights.pt"
+    assert cli.main(["export", str(run / "last.pt"), str(out)]) == 0
+    said = capsys.readouterr().out
+    accuracy = json.loads((run / "summary.json").read_text())["final_test_acc"]
+    assert said.startswith(f"wrote {out} (") and "ema weights in fp32, epoch 1, " in said
+    assert said.endswith(f", run's final test accuracy {accuracy:.2f}%\n")
+    folder = tmp_path / "exports"
+    assert cli.main(["export", str(run / "last.pt"), f"{folder}/"]) == 2
+    assert "name the weights file to write, e.g. weights.pt" in capsys.readouterr().err
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "bf16 export"])

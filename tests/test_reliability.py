@@ -280,6 +280,7 @@ def test_sighup_stops_like_sigterm_unless_the_run_was_started_under_nohup():
             time.sleep(0.05)
             assert stop.requested and stop.name == "SIGHUP"
         assert RunInterrupted("stopped", stop.signum, None).exit_code == 129
+        assert RunInterrupted("stopped", None, None).exit_code == 143  # no signal named: a stop request, as SIGTERM
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
         stop = StopRequest()
         with stop.installed():
@@ -320,7 +321,9 @@ def test_a_repeat_after_the_launchers_window_ends_the_process_by_the_default_act
     """Under torchrun a repeat within the window is the agent's copy; a later one is a second signal:
     the default action, which for SIGTERM is to end the process (re-raised, here recorded)."""
     raised = []
-    monkeypatch.setattr(signal, "raise_signal", raised.append)
+    # recorded with the disposition it meets: the default one, else the signal would come back to the
+    # handler, which would raise it again, forever, instead of ending the process
+    monkeypatch.setattr(signal, "raise_signal", lambda signum: raised.append((signum, signal.getsignal(signum))))
     inherited = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         stop = StopRequest(repeat_window_s=0.01)
@@ -330,9 +333,62 @@ def test_a_repeat_after_the_launchers_window_ends_the_process_by_the_default_act
             assert stop.requested and raised == []
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
-        assert raised == [signal.SIGTERM]
+        assert raised == [(signal.SIGTERM, signal.SIG_DFL)]
     finally:
         signal.signal(signal.SIGTERM, inherited)
+
+
+def test_an_inherited_ignored_sigterm_is_still_handled():
+    """Only SIGHUP keeps an ignored disposition it inherits (nohup asks for that): a run started with
+    SIGTERM ignored still saves and stops on the scheduler's SIGTERM, and is left ignoring it after."""
+    inherited = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        stop = StopRequest()
+        with stop.installed():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert stop.requested and stop.name == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, inherited)
+
+
+def test_a_handler_python_cannot_name_is_given_back_as_the_default(monkeypatch):
+    """signal.getsignal says None for a handler installed outside Python (an embedding program, a C
+    extension), which signal.signal cannot take back: the block ends with the default action there
+    instead of failing on its way out (and masking what the run raised)."""
+    real_getsignal = signal.getsignal
+    inherited = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None if signum == signal.SIGTERM else real_getsignal(signum))
+    try:
+        with StopRequest().installed():
+            assert real_getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert real_getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, inherited)
+
+
+def test_a_stop_request_outside_the_main_thread_installs_nothing():
+    """Python refuses signal handlers outside the main thread (ValueError): a Trainer fitted in a worker
+    thread (a notebook's background job, a benchmark's pool) runs without them instead of failing."""
+    import threading
+
+    from fasttrain.signals import HANDLED
+
+    before = {signum: signal.getsignal(signum) for signum in HANDLED}
+    seen, errors = [], []
+
+    def fit_in_a_thread():
+        try:
+            with StopRequest().installed() as stop:
+                seen.append((stop.requested, {signum: signal.getsignal(signum) for signum in HANDLED}))
+        except Exception as e:  # recorded: an exception in a thread would not fail the test
+            errors.append(e)
+
+    worker = threading.Thread(target=fit_in_a_thread)
+    worker.start()
+    worker.join(timeout=30)
+    assert errors == [] and seen == [(False, before)]
 
 
 def test_raising_block_turns_a_signal_into_the_error_at_once():
@@ -531,6 +587,29 @@ def test_a_folder_holding_only_checkpoints_is_a_run(tmp_path, cifar_dir):
     (run / "last.pt").write_bytes(b"someone's checkpoint")
     with pytest.raises(ConfigError, match="already holds a run"):
         run_folder.choose_run_dir(tiny_config(cifar_dir, run), None, None, overwrite=False)
+
+
+def test_a_resume_without_an_output_dir_continues_in_the_checkpoints_folder(tmp_path, cifar_dir):
+    """--config FILE --resume RUN/last.pt, FILE naming no output.dir: the run goes on in RUN, not in a new
+    runs/<name>-<time> (which would start afresh and leave RUN's own run behind)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"the run's checkpoint")
+    cfg = tiny_config(cifar_dir, run)
+    cfg.output.dir = None
+    assert run_folder.choose_run_dir(cfg, None, run / "last.pt", overwrite=False) == run
+
+
+def test_a_run_may_be_continued_into_a_folder_that_holds_no_run(tmp_path, cifar_dir):
+    """--resume A/last.pt --output.dir B: only a run of B's own is in the way; a new folder, or one holding
+    other files, takes the continued run."""
+    source = tmp_path / "A" / "last.pt"
+    source.parent.mkdir()
+    source.write_bytes(b"A's checkpoint")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README").write_text("not a run")
+    for target in (tmp_path / "B", tmp_path / "notes"):
+        assert run_folder.choose_run_dir(tiny_config(cifar_dir, target), None, source, overwrite=False) == target
 
 
 def test_a_run_continued_into_another_folder_starts_it_afresh(tmp_path, cifar_dir):
@@ -852,6 +931,96 @@ def test_a_stale_lock_file_of_a_killed_run_blocks_nothing(cifar_dir, tmp_path):
     assert metric_epochs(run) == [1] and not (run / LOCK).exists()
 
 
+def test_a_lock_file_names_its_holder_alone_after_a_longer_stale_one(tmp_path):
+    """The lock file of a killed run on another host says more than this run's "pid N on HOST": the new
+    holder's line replaces it whole, or a refused run would name a mix of the two."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text("pid 4194304 on a-killed-host-with-a-much-longer-name.cluster.example.org\n")
+    lock, _ = FolderLock.take(run)
+    try:
+        other, holder = FolderLock.take(run)
+        assert other is None and holder == f"pid {os.getpid()} on {socket.gethostname()}"
+    finally:
+        lock.release()
+
+
+def test_a_lock_on_a_file_its_holder_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """The holder removes its lock file, then unlocks. A run that opened the file just before and locks
+    it just after holds a lock on a file no longer in the folder, which excludes nobody: take() sees that
+    and locks the file at the path instead, so the next run is refused."""
+    run = tmp_path / "run"
+    real_open, opened = os.open, []
+
+    def open_as_the_holder_ends(path, *args):
+        fd = real_open(path, *args)
+        if not opened:  # the holder's release, between this open and the flock
+            Path(path).unlink()
+        opened.append(path)
+        return fd
+
+    monkeypatch.setattr(run_folder.os, "open", open_as_the_holder_ends)
+    lock, _ = FolderLock.take(run)
+    monkeypatch.undo()
+    try:
+        assert len(opened) == 2 and (run / LOCK).is_file()
+        other, holder = FolderLock.take(run)
+        assert other is None and holder.startswith(f"pid {os.getpid()} on ")
+    finally:
+        lock.release()
+
+
+def test_a_released_lock_never_takes_the_next_runs_lock_file_with_it(tmp_path, monkeypatch):
+    """release() removes the lock file, then unlocks: a run that locks the folder the moment it is free
+    (here, inside release's close) makes a file of its own, which stays. Unlocked first, that run could
+    lock the old file and see it removed under it: a third run would then get the folder too."""
+    run = tmp_path / "run"
+    lock, _ = FolderLock.take(run)
+    real_close, held_fd, next_run = os.close, lock._fd, []
+
+    def close_then_the_next_run_starts(fd):
+        real_close(fd)
+        if fd == held_fd and not next_run:
+            next_run.append(None)
+            next_run[0] = FolderLock.take(run)[0]
+
+    monkeypatch.setattr(run_folder.os, "close", close_then_the_next_run_starts)
+    lock.release()
+    monkeypatch.undo()
+    [following] = next_run
+    try:
+        assert following is not None and (run / LOCK).is_file()
+        third, _ = FolderLock.take(run)
+        assert third is None
+    finally:
+        following.release()
+
+
+def test_releasing_a_lock_twice_closes_no_other_file(tmp_path):
+    """A second release() does nothing: the descriptor number it held is reused at once (the lowest free
+    one) by whatever opens a file next, and closing it again would close that file."""
+    lock, _ = FolderLock.take(tmp_path / "run")
+    lock.release()
+    fd = os.open(tmp_path / "another-file", os.O_RDWR | os.O_CREAT)
+    try:
+        lock.release()
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
+
+
+def test_a_default_run_folder_that_cannot_be_written_says_so(cifar_dir, tmp_path, monkeypatch):
+    """Under the lock a default-named folder gives way to <name>-2 only when a run took it; one refused
+    for another reason (here: it cannot be written) is that refusal, not 99 folders tried and "all taken"."""
+    first = tmp_path / "runs" / "smoke-20261127-000000"
+    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match="is not writable"):
+        run_folder.claim_run_dir(tiny_config(cifar_dir, first), first, None, overwrite=False, default_name=True)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [first.name]
+
+
 @pytest.mark.parametrize("taken_by", ["a running run", "a finished run"])
 def test_a_default_run_folder_taken_meanwhile_gives_way_to_the_next_name(cifar_dir, tmp_path, monkeypatch, taken_by):
     """runs/<config>-<second>: two runs launched in the same second (a job array) pick the same name; the
@@ -1015,6 +1184,16 @@ def test_export_takes_a_summary_only_for_its_own_checkpoint(tmp_path, reference_
     assert export_weights(run / "last.pt", tmp_path / "b.pt")["run"] == {}
 
 
+def test_metrics_kept_on_resume_are_the_rows_up_to_the_checkpoint(tmp_path):
+    """keep_metrics keeps a row only when its epoch is the checkpoint's or before: a JSON object without
+    an epoch is no row of the run (plot leaves it out too), so it goes with the rows after the checkpoint."""
+    from fasttrain.run_folder import keep_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"note": "no epoch"}\n{"epoch": 2}\n{"epoch": 3}\n')
+    keep_metrics(tmp_path, 2, None, warn=pytest.fail)  # nothing torn: no warning
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
 def test_a_torn_metrics_line_is_dropped_on_resume(cifar_dir, tmp_path, reference_run, capsys):
     """A kill (or a full disk) in the middle of appending a metrics row: the resumed run drops the torn
     line with a warning instead of failing on it."""
@@ -1062,10 +1241,12 @@ def test_resume_auto_knows_its_run_whatever_its_saved_output_dir(cifar_dir, tmp_
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
-def test_resume_auto_refuses_a_folder_of_another_run_without_checkpoints(cifar_dir, tmp_path, capsys):
+# a config.yaml this version cannot read (an unknown key) cannot be shown to be this run's: refused alike
+@pytest.mark.parametrize("config_yaml", ["name: someone-else\n", "train:\n  epochz: 1\n"], ids=["another", "unreadable"])
+def test_resume_auto_refuses_a_folder_of_another_run_without_checkpoints(cifar_dir, tmp_path, capsys, config_yaml):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("name: someone-else\n")
+    (run / "config.yaml").write_text(config_yaml)
     before = folder_snapshot(run)
     assert cli.main(cli_args(cifar_dir, run, "--resume", "auto")) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -1093,6 +1274,58 @@ def test_command_line_mistakes_are_usage_errors_that_name_the_fix(cifar_dir, tmp
     assert "is not a file: name a YAML config" in capsys.readouterr().err
 
 
+def test_resume_auto_without_a_run_folder_is_a_usage_error(cifar_dir, tmp_path, monkeypatch, capsys):
+    """--resume auto looks in the run folder, which a config without output.dir does not name: one line
+    saying to pass it (not a traceback), and nothing trained or written."""
+    monkeypatch.chdir(tmp_path)  # where a default runs/<name>-<time> would go
+    args = ["--config", str(REPO / "configs/smoke.yaml"), "--device", "cpu", *TINY, "--data.dir", str(cifar_dir)]
+    assert cli.main(args + ["--resume", "auto"]) == cli.EXIT_USAGE
+    assert "--resume auto needs the run folder: pass --output.dir RUN_DIR" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_without_a_config_needs_a_checkpoint_that_holds_one(tmp_path, capsys):
+    """A checkpoint without its config (written by other code): the defaults would be another network, so
+    the fix is named, not a traceback."""
+    path = write_checkpoint({"format": FORMAT, "model": {}}, tmp_path / "last.pt", previous=None)
+    assert cli.main(["--device", "cpu", "--resume", str(path), "--dry-run"]) == cli.EXIT_ERROR
+    assert f"{path} holds no config: pass the --config it was trained with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spelling", ["--output.dir DIR", "--output.dir=DIR"])
+def test_resume_without_a_config_goes_where_output_dir_says(cifar_dir, tmp_path, capsys, spelling):
+    """`--resume RUN/last.pt` alone continues in RUN (the checkpoint's config names the folder it started
+    in); an --output.dir, in either spelling the config flags take, is the folder the run goes on in."""
+    from fasttrain.config import config_to_dict
+
+    run, elsewhere = tmp_path / "run", str(tmp_path / "elsewhere")
+    run.mkdir()
+    saved = config_to_dict(tiny_config(cifar_dir, tmp_path / "where-it-started"))
+    path = write_checkpoint({"format": FORMAT, "model": {}, "config": saved}, run / "last.pt", previous=None)
+    flag = [f"--output.dir={elsewhere}"] if "=" in spelling else ["--output.dir", elsewhere]
+    assert cli.main(["--device", "cpu", "--resume", str(path), "--dry-run", "--json", *flag]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["output"]["dir"] == elsewhere
+    assert cli.main(["--device", "cpu", "--resume", str(path), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["output"]["dir"] == str(run)
+
+
+def test_a_dry_run_takes_resume_auto_and_refuses_a_missing_gpu(cifar_dir, tmp_path, monkeypatch, capsys):
+    """--dry-run refuses what training would, and only that: --resume auto (what a scheduler's restart
+    passes, with the config or without: the paper's recipe) is not a checkpoint file named "auto"; --device
+    cuda where PyTorch sees no GPU is refused at once (the GPU hidden here, so that a GPU machine agrees)."""
+    run = tmp_path / "run"
+    assert cli.main(cli_args(cifar_dir, run, "--resume", "auto") + ["--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["model"]["base_channels"] == 4
+    assert cli.main(["--device", "cpu", "--resume", "auto", "--output.dir", str(run), "--data.dir", str(cifar_dir),
+                     "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["model"]["blocks"] == [4, 4, 3]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_gpu = ["--config", str(REPO / "configs/smoke.yaml"), "--device", "cuda", *tiny(cifar_dir, run), "--dry-run"]
+    assert cli.main(on_gpu) == cli.EXIT_USAGE
+    assert "--device cuda: no CUDA GPU is visible" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_training(cifar_dir, tmp_path, capsys,
                                                                            monkeypatch):
     """Its first write comes after the first epoch (and the compile warmup): refused at once instead."""
@@ -1102,7 +1335,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(cifa
     assert "is a file; choose another --output.dir" in capsys.readouterr().err
     import fasttrain.run_folder as run_folder  # root may write anywhere: the refusal as a user would get it
 
-    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: False)
+    # a folder that may be read and entered, not written (mode r-x): the check asks for writing
+    monkeypatch.setattr(run_folder.os, "access", lambda path, mode: not mode & os.W_OK)
     assert cli.main(cli_args(cifar_dir, tmp_path / "run")) == cli.EXIT_USAGE
     assert "is not writable" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
@@ -1121,6 +1355,28 @@ def test_a_moved_run_folder_resumes_where_it_lies_now(cifar_dir, tmp_path, capsy
     assert "continuing in" in capsys.readouterr().err and not first.exists()
     assert [json.loads(r)["epoch"] for r in (moved / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert load_checkpoint(moved / "last.pt")["epoch"] == 2
+
+
+def test_a_moved_run_is_followed_unless_output_dir_says_otherwise(cifar_dir, tmp_path, capsys):
+    """The rule above, in a dry run (which prints the folder training would write): a config.yaml naming
+    another folder than the one it lies in, beside the checkpoint resumed, continues where both lie now,
+    with a note; an --output.dir given wins, without one; a run in its own folder gets no note."""
+    moved = tmp_path / "B"
+    moved.mkdir()
+    save_config(tiny_config(cifar_dir, tmp_path / "A"), moved / "config.yaml")
+    (moved / "last.pt").write_bytes(b"a dry run only checks that it is a file")
+    command = ["--config", str(moved / "config.yaml"), "--device", "cpu", "--resume", str(moved / "last.pt"),
+               "--dry-run", "--json"]
+
+    def planned(*extra):
+        assert cli.main(command + list(extra)) == 0
+        out, err = capsys.readouterr()
+        return json.loads(out)["config"]["output"]["dir"], "continuing in" in err
+
+    assert planned() == (str(moved), True)
+    assert planned("--output.dir", str(tmp_path / "C")) == (str(tmp_path / "C"), False)
+    save_config(tiny_config(cifar_dir, moved), moved / "config.yaml")  # a run in the folder it started in
+    assert planned() == (str(moved), False)
 
 
 def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tmp_path):

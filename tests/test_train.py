@@ -346,3 +346,74 @@ def test_the_fused_optimizers_pytorch_path_trains_like_its_kernel(cifar_dir, tmp
                                                        Trainer(tiny_config(cifar_dir, tmp_path / "init", **settings),
                                                                device="cpu", console=quiet()).model.state_dict().values())]
     assert sum(changed) > len(changed) // 2  # trained: most tensors moved from their initial values
+
+
+# ------------------------------------------------------------------------------------------ the console
+def test_durations_print_as_minutes_or_hours_and_an_unknown_one_as_a_question_mark():
+    from fasttrain.console import format_seconds
+
+    assert format_seconds(0) == "0:00" and format_seconds(59.6) == "1:00"  # whole seconds, rounded
+    assert format_seconds(3599.4) == "59:59"
+    assert format_seconds(3725) == "1:02:05" and format_seconds(36000) == "10:00:00"
+    assert format_seconds(float("inf")) == "?" and format_seconds(float("nan")) == "?"
+
+
+def test_the_epoch_line_and_the_summary_in_a_log_file_name_each_figure(capsys):
+    """Without a terminal (stdout captured here, as in a log file) every message is one line, never
+    wrapped at 80 columns; each accuracy sits under its own name."""
+    console = RunConsole(progress=True, enabled=True)
+    row = {"epoch": 3, "lr": 0.1234567, "train_loss": 1.5, "train_acc": 50.0, "val_acc": 41.0, "test_acc": 62.5,
+           "epoch_seconds": 1.25, "images_per_second": 12345.6}
+    console.epoch_line(row, 10, 3725.0)
+    console.info("a long message " + "x" * 200)
+    console.warn("the run may differ")
+    console.summary({"params": 1234567, "epochs": 3, "final_test_acc": 93.104, "final_val_acc": None,
+                     "train_seconds": 3.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["epoch", "3/10", "lr", "0.1235", "loss", "1.5000", "train", "50.00%", "val", "41.00%",
+                                "test", "62.50%", "1.25s", "12,346", "img/s", "eta", "1:02:05"]
+    assert lines[1] == "a long message " + "x" * 200
+    assert lines[2] == "warning: the run may differ"
+    table = {cells[0]: cells[1] for cells in (line.strip("│┃ ").split("│") for line in lines[3:]) if len(cells) == 2}
+    assert {k.strip(): v.strip() for k, v in table.items()} == {"params": "1,234,567", "epochs": "3",
+                                                                "final_test_acc": "93.10%", "train_seconds": "3.00 s"}
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_by_rank_0_alone(capsys, monkeypatch):
+    """A bar only where asked for (output.progress) and only on rank 0's terminal: other ranks print nothing
+    at all. The bar counts the steps a mid-epoch resume skips, given in one call."""
+    from fasttrain import console as console_module
+
+    monkeypatch.setattr(console_module._OutlivingConsole, "is_terminal", property(lambda self: True))
+    for progress, enabled in ((False, True), (True, False)):
+        console = RunConsole(progress=progress, enabled=enabled)
+        with console.epoch_bar(1, 2, 10) as advance:
+            advance(7)
+        if not enabled:
+            console.info("rank 1's message")
+            console.warn("rank 1's warning")
+        assert capsys.readouterr().out == ""
+    console = RunConsole(progress=True, enabled=True)
+    with console.epoch_bar(1, 2, 10) as advance:
+        advance(7)
+    drawn = capsys.readouterr().out
+    assert "epoch 1/2" in drawn and "7/10" in drawn
+
+
+def test_after_the_reader_of_stdout_goes_away_a_plain_print_still_finds_a_sink(tmp_path):
+    """`... | head -1`: once the console has met the closed pipe, stdout is pointed at /dev/null, so that
+    a print outside the console (and Python's flush of stdout at exit) does not end the process with a
+    BrokenPipeError after the run's files are complete."""
+    script = tmp_path / "printer.py"
+    script.write_text(
+        "from fasttrain.console import RunConsole\n"
+        "console = RunConsole(progress=False, enabled=True)\n"
+        "for i in range(2000):\n"
+        "    console.info(f'line {i} ' + 'x' * 100)  # 200 kB: more than the pipe holds\n"
+        "print('a plain print after the reader left')\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc.stdout.readline()
+    proc.stdout.close()  # like head after its line
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
