@@ -78,6 +78,9 @@ class Lookahead(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         la = state_dict.pop("lookahead", None)
         if la is None:
+            if any("slow_param" in s for s in state_dict.get("state", {}).values()):  # the fused step's layout
+                raise ValueError("this optimizer state keeps its Lookahead slow weights per parameter: it was "
+                                 "saved by optim.impl fused (set it to resume it)")
             raise ValueError("this optimizer state has no Lookahead slow weights: it was saved without "
                              "Lookahead (set optim.lookahead_k 0 to resume it)")
         params = self._params()

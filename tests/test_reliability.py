@@ -245,6 +245,183 @@ def test_sigint_in_process_stops_after_the_step_and_resume_is_exact(cifar_dir, t
         Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "b" / "prev.pt")
 
 
+def test_a_resume_takes_the_runs_clocks_best_accuracy_loss_scale_and_rng_from_its_checkpoint(cifar_dir, tmp_path):
+    """Besides the weights and the optimizer, a resume takes from its checkpoint what the summary of the whole
+    run adds up (train, compile and wall seconds, each epoch's images per second, the best test accuracy so
+    far: an epoch before the stop may have been the best), the fp16 loss scale (restarted at 65536, the
+    resumed run would skip steps the straight one took) and the CPU generator (dropout mid-epoch). The values
+    are set by hand, each unlike a fresh run's (0, None, [], 65536), so that one not restored shows."""
+    run = tmp_path / "run"
+    cfg = tiny_config(cifar_dir, run, "--train.precision", "fp16")  # a GradScaler (for GPUs; the CPU has one too)
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    trainer.best_test_acc, trainer.train_seconds, trainer.compile_seconds = 41.5, 12.25, 3.5
+    trainer._earlier_wall_seconds, trainer.epoch_images_per_second = 20.0, [1500.0]
+    trainer.scaler.scale(torch.ones((), requires_grad=True))  # the scale exists from the first step on
+    trainer.scaler.update(new_scale=512.0)  # as lowered by overflowing steps
+    torch.rand(100)  # the generator moved on while training (else a fresh run's set-up would leave it as saved)
+    trainer.save_checkpoint(1)
+    drawn = torch.rand(5)  # what the saved generator draws next
+    torch.manual_seed(12345)
+    resumed = Trainer(cfg, device="cpu", console=quiet(), resume=run / "last.pt")
+    assert torch.equal(torch.rand(5), drawn)
+    assert (resumed.best_test_acc, resumed.train_seconds, resumed.compile_seconds, resumed.wall_seconds(),
+            resumed.epoch_images_per_second) == (41.5, 12.25, 3.5, 20.0, [1500.0])
+    assert resumed.scaler.get_scale() == 512.0
+
+
+def test_a_stop_right_after_an_epochs_checkpoint_writes_no_second_copy(cifar_dir, tmp_path):
+    """A signal during epoch 1's evaluation: the run stops before epoch 2 on the checkpoint it has just
+    written. Written again, that same position would be rotated into prev.pt, the one fallback, in place of
+    an older one. A stop before the first step saves the start. Both messages say where, and the command
+    they print (this run's config and device, quoted: a folder name with a space) continues the run."""
+    run = tmp_path / "my run"
+    trainer = Trainer(tiny_config(cifar_dir, run), device="cpu", console=quiet())
+    evaluate_into = trainer._evaluate_into
+    trainer._evaluate_into = lambda row: (trainer._stop.request(signal.SIGTERM), evaluate_into(row))
+    with pytest.raises(RunInterrupted) as stop:
+        trainer.fit()
+    message = str(stop.value)
+    assert f"stopped by SIGTERM at the end of epoch 1; checkpoint saved: {run / 'last.pt'}" in message
+    saved = load_checkpoint(run / "last.pt")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 0) and not (run / "prev.pt").exists()
+    assert stop.value.exit_code == 143 and stop.value.checkpoint == run / "last.pt"
+    resume = next(s for s in message.splitlines() if "--resume" in s and "auto" not in s)
+    auto = next(s for s in message.splitlines() if "--resume auto" in s)
+    command = ["python", "-m", "fasttrain", "--config", str(run / "config.yaml"), "--device", "cpu", "--resume"]
+    assert shlex.split(resume) == command + [str(run / "last.pt")]
+    assert shlex.split(auto) == command + ["auto", "--output.dir", str(run)]
+
+    fresh = tmp_path / "fresh"
+    trainer = Trainer(tiny_config(cifar_dir, fresh), device="cpu", console=quiet())
+    trainer._stop.request(signal.SIGINT)  # came before the first step
+    with pytest.raises(RunInterrupted, match="stopped by SIGINT at the start of training; checkpoint saved"):
+        trainer.fit()
+    assert (load_checkpoint(fresh / "last.pt")["epoch"], load_checkpoint(fresh / "last.pt")["step_in_epoch"]) == (0, 0)
+
+
+def test_a_resume_with_another_batch_count_replans_the_schedule_from_its_epoch(cifar_dir, tmp_path, reference_run):
+    """An epoch-boundary checkpoint resumed with another train.batch_size (or on another number of ranks: the
+    global batch) is allowed, with warnings: the learning-rate schedule goes on from the checkpoint's epoch
+    counted in the new steps per epoch (its saved step count is in the old ones)."""
+    said = []
+    console = quiet()
+    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    resumed = Trainer(tiny_config(cifar_dir, run, "--train.batch_size", "32"), device="cpu", console=console,
+                      resume=run / "last.pt")
+    assert resumed.steps_per_epoch == 2 * STEPS and resumed.start_epoch == 2
+    assert resumed.schedule.step_count == 2 * resumed.steps_per_epoch
+    assert resumed.optimizer.param_groups[0]["lr"] == resumed.schedule.lr_at(2 * resumed.steps_per_epoch)
+    said = " ".join(" ".join(said).split())  # rich wraps long lines
+    assert f"{STEPS} steps per epoch on 1 rank(s); this run has {2 * STEPS} on 1" in said
+    assert "the learning-rate schedule continues from epoch 2" in said
+    assert "train.batch_size 64 -> 32" in said and "(the learning-rate schedule follows its epochs" in said
+
+
+def test_a_mid_epoch_resume_restores_each_ranks_own_rng_and_says_when_it_cannot():
+    """torchrun without the minutes of a torchrun run: _restore_rng and the mid-epoch warning on a stand-in
+    trainer (its rank, world size and console). A rank takes its own saved state when the checkpoint holds
+    one per rank for as many ranks, else rank 0's ("rng"); any other resume is said not to be exact."""
+    from types import SimpleNamespace
+
+    from fasttrain.checkpoint import rng_state
+    from fasttrain.distributed import DistInfo
+
+    cpu = torch.device("cpu")
+    states = []
+    for seed in (1, 2, 3):  # three distinct states, so the test can tell which one was taken
+        torch.manual_seed(seed)
+        states.append(rng_state(cpu))
+    ckpt = {"rng": states[0], "rng_per_rank": states[1:], "world_size": 2}
+
+    def taken(dist) -> tuple[int, bool]:
+        stand_in = SimpleNamespace(dist=dist, device=cpu)
+        Trainer._restore_rng(stand_in, ckpt)
+        now = torch.get_rng_state()
+        return next(i for i, s in enumerate(states) if torch.equal(s["torch"], now)), stand_in._rank_rng_restored
+
+    assert taken(DistInfo(rank=1, world_size=2, local_rank=1)) == (2, True)
+    assert taken(DistInfo(rank=0, world_size=2)) == (1, True)
+    assert taken(DistInfo(rank=1, world_size=3, local_rank=1)) == (0, False)  # another number of ranks
+    assert taken(DistInfo()) == (0, False)  # one process
+
+    def warnings(dist, saved_world, restored) -> list[str]:
+        said = []
+        stand_in = SimpleNamespace(dist=dist, _rank_rng_restored=restored, start_epoch=1,
+                                   console=SimpleNamespace(warn=said.append))
+        Trainer._warn_inexact_mid_epoch(stand_in, Path("last.pt"), {"world_size": saved_world})
+        return said
+
+    assert warnings(DistInfo(), 1, False) == []  # one process, as saved
+    assert warnings(DistInfo(world_size=2), 2, True) == []  # each rank's own state restored
+    [same] = warnings(DistInfo(world_size=2), 2, False)  # as many ranks, no per-rank states (hand-made)
+    assert "without each rank's RNG state" in same and "not an exact continuation" in same
+    [fewer] = warnings(DistInfo(), 2, False)
+    assert "by 2 rank(s) and is resumed on 1" in fewer and "(resume on 2 rank(s) for one)" in fewer
+    [more] = warnings(DistInfo(world_size=2), 1, False)
+    assert "by 1 rank(s) and is resumed on 2" in more and "(resume on 1 rank(s) for one)" in more
+
+
+@pytest.mark.parametrize("world, local_world, launcher", [
+    (1, None, "python"),
+    (4, None, "torchrun --standalone --nproc_per_node=4"),
+    (4, "4", "torchrun --standalone --nproc_per_node=4"),
+    (8, "4", "torchrun --nnodes=2 --nproc_per_node=4 [this job's --rdzv-* options, on every node]"),
+])
+def test_the_printed_resume_command_launches_as_many_ranks_as_the_run_had(monkeypatch, world, local_world, launcher):
+    """On as many ranks a mid-epoch stop continues exactly; a job over several nodes keeps its node count and
+    names what only the job knows (its rendezvous options)."""
+    from types import SimpleNamespace
+
+    from fasttrain.distributed import DistInfo
+
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert Trainer._resume_launcher(SimpleNamespace(dist=DistInfo(world_size=world))) == launcher
+
+
+def test_a_mid_epoch_checkpoint_of_two_ranks_resumed_by_one_process_is_said_not_to_be_exact(cifar_dir, tmp_path):
+    """The data goes on where the 2-rank run stopped (the same steps per epoch), but not each rank's
+    randomness: allowed (a preempted job restarted on another allocation), with the warning. The checkpoint
+    is the Trainer's own state as a 2-rank run records it (no process group needed to build it)."""
+    from fasttrain.distributed import DistInfo
+
+    run = tmp_path / "run"
+    cfg = tiny_config(cifar_dir, run)
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    trainer.dist = DistInfo(rank=0, world_size=2)
+    partial = {"loss_sum": 6.5, "correct": 40, "seen": 384, "steps": 3}  # 3 steps of 2 x 64 images
+    write_checkpoint(trainer.checkpoint_state(0, 3, rank_rng=None, partial=partial), run / "last.pt")
+    said = []
+    console = quiet()
+    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    resumed = Trainer(cfg, device="cpu", console=console, resume=run / "last.pt")
+    assert (resumed.start_epoch, resumed.start_step, resumed._epoch_partial) == (0, 3, partial)
+    said = " ".join(" ".join(said).split())  # rich wraps long lines
+    assert "saved in the middle of epoch 1 by 2 rank(s) and is resumed on 1" in said, said
+    assert "not an exact continuation (resume on 2 rank(s) for one)" in said
+
+
+def test_only_rank_0_announces_a_stop_and_its_resume_command():
+    """Under torchrun every rank stops and exits 128 + signal, but the command is printed once: rank 1 of a
+    stopped run (a Trainer's state without its set-up, at the position the ranks agreed on and saved)."""
+    from fasttrain.distributed import DistInfo
+
+    for rank, announce in ((0, True), (1, False)):
+        stand_in = Trainer.__new__(Trainer)
+        stand_in.dist = DistInfo(rank=rank, world_size=2, local_rank=rank)
+        stand_in.run_dir, stand_in._device_flag, stand_in.steps_per_epoch = Path("run"), "", STEPS
+        stand_in._last_saved = ((1, 4), Path("run/last.pt"))  # saved by every rank together (save_checkpoint)
+        stand_in._stop = StopRequest()
+        stand_in._stop.request(signal.SIGTERM)
+        with pytest.raises(RunInterrupted, match=f"stopped by SIGTERM at epoch 2, step 4/{STEPS}") as stop:
+            stand_in._stop_run(1, 4)
+        assert stop.value.announce is announce and stop.value.exit_code == 143
+
+
 def test_the_eta_after_a_mid_epoch_resume_counts_whole_epochs():
     """Resumed at step 8 of 10, the first epoch ran 2 steps in 1 s: the 2 epochs still to come take
     10 s, not 2 s (the eta was their count times that short epoch's time)."""
@@ -507,6 +684,16 @@ def test_checksum_catches_what_the_zip_reader_does_not(tmp_path, good_run):
         load_checkpoint(path)
 
 
+def test_resume_auto_takes_the_newest_other_checkpoint_when_last_and_prev_are_unusable(tmp_path):
+    """After last.pt and prev.pt, a folder's other *.pt (a copy kept by hand) are tried newest first."""
+    for name, epoch, mtime in (("kept-early.pt", 1, 1_000_000), ("kept-late.pt", 2, 2_000_000)):
+        write_checkpoint({"format": FORMAT, "model": {}, "epoch": epoch}, tmp_path / name, previous=None)
+        os.utime(tmp_path / name, (mtime, mtime))
+    (tmp_path / "last.pt").write_bytes(b"damaged")
+    found = find_resume_checkpoint(tmp_path, warn=lambda m: None)
+    assert found == tmp_path / "kept-late.pt" and load_checkpoint(found)["epoch"] == 2
+
+
 def test_find_resume_checkpoint_order_and_failures(tmp_path, good_run):
     run = tmp_path / "run"
     run.mkdir()
@@ -544,10 +731,17 @@ def test_the_checksum_covers_dtypes_keys_and_the_format(tmp_path):
 
     assert state_checksum({"a": torch.zeros(2)}) != state_checksum({"a": torch.zeros(2, dtype=torch.int32)})
     assert state_checksum({"ema": 1}) != state_checksum({"emb": 1})
+    # and the nesting: the same keys and values, one of them moved out of its section
+    assert state_checksum({"model": {"w": 1, "b": 2}}) != state_checksum({"model": {"w": 1}, "b": 2})
     future = tmp_path / "future.pt"
     write_checkpoint({"format": FORMAT + "-v2", "model": {}}, future)
     with pytest.raises(CheckpointError, match="not a fasttrain checkpoint"):
         load_checkpoint(future)
+    # the marker without weights (a hand-made file): refused here, not a KeyError in the middle of a resume
+    weightless = tmp_path / "weightless.pt"
+    write_checkpoint({"format": FORMAT, "epoch": 1}, weightless)
+    with pytest.raises(CheckpointError, match="not a fasttrain checkpoint"):
+        load_checkpoint(weightless)
 
 
 def test_without_hard_links_the_previous_checkpoint_is_still_kept(tmp_path, monkeypatch):
@@ -567,6 +761,17 @@ def test_weights_with_keys_the_model_lacks_are_another_architecture():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(CheckpointError, match="not in model: extra.weight"):
         check_architecture(model, {**model.state_dict(), "extra.weight": torch.zeros(1)}, "f.pt")
+
+
+def test_weights_lacking_keys_of_the_model_are_another_architecture():
+    """A checkpoint of a smaller network (no SE block, one block fewer): the keys it lacks are listed, a
+    CheckpointError, not load_state_dict's RuntimeError halfway through a resume."""
+    from fasttrain.checkpoint import check_architecture
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")}
+    with pytest.raises(CheckpointError, match=r"missing in checkpoint: 1\.weight, 1\.bias"):
+        check_architecture(model, state, "f.pt")
 
 
 def test_the_cpu_generator_is_restored_exactly():
@@ -688,6 +893,8 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_valid_checkpoint(tmp_path, monk
     epoch = load_checkpoint(found)["epoch"]
     assert epoch == (3 if crash_at == 3 else 2)
     assert load_checkpoint(tmp_path / "prev.pt")["epoch"] in (1, 2)
+    # the new checkpoint's temp file goes with the failed save (every later save would leave one more)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".last.pt.")]
 
 
 # ------------------------------------------------------------------------------------------ numerical faults
@@ -1059,7 +1266,8 @@ def test_resume_without_a_config_continues_with_the_checkpoints_own(cifar_dir, t
 
 
 @pytest.mark.parametrize("change, schedule_note", [(("--train.eval_every", "2"), False),
-                                                   (("--optim.lr", "0.05"), True)])
+                                                   (("--optim.lr", "0.05"), True),
+                                                   (("--train.epochs", "3"), True)])
 def test_a_resume_under_a_changed_config_names_the_change(cifar_dir, tmp_path, reference_run, change, schedule_note):
     """Each change is named; the note on the learning-rate schedule only where it is concerned."""
     said = []

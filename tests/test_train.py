@@ -210,6 +210,21 @@ def test_resume_with_another_optimizer_grouping_is_a_clear_error(cifar_dir, tmp_
         Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
 
 
+@pytest.mark.parametrize("saved, resumed, reason", [
+    ("torch", "fused", "'clip_value'"),
+    ("fused", "torch", "slow weights per parameter: it was saved by optim.impl fused")])
+def test_resume_with_another_optimizer_implementation_is_a_clear_error(cifar_dir, tmp_path, saved, resumed, reason):
+    """optim.impl torch -> fused: the fused optimizer misses entries of its own in the saved state (a KeyError
+    inside its load_state_dict, where another grouping gives a ValueError): the same clear error, no traceback.
+    fused -> torch: the reason names the fused step's layout of the Lookahead state, not "saved without
+    Lookahead" (both runs had it)."""
+    Trainer(tiny_config(cifar_dir, tmp_path, optim__impl=saved), device="cpu", console=quiet()).save_checkpoint(1)
+    other = tiny_config(cifar_dir, tmp_path, optim__impl=resumed)
+    with pytest.raises(CheckpointError, match=r"optimizer state this config's optimizer cannot take") as refused:
+        Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
+    assert reason in str(refused.value) and f"impl {saved}, lookahead_k 3" in str(refused.value)
+
+
 def test_cli_dry_run_json(cifar_dir):
     proc = run_cli("--config", "configs/seed.yaml", "--dry-run", "--json", "--data.dir", str(cifar_dir))
     report = json.loads(proc.stdout)
@@ -321,6 +336,70 @@ def test_tiny_nets_stay_nchw_on_the_cpu_compiled_or_not(compiled, base_channels)
         assert use_channels_last(cfg, torch.device("cpu"), warned.append) is (base_channels >= 8)
         assert inductor_config.layout_optimization is not (compiled and base_channels < 8)
     assert bool(warned) is (base_channels < 8)
+
+
+def test_the_device_is_the_one_asked_for_or_a_clear_refusal(monkeypatch):
+    """--device: a typo or a missing GPU is one ConfigError naming the fix (the Trainer is also called
+    from Python, past the CLI's choices); auto takes the GPU where there is one; under torchrun each rank
+    its own local GPU (torch.cuda.is_available patched: the answers of a GPU machine, without one)."""
+    from fasttrain.distributed import DistInfo
+    from fasttrain.runtime import resolve_device
+
+    with pytest.raises(ConfigError, match="--device 'gpu': use auto, cuda or cpu"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible to PyTorch"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda", DistInfo(rank=5, world_size=8, local_rank=1)) == torch.device("cuda", 1)
+    assert resolve_device("cpu", DistInfo(rank=5, world_size=8, local_rank=1)) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("precision, computes_in", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                                    ("fp32", torch.float32), ("auto", torch.float32)])
+def test_each_precision_computes_in_its_dtype(precision, computes_in):
+    """What a matmul under the precision's autocast gives (auto on the CPU: fp32; on a GPU: bf16), and the
+    cast cache off on request (CUDA-graph capture: the cache must not outlive it)."""
+    from fasttrain.runtime import Precision
+
+    cpu = torch.device("cpu")
+    p = Precision.resolve(precision, cpu)
+    x = torch.ones(4, 4)
+    with p.autocast(cpu):
+        assert (x @ x).dtype == computes_in
+    if p.autocast_dtype is not None:
+        with p.autocast(cpu, cache=False):
+            assert not torch.is_autocast_cache_enabled()
+        with p.autocast(cpu):
+            assert torch.is_autocast_cache_enabled()
+    assert Precision.resolve("auto", torch.device("cuda")).name == "bf16"
+
+
+def test_git_sha_marks_uncommitted_changes_and_is_unknown_outside_a_checkout(monkeypatch):
+    """The provenance in summary.json: a run of edited code must not pass for the commit's."""
+    from types import SimpleNamespace
+
+    import fasttrain.runtime as runtime
+
+    answers = {}
+
+    def git(args, **kwargs):
+        if answers.get("missing"):
+            raise FileNotFoundError(2, "No such file or directory", "git")
+        return {"rev-parse": SimpleNamespace(returncode=answers["head_rc"], stdout="0123abc\n"),
+                "status": SimpleNamespace(returncode=0, stdout=answers["status"])}[args[1]]
+
+    monkeypatch.setattr(runtime.subprocess, "run", git)
+    answers.update(head_rc=0, status="")
+    assert runtime.git_sha() == "0123abc"
+    answers.update(status=" M fasttrain/trainer.py\n")
+    assert runtime.git_sha() == "0123abc-dirty"
+    answers.update(head_rc=128)  # not a git checkout (an installed copy)
+    assert runtime.git_sha() == "unknown"
+    answers.update(missing=True)  # no git at all
+    assert runtime.git_sha() == "unknown"
 
 
 def test_the_fused_optimizers_pytorch_path_trains_like_its_kernel(cifar_dir, tmp_path, monkeypatch):

@@ -92,6 +92,14 @@ def test_whiten_stem_uses_the_first_whiten_images_only(monkeypatch):
     assert torch.equal(a.weight, b.weight)
 
 
+def test_whiten_stem_uses_the_eps_it_is_given():
+    """A caller's eps reaches the filters (a larger one damps the weak directions more), not WHITEN_EPS."""
+    images = smooth_images(20, seed=13)
+    conv = nn.Conv2d(3, 8, 3, bias=False)
+    whiten_stem(conv, images, MEAN, STD, eps=0.1)
+    torch.testing.assert_close(conv.weight[:4].detach(), whitening_filters(images, MEAN, STD, 3, eps=0.1)[:4])
+
+
 def test_whiten_stem_writes_a_channels_last_weight_in_place():
     images = smooth_images(20, seed=10)
     conv = nn.Conv2d(3, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
@@ -117,6 +125,8 @@ def test_the_estimate_on_the_gpu_is_the_cpus():
 @pytest.mark.parametrize("conv, images, match", [
     (nn.Conv2d(3, 8, (3, 1)), smooth_images(2), "square, ungrouped convolution"),
     (nn.Conv2d(1, 8, 3), smooth_images(2), "square, ungrouped convolution of the images' 3 channels"),
+    (nn.Conv2d(3, 6, 3, groups=3), smooth_images(2), "square, ungrouped convolution"),
+    (nn.Conv2d(3, 8, 3), smooth_images(2)[0], r"need uint8 images \[N, H, W, C\]"),  # one image, no N
     (nn.Conv2d(3, 8, 3), smooth_images(2).astype(np.float32), "need uint8 images"),
     (nn.Conv2d(3, 8, 3), smooth_images(2)[:0], "N >= 1"),
 ])
