@@ -79,6 +79,7 @@ def test_unknown_section(tmp_path):
     ("optim:\n  lr: 0.1\n  lr: 0.2\n", "optim.lr", (2, 3)),  # named by its full dotted key
     ("train:\n  epochs: 2\noptim:\n  lr: 0.1\ntrain:\n  seed: 1\n", "train", (1, 5)),
     ("x: &m {se: true}\nmodel:\n  blocks: [1, 1, 1]\n  se: true\n  se: false\n", "model.se", (4, 5)),
+    ("x: &m {lr: 0.1, lr: 0.2}\noptim: *m\n", "x.lr", (1, 1)),  # a shared mapping: named where it is written
 ])
 def test_duplicate_key_is_an_error(tmp_path, text, key, lines):
     message = f"duplicate key '{re.escape(key)}' \\(line {lines[0]} and line {lines[1]}\\)"
@@ -171,6 +172,10 @@ def test_yaml_alias_expansion_is_bounded(tmp_path):
     would expand: refused from the node graph, before anything is built. Small aliases still work."""
     with pytest.raises(ConfigError, match="expands to over 100,000 values"):
         load_config(write(tmp_path, _laughs(10)))  # 3.5e9 strings: without the bound, hours and all memory
+    with pytest.raises(ConfigError, match="expands to over 100,000 values"):
+        load_config(write(tmp_path, _laughs(5)))  # ~270,000 values: the bound is the one the message names
+    with pytest.raises(ConfigError, match="unknown key 'l0'"):
+        load_config(write(tmp_path, _laughs(4)))  # ~30,000: under it, read on to its first mistake
     with pytest.raises(ConfigError, match="a recursive structure"):
         load_config(write(tmp_path, "data: &d\n  loader: [*d]\n"))
     cfg = load_config(write(tmp_path, "model:\n  blocks: &b [1, 1, 1]\n  conv_kernel: *b\n"))
@@ -178,6 +183,23 @@ def test_yaml_alias_expansion_is_bounded(tmp_path):
     with pytest.raises(ConfigError, match="data.loader") as refused:  # under the bound: the type error
         load_config(write(tmp_path, "data:\n  loader: [&a [1, 2, 3], *a, *a]\n"))
     assert "\n" not in str(refused.value)
+
+
+def test_a_config_file_without_a_name_is_named_after_the_file(tmp_path):
+    """The run folder (runs/<name>-<time>) and the summary carry it; a name in the file wins."""
+    assert load_config(write(tmp_path, "train:\n  epochs: 2\n")).name == "c"
+    assert load_config(write(tmp_path, "name: mine\n")).name == "mine"
+
+
+@pytest.mark.parametrize("text, args, message", [
+    ("optim: 3\n", ["--optim.lr", "0.2"], r"--optim\.lr: 'optim' is not a section"),
+    ("name: x\n", ["--name.first", "1"], r"--name\.first: 'name' is not a section"),
+    ("optim:\n  ? [lr, momentum]\n  : 0.1\n", [], r"line 2: a key must be a plain value, not a list"),
+])
+def test_a_file_that_cannot_take_the_overrides_is_a_config_error(tmp_path, text, args, message):
+    """Not a TypeError from deep inside the loader: a ConfigError naming the key and the line."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), args)
 
 
 def test_missing_config_file():
@@ -260,6 +282,7 @@ def test_a_quoted_string_is_read_as_yaml():
     ("optim.nesterov", "Off", r"optim\.nesterov: expected bool, got 'Off' \(str\): use true or false"),
     ("data.flip", "NO", r"data\.flip: expected bool, got 'NO' \(str\): use true or false"),
     ("train.epochs", "010", r"train\.epochs: expected int, got '010' \(str\)"),  # 1.1: the octal 8
+    ("train.seed", "+010", r"train\.seed: expected int, got '\+010' \(str\)"),  # signed: the octal 8 too
 ])
 def test_yaml_1_1_base_60_numbers_and_yes_no_bools_are_refused(tmp_path, key, text, message):
     """YAML 1.1 read 1:30 as 90 and yes/on as true; YAML 1.2 reads them as strings, so a number or a bool
@@ -442,20 +465,58 @@ def test_a_command_option_given_twice_is_refused_like_a_config_key(capsys, args)
     (["--optim.nesterov", "true", "--optim.momentum", "0"], "optim.nesterov"),
     (["--optim.betas", "[0.9, 1.0]"], "optim.betas"),
     (["--optim.impl", "fused", "--optim.name", "adamw"], "optim.impl"),  # the fused step is SGD's only
+    (["--data.mean", "[0.5, 0.5, 0.5, 0.5]"], "data.mean"),  # RGB: not more than three either
+    (["--data.val_size", "-1"], "data.val_size"),
+    (["--model.layers", "0", "--model.blocks", "[]", "--model.conv_kernel", "[]", "--model.shortcut_kernel", "[]"],
+     "model.layers"),
+    # 7 stages halve 32x32 to nothing: named as too many stages, not as a pool kernel over a 0x0 map
+    ([f"--model.{k}={v}" for k, v in (("layers", 7), ("blocks", [1] * 7), ("conv_kernel", [3] * 7),
+                                      ("shortcut_kernel", [1] * 7), ("pool_kernel", 1))], "model.layers"),
+    (["--model.blocks", "[1, 0, 1]"], "model.blocks"),
+    (["--model.conv_kernel", "[3, 2, 3]"], "model.conv_kernel"),  # even: the padding would shrink the map
+    (["--model.shortcut_kernel", "[1, 2, 1]"], "model.shortcut_kernel"),
+    (["--model.base_channels", "0"], "model.base_channels"),
+    (["--model.dropout", "1.0"], "model.dropout"),  # every activation dropped
+    (["--model.se_reduction", "0"], "model.se_reduction"),
+    (["--model.max_params", "0"], "model.max_params"),
+    (["--optim.momentum", "1.0"], "optim.momentum"),
+    (["--optim.weight_decay", "-1e-4"], "optim.weight_decay"),
+    (["--optim.betas", "[0.9, 0.99, 0.9]"], "optim.betas"),
+    (["--optim.eps", "0"], "optim.eps"),
+    (["--optim.clip_value", "0"], "optim.clip_value"),  # optim.clip none turns clipping off, not 0
+    (["--optim.lookahead_k", "-1"], "optim.lookahead_k"),
+    (["--optim.warmup_epochs", "-0.5"], "optim.warmup_epochs"),
+    (["--optim.final_lr_frac", "1.5"], "optim.final_lr_frac"),  # above the peak
+    (["--optim.label_smoothing", "1.0"], "optim.label_smoothing"),
+    (["--train.eval_test", "false"], "train.eval_test"),  # nothing left to evaluate
+    (["--train.eval_batch_size", "0"], "train.eval_batch_size"),
+    (["--train.eval_every", "0"], "train.eval_every"),
+    (["--train.checkpoint_every", "0"], "train.checkpoint_every"),
+    (["--train.seed", "-1"], "train.seed"),
+    (["--train.ema_decay", "1.0"], "train.ema_decay"),  # the EMA would never move
+    (["--train.ema_warmup_steps", "-1"], "train.ema_warmup_steps"),
+    (["--train.ema_bn_batches", "0"], "train.ema_bn_batches"),
 ])
 def test_values_just_outside_a_range_are_refused(args, key):
-    with pytest.raises(ConfigError, match=re.escape(key)):
+    with pytest.raises(ConfigError, match=re.escape(key) + "( = .* is out of range|: expected)"):
         load_config(None, args)
 
 
 @pytest.mark.parametrize("args, key, value", [
-    (["--data.cutout", "32"], "cutout", 32),
-    (["--optim.final_lr_frac", "1"], "final_lr_frac", 1.0),  # the schedule ends at its peak
-    (["--data.crop_padding", "31"], "crop_padding", 31),
+    (["--data.cutout", "32"], "data.cutout", 32),
+    (["--optim.final_lr_frac", "1"], "optim.final_lr_frac", 1.0),  # the schedule ends at its peak
+    (["--data.crop_padding", "31"], "data.crop_padding", 31),
+    (["--optim.lookahead_alpha", "1"], "optim.lookahead_alpha", 1.0),  # slow = fast: plain SGD, synced every k
+    # 6 stages leave a 1x1 map, pooled by a kernel of 1
+    ([f"--model.{k}={v}" for k, v in (("layers", 6), ("blocks", [1] * 6), ("conv_kernel", [1] * 6),
+                                      ("shortcut_kernel", [1] * 6), ("pool_kernel", 1))], "model.layers", 6),
+    (["--optim.momentum", "0", "--optim.lookahead_k", "0", "--optim.warmup_epochs", "0"], "optim.momentum", 0.0),
+    (["--train.seed", "0", "--data.val_size", "0", "--train.ema_warmup_steps", "0"], "train.seed", 0),
+    (["--train.eval_test", "false", "--data.val_size", "1"], "train.eval_test", False),
 ])
 def test_values_at_the_edge_of_a_range_are_allowed(args, key, value):
     cfg = load_config(None, args)
-    assert getattr(cfg.data if key in ("cutout", "crop_padding") else cfg.optim, key) == value
+    assert functools.reduce(getattr, key.split("."), cfg) == value
 
 
 def test_where_the_data_is_read_from_is_no_config_change():

@@ -638,3 +638,193 @@ def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone
     assert destroyed == []
     distributed.shutdown(two)  # a run that ended normally
     assert destroyed == [1]
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    distributed.shutdown(two)  # no group to leave (it was never joined, or already left)
+    assert destroyed == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process checks of fasttrain/distributed.py's helpers (torch.distributed faked where a group is needed)
+# ------------------------------------------------------------------------------------------------
+class FakePeers:
+    """dist.all_reduce over this rank's tensor and other ranks' values (`peers`), with the op's own
+    arithmetic; async_op returns a work whose wait() is recorded. Records (op, this rank's value)."""
+
+    def __init__(self, peers=()):
+        self.peers, self.sent, self.waited = list(peers), [], 0
+
+    def __call__(self, tensor, op, async_op=False):
+        import torch.distributed as tdist
+
+        self.sent.append((op, int(tensor[0])))
+        combine = {tdist.ReduceOp.MAX: max, tdist.ReduceOp.MIN: min, tdist.ReduceOp.SUM: sum}
+        combined = next(fn for key, fn in combine.items() if key == op)([int(tensor[0]), *self.peers])
+        tensor.fill_(combined)
+        if async_op:
+            fake = self
+
+            class Work:
+                def wait(self):
+                    fake.waited += 1
+                    return True
+
+            return Work()
+        return None
+
+
+def stop_step(agreement, stop, request_at=None, signum=signal.SIGTERM, steps=40):
+    """The step after which the ranks agree to stop (None: never), this rank asking after `request_at`."""
+    for step in range(1, steps + 1):
+        if step == request_at:
+            stop.request(signum)
+        if agreement.after_step(step):
+            return step
+    return None
+
+
+def test_stop_agreement_on_the_cpu_reads_each_reduction_k_steps_later(monkeypatch):
+    """The gloo path of StopAgreement with 3 ranks (the others faked): this rank's request after step 6 rides
+    the MAX reduction after step 8, read after step 12, with its own signal; another rank's request is
+    adopted with that rank's signal (two ranks' SIGTERMs are SIGTERM, not their sum); now() agrees at once;
+    drain() waits for the reduction in flight. One process: the request itself, after any step."""
+    from fasttrain import distributed
+
+    three, cpu, k = DistInfo(rank=0, world_size=3), torch.device("cpu"), 4
+    peers = FakePeers([0, 0])
+    monkeypatch.setattr(distributed.dist, "all_reduce", peers)
+    stop = StopRequest()
+    assert stop_step(StopAgreement(stop, three, cpu, every=k), stop, request_at=6, signum=signal.SIGINT) == 12
+    assert stop.signum == signal.SIGINT and (distributed.dist.ReduceOp.MAX, signal.SIGINT) in peers.sent
+    assert {op for op, _ in peers.sent} == {distributed.dist.ReduceOp.MAX} and peers.waited == 2
+
+    peers.peers = [int(signal.SIGINT), int(signal.SIGINT)]  # the others got Ctrl-C before step 4
+    stop = StopRequest()
+    assert stop_step(StopAgreement(stop, three, cpu, every=k), stop) == 8
+    assert stop.requested and stop.signum == signal.SIGINT
+
+    stop = StopRequest()
+    assert StopAgreement(stop, three, cpu, every=k).now() and stop.signum == signal.SIGINT
+    peers.peers = [0, 0]
+    assert not StopAgreement(StopRequest(), three, cpu, every=k).now()
+
+    agreement = StopAgreement(StopRequest(), three, cpu, every=k)
+    waited = peers.waited
+    assert not agreement.after_step(4)  # launched
+    agreement.drain()
+    assert peers.waited == waited + 1
+
+    sent = len(peers.sent)
+    alone = StopAgreement(StopRequest(), DistInfo(), cpu, every=k)
+    assert stop_step(alone, alone.stop, request_at=3) == 3 and len(peers.sent) == sent  # no collective
+
+
+def test_objects_are_gathered_in_rank_order_and_broadcast_from_rank_0(monkeypatch):
+    """Checkpoints hold every rank's RNG state in rank order (a resume gives each rank its own back); the run
+    folder and resume path are rank 0's on every rank. One process: no collective."""
+    from fasttrain import distributed
+
+    calls = []
+
+    def gather(out, obj):
+        calls.append("gather")
+        out[:] = [f"rank {r}'s" for r in range(len(out))]
+
+    def broadcast(box, src):
+        calls.append(("broadcast", src))
+        box[0] = f"rank {src}'s"
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", broadcast)
+    three = DistInfo(rank=1, world_size=3)
+    assert distributed.all_gather_objects("rank 1's", three) == ["rank 0's", "rank 1's", "rank 2's"]
+    assert distributed.broadcast_object("rank 1's", three) == "rank 0's"
+    assert calls == ["gather", ("broadcast", 0)]
+    assert distributed.all_gather_objects("mine", DistInfo()) == ["mine"]
+    assert distributed.broadcast_object("mine", DistInfo()) == "mine" and len(calls) == 2
+
+
+def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
+    """No WORLD_SIZE, or 1: a plain run, no group. Under torchrun: rank, world size and local rank from the
+    environment, gloo on the CPU and NCCL bound to the local GPU on CUDA, both with the collective timeout;
+    a LOCAL_RANK past the node's GPUs is a ConfigError naming the fix."""
+    import datetime
+
+    from fasttrain import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    joined = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    assert distributed.init_distributed("cpu") == DistInfo()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_distributed("cpu") == DistInfo() and joined == []
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "42")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    timeout = datetime.timedelta(seconds=42)
+    assert distributed.init_distributed("cpu") == DistInfo(rank=3, world_size=4, local_rank=1)
+    assert joined == [{"backend": "gloo", "timeout": timeout}]
+
+    joined.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: joined.append(("set_device", index)))
+    assert distributed.init_distributed("cuda") == DistInfo(rank=3, world_size=4, local_rank=1)
+    assert joined == [("set_device", 1), {"backend": "nccl", "timeout": timeout, "device_id": torch.device("cuda", 1)}]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"rank 3 has LOCAL_RANK 1, but this node has 1 visible GPU\(s\): pass "
+                                          r"torchrun --nproc_per_node at most the number of GPUs per node"):
+        distributed.init_distributed("cuda")
+
+
+def test_sync_buffers_gives_every_rank_rank_0s_buffers(monkeypatch):
+    """Rank 1's side of the broadcast: rank 0's BN statistics (float) and batch counts (int64), one flat
+    tensor per dtype, come back into the right buffers."""
+    from fasttrain import distributed
+
+    torch.manual_seed(0)
+    rank0, rank1 = (torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(5)) for _ in range(2))
+    for i, bn in enumerate(rank0):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(1, 2)
+        bn.num_batches_tracked.fill_(7 + i)
+    sent = []
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda tensor, src: sent.append((src, tensor.clone())))
+    distributed.sync_buffers(rank0, DistInfo(rank=0, world_size=2))
+    assert [(src, t.dtype) for src, t in sent] == [(0, torch.float32), (0, torch.int64)]
+    received = iter(sent)
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda tensor, src: tensor.copy_(next(received)[1]))
+    distributed.sync_buffers(rank1, DistInfo(rank=1, world_size=2))
+    for (name, a), b in zip(rank0.state_dict().items(), rank1.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_peer_failure_is_recognised_and_reported_in_one_line():
+    from fasttrain.distributed import is_peer_failure, peer_failure_message
+
+    assert is_peer_failure(torch.distributed.DistError("the store went away"))
+    for text in ("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242",
+                 "Connection reset by peer", "ProcessGroupNCCL's watchdog caught collective operation timeout",
+                 "ProcessGroupGloo::allreduce failed", "NCCL error in: ../nccl.cpp:1", "Timed out waiting 300000ms",
+                 "wait timed out", "Broken pipe"):
+        assert is_peer_failure(RuntimeError(text)), text
+    assert not is_peer_failure(RuntimeError("CUDA out of memory"))
+    assert not is_peer_failure(ValueError("Connection closed by peer"))  # not an error a collective raises
+    info = DistInfo(rank=1, world_size=4)
+    message = peer_failure_message(RuntimeError("Connection closed by peer\n" + "a long C++ trace\n" * 50), info)
+    assert message.startswith("rank 1 of 4: a collective operation failed, most likely because another rank died")
+    assert message.endswith("RuntimeError: Connection closed by peer") and "\n" not in message
+    assert peer_failure_message(RuntimeError("x" * 5000), info).endswith("RuntimeError: " + "x" * 300)
+    assert peer_failure_message(RuntimeError(""), info).endswith("RuntimeError: RuntimeError")
+
+
+def test_fault_injection_kills_only_the_rank_named(monkeypatch):
+    from fasttrain.distributed import DIE_RANK_ENV, DIE_STEP_ENV, fault_injection_step
+
+    monkeypatch.setenv(DIE_RANK_ENV, "1")
+    monkeypatch.setenv(DIE_STEP_ENV, "3")
+    assert [fault_injection_step(DistInfo(rank=r, world_size=2)) for r in (0, 1)] == [None, 3]
+    monkeypatch.delenv(DIE_STEP_ENV)
+    assert fault_injection_step(DistInfo(rank=1, world_size=2)) is None

@@ -1,12 +1,14 @@
 """train.cuda_graph (fasttrain/graph.py): what can be checked without a GPU, and, gpu-marked, that a replayed
 graph trains exactly like the eager step (run on the GPU machine: pytest -m gpu)."""
+import contextlib
 import copy
 
 import pytest
 import torch
 
 from fasttrain.config import ConfigError
-from fasttrain.graph import WARMUP_ITERS, GraphedStep, graph_problems, restore, step_state
+from fasttrain.graph import (DDP_WARMUP_ITERS, WARMUP_ITERS, GraphedStep, graph_problems, restore, side_stream,
+                             step_state)
 from fasttrain.model import build_model
 from fasttrain.optim import build_optimizer
 from fasttrain.trainer import Trainer
@@ -129,6 +131,99 @@ def test_graphed_step_leaves_the_rng_as_it_found_it_and_replays_fixed_shapes(mon
     assert len(pushes) == 1 + 3
     with pytest.raises(ValueError, match="fixed shapes"):
         step(images, labels[:1])
+    with pytest.raises(ValueError, match="fixed shapes"):  # copy_ would broadcast one image over the batch
+        step(images[:1], labels)
+
+
+def test_graphed_step_warms_up_on_the_batch_and_captures_as_asked(monkeypatch):
+    """The warmup steps run on the batch given (a garbage label would be a device-side assert), as many as
+    asked: PyTorch's rules want some before any capture and 11 before a DDP backward's. The capture takes
+    the error mode asked for (thread_local beside DALI's and NCCL's threads). The static input keeps the
+    batch's layout (channels_last), so the captured kernels are those of the eager step."""
+    assert WARMUP_ITERS >= 1 and DDP_WARMUP_ITERS >= 11
+    fake = FakeCudaGraphs(monkeypatch.setattr)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    images = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last)
+    labels = torch.tensor([2, 0, 1, 2])
+    model(images)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    def body(x, y):
+        seen.append((x.clone(), y.clone()))
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss, x
+
+    step = GraphedStep(body, params=list(model.parameters()), state=step_state(model, opt),
+                       before_replay=lambda: None, images=images, labels=labels, warmup_iters=5,
+                       capture_error_mode="thread_local")
+    assert fake.warmups == [5] and fake.capture_modes == ["thread_local"]
+    assert len(seen) == 5 + 1 and all(torch.equal(x, images) and torch.equal(y, labels) for x, y in seen)
+    assert step.images.stride() == images.stride()
+
+
+def test_a_recompile_under_capture_fails_clearly(monkeypatch):
+    """A torch.compile'd function whose guard fails at the capture would recompile (and autotune) inside it:
+    refused with dynamo's RecompileError instead."""
+    FakeCudaGraphs(monkeypatch.setattr)
+    torch._dynamo.reset()
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    @torch.compile(backend="eager")
+    def scaled(x, flag):
+        return x * flag
+
+    def body(images, labels):
+        calls.append(1)
+        logits = model(scaled(images, len(calls) > WARMUP_ITERS))  # a Python value that changes at the capture
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        opt.step()
+        return loss, logits
+
+    try:
+        with pytest.raises(torch._dynamo.exc.RecompileError):
+            GraphedStep(body, params=list(model.parameters()), state=step_state(model, opt), before_replay=lambda: None,
+                        images=torch.randn(8, 4), labels=torch.arange(8) % 3)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_side_stream_runs_the_block_after_and_before_the_current_streams_work(monkeypatch):
+    """PyTorch's rule for building DDP before a capture: a fresh stream that waits for the current one
+    first, and that the current one waits for afterwards. Disabled: the block alone, on the current stream."""
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    current = Stream("current")
+
+    @contextlib.contextmanager
+    def on(stream):
+        events.append(f"on {stream.name}")
+        yield
+        events.append(f"off {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    with side_stream(torch.device("cuda", 0)):
+        events.append("block")
+    assert events == ["side waits for current", "on side", "block", "off side", "current waits for side"]
+    events.clear()
+    with side_stream(torch.device("cuda", 0), enabled=False):
+        events.append("block")
+    assert events == ["block"]
 
 
 def _cpu_trainer(cifar_dir, out, graph: bool, resume=None, **changes):

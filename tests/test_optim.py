@@ -159,3 +159,76 @@ def test_no_decay_on_norm_and_bias_when_asked(impl):
         for p in params:
             decayed = decay_all or p.ndim > 1
             assert torch.allclose(p, torch.full_like(p, 0.95 if decayed else 1.0)), (p.ndim, decay_all)
+
+
+# ------------------------------------------------------------------------------- what mutants showed
+def test_lookahead_refuses_k_and_alpha_outside_their_range_and_alpha_1_is_plain_sgd_synced():
+    """k 0 would divide by zero at the first step; alpha 1 (the config's upper edge) is allowed: the slow
+    weights jump to the fast ones, so the trajectory is plain SGD's."""
+    model, data = _problem()
+    for k, alpha in ((0, 0.5), (-1, 0.5), (5, 0.0), (5, 1.5)):
+        with pytest.raises(ValueError, match="Lookahead"):
+            Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=k, alpha=alpha)
+    ref_model, _ = _problem()
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1, clip="none", lookahead_k=3, lookahead_alpha=1.0))
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for x, y in data[:7]:
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad(); _loss(m, x, y).backward(); o.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_a_state_saved_without_lookahead_names_the_fix():
+    model, _ = _problem()
+    plain = build_optimizer(model.parameters(), OptimConfig(lookahead_k=0))
+    with pytest.raises(ValueError, match="saved without Lookahead .*optim.lookahead_k 0"):
+        build_optimizer(model.parameters(), OptimConfig(lookahead_k=5)).load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("impl, name, nesterov", [("torch", "sgd", False), ("torch", "sgd", True),
+                                                  ("fused", "sgd", False), ("fused", "sgd", True),
+                                                  ("torch", "adamw", False)])
+def test_build_optimizer_hands_every_setting_to_the_optimizer(impl, name, nesterov):
+    """Each config value reaches the optimizer: its trajectory is that of torch's optimizer built from
+    the same numbers (none of them a default) inside a Lookahead of the same k and alpha."""
+    cfg = OptimConfig(impl=impl, name=name, lr=0.05, momentum=0.8, nesterov=nesterov, weight_decay=0.01,
+                      betas=[0.8, 0.95], eps=1e-3, clip="none", lookahead_k=3, lookahead_alpha=0.7)
+    model, data = _problem()
+    ref_model, _ = _problem()
+    opt = build_optimizer(model.parameters(), cfg)
+    if name == "sgd":
+        inner = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.8, nesterov=nesterov, weight_decay=0.01)
+    else:
+        inner = torch.optim.AdamW(ref_model.parameters(), lr=0.05, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.01)
+    ref = Lookahead(inner, k=3, alpha=0.7)
+    for x, y in data[:8]:
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad(); _loss(m, x, y).backward(); o.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip, expected", [("value", [0.9, 0.95]), ("norm", [-1.0, 0.95]), ("none", [-1.0, 0.95])])
+def test_the_fused_step_clamps_gradients_only_for_clip_value(clip, expected):
+    """clip norm is the caller's (clip_gradients, before the step): the fused kernel must not also clamp each
+    element to clip_value, which would clip the gradient twice."""
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.tensor([2.0, 0.05])
+    opt = build_optimizer([p], OptimConfig(impl="fused", lr=1.0, momentum=0.0, weight_decay=0.0, clip=clip,
+                                           clip_value=0.1, lookahead_k=0))
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor(expected))
+
+
+def test_the_schedule_sets_every_groups_lr():
+    """optim.decay_norm_and_bias false makes two groups: the one without weight decay follows the schedule
+    too (it kept the peak lr otherwise); `lr` is the lr the next step trains with."""
+    model, _ = _problem()
+    cfg = OptimConfig(lr=0.4, warmup_epochs=1, decay_norm_and_bias=False)
+    opt = build_optimizer(model.parameters(), cfg)
+    sched = LRSchedule(opt, cfg, steps_per_epoch=4, epochs=3)
+    assert len(opt.param_groups) == 2
+    for step in range(12):
+        assert [g["lr"] for g in opt.param_groups] == [sched.lr_at(step)] * 2 and sched.lr == sched.lr_at(step)
+        sched.step()
