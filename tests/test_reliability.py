@@ -430,11 +430,26 @@ def test_the_eta_after_a_mid_epoch_resume_counts_whole_epochs():
     assert trainer_module.eta_seconds(3.0, 10, 10, 0) == 0.0
 
 
+@contextlib.contextmanager
+def disposition(signum: int, handler):
+    """The test process as a launcher might start a run: `handler` for `signum`, the test's own put back after."""
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+def signal_self(signum: int) -> None:
+    """Send this process `signum`, and give Python the moment its handler runs in."""
+    os.kill(os.getpid(), signum)
+    time.sleep(0.05)
+
+
 def test_second_signal_restores_the_default_behaviour():
     # Python's own SIGINT handler first: a process started in the background by a non-interactive
     # shell inherits SIGINT ignored, and then "the previous behaviour" would be to ignore it
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with disposition(signal.SIGINT, signal.default_int_handler):
         stop = StopRequest()
         with stop.installed():
             os.kill(os.getpid(), signal.SIGINT)
@@ -442,31 +457,24 @@ def test_second_signal_restores_the_default_behaviour():
             with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: quit now
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)  # the handler runs at the next bytecode; never reached
-    finally:
-        signal.signal(signal.SIGINT, inherited)
 
 
 def test_sighup_stops_like_sigterm_unless_the_run_was_started_under_nohup():
     """A closed terminal or a dropped ssh session (SIGHUP) saves and stops like a scheduler's SIGTERM
     (exit 129); under nohup, which starts the run with SIGHUP ignored, it stays ignored."""
-    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
+    with disposition(signal.SIGHUP, signal.SIG_DFL):
         stop = StopRequest()
         with stop.installed():
-            os.kill(os.getpid(), signal.SIGHUP)
-            time.sleep(0.05)
+            signal_self(signal.SIGHUP)
             assert stop.requested and stop.name == "SIGHUP"
         assert RunInterrupted("stopped", stop.signum, None).exit_code == 129
         assert RunInterrupted("stopped", None, None).exit_code == 143  # no signal named: a stop request, as SIGTERM
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+    with disposition(signal.SIGHUP, signal.SIG_IGN):  # nohup
         stop = StopRequest()
         with stop.installed():
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-            os.kill(os.getpid(), signal.SIGHUP)
-            time.sleep(0.05)
+            signal_self(signal.SIGHUP)
             assert not stop.requested
-    finally:
-        signal.signal(signal.SIGHUP, inherited)
 
 
 def test_a_closed_stdout_pipe_never_stops_the_run(cifar_dir, tmp_path):
@@ -501,33 +509,24 @@ def test_a_repeat_after_the_launchers_window_ends_the_process_by_the_default_act
     # recorded with the disposition it meets: the default one, else the signal would come back to the
     # handler, which would raise it again, forever, instead of ending the process
     monkeypatch.setattr(signal, "raise_signal", lambda signum: raised.append((signum, signal.getsignal(signum))))
-    inherited = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
+    with disposition(signal.SIGTERM, signal.SIG_DFL):
         stop = StopRequest(repeat_window_s=0.01)
         with stop.installed():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
+            signal_self(signal.SIGTERM)
             assert stop.requested and raised == []
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
+            signal_self(signal.SIGTERM)
         assert raised == [(signal.SIGTERM, signal.SIG_DFL)]
-    finally:
-        signal.signal(signal.SIGTERM, inherited)
 
 
 def test_an_inherited_ignored_sigterm_is_still_handled():
     """Only SIGHUP keeps an ignored disposition it inherits (nohup asks for that): a run started with
     SIGTERM ignored still saves and stops on the scheduler's SIGTERM, and is left ignoring it after."""
-    inherited = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
+    with disposition(signal.SIGTERM, signal.SIG_IGN):
         stop = StopRequest()
         with stop.installed():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
+            signal_self(signal.SIGTERM)
             assert stop.requested and stop.name == "SIGTERM"
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGTERM, inherited)
 
 
 def test_a_handler_python_cannot_name_is_given_back_as_the_default(monkeypatch):
@@ -535,14 +534,12 @@ def test_a_handler_python_cannot_name_is_given_back_as_the_default(monkeypatch):
     extension), which signal.signal cannot take back: the block ends with the default action there
     instead of failing on its way out (and masking what the run raised)."""
     real_getsignal = signal.getsignal
-    inherited = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    monkeypatch.setattr(signal, "getsignal", lambda signum: None if signum == signal.SIGTERM else real_getsignal(signum))
-    try:
+    with disposition(signal.SIGTERM, signal.SIG_IGN):
+        monkeypatch.setattr(signal, "getsignal",
+                            lambda signum: None if signum == signal.SIGTERM else real_getsignal(signum))
         with StopRequest().installed():
             assert real_getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
         assert real_getsignal(signal.SIGTERM) == signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGTERM, inherited)
 
 
 def test_a_stop_request_outside_the_main_thread_installs_nothing():
@@ -588,8 +585,7 @@ def test_raising_block_turns_a_signal_into_the_error_at_once():
     with later.installed():
         with later.raising(lambda signum: Stopped(signum)):
             pass
-        os.kill(os.getpid(), signal.SIGTERM)  # after the block: the flag only
-        time.sleep(0.05)
+        signal_self(signal.SIGTERM)  # after the block: the flag only
         assert later.requested
 
 
