@@ -77,10 +77,11 @@ def accuracy_target(text: str) -> float:
 
 def add_targets_argument(parser: argparse.ArgumentParser, default: list[float], split: str) -> None:
     """--targets, as both time_to_accuracy.py and recipe_ablation.py take it (checked by check_targets)."""
+    shown = " ".join(f"{t:g}" for t in default)
     parser.add_argument("--targets", type=accuracy_target, nargs="+", default=default,
                         help=f"{split} accuracies in percent; `apaper` is A_paper, the paper's recipe on our data "
-                             f"(benchmarks/results/2026-11-26-h200-apaper), e.g. --targets apaper "
-                             f"{' '.join(f'{t:g}' for t in default)} (default: {' '.join(f'{t:g}' for t in default)})")
+                             f"(benchmarks/results/2026-11-26-h200-apaper), e.g. --targets apaper {shown} "
+                             f"(default: {shown})")
 
 
 def check_targets(targets: list[float]) -> None:
