@@ -19,6 +19,13 @@ def _loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
+def _step(model, opt, x, y) -> None:
+    """One training step of `model` on the batch (x, y) with `opt`."""
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    opt.step()
+
+
 @pytest.mark.parametrize("k, alpha", [(1, 0.5), (5, 0.5), (3, 0.8)])
 def test_lookahead_matches_a_hand_written_reference(k, alpha):
     model, data = _problem()
@@ -28,9 +35,7 @@ def test_lookahead_matches_a_hand_written_reference(k, alpha):
     slow = [p.detach().clone() for p in ref_model.parameters()]
     for step, (x, y) in enumerate(data, start=1):
         for m, o in ((model, opt), (ref_model, ref_opt)):
-            o.zero_grad()
-            _loss(m, x, y).backward()
-            o.step()
+            _step(m, o, x, y)
         if step % k == 0:
             with torch.no_grad():
                 for s, p in zip(slow, ref_model.parameters()):
@@ -46,21 +51,21 @@ def test_state_dict_round_trip_resumes_identically(name):
     model, data = _problem()
     opt = build_optimizer(model.parameters(), cfg)
     for x, y in data[:7]:  # stop mid Lookahead period
-        opt.zero_grad(); _loss(model, x, y).backward(); opt.step()
+        _step(model, opt, x, y)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = opt.state_dict()
     torch.save(saved_opt, buf := __import__("io").BytesIO())
     buf.seek(0)
     loaded_opt_state = torch.load(buf, weights_only=True)
     for x, y in data[7:]:
-        opt.zero_grad(); _loss(model, x, y).backward(); opt.step()
+        _step(model, opt, x, y)
 
     model2, _ = _problem(seed=1)  # other initial weights: everything must come from the checkpoint
     model2.load_state_dict(saved_model)
     opt2 = build_optimizer(model2.parameters(), cfg)
     opt2.load_state_dict(loaded_opt_state)
     for x, y in data[7:]:
-        opt2.zero_grad(); _loss(model2, x, y).backward(); opt2.step()
+        _step(model2, opt2, x, y)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
 
@@ -174,7 +179,7 @@ def test_lookahead_refuses_k_and_alpha_outside_their_range_and_alpha_1_is_plain_
     ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for x, y in data[:7]:
         for m, o in ((model, opt), (ref_model, ref)):
-            o.zero_grad(); _loss(m, x, y).backward(); o.step()
+            _step(m, o, x, y)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
@@ -204,7 +209,7 @@ def test_build_optimizer_hands_every_setting_to_the_optimizer(impl, name, nester
     ref = Lookahead(inner, k=3, alpha=0.7)
     for x, y in data[:8]:
         for m, o in ((model, opt), (ref_model, ref)):
-            o.zero_grad(); _loss(m, x, y).backward(); o.step()
+            _step(m, o, x, y)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
