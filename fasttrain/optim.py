@@ -81,8 +81,13 @@ class Lookahead(torch.optim.Optimizer):
             if any("slow_param" in s for s in state_dict.get("state", {}).values()):  # the fused step's layout
                 raise ValueError("this optimizer state keeps its Lookahead slow weights per parameter: it was "
                                  "saved by optim.impl fused (set it to resume it)")
-            raise ValueError("this optimizer state has no Lookahead slow weights: it was saved without "
-                             "Lookahead (set optim.lookahead_k 0 to resume it)")
+            # saved without Lookahead: it starts here, its slow weights the (already loaded) parameters,
+            # as at construction; the fused step does the same with such a state
+            self.optimizer.load_state_dict(state_dict)
+            self.lookahead_step = 0
+            with torch.no_grad():
+                torch._foreach_copy_(self.slow, self._params())
+            return
         params = self._params()
         if len(la["slow"]) != len(params):
             raise ValueError(f"Lookahead state holds {len(la['slow'])} slow tensors, the model has {len(params)}")
@@ -122,6 +127,21 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
         inner = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, foreach=True)
     return Lookahead(inner, cfg.lookahead_k, cfg.lookahead_alpha) if cfg.lookahead_k > 0 else inner
+
+
+def with_hyperparameters_of(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """`state` (a saved optimizer state) with `optimizer`'s own settings in its param groups.
+
+    torch's load_state_dict brings back every saved group setting (momentum, weight decay, Nesterov,
+    AdamW's betas, the fused step's clipping and Lookahead k), so a resume under a changed config would
+    go on with the old values while saying it uses the new ones. The learning rate is the schedule's
+    to set. Groups that do not pair up are left for load_state_dict to refuse."""
+    saved = state.get("param_groups")
+    if not isinstance(saved, list) or len(saved) != len(optimizer.param_groups):
+        return state
+    groups = [{**old, **{k: v for k, v in new.items() if k != "params"}}
+              for old, new in zip(saved, optimizer.param_groups) if isinstance(old, dict)]
+    return {**state, "param_groups": groups} if len(groups) == len(saved) else state
 
 
 def clips_inside_step(optimizer: torch.optim.Optimizer) -> bool:

@@ -22,9 +22,10 @@ import torch
 
 from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
                                   rng_state, set_rng_state, unwrap, write_checkpoint)
-from fasttrain.config import config_changes, config_from_dict, config_to_dict
+from fasttrain.config import Config, config_changes, config_from_dict, config_to_dict
 from fasttrain.distributed import all_gather_objects, barrier
 from fasttrain.export import KIND as EXPORT_KIND
+from fasttrain.optim import with_hyperparameters_of
 from fasttrain.signals import RunInterrupted
 
 ENGINE_MODEL_KEYS = ("se_impl", "max_params")  # model keys a resume may change: not the architecture
@@ -126,27 +127,14 @@ class Resumable:
         if dataclasses.replace(saved.model, **engine) != self.cfg.model:
             raise CheckpointError(f"{path} was trained with another model section than this config's; "
                                   "resume with the config saved in the run folder (config.yaml)")
-        changed = config_changes(saved, self.cfg)
-        if changed:  # allowed (a longer run, a new engine switch), but the user must know it is not exact
-            schedule = any(c.startswith(("optim.", "train.epochs ", "train.batch_size ")) for c in changed)
-            self.console.warn(f"{path} was trained with another config: {'; '.join(changed)}. The run goes on "
-                              "under this config's values"
-                              + (" (the learning-rate schedule follows its epochs and rates from here)"
-                                 if schedule else "") + ": not an exact continuation")
         trained_on = ckpt.get("data_source")
         if trained_on and trained_on != self.data.source:  # another folder (FASTTRAIN_DATA unset: ./data, maybe
             # downloaded there: the official images under a run of the JPEG stand-in), or another split
             self.console.warn(f"{path} was trained on {trained_on}; this run reads {self.data.source}. If that is "
                               "not the same data in another place, pass the --data.dir it was trained on")
         unwrap(self.model).load_state_dict(ckpt["model"])
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:  # another optimizer, grouping or Lookahead setting
-            raise CheckpointError(
-                f"{path} holds optimizer state this config's optimizer cannot take ({e}); it was saved with "
-                f"optim.name {saved.optim.name}, impl {saved.optim.impl}, lookahead_k {saved.optim.lookahead_k}, "
-                f"decay_norm_and_bias {saved.optim.decay_norm_and_bias}: resume with the config saved in the "
-                "run folder (config.yaml)") from e
+        self._load_optimizer(path, ckpt["optimizer"], saved)
+        self._warn_config_changes(path, saved)
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -190,6 +178,39 @@ class Resumable:
         self._last_saved = ((self.start_epoch, self.start_step), path)
         mid = f" and {self.start_step} steps of epoch {self.start_epoch + 1}" if self.start_step else ""
         self.console.info(f"resumed {path} after epoch {self.start_epoch}{mid}")
+
+    def _load_optimizer(self, path: Path, state: dict, saved: Config) -> None:
+        """The optimizer's state, under this config's settings (after the model's weights: Lookahead new to
+        the run starts from them)."""
+        if saved.optim.name != self.cfg.optim.name:  # SGD's and AdamW's per-parameter states have nothing in common
+            raise CheckpointError(f"{path} was trained with optim.name {saved.optim.name}, this config has "
+                                  f"{self.cfg.optim.name}: resume with the config saved in the run folder (config.yaml)")
+        try:  # under this config's momentum, weight decay, Lookahead... (a changed value is warned of below)
+            self.optimizer.load_state_dict(with_hyperparameters_of(self.optimizer, state))
+        except (ValueError, KeyError) as e:  # another optimizer, grouping or Lookahead setting
+            raise CheckpointError(
+                f"{path} holds optimizer state this config's optimizer cannot take ({e}); it was saved with "
+                f"optim.name {saved.optim.name}, impl {saved.optim.impl}, lookahead_k {saved.optim.lookahead_k}, "
+                f"decay_norm_and_bias {saved.optim.decay_norm_and_bias}: resume with the config saved in the "
+                "run folder (config.yaml)") from e
+
+    def _warn_config_changes(self, path: Path, saved: Config) -> None:
+        """Changes from the saved config are allowed (a longer run, a new engine switch), but the user
+        must know the run is not an exact continuation."""
+        changed = config_changes(saved, self.cfg)
+        if changed:
+            schedule = any(c.startswith(("optim.", "train.epochs ", "train.batch_size ")) for c in changed)
+            self.console.warn(f"{path} was trained with another config: {'; '.join(changed)}. The run goes on "
+                              "under this config's values"
+                              + (" (the learning-rate schedule follows its epochs and rates from here)"
+                                 if schedule else "") + ": not an exact continuation")
+        lookahead = saved.optim.lookahead_k > 0, self.cfg.optim.lookahead_k > 0
+        if lookahead == (False, True):
+            self.console.warn(f"{path} was trained without Lookahead: Lookahead starts here, its slow weights "
+                              "the resumed ones")
+        elif lookahead == (True, False):
+            self.console.warn(f"{path} was trained with Lookahead: its slow weights are dropped and training goes on "
+                              "from the fast weights it saved")
 
     def _restore_rng(self, ckpt: dict) -> None:
         """This rank's own RNG state when the checkpoint holds one per rank for this many ranks (under

@@ -334,6 +334,9 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
                 "lr_key": [None] * num_groups, "hp_key": None}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if "lookahead" in state_dict:  # fasttrain.optim.Lookahead's layout: slow weights beside the inner state
+            raise ValueError("this optimizer state keeps its Lookahead slow weights apart from the per-parameter "
+                             "state: it was saved by optim.impl torch (set it to resume it)")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             self._validate(group)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fasttrain.config import OptimConfig
-from fasttrain.optim import LRSchedule, Lookahead, build_optimizer, clip_gradients
+from fasttrain.optim import LRSchedule, Lookahead, build_optimizer, clip_gradients, with_hyperparameters_of
 
 
 def _problem(seed=0):
@@ -184,11 +184,38 @@ def test_lookahead_refuses_k_and_alpha_outside_their_range_and_alpha_1_is_plain_
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
-def test_a_state_saved_without_lookahead_names_the_fix():
-    model, _ = _problem()
+def test_a_state_saved_without_lookahead_starts_lookahead_at_the_current_weights():
+    """A resume that switches Lookahead on: the inner state loads and the slow weights are the parameters
+    as they are now (the resumed ones), not those the optimizer was built with; the k-step count restarts."""
+    model, data = _problem()
     plain = build_optimizer(model.parameters(), OptimConfig(lookahead_k=0))
-    with pytest.raises(ValueError, match="saved without Lookahead .*optim.lookahead_k 0"):
-        build_optimizer(model.parameters(), OptimConfig(lookahead_k=5)).load_state_dict(plain.state_dict())
+    for x, y in data[:2]:
+        _step(model, plain, x, y)
+    opt = build_optimizer(model.parameters(), OptimConfig(lookahead_k=5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what loading the checkpoint's weights does after the optimizer was built
+    opt.lookahead_step = 3
+    opt.load_state_dict(plain.state_dict())
+    assert opt.lookahead_step == 0
+    for s, p in zip(opt.slow, model.parameters()):
+        torch.testing.assert_close(s, p.detach(), rtol=0, atol=0)
+    for p in model.parameters():
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], plain.state[p]["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_with_hyperparameters_of_keeps_the_saved_state_and_takes_the_optimizers_settings():
+    model, data = _problem()
+    old = build_optimizer(model.parameters(), OptimConfig(lookahead_k=0, momentum=0.9, weight_decay=5e-4))
+    _step(model, old, *data[0])
+    new = build_optimizer(model.parameters(), OptimConfig(lookahead_k=0, momentum=0.5, weight_decay=0.01))
+    saved = old.state_dict()
+    merged = with_hyperparameters_of(new, saved)
+    assert merged["state"] is saved["state"] and merged["param_groups"][0]["params"] == saved["param_groups"][0]["params"]
+    assert (merged["param_groups"][0]["momentum"], merged["param_groups"][0]["weight_decay"]) == (0.5, 0.01)
+    assert saved["param_groups"][0]["momentum"] == 0.9  # the saved dict itself is left alone
+    two_groups = build_optimizer(model.parameters(), OptimConfig(lookahead_k=0, decay_norm_and_bias=False))
+    assert with_hyperparameters_of(two_groups, saved) is saved  # groups that do not pair: load_state_dict refuses
 
 
 @pytest.mark.parametrize("impl, name, nesterov", [("torch", "sgd", False), ("torch", "sgd", True),

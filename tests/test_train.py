@@ -211,18 +211,74 @@ def test_resume_with_another_optimizer_grouping_is_a_clear_error(cifar_dir, tmp_
 
 
 @pytest.mark.parametrize("saved, resumed, reason", [
-    ("torch", "fused", "'clip_value'"),
+    ("torch", "fused", "slow weights apart from the per-parameter state: it was saved by optim.impl torch"),
     ("fused", "torch", "slow weights per parameter: it was saved by optim.impl fused")])
 def test_resume_with_another_optimizer_implementation_is_a_clear_error(cifar_dir, tmp_path, saved, resumed, reason):
-    """optim.impl torch -> fused: the fused optimizer misses entries of its own in the saved state (a KeyError
-    inside its load_state_dict, where another grouping gives a ValueError): the same clear error, no traceback.
-    fused -> torch: the reason names the fused step's layout of the Lookahead state, not "saved without
-    Lookahead" (both runs had it)."""
+    """The two implementations keep Lookahead's slow weights in different layouts: each refuses the
+    other's by name, instead of starting its slow weights afresh unnoticed (torch -> fused) or reading the
+    state as saved without Lookahead (fused -> torch)."""
     Trainer(tiny_config(cifar_dir, tmp_path, optim__impl=saved), device="cpu", console=quiet()).save_checkpoint(1)
     other = tiny_config(cifar_dir, tmp_path, optim__impl=resumed)
     with pytest.raises(CheckpointError, match=r"optimizer state this config's optimizer cannot take") as refused:
         Trainer(other, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
     assert reason in str(refused.value) and f"impl {saved}, lookahead_k 3" in str(refused.value)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_a_resume_trains_with_the_configs_optimizer_settings_not_the_saved_ones(cifar_dir, tmp_path, impl):
+    """torch's load_state_dict brings back every saved param-group setting: without care a resume under
+    another momentum, weight decay or Nesterov would train on with the old ones while its warning says
+    "under this config's values". The learning rate stays the schedule's."""
+    Trainer(tiny_config(cifar_dir, tmp_path, optim__impl=impl), device="cpu", console=quiet()).save_checkpoint(1)
+    changed = tiny_config(cifar_dir, tmp_path, optim__impl=impl, optim__momentum="0.5", optim__weight_decay="0.01",
+                          optim__nesterov="false", optim__lookahead_alpha="0.25")
+    resumed = Trainer(changed, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
+    group = resumed.optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.5, 0.01, False)
+    alpha = group["lookahead_alpha"] if impl == "fused" else resumed.optimizer.alpha
+    assert alpha == 0.25
+    assert float(group["lr"]) == pytest.approx(resumed.schedule.lr_at(resumed.schedule.step_count))
+
+
+@pytest.mark.parametrize("saved, resumed", [("sgd", "adamw"), ("adamw", "sgd")])
+def test_resume_with_another_optimizer_is_refused_by_name(cifar_dir, tmp_path, saved, resumed):
+    """SGD's and AdamW's states share nothing: AdamW -> SGD would quietly drop the moments (torch's SGD
+    takes the state and starts its momentum at zero), so both directions are refused, naming both."""
+    Trainer(tiny_config(cifar_dir, tmp_path, optim__name=saved), device="cpu", console=quiet()).save_checkpoint(1)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=f"optim.name {saved}, this config has {resumed}.*config.yaml"):
+        Trainer(tiny_config(cifar_dir, tmp_path, optim__name=resumed), device="cpu", console=quiet(),
+                resume=tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_lookahead_switched_on_at_a_resume_starts_from_the_resumed_weights(cifar_dir, tmp_path, impl):
+    """lookahead_k 0 -> 3, both implementations alike: the slow weights are the resumed weights (not the
+    new run's initialisation), momentum continues, and a warning says so; 3 -> 0 says the slow weights go."""
+    said = []
+    console = quiet()
+    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    Trainer(tiny_config(cifar_dir, tmp_path, optim__impl=impl, optim__lookahead_k="0", train__epochs="1"),
+            device="cpu", console=quiet()).fit()
+    saved = load_checkpoint(tmp_path / "last.pt")
+    resumed = Trainer(tiny_config(cifar_dir, tmp_path, optim__impl=impl, optim__lookahead_k="3", train__epochs="2"),
+                      device="cpu", console=console, resume=tmp_path / "last.pt")
+    params = [p for g in resumed.optimizer.param_groups for p in g["params"]]
+    slow = (resumed.optimizer.slow if impl == "torch"
+            else [resumed.optimizer.state[p]["slow_param"] for p in params])
+    names = [n for n, p in resumed.model.named_parameters()]
+    assert len(slow) == len(names) > 0
+    for i, (name, s, p) in enumerate(zip(names, slow, params)):
+        torch.testing.assert_close(s, saved["model"][name], rtol=0, atol=0)
+        torch.testing.assert_close(resumed.optimizer.state[p]["momentum_buffer"],
+                                   saved["optimizer"]["state"][i]["momentum_buffer"], rtol=0, atol=0)
+    assert any("trained without Lookahead: Lookahead starts here" in line for line in said), said
+    resumed.fit()
+    said.clear()
+    Trainer(tiny_config(cifar_dir, tmp_path, optim__impl=impl, optim__lookahead_k="0", train__epochs="3"),
+            device="cpu", console=console, resume=tmp_path / "last.pt")
+    assert any("trained with Lookahead: its slow weights are dropped" in line for line in said), said
 
 
 def test_cli_dry_run_json(cifar_dir):
