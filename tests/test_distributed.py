@@ -55,6 +55,13 @@ RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "last.pt", "prev.pt
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def launcher_temp_dir(tmp_path, monkeypatch):
+    """torchrun leaves a torchelastic_* folder of logs in the temp dir at every launch: the children
+    inherit this test's tmp_path as TMPDIR (worker_env copies the environment), which pytest prunes."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
