@@ -185,6 +185,14 @@ def select_weights(ckpt: dict, weights: str, source: str) -> tuple[str, dict]:
     when the run kept an EMA, train.ema_decay > 0, else the model's) | ema | model."""
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_CHOICES)}")
+    exported = ckpt.get("export")  # an exported weights file (python -m fasttrain export): one set, under "model"
+    if isinstance(exported, dict) and exported.get("weights") in ("ema", "model"):
+        held = exported["weights"]
+        if weights not in ("auto", held):
+            what = "the EMA's weights" if held == "ema" else "the model's weights (not the EMA's)"
+            raise CheckpointError(f"{source} is an exported weights file that holds {what} only: use --weights "
+                                  f"{held} (or auto)")
+        return held, ckpt["model"]
     ema = ckpt.get("ema")
     if weights == "ema" and ema is None:
         raise CheckpointError(f"{source} holds no EMA weights (it was trained with train.ema_decay 0): "
@@ -294,5 +302,6 @@ def find_resume_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = pr
              "optimizer state to resume from")
     if candidates:
         raise CheckpointError(f"no usable checkpoint in {str(run_dir)!r}: " + "; ".join(problems) + ". Resume "
-                              "from a good copy with --resume PATH, or start the run afresh with --overwrite")
+                              "from a good copy with --resume PATH, or start the run afresh with --overwrite "
+                              "instead of --resume auto")
     return None

@@ -278,8 +278,10 @@ def cmd_plot(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export}
-# what a Ctrl-C outside the training loop left behind (checkpoints and exports are written atomically)
-INTERRUPTED = {"train": "interrupted: nothing was written after the run's last checkpoint (if it has one)",
+# what a Ctrl-C outside the training loop left behind (checkpoints and exports are written atomically; an
+# epoch's metrics row is written before its checkpoint, and a resume drops the rows after its checkpoint)
+INTERRUPTED = {"train": "interrupted: --resume auto goes on from the run's last checkpoint, if it has one (metrics "
+                        "rows written after it are dropped then)",
                "export": "interrupted: OUT was not written"}
 
 

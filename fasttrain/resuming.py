@@ -26,6 +26,7 @@ from fasttrain.config import Config, config_changes, config_from_dict, config_to
 from fasttrain.distributed import all_gather_objects, barrier
 from fasttrain.export import KIND as EXPORT_KIND
 from fasttrain.optim import with_hyperparameters_of
+from fasttrain.run_folder import resumes_another_folder
 from fasttrain.signals import RunInterrupted
 
 ENGINE_MODEL_KEYS = ("se_impl", "max_params")  # model keys a resume may change: not the architecture
@@ -98,15 +99,16 @@ class Resumable:
                 raise TrainingError(
                     f"could not write the checkpoint {path}: {e.strerror or e}. {self._kept_checkpoint_note()} "
                     f"Free space in {self.run_dir} (or make it writable) and continue with:\n  "
-                    f"{self._resume_auto_command()}") from e
+                    f"{self._continue_command()}") from e
         barrier(self.dist)
         self._last_saved = ((epoch, step_in_epoch), path)
         return path
 
     def _kept_checkpoint_note(self) -> str:
-        last = self.run_dir / LAST
-        if last.is_file():
-            return f"The last good checkpoint ({last}) is kept."
+        """The newest good checkpoint of this run's line: the one this process last wrote or resumed from
+        (not whatever last.pt holds: `--resume auto` may have skipped it as damaged and gone on from prev.pt)."""
+        if self._last_saved is not None:
+            return f"The last good checkpoint ({self._last_saved[1]}) is kept."
         return "No checkpoint was written for this run."
 
     # ---------------------------------------------------------------- resuming
@@ -128,8 +130,10 @@ class Resumable:
             raise CheckpointError(f"{path} was trained with another model section than this config's; "
                                   "resume with the config saved in the run folder (config.yaml)")
         trained_on = ckpt.get("data_source")
-        if trained_on and trained_on != self.data.source:  # another folder (FASTTRAIN_DATA unset: ./data, maybe
-            # downloaded there: the official images under a run of the JPEG stand-in), or another split
+        # another folder (FASTTRAIN_DATA unset: ./data, maybe downloaded there: the official images under a run
+        # of the JPEG stand-in). The rest of the source (the split, the loader) is config: named in the warning
+        # of config changes, and no --data.dir would bring it back
+        if trained_on and trained_on.rsplit("; ", 2)[0] != self.data.source.rsplit("; ", 2)[0]:  # see build_data
             self.console.warn(f"{path} was trained on {trained_on}; this run reads {self.data.source}. If that is "
                               "not the same data in another place, pass the --data.dir it was trained on")
         unwrap(self.model).load_state_dict(ckpt["model"])
@@ -154,17 +158,25 @@ class Resumable:
         self._epoch_partial = partial if self.start_step and well_formed else None
         self._restore_rng(ckpt)
         saved_steps = int(ckpt.get("steps_per_epoch", self.steps_per_epoch))
+        saved_world = int(ckpt.get("world_size", 1))
         if self.start_step and saved_steps != self.steps_per_epoch:
             # the position inside the epoch only means something for the same batches
+            cause = ("another train.batch_size or data subset): resume with the config saved in the run folder "
+                     "(config.yaml)" if saved_world == self.dist.world_size else
+                     f"steps per epoch are per rank, and it was saved by {saved_world} rank(s), this run has "
+                     f"{self.dist.world_size}): resume it on {saved_world} rank(s)")
             raise CheckpointError(
                 f"{path} was saved after step {self.start_step} of epoch {self.start_epoch + 1} with "
-                f"{saved_steps} steps per epoch, but this config gives {self.steps_per_epoch} (another "
-                "train.batch_size or data subset): resume with the config saved in the run folder (config.yaml)")
-        if saved_steps != self.steps_per_epoch:  # e.g. resumed with another number of ranks
+                f"{saved_steps} steps per epoch, but this run gives {self.steps_per_epoch} ({cause}")
+        if saved_steps != self.steps_per_epoch:  # another batch size, number of ranks or data subset
             self.schedule.load_state_dict({"step_count": self.start_epoch * self.steps_per_epoch})
+            saved_batch = saved.train.batch_size * saved_world
+            batch = self.cfg.train.batch_size * self.dist.world_size
+            change = (f"the global batch changes ({saved_batch} -> {batch})" if saved_batch != batch
+                      else "the training images per epoch change")
             self.console.warn(
-                f"{path} was trained with {saved_steps} steps per epoch on {ckpt.get('world_size', 1)} rank(s); "
-                f"this run has {self.steps_per_epoch} on {self.dist.world_size}: the global batch changes, and the "
+                f"{path} was trained with {saved_steps} steps per epoch on {saved_world} rank(s); "
+                f"this run has {self.steps_per_epoch} on {self.dist.world_size}: {change}, and the "
                 f"learning-rate schedule continues from epoch {self.start_epoch}")
         if self.start_step:
             self._warn_inexact_mid_epoch(path, ckpt)
@@ -242,8 +254,12 @@ class Resumable:
     # ---------------------------------------------------------------- a stop on a signal
     def _stop_run(self, epoch: int, step: int, partial: dict | None = None) -> None:
         """Checkpoint the position reached (unless exactly that is saved already), raise RunInterrupted.
-        `partial`: the sums of the epoch's `step` steps (see checkpoint_state)."""
-        if self._last_saved is not None and self._last_saved[0] == (epoch, step):
+        `partial`: the sums of the epoch's `step` steps (see checkpoint_state). A position saved only in
+        another folder (a run continued here from there, stopped before its first step) is saved here too:
+        this folder refuses a resume of another folder's checkpoint once it holds the run's config.yaml, and
+        `--resume auto` here would find nothing and start over."""
+        if (self._last_saved is not None and self._last_saved[0] == (epoch, step)
+                and not resumes_another_folder(Path(self._last_saved[1]), self.run_dir)):
             path = self._last_saved[1]
         else:
             path = self.save_checkpoint(epoch, step_in_epoch=step, partial=partial)
@@ -264,6 +280,16 @@ class Resumable:
     def _resume_auto_command(self) -> str:
         """The command that continues this run from the newest good checkpoint of its folder."""
         return self._resume_command(f"auto --output.dir {shlex.quote(str(self.run_dir))}")
+
+    def _continue_command(self) -> str:
+        """The command that continues this run from its newest good checkpoint: `--resume auto` in its folder,
+        unless that checkpoint lies in another folder (a run continued here that saved nothing here yet: auto
+        would start over). Then that checkpoint, into this folder, whose config.yaml and metrics.jsonl
+        (nothing the checkpoint does not hold) --overwrite replaces."""
+        if self._last_saved is None or not resumes_another_folder(Path(self._last_saved[1]), self.run_dir):
+            return self._resume_auto_command()
+        return (self._resume_command(shlex.quote(str(self._last_saved[1])))
+                + f" --output.dir {shlex.quote(str(self.run_dir))} --overwrite")
 
     def _resume_launcher(self) -> str:
         """What starts the resumed run: `python` for one process; under torchrun a launch of as many ranks,

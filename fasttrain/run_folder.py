@@ -28,6 +28,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CURVES = "curves.png"  # `python -m fasttrain plot`'s default image
 LOCK = ".fasttrain.lock"  # held by the process writing the folder; removed when it ends
+TB_EVENTS = "events.out.tfevents.*"  # TensorBoard's event files (output.tensorboard, fasttrain/tb.py)
 
 
 def resumes_another_folder(resume_path: Path | None, run_dir: Path) -> bool:
@@ -160,9 +161,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume_path: Path | None, comple
     moved = resumes_another_folder(resume_path, run_dir)
     keep_metrics(run_dir, completed_epochs, resume_path.resolve().parent / METRICS if moved else None, warn)
     fresh = resume_path is None or moved
-    if fresh:  # nothing of a replaced run stays to pass for this one's (its curves included)
-        for name in (LAST, PREVIOUS, SUMMARY, CURVES):
-            (run_dir / name).unlink(missing_ok=True)
+    if fresh:  # nothing of a replaced run stays to pass for this one's (its curves included: TensorBoard's too,
+        # also when this run writes none)
+        for path in [run_dir / name for name in (LAST, PREVIOUS, SUMMARY, CURVES)] + list(run_dir.glob(TB_EVENTS)):
+            path.unlink(missing_ok=True)
     return fresh
 
 

@@ -38,7 +38,7 @@ def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tm
     assert out.stat().st_size < (run / "last.pt").stat().st_size / 2
 
     from_checkpoint, from_export = eval_json(run / "last.pt", cifar_dir), eval_json(out, cifar_dir)
-    assert from_checkpoint["weights"] == "ema" and from_export["weights"] == "model"  # the EMA, stored as the model
+    assert from_checkpoint["weights"] == "ema" and from_export["weights"] == "ema"  # the EMA, stored as the model
     assert from_export["test_acc"] == from_checkpoint["test_acc"] == summary["final_test_acc"]
     # --tta all: every mode from one load, each the figure of its own mode
     every = eval_json(out, cifar_dir, "--tta", "all")
@@ -49,6 +49,23 @@ def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tm
                    "--tta", "all").stdout
     assert line.startswith(f"test accuracy: {every['test_acc']:.2f}% (no TTA), "
                            f"{every['test_acc_by_tta']['flip']:.2f}% (flip TTA), ")
+
+
+def test_an_exported_ema_is_named_and_taken_as_the_ema(run, cifar_dir, tmp_path):
+    """The export of an EMA run holds the EMA's weights (stored under "model"): eval must call them the
+    EMA's, --weights ema must take them (not refuse them as if the run had had no EMA), and --weights model
+    must be refused, since the live weights are not in the file."""
+    from fasttrain.evaluate import evaluate_checkpoint
+
+    out = tmp_path / "weights.pt"
+    run_cli("export", str(run / "last.pt"), str(out))
+    result = evaluate_checkpoint(out, device="cpu", data_dir=str(cifar_dir))
+    assert result["weights"] == "ema", result
+    chosen = evaluate_checkpoint(out, device="cpu", data_dir=str(cifar_dir), weights="ema")
+    assert chosen["weights"] == "ema" and chosen["test_acc"] == result["test_acc"]
+    with pytest.raises(CheckpointError) as refused:
+        evaluate_checkpoint(out, device="cpu", data_dir=str(cifar_dir), weights="model")
+    assert "ema_decay 0" not in str(refused.value) and "EMA" in str(refused.value), str(refused.value)
 
 
 def test_eval_tta_all_reports_each_mode_under_its_own_name(run, cifar_dir, monkeypatch):
@@ -214,8 +231,8 @@ def test_load_model_as_the_readme_uses_it_scores_what_eval_scores(run, cifar_dir
     with torch.no_grad():
         predicted = model((images.float() / 255 - mean) / std).argmax(1)
     accuracy = 100.0 * (predicted == torch.from_numpy(data.test_y[:n])).float().mean().item()
-    # an export keeps one set of weights (the EMA's), under "model"
-    assert measured["weights"] == ("ema" if which == "checkpoint" else "model")
+    # an export keeps one set of weights (the EMA's), under "model", and says whose they are
+    assert measured["weights"] == "ema"
     assert abs(accuracy - measured["test_acc"]) <= 100.0 / n  # at most one image apart (summation order)
 
 

@@ -319,6 +319,47 @@ def test_a_resume_with_another_batch_count_replans_the_schedule_from_its_epoch(c
     assert "train.batch_size 64 -> 32" in said and "(the learning-rate schedule follows its epochs" in said
 
 
+def test_a_resume_on_another_data_subset_says_what_changed_and_not_to_pass_another_data_dir(cifar_dir, tmp_path,
+                                                                                            reference_run):
+    """Another data.train_subset under the same batch size gives another number of steps per epoch: the
+    global batch is the same (64), and the data is read from the same folder, so neither "the global batch
+    changes" nor "pass the --data.dir it was trained on" may be said (the config warning names the subset)."""
+    said = []
+    console = quiet()
+    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    resumed = Trainer(tiny_config(cifar_dir, run, "--data.train_subset", "1280"), device="cpu", console=console,
+                      resume=run / "last.pt")
+    assert resumed.steps_per_epoch == 2 * STEPS and resumed.cfg.train.batch_size == 64
+    said = " ".join(" ".join(said).split())  # rich wraps long lines
+    assert "data.train_subset 640 -> 1280" in said
+    assert f"{STEPS} steps per epoch on 1 rank(s); this run has {2 * STEPS} on 1" in said
+    assert "the global batch changes" not in said, said
+    assert "--data.dir" not in said, said
+
+
+def test_a_mid_epoch_checkpoint_of_two_ranks_with_other_steps_per_epoch_names_the_ranks_as_the_cause(cifar_dir,
+                                                                                                     tmp_path):
+    """A mid-epoch checkpoint of a 2-rank run (5 steps per epoch each) cannot go on in one process (10): the
+    refusal must name the ranks, not another batch size or data subset, and not send the user to the run
+    folder's config.yaml, which is the very config this resume used."""
+    from fasttrain.distributed import DistInfo
+
+    run = tmp_path / "run"
+    cfg = tiny_config(cifar_dir, run)
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    trainer.dist, trainer.steps_per_epoch = DistInfo(rank=0, world_size=2), STEPS // 2  # a 2-rank run's shard
+    partial = {"loss_sum": 6.5, "correct": 40, "seen": 384, "steps": 3}
+    write_checkpoint(trainer.checkpoint_state(0, 3, rank_rng=None, partial=partial), run / "last.pt")
+    save_config(cfg, run / "config.yaml")
+    with pytest.raises(CheckpointError) as refused:
+        Trainer(load_config(run / "config.yaml"), device="cpu", console=quiet(), resume=run / "last.pt")
+    message = str(refused.value)
+    assert f"{STEPS // 2} steps per epoch" in message and "2 rank(s)" in message, message
+    assert "another train.batch_size or data subset" not in message and "config.yaml" not in message, message
+
+
 def test_a_mid_epoch_resume_restores_each_ranks_own_rng_and_says_when_it_cannot():
     """torchrun without the minutes of a torchrun run: _restore_rng and the mid-epoch warning on a stand-in
     trainer (its rank, world size and console). A rank takes its own saved state when the checkpoint holds
@@ -690,6 +731,23 @@ def test_resume_auto_takes_the_newest_other_checkpoint_when_last_and_prev_are_un
     assert found == tmp_path / "kept-late.pt" and load_checkpoint(found)["epoch"] == 2
 
 
+def test_no_usable_checkpoint_names_a_fresh_start_that_works(cifar_dir, tmp_path, good_run, capsys):
+    """Every checkpoint of the folder damaged: the error's fresh start must be a command that runs. Adding
+    --overwrite to the --resume auto command fails the same way, so the message says to use it instead."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    for name in ("last.pt", "prev.pt"):
+        (run / name).write_bytes(b"damaged")
+    auto = cli_args(cifar_dir, run, "--resume", "auto")
+    assert cli.main(auto) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "--overwrite instead of --resume auto" in err, err
+    assert cli.main(auto + ["--overwrite"]) == cli.EXIT_ERROR  # what "with --overwrite" alone would lead to
+    capsys.readouterr()
+    assert cli.main(cli_args(cifar_dir, run) + ["--overwrite"]) == 0  # what the message says now
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
 def test_find_resume_checkpoint_order_and_failures(tmp_path, good_run):
     run = tmp_path / "run"
     run.mkdir()
@@ -913,6 +971,22 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_dir
     assert metric_epochs(run) == [1]
 
 
+def test_a_divergence_after_resume_auto_skipped_a_damaged_last_pt_names_the_good_checkpoint(cifar_dir, tmp_path,
+                                                                                             reference_run):
+    """--resume auto skipped a damaged last.pt and went on from prev.pt: when that run then diverges, the
+    checkpoint it keeps is prev.pt, not the damaged last.pt."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    proc = run_cli(["--config", str(run / "config.yaml"), "--resume", "auto", "--output.dir", str(run),
+                    "--device", "cpu"], expect=1, env_extra={"FASTTRAIN_INJECT_NAN_STEP": str(STEPS + 5)})
+    assert f"resumed {run / 'prev.pt'} after epoch 1" in proc.stdout
+    assert "error: the training loss became NaN or infinite at epoch 2, step 5" in proc.stderr
+    assert f"The last good checkpoint ({run / 'prev.pt'}) is kept." in proc.stderr, proc.stderr
+    assert load_checkpoint(run / "prev.pt")["epoch"] == 1
+
+
 def test_non_finite_weights_are_never_checkpointed(cifar_dir, tmp_path):
     trainer = Trainer(tiny_config(cifar_dir, tmp_path, "--train.epochs", "1"), device="cpu", console=quiet())
     trainer.fit()
@@ -979,6 +1053,52 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_how_to_continue
     assert message.endswith(f"--resume auto --output.dir {run}")
     assert (run / "last.pt").read_bytes() == before
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_full_disk_at_the_first_checkpoint_of_a_run_continued_elsewhere_says_how_to_continue_it(
+        cifar_dir, tmp_path, monkeypatch, reference_run):
+    """--resume A/last.pt --output.dir B, and B's first checkpoint fails (a full disk): B holds no checkpoint,
+    so `--resume auto` there would start the run over from epoch 0. The printed command must continue from
+    A's checkpoint, and it does."""
+    run = tmp_path / "B"
+    trainer = Trainer(tiny_config(cifar_dir, run, "--train.epochs", "3"), device="cpu", console=quiet(),
+                      resume=reference_run / "last.pt")
+    monkeypatch.setattr(torch, "save", _full_disk_save(torch.save))
+    with pytest.raises(TrainingError) as failed:
+        trainer.fit()
+    monkeypatch.undo()
+    message = str(failed.value)
+    assert f"The last good checkpoint ({reference_run / 'last.pt'}) is kept." in message, message
+    command = shlex.split(message.splitlines()[-1])
+    assert command[:3] == ["python", "-m", "fasttrain"]
+    proc = run_cli(command[3:])
+    assert f"resumed {reference_run / 'last.pt'} after epoch 2" in proc.stdout, proc.stdout + proc.stderr
+    assert metric_epochs(run) == [1, 2, 3] and load_checkpoint(run / "last.pt")["epoch"] == 3
+
+
+def test_a_stop_before_the_first_step_of_a_run_continued_elsewhere_prints_commands_that_continue_it(
+        cifar_dir, tmp_path, reference_run):
+    """--resume A/last.pt --output.dir B, stopped before B's first step: the position is A's checkpoint, but
+    B (which now holds config.yaml) refuses `--resume A/last.pt` without --overwrite, and `--resume auto`
+    there would start over. So the stop saves the position in B, and both printed commands continue."""
+    run = tmp_path / "B"
+    trainer = Trainer(tiny_config(cifar_dir, run, "--train.epochs", "3"), device="cpu", console=quiet(),
+                      resume=reference_run / "last.pt")
+    trainer._stop.request(signal.SIGTERM)
+    with pytest.raises(RunInterrupted) as stop:
+        trainer.fit()
+    message = str(stop.value)
+    assert f"checkpoint saved: {run / 'last.pt'}" in message, message
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    resume = next(s for s in message.splitlines() if "--resume" in s and "auto" not in s)
+    auto = next(s for s in message.splitlines() if "--resume auto" in s)
+    for i, line in enumerate((resume, auto)):
+        work = tmp_path / f"copy{i}"  # each command on its own copy of B
+        shutil.copytree(run, work)
+        command = [part.replace(str(run), str(work)) for part in shlex.split(line)]
+        proc = run_cli(command[3:])
+        assert "after epoch 2" in proc.stdout, proc.stdout + proc.stderr
+        assert metric_epochs(work) == [1, 2, 3] and load_checkpoint(work / "last.pt")["epoch"] == 3
 
 
 @pytest.mark.parametrize("write", ["config", "metrics"])
@@ -1375,6 +1495,22 @@ def test_overwrite_drops_the_old_runs_summary(cifar_dir, tmp_path, reference_run
     assert export_weights(run / "last.pt", tmp_path / "weights.pt")["run"] == {}
 
 
+def test_overwrite_drops_the_old_runs_tensorboard_curves_also_without_tensorboard(tmp_path, reference_run):
+    """--overwrite replaces the whole run, its TensorBoard event files too, also when the new run writes none
+    (output.tensorboard false): `tensorboard --logdir runs/` would show the old run's curves under this
+    folder's name. A run resumed in its own folder keeps its own."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    (run / "events.out.tfevents.1.host.1.0").write_bytes(b"the old run's curves")
+    cfg = load_config(run / "config.yaml")
+    assert not cfg.output.tensorboard
+    run_folder.prepare_run_dir(run, cfg, None, 0, warn=print)  # a fresh run (--overwrite)
+    assert not list(run.glob("events.out.tfevents.*"))
+    (run / "events.out.tfevents.2.host.1.0").write_bytes(b"this run's curves")
+    run_folder.prepare_run_dir(run, cfg, run / "last.pt", 0, warn=print)  # resumed in its own folder
+    assert [p.name for p in run.glob("events.out.tfevents.*")] == ["events.out.tfevents.2.host.1.0"]
+
+
 def test_export_takes_a_summary_only_for_its_own_checkpoint(tmp_path, reference_run):
     """The summary describes a checkpoint when both its epochs and its training seconds are the
     checkpoint's: a summary of another run with the same epochs is not taken."""
@@ -1617,6 +1753,33 @@ def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_file(tmp_path, m
     assert cli.main(["export", str(good_run / "last.pt"), str(out)]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "interrupted: OUT was not written\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_says_what_the_folder_holds(cifar_dir, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while epoch 2's checkpoint is written (a KeyboardInterrupt out of the save: exit 130).
+    Epoch 2's metrics row is on disk already (rows are written before their checkpoint), so the message must
+    not say that nothing was written after the last checkpoint; what it says instead holds: --resume auto goes
+    on from epoch 1's checkpoint and drops that row."""
+    from fasttrain import resuming as resuming_module
+
+    run = tmp_path / "run"
+    real, calls = resuming_module.write_checkpoint, []
+
+    def interrupted(state, path, previous=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(state, path, previous=previous)
+
+    monkeypatch.setattr(resuming_module, "write_checkpoint", interrupted)
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "3")) == cli.EXIT_INTERRUPTED
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1 and metric_epochs(run) == [1, 2]
+    assert "nothing was written after" not in err, err
+    assert "--resume auto" in err and "dropped" in err, err
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "3", "--resume", "auto")) == 0
+    assert metric_epochs(run) == [1, 2, 3] and load_checkpoint(run / "last.pt")["epoch"] == 3
 
 
 # ------------------------------------------------------------------------------------------ security
