@@ -162,8 +162,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         detail = detail if len(detail) <= 200 else detail[:197] + "..."
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt, truncated or not a fasttrain checkpoint "
-            f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {detail}. "
-            "A run folder keeps the checkpoint before as prev.pt, which --resume auto falls back to"
+            f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {detail}"
+            + (". A run folder keeps the checkpoint before as prev.pt, which --resume auto falls back to"
+               if path.name == LAST else "")
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint (no '{FORMAT}' marker)")

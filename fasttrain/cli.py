@@ -201,7 +201,7 @@ def cmd_train(argv: list[str]) -> int:
     _follow_a_moved_run(cfg, args, rest)
     from fasttrain.runtime import resolve_device
 
-    if args.dry_run:  # what training would refuse at once, refused here too
+    if args.dry_run:  # what training would refuse before reading a checkpoint, refused here too
         resolve_device(args.device)
         if args.resume not in (None, "auto") and not Path(args.resume).is_file():
             raise ConfigError(f"--resume {args.resume!r}: no such checkpoint file")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def choose_run_dir(cfg: Config, run_dir: str | Path | None, resume_path: Path | 
         raise ConfigError(
             f"--resume {resume_path} continues a run of another folder, but the output folder "
             f"{str(run_dir)!r} already holds a run of its own: pass an --output.dir that holds no run "
-            f"(or leave it out to continue in {str(resume_path.parent)!r}), or --overwrite to replace "
+            f"(or --output.dir {shlex.quote(str(resume_path.parent))} to continue it there), or --overwrite to replace "
             "that run")
     _check_writable(run_dir)
     return run_dir

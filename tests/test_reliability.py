@@ -689,6 +689,17 @@ def test_truncated_last_checkpoint_falls_back_to_prev_with_a_warning(cifar_dir, 
     assert (run / "prev.pt").read_bytes() == good_prev  # the damaged file was replaced, not rotated in
 
 
+@pytest.mark.parametrize("name, fallback", [("last.pt", True), ("prev.pt", False), ("weights.pt", False)])
+def test_a_truncated_checkpoint_names_prev_pt_as_the_fallback_only_for_last_pt(tmp_path, good_run, name, fallback):
+    """"A run folder keeps the checkpoint before as prev.pt, which --resume auto falls back to" is the way
+    out for a damaged last.pt; for prev.pt itself (or another file) there is no such fallback to promise."""
+    data = (good_run / "last.pt").read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="is corrupt, truncated or not a fasttrain checkpoint") as refused:
+        load_checkpoint(tmp_path / name)
+    assert ("which --resume auto falls back to" in str(refused.value)) == fallback, str(refused.value)
+
+
 def _flip_byte_inside_largest_tensor(path: Path) -> None:
     """Flip one bit in the middle of the biggest tensor's bytes: torch's zip reader does not check CRCs."""
     with zipfile.ZipFile(path) as z:
@@ -1422,6 +1433,8 @@ def test_a_run_continued_from_another_folder_never_replaces_a_run_there(cifar_di
     assert cli.main(args) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "continues a run of another folder" in err and "already holds a run of its own" in err
+    # the way back names the source folder: "leave it out" would not help with an --output.dir from a config.yaml
+    assert f"--output.dir {reference_run} to continue it there" in " ".join(err.split())
     assert folder_snapshot(other) == before
 
     assert cli.main(args + ["--overwrite"]) == 0
