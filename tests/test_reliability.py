@@ -35,7 +35,7 @@ from fasttrain.config import ConfigError, load_config, save_config
 from fasttrain.run_folder import LOCK, FolderLock
 from fasttrain.signals import RunInterrupted, StopRequest
 from fasttrain.trainer import Trainer, TrainingError
-from test_train import quiet, untimed_rows
+from test_train import quiet, recording_console, untimed_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
@@ -131,6 +131,14 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 def folder_snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+def resume_a_copy(cifar_dir, tmp_path, reference_run, *extra) -> tuple[Trainer, list[str]]:
+    """reference_run copied to tmp_path/run and resumed there under `extra`: the trainer, and the lines it said."""
+    console, said = recording_console()
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    return Trainer(tiny_config(cifar_dir, run, *extra), device="cpu", console=console, resume=run / "last.pt"), said
 
 
 def metric_epochs(run_dir: Path) -> list[int]:
@@ -303,13 +311,7 @@ def test_a_resume_with_another_batch_count_replans_the_schedule_from_its_epoch(c
     """An epoch-boundary checkpoint resumed with another train.batch_size (or on another number of ranks: the
     global batch) is allowed, with warnings: the learning-rate schedule goes on from the checkpoint's epoch
     counted in the new steps per epoch (its saved step count is in the old ones)."""
-    said = []
-    console = quiet()
-    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
-    run = tmp_path / "run"
-    shutil.copytree(reference_run, run)
-    resumed = Trainer(tiny_config(cifar_dir, run, "--train.batch_size", "32"), device="cpu", console=console,
-                      resume=run / "last.pt")
+    resumed, said = resume_a_copy(cifar_dir, tmp_path, reference_run, "--train.batch_size", "32")
     assert resumed.steps_per_epoch == 2 * STEPS and resumed.start_epoch == 2
     assert resumed.schedule.step_count == 2 * resumed.steps_per_epoch
     assert resumed.optimizer.param_groups[0]["lr"] == resumed.schedule.lr_at(2 * resumed.steps_per_epoch)
@@ -324,13 +326,7 @@ def test_a_resume_on_another_data_subset_says_what_changed_and_not_to_pass_anoth
     """Another data.train_subset under the same batch size gives another number of steps per epoch: the
     global batch is the same (64), and the data is read from the same folder, so neither "the global batch
     changes" nor "pass the --data.dir it was trained on" may be said (the config warning names the subset)."""
-    said = []
-    console = quiet()
-    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
-    run = tmp_path / "run"
-    shutil.copytree(reference_run, run)
-    resumed = Trainer(tiny_config(cifar_dir, run, "--data.train_subset", "1280"), device="cpu", console=console,
-                      resume=run / "last.pt")
+    resumed, said = resume_a_copy(cifar_dir, tmp_path, reference_run, "--data.train_subset", "1280")
     assert resumed.steps_per_epoch == 2 * STEPS and resumed.cfg.train.batch_size == 64
     said = " ".join(" ".join(said).split())  # rich wraps long lines
     assert "data.train_subset 640 -> 1280" in said
@@ -436,9 +432,7 @@ def test_a_mid_epoch_checkpoint_of_two_ranks_resumed_by_one_process_is_said_not_
     trainer.dist = DistInfo(rank=0, world_size=2)
     partial = {"loss_sum": 6.5, "correct": 40, "seen": 384, "steps": 3}  # 3 steps of 2 x 64 images
     write_checkpoint(trainer.checkpoint_state(0, 3, rank_rng=None, partial=partial), run / "last.pt")
-    said = []
-    console = quiet()
-    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    console, said = recording_console()
     resumed = Trainer(cfg, device="cpu", console=console, resume=run / "last.pt")
     assert (resumed.start_epoch, resumed.start_step, resumed._epoch_partial) == (0, 3, partial)
     said = " ".join(" ".join(said).split())  # rich wraps long lines
@@ -1397,12 +1391,7 @@ def test_resume_without_a_config_continues_with_the_checkpoints_own(cifar_dir, t
                                                    (("--train.epochs", "3"), True)])
 def test_a_resume_under_a_changed_config_names_the_change(cifar_dir, tmp_path, reference_run, change, schedule_note):
     """Each change is named; the note on the learning-rate schedule only where it is concerned."""
-    said = []
-    console = quiet()
-    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
-    run = tmp_path / "run"
-    shutil.copytree(reference_run, run)
-    Trainer(tiny_config(cifar_dir, run, *change), device="cpu", console=console, resume=run / "last.pt")
+    _, said = resume_a_copy(cifar_dir, tmp_path, reference_run, *change)
     warning = next(line for line in said if "was trained with another config" in line)
     assert f"{change[0][2:]} " in warning and "not an exact continuation" in warning
     assert ("learning-rate schedule" in warning) == schedule_note, warning

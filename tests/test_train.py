@@ -38,6 +38,14 @@ def quiet():
     return RunConsole(progress=False, enabled=False)
 
 
+def recording_console() -> tuple[RunConsole, list[str]]:
+    """A quiet console that keeps each line it prints (markup included), and that list."""
+    said = []
+    console = quiet()
+    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    return console, said
+
+
 def untimed_rows(run_dir) -> list[dict]:
     """A run's metrics.jsonl rows without their timing fields: what an exact resume must reproduce."""
     timing = ("epoch_seconds", "images_per_second")
@@ -256,9 +264,7 @@ def test_resume_with_another_optimizer_is_refused_by_name(cifar_dir, tmp_path, s
 def test_lookahead_switched_on_at_a_resume_starts_from_the_resumed_weights(cifar_dir, tmp_path, impl):
     """lookahead_k 0 -> 3, both implementations alike: the slow weights are the resumed weights (not the
     new run's initialisation), momentum continues, and a warning says so; 3 -> 0 says the slow weights go."""
-    said = []
-    console = quiet()
-    console.print = lambda *args, **kwargs: said.append(" ".join(map(str, args)))
+    console, said = recording_console()
     Trainer(tiny_config(cifar_dir, tmp_path, optim__impl=impl, optim__lookahead_k="0", train__epochs="1"),
             device="cpu", console=quiet()).fit()
     saved = load_checkpoint(tmp_path / "last.pt")
