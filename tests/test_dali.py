@@ -104,6 +104,27 @@ def test_bad_arguments_are_refused():
         loader(x, y, std=(0.0, 0.25, 0.25))
     with pytest.raises(ValueError, match="0 <= rank < world_size"):
         loader(x, y, rank=2, world_size=2)
+    # every other argument that would otherwise fail later, or not at all, is refused by name when built
+    with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
+        loader(x[..., :1], y)  # one channel: the three means and stds would not fit it
+    with pytest.raises(ValueError, match=r"labels must be integers \[N\] with N = 64; got float32 \[64\]"):
+        loader(x, y.astype(np.float32))  # not truncated to whole classes
+    with pytest.raises(ValueError, match=r"labels must be integers \[N\] with N = 64; got int64 \[64, 1\]"):
+        loader(x, y[:, None])
+    with pytest.raises(ValueError, match="mean and std need 3 values each"):
+        loader(x, y, mean=MEAN[:2])
+    for bad, got in ((dict(batch_size=0), "got 0, 4, 2, 0"), (dict(crop_padding=-1), "got 32, -1, 2, 0"),
+                     (dict(prefetch=0), "got 32, 4, 0, 0"), (dict(cutout=-1), "got 32, 4, 2, -1")):
+        with pytest.raises(ValueError, match=rf"need batch_size >= 1, .* and cutout >= 0; {got}"):
+            loader(x, y, **bad)
+    with pytest.raises(ValueError, match="seed >= 0; got rank 0, world_size 1, seed -1"):
+        loader(x, y, seed=-1)
+    # a misspelt residency is refused on the CPU too (where the data always stays on the host), so a config
+    # tested there does not fail only on the GPU machine
+    with pytest.raises(ValueError, match="residency must be 'device' or 'host'; got 'gpu'"):
+        loader(x, y, residency="gpu")
+    with pytest.raises(ValueError, match="runs on 'cpu' or a CUDA device; got meta"):
+        loader(x, y, device="meta")
 
 
 @needs_dali
@@ -115,6 +136,9 @@ def test_a_pipeline_that_disagrees_with_its_plan_is_an_error_not_a_short_epoch(m
     assert sum(len(labels) for _, labels in dl) == dl.num_samples == 96
     dl.num_samples += 1
     with pytest.raises(RuntimeError, match="DALI produced 96 samples, the plan has 97"):
+        list(dl)
+    dl.num_samples -= 2  # and a longer epoch than planned
+    with pytest.raises(RuntimeError, match="DALI produced 96 samples, the plan has 95"):
         list(dl)
 
 
@@ -339,6 +363,42 @@ def test_an_abandoned_epoch_does_not_leak_into_the_next():
         next(it)
 
 
+@needs_dali
+def test_an_abandoned_epoch_is_drained_of_its_prefetched_batches_only(monkeypatch):
+    """Breaking off an epoch costs at most the `prefetch` batches DALI already started: the next epoch's
+    drain stops the callbacks instead of running the rest of the old epoch (97 batches of 512 for
+    CIFAR-10's training set) through the pipeline. Counted at the image callback, by epoch."""
+    gathered = []
+    real = dali_mod._Feeder.images_batch
+
+    def counting(feeder, iteration):
+        batch = real(feeder, iteration)  # raises StopIteration past the epoch, or once stopped
+        gathered.append(feeder.plan)
+        return batch
+
+    monkeypatch.setattr(dali_mod._Feeder, "images_batch", counting)
+    x, y = random_images(512, seed=8), np.arange(512)
+    dl = loader(x, y, seed=1, prefetch=3)
+    assert len(dl) == 16
+    it = iter(dl)
+    next(it), next(it)
+    abandoned = dl._feeder.plan
+    dl.set_epoch(4)
+    assert len(list(dl)) == 16
+    assert sum(plan is abandoned for plan in gathered) <= 2 + 3  # the two taken and at most 3 prefetched
+    assert len(gathered) - sum(plan is abandoned for plan in gathered) == 16  # the new epoch, whole
+
+
+@needs_dali
+def test_an_evaluation_rank_without_images_yields_no_batches():
+    """More ranks than evaluation images: the empty shard's loader is built and yields nothing (evaluate
+    sums the counts across ranks), the others yield their image each, as TorchLoader does."""
+    x = random_images(3)
+    shards = [loader(x, np.arange(3), batch_size=2, train=False, rank=r, world_size=4) for r in range(4)]
+    assert [(s.num_samples, len(s)) for s in shards] == [(0, 0), (1, 1), (1, 1), (1, 1)]
+    assert [[labels.tolist() for _, labels in s] for s in shards] == [[], [[0]], [[1]], [[2]]]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Output dtype and memory layout
 
@@ -480,8 +540,11 @@ def test_close_releases_the_pipeline_and_the_dataset():
 
     dl = loader(random_images(64), np.arange(64))
     next(iter(dl))
+    still_open = iter(dl)  # an iterator taken before close() ends with a clear error, not in the freed pipeline
     feeder = weakref.ref(dl._feeder)
     dl.close()
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(still_open)
     gc.collect()
     assert feeder() is None  # nothing keeps the (on a GPU: device-resident) images alive
     with pytest.raises(RuntimeError, match="closed"):

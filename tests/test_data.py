@@ -1,9 +1,11 @@
 """CIFAR-10 readers: both official versions as folders and tarballs, the restricted unpickler, validation
 errors, data-dir resolution, the download (md5, offline), build_data, and the real data set."""
+import gzip
 import hashlib
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -135,6 +137,9 @@ def test_reads_every_official_form_exactly(tmp_path, form):
     loaded = load_cifar10(data_root, download=False)
     train_x, train_y, test_x, test_y = arrays
     assert loaded.train_x.dtype == np.uint8 and loaded.train_x.flags.c_contiguous
+    # the test images too: a view of the planes would reach the loaders with NCHW strides, and their NHWC
+    # batches would then not be channels_last
+    assert loaded.test_x.dtype == np.uint8 and loaded.test_x.flags.c_contiguous
     assert loaded.train_y.dtype == np.int64 and loaded.test_y.dtype == np.int64
     np.testing.assert_array_equal(loaded.train_x, train_x)  # NHWC, RGB, pixel for pixel
     np.testing.assert_array_equal(loaded.train_y, train_y)
@@ -169,6 +174,17 @@ def test_find_prefers_folders_and_accepts_the_folder_itself(tmp_path):
     folder = write_binary(tmp_path, arrays)
     assert find_cifar10(tmp_path).path == folder
     assert find_cifar10(folder).path == folder
+
+
+def test_find_prefers_the_binary_version_to_the_python_one(tmp_path):
+    """Both versions side by side, as folders or as tarballs: the binary one is read (no unpickling)."""
+    arrays = make_arrays()
+    pack(write_python(tmp_path / "src", arrays), tmp_path / "cifar-10-python.tar.gz")
+    pack(write_binary(tmp_path / "src", arrays), tmp_path / "cifar-10-binary.tar.gz")
+    assert find_cifar10(tmp_path).path.name == "cifar-10-binary.tar.gz"
+    write_python(tmp_path, arrays)
+    binary = write_binary(tmp_path, arrays)
+    assert find_cifar10(tmp_path).path == binary
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,11 +322,13 @@ def test_binary_batch_of_the_wrong_length(tmp_path, change):
         load_cifar10(tmp_path, download=False)
 
 
-def test_binary_meta_with_nine_class_names(tmp_path):
-    """batches.meta.txt must name exactly the 10 classes: one missing is an error that gives the count."""
+@pytest.mark.parametrize("names", [CLASSES[:9], CLASSES + ["unicorn"]], ids=["nine", "eleven"])
+def test_binary_meta_with_the_wrong_number_of_class_names(tmp_path, names):
+    """batches.meta.txt must name exactly the 10 classes: one missing or one too many is an error that
+    gives the count."""
     folder = write_binary(tmp_path, make_arrays())
-    (folder / "batches.meta.txt").write_text("\n".join(CLASSES[:9]) + "\n")
-    with pytest.raises(DataError, match=r"batches.meta.txt: 9 class names, expected 10"):
+    (folder / "batches.meta.txt").write_text("\n".join(names) + "\n")
+    with pytest.raises(DataError, match=rf"batches.meta.txt: {len(names)} class names, expected 10"):
         load_cifar10(tmp_path, download=False)
 
 
@@ -329,10 +347,12 @@ def rewrite_python_batch(folder: Path, name: str, **changes):
     (folder / name).write_bytes(py2_pickle(batch))
 
 
-def test_python_label_out_of_range(tmp_path):
+@pytest.mark.parametrize("bad", [11, -1])
+def test_python_label_out_of_range(tmp_path, bad):
+    """Above the classes or below 0 (a python batch's labels are a list of any ints)."""
     folder = write_python(tmp_path, make_arrays())
-    rewrite_python_batch(folder, "data_batch_4", labels=[3] * (PER_BATCH - 1) + [11])
-    with pytest.raises(DataError, match=rf"data_batch_4: label 11 of image {PER_BATCH - 1} is outside 0..9"):
+    rewrite_python_batch(folder, "data_batch_4", labels=[3] * (PER_BATCH - 1) + [bad])
+    with pytest.raises(DataError, match=rf"data_batch_4: label {bad} of image {PER_BATCH - 1} is outside 0..9"):
         load_cifar10(tmp_path, download=False)
 
 
@@ -341,11 +361,34 @@ def test_python_label_out_of_range(tmp_path):
     (dict(data=np.zeros((PER_BATCH, 3072), np.float32)), r"b'data' is float32"),
     (dict(labels=[1, 2, 3]), r"b'labels' must be 20 integers"),
     (dict(labels=[1.5] * PER_BATCH), r"b'labels' must be 20 integers, found float64 \[20\]"),  # not truncated to 1
+    (dict(labels=[[1, 2]] * (PER_BATCH - 1) + [[3]]), r"b'labels' must be 20 integers, found object \[\]"),  # ragged
 ])
 def test_python_wrong_shapes(tmp_path, change, message):
     folder = write_python(tmp_path, make_arrays())
     rewrite_python_batch(folder, "data_batch_1", **change)
     with pytest.raises(DataError, match=rf"data_batch_1: {message}"):
+        load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("payload", [{b"data": np.zeros((PER_BATCH, 3072), np.uint8)}, [b"data", b"labels"]],
+                         ids=["no-labels", "a-list"])
+def test_python_batch_that_is_not_a_dict_of_data_and_labels(tmp_path, payload):
+    """A pickle that loads but is not a batch: a DataError that says what a batch is, not a KeyError or
+    TypeError from reading it."""
+    folder = write_python(tmp_path, make_arrays())
+    (folder / "data_batch_1").write_bytes(py2_pickle(payload))
+    with pytest.raises(DataError, match=r"data_batch_1: not a CIFAR-10 python batch \(a dict with b'data' and "
+                                        r"b'labels'\)\. Replace it"):
+        load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("meta", [{b"num_vis": 3072}, {b"label_names": CLASSES}], ids=["no-names", "str-names"])
+def test_python_meta_without_a_list_of_byte_names(tmp_path, meta):
+    """batches.meta without b'label_names', or with them as str (a Python 3 re-pickle): a DataError naming the
+    file, not a KeyError or AttributeError."""
+    folder = write_python(tmp_path, make_arrays())
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=4))
+    with pytest.raises(DataError, match=r"batches.meta: no b'label_names' list; not the official batches.meta"):
         load_cifar10(tmp_path, download=False)
 
 
@@ -359,9 +402,13 @@ def test_truncated_pickle(tmp_path):
 
 @pytest.mark.parametrize("writer, missing", [(write_binary, "test_batch.bin"), (write_binary, "batches.meta.txt"),
                                              (write_python, "data_batch_2")])
-def test_missing_file_in_folder(tmp_path, writer, missing):
+@pytest.mark.parametrize("in_its_place", [None, "a folder"])
+def test_missing_file_in_folder(tmp_path, writer, missing, in_its_place):
+    """Missing, or a folder of that name where the file should be (not an IsADirectoryError)."""
     folder = writer(tmp_path, make_arrays())
     (folder / missing).unlink()
+    if in_its_place:
+        (folder / missing).mkdir()
     with pytest.raises(DataError, match=rf"{missing} is missing.*incomplete.*fresh copy"):
         load_cifar10(tmp_path, download=False)
 
@@ -374,6 +421,37 @@ def test_tarball_missing_member_and_truncated(tmp_path):
         load_cifar10(tmp_path, download=False)
     tarball.write_bytes(tarball.read_bytes()[:5000])
     with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz: cannot read the tarball .*truncated or corrupt"):
+        load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("damage", ["not-gzip", "bad-deflate-inside-a-member"])
+def test_tarball_that_is_not_gzip_or_whose_deflate_data_breaks(tmp_path, damage):
+    """Two failures besides truncation, each a DataError naming the tarball and the fix: a web page saved under
+    the tarball's name (not gzip at all: tarfile's error), and a deflate stream that turns invalid inside a
+    member's data (zlib's own error, which the flipped bits below rarely produce)."""
+    tarball = FORMS["binary-tarball"](tmp_path, make_arrays())
+    if damage == "not-gzip":
+        tarball.write_bytes(b"<html><body>Please sign in to continue</body></html>\n")
+    else:
+        contents = gzip.decompress(tarball.read_bytes())
+        with tarfile.open(tarball) as tar:
+            member = tar.getmember("cifar-10-batches-bin/data_batch_1.bin")
+        cut = member.offset_data + member.size // 2
+        # a valid gzip member up to the middle of data_batch_1.bin, then a member whose deflate block type is invalid
+        tarball.write_bytes(gzip.compress(contents[:cut]) + gzip.compress(b"")[:10] + b"\xff" * 64)
+    with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz: cannot read the tarball .*truncated or corrupt\. "
+                                        r"Delete it and download it again\."):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_a_bad_member_of_a_tarball_is_named_as_a_member(tmp_path):
+    """An error about a file inside a tarball names the tarball and the member: there is no path to that file
+    to go and look at."""
+    folder = write_binary(tmp_path / "src", make_arrays())
+    (folder / "data_batch_3.bin").write_bytes(bytes(100))
+    tarball = pack(folder, tmp_path / "cifar-10-binary.tar.gz")
+    with pytest.raises(DataError, match=re.escape(f"{tarball} (member cifar-10-batches-bin/data_batch_3.bin): 100 bytes, "
+                                                  "expected")):
         load_cifar10(tmp_path, download=False)
 
 
@@ -441,6 +519,11 @@ def test_data_dir_may_name_the_tarball_but_no_other_file(tmp_path):
     with pytest.raises(DataError, match=rf"{other} is a file, not a folder: --data.dir .*names the folder"):
         load_cifar10(other, download=True)  # and no download is attempted into a file's path
     assert other.read_text() == "x"
+    impostor = tmp_path / "elsewhere" / "cifar-10-batches-bin"  # a file with a batches folder's name is no folder
+    impostor.parent.mkdir()
+    impostor.write_text("x")
+    with pytest.raises(DataError, match=rf"{impostor} is a file, not a folder"):
+        load_cifar10(impostor, download=False)
 
 
 def test_nothing_found_says_where_to_put_files(tmp_path):
@@ -556,8 +639,9 @@ def test_split_validation_holds_out_the_end():
     np.testing.assert_array_equal(np.concatenate([tx, vx]), train_x)
     np.testing.assert_array_equal(np.concatenate([ty, vy]), train_y)
     assert split_validation(arrays, 0)[2:] == (None, None)
-    with pytest.raises(DataError, match="val_size=100"):
-        split_validation(arrays, 100)
+    for bad in (100, -1):  # -1 would hold out nothing and train on all 100, silently
+        with pytest.raises(DataError, match=rf"data.val_size={bad} must be in 0..99"):
+            split_validation(arrays, bad)
 
 
 def data_cfg(root, **overrides):

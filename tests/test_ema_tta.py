@@ -273,6 +273,17 @@ def test_shift_image_moves_pixels_and_fills_the_border():
         assert (filled_up_left[:, c, -1, :] == v).all() and (filled_up_left[:, c, :, -1] == v).all()
     cl = shift_image(x.contiguous(memory_format=torch.channels_last), -1, -1)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, up_left)
+    assert down_right.is_contiguous() and up_left.is_contiguous()  # NCHW in, NCHW out (not a strided view)
+    # any translation, not only one pixel: two rows down, columns unchanged
+    two_down = shift_image(x, 2, 0)
+    assert torch.equal(two_down[:, :, 2:], x[:, :, :-2]) and (two_down[:, :, :2] == 0).all()
+    # a fill that is 0 in one channel only (black_fill of a channel with mean 0) still fills the others
+    partly = shift_image(x, 1, 1, fill=[0.0, -2.0, -3.0])
+    for c, v in enumerate((0.0, -2.0, -3.0)):
+        assert (partly[:, c, 0, :] == v).all() and (partly[:, c, :, 0] == v).all()
+    # a bf16 batch with an fp32 fill tensor stays bf16 (the fill is cast, the batch is not promoted)
+    half = shift_image(x.bfloat16(), 1, 1, fill=torch.tensor([-1.0, -2.0, -3.0]))
+    assert half.dtype == torch.bfloat16 and torch.equal(half, filled.bfloat16())
     assert black_fill([0.5, 0.5, 0.25], [0.25, 0.5, 0.5]) == [-2.0, -1.0, -0.5]
 
 
@@ -309,6 +320,29 @@ def test_flip_shift_logits_are_the_weighted_view_average():
     assert not torch.equal(with_black, expected)  # so a fill that went missing would be seen
     assert evaluate(model, [(x, with_black)], Precision.resolve("fp32", torch.device("cpu")), torch.device("cpu"),
                     tta="flip_shift", fill=black) == 100.0
+
+
+def test_evaluate_scores_in_eval_mode_and_gives_the_model_back_in_its_mode():
+    """evaluate() scores the model in eval mode (BatchNorm's running statistics, no dropout), leaves those
+    statistics as they were, and hands the model back in the mode it came in: a training model goes on
+    training, an eval-mode one (the EMA's) stays in eval mode. An empty loader scores 0, not a ZeroDivisionError."""
+    model = _bn_net()  # BatchNorm and dropout
+    x = torch.randn(40, 3, 8, 8)
+    model.train()
+    for _ in range(3):
+        model(x)  # running statistics other than the initial ones
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).argmax(1)
+    before = _buffers(model)
+    cpu = torch.device("cpu")
+    fp32 = Precision.resolve("fp32", cpu)
+    for training in (True, False):
+        model.train(training)
+        assert evaluate(model, [(x[:25], expected[:25]), (x[25:], expected[25:])], fp32, cpu) == 100.0
+        assert all(m.training == training for m in model.modules()), training
+        assert all(torch.equal(v, before[k]) for k, v in _buffers(model).items()), training
+    assert evaluate(model, [], fp32, cpu) == 0.0
 
 
 def test_ema_checkpoint_round_trip_and_eval(cifar_dir, tmp_path):

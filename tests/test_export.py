@@ -136,6 +136,18 @@ def test_eval_builds_the_test_loader_alone(run, cifar_dir, monkeypatch):
     assert bundle.train is None and bundle.val is None and bundle.test_images == 200
 
 
+def test_eval_test_subset_zero_scores_every_test_image(run, cifar_dir, monkeypatch):
+    """`eval --data.test_subset 0` scores all 10,000 test images, not the run's own 200 (0 is a count given,
+    not one left out); a positive count takes that many, and none given keeps the run's."""
+    from fasttrain import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *args, **kwargs: 50.0)  # what is scored is checked here
+    for subset, scored in ((0, 10_000), (50, 50), (None, 200)):
+        result = evaluate_module.evaluate_checkpoint(run / "last.pt", device="cpu", data_dir=str(cifar_dir),
+                                                     test_subset=subset)
+        assert result["test_images"] == scored, subset
+
+
 def test_bf16_export_is_half_the_size_and_still_evaluates(run, cifar_dir, tmp_path):
     fp32, bf16 = tmp_path / "fp32.pt", tmp_path / "bf16.pt"
     info = json.loads(run_cli("export", str(run / "last.pt"), str(fp32), "--weights", "model", "--json").stdout)

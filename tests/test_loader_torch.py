@@ -8,7 +8,7 @@ import torch
 
 from augment_check import random_images, recover_crops
 
-from fasttrain.data.loader_torch import TorchLoader, shard_bounds, shard_slice
+from fasttrain.data.loader_torch import TorchLoader, epoch_draws, shard_bounds, shard_slice
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
@@ -193,7 +193,9 @@ def test_cutout_zeroes_one_clipped_square_per_image_and_changes_nothing_else(sid
         boxes[axis] = list(zip(start.tolist(), length.tolist()))
     expected = clipped_box_distribution(32, side)
     for axis, observed in boxes.items():  # (start, length) pairs follow the exact clipped-uniform law
-        assert set(observed) <= set(expected), axis
+        # every (start, length) the law allows occurs, and no other: each has probability >= 1/32, so
+        # 1,024 boxes miss one with probability < 32 e^-32 (a centre row never drawn shows here)
+        assert set(observed) == set(expected), axis
         counts = torch.tensor([observed.count(k) for k in expected], dtype=torch.float64)
         probs = torch.tensor(list(expected.values()), dtype=torch.float64)
         chi2 = float(((counts - probs * len(observed)) ** 2 / (probs * len(observed))).sum())
@@ -201,6 +203,18 @@ def test_cutout_zeroes_one_clipped_square_per_image_and_changes_nothing_else(sid
     # evaluation never erases, whatever the setting
     evaluation = make_loader(sources, train=False, cutout=side, **kw)
     assert not (epoch(evaluation)[0] == 0).all(1).any()
+
+
+def test_cutout_boxes_are_clipped_to_the_image_and_never_empty():
+    """epoch_draws' boxes are (top, left, height, width) inside the output image, as its docstring says: the
+    DALI path hands them to fn.erase as they are, so a box hanging over an edge (negative top, or top +
+    height past 32) would rely on DALI clipping it, on every backend and version."""
+    boxes = epoch_draws(0, 0, 4096, 4, True, cutout=15).cutout
+    top_left, size = boxes[:, :2], boxes[:, 2:]
+    assert (top_left >= 0).all() and (size >= 1).all() and (top_left + size <= 32).all()
+    assert (size < 15).any() and (size == 15).any()  # some boxes were clipped, some are whole
+    wide = epoch_draws(0, 0, 4096, 4, True, cutout=15, image_hw=(32, 24)).cutout  # rows and columns apart
+    assert (wide[:, 0] + wide[:, 2]).max() == 32 and (wide[:, 1] + wide[:, 3]).max() == 24
 
 
 def flips_by_image(loader, epoch_number: int, sources: np.ndarray) -> torch.Tensor:
@@ -241,6 +255,37 @@ def test_rejects_bad_inputs():
         make_loader(random_images(100), cutout=-1)
     with pytest.raises(ValueError, match="flip_mode must be one of random, alternating, got 'sometimes'"):
         make_loader(random_images(100), flip_mode="sometimes")
+    # images of another shape: one channel (the mean/std of 3 would broadcast over it silently), no batch axis
+    with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\], got torch.uint8 \[10, 32, 32, 1\]"):
+        make_loader(random_images(10)[..., :1])
+    with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\], got torch.uint8 \[32, 32, 3\]"):
+        make_loader(random_images(1)[0])
+    # each bad number is named, at construction, before it can fail later as something else
+    for bad, named in ((dict(rank=-1, world_size=2), "rank=-1/world_size=2"), (dict(batch_size=0), "batch_size=0"),
+                       (dict(crop_padding=-1), "crop_padding=-1"), (dict(seed=-1), "seed=-1")):
+        with pytest.raises(ValueError, match=named):
+            make_loader(random_images(100), **bad)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_labels_come_out_int64_whatever_integer_type_they_came_in(train):
+    """cross_entropy needs int64 targets: labels given as uint8 or int32 (a decoder's natural types) come out
+    as int64, with their values."""
+    sources = random_images(64)
+    for dtype in (np.uint8, np.int32):
+        y = (np.arange(64) % 10).astype(dtype)
+        loader = TorchLoader(sources, y, batch_size=32, train=train, device="cpu", dtype=torch.float32,
+                             mean=[0.0] * 3, std=[1.0] * 3, crop_padding=0, flip=False)
+        labels = epoch(loader, 0)[1]
+        assert labels.dtype == torch.int64 and sorted(labels.tolist()) == sorted(y.tolist()), dtype
+
+
+def test_an_evaluation_rank_without_images_yields_no_batches():
+    """More ranks than evaluation images (a tiny test_subset on many GPUs): the rank whose shard is empty
+    yields nothing (evaluate sums counts across ranks) instead of refusing, and the others cover the set."""
+    shards = [make_loader(random_images(3), train=False, batch_size=2, rank=r, world_size=4) for r in range(4)]
+    assert [(s.num_samples, len(s)) for s in shards] == [(0, 0), (1, 1), (1, 1), (1, 1)]
+    assert [[labels.tolist() for _, labels in s] for s in shards] == [[], [[0]], [[1]], [[2]]]
 
 
 @pytest.mark.parametrize("train", [True, False])
