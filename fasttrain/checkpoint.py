@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import shlex
 from pathlib import Path
 from typing import Any, Callable
 
@@ -163,8 +164,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt, truncated or not a fasttrain checkpoint "
             f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {detail}"
-            + (". A run folder keeps the checkpoint before as prev.pt, which --resume auto falls back to"
-               if path.name == LAST else "")
+            + (f". The run folder keeps the checkpoint before as {shlex.quote(str(path.parent / PREVIOUS))}: use "
+               f"it instead (--resume auto --output.dir {shlex.quote(str(path.parent))} falls back to it)"
+               if path.name == LAST and (path.parent / PREVIOUS).is_file() else "")
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint (no '{FORMAT}' marker)")
@@ -302,7 +304,8 @@ def find_resume_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = pr
         warn(f"warning: skipping {path}: an exported {kind} file (python -m fasttrain export), which has no "
              "optimizer state to resume from")
     if candidates:
-        raise CheckpointError(f"no usable checkpoint in {str(run_dir)!r}: " + "; ".join(problems) + ". Resume "
-                              "from a good copy with --resume PATH, or start the run afresh with --overwrite "
-                              "instead of --resume auto")
+        raise CheckpointError(f"no usable checkpoint in {str(run_dir)!r}: " + "; ".join(problems) + ". Copy a "
+                              f"good checkpoint into {str(run_dir)!r} and run the same command again (--resume auto "
+                              "tries every *.pt there), or start the run afresh with --overwrite instead of "
+                              "--resume auto")
     return None

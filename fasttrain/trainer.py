@@ -511,11 +511,25 @@ class Trainer(Resumable):
             raise TrainingError(
                 f"out of GPU memory with train.batch_size {t.batch_size} per process (eval_batch_size "
                 f"{t.eval_batch_size}, precision {self.precision.name}, compile "
-                f"{t.compile_mode if t.compile else 'off'}). To fit: lower --train.batch_size "
-                f"(e.g. {max(1, t.batch_size // 2)}, and optim.lr with it) or --train.eval_batch_size; "
-                "do not use compile mode max-autotune (--train.compile_mode default); use --train.precision bf16. "
+                f"{t.compile_mode if t.compile else 'off'}). To fit: {self._oom_fixes()}. "
                 f"{self._kept_checkpoint_note()} ({detail})"
             ) from e
+
+    def _oom_fixes(self) -> str:
+        """What to change after running out of GPU memory: only settings that are not already taken (a
+        batch of 1 cannot be halved, bf16 is no fix for a bf16 run, compile mode default for one without
+        max-autotune)."""
+        t = self.cfg.train
+        fixes = []
+        if t.batch_size > 1:
+            fixes.append(f"lower --train.batch_size (e.g. {t.batch_size // 2}, and optim.lr with it)")
+        if t.eval_batch_size > 1:
+            fixes.append("lower --train.eval_batch_size")
+        if t.compile and t.compile_mode.startswith("max-autotune"):
+            fixes.append(f"do not use compile mode {t.compile_mode} (--train.compile_mode default)")
+        if self.precision.name == "fp32":
+            fixes.append("use --train.precision bf16")
+        return "; ".join(fixes) or "free the GPU's memory held by other processes (nvidia-smi lists them)"
 
     def _stop_agreed(self) -> bool:
         """Whether to stop now, at an epoch start: a stop that came during the previous epoch's last

@@ -2,6 +2,7 @@
 graph trains exactly like the eager step (run on the GPU machine: pytest -m gpu)."""
 import contextlib
 import copy
+import re
 
 import pytest
 import torch
@@ -40,6 +41,16 @@ def test_a_graphable_config_has_no_problems(cifar_dir, tmp_path):
 def test_each_problem_names_its_fix(cifar_dir, tmp_path, kwargs, changes, expected):
     found = problems(cifar_dir, tmp_path, **kwargs, **changes)
     assert len(found) == 1 and expected in found[0], found
+
+
+def test_the_fused_step_fix_passes_validation_for_adamw_too(cifar_dir, tmp_path):
+    """The fix a problem names must be a config that loads: for AdamW, --optim.impl fused alone is refused
+    by the config ("the fused step implements SGD only"), whose own fix (optim.impl torch) is the problem."""
+    found = problems(cifar_dir, tmp_path, **{"optim.name": "adamw", "optim.impl": "torch"})
+    assert len(found) == 1, found
+    flags = re.search(r"pass ((?:--\S+ \S+ ?)+)", found[0]).group(1).split()
+    changes = {"optim.name": "adamw", **{flag[2:]: value for flag, value in zip(flags[::2], flags[1::2])}}
+    assert problems(cifar_dir, tmp_path, **changes) == []
 
 
 def test_problems_are_all_listed_at_once(cifar_dir, tmp_path):

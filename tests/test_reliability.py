@@ -685,13 +685,40 @@ def test_truncated_last_checkpoint_falls_back_to_prev_with_a_warning(cifar_dir, 
 
 @pytest.mark.parametrize("name, fallback", [("last.pt", True), ("prev.pt", False), ("weights.pt", False)])
 def test_a_truncated_checkpoint_names_prev_pt_as_the_fallback_only_for_last_pt(tmp_path, good_run, name, fallback):
-    """"A run folder keeps the checkpoint before as prev.pt, which --resume auto falls back to" is the way
-    out for a damaged last.pt; for prev.pt itself (or another file) there is no such fallback to promise."""
+    """"The run folder keeps the checkpoint before as RUN/prev.pt ... falls back to it" is the way out for a
+    damaged last.pt whose prev.pt is there; for prev.pt itself (or another file) there is no such fallback."""
     data = (good_run / "last.pt").read_bytes()
     (tmp_path / name).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="is corrupt, truncated or not a fasttrain checkpoint") as refused:
         load_checkpoint(tmp_path / name)
-    assert ("which --resume auto falls back to" in str(refused.value)) == fallback, str(refused.value)
+    assert "falls back to" not in str(refused.value)  # no prev.pt here: no fallback to promise
+    if name != "prev.pt":
+        shutil.copy(good_run / "prev.pt", tmp_path / "prev.pt")
+    with pytest.raises(CheckpointError, match="is corrupt, truncated or not a fasttrain checkpoint") as refused:
+        load_checkpoint(tmp_path / name)
+    assert ("falls back to" in str(refused.value)) == fallback, str(refused.value)
+
+
+def test_a_truncated_last_pt_names_a_fallback_that_resumes_a_default_named_run(cifar_dir, tmp_path, good_run,
+                                                                                capsys):
+    """The fallback the error names must run as written, also for a run in a default folder
+    (runs/<config>-<time>), whose config.yaml saves output.dir null: a bare --resume auto there stops
+    at "--resume auto needs the run folder"."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    cfg = load_config(run / "config.yaml")
+    cfg.output.dir = None
+    save_config(cfg, run / "config.yaml")
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    command = ["--config", str(run / "config.yaml"), "--device", "cpu"]
+    assert cli.main(command + ["--resume", str(run / "last.pt")]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    fallback = re.search(r"\((--resume auto[^()]*) falls back to it\)", err)
+    assert fallback, err
+    assert cli.main(command + shlex.split(fallback.group(1))) == 0, capsys.readouterr().err
+    assert f"resumed {run / 'prev.pt'} after epoch 1" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
 
 
 def _flip_byte_inside_largest_tensor(path: Path) -> None:
@@ -751,6 +778,27 @@ def test_no_usable_checkpoint_names_a_fresh_start_that_works(cifar_dir, tmp_path
     capsys.readouterr()
     assert cli.main(cli_args(cifar_dir, run) + ["--overwrite"]) == 0  # what the message says now
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
+def test_no_usable_checkpoint_names_a_good_copy_that_resumes(cifar_dir, tmp_path, good_run, capsys):
+    """The other way out, a good copy kept elsewhere: `--resume COPY` is refused in a folder that holds a
+    run of its own (it would be a run continued into another folder), so the message says to copy it in."""
+    run, backup = tmp_path / "run", tmp_path / "backup" / "epoch1.pt"
+    shutil.copytree(good_run, run)
+    backup.parent.mkdir()
+    shutil.copy(good_run / "prev.pt", backup)
+    for name in ("last.pt", "prev.pt"):
+        (run / name).write_bytes(b"damaged")
+    auto = cli_args(cifar_dir, run, "--resume", "auto")
+    assert cli.main(auto) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"Copy a good checkpoint into {str(run)!r} and run the same command again" in err, err
+    assert cli.main(cli_args(cifar_dir, run, "--resume", str(backup))) == cli.EXIT_USAGE  # the copy where it is
+    capsys.readouterr()
+    shutil.copy(backup, run / backup.name)
+    assert cli.main(auto) == 0
+    assert f"resumed {run / backup.name} after epoch 1" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2 and metric_epochs(run) == [1, 2]
 
 
 def test_find_resume_checkpoint_order_and_failures(tmp_path, good_run):
@@ -1011,10 +1059,28 @@ def test_out_of_memory_becomes_a_clear_error(cifar_dir, tmp_path, monkeypatch, c
     assert cli.main(cli_args(cifar_dir, tmp_path / "run")) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "error: out of GPU memory with train.batch_size 64" in err
-    for hint in ("--train.batch_size", "max-autotune", "--train.precision bf16", "Tried to allocate 20.00 GiB"):
+    for hint in ("--train.batch_size", "--train.precision bf16", "Tried to allocate 20.00 GiB"):
         assert hint in err
+    assert "max-autotune" not in err  # compile is off: nothing to change there
     assert not (tmp_path / "run" / "last.pt").exists()
     assert "No checkpoint was written for this run." in err and "is kept" not in err
+
+
+@pytest.mark.parametrize("settings, taken", [
+    (("--train.precision", "bf16"), "--train.precision bf16"),
+    (("--train.batch_size", "1", "--train.eval_batch_size", "1"), "lower --train.batch_size"),
+    (("--train.compile", "false", "--train.compile_mode", "max-autotune"), "--train.compile_mode default"),
+])
+def test_out_of_memory_names_no_fix_the_run_already_has(cifar_dir, tmp_path, monkeypatch, capsys, settings, taken):
+    """Each fix the error names must change something: bf16 for a bf16 run, half of a batch of 1 or compile
+    mode default for an uncompiled run would send the user back with the same command."""
+    def out_of_memory(self, images, labels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_train_step", out_of_memory)
+    assert cli.main(cli_args(cifar_dir, tmp_path / "run", *settings)) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "error: out of GPU memory" in err and taken not in err, err
 
 
 def test_out_of_memory_while_setting_up_the_run_is_a_clear_error(cifar_dir, tmp_path, monkeypatch, capsys):
