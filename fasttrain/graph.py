@@ -52,13 +52,11 @@ def graph_problems(cfg, world_size: int, precision: str) -> list[str]:
     if world_size > 1 and cfg.train.sync_bn:
         problems.append("it is not combined with train.sync_bn (SyncBatchNorm's collectives inside forward "
                         "and backward are untried under capture): pass --train.sync_bn false")
-    if cfg.optim.impl != "fused" and cfg.optim.name != "sgd":  # the fused step is SGD's only (config.validate)
-        problems.append(f"it needs the fused SGD step, and optim.name {cfg.optim.name} has none: pass --optim.name sgd "
-                        "--optim.impl fused (torch.optim takes the learning rate as a Python float, which a captured "
+    if cfg.optim.impl != "fused":  # the fused step is SGD's only (config.validate): name both switches then
+        fix = ("--optim.impl fused" if cfg.optim.name == "sgd" else
+               f"the fused SGD step, and optim.name {cfg.optim.name} has none: pass --optim.name sgd --optim.impl fused")
+        problems.append(f"it needs {fix} (torch.optim takes the learning rate as a Python float, which a captured "
                         "graph would freeze)")
-    elif cfg.optim.impl != "fused":
-        problems.append("it needs --optim.impl fused (torch.optim.SGD takes the learning rate as a Python "
-                        "float, which a captured graph would freeze)")
     if precision == "fp16":
         problems.append("it does not work with fp16 (the GradScaler reads a flag on the host every step): "
                         "use --train.precision bf16")
