@@ -650,6 +650,43 @@ def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone
     assert destroyed == [1]
 
 
+def test_the_first_bad_step_of_an_epoch_is_the_earliest_any_rank_had(monkeypatch):
+    """_reduce_epoch_stats on a stand-in rank 0 of 2, its peer's side of each reduction faked: loss and
+    correct sums add up, and the first non-finite step is the earliest over the ranks that had one. A rank
+    without one (-1) must not win the minimum (the run would go on, and checkpoint, after another rank's
+    divergence); -1 comes back only when no rank had one. A rank without one sends inf (this code, there)."""
+    from fasttrain import trainer as trainer_module
+    from fasttrain.trainer import Trainer
+
+    stand_in = Trainer.__new__(Trainer)
+    stand_in.dist = DistInfo(rank=0, world_size=2)
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", lambda t, info: t + torch.tensor([1.5, 2.0], dtype=t.dtype))
+    for mine, peers, first in ((-1.0, 4.0, 4.0), (3.0, float("inf"), 3.0), (6.0, 2.0, 2.0), (-1.0, float("inf"), -1.0)):
+        monkeypatch.setattr(trainer_module, "all_reduce_min",
+                            lambda t, info, peer=peers: torch.minimum(t, torch.full_like(t, peer)))
+        reduced = stand_in._reduce_epoch_stats(torch.tensor([10.0, 20.0, mine], dtype=torch.float64))
+        assert reduced.tolist() == [11.5, 22.0, first], (mine, peers)
+
+
+def test_only_a_torchrun_rank_reports_a_failed_collective_as_a_peer_failure():
+    """One process has no peers: a RuntimeError whose text happens to look like a collective's ("Broken
+    pipe", "timed out") is its own error, not "another rank died". Under torchrun it becomes that one-line
+    TrainingError, and a TrainingError (its own message, already one line) is kept as it is."""
+    from fasttrain.trainer import Trainer, TrainingError
+
+    stand_in = Trainer.__new__(Trainer)
+    stand_in.dist = DistInfo()
+    with pytest.raises(RuntimeError) as raised, stand_in._peer_failure_guard():
+        raise RuntimeError("Broken pipe")
+    assert type(raised.value) is RuntimeError
+    stand_in.dist = DistInfo(rank=1, world_size=2)
+    with pytest.raises(TrainingError, match="^rank 1 of 2: a collective operation failed.*Broken pipe$"):
+        with stand_in._peer_failure_guard():
+            raise RuntimeError("Broken pipe")
+    with pytest.raises(TrainingError, match="^the checkpoint write timed out$"), stand_in._peer_failure_guard():
+        raise TrainingError("the checkpoint write timed out")
+
+
 # ------------------------------------------------------------------------------------------------
 # In-process checks of fasttrain/distributed.py's helpers (torch.distributed faked where a group is needed)
 # ------------------------------------------------------------------------------------------------

@@ -404,6 +404,16 @@ def test_eval_test_false_needs_a_validation_split():
         load_config(None, ["--train.eval_test", "false"])
 
 
+def test_ema_bn_recompute_without_an_ema_is_unused(cifar_dir, tmp_path):
+    """train.ema_bn concerns the EMA's statistics: with train.ema_decay 0 (no EMA) a recompute setting is
+    unused, as the config says, and scoring the run's weights (what the benchmarks do after fit) scores the
+    model as it is instead of failing on an EMA that does not exist."""
+    cfg = tiny_config(cifar_dir, tmp_path, **{"train.ema_bn": "recompute", "train.ema_decay": "0"})
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    expected = evaluate(trainer.model, trainer.data.test, trainer.precision, trainer.device)
+    assert trainer.accuracy_by_tta(["none"]) == {"test": {"none": expected}}
+
+
 RECOMPUTE = {"train.ema_decay": "0.9", "train.ema_warmup_steps": "4", "data.val_size": "200"}
 
 

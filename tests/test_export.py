@@ -282,3 +282,13 @@ def test_weights_that_do_not_fit_their_config_are_not_exported(run, tmp_path):
     with pytest.raises(CheckpointError, match="another architecture"):
         export_weights(tmp_path / "mixed.pt", tmp_path / "w.pt")
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_an_unknown_dtype_is_refused_before_the_checkpoint_is_read(tmp_path):
+    """export_weights names the dtypes it writes: the CLI's choices guard them, and a script calling it
+    directly gets the same one-line refusal up front (here the checkpoint does not even exist), nothing written."""
+    from fasttrain.export import export_weights
+
+    with pytest.raises(ValueError, match="^dtype 'fp16': expected one of fp32, bf16$"):
+        export_weights(tmp_path / "missing.pt", tmp_path / "w.pt", dtype="fp16")
+    assert list(tmp_path.iterdir()) == []

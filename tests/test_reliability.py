@@ -465,6 +465,28 @@ def test_the_eta_after_a_mid_epoch_resume_counts_whole_epochs():
     assert trainer_module.eta_seconds(3.0, 10, 10, 0) == 0.0
 
 
+def test_a_run_resumed_mid_epoch_reports_its_eta_and_clocks_and_ends_at_train_epochs(cifar_dir, tmp_path,
+                                                                                     monkeypatch):
+    """fit() of a run resumed at step 4 of epoch 1 (its position and compile seconds set as _load sets them):
+    * eta_seconds gets the steps the epoch just ran (that epoch: its rest, 10 - 4) and the epochs after it:
+      none after the last, whose line must not promise another epoch's time;
+    * the compile warmup (a stand-in of 2.5 s: compiling takes minutes on a CPU) adds to the checkpoint's
+      compile seconds: the summary's clocks cover all of a resumed run's processes;
+    * a stop_after_epochs beyond train.epochs ends the run at train.epochs (complete: its summary written),
+      never trains past the end of its learning-rate schedule."""
+    calls = []
+    monkeypatch.setattr(trainer_module, "eta_seconds", lambda *args: calls.append(args) or 0.0)
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path), device="cpu", console=quiet())
+    trainer.start_step, trainer.compile_seconds = 4, 3.5
+    trainer.cfg.train.compile = True  # the net stays eager: the warmup is the stand-in
+    trainer._stoppable_warmup = lambda: 2.5
+    summary = trainer.fit(stop_after_epochs=3)
+    assert [(steps, per_epoch, left) for _, steps, per_epoch, left in calls] == [(STEPS - 4, STEPS, 1),
+                                                                                (STEPS, STEPS, 0)]
+    assert summary["compile_seconds"] == 6.0
+    assert metric_epochs(tmp_path) == [1, 2] and (tmp_path / "summary.json").is_file()
+
+
 @contextlib.contextmanager
 def disposition(signum: int, handler):
     """The test process as a launcher might start a run: `handler` for `signum`, the test's own put back after."""
@@ -944,11 +966,35 @@ def test_file_errors_name_the_destination_and_leave_no_temp_file(tmp_path):
 
     rename = OSError(errno.EACCES, "Permission denied", str(tmp_path / ".a.x.tmp"), None, str(tmp_path / "a"))
     assert file_error_line(rename) == f"error: {tmp_path / 'a'}: Permission denied"
+    assert file_error_line(OSError(errno.EPIPE, "Broken pipe")) is None  # names no file: keeps its traceback
     blocked = tmp_path / "summary.json"
     blocked.mkdir()  # a folder where the file goes: the rename fails
     with pytest.raises(OSError):
         write_text_atomic(blocked, "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_temp_file_is_a_new_hidden_file_on_disk_before_its_rename(tmp_path, monkeypatch):
+    """write_text_atomic's temp file: created anew (O_EXCL: a name already there, another writer's, is
+    passed over for the next, never written into), hidden beside its target (.NAME.<hex>.tmp), and its
+    whole text on disk when fsync runs (flushed first: fsync does not reach Python's buffer)."""
+    from fasttrain import files
+
+    names = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    monkeypatch.setattr(files.secrets, "token_hex", lambda nbytes: next(names))
+    taken = tmp_path / ".summary.json.aaaaaaaaaaaa.tmp"
+    taken.write_text("another writer's")
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_size, sorted(p.name for p in tmp_path.iterdir())))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    files.write_text_atomic(tmp_path / "summary.json", "{}\n")
+    assert synced == [(3, [taken.name, ".summary.json.bbbbbbbbbbbb.tmp"])]
+    assert (tmp_path / "summary.json").read_text() == "{}\n" and taken.read_text() == "another writer's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken.name, "summary.json"]
 
 
 class _Crash(BaseException):
@@ -1016,6 +1062,7 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_dir
     assert any(line.startswith("fasttrain: smoke | ") and line.endswith(f"| run {run}")
                for line in proc.stdout.splitlines()), proc.stdout
     assert "train.precision" not in proc.stderr  # an fp32 run: no advice it has already taken
+    assert "warning: training on the CPU: this is slow" in proc.stdout  # said before the run starts
     assert "Traceback" not in proc.stderr
     kept = load_checkpoint(run / "last.pt")
     assert (kept["epoch"], kept["step_in_epoch"]) == (1, 0)
@@ -1051,6 +1098,37 @@ def test_non_finite_weights_are_never_checkpointed(cifar_dir, tmp_path):
     assert (tmp_path / "last.pt").read_bytes() == before and not (tmp_path / "prev.pt").exists()
 
 
+def test_a_non_finite_loss_at_an_epochs_first_step_stops_the_run_with_the_fixes_not_yet_taken(tmp_path):
+    """_check_finite on a stand-in trainer: a bad loss at the epoch's first step (index 0; -1 alone means
+    none) stops the run like one at any other step, named 1-based with that step's learning rate. The
+    advice names only what the run has not done: clipping when optim.clip is none (else a lower clip
+    value), and bf16 or fp32 only for an fp16 run."""
+    from types import SimpleNamespace
+
+    stand_in = Trainer.__new__(Trainer)
+    stand_in.run_dir, stand_in.steps_per_epoch = tmp_path, STEPS
+    stand_in.schedule = SimpleNamespace(lr_at=lambda step: 0.01 * step)
+    stand_in.cfg = SimpleNamespace(optim=SimpleNamespace(clip="value"))
+    stand_in.precision = SimpleNamespace(name="fp32")
+    stand_in._check_finite(2, -1)  # no bad step
+    with pytest.raises(TrainingError, match=r"NaN or infinite at epoch 3, step 1 \(learning rate 0\.2\)") as failed:
+        stand_in._check_finite(2, 0)
+    assert "No checkpoint was written for this run." in str(failed.value)
+    assert str(failed.value).endswith("Lower optim.lr, raise optim.warmup_epochs or lower optim.clip_value.")
+    stand_in.cfg.optim.clip, stand_in.precision.name = "none", "fp16"
+    assert stand_in._divergence_fixes() == ("Lower optim.lr, raise optim.warmup_epochs, enable gradient clipping "
+                                           "(optim.clip) or use train.precision bf16 or fp32.")
+
+
+def test_the_first_bad_step_of_a_resumed_epoch_counts_the_steps_it_skipped(cifar_dir, tmp_path, monkeypatch):
+    """A run resumed at step 3 of an epoch that then diverges at its 2nd step of its own: the bad step is
+    the epoch's 5th (index 4), as the uninterrupted run would report it, not the process's 2nd."""
+    monkeypatch.setenv("FASTTRAIN_INJECT_NAN_STEP", "2")
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path), device="cpu", console=quiet())
+    sums = trainer.train_epoch(0, skip=3)
+    assert (int(sums["first_bad_step"]), sums["steps"]) == (4, STEPS - 3)
+
+
 def test_out_of_memory_becomes_a_clear_error(cifar_dir, tmp_path, monkeypatch, capsys):
     def out_of_memory(self, images, labels):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -1059,7 +1137,8 @@ def test_out_of_memory_becomes_a_clear_error(cifar_dir, tmp_path, monkeypatch, c
     assert cli.main(cli_args(cifar_dir, tmp_path / "run")) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "error: out of GPU memory with train.batch_size 64" in err
-    for hint in ("--train.batch_size", "--train.precision bf16", "Tried to allocate 20.00 GiB"):
+    for hint in ("--train.batch_size (e.g. 32, and optim.lr with it)", "--train.precision bf16",
+                 "Tried to allocate 20.00 GiB"):
         assert hint in err
     assert "max-autotune" not in err  # compile is off: nothing to change there
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -1081,6 +1160,16 @@ def test_out_of_memory_names_no_fix_the_run_already_has(cifar_dir, tmp_path, mon
     assert cli.main(cli_args(cifar_dir, tmp_path / "run", *settings)) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "error: out of GPU memory" in err and taken not in err, err
+
+
+def test_the_out_of_memory_detail_is_the_first_line_of_torchs_message_bounded():
+    """The `(...)` an out-of-memory error line ends with: what torch tried to allocate (its first line),
+    not the allocator statistics and advice that follow, and never more than 300 characters."""
+    message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB\n"
+               "Of the allocated memory 70.2 GiB is allocated by PyTorch\nSee documentation for Memory Management")
+    assert trainer_module.oom_detail(torch.OutOfMemoryError(message)) == message.splitlines()[0]
+    assert trainer_module.oom_detail(torch.OutOfMemoryError("x" * 1000)) == "x" * 300
+    assert trainer_module.oom_detail(torch.OutOfMemoryError("")) == "no detail"
 
 
 def test_out_of_memory_while_setting_up_the_run_is_a_clear_error(cifar_dir, tmp_path, monkeypatch, capsys):
@@ -1418,11 +1507,12 @@ def test_a_default_run_folder_that_cannot_be_written_says_so(cifar_dir, tmp_path
 @pytest.mark.parametrize("taken_by", ["a running run", "a finished run"])
 def test_a_default_run_folder_taken_meanwhile_gives_way_to_the_next_name(cifar_dir, tmp_path, monkeypatch, taken_by):
     """runs/<config>-<second>: two runs launched in the same second (a job array) pick the same name; the
-    one that writes second moves to <name>-2 instead of mixing its files into the other's."""
+    one that writes second moves to <name>-2 instead of mixing its files into the other's: its TensorBoard
+    event file included (opened after the move, and the other run's folder is not cleared of old ones)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20261127-000000")
     cfg = tiny_config(cifar_dir, "unused", "--train.epochs", "1")
-    cfg.output.dir = None
+    cfg.output.dir, cfg.output.tensorboard = None, True
     trainer = Trainer(cfg, device="cpu", console=quiet())
     first = Path("runs/smoke-20261127-000000")
     assert trainer.run_dir == first
@@ -1438,6 +1528,7 @@ def test_a_default_run_folder_taken_meanwhile_gives_way_to_the_next_name(cifar_d
         if holder is not None:
             holder.release()
     assert summary["run_dir"] == "runs/smoke-20261127-000000-2" and metric_epochs(Path(summary["run_dir"])) == [1]
+    assert len(list(Path(summary["run_dir"]).glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in first.iterdir()) == ([] if holder else ["config.yaml"])
 
 

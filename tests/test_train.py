@@ -118,6 +118,7 @@ def test_smoke_config_learns(cifar_dir, tmp_path):
     for key in ("params", "final_test_acc", "best_test_acc", "epochs", "train_seconds", "device", "torch", "git_sha"):
         assert key in saved
     assert saved["params"] == 19_996 and saved["best_test_acc"] >= saved["final_test_acc"]
+    assert (saved["eval_weights"], saved["ema_bn"], saved["ema_bn_seconds"]) == ("model", None, None)  # no EMA
     assert load_config(tmp_path / "config.yaml", ["--name", "smoke"]) == cfg  # the resolved config is saved
 
 
@@ -161,6 +162,9 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
     timed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert summary["images_per_second"] == pytest.approx(sum(r["images_per_second"] for r in timed) / 2)
     assert summary["wall_seconds"] > saved["wall_seconds"] > 0
+    # the stem's whitening is the first process's work alone: a resumed run takes its filters from the checkpoint
+    whitened = "model__stem_init" in extra
+    assert summary["stem_init_seconds"] is None and (full["stem_init_seconds"] is not None) == whitened
     assert summary["train_seconds"] > saved["train_seconds"] > 0
     pairs = [(straight.model.state_dict(), resumed.model.state_dict())]
     if "train__ema_decay" in extra:
@@ -176,6 +180,37 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
     assert [r["epoch"] for r in rows] == [1, 2] and rows == untimed_rows(tmp_path / "a")
     # evaluated: every eval_every-th epoch, counted from 1, and always the last
     assert [r["test_acc"] is not None for r in rows] == [extra.get("train__eval_every") != "2", True]
+
+
+def test_the_compile_warmup_leaves_the_run_as_it_found_it(cifar_dir, tmp_path):
+    """warmup() (train.compile, CUDA graphs, cuDNN autotuning) trains throwaway steps, which move the weights,
+    the optimizer's state, the schedule, the EMA, an fp16 loss scaler and, through dropout, the global RNG:
+    every one is put back, so the run trains as it would have without the warmup."""
+    import copy
+
+    cfg = tiny_config(cifar_dir, tmp_path, model__dropout="0.3", train__ema_decay="0.9")
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    # fp16's GradScaler on this fp32 run (fp16 convolutions are slow on a CPU): its scale and step count
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    trainer.scaler.scale(torch.ones((), requires_grad=True))
+    trainer.scaler.update(new_scale=512.0)
+
+    def state():
+        return copy.deepcopy({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
+                              "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict(),
+                              "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state()})
+
+    before = state()
+    trainer.warmup()
+    after = state()
+    assert trainer.schedule.step_count == 0 and after["optimizer"]["state"] == {}  # no step kept
+    for part in ("model", "ema"):
+        assert after[part].keys() == before[part].keys()
+        for k, v in before[part].items():
+            assert torch.equal(after[part][k], v), (part, k)
+    assert (after["schedule"], after["scaler"]) == (before["schedule"], before["scaler"])
+    assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
+    assert torch.equal(after["rng"], before["rng"])
 
 
 def test_best_test_acc_is_the_best_epoch_not_the_last(cifar_dir, tmp_path, monkeypatch):
@@ -437,6 +472,32 @@ def test_each_precision_computes_in_its_dtype(precision, computes_in):
         with p.autocast(cpu):
             assert torch.is_autocast_cache_enabled()
     assert Precision.resolve("auto", torch.device("cuda")).name == "bf16"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_training_step_smooths_the_labels_and_clips_the_gradients_as_they_are(cifar_dir, tmp_path, precision):
+    """One step: its loss is cross-entropy with optim.label_smoothing, and optim.clip value bounds the
+    gradients the optimizer steps with. fp16 clips them after unscaling: clipped while still multiplied by
+    the loss scale (65536), every gradient would end up below clip_value / 65536 and the step would be
+    nothing. And fp16 updates its scale after each step: one that overflowed halves it (else every later
+    step would overflow and be skipped too)."""
+    import torch.nn.functional as F
+
+    cfg = tiny_config(cifar_dir, tmp_path, optim__label_smoothing="0.3", optim__clip_value="0.001",
+                      train__precision=precision)
+    trainer = Trainer(cfg, device="cpu", console=quiet())
+    images, labels = next(iter(trainer.data.train))
+    loss, logits = trainer._step_body(images, labels)
+    assert loss == pytest.approx(F.cross_entropy(logits.float(), labels, label_smoothing=0.3).item(), rel=1e-6)
+    assert loss != pytest.approx(F.cross_entropy(logits.float(), labels).item(), rel=1e-3)
+    largest = max(p.grad.abs().max().item() for p in trainer.trainable)
+    assert largest == pytest.approx(0.001)  # clipped at the value: many raw gradients are larger
+    if precision == "fp16":  # an overflowing step is skipped, and the scale backs off for the next one
+        trainer.scaler.update(new_scale=2.0 ** 100)  # the fp16 gradients overflow under this scale
+        before = [p.detach().clone() for p in trainer.trainable]
+        trainer._step_body(images, labels)
+        assert trainer.scaler.get_scale() == 2.0 ** 99
+        assert all(torch.equal(a, p) for a, p in zip(before, trainer.trainable))
 
 
 def test_git_sha_marks_uncommitted_changes_and_is_unknown_outside_a_checkout(monkeypatch):
