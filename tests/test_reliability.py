@@ -1106,7 +1106,7 @@ def test_a_non_finite_loss_at_an_epochs_first_step_stops_the_run_with_the_fixes_
     from types import SimpleNamespace
 
     stand_in = Trainer.__new__(Trainer)
-    stand_in.run_dir, stand_in.steps_per_epoch = tmp_path, STEPS
+    stand_in.run_dir, stand_in.steps_per_epoch, stand_in._last_saved = tmp_path, STEPS, None  # nothing saved
     stand_in.schedule = SimpleNamespace(lr_at=lambda step: 0.01 * step)
     stand_in.cfg = SimpleNamespace(optim=SimpleNamespace(clip="value"))
     stand_in.precision = SimpleNamespace(name="fp32")
