@@ -258,8 +258,7 @@ class Resumable:
         another folder (a run continued here from there, stopped before its first step) is saved here too:
         this folder refuses a resume of another folder's checkpoint once it holds the run's config.yaml, and
         `--resume auto` here would find nothing and start over."""
-        if (self._last_saved is not None and self._last_saved[0] == (epoch, step)
-                and not resumes_another_folder(Path(self._last_saved[1]), self.run_dir)):
+        if self._last_saved is not None and self._last_saved[0] == (epoch, step) and not self._saved_elsewhere():
             path = self._last_saved[1]
         else:
             path = self.save_checkpoint(epoch, step_in_epoch=step, partial=partial)
@@ -281,12 +280,16 @@ class Resumable:
         """The command that continues this run from the newest good checkpoint of its folder."""
         return self._resume_command(f"auto --output.dir {shlex.quote(str(self.run_dir))}")
 
+    def _saved_elsewhere(self) -> bool:
+        """This run's newest checkpoint lies in another folder: a run continued here that saved nothing here yet."""
+        return self._last_saved is not None and resumes_another_folder(Path(self._last_saved[1]), self.run_dir)
+
     def _continue_command(self) -> str:
         """The command that continues this run from its newest good checkpoint: `--resume auto` in its folder,
         unless that checkpoint lies in another folder (a run continued here that saved nothing here yet: auto
         would start over). Then that checkpoint, into this folder, whose config.yaml and metrics.jsonl
         (nothing the checkpoint does not hold) --overwrite replaces."""
-        if self._last_saved is None or not resumes_another_folder(Path(self._last_saved[1]), self.run_dir):
+        if not self._saved_elsewhere():
             return self._resume_auto_command()
         return (self._resume_command(shlex.quote(str(self._last_saved[1])))
                 + f" --output.dir {shlex.quote(str(self.run_dir))} --overwrite")
