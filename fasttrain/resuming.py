@@ -23,6 +23,7 @@ import torch
 from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
                                   rng_state, set_rng_state, unwrap, write_checkpoint)
 from fasttrain.config import Config, config_changes, config_from_dict, config_to_dict
+from fasttrain.data import data_location
 from fasttrain.distributed import all_gather_objects, barrier
 from fasttrain.export import KIND as EXPORT_KIND
 from fasttrain.optim import with_hyperparameters_of
@@ -133,7 +134,7 @@ class Resumable:
         # another folder (FASTTRAIN_DATA unset: ./data, maybe downloaded there: the official images under a run
         # of the JPEG stand-in). The rest of the source (the split, the loader) is config: named in the warning
         # of config changes, and no --data.dir would bring it back
-        if trained_on and trained_on.rsplit("; ", 2)[0] != self.data.source.rsplit("; ", 2)[0]:  # see build_data
+        if trained_on and data_location(trained_on) != data_location(self.data.source):
             self.console.warn(f"{path} was trained on {trained_on}; this run reads {self.data.source}. If that is "
                               "not the same data in another place, pass the --data.dir it was trained on")
         unwrap(self.model).load_state_dict(ckpt["model"])

@@ -9,7 +9,7 @@ import torch
 from fasttrain.data.cifar import CifarArrays, DataError, load_cifar10, resolve_data_dir, split_validation
 from fasttrain.data.loader_torch import TorchLoader
 
-__all__ = ["CifarArrays", "DataBundle", "DataError", "TorchLoader", "build_data", "load_cifar10",
+__all__ = ["CifarArrays", "DataBundle", "DataError", "TorchLoader", "build_data", "data_location", "load_cifar10",
            "resolve_data_dir", "split_validation"]
 
 
@@ -24,6 +24,12 @@ class DataBundle:
     # uint8 [N, H, W, C]: the training split's images, the same on every rank (what model.stem_init: whiten
     # estimates its filters on)
     train_images: Any = None
+
+
+def data_location(source: str) -> str:
+    """Where a DataBundle.source (or a checkpoint's data_source) read its images from: the reader's part,
+    without the split and the loader build_data appends after it ("; train ..., test ... images; loader ...")."""
+    return source.rsplit("; ", 2)[0]
 
 
 def _loader_class(name: str):
