@@ -137,11 +137,12 @@ def with_hyperparameters_of(optimizer: torch.optim.Optimizer, state: dict) -> di
     go on with the old values while saying it uses the new ones. The learning rate is the schedule's
     to set. Groups that do not pair up are left for load_state_dict to refuse."""
     saved = state.get("param_groups")
-    if not isinstance(saved, list) or len(saved) != len(optimizer.param_groups):
+    if (not isinstance(saved, list) or len(saved) != len(optimizer.param_groups)
+            or not all(isinstance(old, dict) for old in saved)):
         return state
     groups = [{**old, **{k: v for k, v in new.items() if k != "params"}}
-              for old, new in zip(saved, optimizer.param_groups) if isinstance(old, dict)]
-    return {**state, "param_groups": groups} if len(groups) == len(saved) else state
+              for old, new in zip(saved, optimizer.param_groups)]
+    return {**state, "param_groups": groups}
 
 
 def clips_inside_step(optimizer: torch.optim.Optimizer) -> bool:
