@@ -134,16 +134,29 @@ def write_checkpoint(state: dict, path: str | Path, previous: str | None = PREVI
     return path
 
 
+def checkpoint_path_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a checkpoint file, naming what its folder holds instead (the file
+    meant is most often a neighbour: prev.pt, a typo); None for a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        held = [str(p) for p in checkpoint_candidates(path)]
+        return (f"{str(path)!r} is a folder, not a checkpoint: pass a checkpoint file"
+                + (f" ({', '.join(held[:3])})" if held else " (it holds none)"))
+    if not path.parent.is_dir():
+        return f"checkpoint {str(path)!r} not found: there is no folder {str(path.parent)!r}"
+    held = [p.name for p in checkpoint_candidates(path.parent)]
+    return (f"checkpoint {str(path)!r} not found: {str(path.parent)!r} holds "
+            + (", ".join(held[:4]) + (", ..." if len(held) > 4 else "") if held else "no checkpoint (*.pt)"))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint safely and verify its checksum; any problem is a CheckpointError naming the file."""
     path = Path(path)
-    if path.is_dir():
-        held = [str(p) for p in checkpoint_candidates(path)]
-        raise CheckpointError(f"{str(path)!r} is a folder, not a checkpoint: pass a checkpoint file"
-                              + (f" ({', '.join(held[:3])})" if held else " (it holds none)"))
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found: a run folder holds last.pt (and prev.pt); "
-                              "--resume auto finds the newest good one in the run's --output.dir")
+    problem = checkpoint_path_problem(path)
+    if problem:
+        raise CheckpointError(problem)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

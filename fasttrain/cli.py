@@ -1,5 +1,5 @@
 """Command line: `python -m fasttrain [train] --config FILE [--section.key VALUE ...]`,
-`python -m fasttrain eval --checkpoint PATH [--tta [flip|flip_shift|all]]`, `python -m fasttrain plot RUN_DIR`,
+`python -m fasttrain eval CHECKPOINT [--tta [flip|flip_shift|all]]`, `python -m fasttrain plot RUN_DIR`,
 `python -m fasttrain export CHECKPOINT OUT [--weights auto|ema|model] [--dtype fp32|bf16]`.
 
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError
+from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_path_problem
 from fasttrain.config import (ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
                               load_config)
 from fasttrain.files import file_error_line
@@ -63,7 +63,9 @@ def _train_parser() -> argparse.ArgumentParser:
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fasttrain eval", allow_abbrev=False,
                                 description="Test accuracy of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("checkpoint", nargs="?", help="a training checkpoint (RUN_DIR/last.pt) or an exported weights "
+                                                 "file, as export takes it")
+    p.add_argument("--checkpoint", dest="checkpoint_flag", metavar="CHECKPOINT", help="the same, as a flag")
     p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_shift", "all"],
                    help="test-time augmentation: flip (the default without a value) averages with the mirror "
                         "image; flip_shift also with 1-pixel translated views (fasttrain/evaluate.py); all: "
@@ -91,7 +93,7 @@ def _plot_parser() -> argparse.ArgumentParser:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fasttrain export", allow_abbrev=False,
                                 description="Write a run's weights (no optimizer state) to a small file that "
-                                            "`python -m fasttrain eval --checkpoint` reads")
+                                            "`python -m fasttrain eval` reads")
     p.add_argument("checkpoint", help="a training checkpoint, e.g. RUN_DIR/last.pt")
     p.add_argument("out", help="the weights file to write")
     p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
@@ -194,6 +196,10 @@ def cmd_train(argv: list[str]) -> int:
     if args.json and not args.dry_run:
         raise ConfigError("--json prints the --dry-run report: pass --dry-run --json (a training run logs to "
                           "its run folder's metrics.jsonl and summary.json)")
+    problem = args.resume not in (None, "auto") and checkpoint_path_problem(args.resume)
+    if problem:  # a typo or a run folder: refused before anything is read or set up
+        raise ConfigError(f"--resume: {problem} (--resume auto --output.dir RUN_DIR takes the newest good "
+                          "checkpoint in a run folder)")
     if args.config is None and args.resume not in (None, "auto"):
         cfg = _checkpoint_config(args.resume, rest)
     else:
@@ -203,8 +209,6 @@ def cmd_train(argv: list[str]) -> int:
 
     if args.dry_run:  # what training would refuse before reading a checkpoint, refused here too
         resolve_device(args.device)
-        if args.resume not in (None, "auto") and not Path(args.resume).is_file():
-            raise ConfigError(f"--resume {args.resume!r}: no such checkpoint file")
         return dry_run(cfg, args.json)
     from fasttrain.distributed import init_distributed, shutdown
     from fasttrain.trainer import Trainer
@@ -223,10 +227,15 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    args = _eval_parser().parse_args(argv)
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    named = {name for name in (args.checkpoint, args.checkpoint_flag) if name is not None}
+    if len(named) != 1:
+        parser.error("name one checkpoint: python -m fasttrain eval RUN_DIR/last.pt (or --checkpoint RUN_DIR/last.pt)"
+                     if not named else f"two checkpoints named ({', '.join(sorted(named))}): name one")
     from fasttrain.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, tta=args.tta, device=args.device, data_dir=args.data_dir,
+    result = evaluate_checkpoint(named.pop(), tta=args.tta, device=args.device, data_dir=args.data_dir,
                                  weights=args.weights, test_subset=args.test_subset)
     if args.json:
         print(json.dumps(result))

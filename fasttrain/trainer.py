@@ -629,7 +629,7 @@ class Trainer(Resumable):
             raise ConfigError(
                 f"{self.resume_path} already completed {self.start_epoch} of {epochs} epochs: nothing to "
                 f"continue in {str(self.run_dir)!r}. Raise --train.epochs to train on, or evaluate it with "
-                f"python -m fasttrain eval --checkpoint {shlex.quote(str(self.resume_path))}")
+                f"python -m fasttrain eval {shlex.quote(str(self.resume_path))}")
         self.console.info(f"the checkpoint already completed {self.start_epoch} of {epochs} epochs: nothing to train")
         saved = run_summary(self.run_dir, self.start_epoch, self.train_seconds)  # the folder's own (above)
         if saved is not None:

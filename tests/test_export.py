@@ -45,7 +45,7 @@ def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tm
     assert every["test_acc"] == every["test_acc_by_tta"]["none"] == from_export["test_acc"]
     assert every["test_acc_by_tta"]["flip_shift"] == eval_json(out, cifar_dir, "--tta", "flip_shift")["test_acc"]
     assert set(every["test_acc_by_tta"]) == {"none", "flip", "flip_shift"}
-    line = run_cli("eval", "--checkpoint", str(out), "--device", "cpu", "--data.dir", str(cifar_dir),
+    line = run_cli("eval", str(out), "--device", "cpu", "--data.dir", str(cifar_dir),  # as export names it
                    "--tta", "all").stdout
     assert line.startswith(f"test accuracy: {every['test_acc']:.2f}% (no TTA), "
                            f"{every['test_acc_by_tta']['flip']:.2f}% (flip TTA), ")

@@ -853,6 +853,30 @@ def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(good_run, tmp
     assert "is a folder, not a checkpoint" in capsys.readouterr().err
 
 
+def test_a_checkpoint_that_is_not_there_names_what_its_folder_holds(good_run, tmp_path, capsys):
+    """A typo in a checkpoint's name: the files its folder holds (or that the folder is missing), and
+    --resume auto only where it applies, for training; eval and export are not told to resume."""
+    typo = good_run / "lats.pt"
+    with pytest.raises(CheckpointError, match=rf"{re.escape(repr(str(typo)))} not found: "
+                                              rf"{re.escape(repr(str(good_run)))} holds last.pt, prev.pt$"):
+        load_checkpoint(typo)
+    with pytest.raises(CheckpointError, match=r"not found: there is no folder .*nowhere'$"):
+        load_checkpoint(tmp_path / "nowhere" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"not found: .* holds no checkpoint \(\*\.pt\)$"):
+        load_checkpoint(tmp_path / "last.pt")
+    for command in (["eval", str(typo)], ["export", str(typo), str(tmp_path / "w.pt")]):
+        assert cli.main(command) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert "holds last.pt, prev.pt" in err and "--resume" not in err
+    for config in ([], ["--config", str(good_run / "config.yaml")]):  # refused before the config is even read
+        assert cli.main(["--device", "cpu", "--resume", str(typo), *config]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "holds last.pt, prev.pt (--resume auto --output.dir RUN_DIR takes the newest good" in err
+    assert cli.main(["--device", "cpu", "--resume", str(good_run)]) == cli.EXIT_USAGE
+    assert "is a folder, not a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "w.pt").exists() and not (good_run / "lats.pt").exists()
+
+
 def test_the_checksum_covers_dtypes_keys_and_the_format(tmp_path):
     """Damage that keeps the bytes (a dtype, a key's name: "ema" read as "emb" would resume without its
     EMA) changes the checksum; a file of another format version is refused even with a valid one."""
@@ -1766,9 +1790,16 @@ def test_command_line_mistakes_are_usage_errors_that_name_the_fix(cifar_dir, tmp
         assert "data.test_subset" in capsys.readouterr().err
     assert cli.main(["evaluate", "--checkpoint", str(good_run / "last.pt")]) == cli.EXIT_USAGE
     assert "the commands: train (the default), eval, plot, export" in capsys.readouterr().err
+    # eval takes its checkpoint as export does, or as --checkpoint: one of them
+    for two in ([], [str(good_run / "last.pt"), "--checkpoint", str(good_run / "prev.pt")]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["eval", *two, "--device", "cpu"])
+        assert stop.value.code == cli.EXIT_USAGE
+        assert ("two checkpoints named" if two else "name one checkpoint: python -m fasttrain eval RUN_DIR/last.pt"
+                ) in capsys.readouterr().err
     # --dry-run refuses what training would: a device that is not there, a checkpoint that is not there
     assert cli.main(cli_args(cifar_dir, run) + ["--dry-run", "--resume", str(tmp_path / "none.pt")]) == cli.EXIT_USAGE
-    assert "no such checkpoint file" in capsys.readouterr().err
+    assert f"--resume: checkpoint {str(tmp_path / 'none.pt')!r} not found" in capsys.readouterr().err
     assert cli.main(["--config", str(tmp_path), "--dry-run"]) == cli.EXIT_USAGE
     assert "is not a file: name a YAML config" in capsys.readouterr().err
 
