@@ -72,6 +72,7 @@ class Resumable:
             "compile_seconds": self.compile_seconds, "wall_seconds": self.wall_seconds(),
             "epoch_images_per_second": self.epoch_images_per_second,
             "data_source": self.data.source,
+            "precision": self.precision.name,  # as resolved: train.precision auto is bf16 on a GPU, fp32 on the CPU
             "torch": str(torch.__version__),  # a TorchVersion object would be refused by weights_only loading
         }
 
@@ -140,6 +141,7 @@ class Resumable:
         unwrap(self.model).load_state_dict(ckpt["model"])
         self._load_optimizer(path, ckpt["optimizer"], saved)
         self._warn_config_changes(path, saved)
+        self._warn_other_precision(path, ckpt.get("precision"), saved)
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -224,6 +226,17 @@ class Resumable:
         elif lookahead == (True, False):
             self.console.warn(f"{path} was trained with Lookahead: its slow weights are dropped and training goes on "
                               "from the fast weights it saved")
+
+    def _warn_other_precision(self, path: Path, trained_in: str | None, saved: Config) -> None:
+        """The same train.precision resolved to another precision (auto: bf16 on a GPU, fp32 on the CPU, so a
+        run continued on the other kind of device): not a config change, so _warn_config_changes is silent,
+        but the arithmetic differs. None: a checkpoint from before the key was saved. A changed train.precision is
+        _warn_config_changes' to name."""
+        if trained_in is None or trained_in == self.precision.name or saved.train.precision != self.cfg.train.precision:
+            return
+        self.console.warn(f"{path} was trained in {trained_in}; train.precision {self.cfg.train.precision} gives "
+                          f"{self.precision.name} on {self.device.type}: not an exact continuation (pass "
+                          f"--train.precision {trained_in} to go on in {trained_in})")
 
     def _restore_rng(self, ckpt: dict) -> None:
         """This rank's own RNG state when the checkpoint holds one per rank for this many ranks (under

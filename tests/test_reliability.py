@@ -35,7 +35,7 @@ from fasttrain.config import ConfigError, load_config, save_config
 from fasttrain.run_folder import LOCK, FolderLock
 from fasttrain.signals import RunInterrupted, StopRequest
 from fasttrain.trainer import Trainer, TrainingError
-from test_train import quiet, recording_console, untimed_rows
+from test_train import assert_identical, quiet, recording_console, untimed_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
@@ -109,23 +109,8 @@ def wait_for_checkpoint(proc, path: Path, epoch: int, log_dir: Path, timeout: fl
 
 def assert_same_training_state(a: dict, b: dict) -> None:
     """Bit-identical weights, optimizer state (momentum, Lookahead slow weights) and schedule."""
-    def walk(x, y, where):
-        assert type(x) is type(y), where
-        if isinstance(x, torch.Tensor):
-            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), where
-        elif isinstance(x, dict):
-            assert list(x) == list(y), where
-            for k in x:
-                walk(x[k], y[k], f"{where}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), where
-            for i, (u, v) in enumerate(zip(x, y)):
-                walk(u, v, f"{where}[{i}]")
-        else:
-            assert x == y, where
-
     for key in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch"):
-        walk(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
 
 
 def folder_snapshot(folder: Path) -> dict:
@@ -1576,6 +1561,23 @@ def test_a_resume_under_a_changed_config_names_the_change(cifar_dir, tmp_path, r
     warning = next(line for line in said if "was trained with another config" in line)
     assert f"{change[0][2:]} " in warning and "not an exact continuation" in warning
     assert ("learning-rate schedule" in warning) == schedule_note, warning
+
+
+def test_a_resume_that_trains_in_another_precision_says_so(cifar_dir, tmp_path, reference_run):
+    """train.precision auto is bf16 on a GPU and fp32 on the CPU: a run stopped on a GPU and continued on the
+    CPU keeps its config but not its arithmetic, which the config-change warning cannot show. The checkpoint
+    records the precision it trained in, and a resume that resolves another names it and the flag that keeps
+    it; where they agree, nothing is said."""
+    trainer, said = resume_a_copy(cifar_dir, tmp_path, reference_run, "--train.precision", "auto")
+    assert trainer.precision.name == "fp32" and not any("was trained in" in line for line in said)
+    gpu_run = {**trainer.checkpoint_state(2), "precision": "bf16"}  # what auto saved on a GPU
+    write_checkpoint(gpu_run, tmp_path / "run" / "last.pt")
+    console, said = recording_console()
+    Trainer(tiny_config(cifar_dir, tmp_path / "run", "--train.precision", "auto"), device="cpu", console=console,
+            resume=tmp_path / "run" / "last.pt")
+    said = " ".join(" ".join(said).split())  # rich wraps long lines
+    assert "was trained in bf16; train.precision auto gives fp32 on cpu: not an exact continuation" in said, said
+    assert "pass --train.precision bf16 to go on in bf16" in said
 
 
 def test_a_resume_that_reads_other_data_says_so(cifar_dir, tmp_path, reference_run, capsys):

@@ -1,6 +1,7 @@
 """The trainer end to end on real data (FASTTRAIN_DATA): it learns, resumes exactly, and the CLI works."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from fasttrain.config import ConfigError, load_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
 from fasttrain.model import build_model
+from fasttrain.signals import RunInterrupted
 from fasttrain.trainer import Trainer
 
 TINY_SETTINGS = {"data.train_subset": "640", "data.test_subset": "200", "model.blocks": "[1,1,1]",
@@ -48,7 +50,7 @@ def recording_console() -> tuple[RunConsole, list[str]]:
 
 def untimed_rows(run_dir) -> list[dict]:
     """A run's metrics.jsonl rows without their timing fields: what an exact resume must reproduce."""
-    timing = ("epoch_seconds", "images_per_second")
+    timing = ("epoch_seconds", "images_per_second", "eval_ema_bn_seconds")
     return [{k: v for k, v in json.loads(line).items() if k not in timing}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -180,6 +182,81 @@ def test_resume_is_exact(cifar_dir, tmp_path, extra):
     assert [r["epoch"] for r in rows] == [1, 2] and rows == untimed_rows(tmp_path / "a")
     # evaluated: every eval_every-th epoch, counted from 1, and always the last
     assert [r["test_acc"] is not None for r in rows] == [extra.get("train__eval_every") != "2", True]
+
+
+def assert_identical(a, b, where: str) -> None:
+    """Nested dicts, lists and tensors equal bit for bit (tensors: dtype and shape too)."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def stop_mid_epoch(trainer: Trainer, after_steps: int) -> None:
+    """Run `trainer` until SIGINT, sent to this process during its `after_steps`-th step (counted across
+    epochs), has stopped it there: the mid-epoch checkpoint of a preempted run."""
+    inner, steps = trainer._train_step, []
+
+    def step(images, labels):
+        out = inner(images, labels)
+        steps.append(1)
+        if len(steps) == after_steps:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag: the step finishes
+        return out
+
+    trainer._train_step = step
+    with pytest.raises(RunInterrupted):
+        trainer.fit()
+
+
+@pytest.mark.parametrize("extra", [
+    {"model__dropout": "0.2", "optim__name": "adamw", "optim__lr": "0.01", "optim__weight_decay": "0.05",
+     "optim__label_smoothing": "0.1", "optim__clip": "norm", "optim__decay_norm_and_bias": "false"},
+    {"model__dropout": "0.2", "data__loader": "dali", "data__val_size": "500", "data__cutout": "8",
+     "data__flip_mode": "alternating"},
+    {"model__dropout": "0.2", "train__ema_decay": "0.9", "train__ema_bn": "recompute", "train__ema_bn_batches": "2",
+     "train__eval_every": "2"},
+], ids=["dropout-adamw-label-smoothing", "dali-val-split-cutout", "ema-bn-recompute"])
+def test_resume_is_exact_at_an_epoch_boundary_and_mid_epoch(cifar_dir, tmp_path, extra, one_torch_thread):
+    """The settings with state or randomness of their own, stopped after epoch 1 (stop_after_epochs) and
+    inside epoch 2 (SIGINT after its 3rd step) and resumed: each ends as the run in one go did, bit for bit.
+    Dropout draws from the CPU generator at every step, so a mid-epoch resume must continue its stream;
+    AdamW keeps moments and a step count, in two parameter groups that must pair up again; the DALI
+    loader skips the epoch's trained batches through its pipeline; the validation split is scored in
+    every row; train.ema_bn recompute re-estimates the EMA's statistics for each save, the mid-epoch one
+    too, where the run in one go does not (eval_every 2: only at its end). Compared: what last.pt holds
+    (weights, optimizer, schedule, EMA, RNG), the metrics rows (timing aside) and the summary's accuracies."""
+    def outcome(run_dir, summary):
+        saved = load_checkpoint(run_dir / "last.pt")
+        state = {k: saved[k] for k in ("model", "optimizer", "scheduler", "ema", "rng", "epoch", "step_in_epoch")}
+        accuracies = {k: summary[k] for k in ("final_test_acc", "best_test_acc", "final_val_acc")}
+        return state, untimed_rows(run_dir), accuracies
+
+    straight = Trainer(tiny_config(cifar_dir, tmp_path / "a", **extra), device="cpu", console=quiet())
+    expected = outcome(tmp_path / "a", straight.fit())
+    assert (expected[2]["final_val_acc"] is not None) == ("data__val_size" in extra)
+    stops = {"boundary": (lambda t: t.fit(stop_after_epochs=1), (1, 0)),
+             "mid-epoch": (lambda t: stop_mid_epoch(t, 13), (1, 3))}  # 10 steps per epoch
+    for run, (stop, position) in stops.items():
+        stop(Trainer(tiny_config(cifar_dir, tmp_path / run, **extra), device="cpu", console=quiet()))
+        at = load_checkpoint(tmp_path / run / "last.pt")
+        assert (at["epoch"], at["step_in_epoch"]) == position
+        torch.manual_seed(999)  # the global RNG must come from the checkpoint
+        resumed = Trainer(tiny_config(cifar_dir, tmp_path / run, **extra), device="cpu", console=quiet(),
+                          resume=tmp_path / run / "last.pt")
+        got = outcome(tmp_path / run, resumed.fit())
+        assert_identical(got[0], expected[0], run)
+        assert got[1:] == expected[1:], run
 
 
 def test_the_compile_warmup_leaves_the_run_as_it_found_it(cifar_dir, tmp_path):
