@@ -153,6 +153,9 @@ class Config:
 # CIFAR-10's sizes, for the data checks in `validate` (not imported from fasttrain.data: that imports torch)
 CIFAR10_TRAIN_IMAGES = 50_000
 CIFAR10_TEST_IMAGES = 10_000
+# torch.finfo(torch.float32).max: the optimizer step hands lr, weight decay and the clip to kernels on float32
+# tensors, which refuse a larger Python float mid-step ("cannot be converted to type float without overflow")
+FLOAT32_MAX = 3.4028234663852886e38
 
 # The training command's own options (fasttrain/cli.py, _train_parser; a test keeps the two in step):
 # a mistyped one reaches parse_overrides, which suggests the closest of these and of the config keys.
@@ -574,7 +577,12 @@ def validate(cfg: Config) -> None:
         v = getattr(d, key)
         _require(len(v) == 3, f"data.{key}", v, "three values, one per RGB channel")
         _require(all(math.isfinite(x) for x in v), f"data.{key}", v, "finite values (no .inf or .nan)")
-    _require(all(s > 0 for s in d.std), "data.std", d.std, "every std must be > 0")
+    # Pixels are x / 255 in 0..1, normalized to (x / 255 - mean) / std: a mean outside 0..1 (say on the 0..255
+    # scale) or a std under one grey level scales them so far that fp16 overflows on the first step and BatchNorm's
+    # float32 running variance after it (std 1e-10, mean 1e30), which reads like a divergence at the epoch's end
+    _require(all(0 <= x <= 1 for x in d.mean), "data.mean", d.mean, "every mean in 0..1 (pixels are x / 255)")
+    _require(all(s >= 1 / 255 for s in d.std), "data.std", d.std,
+             "every std >= 1/255, one grey level (pixels are x / 255)")
 
     _require(m.layers >= 1, "model.layers", m.layers, "must be >= 1")
     for key in ("blocks", "conv_kernel", "shortcut_kernel"):
@@ -596,16 +604,22 @@ def validate(cfg: Config) -> None:
              "must be >= 10: CIFAR-10's labels are 0..9, and a label past the last output stops training")
     _require(m.max_params >= 1, "model.max_params", m.max_params, "must be >= 1")
 
-    # NaN fails every comparison below; infinity passes a lower bound, hence the isfinite checks
-    _require(0 < o.lr < math.inf, "optim.lr", o.lr, "must be > 0 and finite")
+    # NaN fails every comparison below; infinity passes a lower bound, hence the upper ones (math.inf, or
+    # FLOAT32_MAX for what the step hands to float32 kernels)
+    _require(0 < o.lr <= FLOAT32_MAX, "optim.lr", o.lr, "must be > 0 and at most 3.4e38 (float32's largest)")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "0 <= momentum < 1")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0")
-    _require(0 <= o.weight_decay < math.inf, "optim.weight_decay", o.weight_decay, "must be >= 0 and finite")
+    _require(0 <= o.weight_decay <= FLOAT32_MAX, "optim.weight_decay", o.weight_decay,
+             "must be >= 0 and at most 3.4e38 (float32's largest)")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
              "two values in [0, 1)")
     _require(0 < o.eps < math.inf, "optim.eps", o.eps, "must be > 0 and finite")
-    _require(0 < o.clip_value < math.inf, "optim.clip_value", o.clip_value,
-             "must be > 0 and finite (optim.clip none turns clipping off)")
+    # AdamW's first step is lr / (1 - beta1) (its bias correction), handed to a float32 kernel like lr itself
+    _require(o.name != "adamw" or o.lr / (1 - o.betas[0]) <= FLOAT32_MAX, "optim.lr", o.lr,
+             f"at most 3.4e38 x (1 - betas[0] = {_show(o.betas[0])}) with adamw: its first step, lr / (1 - beta1), "
+             "must fit a float32")
+    _require(0 < o.clip_value <= FLOAT32_MAX, "optim.clip_value", o.clip_value,
+             "must be > 0 and at most 3.4e38, float32's largest (optim.clip none turns clipping off)")
     _require(o.lookahead_k >= 0, "optim.lookahead_k", o.lookahead_k, "must be >= 0 (0: off)")
     _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "0 < alpha <= 1")
     _require(0 <= o.warmup_epochs < math.inf, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0 and finite")
@@ -616,6 +630,11 @@ def validate(cfg: Config) -> None:
 
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _validate_batch(d, t)
+    # BatchNorm trains on each channel's values over the batch and the map: 6 stages leave a 1x1 map, so one
+    # image per batch is one value per channel, which torch refuses in the first step (the EMA's BN recompute too)
+    _require(t.batch_size >= 2 or final_size >= 2, "train.batch_size", t.batch_size,
+             f"at least 2 with model.layers = {m.layers}: the last stage's map is 1x1, and BatchNorm needs more "
+             "than one value per channel to train")
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
     _require(t.eval_test or d.val_size > 0, "train.eval_test", t.eval_test,

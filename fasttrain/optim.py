@@ -171,7 +171,9 @@ class LRSchedule:
         self.final = cfg.lr * cfg.final_lr_frac
         self.kind = cfg.schedule
         self.total_steps = max(1, steps_per_epoch * epochs)
-        self.warmup_steps = min(self.total_steps - 1, round(cfg.warmup_epochs * steps_per_epoch))
+        # capped before rounding: a finite warmup_epochs of 1e308 times the steps per epoch is infinity, which
+        # round() refuses; any warmup past the run's end is the same schedule
+        self.warmup_steps = round(min(self.total_steps - 1, cfg.warmup_epochs * steps_per_epoch))
         self.step_count = 0
         self.apply()
 

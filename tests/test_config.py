@@ -11,6 +11,7 @@ from fasttrain import cli
 from fasttrain.config import (CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, CLI_OPTIONS, Config, ConfigError,
                               config_changes, config_from_dict, config_to_dict, load_config, parse_overrides,
                               parse_yaml, save_config)
+from fasttrain.optim import build_optimizer, clip_gradients
 
 
 def write(tmp_path, text):
@@ -466,6 +467,10 @@ def test_a_command_option_given_twice_is_refused_like_a_config_key(capsys, args)
     (["--optim.betas", "[0.9, 1.0]"], "optim.betas"),
     (["--optim.impl", "fused", "--optim.name", "adamw"], "optim.impl"),  # the fused step is SGD's only
     (["--data.mean", "[0.5, 0.5, 0.5, 0.5]"], "data.mean"),  # RGB: not more than three either
+    # pixels are x / 255 in 0..1: a mean on the 0..255 scale or a std under one grey level blows them up
+    (["--data.mean", "[125.3, 0.5, 0.5]"], "data.mean"),
+    (["--data.mean", "[-0.01, 0.5, 0.5]"], "data.mean"),
+    (["--data.std", "[0.2, 0.0039, 0.2]"], "data.std"),
     (["--data.val_size", "-1"], "data.val_size"),
     (["--model.layers", "0", "--model.blocks", "[]", "--model.conv_kernel", "[]", "--model.shortcut_kernel", "[]"],
      "model.layers"),
@@ -496,6 +501,15 @@ def test_a_command_option_given_twice_is_refused_like_a_config_key(capsys, args)
     (["--train.ema_decay", "1.0"], "train.ema_decay"),  # the EMA would never move
     (["--train.ema_warmup_steps", "-1"], "train.ema_warmup_steps"),
     (["--train.ema_bn_batches", "0"], "train.ema_bn_batches"),
+    # the optimizer step hands these to float32 kernels, which cannot take a larger number
+    (["--optim.lr", "3.5e38"], "optim.lr"),
+    (["--optim.weight_decay", "3.5e38"], "optim.weight_decay"),
+    (["--optim.clip_value", "3.5e38"], "optim.clip_value"),
+    (["--optim.name", "adamw", "--optim.nesterov", "false", "--optim.lr", "3.5e37"], "optim.lr"),  # / (1 - 0.9)
+    # 6 stages leave a 1x1 map: one image per batch is one value per channel, which BatchNorm cannot train on
+    ([f"--model.{k}={v}" for k, v in (("layers", 6), ("blocks", [1] * 6), ("conv_kernel", [3] * 6),
+                                      ("shortcut_kernel", [1] * 6), ("pool_kernel", 1), ("base_channels", 2))]
+     + ["--train.batch_size", "1"], "train.batch_size"),
 ])
 def test_values_just_outside_a_range_are_refused(args, key):
     with pytest.raises(ConfigError, match=re.escape(key) + "( = .* is out of range|: expected)"):
@@ -506,6 +520,8 @@ def test_values_just_outside_a_range_are_refused(args, key):
     (["--data.cutout", "32"], "data.cutout", 32),
     (["--optim.final_lr_frac", "1"], "optim.final_lr_frac", 1.0),  # the schedule ends at its peak
     (["--data.crop_padding", "31"], "data.crop_padding", 31),
+    (["--data.mean", "[0, 1, 0]"], "data.mean", [0.0, 1.0, 0.0]),
+    (["--data.std", f"[{1 / 255!r}, 1, 1000]"], "data.std", [1 / 255, 1.0, 1000.0]),
     (["--optim.lookahead_alpha", "1"], "optim.lookahead_alpha", 1.0),  # slow = fast: plain SGD, synced every k
     # 6 stages leave a 1x1 map, pooled by a kernel of 1
     ([f"--model.{k}={v}" for k, v in (("layers", 6), ("blocks", [1] * 6), ("conv_kernel", [1] * 6),
@@ -513,10 +529,38 @@ def test_values_just_outside_a_range_are_refused(args, key):
     (["--optim.momentum", "0", "--optim.lookahead_k", "0", "--optim.warmup_epochs", "0"], "optim.momentum", 0.0),
     (["--train.seed", "0", "--data.val_size", "0", "--train.ema_warmup_steps", "0"], "train.seed", 0),
     (["--train.eval_test", "false", "--data.val_size", "1"], "train.eval_test", False),
+    # one image per batch trains wherever the last map is larger than 1x1 (5 stages: 2x2)
+    ([f"--model.{k}={v}" for k, v in (("layers", 5), ("blocks", [1] * 5), ("conv_kernel", [3] * 5),
+                                      ("shortcut_kernel", [1] * 5), ("pool_kernel", 2))]
+     + ["--train.batch_size", "1"], "train.batch_size", 1),
+    ([f"--model.{k}={v}" for k, v in (("layers", 6), ("blocks", [1] * 6), ("conv_kernel", [3] * 6),
+                                      ("shortcut_kernel", [1] * 6), ("pool_kernel", 1))]
+     + ["--train.batch_size", "2"], "train.batch_size", 2),
 ])
 def test_values_at_the_edge_of_a_range_are_allowed(args, key, value):
     cfg = load_config(None, args)
     assert functools.reduce(getattr, key.split("."), cfg) == value
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the weights overflow: the point
+@pytest.mark.parametrize("name, impl, clip", [("sgd", "torch", "value"), ("sgd", "fused", "value"),
+                                             ("adamw", "torch", "value"), ("sgd", "torch", "norm")])
+def test_the_largest_accepted_step_values_reach_the_float32_kernels(name, impl, clip):
+    # lr, weight decay and the clip at their largest accepted value: the step runs (a larger one is refused above)
+    top = repr(torch.finfo(torch.float32).max)
+    cfg = load_config(None, [f"--optim.{k}={v}" for k, v in (("name", name), ("impl", impl), ("clip", clip),
+                                                             ("lr", top), ("weight_decay", top), ("clip_value", top),
+                                                             ("nesterov", "false"), ("betas", [0.0, 0.999]))])
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    params = list(layer.parameters())
+    before = [p.detach().clone() for p in params]
+    optimizer = build_optimizer(params, cfg.optim)
+    layer(torch.randn(4, 3)).sum().backward()
+    clip_gradients(params, cfg.optim, optimizer)
+    optimizer.step()
+    assert cfg.optim.lr == cfg.optim.clip_value == torch.finfo(torch.float32).max
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))
 
 
 def test_where_the_data_is_read_from_is_no_config_change():

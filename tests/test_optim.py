@@ -109,6 +109,17 @@ def test_a_warmup_as_long_as_the_run_still_reaches_the_peak():
     assert sched.lr_at(0) == pytest.approx(0.5 / 19) and sched.lr_at(18) == pytest.approx(0.5)
 
 
+def test_the_longest_accepted_warmup_is_a_warmup_as_long_as_the_run():
+    """The config accepts any finite warmup_epochs: one whose step count overflows to infinity (1e308 epochs
+    of 10 steps) plans the same schedule as a warmup of 5 epochs, not an OverflowError."""
+    model, _ = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = LRSchedule(opt, OptimConfig(lr=0.5, warmup_epochs=1e308), steps_per_epoch=10, epochs=2)
+    five = LRSchedule(opt, OptimConfig(lr=0.5, warmup_epochs=5), steps_per_epoch=10, epochs=2)
+    assert sched.warmup_steps == 19
+    assert [sched.lr_at(step) for step in range(20)] == [five.lr_at(step) for step in range(20)]
+
+
 def test_linear_and_constant_schedules():
     model, _ = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
