@@ -227,6 +227,29 @@ class _Feeder:
         return self.plan.erase_shape[self._rows(iteration)]
 
 
+def _check_arguments(x: np.ndarray, y: np.ndarray, *, dtype: torch.dtype, mean: Sequence[float],
+                     std: Sequence[float], batch_size: int, crop_padding: int, prefetch: int, cutout: int,
+                     rank: int, world_size: int, seed: int, flip_mode: str, residency: str) -> None:
+    """DaliLoader's arguments, refused with the value and what is expected before anything is built."""
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] (NHWC, RGB); got {x.dtype} {list(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers [N] with N = {len(x)}; got {y.dtype} {list(y.shape)}")
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}; got {dtype}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
+    if batch_size < 1 or crop_padding < 0 or prefetch < 1 or cutout < 0:
+        raise ValueError("need batch_size >= 1, crop_padding >= 0, prefetch >= 1 and cutout >= 0; got "
+                         f"{batch_size}, {crop_padding}, {prefetch}, {cutout}")
+    if not 0 <= rank < world_size or seed < 0:
+        raise ValueError(f"need 0 <= rank < world_size and seed >= 0; got rank {rank}, world_size {world_size}, "
+                         f"seed {seed}")
+    check_flip_mode(flip_mode)
+    if residency not in ("device", "host"):
+        raise ValueError(f"residency must be 'device' or 'host'; got {residency!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # The loader
 # --------------------------------------------------------------------------------------------
@@ -250,25 +273,9 @@ class DaliLoader:
         fn, types, Pipeline, self._feed_ndarray = _import_dali()
 
         x, y = _host_array(x_nhwc_uint8), _host_array(y)
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3] (NHWC, RGB); got {x.dtype} "
-                             f"{list(x.shape)}")
-        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"labels must be integers [N] with N = {len(x)}; got {y.dtype} "
-                             f"{list(y.shape)}")
-        if dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}; got {dtype}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
-        if batch_size < 1 or crop_padding < 0 or prefetch < 1 or cutout < 0:
-            raise ValueError("need batch_size >= 1, crop_padding >= 0, prefetch >= 1 and cutout >= 0; got "
-                             f"{batch_size}, {crop_padding}, {prefetch}, {cutout}")
-        if not 0 <= rank < world_size or seed < 0:
-            raise ValueError(f"need 0 <= rank < world_size and seed >= 0; got rank {rank}, "
-                             f"world_size {world_size}, seed {seed}")
-        check_flip_mode(flip_mode)
-        if residency not in ("device", "host"):
-            raise ValueError(f"residency must be 'device' or 'host'; got {residency!r}")
+        _check_arguments(x, y, dtype=dtype, mean=mean, std=std, batch_size=batch_size, crop_padding=crop_padding,
+                         prefetch=prefetch, cutout=cutout, rank=rank, world_size=world_size, seed=seed,
+                         flip_mode=flip_mode, residency=residency)
 
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
@@ -299,8 +306,7 @@ class DaliLoader:
             raise ValueError(f"a training shard of {self._n // self.world_size} images holds no "
                              f"full batch of {self._batch_size}")
         self.residency = residency if on_gpu else "host"
-        height, width = x.shape[1:3]
-        self._image_hw = (int(height), int(width))
+        self._image_hw = (int(x.shape[1]), int(x.shape[2]))
 
         # Labels never enter DALI: a batch's labels are a slice of the epoch's label vector, gathered
         # once per epoch on the host and copied to the device in one copy (the image batches arrive in
@@ -318,23 +324,30 @@ class DaliLoader:
         self._feeder = _Feeder(images, gather_stream=self._gather_stream, crop_padding=p)
 
         # DALI emits fp32 or fp16; bf16 is cast by torch (DALI 2.4 has no bfloat16 type).
-        dali_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
         self._dali_torch_dtype = torch.float16 if dtype == torch.float16 else torch.float32
         self._nhwc = self.channels_last
+        self._pipe = self._build_pipeline(fn, types, Pipeline, mean=mean, std=std, prefetch=prefetch,
+                                          num_threads=num_threads)
+        self._generation = 0    # which iterator owns the pipeline
+        self._pending = False   # the pipeline holds an unfinished epoch (needs drain + reset)
 
+    def _build_pipeline(self, fn, types, Pipeline, *, mean: Sequence[float], std: Sequence[float], prefetch: int,
+                        num_threads: Optional[int]):
+        """The DALI graph, built: the feeder's batch, its crop window and flip bit (external sources, see
+        the module docstring), one crop_mirror_normalize, and cutout's erase."""
+        on_gpu = self.device.type == "cuda"
+        feeder, p, (height, width) = self._feeder, self.crop_padding, self._image_hw
         # The pipeline draws no random numbers (the plan carries them), but a seed derived from
         # (seed, rank) keeps any future random operator reproducible and distinct per rank.
-        pipe_seed = int(np.random.SeedSequence((self.seed, self.rank)).generate_state(1)[0]
-                        % (2**31 - 1))
-        self._pipe = Pipeline(
+        pipe_seed = int(np.random.SeedSequence((self.seed, self.rank)).generate_state(1)[0] % (2**31 - 1))
+        pipe = Pipeline(
             batch_size=self._batch_size,
             num_threads=num_threads or max(1, min(4, os.cpu_count() or 1)),
             device_id=self.device.index if on_gpu else None,
             seed=pipe_seed,
             prefetch_queue_depth=int(prefetch),
         )
-        feeder = self._feeder
-        with self._pipe:
+        with pipe:
             imgs = fn.external_source(
                 source=feeder.images_batch, batch=True, dtype=types.UINT8, ndim=3, layout="HWC",
                 device="gpu" if self.residency == "device" else "cpu",
@@ -350,7 +363,7 @@ class DaliLoader:
             mirror = (fn.external_source(source=feeder.mirror_batch, batch=True,
                                          dtype=types.INT32, ndim=0) if self.flip else 0)
             out = fn.crop_mirror_normalize(
-                imgs, mirror=mirror, dtype=dali_dtype, **crop,
+                imgs, mirror=mirror, dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT, **crop,
                 mean=[255.0 * float(m) for m in mean], std=[255.0 * float(s) for s in std],
                 output_layout="HWC" if self._nhwc else "CHW")
             if self.cutout > 0:  # after normalization, as in the torch path: the box becomes 0
@@ -359,10 +372,9 @@ class DaliLoader:
                 shape = fn.external_source(source=feeder.erase_shape_batch, batch=True,
                                            dtype=types.FLOAT, ndim=1)
                 out = fn.erase(out, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
-            self._pipe.set_outputs(out)
-        self._pipe.build()
-        self._generation = 0    # which iterator owns the pipeline
-        self._pending = False   # the pipeline holds an unfinished epoch (needs drain + reset)
+            pipe.set_outputs(out)
+        pipe.build()
+        return pipe
 
     # ---------------------------------------------------------------- the protocol
     @property
