@@ -103,18 +103,7 @@ class Trainer(Resumable):
         if self.dist.enabled and cfg.train.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
-        # Under torchrun with data.download on, local rank 0 of each node reads (or fetches) CIFAR-10
-        # first and the node's other ranks read it after a barrier: one download per node, not one per GPU.
-        data_first = not (self.dist.enabled and cfg.data.download) or self.dist.local_rank == 0
-        if not data_first:
-            barrier(self.dist)
-        self.data = build_data(
-            cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-            device=self.device, dtype=self.precision.data_dtype, channels_last=self.channels_last,
-            seed=cfg.train.seed, rank=self.dist.rank, world_size=self.dist.world_size,
-        )
-        if data_first and self.dist.enabled and cfg.data.download:
-            barrier(self.dist)
+        self.data = self._build_data()
         self.steps_per_epoch = len(self.data.train)
         # model.stem_init whiten: the stem's filters from the training images, before the optimizer (Lookahead's
         # slow weights), the EMA and DDP copy the weights; a resumed run takes them from its checkpoint. It is
@@ -131,18 +120,7 @@ class Trainer(Resumable):
         self.use_graph = self._check_cuda_graph()
         self._graph: GraphedStep | None = None  # captured by warmup() when use_graph
 
-        self.net: nn.Module = self.model  # what the loop calls: maybe DDP-wrapped and compiled
-        # what evaluation calls: never the DDP wrapper, whose forward can run collectives (buffer
-        # broadcasts) that ranks with different numbers of evaluation batches would not match
-        self.eval_net: nn.Module = self.model
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            with side_stream(self.device, enabled=self.use_graph):  # PyTorch's rule for a captured DDP backward
-                self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.train.compile:
-            self.net = torch.compile(self.net, mode=cfg.train.compile_mode)
-            self.eval_net = (torch.compile(self.model, mode=cfg.train.compile_mode) if self.dist.enabled
-                             else self.net)
+        self.net, self.eval_net = self._networks_to_call()
         # train.ema_decay > 0: evaluation (per epoch, final, TTA) and `eval` use the EMA weights. The EMA
         # module is evaluated eagerly, even under train.compile: compiling it separately would add compile
         # time for an off-the-clock pass, and eager is trivially correct.
@@ -175,6 +153,38 @@ class Trainer(Resumable):
         self._install_test_faults()
         if self.resume_path is not None:
             self._load(self.resume_path)
+
+    def _build_data(self):
+        """The run's loaders (fasttrain.data.build_data). Under torchrun with data.download on, local rank 0
+        of each node reads (or fetches) CIFAR-10 first and the node's other ranks read it after a barrier:
+        one download per node, not one per GPU."""
+        cfg = self.cfg
+        data_first = not (self.dist.enabled and cfg.data.download) or self.dist.local_rank == 0
+        if not data_first:
+            barrier(self.dist)
+        data = build_data(
+            cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+            device=self.device, dtype=self.precision.data_dtype, channels_last=self.channels_last,
+            seed=cfg.train.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        if data_first and self.dist.enabled and cfg.data.download:
+            barrier(self.dist)
+        return data
+
+    def _networks_to_call(self) -> tuple[nn.Module, nn.Module]:
+        """(what the training loop calls: the model, DDP-wrapped under torchrun, compiled under train.compile;
+        what evaluation calls: never the DDP wrapper, whose forward can run collectives (buffer broadcasts)
+        that ranks with different numbers of evaluation batches would not match)."""
+        net = eval_net = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            with side_stream(self.device, enabled=self.use_graph):  # PyTorch's rule for a captured DDP backward
+                net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.train.compile:
+            mode = self.cfg.train.compile_mode
+            net = torch.compile(net, mode=mode)
+            eval_net = torch.compile(self.model, mode=mode) if self.dist.enabled else net
+        return net, eval_net
 
     def _check_cuda_graph(self) -> bool:
         """train.cuda_graph: off with a warning on the CPU (a config written for GPUs still runs);
