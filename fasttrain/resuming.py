@@ -158,10 +158,11 @@ class Resumable:
         partial = ckpt.get("epoch_partial")  # None in a checkpoint of an epoch boundary (or an older one)
         well_formed = isinstance(partial, dict) and all(
             isinstance(partial.get(k), (int, float)) for k in ("loss_sum", "correct", "seen", "steps"))
-        self._epoch_partial = partial if self.start_step and well_formed else None
+        saved_world = int(ckpt.get("world_size", 1))
+        self._epoch_partial = (self._partial_on_these_ranks(partial, saved_world) if self.start_step and well_formed
+                               else None)
         self._restore_rng(ckpt)
         saved_steps = int(ckpt.get("steps_per_epoch", self.steps_per_epoch))
-        saved_world = int(ckpt.get("world_size", 1))
         if self.start_step and saved_steps != self.steps_per_epoch:
             # the position inside the epoch only means something for the same batches
             cause = ("another train.batch_size or data subset): resume with the config saved in the run folder "
@@ -193,6 +194,14 @@ class Resumable:
         self._last_saved = ((self.start_epoch, self.start_step), path)
         mid = f" and {self.start_step} steps of epoch {self.start_epoch + 1}" if self.start_step else ""
         self.console.info(f"resumed {path} after epoch {self.start_epoch}{mid}")
+
+    def _partial_on_these_ranks(self, partial: dict, saved_world: int) -> dict:
+        """A mid-epoch stop's sums, for this run's number of ranks. Its loss_sum adds one batch loss per rank and
+        step, and the epoch's train_loss divides by steps x this run's ranks: saved by another number of ranks,
+        it is rescaled to as many batch losses per step, or the row mixes the two counts (2 -> 1 rank: 1.7x)."""
+        if saved_world == self.dist.world_size:
+            return partial  # as saved: an exact resume adds the same float32 numbers
+        return {**partial, "loss_sum": partial["loss_sum"] * self.dist.world_size / saved_world}
 
     def _load_optimizer(self, path: Path, state: dict, saved: Config) -> None:
         """The optimizer's state, under this config's settings (after the model's weights: Lookahead new to

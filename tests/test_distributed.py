@@ -341,8 +341,22 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exact
     one = load_config(SMOKE, tiny(**{"data.train_subset": "1536", "train.batch_size": "32", "train.epochs": "1"})
                       + ["--model.dropout", "0.2", "--data.dir", str(cifar_dir), "--output.dir", str(tmp_path / "one")])
     console = WarningsSeen()
-    Trainer(one, device="cpu", resume=run / "last.pt", console=console)
+    alone = Trainer(one, device="cpu", resume=run / "last.pt", console=console)
     assert any("resumed on 1" in w and "not an exact continuation (resume on 2 rank(s)" in w for w in console.seen)
+    # and its epoch's train_loss is still the mean batch loss of a step: the stopped run's steps had 2 batches each
+    step, losses = alone._train_step, []
+
+    def recorded(images, labels):
+        loss, logits = step(images, labels)
+        losses.append(float(loss))
+        return loss, logits
+
+    alone._train_step = recorded
+    alone.fit()
+    (row,) = [json.loads(r) for r in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == LONG_STEPS - expected
+    mean = (saved["epoch_partial"]["loss_sum"] / 2 + sum(losses)) / LONG_STEPS
+    assert row["train_loss"] == pytest.approx(mean, rel=1e-5), (row["train_loss"], mean)
 
     b0, b1 = helper(cifar_dir, tmp_path, tmp_path / "resumed", "--output.dir", str(run),
                     "--resume", str(run / "last.pt"), config=LONG)

@@ -419,7 +419,8 @@ def test_a_mid_epoch_checkpoint_of_two_ranks_resumed_by_one_process_is_said_not_
     write_checkpoint(trainer.checkpoint_state(0, 3, rank_rng=None, partial=partial), run / "last.pt")
     console, said = recording_console()
     resumed = Trainer(cfg, device="cpu", console=console, resume=run / "last.pt")
-    assert (resumed.start_epoch, resumed.start_step, resumed._epoch_partial) == (0, 3, partial)
+    # the loss summed 2 batch losses per step: 1 per step here, or the epoch's train_loss would be 2x theirs
+    assert (resumed.start_epoch, resumed.start_step, resumed._epoch_partial) == (0, 3, {**partial, "loss_sum": 3.25})
     said = " ".join(" ".join(said).split())  # rich wraps long lines
     assert "saved in the middle of epoch 1 by 2 rank(s) and is resumed on 1" in said, said
     assert "not an exact continuation (resume on 2 rank(s) for one)" in said
