@@ -292,16 +292,21 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cm
 INTERRUPTED = {"train": "interrupted: --resume auto goes on from the run's last checkpoint, if it has one (metrics "
                         "rows written after it are dropped then)",
                "export": "interrupted: OUT was not written"}
+STARTING = "interrupted while starting: nothing was read or written"  # a Ctrl-C while the modules load
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    import torch
+    try:  # seconds of imports (the trainer's modules), before any file is read or written
+        import torch
 
-    from fasttrain.data.cifar import DataError
-    from fasttrain.signals import RunInterrupted
-    from fasttrain.trainer import TrainingError, oom_detail
+        from fasttrain.data.cifar import DataError
+        from fasttrain.signals import RunInterrupted
+        from fasttrain.trainer import TrainingError, oom_detail
+    except KeyboardInterrupt:
+        print(STARTING, file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     try:
         return COMMANDS[command](argv)

@@ -30,6 +30,7 @@ SUMMARY = "summary.json"
 CURVES = "curves.png"  # `python -m fasttrain plot`'s default image
 LOCK = ".fasttrain.lock"  # held by the process writing the folder; removed when it ends
 TB_EVENTS = "events.out.tfevents.*"  # TensorBoard's event files (output.tensorboard, fasttrain/tb.py)
+WRITTEN_VIA_TEMP = ("config.yaml", METRICS, SUMMARY, LAST, PREVIOUS)  # replaced by a rename of .NAME.*.tmp
 
 
 def resumes_another_folder(resume_path: Path | None, run_dir: Path) -> bool:
@@ -158,6 +159,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume_path: Path | None, comple
     afresh (a fresh run, or a moved one): then an old run's last/prev.pt must not become its fallback or
     --resume auto pick, nor its summary.json the figures `export` or a restart reads for this run."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     moved = resumes_another_folder(resume_path, run_dir)
     keep_metrics(run_dir, completed_epochs, resume_path.resolve().parent / METRICS if moved else None, warn)
@@ -167,6 +169,15 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume_path: Path | None, comple
         for path in [run_dir / name for name in (LAST, PREVIOUS, SUMMARY, CURVES)] + list(run_dir.glob(TB_EVENTS)):
             path.unlink(missing_ok=True)
     return fresh
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temp files (files.write_temp's) of the folder's own files that a process killed while writing
+    one left behind (kill -9, a second signal during a checkpoint): this process holds the folder's lock, so
+    no other is writing them."""
+    for name in WRITTEN_VIA_TEMP:
+        for path in run_dir.glob(f".{name}.*.tmp"):  # .prev.pt.link.tmp (write_checkpoint's) included
+            path.unlink(missing_ok=True)
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:

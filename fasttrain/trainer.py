@@ -44,7 +44,7 @@ from fasttrain.graph import DDP_WARMUP_ITERS, WARMUP_ITERS, GraphedStep, graph_p
 from fasttrain.model import build_model, count_params
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
 from fasttrain.resuming import Resumable, TrainingError
-from fasttrain.run_folder import (SUMMARY, FolderLock, append_metrics, choose_run_dir, claim_run_dir,
+from fasttrain.run_folder import (LOCK, SUMMARY, FolderLock, append_metrics, choose_run_dir, claim_run_dir,
                                   prepare_run_dir, resumes_another_folder)
 from fasttrain.runtime import Precision, device_name, git_sha, resolve_device, synchronize, use_channels_last
 from fasttrain.signals import LAUNCHER_REPEAT_S, RunInterrupted, StopRequest
@@ -643,6 +643,10 @@ class Trainer(Resumable):
         self.console.info(f"the checkpoint already completed {self.start_epoch} of {epochs} epochs: nothing to train")
         saved = run_summary(self.run_dir, self.start_epoch, self.train_seconds)  # the folder's own (above)
         if saved is not None:
+            if self.dist.is_main and (self.run_dir / LOCK).exists():  # left by a process killed after its summary:
+                lock, _ = FolderLock.take(self.run_dir)  # taken and released (removed), unless a live run holds it
+                if lock is not None:
+                    lock.release()
             self.console.info(f"its summary is kept as it is: {self.run_dir / SUMMARY}")
             self.console.summary(saved)
         return saved

@@ -1060,6 +1060,66 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_valid_checkpoint(tmp_path, monk
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".last.pt.")]
 
 
+# a fresh interpreter that runs `python -m fasttrain ARGS` and gets a Ctrl-C while Python exits, from an atexit
+# callback (registered before fasttrain's imports, it runs after torch's own)
+CTRL_C_AT_EXIT = """
+import atexit, os, runpy, signal
+
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))
+runpy.run_module("fasttrain", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_python_exits_after_a_command_ends_it_without_a_traceback(cifar_dir, tmp_path):
+    """A Ctrl-C just after a command finished (a run's summary printed, Python running torch's atexit callbacks)
+    printed "Exception ignored in atexit callback" with a KeyboardInterrupt traceback. It ends the process by
+    the signal, as SIGTERM does then; what the command printed and wrote is complete (stdout a buffered pipe)."""
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_EXIT, *cli_args(cifar_dir, tmp_path / "run"), "--dry-run",
+                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=child_env(PYTHONUNBUFFERED=""))
+    assert proc.returncode == -signal.SIGINT and proc.stderr == "", proc.stderr
+    assert json.loads(proc.stdout)["config"]["train"]["epochs"] == 2
+
+
+# a fresh interpreter that runs `python -m fasttrain ARGS` and is killed (SIGKILL) inside its sys.argv[1]-th
+# torch.save, with part of that file written: what kill -9 during a checkpoint leaves behind
+KILL_9_IN_SAVE = """
+import os, runpy, signal, sys
+import torch
+
+at, real_save, saves = int(sys.argv.pop(1)), torch.save, []
+
+
+def save(obj, f, *args, **kwargs):
+    saves.append(f)
+    if len(saves) == at:
+        f.write(b"PK partial")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+runpy.run_module("fasttrain", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_kill_9_during_a_checkpoint_leaves_no_temp_file_once_resumed(cifar_dir, tmp_path, reference_run):
+    """kill -9 while epoch 2's checkpoint is written leaves its hidden temp file (.last.pt.*.tmp), which
+    stayed in the run folder for good: the resumed run (under the folder's lock) deletes it, and ends as
+    the straight run."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILL_9_IN_SAVE, "2", *cli_args(cifar_dir, run)], cwd=REPO,
+                          capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p.name for p in run.glob(".last.pt.*.tmp")] and load_checkpoint(run / "last.pt")["epoch"] == 1
+    run_cli(cli_args(cifar_dir, run, "--resume", "auto"))
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl", "prev.pt",
+                                                     "summary.json"]
+    assert_same_training_state(load_checkpoint(run / "last.pt"), load_checkpoint(reference_run / "last.pt"))
+    assert untimed_rows(run) == untimed_rows(reference_run)
+
+
 # ------------------------------------------------------------------------------------------ numerical faults
 def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path):
     run = tmp_path / "run"
@@ -1649,6 +1709,20 @@ def test_resuming_a_finished_run_again_leaves_its_files_alone(cifar_dir, tmp_pat
     assert json.loads((run / "summary.json").read_text())["final_test_acc"] is not None
 
 
+def test_resuming_a_run_killed_after_its_summary_removes_its_stale_lock_file(cifar_dir, tmp_path, reference_run,
+                                                                            capsys):
+    """kill -9 between the summary and the end of the process leaves the folder's lock file (the kernel drops
+    the lock, not the file). The resume that finds the run finished writes nothing, so the file stayed for
+    good: it goes now, and the run's files are kept as they are."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = folder_snapshot(run)
+    (run / LOCK).write_text("pid 1 on a-killed-host\n")
+    assert cli.main(cli_args(cifar_dir, run, "--resume", "auto")) == 0
+    assert "its summary is kept" in capsys.readouterr().out
+    assert folder_snapshot(run) == before and not (run / LOCK).exists()
+
+
 def test_a_finished_run_without_its_summary_measures_it_again(cifar_dir, tmp_path, reference_run, capsys):
     """Killed between the final checkpoint and summary.json (e.g. in the final TTA pass): the restart has
     nothing to train and rebuilds the summary from the final model, not a summary of nulls."""
@@ -1926,6 +2000,37 @@ def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tm
     summary = trainer.fit()
     assert summary["final_test_acc"] is not None and (tmp_path / "run" / "summary.json").is_file()
     assert any("SIGINT came after the last training step" in w for w in warned), warned
+
+
+# a fresh interpreter that runs `python -m fasttrain ARGS` with a Ctrl-C raised where sys.argv[1] is first imported
+CTRL_C_AT_IMPORT = """
+import runpy, sys
+target = sys.argv.pop(1)
+
+
+class CtrlC:
+    def find_spec(self, name, path=None, target_module=None):
+        if name == target:
+            raise KeyboardInterrupt
+        return None
+
+
+sys.meta_path.insert(0, CtrlC())
+runpy.run_module("fasttrain", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module", ["torch", "fasttrain.trainer"])
+def test_ctrl_c_while_the_modules_load_is_one_line_and_writes_nothing(cifar_dir, tmp_path, module):
+    """A Ctrl-C in the first seconds of `python -m fasttrain` (importing torch in __main__, the trainer's
+    modules in cli.main) was a KeyboardInterrupt traceback and exit -2. It is the interrupt: exit 130 and one
+    line that says nothing was read or written, which holds."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, *cli_args(cifar_dir, run)], cwd=REPO,
+                          capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr
+    assert proc.stderr == "interrupted while starting: nothing was read or written\n"
+    assert proc.stdout == "" and not run.exists()
 
 
 def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_file(tmp_path, monkeypatch, capsys, good_run):
