@@ -77,6 +77,14 @@ def run_cli(args, *, env_extra=None, expect=0):
     return proc
 
 
+def run_cli_after(prelude: str, *args: str, **env_extra) -> subprocess.CompletedProcess:
+    """`python -m fasttrain ARGS` in a fresh interpreter that first runs `prelude`, the fault to inject (a patched
+    torch.save, an import hook, an atexit callback); a prelude that takes an argument pops it off sys.argv[1]."""
+    code = prelude + '\nimport runpy\nrunpy.run_module("fasttrain", run_name="__main__", alter_sys=True)\n'
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
+                          env=child_env(**env_extra), timeout=300)
+
+
 def start_cli(args, log_dir: Path, **env_extra):
     """A training run in the background; its output goes to files (a full pipe would block it)."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -1060,13 +1068,12 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_valid_checkpoint(tmp_path, monk
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".last.pt.")]
 
 
-# a fresh interpreter that runs `python -m fasttrain ARGS` and gets a Ctrl-C while Python exits, from an atexit
-# callback (registered before fasttrain's imports, it runs after torch's own)
+# a Ctrl-C while Python exits, from an atexit callback (registered before fasttrain's imports, it runs after
+# torch's own)
 CTRL_C_AT_EXIT = """
-import atexit, os, runpy, signal
+import atexit, os, signal
 
 atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))
-runpy.run_module("fasttrain", run_name="__main__", alter_sys=True)
 """
 
 
@@ -1074,17 +1081,16 @@ def test_ctrl_c_while_python_exits_after_a_command_ends_it_without_a_traceback(c
     """A Ctrl-C just after a command finished (a run's summary printed, Python running torch's atexit callbacks)
     printed "Exception ignored in atexit callback" with a KeyboardInterrupt traceback. It ends the process by
     the signal, as SIGTERM does then; what the command printed and wrote is complete (stdout a buffered pipe)."""
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_EXIT, *cli_args(cifar_dir, tmp_path / "run"), "--dry-run",
-                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=child_env(PYTHONUNBUFFERED=""))
+    proc = run_cli_after(CTRL_C_AT_EXIT, *cli_args(cifar_dir, tmp_path / "run"), "--dry-run", "--json",
+                         PYTHONUNBUFFERED="")
     assert proc.returncode == -signal.SIGINT and proc.stderr == "", proc.stderr
     assert json.loads(proc.stdout)["config"]["train"]["epochs"] == 2
 
 
-# a fresh interpreter that runs `python -m fasttrain ARGS` and is killed (SIGKILL) inside its sys.argv[1]-th
-# torch.save, with part of that file written: what kill -9 during a checkpoint leaves behind
+# killed (SIGKILL) inside the sys.argv[1]-th torch.save, with part of that file written: what kill -9 during a
+# checkpoint leaves behind
 KILL_9_IN_SAVE = """
-import os, runpy, signal, sys
+import os, signal, sys
 import torch
 
 at, real_save, saves = int(sys.argv.pop(1)), torch.save, []
@@ -1100,7 +1106,6 @@ def save(obj, f, *args, **kwargs):
 
 
 torch.save = save
-runpy.run_module("fasttrain", run_name="__main__", alter_sys=True)
 """
 
 
@@ -1109,8 +1114,7 @@ def test_kill_9_during_a_checkpoint_leaves_no_temp_file_once_resumed(cifar_dir, 
     stayed in the run folder for good: the resumed run (under the folder's lock) deletes it, and ends as
     the straight run."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", KILL_9_IN_SAVE, "2", *cli_args(cifar_dir, run)], cwd=REPO,
-                          capture_output=True, text=True, env=child_env(), timeout=300)
+    proc = run_cli_after(KILL_9_IN_SAVE, "2", *cli_args(cifar_dir, run))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [p.name for p in run.glob(".last.pt.*.tmp")] and load_checkpoint(run / "last.pt")["epoch"] == 1
     run_cli(cli_args(cifar_dir, run, "--resume", "auto"))
@@ -2002,9 +2006,9 @@ def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tm
     assert any("SIGINT came after the last training step" in w for w in warned), warned
 
 
-# a fresh interpreter that runs `python -m fasttrain ARGS` with a Ctrl-C raised where sys.argv[1] is first imported
+# a Ctrl-C raised where the module sys.argv[1] is first imported
 CTRL_C_AT_IMPORT = """
-import runpy, sys
+import sys
 target = sys.argv.pop(1)
 
 
@@ -2016,7 +2020,6 @@ class CtrlC:
 
 
 sys.meta_path.insert(0, CtrlC())
-runpy.run_module("fasttrain", run_name="__main__", alter_sys=True)
 """
 
 
@@ -2026,8 +2029,7 @@ def test_ctrl_c_while_the_modules_load_is_one_line_and_writes_nothing(cifar_dir,
     modules in cli.main) was a KeyboardInterrupt traceback and exit -2. It is the interrupt: exit 130 and one
     line that says nothing was read or written, which holds."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, *cli_args(cifar_dir, run)], cwd=REPO,
-                          capture_output=True, text=True, env=child_env(), timeout=300)
+    proc = run_cli_after(CTRL_C_AT_IMPORT, module, *cli_args(cifar_dir, run))
     assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr
     assert proc.stderr == "interrupted while starting: nothing was read or written\n"
     assert proc.stdout == "" and not run.exists()
