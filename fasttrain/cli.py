@@ -161,7 +161,7 @@ def _follow_a_moved_run(cfg, args, rest: list[str]) -> None:
         return
     folder = Path(args.resume).resolve().parent
     if (cfg.output.dir and Path(args.config).resolve().parent == folder
-            and Path(cfg.output.dir).resolve() != folder and Path(args.resume).is_file()):
+            and Path(cfg.output.dir).resolve() != folder):  # a checkpoint file: cmd_train refused anything else
         print(f"note: {args.config} names the run folder {cfg.output.dir!r}; continuing in {str(folder)!r}, "
               "where it lies now (pass --output.dir to choose another)", file=sys.stderr)
         cfg.output.dir = str(Path(args.resume).parent)
