@@ -50,6 +50,12 @@ def write_temp(path: Path, write: Callable[[IO], object], text: bool = False) ->
     return tmp
 
 
+def temp_files_of(path: Path) -> list[Path]:
+    """The temp files write_temp made for `path` that are still there: left by a process killed while writing it
+    (a write that ends renames or removes its own)."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text` as one step (temp file beside it, fsync, rename): a kill or a full disk
     mid-write leaves the old file whole, never an empty or half-written one."""

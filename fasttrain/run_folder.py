@@ -18,7 +18,7 @@ from typing import Callable
 
 from fasttrain.checkpoint import LAST, PREVIOUS, checkpoint_candidates, holds_run
 from fasttrain.config import Config, ConfigError, save_config
-from fasttrain.files import write_text_atomic
+from fasttrain.files import temp_files_of, write_text_atomic
 
 try:
     import fcntl
@@ -176,7 +176,7 @@ def remove_stale_temps(run_dir: Path) -> None:
     one left behind (kill -9, a second signal during a checkpoint): this process holds the folder's lock, so
     no other is writing them."""
     for name in WRITTEN_VIA_TEMP:
-        for path in run_dir.glob(f".{name}.*.tmp"):  # .prev.pt.link.tmp (write_checkpoint's) included
+        for path in temp_files_of(run_dir / name):  # .prev.pt.link.tmp (write_checkpoint's) included
             path.unlink(missing_ok=True)
 
 
