@@ -35,7 +35,7 @@ from fasttrain.config import ConfigError, load_config, save_config
 from fasttrain.run_folder import LOCK, FolderLock
 from fasttrain.signals import RunInterrupted, StopRequest
 from fasttrain.trainer import Trainer, TrainingError
-from test_train import assert_identical, quiet, recording_console, untimed_rows
+from test_train import assert_identical, quiet, recording_console, stop_mid_epoch, untimed_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.train_subset", "640", "--data.test_subset", "200", "--model.blocks", "[1,1,1]",
@@ -208,22 +208,11 @@ def test_sigint_in_process_stops_after_the_step_and_resume_is_exact(cifar_dir, t
     straight.fit()
 
     trainer = Trainer(tiny_config(cifar_dir, tmp_path / "b"), device="cpu", console=quiet())
-    inner, calls = trainer._train_step, []
-
-    def step(images, labels):
-        out = inner(images, labels)
-        calls.append(1)
-        if len(calls) == STEPS + 3:
-            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag
-        return out
-
-    trainer._train_step = step
     handler_before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(RunInterrupted) as stop:
-        trainer.fit()
+    stop, steps_run = stop_mid_epoch(trainer, STEPS + 3)
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers are restored after fit
-    assert stop.value.exit_code == 130 and len(calls) == STEPS + 3
-    assert "stopped by SIGINT at epoch 2, step 3/10" in str(stop.value)
+    assert stop.exit_code == 130 and steps_run == STEPS + 3
+    assert "stopped by SIGINT at epoch 2, step 3/10" in str(stop)
     saved = load_checkpoint(tmp_path / "b" / "last.pt")
     assert (saved["epoch"], saved["step_in_epoch"], saved["steps_per_epoch"]) == (1, 3, STEPS)
 

@@ -202,9 +202,9 @@ def assert_identical(a, b, where: str) -> None:
         assert a == b, where
 
 
-def stop_mid_epoch(trainer: Trainer, after_steps: int) -> None:
+def stop_mid_epoch(trainer: Trainer, after_steps: int) -> tuple[RunInterrupted, int]:
     """Run `trainer` until SIGINT, sent to this process during its `after_steps`-th step (counted across
-    epochs), has stopped it there: the mid-epoch checkpoint of a preempted run."""
+    epochs), has stopped it there: the mid-epoch checkpoint of a preempted run. The stop, and the steps run."""
     inner, steps = trainer._train_step, []
 
     def step(images, labels):
@@ -215,8 +215,9 @@ def stop_mid_epoch(trainer: Trainer, after_steps: int) -> None:
         return out
 
     trainer._train_step = step
-    with pytest.raises(RunInterrupted):
+    with pytest.raises(RunInterrupted) as stop:
         trainer.fit()
+    return stop.value, len(steps)
 
 
 @pytest.mark.parametrize("extra", [
