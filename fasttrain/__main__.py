@@ -4,6 +4,9 @@ import sys
 
 if __name__ == "__main__":
     try:
+        from fasttrain.signals import unignore_stop_signals  # light (the standard library): before torch's seconds
+
+        unignore_stop_signals()
         from fasttrain.cli import main
     except KeyboardInterrupt:  # Ctrl-C while torch is imported (seconds): one line, as cli.main's (STARTING)
         print("interrupted while starting: nothing was read or written", file=sys.stderr)

@@ -34,6 +34,18 @@ HANDLED = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal,
 LAUNCHER_REPEAT_S = 5.0
 
 
+def unignore_stop_signals() -> None:
+    """For `python -m fasttrain`, from its first line: a SIGINT or SIGTERM inherited ignored gets Python's usual
+    behaviour back (KeyboardInterrupt; the default action, which ends the process). A script's background job
+    (`python -m fasttrain ... &` in a non-interactive shell) starts with SIGINT ignored, and Python then installs
+    no KeyboardInterrupt for it: a SIGINT before training (the imports, the data, the model: seconds) had no
+    effect and the run went on to its end, while one during training stopped it (`installed` handles both
+    whatever was inherited). SIGHUP inherited ignored stays so: nohup asks for that."""
+    for signum, action in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, action)
+
+
 def exit_code(signum: int) -> int:
     return 128 + int(signum)
 

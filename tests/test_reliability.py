@@ -1995,16 +1995,17 @@ def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tm
     assert any("SIGINT came after the last training step" in w for w in warned), warned
 
 
-# a Ctrl-C raised where the module sys.argv[1] is first imported
+# a Ctrl-C (SIGINT sent to the process, as a terminal or `kill -INT` does; "MODULE:SIGTERM" another signal) where
+# the module sys.argv[1] names is first imported
 CTRL_C_AT_IMPORT = """
-import sys
-target = sys.argv.pop(1)
+import os, signal, sys
+target, _, signame = sys.argv.pop(1).partition(":")
 
 
 class CtrlC:
     def find_spec(self, name, path=None, target_module=None):
         if name == target:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.Signals[signame or "SIGINT"])
         return None
 
 
@@ -2012,15 +2013,30 @@ sys.meta_path.insert(0, CtrlC())
 """
 
 
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN], ids=["terminal", "background"])
 @pytest.mark.parametrize("module", ["torch", "fasttrain.trainer"])
-def test_ctrl_c_while_the_modules_load_is_one_line_and_writes_nothing(cifar_dir, tmp_path, module):
+def test_ctrl_c_while_the_modules_load_is_one_line_and_writes_nothing(cifar_dir, tmp_path, module, inherited):
     """A Ctrl-C in the first seconds of `python -m fasttrain` (importing torch in __main__, the trainer's
     modules in cli.main) was a KeyboardInterrupt traceback and exit -2. It is the interrupt: exit 130 and one
-    line that says nothing was read or written, which holds."""
+    line that says nothing was read or written, which holds. Also for a run started in the background by a
+    script (`python -m fasttrain ... &` in a non-interactive shell), which inherits SIGINT ignored: that SIGINT
+    had no effect and the run trained to its end (exit 0), while one during training stopped it."""
     run = tmp_path / "run"
-    proc = run_cli_after(CTRL_C_AT_IMPORT, module, *cli_args(cifar_dir, run))
+    with disposition(signal.SIGINT, inherited):  # what the child inherits: a handler becomes the default
+        proc = run_cli_after(CTRL_C_AT_IMPORT, module, *cli_args(cifar_dir, run))
     assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr
     assert proc.stderr == "interrupted while starting: nothing was read or written\n"
+    assert proc.stdout == "" and not run.exists()
+
+
+def test_an_inherited_ignored_sigterm_ends_a_run_that_has_not_started_training(cifar_dir, tmp_path):
+    """A run started with SIGTERM ignored saves and stops on SIGTERM during training (StopRequest handles it
+    whatever was inherited); one before training (while the modules load) had no effect and the run trained to
+    its end. It ends the process, as SIGTERM does then to any run: nothing was written yet."""
+    run = tmp_path / "run"
+    with disposition(signal.SIGTERM, signal.SIG_IGN):
+        proc = run_cli_after(CTRL_C_AT_IMPORT, "fasttrain.trainer:SIGTERM", *cli_args(cifar_dir, run))
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert proc.stdout == "" and not run.exists()
 
 
