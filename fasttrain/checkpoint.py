@@ -36,6 +36,10 @@ PREVIOUS = "prev.pt"  # the one before it, kept so that a damaged last.pt loses 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a message that says why and what to do."""
 
+    # under torchrun every rank reads the same file and checks it against the same config and rank count
+    # (fasttrain.distributed.report_error: one rank per node prints it)
+    every_rank = True
+
 
 def _fsync_dir(folder: Path) -> None:
     """Make renames in `folder` durable (best effort: not every file system allows it)."""

@@ -4,7 +4,8 @@
 
 Every config key is a dotted flag (`--optim.lr 0.2 --train.epochs 5`). Known problems (bad config,
 missing data, a bad checkpoint, a diverged run) end with one clear `error:` line and a non-zero exit
-code, never a traceback. SIGINT/SIGTERM/SIGHUP during training finish the step, save a checkpoint and
+code, never a traceback (under torchrun: one per node for an error every rank hits alike, else one from each
+rank that hits it, naming the rank). SIGINT/SIGTERM/SIGHUP during training finish the step, save a checkpoint and
 exit 130/143/129 (128 + signal) with the command that resumes the run (under torchrun: every rank exits so,
 rank 0 prints the command).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_path_problem
 from fasttrain.config import (ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
                               load_config)
-from fasttrain.files import file_error_line
+from fasttrain.files import file_error_message
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from fasttrain.data.cifar import DataError
+        from fasttrain.distributed import report_error
         from fasttrain.signals import RunInterrupted
         from fasttrain.trainer import TrainingError, oom_detail
     except KeyboardInterrupt:
@@ -317,24 +319,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second Ctrl-C during a save
         print(INTERRUPTED.get(command, "interrupted"), file=sys.stderr)
         return EXIT_INTERRUPTED
+    # Under torchrun, an error every rank hits identically (e.every_rank) is printed once per node, any other by
+    # each rank that hits it, naming the rank (report_error). The safe side, every rank that hits it, for what
+    # can differ between ranks: a GPU's memory, a package a rank imports alone (tensorboard: rank 0), a file
+    # system's answer (only rank 0 writes).
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e), e.every_rank)
         return EXIT_USAGE
     except (DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e), e.every_rank)
         return EXIT_ERROR
     except torch.OutOfMemoryError as e:  # outside training (fit has its own message): a run's setup, eval
         fix = ("lower --train.batch_size or --train.eval_batch_size, or train with --device cpu" if command == "train"
                else "or evaluate with --device cpu")
-        print(f"error: out of GPU memory in `{command}` ({oom_detail(e)}). Another process may hold the GPU's memory "
-              f"(nvidia-smi lists them): free it, {fix}.", file=sys.stderr)
+        report_error(f"out of GPU memory in `{command}` ({oom_detail(e)}). Another process may hold the GPU's "
+                     f"memory (nvidia-smi lists them): free it, {fix}.", every_rank=False)
         return EXIT_ERROR
     except ImportError as e:  # an optional extra (dali, plot, tensorboard) that is not installed
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e), every_rank=False)
         return EXIT_ERROR
     except OSError as e:
-        line = file_error_line(e)
-        if line is None:
+        message = file_error_message(e)
+        if message is None:
             raise
-        print(line, file=sys.stderr)
+        report_error(message, every_rank=False)
         return EXIT_ERROR

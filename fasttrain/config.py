@@ -36,8 +36,26 @@ import yaml
 from fasttrain.files import write_text_atomic
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the key and the fix."""
+class EveryRankFlag:
+    """Mixed into an error class whose errors are of two kinds under torchrun. `every_rank` (the class's default,
+    or the raise's `every_rank=`): every rank hits this error identically, from the same inputs (command line,
+    config, files, environment) or a state the ranks agreed on, so one rank per node prints it; False: it can be
+    one rank's own, and every rank that hits it prints it (fasttrain.distributed.report_error)."""
+
+    every_rank = False
+
+    def __init__(self, *args, every_rank: bool | None = None):
+        super().__init__(*args)
+        if every_rank is not None:  # an instance attribute: it survives pickling (a broadcast ConfigError)
+            self.every_rank = every_rank
+
+
+class ConfigError(EveryRankFlag, ValueError):
+    """A configuration problem, with a message that names the key and the fix. Every rank computes it from the
+    same command line, config, files and environment (or rank 0's broadcast choice), except where a raise says
+    otherwise (a LOCAL_RANK without its GPU)."""
+
+    every_rank = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import datetime
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,13 @@ DIE_RANK_ENV, DIE_STEP_ENV = "FASTTRAIN_TEST_DIE_RANK", "FASTTRAIN_TEST_DIE_STEP
 # less work queued behind the event the host waits on (the wait could idle the GPU); more would
 # only add latency.
 STOP_AGREEMENT_EVERY = 16
+# How long a rank that leaves an every-rank error to local rank 0 waits for torchrun's agent to stop it before it
+# prints the error itself (report_error). The 2 ranks of a CPU job reached a config error 19-148 ms apart (5
+# launches); the agent polls its workers every 0.1 s (--monitor-interval), so the wait normally ends well inside
+# a second of local rank 0's exit, and lasts this long only where local rank 0 does not exit (hung, or training
+# on: it did not hit the error after all), which it then delays by as much.
+QUIET_RANK_WAIT_S = 10.0
+AGENT_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent for its workers, which it stops when one fails
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,15 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch_info() -> DistInfo:
+    """This process's place in the job torchrun describes in the environment (DistInfo() for one process),
+    without joining its process group."""
+    if not launched_by_torchrun():
+        return DistInfo()
+    return DistInfo(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def _timeout_s() -> float:
     raw = os.environ.get(TIMEOUT_ENV)
     if raw is None:
@@ -79,17 +97,17 @@ def init_distributed(device_type: str) -> DistInfo:
     The timeout ($FASTTRAIN_DIST_TIMEOUT, else 300 s) bounds how long a collective
     waits for a dead peer, so a rank that dies ends the job with an error instead of a silent hang.
     """
-    if not launched_by_torchrun():
-        return DistInfo()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    info = launch_info()
+    if not info.enabled:
+        return info
+    local_rank = info.local_rank
     timeout = datetime.timedelta(seconds=_timeout_s())
     if device_type == "cuda":
         visible = torch.cuda.device_count()
-        if local_rank >= visible:
+        if local_rank >= visible:  # only the ranks past the node's GPUs: local rank 0 has one
             raise ConfigError(
-                f"rank {rank} has LOCAL_RANK {local_rank}, but this node has {visible} visible GPU(s): "
-                "pass torchrun --nproc_per_node at most the number of GPUs per node")
+                f"LOCAL_RANK {local_rank} has no GPU: this node has {visible} visible GPU(s): pass torchrun "
+                "--nproc_per_node at most the number of GPUs per node", every_rank=False)
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         if device_type == "cuda":
@@ -98,7 +116,7 @@ def init_distributed(device_type: str) -> DistInfo:
                                     device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,11 +310,57 @@ def is_peer_failure(err: BaseException) -> bool:
         "NCCL error", "Timed out", "timed out", "Broken pipe"))
 
 
+def rank_prefix(info: DistInfo) -> str:
+    """What starts a rank's own error message, telling the ranks' lines apart."""
+    return f"rank {info.rank} of {info.world_size}: "
+
+
 def peer_failure_message(err: BaseException, info: DistInfo) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"rank {info.rank} of {info.world_size}: a collective operation failed, most likely because "
+    return (f"{rank_prefix(info)}a collective operation failed, most likely because "
             f"another rank died or stopped responding (look for the first failure torchrun reports). "
             f"{type(err).__name__}: {first[:300]}")
+
+
+def report_error(message: str, every_rank: bool) -> None:
+    """Print a failed run's one `error: MESSAGE` line to stderr. One process: as it is. Under torchrun, an error
+    that every rank hits identically (`every_rank`: the same inputs or agreed state) is printed by each node's
+    local rank 0 alone, as it is; one that can be a rank's own by every rank that hits it, prefixed with its rank.
+
+    A quiet rank must not exit first: torchrun's agent stops every worker of the node as soon as one exits
+    non-zero, and local rank 0 was seen killed that way before it printed (2 CPU ranks, a config error: the
+    other rank was up to 150 ms ahead). So it waits for the agent to stop it, which it does once
+    local rank 0 has printed and exited, and exits silently then, with its own exit code. If that does not come
+    within QUIET_RANK_WAIT_S (local rank 0 slower still, hung, or training on: it did not hit the error after
+    all), or no agent watches the ranks (no TORCHELASTIC_RUN_ID), it prints the error itself, prefixed. (Local
+    rank 0 exiting on another failure first also ends the wait: the job's failure is then that one, printed.)"""
+    info = launch_info()
+    if not info.enabled or (every_rank and info.local_rank == 0):
+        line = message
+    elif every_rank and _stopped_by_the_agent(QUIET_RANK_WAIT_S):
+        return  # local rank 0 printed it and exited, and the agent stopped this rank
+    else:  # a peer failure's message names its rank already
+        line = message if message.startswith(rank_prefix(info)) else rank_prefix(info) + message
+    print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _stopped_by_the_agent(seconds: float) -> bool:
+    """Whether torchrun's agent stops this process (SIGTERM; SIGINT and SIGHUP too) within `seconds`; the
+    signal ends the wait instead of the process, which then exits with its own exit code. False at once without
+    an agent or off the main thread (where no signal handler can be set)."""
+    if AGENT_ENV not in os.environ or threading.current_thread() is not threading.main_thread():
+        return False
+    stopped: list[int] = []
+    signums = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, lambda signum, frame: stopped.append(signum)) for s in signums}
+    try:
+        deadline = time.monotonic() + seconds
+        while not stopped and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return bool(stopped)
 
 
 def fault_injection_step(info: DistInfo) -> int | None:

@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import IO, Callable
 
 
-def file_error_line(e: OSError) -> str | None:
-    """The one `error:` line for the file system's answer about a named file (a full disk, no permission,
-    a folder where a file goes), naming a rename's destination rather than its temp file; None for an
-    OSError that names no file (a socket, a library's own), which keeps its traceback."""
+def file_error_message(e: OSError) -> str | None:
+    """What the file system said about a named file (a full disk, no permission, a folder where a file goes),
+    naming a rename's destination rather than its temp file; None for an OSError that names no file (a socket,
+    a library's own), which keeps its traceback."""
     target = e.filename2 or e.filename
-    return f"error: {target}: {e.strerror or e}" if target else None
+    return f"{target}: {e.strerror or e}" if target else None
+
+
+def file_error_line(e: OSError) -> str | None:
+    """file_error_message's one `error:` line (None where it is None)."""
+    message = file_error_message(e)
+    return f"error: {message}" if message else None
 
 
 def create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:

@@ -22,7 +22,7 @@ import torch
 
 from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
                                   rng_state, set_rng_state, unwrap, write_checkpoint)
-from fasttrain.config import Config, config_changes, config_from_dict, config_to_dict
+from fasttrain.config import Config, EveryRankFlag, config_changes, config_from_dict, config_to_dict
 from fasttrain.data import data_location
 from fasttrain.distributed import all_gather_objects, barrier
 from fasttrain.export import KIND as EXPORT_KIND
@@ -33,9 +33,11 @@ from fasttrain.signals import RunInterrupted
 ENGINE_MODEL_KEYS = ("se_impl", "max_params")  # model keys a resume may change: not the architecture
 
 
-class TrainingError(RuntimeError):
+class TrainingError(EveryRankFlag, RuntimeError):
     """The run cannot go on (non-finite loss, out of memory, a checkpoint that cannot be written, ...): the
-    message says why and what to do."""
+    message says why and what to do. Under torchrun most are one rank's own (its GPU's memory, its view of a
+    dead peer, rank 0's write); a divergence, found in the weights every rank holds alike or on the first bad
+    step the ranks agreed on, is raised with every_rank=True."""
 
 
 class Resumable:

@@ -211,8 +211,8 @@ class Trainer(Resumable):
         raise TrainingError(
             f"not saving a checkpoint after {where}: the weights hold NaN or infinite values "
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). {self._kept_checkpoint_note()} "
-            f"{self._divergence_fixes()}"
-        )
+            f"{self._divergence_fixes()}",
+            every_rank=True)  # DDP's ranks hold the same weights, and rank 0's buffers (sync_buffers)
 
     def _divergence_fixes(self) -> str:
         """What to change after a non-finite loss or weights: the precision advice only where it is not
@@ -361,8 +361,8 @@ class Trainer(Resumable):
         raise TrainingError(
             f"the training loss became NaN or infinite at epoch {epoch + 1}, step {first_bad_step + 1} "
             f"(learning rate {lr:.4g}); this epoch was not checkpointed. {self._kept_checkpoint_note()} "
-            f"{self._divergence_fixes()}"
-        )
+            f"{self._divergence_fixes()}",
+            every_rank=True)  # the first bad step of any rank, agreed by every rank (_reduce_epoch_stats)
 
     def _recompute_ema_bn(self) -> float:
         """train.ema_bn recompute: re-estimate the EMA module's BN statistics (WeightEMA.recompute_bn) from

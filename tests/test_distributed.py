@@ -7,6 +7,7 @@ one thread (SIGSEGV / "double free"), which is how torchrun runs each worker by 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -255,6 +257,96 @@ def test_killed_rank_ends_the_job_quickly(cifar_dir, tmp_path, nodes):
     if nodes == 2:
         assert "error: rank 0 of 2: a collective operation failed" in stderr
     assert not (run / "summary.json").exists() and not (run / "last.pt").exists()
+
+
+def test_an_error_every_rank_hits_is_printed_once_and_the_exit_codes_stay(cifar_dir, tmp_path):
+    """A config error both ranks hit at the same moment (train.sync_bn on the CPU, refused right after the process
+    group started; before, each rank printed it): one `error:` line, local rank 0's, as a plain run prints it. The
+    other rank stays quiet until torchrun stops it. Exit codes as before: the failed worker's 2 in torchrun's
+    report, torchrun's own 1."""
+    proc = torchrun(["-m", "fasttrain", "--config", SMOKE, *TINY, "--output.dir", str(tmp_path / "run"), "--device",
+                     "cpu", "--train.sync_bn", "true"], cifar_dir, cwd=tmp_path, check=False, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train.sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only): pass "
+                      "--train.sync_bn false for a CPU run"], proc.stderr[-4000:]
+    assert proc.returncode == 1 and "exitcode  : 2 " in proc.stderr.split("Root Cause")[-1], proc.stderr[-4000:]
+
+
+@pytest.fixture
+def rank_of_a_torchrun_job(monkeypatch):
+    """This process as rank RANK of 2 on its node (LOCAL_RANK = RANK), watched by torchrun's agent (which sets
+    TORCHELASTIC_RUN_ID for its workers): what the CLI's error report reads. Call it with the rank."""
+    def be(rank: int) -> None:
+        for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", 2), ("TORCHELASTIC_RUN_ID", "test")):
+            monkeypatch.setenv(name, str(value))
+    return be
+
+
+@contextlib.contextmanager
+def agent_stops_the_waiting_rank():
+    """torchrun's agent, which SIGTERMs every worker once one exits: the signal comes while the quiet rank waits
+    (once its wait has set a handler; never before, which would end pytest)."""
+    before, done = signal.getsignal(signal.SIGTERM), threading.Event()
+
+    def stop():
+        while not done.wait(0.01):
+            if signal.getsignal(signal.SIGTERM) is not before:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_quiet_rank_waits_for_torchrun_to_stop_it_and_else_prints_the_error(rank_of_a_torchrun_job, monkeypatch,
+                                                                             capsys):
+    """An error every rank hits (a config value out of range): local rank 0 prints it; rank 1 waits for the agent's
+    SIGTERM (local rank 0 has printed and exited) and exits 2 without a line; where none comes within the wait,
+    it prints the error itself, naming its rank, so no error goes unprinted."""
+    from fasttrain import cli, distributed
+
+    bad = ["--config", SMOKE, "--optim.lr", "-1"]
+    line = "optim.lr = -1.0 is out of range: must be > 0 and at most 3.4e38 (float32's largest)\n"
+    rank_of_a_torchrun_job(0)
+    assert cli.main(bad) == 2 and capsys.readouterr().err == "error: " + line
+    rank_of_a_torchrun_job(1)
+    monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 60.0)
+    t0 = time.monotonic()
+    with agent_stops_the_waiting_rank():
+        assert cli.main(bad) == 2
+    assert capsys.readouterr().err == "" and time.monotonic() - t0 < 30
+    monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 0.2)
+    assert cli.main(bad) == 2 and capsys.readouterr().err == "error: rank 1 of 2: " + line
+
+
+@pytest.mark.parametrize("failure", ["no_gpu_for_its_local_rank", "out_of_gpu_memory"])
+def test_a_ranks_own_error_is_printed_by_it_at_once_naming_it(rank_of_a_torchrun_job, monkeypatch, capsys, failure):
+    """A failure one rank can hit alone (its LOCAL_RANK past the node's GPUs; its GPU's memory taken): printed by
+    that rank, at once (no wait for the agent), prefixed with its rank so that the ranks' lines can be told apart."""
+    from fasttrain import cli, distributed, runtime
+
+    if failure == "no_gpu_for_its_local_rank":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        expected = ("LOCAL_RANK 1 has no GPU: this node has 1 visible GPU(s): pass torchrun --nproc_per_node at most "
+                    "the number of GPUs per node")
+    else:
+        def out_of_memory(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        monkeypatch.setattr(runtime, "resolve_device", out_of_memory)
+        expected = ("out of GPU memory in `train` (CUDA out of memory. Tried to allocate 2.00 GiB). Another process "
+                    "may hold the GPU's memory (nvidia-smi lists them): free it, lower --train.batch_size or "
+                    "--train.eval_batch_size, or train with --device cpu.")
+    monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 60.0)
+    rank_of_a_torchrun_job(1)
+    t0 = time.monotonic()
+    assert cli.main(["--config", SMOKE, "--device", "cuda"]) == (2 if failure == "no_gpu_for_its_local_rank" else 1)
+    assert capsys.readouterr().err == f"error: rank 1 of 2: {expected}\n" and time.monotonic() - t0 < 30
 
 
 # ------------------------------------------------------------------------------------------------
@@ -832,9 +924,10 @@ def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
     assert distributed.init_distributed("cuda") == DistInfo(rank=3, world_size=4, local_rank=1)
     assert joined == [("set_device", 1), {"backend": "nccl", "timeout": timeout, "device_id": torch.device("cuda", 1)}]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ConfigError, match=r"rank 3 has LOCAL_RANK 1, but this node has 1 visible GPU\(s\): pass "
-                                          r"torchrun --nproc_per_node at most the number of GPUs per node"):
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK 1 has no GPU: this node has 1 visible GPU\(s\): pass "
+                                          r"torchrun --nproc_per_node at most the number of GPUs per node") as refused:
         distributed.init_distributed("cuda")
+    assert not refused.value.every_rank  # this rank's own: printed by it (report_error), named by the CLI
 
 
 def test_sync_buffers_gives_every_rank_rank_0s_buffers(monkeypatch):

@@ -35,6 +35,10 @@ ENV_VAR = "FASTTRAIN_DATA"
 class DataError(RuntimeError):
     """The data is missing, corrupt or not what it claims to be; the message says how to fix it."""
 
+    # under torchrun every rank reads the same files under the same data config (a download is local rank 0's,
+    # before the others read); fasttrain.distributed.report_error: one rank per node prints it
+    every_rank = True
+
 
 @dataclass
 class CifarArrays:
