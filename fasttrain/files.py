@@ -8,10 +8,11 @@ program writes (0666 less the umask), as `torch.save(obj, path)` or `open(path, 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 
 def file_error_message(e: OSError) -> str | None:
@@ -26,6 +27,19 @@ def file_error_line(e: OSError) -> str | None:
     """file_error_message's one `error:` line (None where it is None)."""
     message = file_error_message(e)
     return f"error: {message}" if message else None
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError inside the block that names no file is given `path` as its file name. A write that finds the
+    disk full (ENOSPC, EDQUOT, EIO) fails in write, flush, fsync or close, whose errors name no file, so the CLI's
+    one `error:` line (file_error_message) had nothing to name and the run ended in a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.filename2 is None:
+            e.filename = str(path)
+        raise
 
 
 def create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
@@ -46,7 +60,7 @@ def write_temp(path: Path, write: Callable[[IO], object], text: bool = False) ->
     glob for NAME's suffix), whose path is returned for the caller's rename; removed if anything fails."""
     fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
+        with naming(path), os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -18,7 +18,7 @@ from typing import Callable
 
 from fasttrain.checkpoint import LAST, PREVIOUS, checkpoint_candidates, holds_run
 from fasttrain.config import Config, ConfigError, save_config
-from fasttrain.files import temp_files_of, write_text_atomic
+from fasttrain.files import naming, temp_files_of, write_text_atomic
 
 try:
     import fcntl
@@ -181,7 +181,7 @@ def remove_stale_temps(run_dir: Path) -> None:
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
-    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+    with naming(run_dir / METRICS), open(run_dir / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 
 

@@ -1342,12 +1342,26 @@ def test_a_full_disk_rewriting_a_run_file_leaves_the_old_one_whole(tmp_path, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(files.os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as failed:
         if write == "config":
             save_config(Config(), path)
         else:
             keep_metrics(tmp_path, 1, None, warn=print)  # drops epoch 2
     assert path.read_text() == old and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert files.file_error_line(failed.value) == f"error: {path}: No space left on device"  # not a traceback
+
+
+def test_a_full_disk_appending_a_metrics_row_names_the_file(tmp_path):
+    """An epoch's metrics row appended on a full disk: the write fails at close with an ENOSPC that names no file
+    (seen on a full tmpfs under torchrun: a traceback instead of the CLI's one error line). It names metrics.jsonl.
+    /dev/full is a real full disk: every write to it fails with ENOSPC."""
+    from fasttrain.files import file_error_line
+    from fasttrain.run_folder import METRICS, append_metrics
+
+    (tmp_path / METRICS).symlink_to("/dev/full")
+    with pytest.raises(OSError) as failed:
+        append_metrics(tmp_path, {"epoch": 1})
+    assert file_error_line(failed.value) == f"error: {tmp_path / METRICS}: No space left on device"
 
 
 def test_a_full_disk_during_export_names_the_file(tmp_path, monkeypatch, capsys, good_run):
