@@ -1,12 +1,15 @@
 """`python -m fasttrain ...`: see fasttrain.cli."""
+import importlib
 import signal
 import sys
 
 if __name__ == "__main__":
     try:
-        from fasttrain.signals import unignore_stop_signals  # light (the standard library): before torch's seconds
+        from fasttrain.signals import held_back, unignore_stop_signals  # light (the standard library)
 
         unignore_stop_signals()
+        with held_back(signal.SIGINT):  # a Ctrl-C inside torch's C++ import could be lost or abort: it comes after
+            importlib.import_module("torch")
         from fasttrain.cli import main
     except KeyboardInterrupt:  # Ctrl-C while torch is imported (seconds): one line, as cli.main's (STARTING)
         print("interrupted while starting: nothing was read or written", file=sys.stderr)

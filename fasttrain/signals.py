@@ -46,6 +46,24 @@ def unignore_stop_signals() -> None:
             signal.signal(signum, action)
 
 
+@contextlib.contextmanager
+def held_back(*signums: int) -> Iterator[None]:
+    """Signals sent to this thread's process inside the block wait, pending, until it ends, and arrive then. For
+    `import torch`: its C++ initialisation imports numpy and clears any error it meets there, so a Ctrl-C in that
+    moment was lost (the run went on), and one inside other C++ callbacks left a half-imported numpy (an
+    AttributeError later) or aborted the process ("terminate called ... KeyboardInterrupt"). Held back, it comes
+    a second or two later, where Python code takes it cleanly. Threads started inside the block keep it blocked:
+    the kernel then hands the process's signals to the main thread, the one Python takes them in."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
