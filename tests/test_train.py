@@ -1,9 +1,12 @@
 """The trainer end to end on real data (FASTTRAIN_DATA): it learns, resumes exactly, and the CLI works."""
+import contextlib
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -492,6 +495,38 @@ def test_tensorboard_event_files_beside_metrics(cifar_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert _scalars(tmp_path, "lr") == [(1, pytest.approx(rows[0]["lr"]))]
     assert len(rows) == 1
+
+
+def open_files_and_threads() -> tuple[list[str], int]:
+    """What this process holds: its open file descriptors (what each points to) and its thread count."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return sorted(targets), len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_finished_run_leaves_no_trainer_file_or_thread_behind(cifar_dir, tmp_path, loader, one_torch_thread):
+    """benchmarks/time_to_accuracy.py and recipe_ablation.py train run after run in one process: once
+    collected (their release_memory), a finished run must hold nothing (its Trainer, DALI's pipeline
+    threads, the TensorBoard writer's thread and file, the run folder's lock), or a long sweep piles them
+    up. Compared after a first run, which sets up what a process keeps for good (imports, thread pools)."""
+    def run(name: str) -> weakref.ref:
+        cfg = tiny_config(cifar_dir, tmp_path / name, train__epochs="1", data__loader=loader,
+                          output__tensorboard="true")
+        trainer = Trainer(cfg, device="cpu", console=quiet())
+        trainer.fit()
+        return weakref.ref(trainer)
+
+    run("first")
+    gc.collect()
+    before = open_files_and_threads()
+    trainer = run("second")
+    gc.collect()
+    assert trainer() is None
+    assert open_files_and_threads() == before
 
 
 @pytest.mark.parametrize("compiled, base_channels", [(True, 4), (True, 8), (False, 4)])
