@@ -14,11 +14,17 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C while torch is imported (seconds): one line, as cli.main's (STARTING)
         print("interrupted while starting: nothing was read or written", file=sys.stderr)
         sys.exit(130)
-    code = main()
-    # The command is done and its files are written. A Ctrl-C while Python exits (torch's atexit callbacks) ends
-    # the process by the signal at once, as SIGTERM does, not with a KeyboardInterrupt traceback out of a callback;
-    # what it printed is flushed first (Python flushes a piped stdout after the atexit callbacks).
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        code = main()
+        # The command is done and its files are written. What it printed is flushed before a Ctrl-C may end the
+        # process (Python flushes a piped stdout after the atexit callbacks).
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except KeyboardInterrupt:  # at main's first instruction (before its own try), as it returned, or a second
+        # Ctrl-C while it printed what ended the command: one line and 130, not a traceback
+        print("interrupted", file=sys.stderr)
+        code = 130
+    # A Ctrl-C while Python exits (torch's atexit callbacks) ends the process by the signal at once, as SIGTERM
+    # does, not with a KeyboardInterrupt traceback out of a callback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(code)

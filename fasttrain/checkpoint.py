@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fasttrain.files import write_temp
+from fasttrain.files import write_atomic
 
 FORMAT = "fasttrain-checkpoint-v1"
 CHECKSUM_KEY = "checksum"
@@ -53,12 +53,13 @@ def _fsync_dir(folder: Path) -> None:
         pass
 
 
-def _write_temp(obj: Any, path: Path) -> Path:
-    """torch.save `obj` into a fsync'ed hidden temp file beside `path` (not matched by ``*.pt``)."""
+def _write_atomic(obj: Any, path: Path, before_rename: Callable[[], object]) -> None:
+    """torch.save `obj` into a fsync'ed hidden temp file beside `path` (not matched by ``*.pt``), renamed over
+    `path` after `before_rename()` (files.write_atomic: no temp file is left, whatever fails or is interrupted)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return write_temp(path, lambda f: torch.save(obj, f))
-    except BaseException as e:  # the temp file is gone already (write_temp)
+        write_atomic(path, lambda f: torch.save(obj, f), before_rename=before_rename)
+    except BaseException as e:  # the temp file is gone already (write_atomic)
         if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: its zip writer's
             raise KeyboardInterrupt from None  # close then fails ("unexpected pos"); the cause is the Ctrl-C
         cause = _file_system_cause(e)
@@ -119,23 +120,23 @@ def write_checkpoint(state: dict, path: str | Path, previous: str | None = PREVI
     path = Path(path)
     sealed = dict(state)
     sealed[CHECKSUM_KEY] = state_checksum(state)
-    tmp = _write_temp(sealed, path)
-    try:
-        if previous is not None and path.exists():
-            keep = path.with_name(previous)
-            try:
-                link = keep.with_name(f".{previous}.link.tmp")
-                link.unlink(missing_ok=True)
-                os.link(path, link)
-                os.replace(link, keep)
-            except OSError:
-                os.replace(path, keep)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(sealed, path, before_rename=lambda: _keep_previous(path, previous))
     _fsync_dir(path.parent)
     return path
+
+
+def _keep_previous(path: Path, previous: str | None) -> None:
+    """The file at `path` (if any) is kept as `previous`, just before the new one is renamed over it."""
+    if previous is None or not path.exists():
+        return
+    keep = path.with_name(previous)
+    try:
+        link = keep.with_name(f".{previous}.link.tmp")
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, keep)
+    except OSError:
+        os.replace(path, keep)
 
 
 def checkpoint_path_problem(path: str | Path) -> str | None:

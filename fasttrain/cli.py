@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -267,6 +268,7 @@ def cmd_export(argv: list[str]) -> int:
             raise ConfigError(f"{args.out} exists and is not a regular file: name a file to write, e.g. weights.pt")
         if not args.overwrite:
             raise ConfigError(f"{args.out} exists: pass --overwrite to replace it, or another OUT")
+    _will_write(out)
     info = export_weights(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, note=args.note)
     if args.json:
         print(json.dumps(info))
@@ -281,10 +283,37 @@ def cmd_export(argv: list[str]) -> int:
 def cmd_plot(argv: list[str]) -> int:
     args = _plot_parser().parse_args(argv)
     from fasttrain.plot import plot_run
+    from fasttrain.run_folder import CURVES
 
-    out = plot_run(Path(args.run_dir), Path(args.out) if args.out else None)
-    print(f"wrote {out}")
+    out = Path(args.out) if args.out else Path(args.run_dir) / CURVES
+    _will_write(out)
+    print(f"wrote {plot_run(Path(args.run_dir), out)}")
     return 0
+
+
+def _file_identity(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+# (OUT, what was there before) of the file the running command writes by renaming a whole temp file over it (export,
+# plot): a Ctrl-C's line says whether it came before the rename or after it (main's _interrupted_line)
+_writing: list[tuple[Path, tuple | None]] = []
+
+
+def _will_write(out: Path) -> None:
+    _writing.append((out, _file_identity(out)))
+
+
+def _interrupted_line(command: str) -> str:
+    """What a Ctrl-C outside training left. After export's or plot's rename (the directory's fsync, the returns, the
+    line it prints) "OUT was not written" was false: OUT is then the new file, complete."""
+    if _writing and _file_identity(_writing[-1][0]) != _writing[-1][1]:
+        return f"interrupted after {_writing[-1][0]} was written: the file is complete"
+    return INTERRUPTED.get(command, "interrupted")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export}
@@ -292,12 +321,13 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cm
 # epoch's metrics row is written before its checkpoint, and a resume drops the rows after its checkpoint)
 INTERRUPTED = {"train": "interrupted: --resume auto goes on from the run's last checkpoint, if it has one (metrics "
                         "rows written after it are dropped then)",
-               "export": "interrupted: OUT was not written"}
+               "export": "interrupted: OUT was not written", "plot": "interrupted: the image was not written"}
 STARTING = "interrupted while starting: nothing was read or written"  # a Ctrl-C while the modules load
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _writing.clear()  # a previous call's (tests, notebooks)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     try:  # seconds of imports (the trainer's modules), before any file is read or written
         import torch
@@ -317,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second Ctrl-C during a save
-        print(INTERRUPTED.get(command, "interrupted"), file=sys.stderr)
+        print(_interrupted_line(command), file=sys.stderr)
         return EXIT_INTERRUPTED
     # Under torchrun, an error every rank hits identically (e.every_rank) is printed once per node, any other by
     # each rank that hits it, naming the rank (report_error). The safe side, every rank that hits it, for what

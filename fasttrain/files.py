@@ -4,7 +4,7 @@
 checkpoints, exported weights and the downloaded data would then be readable by their owner alone,
 even in a run folder shared by a team. A temporary file made here gets the mode of any file the
 program writes (0666 less the umask), as `torch.save(obj, path)` or `open(path, "wb")` would give it.
-`write_text_atomic` is the whole write for a run folder's text files.
+`write_atomic` is the whole write (`write_text_atomic` for a run folder's text files).
 """
 from __future__ import annotations
 
@@ -42,36 +42,47 @@ def naming(path: Path) -> Iterator[None]:
         raise
 
 
-def create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+def create_temp(directory: Path, prefix: str, suffix: str, made: list[Path] | None = None) -> tuple[int, Path]:
     """A new, empty file in `directory` (beside its target, so the rename stays on one file system),
-    opened for writing: (file descriptor, path). A `prefix` starting with "." keeps it hidden."""
+    opened for writing: (file descriptor, path). A `prefix` starting with "." keeps it hidden. `made`: its path is
+    appended there before it is created, so that the caller can remove it whatever interrupts the creation or the
+    return of the path (a Ctrl-C there left an empty temp file)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    made = [] if made is None else made
     for _ in range(100):
         path = Path(directory) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        made.append(path)
         try:
             return os.open(path, flags, 0o666), path
         except FileExistsError:  # 48 random bits: only a crowded folder or a bad random source gets here
-            continue
+            made.pop()  # another's
     raise FileExistsError(f"could not create a temporary file {prefix}*{suffix} in {directory}")
 
 
-def write_temp(path: Path, write: Callable[[IO], object], text: bool = False) -> Path:
-    """`write(f)` into a new, fsync'ed, hidden temp file beside `path` (.NAME.*.tmp: not matched by a
-    glob for NAME's suffix), whose path is returned for the caller's rename; removed if anything fails."""
-    fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_atomic(path: Path, write: Callable[[IO], object], text: bool = False,
+                 before_rename: Callable[[], object] = lambda: None) -> None:
+    """Replace `path` as one step: `write(f)` into a new, fsync'ed, hidden temp file beside it (.NAME.*.tmp: not
+    matched by a glob for NAME's suffix), then `before_rename()`, then the rename over `path`. The temp file is
+    removed if anything fails or is interrupted before the rename. Its creation and the rename are in the write's
+    try block: a Ctrl-C that came as a function handing the temp file to its caller returned (before the caller's
+    own try block) left the temp file behind, beside an exported OUT for good."""
+    made: list[Path] = []  # the temp file, named there before it is created
     try:
+        fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp", made=made)
         with naming(path), os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        before_rename()
+        os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in made:
+            tmp.unlink(missing_ok=True)
         raise
-    return tmp
 
 
 def temp_files_of(path: Path) -> list[Path]:
-    """The temp files write_temp made for `path` that are still there: left by a process killed while writing it
+    """The temp files write_atomic made for `path` that are still there: left by a process killed while writing it
     (a write that ends renames or removes its own)."""
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
@@ -79,10 +90,4 @@ def temp_files_of(path: Path) -> list[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text` as one step (temp file beside it, fsync, rename): a kill or a full disk
     mid-write leaves the old file whole, never an empty or half-written one."""
-    path = Path(path)
-    tmp = write_temp(path, lambda f: f.write(text), text=True)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), lambda f: f.write(text), text=True)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from fasttrain.config import ConfigError
+from fasttrain.files import write_atomic
 from fasttrain.run_folder import CURVES, decoded_row
 
 # what savefig can write; the file's suffix picks it (matplotlib's own list is larger, PNG is the point)
@@ -97,5 +98,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     best = max((r["test_acc"] for r in rows if isinstance(r.get("test_acc"), (int, float))), default=None)
     fig.suptitle(f"{run_dir.name}: {len(rows)} epoch(s)" + (f", best test {best:.2f}%" if best is not None else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    # a temp file renamed over OUT: a Ctrl-C while the image was written left OUT torn (0 bytes, or its first
+    # chunks), the run folder's curves.png of an earlier plot lost
+    write_atomic(out, lambda f: fig.savefig(f, dpi=110, format=out.suffix[1:].lower()))
     return out

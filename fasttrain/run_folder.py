@@ -172,7 +172,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume_path: Path | None, comple
 
 
 def remove_stale_temps(run_dir: Path) -> None:
-    """Delete the temp files (files.write_temp's) of the folder's own files that a process killed while writing
+    """Delete the temp files (files.write_atomic's) of the folder's own files that a process killed while writing
     one left behind (kill -9, a second signal during a checkpoint): this process holds the folder's lock, so
     no other is writing them."""
     for name in WRITTEN_VIA_TEMP:

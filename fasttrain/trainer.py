@@ -451,11 +451,17 @@ class Trainer(Resumable):
         """
         with self._stop.installed(), self._oom_guard(), self._peer_failure_guard(), self._tensorboard():
             try:
-                return self._fit(stop_after_epochs)
+                summary = self._fit(stop_after_epochs)
             finally:
                 if self._folder_lock is not None:
                     self._folder_lock.release()
                     self._folder_lock = None
+        # Said once the handlers are back (a Ctrl-C from here on is the CLI's to say): one that came while the
+        # folder's lock was released or the blocks above ended was taken and never said (exit 0, no word)
+        if self._stop.requested and self._last_saved is not None and self._last_saved[0][0] >= self.cfg.train.epochs:
+            self.console.warn(f"{self._stop.name} came after the last training step: the run finished and its files "
+                              "are complete (exit 0), nothing to resume")
+        return summary
 
     def _claim_run_dir(self) -> None:
         """Rank 0 locks the run folder for this process (run_folder.claim_run_dir: a default-named one may
@@ -776,8 +782,5 @@ class Trainer(Resumable):
                                                              tta=cfg.train.tta, dist_info=self.dist, fill=self.eval_fill)
         if self.dist.is_main:
             write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        self.console.summary(summary)
-        if self._stop.requested:  # during the last evaluation or the summary: the run was complete by then
-            self.console.warn(f"{self._stop.name} came after the last training step: the run finished and its "
-                              "files are complete (exit 0), nothing to resume")
+        self.console.summary(summary)  # a stop during the last evaluation or the summary: fit says it
         return summary

@@ -1077,6 +1077,36 @@ def test_ctrl_c_while_python_exits_after_a_command_ends_it_without_a_traceback(c
     assert json.loads(proc.stdout)["config"]["train"]["epochs"] == 2
 
 
+# a Ctrl-C (SIGINT to the process) at the first call or return event of a function of fasttrain/cli.py: sys.argv[1]
+# names it, "FUNCTION:call" or "FUNCTION:return"
+CTRL_C_AT_CLI_EVENT = """
+import os, signal, sys
+name, _, when = sys.argv.pop(1).partition(":")
+
+
+def profile(frame, event, arg):
+    code = frame.f_code
+    if event == when and code.co_name == name and code.co_filename.endswith(os.path.join("fasttrain", "cli.py")):
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+sys.setprofile(profile)
+"""
+
+
+@pytest.mark.parametrize("moment", ["main:call", "main:return"])
+def test_a_ctrl_c_as_cli_main_starts_or_returns_is_one_line(cifar_dir, tmp_path, moment):
+    """A Ctrl-C at main's first instruction (before its own try) or as it returned (before __main__ gave SIGINT
+    its default action) was a KeyboardInterrupt traceback out of __main__ and exit -2. It is the one line and 130;
+    what the command printed is complete."""
+    proc = run_cli_after(CTRL_C_AT_CLI_EVENT, moment, *cli_args(cifar_dir, tmp_path / "run"), "--dry-run", "--json")
+    assert proc.returncode == cli.EXIT_INTERRUPTED and proc.stderr == "interrupted\n", proc.stderr
+    if moment == "main:return":
+        assert json.loads(proc.stdout)["config"]["train"]["epochs"] == 2
+    assert not (tmp_path / "run").exists()
+
+
 # killed (SIGKILL) inside the sys.argv[1]-th torch.save, with part of that file written: what kill -9 during a
 # checkpoint leaves behind
 KILL_9_IN_SAVE = """
@@ -1994,17 +2024,23 @@ def test_a_moved_run_is_followed_unless_output_dir_says_otherwise(cifar_dir, tmp
     assert planned() == (str(moved), False)
 
 
-def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tmp_path):
-    """A stop during the final evaluation: the run is complete by then (exit 0, its files written), and
-    the console says the signal was seen rather than ignoring it silently."""
+@pytest.mark.parametrize("moment", ["last evaluation", "lock release"])
+def test_a_signal_after_the_last_step_finishes_the_run_and_says_so(cifar_dir, tmp_path, monkeypatch, moment):
+    """A stop during the final evaluation, or as fit ends (the run folder's lock released, after the summary): the
+    run is complete by then (exit 0, its files written), and the console says the signal was seen rather than
+    ignoring it silently (which it did at the lock's release: exit 0 and no word of the Ctrl-C)."""
     from fasttrain.console import RunConsole
 
     warned = []
     console = RunConsole(progress=False, enabled=True)
     console.warn = warned.append
     trainer = Trainer(tiny_config(cifar_dir, tmp_path / "run", "--train.epochs", "1"), device="cpu", console=console)
-    evaluate_into = trainer._evaluate_into
-    trainer._evaluate_into = lambda row: (trainer._stop.request(signal.SIGINT), evaluate_into(row))
+    if moment == "last evaluation":
+        evaluate_into = trainer._evaluate_into
+        trainer._evaluate_into = lambda row: (trainer._stop.request(signal.SIGINT), evaluate_into(row))
+    else:
+        release = FolderLock.release
+        monkeypatch.setattr(FolderLock, "release", lambda lock: (signal_self(signal.SIGINT), release(lock)))
     summary = trainer.fit()
     assert summary["final_test_acc"] is not None and (tmp_path / "run" / "summary.json").is_file()
     assert any("SIGINT came after the last training step" in w for w in warned), warned
@@ -2090,6 +2126,92 @@ def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_file(tmp_path, m
     assert cli.main(["export", str(good_run / "last.pt"), str(out)]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "interrupted: OUT was not written\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def ctrl_c_at(moment):
+    """A Ctrl-C (SIGINT to this process; Python's handler: a KeyboardInterrupt in the main thread) at the first call
+    or return event of this thread's Python code that moment(frame, event) picks, as the N-th of a deterministic
+    sweep. Yields where it came ([(function, event)]; empty: never); "escaped" is added when it arrived only after
+    the block, not inside it."""
+    hit = []
+
+    def profile(frame, event, arg):
+        if event in ("call", "return") and not hit and moment(frame, event):
+            hit.append((frame.f_code.co_qualname, event))
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with disposition(signal.SIGINT, signal.default_int_handler):
+        sys.setprofile(profile)
+        try:
+            yield hit
+        finally:
+            sys.setprofile(None)
+            try:
+                time.sleep(0)  # a signal sent in the block's last moment arrives here, not later in the test
+            except KeyboardInterrupt:
+                hit.append("escaped")
+
+
+def nth_event_in(files: tuple[str, ...], n: int):
+    """moment() for ctrl_c_at: the n-th call/return event (1-based) of code in fasttrain's `files` inside cli.main
+    (its own entry and return are __main__'s to take: test_a_ctrl_c_as_cli_main_starts_or_returns_is_one_line), but
+    the checksum's recursion over every tensor (hundreds of events alike)."""
+    roots = tuple(str(REPO / "fasttrain" / name) for name in files)
+    seen = [0]
+
+    def moment(frame, event):
+        if frame.f_code.co_filename.startswith(roots) and frame.f_code.co_name not in ("main", "_digest"):
+            seen[0] += 1
+        return seen[0] == n
+    return moment
+
+
+def test_a_ctrl_c_at_any_moment_of_an_export_leaves_out_whole_or_absent_and_says_which(tmp_path, good_run, capsys):
+    """Ctrl-C at each call/return event of an export's own code (the CLI, the export, the atomic write). A Ctrl-C
+    as the temp file's writer returned it (before its caller's try block) left the whole temp file beside OUT, for
+    good; one after the rename (the directory's fsync, the returns, the printed line) said "OUT was not written" of
+    an OUT that was. Each stop: exit 130, OUT absent or complete as the one line says, and nothing else there."""
+    files, outcomes, n = ("cli.py", "export.py", "checkpoint.py", "files.py"), set(), 0
+    while True:
+        n += 1
+        out = tmp_path / str(n) / "weights.pt"
+        out.parent.mkdir()
+        with ctrl_c_at(nth_event_in(files, n)) as hit:
+            code = cli.main(["export", str(good_run / "last.pt"), str(out)])
+        err = capsys.readouterr().err
+        if not hit:  # past the export's last event
+            break
+        assert code == cli.EXIT_INTERRUPTED and "escaped" not in hit, (n, hit, code, err)
+        assert sorted(out.parent.iterdir()) == ([out] if out.exists() else []), (n, hit)
+        if out.exists():
+            assert err == f"interrupted after {out} was written: the file is complete\n", (n, hit, err)
+            assert load_checkpoint(out)["kind"] == "weights"
+        else:
+            assert err == "interrupted: OUT was not written\n", (n, hit, err)
+        outcomes.add(out.exists())
+    assert n > 20 and outcomes == {False, True}
+
+
+def test_a_ctrl_c_while_plot_writes_the_image_keeps_the_earlier_one_whole(tmp_path, good_run, capsys):
+    """savefig wrote RUN/curves.png in place: a Ctrl-C while PIL wrote its chunks left it torn (0 bytes, or the
+    header), the earlier plot lost. The image goes through a temp file renamed over it, as every run file does."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    assert cli.main(["plot", str(run)]) == 0
+    before = folder_snapshot(run)
+    capsys.readouterr()
+
+    def inside_the_image_write(frame, event):  # PIL's PNG writer, after the header chunks
+        return event == "call" and frame.f_code.co_name == "_save" and frame.f_code.co_filename.endswith(
+            os.path.join("PIL", "ImageFile.py"))
+
+    with ctrl_c_at(inside_the_image_write) as hit:
+        code = cli.main(["plot", str(run)])
+    assert hit == [("_save", "call")] and code == cli.EXIT_INTERRUPTED
+    assert folder_snapshot(run) == before
+    assert capsys.readouterr().err == "interrupted: the image was not written\n"
 
 
 def test_a_second_ctrl_c_during_a_checkpoint_says_what_the_folder_holds(cifar_dir, tmp_path, monkeypatch, capsys):
