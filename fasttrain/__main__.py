@@ -12,7 +12,9 @@ if __name__ == "__main__":
             importlib.import_module("torch")
         from fasttrain.cli import main
     except KeyboardInterrupt:  # Ctrl-C while torch is imported (seconds): one line, as cli.main's (STARTING)
-        print("interrupted while starting: nothing was read or written", file=sys.stderr)
+        from fasttrain.ranks import say_once  # os and sys only; imported here, not ahead of the try (unprotected)
+
+        say_once("interrupted while starting: nothing was read or written", per_node=True)  # under torchrun: once
         sys.exit(130)
     try:
         code = main()
@@ -21,8 +23,10 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
     except KeyboardInterrupt:  # at main's first instruction (before its own try), as it returned, or a second
-        # Ctrl-C while it printed what ended the command: one line and 130, not a traceback
-        print("interrupted", file=sys.stderr)
+        # Ctrl-C while it printed what ended the command: one line (under torchrun once per node) and 130
+        from fasttrain.ranks import say_once
+
+        say_once("interrupted", per_node=True)
         code = 130
     # A Ctrl-C while Python exits (torch's atexit callbacks) ends the process by the signal at once, as SIGTERM
     # does, not with a KeyboardInterrupt traceback out of a callback.

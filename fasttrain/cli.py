@@ -7,7 +7,8 @@ missing data, a bad checkpoint, a diverged run) end with one clear `error:` line
 code, never a traceback (under torchrun: one per node for an error every rank hits alike, else one from each
 rank that hits it, naming the rank). SIGINT/SIGTERM/SIGHUP during training finish the step, save a checkpoint and
 exit 130/143/129 (128 + signal) with the command that resumes the run (under torchrun: every rank exits so,
-rank 0 prints the command).
+rank 0 prints the command). Under torchrun a warning or note every rank computes alike is rank 0's alone, a Ctrl-C
+outside training is said once per node, and eval, export, plot and --dry-run run on rank 0 alone.
 """
 from __future__ import annotations
 
@@ -21,10 +22,25 @@ from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_pat
 from fasttrain.config import (ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
                               load_config)
 from fasttrain.files import file_error_message
+from fasttrain.ranks import prints_here, say_once
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
 EXIT_INTERRUPTED = 130  # Ctrl-C; a checkpointed stop on a signal: 128 + signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage error (`PROG: error: ...`, exit 2) every rank of a torchrun job makes alike, from
+    the same command line: printed as report_error prints such an error, once per node (it printed once per rank)."""
+
+    def error(self, message: str):
+        from fasttrain.distributed import error_prefix
+
+        prefix = error_prefix(every_rank=True)
+        if prefix is None:  # local rank 0 printed it
+            self.exit(EXIT_USAGE)
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {prefix}{message}\n")
 
 
 class _Once(argparse.Action):
@@ -41,7 +57,7 @@ class _Once(argparse.Action):
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m fasttrain",
         description="Train an Efficient-ResNet on CIFAR-10. Any config key is a flag: --optim.lr 0.2 (every "
                     "key with its value: --dry-run; what each means, with units: fasttrain/config.py)",
@@ -63,8 +79,8 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fasttrain eval", allow_abbrev=False,
-                                description="Test accuracy of a checkpoint")
+    p = _Parser(prog="python -m fasttrain eval", allow_abbrev=False,
+                description="Test accuracy of a checkpoint")
     p.add_argument("checkpoint", nargs="?", help="a training checkpoint (RUN_DIR/last.pt) or an exported weights "
                                                  "file, as export takes it")
     p.add_argument("--checkpoint", dest="checkpoint_flag", metavar="CHECKPOINT", help="the same, as a flag")
@@ -85,17 +101,17 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fasttrain plot", allow_abbrev=False,
-                                description="Draw a run's curves (loss, accuracy, lr, images/s) to a PNG")
+    p = _Parser(prog="python -m fasttrain plot", allow_abbrev=False,
+                description="Draw a run's curves (loss, accuracy, lr, images/s) to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
     return p
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fasttrain export", allow_abbrev=False,
-                                description="Write a run's weights (no optimizer state) to a small file that "
-                                            "`python -m fasttrain eval` reads")
+    p = _Parser(prog="python -m fasttrain export", allow_abbrev=False,
+                description="Write a run's weights (no optimizer state) to a small file that "
+                            "`python -m fasttrain eval` reads")
     p.add_argument("checkpoint", help="a training checkpoint, e.g. RUN_DIR/last.pt")
     p.add_argument("out", help="the weights file to write")
     p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
@@ -122,7 +138,8 @@ def resolve_resume(resume: str | None, cfg) -> str | None:
     from fasttrain.checkpoint import find_resume_checkpoint
 
     run_dir = Path(cfg.output.dir)
-    found = find_resume_checkpoint(run_dir, warn=lambda message: print(message, file=sys.stderr))
+    # every rank looks, but rank 0's choice is the one the run takes (Trainer broadcasts it): its warnings alone
+    found = find_resume_checkpoint(run_dir, warn=say_once)
     if found is None and (run_dir / "config.yaml").is_file():
         try:  # where its files go may be spelled another way (a default folder saves output.dir null)
             same_run = not config_changes(load_config(run_dir / "config.yaml"), cfg)
@@ -147,7 +164,7 @@ def _checkpoint_config(resume: str, rest: list[str]):
     cfg = config_with_overrides(saved, rest)  # the loaded dict is this call's own
     if not _gives_output_dir(rest):
         cfg.output.dir = str(Path(resume).parent)
-    print(f"note: no --config given: using the config saved in {resume}", file=sys.stderr)
+    say_once(f"note: no --config given: using the config saved in {resume}")
     return cfg
 
 
@@ -164,8 +181,8 @@ def _follow_a_moved_run(cfg, args, rest: list[str]) -> None:
     folder = Path(args.resume).resolve().parent
     if (cfg.output.dir and Path(args.config).resolve().parent == folder
             and Path(cfg.output.dir).resolve() != folder):  # a checkpoint file: cmd_train refused anything else
-        print(f"note: {args.config} names the run folder {cfg.output.dir!r}; continuing in {str(folder)!r}, "
-              "where it lies now (pass --output.dir to choose another)", file=sys.stderr)
+        say_once(f"note: {args.config} names the run folder {cfg.output.dir!r}; continuing in {str(folder)!r}, "
+                 "where it lies now (pass --output.dir to choose another)")
         cfg.output.dir = str(Path(args.resume).parent)
 
 
@@ -211,7 +228,7 @@ def cmd_train(argv: list[str]) -> int:
 
     if args.dry_run:  # what training would refuse before reading a checkpoint, refused here too
         resolve_device(args.device)
-        return dry_run(cfg, args.json)
+        return dry_run(cfg, args.json) if prints_here() else 0  # under torchrun, rank 0's report alone
     from fasttrain.distributed import init_distributed, shutdown
     from fasttrain.trainer import Trainer
 
@@ -317,6 +334,9 @@ def _interrupted_line(command: str) -> str:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cmd_export}
+# Commands of one process: under torchrun rank 0 runs them and the other ranks exit 0 at once; each rank printed the
+# same result, and export's ranks raced to write OUT (the one that came second found it there: an error, exit 2).
+ONE_PROCESS = {"eval", "plot", "export"}
 # what a Ctrl-C outside the training loop left behind (checkpoints and exports are written atomically; an
 # epoch's metrics row is written before its checkpoint, and a resume drops the rows after its checkpoint)
 INTERRUPTED = {"train": "interrupted: --resume auto goes on from the run's last checkpoint, if it has one (metrics "
@@ -329,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _writing.clear()  # a previous call's (tests, notebooks)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command in ONE_PROCESS and not prints_here():
+        return 0
     try:  # seconds of imports (the trainer's modules), before any file is read or written
         import torch
 
@@ -337,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         from fasttrain.signals import RunInterrupted
         from fasttrain.trainer import TrainingError, oom_detail
     except KeyboardInterrupt:
-        print(STARTING, file=sys.stderr)
+        say_once(STARTING, per_node=True)
         return EXIT_INTERRUPTED
 
     try:
@@ -347,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second Ctrl-C during a save
-        print(_interrupted_line(command), file=sys.stderr)
+        # under torchrun every rank has it (torchrun's agent forwards the signal to each worker; a terminal's Ctrl-C
+        # reaches all of them): printed once per node, as an error every rank hits, but with no wait (report_error's):
+        # the agent that forwarded it waits for every worker to exit, so none is stopped before it prints
+        say_once(_interrupted_line(command), per_node=True)
         return EXIT_INTERRUPTED
     # Under torchrun, an error every rank hits identically (e.every_rank) is printed once per node, any other by
     # each rank that hits it, naming the rank (report_error). The safe side, every rank that hits it, for what

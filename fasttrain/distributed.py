@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fasttrain.config import ConfigError
+from fasttrain.ranks import place_in_the_job
 
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "FASTTRAIN_DIST_TIMEOUT"
@@ -65,17 +66,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def launch_info() -> DistInfo:
     """This process's place in the job torchrun describes in the environment (DistInfo() for one process),
     without joining its process group."""
-    if not launched_by_torchrun():
-        return DistInfo()
-    return DistInfo(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world_size, local_rank = place_in_the_job()
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
 def _timeout_s() -> float:
@@ -334,14 +329,22 @@ def report_error(message: str, every_rank: bool) -> None:
     within QUIET_RANK_WAIT_S (local rank 0 slower still, hung, or training on: it did not hit the error after
     all), or no agent watches the ranks (no TORCHELASTIC_RUN_ID), it prints the error itself, prefixed. (Local
     rank 0 exiting on another failure first also ends the wait: the job's failure is then that one, printed.)"""
+    prefix = error_prefix(every_rank)
+    if prefix is None:
+        return
+    # a peer failure's message names its rank already
+    print(f"error: {message if message.startswith(prefix) else prefix + message}", file=sys.stderr, flush=True)
+
+
+def error_prefix(every_rank: bool) -> str | None:
+    """How this process prints an error (report_error's rule, also for a usage error): as it is (''), prefixed with
+    its rank, or not at all (None: a quiet rank that torchrun's agent stopped, local rank 0 having printed it)."""
     info = launch_info()
     if not info.enabled or (every_rank and info.local_rank == 0):
-        line = message
-    elif every_rank and _stopped_by_the_agent(QUIET_RANK_WAIT_S):
-        return  # local rank 0 printed it and exited, and the agent stopped this rank
-    else:  # a peer failure's message names its rank already
-        line = message if message.startswith(rank_prefix(info)) else rank_prefix(info) + message
-    print(f"error: {line}", file=sys.stderr, flush=True)
+        return ""
+    if every_rank and _stopped_by_the_agent(QUIET_RANK_WAIT_S):
+        return None  # local rank 0 printed it and exited, and the agent stopped this rank
+    return rank_prefix(info)
 
 
 def _stopped_by_the_agent(seconds: float) -> bool:

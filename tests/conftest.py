@@ -57,6 +57,18 @@ def _restore_numerics_flags():
         yield
 
 
+@pytest.fixture
+def rank_of_a_torchrun_job(monkeypatch):
+    """This process as rank RANK of a torchrun job of `nodes` nodes of 2 ranks each (LOCAL_RANK = RANK % 2), watched
+    by torchrun's agent (which sets TORCHELASTIC_RUN_ID for its workers): what the CLI's error report and its
+    once-only lines read. Call it with the rank."""
+    def be(rank: int, nodes: int = 1) -> None:
+        for name, value in (("RANK", rank), ("LOCAL_RANK", rank % 2), ("WORLD_SIZE", 2 * nodes),
+                            ("TORCHELASTIC_RUN_ID", "test")):
+            monkeypatch.setenv(name, str(value))
+    return be
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -272,16 +272,6 @@ def test_an_error_every_rank_hits_is_printed_once_and_the_exit_codes_stay(cifar_
     assert proc.returncode == 1 and "exitcode  : 2 " in proc.stderr.split("Root Cause")[-1], proc.stderr[-4000:]
 
 
-@pytest.fixture
-def rank_of_a_torchrun_job(monkeypatch):
-    """This process as rank RANK of 2 on its node (LOCAL_RANK = RANK), watched by torchrun's agent (which sets
-    TORCHELASTIC_RUN_ID for its workers): what the CLI's error report reads. Call it with the rank."""
-    def be(rank: int) -> None:
-        for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", 2), ("TORCHELASTIC_RUN_ID", "test")):
-            monkeypatch.setenv(name, str(value))
-    return be
-
-
 @contextlib.contextmanager
 def agent_stops_the_waiting_rank():
     """torchrun's agent, which SIGTERMs every worker once one exits: the signal comes while the quiet rank waits
@@ -322,6 +312,27 @@ def test_a_quiet_rank_waits_for_torchrun_to_stop_it_and_else_prints_the_error(ra
     assert capsys.readouterr().err == "" and time.monotonic() - t0 < 30
     monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 0.2)
     assert cli.main(bad) == 2 and capsys.readouterr().err == "error: rank 1 of 2: " + line
+
+
+def test_a_usage_error_is_printed_once_per_node_as_an_error_every_rank_hits(rank_of_a_torchrun_job, monkeypatch,
+                                                                           capsys):
+    """argparse's usage error (an option given twice) comes from the command line every rank has: local rank 0
+    prints it as in one process (usage, then the error; exit 2); the other rank waits quietly for the agent to stop
+    it, as report_error's quiet rank does (before, each rank printed both lines)."""
+    from fasttrain import cli, distributed
+
+    twice = ["--config", SMOKE, "--config", SMOKE]
+    rank_of_a_torchrun_job(0)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(twice)
+    err = capsys.readouterr().err
+    assert exited.value.code == cli.EXIT_USAGE and err.startswith("usage: python -m fasttrain ")
+    assert err.endswith("\npython -m fasttrain: error: --config is given twice: keep one\n"), err
+    rank_of_a_torchrun_job(1)
+    monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 60.0)
+    with agent_stops_the_waiting_rank(), pytest.raises(SystemExit) as exited:
+        cli.main(twice)
+    assert exited.value.code == cli.EXIT_USAGE and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("failure", ["no_gpu_for_its_local_rank", "out_of_gpu_memory"])

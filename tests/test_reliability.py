@@ -2083,6 +2083,97 @@ def test_ctrl_c_while_the_modules_load_is_one_line_and_writes_nothing(cifar_dir,
     assert proc.stdout == "" and not run.exists()
 
 
+@pytest.mark.parametrize("module", ["torch", "fasttrain.trainer"])
+def test_under_torchrun_a_ctrl_c_while_the_modules_load_is_said_by_local_rank_0_alone(cifar_dir, tmp_path, module):
+    """torchrun's agent forwards a Ctrl-C to every worker: the line of one that comes while the modules load
+    (__main__'s import of torch, cli.main's of the trainer) was printed once per rank. Local rank 0 says it; rank 1
+    exits 130 at once, quietly (the test_ctrl_c_while_the_modules_load_... above is local rank 0's, one process's)."""
+    proc = run_cli_after(CTRL_C_AT_IMPORT, module, *cli_args(cifar_dir, tmp_path / "run"), RANK="1", LOCAL_RANK="1",
+                         WORLD_SIZE="2")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (cli.EXIT_INTERRUPTED, "", "")
+
+
+class NoTraining:
+    """In place of the Trainer: cli.main's part of a run alone (no process group, no training)."""
+
+    def __init__(self, cfg, **kwargs):
+        pass
+
+    def fit(self) -> None:
+        pass
+
+
+def test_under_torchrun_the_notes_and_warnings_every_rank_computes_alike_are_printed_by_rank_0(
+        rank_of_a_torchrun_job, tmp_path, monkeypatch, capsys, good_run):
+    """--resume auto's warning that it skips a damaged last.pt, the note that a resume without --config takes the
+    checkpoint's, the note that a moved run folder is followed: every rank computes them from the same command line
+    and files (and the run takes rank 0's choice of checkpoint), and each rank printed them. Rank 0 alone does, as
+    the run's console prints (the lines themselves are test_resume_auto_..., test_a_moved_run_... 's)."""
+    from fasttrain import distributed
+    from fasttrain.distributed import launch_info
+
+    run = tmp_path / "moved"  # a copy of good_run: its config.yaml names good_run's folder
+    shutil.copytree(good_run, run)
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(distributed, "init_distributed", lambda device_type: launch_info())
+    monkeypatch.setattr(trainer_module, "Trainer", NoTraining)
+    config, prev = str(run / "config.yaml"), str(run / "prev.pt")
+    commands = (["--config", config, "--resume", "auto", "--output.dir", str(run)], ["--resume", prev],
+                ["--config", config, "--resume", prev])
+    said = {}
+    for rank in (0, 1):
+        rank_of_a_torchrun_job(rank)
+        said[rank] = []
+        for args in commands:
+            assert cli.main([*args, "--device", "cpu"]) == 0
+            said[rank].append(capsys.readouterr().err)
+    assert said[1] == ["", "", ""]
+    skipped, no_config, moved = said[0]
+    assert skipped.startswith(f"warning: skipping {run / 'last.pt'}: ") and skipped.count("\n") == 1, skipped
+    assert no_config == f"note: no --config given: using the config saved in {prev}\n"
+    assert moved.startswith(f"note: {config} names the run folder ") and moved.count("\n") == 1, moved
+
+
+def test_under_torchrun_a_ctrl_c_outside_training_is_said_once_per_node(rank_of_a_torchrun_job, monkeypatch,
+                                                                        capsys, tmp_path):
+    """A Ctrl-C outside the training loop (here while the config is read) reaches every worker, forwarded by
+    torchrun's agent: each rank printed its `interrupted` line. Each node's local rank 0 says it, as it says an error
+    every rank hits, but the others exit 130 at once, without report_error's wait: the agent that forwarded the
+    signal waits for every worker, so none is stopped before it prints."""
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_config", ctrl_c)
+    said = {}
+    for rank in (0, 1, 2):  # rank 2: local rank 0 of the second node
+        rank_of_a_torchrun_job(rank, nodes=2)
+        t0 = time.monotonic()
+        assert cli.main(["--config", str(tmp_path / "any.yaml")]) == cli.EXIT_INTERRUPTED
+        said[rank] = capsys.readouterr().err
+        assert time.monotonic() - t0 < 5
+    assert said[0] == said[2] == cli.INTERRUPTED["train"] + "\n" and said[1] == ""
+
+
+def test_under_torchrun_a_one_process_command_runs_on_rank_0_alone(rank_of_a_torchrun_job, tmp_path, capsys,
+                                                                   good_run):
+    """eval, export, plot and --dry-run are one process's work: under torchrun each rank did all of it and printed
+    the same result, and export's ranks raced to write OUT (the one that came second found it there: an error, exit
+    2). Rank 0 runs it; the others exit 0 at once, print nothing and write nothing."""
+    out, curves = tmp_path / "weights.pt", tmp_path / "curves.png"
+    commands = (["export", str(good_run / "last.pt"), str(out)], ["eval", str(out), "--device", "cpu"],
+                ["plot", str(good_run), "--out", str(curves)],
+                ["--config", str(REPO / "configs/smoke.yaml"), "--dry-run", "--json", "--device", "cpu"])
+    rank_of_a_torchrun_job(1)
+    for args in commands:
+        assert cli.main(args) == 0
+        assert capsys.readouterr() == ("", "") and not out.exists() and not curves.exists()
+    rank_of_a_torchrun_job(0)
+    for args in commands:
+        assert cli.main(args) == 0
+        assert capsys.readouterr().out.count("\n") == 1
+    assert out.is_file() and curves.is_file()
+
+
 def test_held_back_delivers_a_signal_sent_inside_the_block_when_the_block_ends():
     """What __main__ wraps torch's import in: a SIGINT sent inside the block interrupts nothing there (the code
     after it runs), and is a KeyboardInterrupt as the block ends; the mask is as before afterwards."""
