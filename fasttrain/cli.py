@@ -23,6 +23,7 @@ from fasttrain.config import (ConfigError, config_changes, config_to_dict, confi
                               load_config)
 from fasttrain.files import file_error_message
 from fasttrain.ranks import prints_here, say_once
+from fasttrain.signals import STARTING
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
@@ -342,7 +343,6 @@ ONE_PROCESS = {"eval", "plot", "export"}
 INTERRUPTED = {"train": "interrupted: --resume auto goes on from the run's last checkpoint, if it has one (metrics "
                         "rows written after it are dropped then)",
                "export": "interrupted: OUT was not written", "plot": "interrupted: the image was not written"}
-STARTING = "interrupted while starting: nothing was read or written"  # a Ctrl-C while the modules load
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ HANDLED = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal,
 # (measured: no checkpoint, torchrun done 1.3 s after the signal). A repeat of the same signal within
 # this many seconds of the first is therefore that copy and ignored (StopRequest(repeat_window_s)).
 LAUNCHER_REPEAT_S = 5.0
+# what a Ctrl-C while the modules load (torch's import: seconds) says, from __main__ or cli.main, whichever it hit
+STARTING = "interrupted while starting: nothing was read or written"
 
 
 def unignore_stop_signals() -> None:
