@@ -268,6 +268,8 @@ def cmd_eval(argv: list[str]) -> int:
         print(f"test accuracy: {accuracy} on {result['test_images']:,} test images, {result['weights']} weights  "
               f"[{result['checkpoint']}, epoch {result['epoch']}, {result['params']:,} params, "
               f"trained on {result['trained_on']}]")
+        if result["note"]:  # shipped weights say here what they are (the data, the run): see export --note
+            print(f"note: {result['note']}")
     return 0
 
 

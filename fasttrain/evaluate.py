@@ -182,7 +182,8 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     result = {"checkpoint": str(path), "test_acc": by_tta["none" if tta == "all" else tta], "tta": tta,
               "test_images": data.test_images,
               "weights": used, "epoch": int(ckpt["epoch"]), "params": count_params(model),
-              "trained_on": ckpt.get("data_source"), "device": device_name(dev)}
+              "trained_on": ckpt.get("data_source"), "device": device_name(dev),
+              "note": (ckpt.get("export") or {}).get("note")}  # the label export --note gave the weights
     if tta == "all":
         result["test_acc_by_tta"] = by_tta
     return result

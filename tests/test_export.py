@@ -49,6 +49,9 @@ def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tm
                    "--tta", "all").stdout
     assert line.startswith(f"test accuracy: {every['test_acc']:.2f}% (no TTA), "
                            f"{every['test_acc_by_tta']['flip']:.2f}% (flip TTA), ")
+    # the label export --note gave the weights (the data they were trained on) is shown with the figure
+    assert from_export["note"] == "tiny test run" and from_checkpoint["note"] is None
+    assert line.splitlines()[1:] == ["note: tiny test run"]
 
 
 def test_an_exported_ema_is_named_and_taken_as_the_ema(run, cifar_dir, tmp_path):
