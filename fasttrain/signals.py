@@ -66,6 +66,27 @@ def held_back(*signums: int) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextlib.contextmanager
+def deferred(signum: int) -> Iterator[None]:
+    """A signal that comes inside the block is noted and raised again as the block ends, where its own handler
+    (KeyboardInterrupt, the trainer's stop flag, ignored, the default action) takes it as usual. For imports
+    made after torch's (DALI's): a C++ initialisation turned an interrupt into an import error, and the run
+    told the user to install DALI. `held_back` cannot serve there, since torch's threads exist by then and the
+    kernel hands a process's signal to any thread that does not block it; a Python handler always runs in
+    the main thread, and this one only takes note. Outside the main thread (no handlers there) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = signal.signal(signum, lambda got, frame: came.append(got))
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+        if came:
+            signal.raise_signal(signum)
+
+
 def exit_code(signum: int) -> int:
     return 128 + int(signum)
 

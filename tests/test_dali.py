@@ -7,6 +7,7 @@ CIFAR-10 that must learn, and the benchmark's CPU smoke mode.
 import importlib
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,6 +88,43 @@ def test_without_dali_the_module_imports_and_the_loader_names_the_install(monkey
                          device="cpu", mean=MEAN, std=STD)
     assert isinstance(info.value, fresh.DaliUnavailableError)
     assert issubclass(DaliUnavailableError, ImportError)
+
+
+# A Ctrl-C inside a C extension's initialisation can come out as an ImportError, not a KeyboardInterrupt; the
+# finder below plays such a module: it sends the SIGINT and turns the interrupt into the import error.
+CTRL_C_IN_DALI_INIT = """
+import os, signal, sys
+
+
+class InterruptedInit:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali.pipeline":
+            sys.meta_path.remove(self)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(10 ** 6):  # a deferred signal never arrives here
+                    pass
+            except KeyboardInterrupt:
+                raise ImportError("initialization of backend_impl raised unreported exception")
+        return None
+
+
+sys.meta_path.insert(0, InterruptedInit())
+from fasttrain.data.dali import _import_dali
+try:
+    _import_dali()
+except KeyboardInterrupt:
+    print("interrupted, imported:", "nvidia.dali.plugin.pytorch" in sys.modules)
+"""
+
+
+@needs_dali
+def test_a_ctrl_c_while_dali_imports_stops_the_run_and_is_not_taken_for_a_missing_dali():
+    """A Ctrl-C during DALI's import once printed 'data.loader=dali needs NVIDIA DALI ... install it': DALI's
+    initialisation turned the interrupt into an import error. It is deferred until the import is done, then
+    arrives as the interrupt it was (torch's threads exist by then, so blocking it in this thread would not do)."""
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_DALI_INIT], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, "interrupted, imported: True\n"), proc.stderr
 
 
 @needs_dali

@@ -58,6 +58,7 @@ Design
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -65,6 +66,7 @@ import numpy as np
 import torch
 
 from fasttrain.data.loader_torch import check_flip_mode, epoch_draws, shard_bounds, shard_slice
+from fasttrain.signals import deferred
 
 __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 
@@ -78,11 +80,15 @@ class DaliUnavailableError(ImportError):
 
 
 def _import_dali():
-    """Import DALI on first use; a missing or broken install becomes a `DaliUnavailableError`."""
+    """Import DALI on first use; a missing or broken install becomes a `DaliUnavailableError`.
+
+    A Ctrl-C is deferred until the import is done: one that landed inside DALI's C++ initialisation came out
+    as an import error, and the run told the user to install DALI instead of stopping."""
     try:
-        from nvidia.dali import fn, types
-        from nvidia.dali.pipeline import Pipeline
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        with deferred(signal.SIGINT):
+            from nvidia.dali import fn, types
+            from nvidia.dali.pipeline import Pipeline
+            from nvidia.dali.plugin.pytorch import feed_ndarray
     except Exception as e:  # ImportError, or a broken install failing inside its own imports
         raise DaliUnavailableError(
             f"data.loader=dali needs NVIDIA DALI, which could not be imported ({e}). "
