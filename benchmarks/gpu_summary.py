@@ -185,6 +185,10 @@ def profile(d: Path) -> list[str]:
                      f"{_n(r['host_ms_per_step'], '.2f')} / {_n(r['gpu_busy_ms_per_step'], '.2f')} ms, "
                      f"{_n(r['kernels_per_step'], '.0f')} kernels, {_n(r['syncs_per_step'], '.1f')} syncs: "
                      f"{r['verdict']}")
+        by_class = r.get("gpu_ms_by_class") or {}  # older files have none
+        if by_class:
+            lines.append("         GPU ms by class: " + ", ".join(f"{label} {ms:.2f}" for label, ms in
+                                                               list(by_class.items())[:4]))
     return lines
 
 

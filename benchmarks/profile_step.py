@@ -25,7 +25,15 @@ included); see that script for what each row adds. Per row, after `--warmup-step
 
 Verdict: "host-bound" when host >= 0.9 x wall and busy < 0.7 x wall (the GPU waits for Python);
 "GPU-bound" when busy >= 0.85 x wall; else "mixed"; "cpu" on a CPU (no device to wait for). Then the
-top 8 device kernels and the top 8 host ops per row (ms and calls per step). The JSON is rewritten
+GPU time by kernel class per row (below), the top 8 device kernels and the top 8 host ops per row (ms and
+calls per step).
+
+  GPU time by class  each device kernel's time summed per class (not a union: the classes add up to the
+                 kernel time, which may exceed GPU busy where streams overlap), ms per step: convolution
+                 (cuDNN's fprop / dgrad / wgrad), compiled fusions (inductor's triton_* kernels: batch norm,
+                 activations, the rest of the graph), fasttrain kernels (the fused SE and Lookahead-SGD),
+                 eager ATen (at::native kernels), matmul, copies (memcpy/memset), other. Where the time of a
+                 GPU-bound step goes: what a faster step must shrink. The JSON is rewritten
 after every row ("complete": false until the last), rows in the order of --rows.
 """
 from __future__ import annotations
@@ -55,6 +63,16 @@ LAUNCH = re.compile(r"^(cudaLaunch\w*Kernel\w*|cuLaunchKernel\w*|cudaGraphLaunch
 # blocking host syncs; not cudaDeviceSynchronize, which closes the profiled window (the step never calls it)
 SYNC = re.compile(r"^(cudaStreamSynchronize|cudaEventSynchronize|cudaMemcpy|cuStreamSynchronize|cuEventSynchronize)$")
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # Kineto activity types; not annotations, not syncs
+# a device kernel's class by its name, the first match wins: inductor's names can hold "conv" (a fusion next to
+# a convolution), so the fusions are told apart first
+KERNEL_CLASSES = (
+    ("fasttrain kernels", re.compile(r"^_(se_\w+|lookahead_sgd)_kernel")),
+    ("compiled fusions", re.compile(r"^triton_")),
+    ("copies", re.compile(r"^Mem(cpy|set)")),
+    ("convolution", re.compile(r"fprop|dgrad|wgrad|conv|winograd|implicit_gemm|cudnn", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|cutlass|cublas", re.IGNORECASE)),
+    ("eager ATen", re.compile(r"at::native::|^void at::")),
+)
 
 
 # ------------------------------------------------------------------------------------- pure helpers
@@ -90,6 +108,18 @@ def top_by_time(events, steps: int) -> list[dict]:
              "count_per_step": count[n] / steps} for n in names]
 
 
+def kernel_class(name: str) -> str:
+    return next((label for label, pattern in KERNEL_CLASSES if pattern.search(name)), "other")
+
+
+def time_by_class(events, steps: int) -> dict[str, float]:
+    """{class: ms per step} of the device work, largest first (see KERNEL_CLASSES)."""
+    total = defaultdict(float)
+    for e in events:
+        total[kernel_class(e.name)] += e.time_range.elapsed_us() / 1e3 / steps
+    return dict(sorted(total.items(), key=lambda item: item[1], reverse=True))
+
+
 def is_device_work(e) -> bool:
     if e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
         return False
@@ -113,7 +143,7 @@ def summarize(events, steps: int, cuda: bool) -> dict:
     out = {"profiled_steps": sum(e.name.startswith("ProfilerStep") and e.device_type == cpu for e in events),
            "aten_ops_per_step": len(aten) / steps, "top_ops": top_by_time(aten, steps),
            "gpu_busy_ms_per_step": None, "kernels_per_step": None, "launches_per_step": None,
-           "syncs_per_step": None, "top_kernels": None}
+           "syncs_per_step": None, "top_kernels": None, "gpu_ms_by_class": None}
     if cuda:
         work = [e for e in events if is_device_work(e)]
         host = [e for e in events if e.device_type == cpu]
@@ -122,7 +152,7 @@ def summarize(events, steps: int, cuda: bool) -> dict:
             kernels_per_step=sum(not e.name.startswith(("Memcpy", "Memset")) for e in work) / steps,
             launches_per_step=sum(bool(LAUNCH.match(e.name)) for e in host) / steps,
             syncs_per_step=sum(bool(SYNC.match(e.name)) for e in host) / steps,
-            top_kernels=top_by_time(work, steps))
+            top_kernels=top_by_time(work, steps), gpu_ms_by_class=time_by_class(work, steps))
     return out
 
 
@@ -183,6 +213,10 @@ def print_tables(result: dict) -> None:
                       fmt(r["launches_per_step"], ".0f"), fmt(r["kernels_per_step"], ".0f"),
                       fmt(r["syncs_per_step"], ".1f"), fmt(r["aten_ops_per_step"], ".0f"), r["verdict"], r["note"] or "")
     for r in result["rows"]:
+        if r["status"] == "ok" and r.get("gpu_ms_by_class"):
+            kernel_ms = sum(r["gpu_ms_by_class"].values())
+            console.print(f"row {r['row']} (batch {r['batch_size']}): GPU time by class, per step: " + ", ".join(
+                f"{label} {ms:.2f} ms ({100 * ms / kernel_ms:.0f}%)" for label, ms in r["gpu_ms_by_class"].items()))
         for key, what in (("top_kernels", "device kernels"), ("top_ops", "host ops (top-level aten)")):
             if r["status"] == "ok" and r.get(key):
                 console.print(f"row {r['row']} (batch {r['batch_size']}): top {what}, per step")

@@ -95,6 +95,29 @@ def test_summarize_cuda_window(ps, with_activity_type):
     top = [(k["name"], k["ms_per_step"], k["count_per_step"]) for k in s["top_kernels"]]
     assert top == [("conv_kernel_a", pytest.approx(5.5), 1.0), ("gemm_kernel_b", pytest.approx(3.5), 0.5),
                    ("Memcpy HtoD (Pinned -> Device)", pytest.approx(1.0), 0.5)]
+    # by class: kernel times summed (the overlap of a and b counted in both), largest first
+    assert s["gpu_ms_by_class"] == {"convolution": pytest.approx(5.5), "matmul": pytest.approx(3.5),
+                                    "copies": pytest.approx(1.0)}
+    assert list(s["gpu_ms_by_class"]) == ["convolution", "matmul", "copies"]
+
+
+@pytest.mark.parametrize("name, label", [  # names as an H100's profile of the seed network's step shows them
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32", "convolution"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc", "convolution"),
+    ("triton_poi_fused__native_batch_norm_legit_functional_convolution_relu_0", "compiled fusions"),  # not conv
+    ("triton_red_fused__native_batch_norm_legit_functional_native_batch_norm_backward_3", "compiled fusions"),
+    ("_se_pool_kernel", "fasttrain kernels"),
+    ("_lookahead_sgd_kernel", "fasttrain kernels"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "eager ATen"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "eager ATen"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "matmul"),
+    ("Memset (Device)", "copies"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_s16816gemm>", "matmul"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "other"),
+])
+def test_kernel_classes(ps, name, label):
+    assert ps.kernel_class(name) == label
 
 
 def test_long_kernel_names_are_cut(ps):
@@ -106,7 +129,7 @@ def test_cpu_summary_has_no_gpu_numbers(ps):
     s = ps.summarize(fake_cuda_window(True), steps=2, cuda=False)
     assert s["aten_ops_per_step"] == 1.0
     assert all(s[k] is None for k in ("gpu_busy_ms_per_step", "kernels_per_step", "launches_per_step",
-                                       "syncs_per_step", "top_kernels"))
+                                       "syncs_per_step", "top_kernels", "gpu_ms_by_class"))
 
 
 # ------------------------------------------------------------------------------------- command line
