@@ -36,11 +36,13 @@
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
-#               runs SEARCH_ONLY (6 runs with base, all at once: best.yaml at 60 epochs alone, with the
-#               whitened, frozen stem (and at 40 epochs), with the EMA with recomputed BN statistics, and with
-#               label smoothing 0.2), JOBS (6) at a
+#               runs SEARCH_ONLY (6 runs with base, all at once: variants aimed at issue 6's 30 s on an H100,
+#               best.yaml at 36 epochs alone, with the whitened, frozen stem, with it and the alternating flip,
+#               with label smoothing 0.2, and blocks [2,2,2] at 48 epochs), JOBS (6) at a
 #               time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search
+#   writeup     the same, with ABLATION_ONLY: best.yaml with one ingredient taken away at a time (issue 6's
+#               write-up), beside the gpu tests
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
 # start of the device command so that unstaging counts too), else after this script starts. A stage
@@ -66,37 +68,33 @@
 #   (.stage/03 is not carried then: every part holds the same unstage.sh, and an unpacked payload
 #   needs no pieces)
 #   then give_back.
-# The next session's calls (15 minutes in all), for issue 6's headline. Neither needs DALI, so the data
-# travel alone: `../shared/device/stage --no-dali` makes one part, .stage/01 (23 MB: CIFAR-10 and Pillow;
-# tried 2026-11-27), and the first call both starts the machine and runs best:
-#   run: kind nvidia-h100-x1 (the targets are stated on an H100; a call naming it gets no other kind, and
-#        when none opens it fails after ~90 s at a cost of 1-2 minutes: then the same call with no kind,
-#        which may give an H200: say which card measured), carry [".stage/01"], timeout_s 595, command
-#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=565 EXPORT_RESERVE_S=20; bash .stage/01/unstage.sh >/dev/null &&
-#         mkdir -p /tmp/stg && cp -a .stage/payload .stage/01 /tmp/stg/ && . .stage/env.sh &&
-#         SEEDS=5 bash benchmarks/gpu_session.sh best $OUT"
-# best.yaml ([3,3,2], cutout 12, 80 epochs), 5 seeds on the test set, one at a time (on an H200 57 s of
-# training and ~66 s of wall each, +28 s for the first compile: ~360 s; an H100's lower memory bandwidth
-# may cost ~20-40% more, ~450-500 s: the 565 s from the start, less ~15 s of unstaging, leave little room),
-# then its weights (the export keeps 20 s: a load and a write of 13 MB). Then, on the
-# same warm machine within 30 s, with what is left (~200 s), carrying nothing (unstage.sh finds the
-# payload unpacked and writes env.sh again):
-#        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/01 .stage/ && bash .stage/01/unstage.sh
-#         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) ROWS=1,9,9@512
-#         BUDGET_S=<left - 40>; bash benchmarks/gpu_session.sh throughput $OUT/t)"
-# (issue 5's CUDA-graph rows), else nothing; then give_back.
-# The session after: search (issue 6's time goal, 30 s: best.yaml at 60 epochs, with the whitened, frozen stem
-# at 60 and 40, the EMA with recomputed BN statistics, label smoothing 0.2), then quick's profile, bench_se,
-# the tile sweep, and the loader stage (DALI now crops in crop_mirror_normalize: is it past 200k img/s?).
-# The third session (H200) ran search (457 s: 121 gpu tests passed; 7 runs, of which blocks [3,3,2] with
-# cutout 12 at 80 epochs was the fastest to A_paper on validation) then best on its candidate, BEST_FROM
-# (4 of 5 seeds in 335 s: the first seed's compile took 28 s).
+# The fourth session (H100, 2026-11-27, benchmarks/results/2026-11-27-h100) ran the plan written for it: best
+# with SEEDS=5 on `stage --no-dali`'s one part (456 s with the machine's start), then throughput ROWS=1,9,9@512
+# (98 s), kernels (97 s) and profile (50 s) on the same warm machine: 762 s held in all.
+# The next session's calls (15 minutes in all). The gpu tests have not run since `f0615ba` (the SE kernels'
+# grids changed after it; issues 3 and 4 wait on them) and DALI's loader bench is issue 3's last number, so the
+# data and DALI travel: `../shared/device/stage` (3 parts), parked in /tmp as above:
+#   run: kind nvidia-h100-x1, carry [".stage/01"], "mkdir -p /tmp/stg && cp -r .stage/01 /tmp/stg/ && ls /tmp/stg"
+#   run: carry [".stage/02"], "cp -r .stage/02 /tmp/stg/ && ls /tmp/stg"   (must list 01 and 02)
+#   run: carry [".stage/03"], timeout_s 600,
+#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=530; mkdir -p .stage && cp -r /tmp/stg/0[12] .stage/ &&
+#         bash .stage/03/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
+#         JOBS=5 bash benchmarks/gpu_session.sh writeup $OUT"
+#        (the gpu tests beside best.yaml's take-one-away ablation on validation, ~450 s: issues 3, 4 and 6)
+#   run: on the same warm machine, with what is left (~250 s; BUDGET_S = left - 40):
+#        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[12] .stage/ && bash .stage/01/unstage.sh
+#         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=...;
+#         bash benchmarks/gpu_session.sh loader $OUT/l; ROWS=1,9@1024 bash benchmarks/gpu_session.sh
+#         throughput $OUT/t; bash benchmarks/gpu_session.sh profile $OUT/p)"
+#        (DALI alone and in a step: issue 3's 200k img/s; batch 1024 and the GPU time by kernel class: issue 5)
+#   then give_back. The session after: `search` (issue 6's 30 s goal, ~300 s with the tests), then the
+#   tile sweep (`tune`) under the GPU-only timing.
 # Issues 5 and 6 state their targets on one H100: the runs that measure them (throughput, best) name
-# kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as both sessions
-# so far did); the recipe search may run on either.
-# Sizing (estimates): best.yaml at batch 512 with the graph is GPU-bound, maybe ~0.7 s an epoch
-# (seed.yaml at batch 128 ran 36,286 img/s with it), so the six search runs side by side (360 epochs
-# in all) take ~250-360 s of GPU time plus ~40 s of compiles: one call.
+# kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as the first three
+# sessions did); the recipe search may run on either.
+# Sizing (measured): best.yaml at batch 512 with the graph trains 0.80 s an epoch alone on an H100 (0.70 on
+# an H200); the third session's six runs side by side on an H200 lost ~20% to sharing, plus ~40 s of
+# compiles: a call holds ~450 [3,3,2]-epochs of side-by-side runs with the tests beside them.
 # Second session (H200): machine start + part 1 27 s, part 2 4 s, preflight 156 s, apaper 303 s twice.
 # First session (H200): machine start + part 1 took 29 s, part 2 4 s, quick 347 s; the 15 minutes covered
 # the staging and three commands (quick; kernels + tune; torchrun + ablation). Without DALI (`stage --no-dali`: one part) the DALI rows and tests report themselves
@@ -107,9 +105,9 @@
 # (every log, JSON, chart and metrics file; no checkpoints) and, after a completed best stage, the
 # trained weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|search|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
+stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|search|writeup|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
 case $stage in
-  quick|preflight|apaper|ablation|search|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun) ;;
+  quick|preflight|apaper|ablation|search|writeup|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun) ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac
 out=${2:-${OUT:-}}
@@ -205,12 +203,13 @@ stage_tests() {       # the gpu-marked tests: real Triton kernels, compile fullg
 }
 stage_throughput() {  # the ablation (issue 5): the baseline and the CUDA-graph rows first, so a stage cut by its
   # limit still has them (each compile row costs 15-20 s on an H200). The first session measured rows 1-8.
-  limited throughput "$1" python benchmarks/throughput.py --batch-sizes 128 512 --repeats 2 --steps 40 \
-    --warmup-steps 10 --rows "${ROWS:-1,9,9@512,7,7@512,10,4,8}" --out "$work/throughput.json"
+  limited throughput "$1" python benchmarks/throughput.py --batch-sizes 128 512 1024 --repeats 2 --steps 40 \
+    --warmup-steps 10 --rows "${ROWS:-1,9,9@512,9@1024,7,7@512,10,4,8}" --out "$work/throughput.json"
 }
-stage_profile() {     # where a step's time goes: host-bound or GPU-bound, per row (the 10 ms question)
+stage_profile() {     # where a step's time goes: host- or GPU-bound, per row, and the GPU time by kernel class.
+  # Rows 7 and 7@512 were measured on an H100 (2026-11-27: host-bound); 9@512 is the GPU-bound step to shrink
   limited profile "$1" python benchmarks/profile_step.py --batch-sizes 128 512 --steps 20 --repeats 2 \
-    --rows "${PROFILE_ROWS:-7,9,7@512}" --out "$work/profile.json"
+    --rows "${PROFILE_ROWS:-9@512,9}" --out "$work/profile.json"
 }
 stage_graphseed() {   # the paper's recipe with the engine's fast paths and the whole-step CUDA graph, 3 epochs:
   # the epoch time that sizes the apaper stage (200 epochs, 2 seeds), and a check that it learns
@@ -295,11 +294,15 @@ stage_torchrun() {    # the torchrun launcher against a plain run, then the DDP 
   # as distributed, and the ranks' stop agreement on CUDA: what one GPU can run of the torchrun path
   limited ddp-tests "$2" python -m pytest -m gpu -q -rfE -p no:cacheprovider tests/test_distributed.py
 }
-# ablation's: what each ingredient of best.yaml buys, one taken away at a time (issue 6's write-up)
-ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,paper_blocks,epochs_60
-# search's: what may reach A_paper sooner than best.yaml's 80 epochs (6 runs with base, 360 epochs: six side
-# by side ran [3,3,2] at ~3.6 s an epoch on an H200 in the third session, so ~290 s for base's 80)
-SEARCH_ONLY=epochs_60,epochs_60_whiten_frozen,epochs_40_whiten_frozen,epochs_60_ema_recompute,epochs_60_label_smoothing_0.2
+# ablation's (and writeup's): what each ingredient of best.yaml buys, one taken away at a time (issue 6's
+# write-up). Not paper_blocks: the third session's search measured best.yaml with [4,4,3] already (its
+# "cutout 12, 80 epochs": 92.20% val, 92.74% flip TTA). 5 runs of 80 epochs side by side: ~400 epoch-runs,
+# at ~0.8 s an epoch alone on an H100 and ~20% lost to sharing (the third session's six on an H200): ~390 s
+ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,no_nesterov
+# search's: what may reach A_paper in issue 6's goal of 30 s on an H100, where best.yaml's [3,3,2] trains
+# 0.80 s an epoch (2026-11-27): ~36 epochs, or 48 of the lighter [2,2,2]; base (80) is the control.
+# ~260 [3,3,2]-epochs in all: ~250 s side by side on an H100
+SEARCH_ONLY=epochs_36,epochs_36_whiten_frozen,epochs_36_whiten_frozen_alternating_flip,epochs_36_label_smoothing_0.2,blocks_2_2_2_epochs_48
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
@@ -314,7 +317,7 @@ stage_search() {      # the gpu tests and the ablation at once: the tests check 
   pytest_options "${TEST_WORKERS:-2}" "${TEST_TIMEOUT_S:-240}"
   stage_tests "$1" &
   local tests_pid=$!
-  stage_ablation "$2" "$SEARCH_ONLY"
+  stage_ablation "$2" "$3"
   wait "$tests_pid"  # this one only: a bare `wait` would also wait for the watchdog
 }
 stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, concurrently, resumable
@@ -363,6 +366,7 @@ case $stage in
   torchrun)   stage_torchrun "$((budget / 4))" "$budget" ;;  # the DDP gpu tests get what is left
   apaper)     stage_apaper "$budget" ;;
   ablation)   stage_ablation "$budget" ;;
-  search)     stage_search 450 "$budget" ;;
+  search)     stage_search 450 "$budget" "$SEARCH_ONLY" ;;
+  writeup)    stage_search 450 "$budget" "$ABLATION_ONLY" ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac
