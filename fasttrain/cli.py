@@ -7,14 +7,16 @@ missing data, a bad checkpoint, a diverged run) end with one clear `error:` line
 code, never a traceback (under torchrun: one per node for an error every rank hits alike, else one from each
 rank that hits it, naming the rank). SIGINT/SIGTERM/SIGHUP during training finish the step, save a checkpoint and
 exit 130/143/129 (128 + signal) with the command that resumes the run (under torchrun: every rank exits so,
-rank 0 prints the command). Under torchrun a warning or note every rank computes alike is rank 0's alone, a Ctrl-C
+rank 0 prints the command); in export and plot they leave OUT whole or untouched and no temp file. Under torchrun a warning or note every rank computes alike is rank 0's alone, a Ctrl-C
 outside training is said once per node, and eval, export, plot and --dry-run run on rank 0 alone.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from fasttrain.config import (ConfigError, config_changes, config_to_dict, confi
                               load_config)
 from fasttrain.files import file_error_message
 from fasttrain.ranks import prints_here, say_once
-from fasttrain.signals import STARTING
+from fasttrain.signals import STARTING, Terminated, exit_code, sigterm_interrupts
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
@@ -340,6 +342,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cm
 # Commands of one process: under torchrun rank 0 runs them and the other ranks exit 0 at once; each rank printed the
 # same result, and export's ranks raced to write OUT (the one that came second found it there: an error, exit 2).
 ONE_PROCESS = {"eval", "plot", "export"}
+# Commands that write one file through a temp file: a SIGTERM is an interrupt there, so the temp file goes (training
+# has its own handlers: a checkpoint at the step's end)
+WRITE_ONE_FILE = {"plot", "export"}
 # what a Ctrl-C outside the training loop left behind (checkpoints and exports are written atomically; an
 # epoch's metrics row is written before its checkpoint, and a resume drops the rows after its checkpoint)
 INTERRUPTED = {"train": "interrupted: --resume auto goes on from the run's last checkpoint, if it has one (metrics "
@@ -365,17 +370,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
     try:
-        return COMMANDS[command](argv)
+        with sigterm_interrupts() if command in WRITE_ONE_FILE else contextlib.nullcontext():
+            return COMMANDS[command](argv)
     except RunInterrupted as e:  # SIGINT/SIGTERM during training: checkpointed; say how to resume
         if e.announce:  # under torchrun rank 0 alone: one resume command, not one per rank
             print(str(e), file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second Ctrl-C during a save
+    except KeyboardInterrupt as stop:  # Ctrl-C outside the training loop, a second one during a save, a SIGTERM in
+        # export or plot (Terminated)
         # under torchrun every rank has it (torchrun's agent forwards the signal to each worker; a terminal's Ctrl-C
         # reaches all of them): printed once per node, as an error every rank hits, but with no wait (report_error's):
         # the agent that forwarded it waits for every worker to exit, so none is stopped before it prints
         say_once(_interrupted_line(command), per_node=True)
-        return EXIT_INTERRUPTED
+        return exit_code(signal.SIGTERM) if isinstance(stop, Terminated) else EXIT_INTERRUPTED
     # Under torchrun, an error every rank hits identically (e.every_rank) is printed once per node, any other by
     # each rank that hits it, naming the rank (report_error). The safe side, every rank that hits it, for what
     # can differ between ranks: a GPU's memory, a package a rank imports alone (tensorboard: rank 0), a file

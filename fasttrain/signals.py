@@ -87,6 +87,29 @@ def deferred(signum: int) -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM inside `sigterm_interrupts`: an interrupt, so that the clean-up a Ctrl-C gets runs too."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises `Terminated` inside the block, where its default action (the process ends at once) would
+    leave a half-done job behind: export's and plot's temp file beside OUT (`.OUT.*.tmp`), for good. Only over
+    the default action, in the main thread: a handler someone installed, or SIGTERM ignored, stays as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
