@@ -26,15 +26,15 @@ included); see that script for what each row adds. Per row, after `--warmup-step
 Verdict: "host-bound" when host >= 0.9 x wall and busy < 0.7 x wall (the GPU waits for Python);
 "GPU-bound" when busy >= 0.85 x wall; else "mixed"; "cpu" on a CPU (no device to wait for). Then the
 GPU time by kernel class per row (below), the top 8 device kernels and the top 8 host ops per row (ms and
-calls per step).
+calls per step). The JSON is rewritten after every row ("complete": false until the last), rows in the order
+of --rows.
 
   GPU time by class  each device kernel's time summed per class (not a union: the classes add up to the
                  kernel time, which may exceed GPU busy where streams overlap), ms per step: convolution
                  (cuDNN's fprop / dgrad / wgrad), compiled fusions (inductor's triton_* kernels: batch norm,
                  activations, the rest of the graph), fasttrain kernels (the fused SE and Lookahead-SGD),
                  eager ATen (at::native kernels), matmul, copies (memcpy/memset), other. Where the time of a
-                 GPU-bound step goes: what a faster step must shrink. The JSON is rewritten
-after every row ("complete": false until the last), rows in the order of --rows.
+                 GPU-bound step goes: what a faster step must shrink.
 """
 from __future__ import annotations
 

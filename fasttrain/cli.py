@@ -7,8 +7,9 @@ missing data, a bad checkpoint, a diverged run) end with one clear `error:` line
 code, never a traceback (under torchrun: one per node for an error every rank hits alike, else one from each
 rank that hits it, naming the rank). SIGINT/SIGTERM/SIGHUP during training finish the step, save a checkpoint and
 exit 130/143/129 (128 + signal) with the command that resumes the run (under torchrun: every rank exits so,
-rank 0 prints the command); in export and plot they leave OUT whole or untouched and no temp file. Under torchrun a warning or note every rank computes alike is rank 0's alone, a Ctrl-C
-outside training is said once per node, and eval, export, plot and --dry-run run on rank 0 alone.
+rank 0 prints the command); in export and plot they leave OUT whole or untouched and no temp file. Under
+torchrun a warning or note every rank computes alike is rank 0's alone, a Ctrl-C outside training is said once
+per node, and eval, export, plot and --dry-run run on rank 0 alone.
 """
 from __future__ import annotations
 
