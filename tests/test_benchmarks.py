@@ -338,9 +338,12 @@ def test_speedup_and_share_of_the_bf16_peak(bench):
 def test_unavailable_feature_skips_its_row_and_is_dropped_later(bench, tmp_path):
     tp = bench["throughput"]
     variants = {v.step: v for v in tp.ablation(128, [128, 512])}
-    assert list(variants) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "7@512", "8@512", "9@512"]
+    assert list(variants) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "7@512", "8@512", "9@512",
+                              "11@512"]
     assert variants["9"].knobs == replace(variants["7"].knobs, cuda_graph=True)
     assert variants["10"].knobs == replace(variants["7"].knobs, compile_mode="reduce-overhead")
+    assert variants["11"].knobs == replace(variants["9"].knobs, compile_mode="max-autotune-no-cudagraphs")
+    assert variants["11@512"].knobs == replace(variants["11"].knobs, batch_size=512)
     assert variants["9@512"].knobs == replace(variants["9"].knobs, batch_size=512)
     unavailable = {"triton_se": "no kernel here"}
     skipped = tp.run_variant(variants["6"], None, None, unavailable, None, tmp_path)  # returns before building
@@ -398,10 +401,10 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
 
     assert result["complete"] is True
     rows = {r["step"]: r for r in result["rows"]}
-    assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "7@32", "8@32", "9@32"]
+    assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "7@32", "8@32", "9@32", "11@32"]
     assert rows["5"]["status"] == "skipped" and "compile" in rows["5"]["reason"]  # --smoke on a CPU
     assert rows["10"]["status"] == "skipped" and "compile" in rows["10"]["reason"]
-    for graphed in ("9", "9@32"):  # CUDA graphs: GPU only, and the row says so
+    for graphed in ("9", "9@32", "11", "11@32"):  # CUDA graphs: GPU only, and the row says so
         assert rows[graphed]["status"] == "skipped" and "CUDA GPU" in rows[graphed]["reason"]
     # the Triton SE row (its op, running the PyTorch reference on a CPU: run_script unsets the interpreter)
     # and DALI (its CPU backend) rows run: a broken import would otherwise pass as a row skipped with a reason
