@@ -88,7 +88,8 @@
 #         throughput $OUT/t; bash benchmarks/gpu_session.sh profile $OUT/p)"
 #        (DALI alone and in a step: issue 3's 200k img/s; batch 1024 and the GPU time by kernel class: issue 5)
 #   then give_back. The session after: `search` (issue 6's 30 s goal, ~300 s with the tests), then the
-#   tile sweep (`tune`) under the GPU-only timing.
+#   tile sweep (`tune`) under the GPU-only timing and throughput ROWS=1,11@512 (inductor's autotuning inside
+#   the graph: minutes of compile, for issue 5's GPU time).
 # Issues 5 and 6 state their targets on one H100: the runs that measure them (throughput, best) name
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as the first three
 # sessions did); the recipe search may run on either.
