@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_pat
 from fasttrain.config import (ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
                               load_config)
 from fasttrain.files import file_error_message
-from fasttrain.ranks import prints_here, say_once
-from fasttrain.signals import STARTING, Terminated, exit_code, sigterm_interrupts
+from fasttrain.ranks import place_in_the_job, prints_here, say_once
+from fasttrain.signals import LAUNCHER_REPEAT_S, STARTING, Interrupted, exit_code, interrupting
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
 EXIT_USAGE = 2        # the command line or config is wrong
@@ -343,8 +342,8 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "export": cm
 # Commands of one process: under torchrun rank 0 runs them and the other ranks exit 0 at once; each rank printed the
 # same result, and export's ranks raced to write OUT (the one that came second found it there: an error, exit 2).
 ONE_PROCESS = {"eval", "plot", "export"}
-# Commands that write one file through a temp file: a SIGTERM is an interrupt there, so the temp file goes (training
-# has its own handlers: a checkpoint at the step's end)
+# Commands that write one file through a temp file: a SIGTERM or SIGHUP is an interrupt there, as a Ctrl-C is, so the
+# temp file goes (training has its own handlers: a checkpoint at the step's end)
 WRITE_ONE_FILE = {"plot", "export"}
 # what a Ctrl-C outside the training loop left behind (checkpoints and exports are written atomically; an
 # epoch's metrics row is written before its checkpoint, and a resume drops the rows after its checkpoint)
@@ -371,19 +370,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
     try:
-        with sigterm_interrupts() if command in WRITE_ONE_FILE else contextlib.nullcontext():
+        # under torchrun (rank 0 alone runs them) the agent's copy of a signal is not a second one, as in training
+        with (interrupting(LAUNCHER_REPEAT_S if place_in_the_job()[1] > 1 else 0.0) if command in WRITE_ONE_FILE
+              else contextlib.nullcontext()):
             return COMMANDS[command](argv)
     except RunInterrupted as e:  # SIGINT/SIGTERM during training: checkpointed; say how to resume
         if e.announce:  # under torchrun rank 0 alone: one resume command, not one per rank
             print(str(e), file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as stop:  # Ctrl-C outside the training loop, a second one during a save, a SIGTERM in
-        # export or plot (Terminated)
+    except KeyboardInterrupt as stop:  # Ctrl-C outside the training loop, a second one during a save, a signal in
+        # export or plot (Interrupted)
         # under torchrun every rank has it (torchrun's agent forwards the signal to each worker; a terminal's Ctrl-C
         # reaches all of them): printed once per node, as an error every rank hits, but with no wait (report_error's):
         # the agent that forwarded it waits for every worker to exit, so none is stopped before it prints
         say_once(_interrupted_line(command), per_node=True)
-        return exit_code(signal.SIGTERM) if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        return exit_code(stop.signum) if isinstance(stop, Interrupted) else EXIT_INTERRUPTED
     # Under torchrun, an error every rank hits identically (e.every_rank) is printed once per node, any other by
     # each rank that hits it, naming the rank (report_error). The safe side, every rank that hits it, for what
     # can differ between ranks: a GPU's memory, a package a rank imports alone (tensorboard: rank 0), a file

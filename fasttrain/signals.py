@@ -87,29 +87,6 @@ def deferred(signum: int) -> Iterator[None]:
             signal.raise_signal(signum)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM inside `sigterm_interrupts`: an interrupt, so that the clean-up a Ctrl-C gets runs too."""
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises `Terminated` inside the block, where its default action (the process ends at once) would
-    leave a half-done job behind: export's and plot's temp file beside OUT (`.OUT.*.tmp`), for good. Only over
-    the default action, in the main thread: a handler someone installed, or SIGTERM ignored, stays as it is."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
@@ -193,6 +170,25 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "a stop request"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal inside `interrupting`, raised where the program is, as a Ctrl-C's KeyboardInterrupt is (so the
+    same clean-up runs); `signum` says which, for the exit code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interrupting(repeat_window_s: float = 0.0) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP (not under nohup) raise `Interrupted` inside the block: StopRequest's handlers,
+    raising. For a command that writes one file through a temp file (export, plot), where SIGTERM's and SIGHUP's
+    default action, the process ending at once, left the whole temp file beside OUT (`.OUT.*.tmp`) for good."""
+    stop = StopRequest(repeat_window_s)
+    with stop.installed(), stop.raising(Interrupted):
+        yield
 
 
 class RunInterrupted(Exception):

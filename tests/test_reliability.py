@@ -2219,35 +2219,38 @@ def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_file(tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
-SIGTERM_AT_FSYNC = """
-import os, signal
+SIGNAL_AT_FSYNC = """
+import os, signal, sys
+signum = signal.Signals[sys.argv.pop(1)]
 real_fsync = os.fsync
 
 
-def fsync_then_sigterm(fd):  # the temp file is whole: a kill now leaves it behind unless it is cleaned up
+def fsync_then_signal(fd):  # the temp file is whole: a kill now leaves it behind unless it is cleaned up
     real_fsync(fd)
     os.fsync = real_fsync
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signum)
 
 
-os.fsync = fsync_then_sigterm
+os.fsync = fsync_then_signal
 """
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 @pytest.mark.parametrize("command, said", [("export", "interrupted: OUT was not written"),
                                            ("plot", "interrupted: the image was not written")])
-def test_a_sigterm_while_export_or_plot_writes_leaves_no_temp_file(tmp_path, good_run, command, said):
-    """SIGTERM (`timeout`, a scheduler) while export or plot wrote their temp file ended the process at once
-    (SIGTERM's default action): the whole temp file (.OUT.*.tmp) stayed beside OUT for good. It is an interrupt
-    there now: the temp file goes, one line says what was not written, and the exit code is SIGTERM's (143)."""
+def test_a_stop_signal_while_export_or_plot_writes_leaves_no_temp_file(tmp_path, good_run, command, said, signum):
+    """SIGTERM (`timeout`, a scheduler) or SIGHUP (a closed terminal) while export or plot wrote their temp file ended
+    the process at once (their default action): the whole temp file (.OUT.*.tmp) stayed beside OUT for good. They are
+    interrupts there now: the temp file goes, one line says what was not written, and the exit code is 128 + the
+    signal's."""
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
     out = tmp_path / "out" / ("weights.pt" if command == "export" else "curves.png")
     out.parent.mkdir()
     args = [str(run / "last.pt"), str(out)] if command == "export" else [str(run), "--out", str(out)]
-    with disposition(signal.SIGTERM, signal.SIG_DFL):  # what the child inherits
-        proc = run_cli_after(SIGTERM_AT_FSYNC, command, *args)
-    assert (proc.returncode, proc.stderr) == (128 + signal.SIGTERM, said + "\n"), proc.stderr
+    with disposition(signum, signal.SIG_DFL):  # what the child inherits
+        proc = run_cli_after(SIGNAL_AT_FSYNC, signum.name, command, *args)
+    assert (proc.returncode, proc.stderr) == (128 + signum, said + "\n"), proc.stderr
     assert list(out.parent.iterdir()) == [] and proc.stdout == ""
 
 
