@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from fasttrain.config import ConfigError
 from fasttrain.ranks import place_in_the_job
+from fasttrain.signals import HANDLED, noted
 
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "FASTTRAIN_DIST_TIMEOUT"
@@ -353,16 +354,10 @@ def _stopped_by_the_agent(seconds: float) -> bool:
     an agent or off the main thread (where no signal handler can be set)."""
     if AGENT_ENV not in os.environ or threading.current_thread() is not threading.main_thread():
         return False
-    stopped: list[int] = []
-    signums = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
-    previous = {s: signal.signal(s, lambda signum, frame: stopped.append(signum)) for s in signums}
-    try:
+    with noted(*HANDLED) as stopped:
         deadline = time.monotonic() + seconds
         while not stopped and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     return bool(stopped)
 
 

@@ -67,22 +67,35 @@ def held_back(*signums: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def noted(*signums: int) -> Iterator[list[int]]:
+    """Inside the block these signals only take note: the list yielded holds those that came, in order, and the
+    handlers from before are back after it. A Python handler always runs in the main thread, whichever thread the
+    kernel hands the signal to. Outside the main thread (no handlers there) nothing changes and the list stays
+    empty."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    previous = {signum: signal.signal(signum, lambda got, frame: came.append(got)) for signum in signums}
+    try:
+        yield came
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
 def deferred(signum: int) -> Iterator[None]:
     """A signal that comes inside the block is noted and raised again as the block ends, where its own handler
     (KeyboardInterrupt, the trainer's stop flag, ignored, the default action) takes it as usual. For imports
     made after torch's (DALI's): a C++ initialisation turned an interrupt into an import error, and the run
     told the user to install DALI. `held_back` cannot serve there, since torch's threads exist by then and the
-    kernel hands a process's signal to any thread that does not block it; a Python handler always runs in
-    the main thread, and this one only takes note. Outside the main thread (no handlers there) a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    kernel hands a process's signal to any thread that does not block it (`noted` takes it in the main thread)."""
     came: list[int] = []
-    previous = signal.signal(signum, lambda got, frame: came.append(got))
     try:
-        yield
+        with noted(signum) as came:
+            yield
     finally:
-        signal.signal(signum, previous)
         if came:
             signal.raise_signal(signum)
 
