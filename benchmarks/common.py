@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import platform
 import re
 import shlex
 import statistics
@@ -179,6 +180,22 @@ def versions() -> dict:
     }
 
 
+def host() -> dict:
+    """The host's CPU: what a host-bound figure (the paper's DataLoader, DALI's per-sample work, an eager step)
+    depends on, and differs between two machines of the same GPU kind. The load average says whether
+    something else was running."""
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:  # not Linux
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu or platform.processor() or None, "cpus": os.cpu_count(), "usable_cpus": usable,
+            "loadavg_1m": load}
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command as typed (interpreter + script + arguments), shell-quoted so it can be re-run.
     `argv` (script and arguments) replaces sys.argv when a script's main is called in-process."""
@@ -187,7 +204,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def run_metadata(device: torch.device, *, argv: list[str] | None = None, flat: bool = False) -> dict:
     """What every result file records about its run: device (name, type, CUDA capability), versions
-    (python, torch, CUDA, cuDNN, triton, DALI, torchvision), git sha, command line, working directory
+    (python, torch, CUDA, cuDNN, triton, DALI, torchvision), the host's CPU, git sha, command line, working directory
     and timestamp. `flat` also puts each version, and the timestamp as `time`, at the top level: the
     layout bench_loader.py's and the kernel benchmarks' result files have always had."""
     capability = None
@@ -199,6 +216,7 @@ def run_metadata(device: torch.device, *, argv: list[str] | None = None, flat: b
         "device_type": device.type,
         "capability": capability,
         "versions": versions(),
+        "host": host(),
         "git_sha": git_sha(),
         "command": command_line(argv),
         "cwd": os.getcwd(),

@@ -71,25 +71,28 @@
 # The fourth session (H100, 2026-11-27, benchmarks/results/2026-11-27-h100) ran the plan written for it: best
 # with SEEDS=5 on `stage --no-dali`'s one part (456 s with the machine's start), then throughput ROWS=1,9,9@512
 # (98 s), kernels (97 s) and profile (50 s) on the same warm machine: 762 s held in all.
-# The next session's calls (15 minutes in all). The gpu tests have not run since `f0615ba` (the SE kernels'
-# grids changed after it; issues 3 and 4 wait on them) and DALI's loader bench is issue 3's last number, so the
-# data and DALI travel: `../shared/device/stage` (3 parts), parked in /tmp as above:
-#   run: kind nvidia-h100-x1, carry [".stage/01"], "mkdir -p /tmp/stg && cp -r .stage/01 /tmp/stg/ && ls /tmp/stg"
-#   run: carry [".stage/02"], "cp -r .stage/02 /tmp/stg/ && ls /tmp/stg"   (must list 01 and 02)
+# The fifth session (H100, 2026-11-27, benchmarks/results/2026-11-27-h100-writeup) ran the plan written for it:
+# the 3 parts (with DALI) parked in /tmp, `JOBS=5 ... writeup` (450 s: 129 gpu tests passed, the take-one-away
+# ablation), then loader, throughput ROWS=1,9@1024 and profile in one call (196 s): 715 s held in all.
+# The next session's calls (15 minutes in all): issue 6's 30 s search and issue 3's DALI shortfall. The 3 parts,
+# parked in /tmp as above (run: kind nvidia-h100-x1, carry [".stage/01"] ...; carry [".stage/02"] ...), then
 #   run: carry [".stage/03"], timeout_s 600,
 #        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=530; mkdir -p .stage && cp -r /tmp/stg/0[12] .stage/ &&
 #         bash .stage/03/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
-#         JOBS=5 bash benchmarks/gpu_session.sh writeup $OUT"
-#        (the gpu tests beside best.yaml's take-one-away ablation on validation, ~450 s: issues 3, 4 and 6)
-#   run: on the same warm machine, with what is left (~250 s; BUDGET_S = left - 40):
+#         bash benchmarks/gpu_session.sh search $OUT"
+#        (the search's six runs beside the gpu tests, ~450 s)
+#   run: on the same warm machine, with what is left (~200 s; BUDGET_S = left - 40):
 #        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[12] .stage/ && bash .stage/01/unstage.sh
 #         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=...;
-#         bash benchmarks/gpu_session.sh loader $OUT/l; ROWS=1,9@1024 bash benchmarks/gpu_session.sh
-#         throughput $OUT/t; bash benchmarks/gpu_session.sh profile $OUT/p)"
-#        (DALI alone and in a step: issue 3's 200k img/s; batch 1024 and the GPU time by kernel class: issue 5)
-#   then give_back. The session after: `search` (issue 6's 30 s goal, ~300 s with the tests), then the
-#   tile sweep (`tune`) under the GPU-only timing and throughput ROWS=1,11@512 (inductor's autotuning inside
-#   the graph: minutes of compile, for issue 5's GPU time).
+#         LOADER_ARGS='--loaders dali,dali-host,torchvision --no-train' bash benchmarks/gpu_session.sh loader $OUT/l;
+#         LOADER_ARGS='--loaders dali --no-train --batch-size 2048' bash benchmarks/gpu_session.sh loader $OUT/l2)"
+#        (DALI alone fell from 199k img/s on the first H200 machine to 87k on the fifth session's H100 machine,
+#        more than the host-bound rows fell; the first call repeats it on another machine with the host's CPU
+#        recorded, the second tells a per-batch from a per-sample cost)
+#   then give_back. After that: best with SEEDS=5 BEST_ARGS='--optim.lookahead_k=0' (the ablation's reading
+#   that Lookahead does not help at 80 epochs, tested on the test set, not tuned on it), the tile sweep
+#   (`tune`) and throughput ROWS=1,11@512 (inductor's autotuning inside the graph: minutes of compile, for
+#   issue 5's GPU time: at batch 512 convolutions are 5.3 ms of the step's 10.2, inductor's fusions 4.5).
 # Issues 5 and 6 state their targets on one H100: the runs that measure them (throughput, best) name
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as the first three
 # sessions did); the recipe search may run on either.
@@ -169,6 +172,9 @@ python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torc
   | tee "$work/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv >>"$work/device.txt" 2>&1 || true
+# the host's CPU and load: host-bound figures (the paper's DataLoader, DALI) differ between machines of one kind
+{ echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) usable CPUs"
+  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"; } >>"$work/device.txt" 2>/dev/null || true
 
 # limited NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left before the deadline), log it to
 # NAME.log, and record "NAME<TAB>exit code<TAB>seconds" in stages.tsv (124/137: stopped at its limit).

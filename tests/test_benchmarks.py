@@ -23,7 +23,7 @@ from fasttrain.evaluate import evaluate_checkpoint
 from fasttrain.model import build_model, forward_flops
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-META_KEYS = {"device", "versions", "git_sha", "command", "timestamp"}
+META_KEYS = {"device", "versions", "host", "git_sha", "command", "timestamp"}
 VERSION_KEYS = {"torch", "triton", "dali"}
 
 
@@ -201,6 +201,8 @@ def test_time_to_accuracy_script(repo_root, cifar_dir, tmp_path):
     assert "seeds reaching" in tail and proc.stdout.rstrip().endswith("reaching the target")  # the table is last
     result = json.loads(out.read_text())
     assert META_KEYS <= result["meta"].keys() and VERSION_KEYS <= result["meta"]["versions"].keys()
+    host = result["meta"]["host"]  # host-bound figures depend on it: which CPU, how many, how busy
+    assert host["cpus"] == os.cpu_count() and 1 <= host["usable_cpus"] <= host["cpus"] and host["loadavg_1m"] >= 0
     assert "--seeds 2" in result["meta"]["command"]
     assert result["config"]["name"] == "smoke" and result["config"]["train"]["eval_every"] == 1
     assert result["seeds"] == [0, 1] and [r["seed"] for r in result["runs"]] == [0, 1]
