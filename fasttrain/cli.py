@@ -322,19 +322,21 @@ def _file_identity(path: Path) -> tuple | None:
 
 
 # (OUT, what was there before) of the file the running command writes by renaming a whole temp file over it (export,
-# plot): a Ctrl-C's line says whether it came before the rename or after it (main's _interrupted_line)
-_writing: list[tuple[Path, tuple | None]] = []
+# plot), None before it names one: a Ctrl-C's line says whether it came before the rename or after it
+# (main's _interrupted_line)
+_writing: tuple[Path, tuple | None] | None = None
 
 
 def _will_write(out: Path) -> None:
-    _writing.append((out, _file_identity(out)))
+    global _writing
+    _writing = (out, _file_identity(out))
 
 
 def _interrupted_line(command: str) -> str:
     """What a Ctrl-C outside training left. After export's or plot's rename (the directory's fsync, the returns, the
     line it prints) "OUT was not written" was false: OUT is then the new file, complete."""
-    if _writing and _file_identity(_writing[-1][0]) != _writing[-1][1]:
-        return f"interrupted after {_writing[-1][0]} was written: the file is complete"
+    if _writing is not None and _file_identity(_writing[0]) != _writing[1]:
+        return f"interrupted after {_writing[0]} was written: the file is complete"
     return INTERRUPTED.get(command, "interrupted")
 
 
@@ -353,8 +355,9 @@ INTERRUPTED = {"train": "interrupted: --resume auto goes on from the run's last 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _writing
     argv = list(sys.argv[1:] if argv is None else argv)
-    _writing.clear()  # a previous call's (tests, notebooks)
+    _writing = None  # a previous call's (tests, notebooks)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command in ONE_PROCESS and not prints_here():
         return 0
