@@ -174,6 +174,7 @@ CIFAR10_TEST_IMAGES = 10_000
 # torch.finfo(torch.float32).max: the optimizer step hands lr, weight decay and the clip to kernels on float32
 # tensors, which refuse a larger Python float mid-step ("cannot be converted to type float without overflow")
 FLOAT32_MAX = 3.4028234663852886e38
+F32_MAX_SHOWN = "3.4e38 (float32's largest)"  # FLOAT32_MAX in the messages that bound by it
 
 # The training command's own options (fasttrain/cli.py, _train_parser; a test keeps the two in step):
 # a mistyped one reaches parse_overrides, which suggests the closest of these and of the config keys.
@@ -624,20 +625,20 @@ def validate(cfg: Config) -> None:
 
     # NaN fails every comparison below; infinity passes a lower bound, hence the upper ones (math.inf, or
     # FLOAT32_MAX for what the step hands to float32 kernels)
-    _require(0 < o.lr <= FLOAT32_MAX, "optim.lr", o.lr, "must be > 0 and at most 3.4e38 (float32's largest)")
+    _require(0 < o.lr <= FLOAT32_MAX, "optim.lr", o.lr, f"must be > 0 and at most {F32_MAX_SHOWN}")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "0 <= momentum < 1")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0")
     _require(0 <= o.weight_decay <= FLOAT32_MAX, "optim.weight_decay", o.weight_decay,
-             "must be >= 0 and at most 3.4e38 (float32's largest)")
+             f"must be >= 0 and at most {F32_MAX_SHOWN}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
              "two values in [0, 1)")
     _require(0 < o.eps < math.inf, "optim.eps", o.eps, "must be > 0 and finite")
     # AdamW's first step is lr / (1 - beta1) (its bias correction), handed to a float32 kernel like lr itself
     _require(o.name != "adamw" or o.lr / (1 - o.betas[0]) <= FLOAT32_MAX, "optim.lr", o.lr,
-             f"at most 3.4e38 x (1 - betas[0] = {_show(o.betas[0])}) with adamw: its first step, lr / (1 - beta1), "
+             f"at most {F32_MAX_SHOWN} x (1 - betas[0] = {_show(o.betas[0])}) with adamw: its first step, lr / (1 - beta1), "
              "must fit a float32")
     _require(0 < o.clip_value <= FLOAT32_MAX, "optim.clip_value", o.clip_value,
-             "must be > 0 and at most 3.4e38, float32's largest (optim.clip none turns clipping off)")
+             f"must be > 0 and at most {F32_MAX_SHOWN}; optim.clip none turns clipping off")
     _require(o.lookahead_k >= 0, "optim.lookahead_k", o.lookahead_k, "must be >= 0 (0: off)")
     _require(0 < o.lookahead_alpha <= 1, "optim.lookahead_alpha", o.lookahead_alpha, "0 < alpha <= 1")
     _require(0 <= o.warmup_epochs < math.inf, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0 and finite")
