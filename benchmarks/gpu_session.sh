@@ -172,9 +172,10 @@ python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torc
   | tee "$work/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv >>"$work/device.txt" 2>&1 || true
-# the host's CPU and load: host-bound figures (the paper's DataLoader, DALI) differ between machines of one kind
-{ echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) usable CPUs"
-  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"; } >>"$work/device.txt" 2>/dev/null || true
+# the host's CPU and load (benchmarks/common.py's host(), as every result JSON has it): host-bound figures (the
+# paper's DataLoader, DALI) differ between machines of one GPU kind
+python -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print('host:', common.host())" \
+  >>"$work/device.txt" 2>&1 || true
 
 # limited NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left before the deadline), log it to
 # NAME.log, and record "NAME<TAB>exit code<TAB>seconds" in stages.tsv (124/137: stopped at its limit).
