@@ -7,7 +7,8 @@ Three training loaders over the same uint8 CIFAR-shaped arrays (synthetic by def
 does not depend on pixel values; `--data DIR` reads real CIFAR-10), each with pad-4 crop, flip,
 normalise:
   * ``dali``        `fasttrain.data.dali.DaliLoader` (ops on the GPU; dataset resident in device
-                    memory, plus ``dali-host``: dataset in host memory, copied per batch),
+                    memory, plus ``dali-host``: dataset in host memory, copied per batch, and
+                    ``dali-seq``: device memory, the batch as one DALI sample, graph="sequence"),
   * ``torch``       `fasttrain.data.loader_torch.TorchLoader` (GPU-resident, batched tensor ops),
   * ``torchvision`` the paper's pipeline: a map-style Dataset of PIL images with RandomCrop(32, 4),
                     RandomHorizontalFlip, ToTensor, Normalize in CPU worker processes, pinned
@@ -46,6 +47,7 @@ from common import (REPO_ROOT, RESULTS_DIR, PaperLoader, Timer, check_out, devic
 from fasttrain.config import DataConfig  # noqa: E402
 
 TARGET_IMAGES_PER_S = 200_000
+LOADERS = ("dali", "dali-seq", "dali-host", "torch", "torchvision")
 MEAN, STD = DataConfig().mean, DataConfig().std  # the paper's normalization, the config default
 
 
@@ -149,8 +151,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None,
                    help="torchvision DataLoader workers (default min(8, cores); 0 for smoke)")
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "seed.yaml"))
-    p.add_argument("--loaders", default="dali,dali-host,torch,torchvision",
-                   help="comma-separated subset of dali, dali-host, torch, torchvision")
+    p.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated subset of {', '.join(LOADERS)}")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--dali-prefetch", type=int, default=2,
                    help="DALI's prefetch_queue_depth (DaliLoader's default: 2)")
@@ -173,10 +174,9 @@ def parse_args(argv=None):
     for key in ("batch_size", "epochs", "steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
-    unknown = sorted({name.strip() for name in args.loaders.split(",") if name.strip()}
-                     - {"dali", "dali-host", "torch", "torchvision"})
+    unknown = sorted({name.strip() for name in args.loaders.split(",") if name.strip()} - set(LOADERS))
     if unknown:
-        p.error(f"--loaders: unknown loader(s) {', '.join(unknown)}; the loaders are dali, dali-host, torch, torchvision")
+        p.error(f"--loaders: unknown loader(s) {', '.join(unknown)}; the loaders are {', '.join(LOADERS)}")
     return args
 
 
@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     dali_opts = dict(prefetch=args.dali_prefetch, num_threads=args.dali_threads)
     factories = {
         "dali": lambda: DaliLoader(x, y, residency="device", **dali_opts, **common),
+        "dali-seq": lambda: DaliLoader(x, y, residency="device", graph="sequence", **dali_opts, **common),
         # on the CPU both residencies are the host one: measure it once
         "dali-host": (lambda: DaliLoader(x, y, residency="host", **dali_opts, **common))
         if device.type == "cuda" else None,
@@ -251,8 +252,10 @@ def main(argv=None) -> int:
             rows.append({"loader": name, "mode": "train-step", **result})
             print(f"{name:<12} train  {result['images_per_s']:>12,.0f} images/s", flush=True)
 
-    dali_alone = next((r.get("images_per_s") for r in rows
-                       if r["loader"] == "dali" and r["mode"] == "alone"), None)
+    # the target's figure: the faster DALI graph alone, device-resident (the one data.dali_graph would then name)
+    best = max((r for r in rows if r["loader"] in ("dali", "dali-seq") and r["mode"] == "alone" and "images_per_s" in r),
+               key=lambda r: r["images_per_s"], default=None)
+    dali_alone = None if best is None else best["images_per_s"]
     meta = run_metadata(device, flat=True,
                         argv=None if argv is None else [os.path.relpath(__file__), *argv])
     report = {
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
         "torchvision_workers": args.workers,
         "results": rows,
         "target": {"dali_alone_images_per_s": TARGET_IMAGES_PER_S,
-                   "measured": dali_alone,
+                   "measured": dali_alone, "loader": None if best is None else best["loader"],
                    "met": None if dali_alone is None or args.cpu_smoke
                    else dali_alone >= TARGET_IMAGES_PER_S},
     }
@@ -279,7 +282,7 @@ def main(argv=None) -> int:
     print_results(rows)
     if dali_alone is not None and not args.cpu_smoke:
         verdict = "met" if dali_alone >= TARGET_IMAGES_PER_S else "NOT met"
-        print(f"target: DALI alone > {TARGET_IMAGES_PER_S:,} images/s: {verdict}")
+        print(f"target: DALI alone > {TARGET_IMAGES_PER_S:,} images/s: {verdict} ({best['loader']}, the faster graph)")
     print(f"wrote {out}")
     return 0
 

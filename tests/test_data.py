@@ -664,6 +664,8 @@ def test_build_data(tmp_path):
     for loader in ("torch", "dali"):  # data.cutout reaches the training loader only
         cut = build_data(data_cfg(tmp_path, loader=loader, cutout=8), batch_size=32, **common)
         assert (cut.train.cutout, cut.val.cutout, cut.test.cutout) == (8, 0, 0), loader
+    graphs = build_data(data_cfg(tmp_path, loader="dali", dali_graph="sequence"), batch_size=32, **common)
+    assert (graphs.train.graph, graphs.val.graph, graphs.test.graph) == ("sequence",) * 3  # DALI's every loader
     with pytest.raises(DataError, match=r"batch_size=64 is larger than .*\(90 images / 2 rank\(s\) = 45\)"):
         build_data(data_cfg(tmp_path), batch_size=64, rank=1, world_size=2, **common)
     with pytest.raises(DataError, match="data.loader must be auto, dali or torch"):
@@ -691,18 +693,21 @@ def test_build_data_batch_sizes_and_inclusive_limits(tmp_path):
     assert sizes(second_rank.train) == [45]
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_build_data_hands_crop_and_flip_settings_to_the_training_loader(tmp_path, loader):
+@pytest.mark.parametrize("loader, graph", [("torch", "samples"), ("dali", "samples"), ("dali", "sequence")])
+def test_build_data_hands_crop_and_flip_settings_to_the_training_loader(tmp_path, loader, graph):
     """data.crop_padding, data.flip and data.flip_mode reach the training loader, read back from its pixels:
     padding 2 crops at offsets 0..4 (not the loaders' default 4), flip false never mirrors (flip_mode
-    alternating included), and flip_mode alternating mirrors each image in exactly one of epochs 0 and 1."""
+    alternating included), and flip_mode alternating mirrors each image in exactly one of epochs 0 and 1.
+    With DALI, through both of its graphs (data.dali_graph)."""
     write_binary(tmp_path, make_arrays())
     common = dict(eval_batch_size=16, device="cpu", dtype=torch.float32, channels_last=False, seed=3)
 
     def augmentation(epoch, **settings):
         """Per training image (by index): its (row offset, col offset, flip) in `epoch`."""
-        cfg = data_cfg(tmp_path, loader=loader, mean=[0.0] * 3, std=[1.0] * 3, **settings)  # output = x / 255
+        cfg = data_cfg(tmp_path, loader=loader, dali_graph=graph, mean=[0.0] * 3, std=[1.0] * 3,
+                       **settings)  # output = x / 255
         bundle = build_data(cfg, batch_size=30, **common)
+        assert getattr(bundle.train, "graph", "samples") == graph
         bundle.train.set_epoch(epoch)
         pixels = torch.round(torch.cat([images for images, _ in bundle.train]) * 255)
         order = epoch_draws(3, epoch, 90, 0, False).order  # the shuffle (drawn first): the same for any setting

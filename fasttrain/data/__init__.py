@@ -73,6 +73,8 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
     common = dict(device=device, dtype=dtype, mean=data_cfg.mean, std=data_cfg.std, channels_last=channels_last,
                   crop_padding=data_cfg.crop_padding, flip=data_cfg.flip, flip_mode=data_cfg.flip_mode, seed=seed,
                   rank=rank, world_size=world_size)
+    if loader_class is not TorchLoader:  # DALI's own switch (config: "data.loader dali only")
+        common["graph"] = getattr(data_cfg, "dali_graph", "samples")
     test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
     if test_only:
         return DataBundle(train=None, val=None, test=test, classes=arrays.classes, test_images=len(test_x),

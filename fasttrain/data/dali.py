@@ -25,6 +25,17 @@ Design
   absolute starts and ``out_of_bounds_policy="pad"`` before it did the same in two operators;
   with one, the loader on DALI's CPU backend went from 53,475 to 61,852 images/s, batch 512, on a
   2-core CPU, DALI 2.4.0; its GPU gain is measured by benchmarks/bench_loader.py.)
+* **Two graphs** (`graph`, the config's ``data.dali_graph``). ``samples`` (the default): each image
+  is one DALI sample, cropped, flipped and normalised by the one operator above. ``sequence``: the
+  whole batch is ONE sample, a sequence of frames (layout ``FHWC``), so DALI's executor and its
+  operators' per-sample work on the host (argument handling, kernel set-up) run once a batch,
+  not once an image: `fn.warp_affine` with one matrix per frame (`fn.per_frame`), nearest-pixel,
+  does the crop (a whole-pixel translation whose outside reads 0: the zero padding, so the images
+  are stored unpadded) and the flip (x -> W - x at pixel centres), then `fn.crop_mirror_normalize`
+  normalises the sequence and `fn.erase` takes every frame's cutout box as one region of it. Both
+  graphs yield the same batches to the bit (tests/test_dali.py); which is faster on a GPU is for
+  benchmarks/bench_loader.py to say (``dali`` against ``dali-seq``). On DALI's 2-core CPU backend
+  the two are even (3.9 ms a batch of 512): there the pixels, not the per-sample work, dominate.
 * **How the crop stays discrete.** The offsets ``(dy, dx)`` are drawn uniformly from the ``2p + 1``
   integers per axis, so all ``(2p + 1)^2`` positions are equally likely, and each is handed to
   the operator as the exact position ``(dy + p) / 2p``, which DALI turns back into the window's
@@ -65,6 +76,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from fasttrain.config import CHOICES
 from fasttrain.data.loader_torch import check_flip_mode, epoch_draws, shard_bounds, shard_slice
 from fasttrain.signals import deferred
 
@@ -73,6 +85,7 @@ __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 INSTALL_HINT = "pip install 'fasttrain-resnet[dali]'  (installs nvidia-dali-cuda130)"
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GRAPHS = CHOICES["data.dali_graph"]  # samples | sequence: the config's list (see the module docstring)
 
 
 class DaliUnavailableError(ImportError):
@@ -189,12 +202,15 @@ class _Feeder:
     loader so the pipeline holds no reference back to it (no reference cycle through DALI).
     """
 
-    def __init__(self, images, *, gather_stream: Optional[torch.cuda.Stream], crop_padding: int = 0):
+    def __init__(self, images, *, gather_stream: Optional[torch.cuda.Stream], crop_padding: int = 0,
+                 sequence: bool = False):
         self.images = images              # numpy [N,H,W,C] uint8, or a CUDA tensor of the same
         self.gather_stream = gather_stream
-        self.crop_padding = crop_padding  # p: the images are stored padded by it
+        self.crop_padding = crop_padding  # p: the samples graph stores the images padded by it
+        self.sequence = sequence          # the batch is one sample: every callback returns a batch of one
         self.plan: Optional[EpochPlan] = None
         self.crop_pos: Optional[np.ndarray] = None  # float32 [M, 2]: the plan's starts as (dy + p) / 2p
+        self.warp: Optional[np.ndarray] = None  # sequence graph: float32 [M, 2, 3], each frame's affine map
         self.indices_dev: Optional[torch.Tensor] = None  # the plan's indices, on the GPU
         self.stop = False                 # set to make every callback end the epoch now
 
@@ -207,16 +223,25 @@ class _Feeder:
     def images_batch(self, iteration: int):
         rows = self._rows(iteration)
         if self.indices_dev is None:
-            return self.images[self.plan.indices[rows]]  # host gather: a fresh contiguous array
-        # Device gather on the side stream DALI copies from (its `cuda_stream`); the result's
-        # memory returns to that stream's pool only after DALI's copy, which is ordered on it.
-        with torch.cuda.stream(self.gather_stream):
-            return self.images.index_select(0, self.indices_dev[rows])
+            batch = self.images[self.plan.indices[rows]]  # host gather: a fresh contiguous array
+        else:
+            # Device gather on the side stream DALI copies from (its `cuda_stream`); the result's
+            # memory returns to that stream's pool only after DALI's copy, which is ordered on it.
+            with torch.cuda.stream(self.gather_stream):
+                batch = self.images.index_select(0, self.indices_dev[rows])
+        return batch[None] if self.sequence else batch  # sequence: [1, B, H, W, C], one sample of B frames
 
     def set_plan(self, plan: EpochPlan) -> None:
         self.plan = plan
         p = self.crop_padding
-        self.crop_pos = ((plan.starts + p) / np.float32(2 * p)).astype(np.float32) if p else None
+        if self.sequence:
+            self.warp = warp_matrices(plan, self.images.shape[2])
+        else:
+            self.crop_pos = ((plan.starts + p) / np.float32(2 * p)).astype(np.float32) if p else None
+
+    def warp_batch(self, iteration: int) -> np.ndarray:
+        """float32 [1, B, 2, 3]: the sequence's per-frame affine maps."""
+        return self.warp[self._rows(iteration)][None]
 
     def crop_pos_batch(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
         """(crop_pos_y, crop_pos_x) of the batch: one callback, two of the operator's inputs."""
@@ -227,15 +252,37 @@ class _Feeder:
         return self.plan.mirror[self._rows(iteration)]
 
     def erase_anchor_batch(self, iteration: int) -> np.ndarray:
-        return self.plan.erase_anchor[self._rows(iteration)]
+        anchor = self.plan.erase_anchor[self._rows(iteration)]
+        return _regions(anchor, frame_axis=np.arange(len(anchor))) if self.sequence else anchor
 
     def erase_shape_batch(self, iteration: int) -> np.ndarray:
-        return self.plan.erase_shape[self._rows(iteration)]
+        shape = self.plan.erase_shape[self._rows(iteration)]
+        return _regions(shape, frame_axis=np.ones(len(shape))) if self.sequence else shape
+
+
+def _regions(boxes: np.ndarray, frame_axis: np.ndarray) -> np.ndarray:
+    """float32 [1, 3B]: B boxes' (top, left) or (height, width) as fn.erase's regions of one sequence
+    (axes F, H, W), each box's frame coordinate (its index; or the extent 1) put in front."""
+    return np.concatenate([frame_axis[:, None].astype(np.float32), boxes], axis=1).reshape(1, -1)
+
+
+def warp_matrices(plan: EpochPlan, width: int) -> np.ndarray:
+    """float32 [M, 2, 3]: each planned crop and flip as fn.warp_affine's map from an output pixel to its
+    source, in (x, y) order and at pixel centres. Crop: the source of (x, y) is (x + dx, y + dy); a flip
+    also mirrors x: x_centre -> W - x_centre + dx, i.e. pixel x -> W - 1 - x + dx. Whole-pixel moves are
+    exact under nearest-pixel sampling; a source outside the image reads 0 (the zero padding)."""
+    m = np.zeros((len(plan.mirror), 2, 3), dtype=np.float32)
+    flipped = plan.mirror.astype(bool)
+    m[:, 0, 0] = np.where(flipped, -1.0, 1.0)
+    m[:, 0, 2] = np.where(flipped, float(width), 0.0) + plan.starts[:, 1]
+    m[:, 1, 1] = 1.0
+    m[:, 1, 2] = plan.starts[:, 0]
+    return m
 
 
 def _check_arguments(x: np.ndarray, y: np.ndarray, *, dtype: torch.dtype, mean: Sequence[float],
                      std: Sequence[float], batch_size: int, crop_padding: int, prefetch: int, cutout: int,
-                     rank: int, world_size: int, seed: int, flip_mode: str, residency: str) -> None:
+                     rank: int, world_size: int, seed: int, flip_mode: str, residency: str, graph: str) -> None:
     """DaliLoader's arguments, refused with the value and what is expected before anything is built."""
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3] (NHWC, RGB); got {x.dtype} {list(x.shape)}")
@@ -254,6 +301,8 @@ def _check_arguments(x: np.ndarray, y: np.ndarray, *, dtype: torch.dtype, mean: 
     check_flip_mode(flip_mode)
     if residency not in ("device", "host"):
         raise ValueError(f"residency must be 'device' or 'host'; got {residency!r}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}; got {graph!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +315,8 @@ class DaliLoader:
     `device` picks the backend: a CUDA device runs the pipeline's operators on that GPU
     (``device_id`` = its index); ``cpu`` runs the same pipeline definition on DALI's CPU backend
     (``device_id=None``), which is how CI tests it. `residency` ("device" default, or "host")
-    chooses where the uint8 dataset lives on the GPU path (see the module docstring).
+    chooses where the uint8 dataset lives on the GPU path, `graph` ("samples" default, or
+    "sequence") how the pipeline holds a batch (see the module docstring for both).
     """
 
     def __init__(self, x_nhwc_uint8: np.ndarray, y: np.ndarray, *, batch_size: int, train: bool,
@@ -275,13 +325,13 @@ class DaliLoader:
                  crop_padding: int = 4, flip: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: Optional[bool] = None, prefetch: int = 2,
                  residency: str = "device", num_threads: Optional[int] = None, cutout: int = 0,
-                 flip_mode: str = "random"):
+                 flip_mode: str = "random", graph: str = "samples"):
         fn, types, Pipeline, self._feed_ndarray = _import_dali()
 
         x, y = _host_array(x_nhwc_uint8), _host_array(y)
         _check_arguments(x, y, dtype=dtype, mean=mean, std=std, batch_size=batch_size, crop_padding=crop_padding,
                          prefetch=prefetch, cutout=cutout, rank=rank, world_size=world_size, seed=seed,
-                         flip_mode=flip_mode, residency=residency)
+                         flip_mode=flip_mode, residency=residency, graph=graph)
 
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
@@ -300,6 +350,8 @@ class DaliLoader:
         self.flip = bool(flip) and self.train
         self.cutout = int(cutout) if self.train else 0
         self.flip_mode = flip_mode
+        self.graph = graph
+        self._sequence = graph == "sequence"
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self._batch_size = int(batch_size)
@@ -319,15 +371,15 @@ class DaliLoader:
         # plan order).
         self._labels = torch.from_numpy(y.astype(np.int64))  # a private, writable copy
         p = self.crop_padding
-        if p > 0:  # stored padded: the crop becomes an in-bounds window of crop_mirror_normalize
-            x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        if p > 0 and not self._sequence:  # stored padded: the crop becomes an in-bounds window of
+            x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))   # crop_mirror_normalize
         if self.residency == "device":
             self._gather_stream = torch.cuda.Stream(self.device)
             images = torch.tensor(x, device=self.device)  # one host-to-device copy, at start
         else:
             self._gather_stream = None
             images = np.ascontiguousarray(x)
-        self._feeder = _Feeder(images, gather_stream=self._gather_stream, crop_padding=p)
+        self._feeder = _Feeder(images, gather_stream=self._gather_stream, crop_padding=p, sequence=self._sequence)
 
         # DALI emits fp32 or fp16; bf16 is cast by torch (DALI 2.4 has no bfloat16 type).
         self._dali_torch_dtype = torch.float16 if dtype == torch.float16 else torch.float32
@@ -339,48 +391,62 @@ class DaliLoader:
 
     def _build_pipeline(self, fn, types, Pipeline, *, mean: Sequence[float], std: Sequence[float], prefetch: int,
                         num_threads: Optional[int]):
-        """The DALI graph, built: the feeder's batch, its crop window and flip bit (external sources, see
-        the module docstring), one crop_mirror_normalize, and cutout's erase."""
+        """The DALI graph, built: the feeder's batch, its augmentation's arguments (external sources, see the
+        module docstring), the crop and flip, the normalisation and cutout's erase, per `graph`."""
         on_gpu = self.device.type == "cuda"
-        feeder, p, (height, width) = self._feeder, self.crop_padding, self._image_hw
         # The pipeline draws no random numbers (the plan carries them), but a seed derived from
         # (seed, rank) keeps any future random operator reproducible and distinct per rank.
         pipe_seed = int(np.random.SeedSequence((self.seed, self.rank)).generate_state(1)[0] % (2**31 - 1))
         pipe = Pipeline(
-            batch_size=self._batch_size,
+            batch_size=1 if self._sequence else self._batch_size,  # sequence: a batch is one sample
             num_threads=num_threads or max(1, min(4, os.cpu_count() or 1)),
             device_id=self.device.index if on_gpu else None,
             seed=pipe_seed,
             prefetch_queue_depth=int(prefetch),
         )
+        norm = dict(dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
+                    mean=[255.0 * float(m) for m in mean], std=[255.0 * float(s) for s in std])
         with pipe:
             imgs = fn.external_source(
-                source=feeder.images_batch, batch=True, dtype=types.UINT8, ndim=3, layout="HWC",
-                device="gpu" if self.residency == "device" else "cpu",
-                cuda_stream=self._gather_stream)
+                source=self._feeder.images_batch, batch=True, dtype=types.UINT8, ndim=4 if self._sequence else 3,
+                layout="FHWC" if self._sequence else "HWC",
+                device="gpu" if self.residency == "device" else "cpu", cuda_stream=self._gather_stream)
             if on_gpu and self.residency == "host":
                 imgs = imgs.gpu()
-            crop = {}
-            if p > 0:  # the exact window positions (see the module docstring); argument inputs
-                # stay on the CPU even for GPU operators
-                pos_y, pos_x = fn.external_source(source=feeder.crop_pos_batch, batch=True, num_outputs=2,
-                                                  dtype=[types.FLOAT, types.FLOAT], ndim=[0, 0])
-                crop = dict(crop_h=height, crop_w=width, crop_pos_y=pos_y, crop_pos_x=pos_x)
-            mirror = (fn.external_source(source=feeder.mirror_batch, batch=True,
-                                         dtype=types.INT32, ndim=0) if self.flip else 0)
-            out = fn.crop_mirror_normalize(
-                imgs, mirror=mirror, dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT, **crop,
-                mean=[255.0 * float(m) for m in mean], std=[255.0 * float(s) for s in std],
-                output_layout="HWC" if self._nhwc else "CHW")
+            graph = self._sequence_graph if self._sequence else self._samples_graph
+            out = graph(fn, types, imgs, norm)
             if self.cutout > 0:  # after normalization, as in the torch path: the box becomes 0
-                anchor = fn.external_source(source=feeder.erase_anchor_batch, batch=True,
+                anchor = fn.external_source(source=self._feeder.erase_anchor_batch, batch=True,
                                             dtype=types.FLOAT, ndim=1)
-                shape = fn.external_source(source=feeder.erase_shape_batch, batch=True,
+                shape = fn.external_source(source=self._feeder.erase_shape_batch, batch=True,
                                            dtype=types.FLOAT, ndim=1)
-                out = fn.erase(out, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
+                out = fn.erase(out, anchor=anchor, shape=shape, axis_names="FHW" if self._sequence else "HW",
+                               fill_value=0.0)
             pipe.set_outputs(out)
         pipe.build()
         return pipe
+
+    def _samples_graph(self, fn, types, imgs, norm: dict):
+        """A sample per image, padded by p: crop (the window's exact position), flip and normalise in one
+        crop_mirror_normalize; argument inputs stay on the CPU even for GPU operators."""
+        feeder, p, (height, width) = self._feeder, self.crop_padding, self._image_hw
+        crop = {}
+        if p > 0:
+            pos_y, pos_x = fn.external_source(source=feeder.crop_pos_batch, batch=True, num_outputs=2,
+                                              dtype=[types.FLOAT, types.FLOAT], ndim=[0, 0])
+            crop = dict(crop_h=height, crop_w=width, crop_pos_y=pos_y, crop_pos_x=pos_x)
+        mirror = fn.external_source(source=feeder.mirror_batch, batch=True, dtype=types.INT32, ndim=0) if self.flip else 0
+        return fn.crop_mirror_normalize(imgs, mirror=mirror, **crop, **norm,
+                                        output_layout="HWC" if self._nhwc else "CHW")
+
+    def _sequence_graph(self, fn, types, imgs, norm: dict):
+        """The batch as one sequence of unpadded frames: crop and flip as each frame's affine map (nearest
+        pixel, 0 outside), then normalise the whole sequence."""
+        if self.crop_padding > 0 or self.flip:
+            matrix = fn.external_source(source=self._feeder.warp_batch, batch=True, dtype=types.FLOAT, ndim=3)
+            imgs = fn.warp_affine(imgs, matrix=fn.per_frame(matrix), size=list(self._image_hw),
+                                  interp_type=types.INTERP_NN, fill_value=0)
+        return fn.crop_mirror_normalize(imgs, **norm, output_layout="FHWC" if self._nhwc else "FCHW")
 
     # ---------------------------------------------------------------- the protocol
     @property
@@ -467,6 +533,8 @@ class DaliLoader:
             # the consumer's stream on the GPU): a few microseconds for a batch that then stays
             # valid however long the caller keeps it and whatever DALI's executor does next.
             self._feed_ndarray(batch, buf, cuda_stream=stream)
+            if self._sequence:
+                buf = buf[0]  # the one sample: its frames are the batch
             images = buf.permute(0, 3, 1, 2) if self._nhwc else buf  # NHWC -> NCHW view
             if images.dtype != self.dtype:
                 images = images.to(self.dtype)  # bf16; preserve_format keeps channels_last
@@ -489,4 +557,4 @@ class DaliLoader:
         kind = "train" if self.train else "eval"
         return (f"DaliLoader({kind}, n={self._n}, batch_size={self._batch_size}, "
                 f"batches={len(self)}, device={self.device}, dtype={self.dtype}, "
-                f"residency={self.residency}, rank={self.rank}/{self.world_size})")
+                f"residency={self.residency}, graph={self.graph}, rank={self.rank}/{self.world_size})")
