@@ -307,17 +307,25 @@ def find_resume_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = pr
     """The newest checkpoint in `run_dir` that loads and verifies; broken ones are named in a warning
     and skipped. None when the folder holds no checkpoint at all; a CheckpointError when it holds some
     but none is usable (starting over silently would throw the run away)."""
+    found = load_resume_checkpoint(run_dir, warn)
+    return None if found is None else found[0]
+
+
+def load_resume_checkpoint(run_dir: str | Path, warn: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+    """`find_resume_checkpoint`'s choice with its content, read and verified (on the CPU), so that the run
+    resuming from it need not read it again."""
     candidates = checkpoint_candidates(run_dir)
     problems = []
     for path in candidates:
         try:
-            kind = load_checkpoint(path).get("kind")
+            ckpt = load_checkpoint(path)
         except CheckpointError as e:
             problems.append(str(e))
             warn(f"warning: skipping {path}: {e}")
             continue
+        kind = ckpt.get("kind")
         if kind is None:  # a training checkpoint (an exported weights file says what it is)
-            return path
+            return path, ckpt
         problems.append(f"{path} is an exported {kind} file, not a training checkpoint")
         warn(f"warning: skipping {path}: an exported {kind} file (python -m fasttrain export), which has no "
              "optimizer state to resume from")

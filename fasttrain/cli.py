@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_path_problem
 from fasttrain.config import (ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
@@ -126,8 +128,9 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_resume(resume: str | None, cfg) -> str | None:
-    """'auto' means the newest valid checkpoint in the run folder (output.dir).
+def resolve_resume(resume: str | None, cfg) -> tuple[str | None, dict | None]:
+    """(the checkpoint to resume from, its content when this call read it). 'auto' means the newest valid
+    checkpoint in the run folder (output.dir); any other value is the path itself, not read here.
 
     Damaged checkpoints are named in a warning and skipped (last.pt -> prev.pt). A folder with no
     checkpoint at all gives None: the run starts from the beginning there (a job killed before its
@@ -135,14 +138,14 @@ def resolve_resume(resume: str | None, cfg) -> str | None:
     config.yaml belongs to another run. A folder whose checkpoints are all damaged is an error.
     """
     if resume != "auto":
-        return resume
+        return resume, None
     if not cfg.output.dir:
         raise ConfigError("--resume auto needs the run folder: pass --output.dir RUN_DIR")
-    from fasttrain.checkpoint import find_resume_checkpoint
+    from fasttrain.checkpoint import load_resume_checkpoint
 
     run_dir = Path(cfg.output.dir)
     # every rank looks, but rank 0's choice is the one the run takes (Trainer broadcasts it): its warnings alone
-    found = find_resume_checkpoint(run_dir, warn=say_once)
+    found = load_resume_checkpoint(run_dir, warn=say_once)
     if found is None and (run_dir / "config.yaml").is_file():
         try:  # where its files go may be spelled another way (a default folder saves output.dir null)
             same_run = not config_changes(load_config(run_dir / "config.yaml"), cfg)
@@ -152,23 +155,26 @@ def resolve_resume(resume: str | None, cfg) -> str | None:
             raise ConfigError(f"--resume auto: {str(run_dir)!r} holds no checkpoint and the config.yaml of "
                               "another run: pass another --output.dir, or start a new run there with --overwrite "
                               "instead of --resume auto")
-    return str(found) if found else None
+    return (str(found[0]), found[1]) if found else (None, None)
 
 
-def _checkpoint_config(resume: str, rest: list[str]):
+def _checkpoint_config(resume: str, rest: list[str]) -> tuple[Any, dict]:
     """`--resume RUN/last.pt` without --config: the config the checkpoint was trained with (the defaults
     would be another architecture), with the command line's overrides, continued in the checkpoint's
-    folder (where it lies now) unless --output.dir says otherwise."""
+    folder (where it lies now) unless --output.dir says otherwise; and the checkpoint, read once, for
+    the trainer."""
     from fasttrain.checkpoint import load_checkpoint
 
-    saved = load_checkpoint(resume).get("config")
+    ckpt = load_checkpoint(resume)
+    saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{resume} holds no config: pass the --config it was trained with")
-    cfg = config_with_overrides(saved, rest)  # the loaded dict is this call's own
+    # overrides are applied into a copy: the trainer compares the checkpoint's own config with the run's
+    cfg = config_with_overrides(copy.deepcopy(saved), rest)
     if not _gives_output_dir(rest):
         cfg.output.dir = str(Path(resume).parent)
     say_once(f"note: no --config given: using the config saved in {resume}")
-    return cfg
+    return cfg, ckpt
 
 
 def _gives_output_dir(rest: list[str]) -> bool:
@@ -222,8 +228,9 @@ def cmd_train(argv: list[str]) -> int:
     if problem:  # a typo or a run folder: refused before anything is read or set up
         raise ConfigError(f"--resume: {problem} (--resume auto --output.dir RUN_DIR takes the newest good "
                           "checkpoint in a run folder)")
+    read = None  # the checkpoint's content, once read here: the trainer takes it instead of reading it again
     if args.config is None and args.resume not in (None, "auto"):
-        cfg = _checkpoint_config(args.resume, rest)
+        cfg, read = _checkpoint_config(args.resume, rest)
     else:
         cfg = load_config(args.config, rest)
     _follow_a_moved_run(cfg, args, rest)
@@ -237,11 +244,13 @@ def cmd_train(argv: list[str]) -> int:
 
     dist_info = init_distributed(resolve_device(args.device).type)
     try:
-        resume = resolve_resume(args.resume, cfg)
+        resume, found = resolve_resume(args.resume, cfg)
         # --resume auto with nothing to resume starts over in a folder that holds no checkpoint
         # (resolve_resume already refused one that holds another run)
         overwrite = args.overwrite or (args.resume == "auto" and resume is None)
-        trainer = Trainer(cfg, device=args.device, resume=resume, overwrite=overwrite, dist_info=dist_info)
+        trainer = Trainer(cfg, device=args.device, resume=resume, overwrite=overwrite, dist_info=dist_info,
+                          resume_checkpoint=read or found)
+        read = found = None  # the trainer has taken what it needs: not held for the whole run
         trainer.fit()
     finally:
         shutdown(dist_info)

@@ -116,11 +116,13 @@ class Resumable:
         return "No checkpoint was written for this run."
 
     # ---------------------------------------------------------------- resuming
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, ckpt: dict | None = None) -> None:
+        """Resume from the checkpoint at `path`; `ckpt`: its content when the caller already read it."""
         # Onto the CPU: load_state_dict copies every tensor to where its owner lives, and an optimizer
         # state left on the GPU by map_location (AdamW's per-tensor `step`) would be read back with
-        # .item() on every step
-        ckpt = load_checkpoint(path, map_location="cpu")
+        # .item() on every step (load_checkpoint's default, which the callers that pass `ckpt` use too)
+        if ckpt is None:
+            ckpt = load_checkpoint(path, map_location="cpu")
         if ckpt.get("kind") == EXPORT_KIND:
             raise CheckpointError(f"{path} is an exported weights file (python -m fasttrain export): it has no "
                                   "optimizer state to resume from; evaluate it with python -m fasttrain eval "

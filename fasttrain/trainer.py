@@ -69,7 +69,11 @@ def eta_seconds(epoch_seconds: float, steps_run: int, steps_per_epoch: int, epoc
 class Trainer(Resumable):
     def __init__(self, cfg: Config, *, device: str = "auto", run_dir: str | Path | None = None,
                  resume: str | Path | None = None, overwrite: bool = False,
-                 console: RunConsole | None = None, dist_info: DistInfo | None = None):
+                 console: RunConsole | None = None, dist_info: DistInfo | None = None,
+                 resume_checkpoint: dict | None = None):
+        """`resume_checkpoint`: the content of the checkpoint file `resume`, already read and verified by the
+        caller (the CLI reads it for its config or to choose it): taken instead of reading the file again,
+        unless rank 0 chose another file."""
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         self.device = resolve_device(device, self.dist)
@@ -152,7 +156,8 @@ class Trainer(Resumable):
         self._last_saved: tuple[tuple[int, int], Path] | None = None  # ((epoch, step), path) of the newest save
         self._install_test_faults()
         if self.resume_path is not None:
-            self._load(self.resume_path)
+            same_file = resume is not None and Path(resume) == self.resume_path
+            self._load(self.resume_path, resume_checkpoint if same_file else None)
 
     def _build_data(self):
         """The run's loaders (fasttrain.data.build_data). Under torchrun with data.download on, local rank 0

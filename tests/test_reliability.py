@@ -826,6 +826,26 @@ def test_find_resume_checkpoint_order_and_failures(tmp_path, good_run):
         find_resume_checkpoint(run, warn=lambda m: None)
 
 
+def test_a_resume_reads_its_checkpoint_once(tmp_path, good_run, monkeypatch):
+    """The CLI reads the checkpoint it resumes from for its config (--resume PATH without --config) or to choose
+    it (--resume auto verifies each candidate); the trainer resumes from that content instead of reading the file
+    again. With --config and a path, the trainer alone reads it."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    last, prev, config = run / "last.pt", run / "prev.pt", str(run / "config.yaml")
+    reads, resumed = [], []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *args, **kw: reads.append(Path(f)) or real_load(f, *args, **kw))
+    monkeypatch.setattr(Trainer, "fit", lambda self: resumed.append((self.resume_path, self.start_epoch)))
+    for args, path in ((["--resume", str(prev)], prev),
+                       (["--config", config, "--resume", "auto", "--output.dir", str(run)], last),
+                       (["--config", config, "--resume", str(last)], last)):
+        reads.clear()
+        assert cli.main([*args, "--device", "cpu"]) == 0
+        assert reads == [path], args
+        assert resumed.pop() == (path, load_checkpoint(path)["epoch"]), args
+
+
 def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(good_run, tmp_path, capsys):
     """`eval --checkpoint runs/X`: the folder, not "not found" (it exists), with the checkpoints to pick."""
     with pytest.raises(CheckpointError, match=rf"is a folder, not a checkpoint: pass a checkpoint file "
