@@ -35,6 +35,10 @@ of --rows.
                  activations, the rest of the graph), fasttrain kernels (the fused SE and Lookahead-SGD),
                  eager ATen (at::native kernels), matmul, copies (memcpy/memset), other. Where the time of a
                  GPU-bound step goes: what a faster step must shrink.
+  floor          on a GPU, how fast the row's step could be at best, by a model stated in `step_floor`: its
+                 training FLOPs at the card's bf16 matrix-product rate and its batch norms' memory traffic
+                 at the card's copy bandwidth, both measured at the start of the run; the rest of the step
+                 counts as free. A step near its floor has nothing left to gain but by doing less work.
 """
 from __future__ import annotations
 
@@ -48,13 +52,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, Timer, default_result_path, parse_known_overrides, run_main, run_metadata,
-                    wide_console, write_complete, write_json)
+from common import (REPO_ROOT, Timer, copy_bandwidth_gbs, default_result_path, matmul_tflops, parse_known_overrides,
+                    run_main, run_metadata, wide_console, write_complete, write_json)
 from rich.table import Table
-from throughput import ablation, prepared_row, run_variant, unavailable_features
+from throughput import TRAIN_FLOPS_PER_FORWARD, ablation, prepared_row, run_variant, unavailable_features
 
 from fasttrain.config import ConfigError, config_to_dict, load_config
-from fasttrain.model import build_model, count_params
+from fasttrain.model import build_model, count_params, forward_flops
 from fasttrain.runtime import resolve_device, synchronize
 
 HOST_BOUND_HOST, HOST_BOUND_BUSY, GPU_BOUND_BUSY = 0.9, 0.7, 0.85  # fractions of wall time (see the doc)
@@ -75,7 +79,46 @@ KERNEL_CLASSES = (
 )
 
 
+# The floor's traffic model: passes over each batch norm's output per training step, each reading or writing
+# every element once. Forward 3: read it for the statistics, read it again and write the normalized (and
+# activated) result. Backward 5: read the incoming gradient and the input for the two reductions, read both
+# again and write the input's gradient. Fewer passes would need the norm fused into its convolution.
+NORM_PASSES = 8
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # the activations' size under each row precision
+
+
 # ------------------------------------------------------------------------------------- pure helpers
+def norm_elements_per_image(model: torch.nn.Module, image_hw: tuple[int, int] = (32, 32)) -> int:
+    """Elements of all batch-norm outputs for one image (one forward pass of the model on the CPU)."""
+    counted, training = [], model.training
+    hooks = [m.register_forward_hook(lambda _m, _i, out: counted.append(out[0].numel()))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():  # in eval mode: the norms' running statistics stay as they were
+            model.eval()(torch.zeros(1, 3, *image_hw))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    return sum(counted)
+
+
+def step_floor(train_flops: int, norm_elements: int, batch: int, element_bytes: int,
+               tflops: float | None, copy_gbs: float | None) -> dict | None:
+    """The least time a training step of `batch` images can take on a card that multiplies bf16 matrices
+    at `tflops` and copies at `copy_gbs` (bytes read + written per second): per image, `train_flops`
+    at that rate plus NORM_PASSES passes over `norm_elements` elements of `element_bytes` at that bandwidth,
+    the two not overlapping (compute-bound convolutions and memory-bound norms take turns). None without
+    both ceilings (on a CPU)."""
+    if not tflops or not copy_gbs:
+        return None
+    compute_ms = 1e3 * train_flops * batch / (tflops * 1e12)
+    norm_ms = 1e3 * NORM_PASSES * element_bytes * norm_elements * batch / (copy_gbs * 1e9)
+    step_ms = compute_ms + norm_ms
+    return {"compute_ms": compute_ms, "norm_traffic_ms": norm_ms, "step_ms": step_ms,
+            "images_per_second": 1e3 * batch / step_ms}
+
+
 def union_length(intervals) -> float:
     """Total length covered by (start, end) intervals, overlaps counted once."""
     total, cur_start, cur_end = 0.0, None, None
@@ -187,10 +230,14 @@ def profile_row(cfg, knobs, args, run_dir: Path) -> dict:
             "gpu_busy_fraction": None if busy is None else busy / wall, "verdict": verdict(wall, host, busy), **row}
 
 
-def run_row(variant, base, args, unavailable: dict[str, str], tmp: Path) -> dict:
-    """throughput.run_variant with this script's measurement; the row id under "row"."""
+def run_row(variant, base, args, unavailable: dict[str, str], tmp: Path, model: dict) -> dict:
+    """throughput.run_variant with this script's measurement, and the row's floor (`model`: the result's
+    model section, `ceilings` in it); the row id under "row"."""
     row = run_variant(variant, base, args, unavailable, resolve_device(args.device), tmp,
                       measure_row=profile_row, empty={"verdict": None})
+    knobs, ceilings = variant.knobs, model["ceilings"]
+    row["floor"] = step_floor(model["train_flops_per_image"], model["norm_elements_per_image"], knobs.batch_size,
+                              ELEMENT_BYTES[knobs.precision], ceilings["bf16_matmul_tflops"], ceilings["copy_gbs"])
     return {"row": row.pop("step"), **row}
 
 
@@ -217,6 +264,14 @@ def print_tables(result: dict) -> None:
             kernel_ms = sum(r["gpu_ms_by_class"].values())
             console.print(f"row {r['row']} (batch {r['batch_size']}): GPU time by class, per step: " + ", ".join(
                 f"{label} {ms:.2f} ms ({100 * ms / kernel_ms:.0f}%)" for label, ms in r["gpu_ms_by_class"].items()))
+        floor, ceilings = r.get("floor"), result["model"]["ceilings"]
+        if r["status"] == "ok" and floor:
+            console.print(
+                f"row {r['row']} (batch {r['batch_size']}): floor {floor['step_ms']:.2f} ms/step = "
+                f"{floor['images_per_second']:,.0f} images/s (compute {floor['compute_ms']:.2f} ms at "
+                f"{ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, batch-norm traffic {floor['norm_traffic_ms']:.2f} ms at "
+                f"{ceilings['copy_gbs']:.0f} GB/s, both measured); measured {r['wall_ms_per_step']:.2f} ms, "
+                f"{100 * floor['step_ms'] / r['wall_ms_per_step']:.0f}% of the floor's speed")
         for key, what in (("top_kernels", "device kernels"), ("top_ops", "host ops (top-level aten)")):
             if r["status"] == "ok" and r.get(key):
                 console.print(f"row {r['row']} (batch {r['batch_size']}): top {what}, per step")
@@ -268,10 +323,18 @@ def main(argv: list[str]) -> int:
     base = load_config(args.config, overrides)
     device = resolve_device(args.device)
     unavailable = unavailable_features(device, args.smoke)
+    model = build_model(replace(base.model, se_impl="torch"))
+    cuda = device.type == "cuda"
     result = {
         "benchmark": "profile_step",
         "meta": run_metadata(device, argv=["benchmarks/profile_step.py", *argv]),
-        "model": {"name": base.name, "params": count_params(build_model(replace(base.model, se_impl="torch"))),
+        "model": {"name": base.name, "params": count_params(model),
+                  "train_flops_per_image": TRAIN_FLOPS_PER_FORWARD * forward_flops(model),
+                  "norm_elements_per_image": norm_elements_per_image(model),
+                  # the card's ceilings as found, for each row's floor (measured once, before any row)
+                  "ceilings": {"bf16_matmul_tflops": matmul_tflops() if cuda else None,
+                               "copy_gbs": copy_bandwidth_gbs(device) if cuda else None,
+                               "norm_passes": NORM_PASSES},
                   "config": config_to_dict(base)},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "config")} | {"config": str(args.config)},
         "thresholds": {"host_bound_host_fraction": HOST_BOUND_HOST, "host_bound_busy_below": HOST_BOUND_BUSY,
@@ -284,7 +347,7 @@ def main(argv: list[str]) -> int:
     by_id = {v.step: v for v in ablation(args.batch, args.batch_sizes)}
     with tempfile.TemporaryDirectory(prefix="fasttrain-profile-") as tmp:
         for row_id in dict.fromkeys(args.rows):
-            result["rows"].append(run_row(by_id[row_id], base, args, unavailable, Path(tmp)))
+            result["rows"].append(run_row(by_id[row_id], base, args, unavailable, Path(tmp), result["model"]))
             write_json(out, result)  # after every row: a run stopped by a time limit keeps what it measured
     write_complete(out, result)
     print_tables(result)

@@ -27,6 +27,28 @@ def ps(repo_root):
 
 
 # ------------------------------------------------------------------------------------- pure helpers
+def test_step_floor_is_the_compute_at_the_matmul_rate_plus_the_norm_traffic_at_the_copy_bandwidth(ps):
+    floor = ps.step_floor(train_flops=10**9, norm_elements=10**6, batch=500, element_bytes=2, tflops=1000.0,
+                          copy_gbs=2000.0)
+    assert floor["compute_ms"] == pytest.approx(0.5)           # 5e11 FLOP at 1e15 FLOP/s
+    assert floor["norm_traffic_ms"] == pytest.approx(4.0)      # 8 passes x 2 bytes x 5e8 elements at 2e12 B/s
+    assert floor["step_ms"] == pytest.approx(4.5) and floor["images_per_second"] == pytest.approx(500 / 4.5e-3)
+    assert ps.step_floor(10**9, 10**6, 500, 4, 1000.0, 2000.0)["norm_traffic_ms"] == pytest.approx(8.0)  # fp32
+    assert ps.step_floor(10**9, 10**6, 500, 2, None, 2000.0) is None  # no GPU, no ceilings, no floor
+
+
+def test_norm_elements_per_image_counts_every_batch_norm_output(ps):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8))
+    assert ps.norm_elements_per_image(net) == 4 * 32 * 32 + 8 * 16 * 16
+    # the paper's network: the stem, then per stage 2 norms a block and one on the projection shortcut of
+    # stages 2 and 3: 64 channels at 32x32 (1 + 8 norms), 128 at 16x16 (9), 256 at 8x8 (7)
+    seed = build_model(load_config("configs/seed.yaml").model)
+    assert ps.norm_elements_per_image(seed) == 9 * 64 * 32 * 32 + 9 * 128 * 16 * 16 + 7 * 256 * 8 * 8 == 999_424
+    norms = [m for m in seed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert seed.training and all(int(m.num_batches_tracked) == 0 for m in norms)  # its mode back, no statistics taken
+
+
 @pytest.mark.parametrize("intervals, length", [
     ([], 0.0),
     ([(0.0, 2.0), (1.0, 3.0)], 3.0),                  # overlapping (two streams): counted once
@@ -172,6 +194,9 @@ def test_profile_step_script_on_cpu(ps, cifar_dir, tmp_path, monkeypatch, capsys
     assert [([r["row"] for r in s["rows"]], s["complete"]) for s in snapshots] == [
         (["4"], False), (["4", "5"], False), (["4", "5", "2"], False), (["4", "5", "2"], True)]
 
+    smoke_model = build_model(load_config("configs/smoke.yaml").model)
+    assert result["model"]["norm_elements_per_image"] == ps.norm_elements_per_image(smoke_model) > 0
+    assert result["model"]["ceilings"] == {"bf16_matmul_tflops": None, "copy_gbs": None, "norm_passes": 8}  # no GPU
     rows = {r["row"]: r for r in result["rows"]}
     assert rows["5"]["status"] == "skipped" and "compile" in rows["5"]["reason"] and rows["5"]["verdict"] is None
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in build_model(load_config("configs/smoke.yaml").model).modules())
@@ -190,7 +215,7 @@ def test_profile_step_script_on_cpu(ps, cifar_dir, tmp_path, monkeypatch, capsys
         assert ops["aten::conv2d"]["count_per_step"] == convs  # one top-level call per conv layer per step
         assert sum(o["ms_per_step"] for o in r["top_ops"]) < 1.5 * r["wall_ms_per_step"]
         for key in ("gpu_busy_ms_per_step", "gpu_busy_fraction", "kernels_per_step", "launches_per_step",
-                    "syncs_per_step", "top_kernels"):
+                    "syncs_per_step", "top_kernels", "floor"):
             assert r[key] is None, key
     assert rows["4"]["settings"]["channels_last"] and not rows["2"]["settings"]["channels_last"]
 
