@@ -94,7 +94,9 @@
 #   then give_back. After that: best with SEEDS=5 BEST_ARGS='--optim.lookahead_k=0' (the ablation's reading
 #   that Lookahead does not help at 80 epochs, tested on the test set, not tuned on it), the tile sweep
 #   (`tune`) and throughput ROWS=1,11@512 (inductor's autotuning inside the graph: minutes of compile, for
-#   issue 5's GPU time: at batch 512 convolutions are 5.3 ms of the step's 10.2, inductor's fusions 4.5).
+#   issue 5's GPU time: at batch 512 convolutions are 5.3 ms of the step's 10.2, inductor's fusions 4.5), then
+#   `profile` with PROFILE_ROWS=9@512,11@512: it now prints each row's floor from the card's ceilings measured
+#   there (5.81 ms at batch 512 from the ceilings on file: issue 5's 80,000 img/s is 91% of it).
 # Issues 5 and 6 state their targets on one H100: the runs that measure them (throughput, best) name
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as the first three
 # sessions did); the recipe search may run on either.
