@@ -223,8 +223,15 @@ def main(argv=None) -> int:
         if name.startswith("dali") and not dali_available():
             rows.append({"loader": name, "mode": "alone", "note": "skipped: DALI not installed"})
             continue
-        loaders[name] = factories[name]()
-        result = bench_alone(loaders[name], args.epochs, device)
+        try:
+            loader = factories[name]()
+            result = bench_alone(loader, args.epochs, device)
+        except Exception as e:  # one loader failing on this machine (a DALI operator, say) loses no other row
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            rows.append({"loader": name, "mode": "alone", "note": f"failed: {type(e).__name__}: {detail}"})
+            print(f"{name:<12} alone  failed: {type(e).__name__}: {detail}", file=sys.stderr, flush=True)
+            continue
+        loaders[name] = loader
         rows.append({"loader": name, "mode": "alone", **result})
         print(f"{name:<12} alone  {result['images_per_s']:>12,.0f} images/s", flush=True)
 

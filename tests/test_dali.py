@@ -600,6 +600,26 @@ def test_benchmark_cpu_smoke(tmp_path, capsys):
     assert "images/s" in printed and printed.rstrip().splitlines()[-1] == f"wrote {out}"
 
 
+@needs_dali
+def test_benchmark_a_loader_that_fails_loses_no_other_row(tmp_path, capsys, monkeypatch):
+    """A graph that this machine's DALI cannot run (here: made to fail) is a row saying so; the others are
+    measured and the target is theirs."""
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("warp_affine: per-frame matrices are not supported here\nmore detail")
+
+    monkeypatch.setattr(DaliLoader, "_sequence_graph", unsupported)
+    out = tmp_path / "loader.json"
+    assert _bench_module().main(["--cpu-smoke", "--images", "128", "--batch-size", "32", "--epochs", "1",
+                                 "--no-train", "--loaders", "dali,dali-seq,torch", "--out", str(out)]) == 0
+    rows = {r["loader"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["dali-seq"] == {"loader": "dali-seq", "mode": "alone", "note": "failed: RuntimeError: warp_affine: "
+                                "per-frame matrices are not supported here"}
+    assert rows["dali"]["images_per_s"] > 0 and rows["torch"]["images_per_s"] > 0
+    target = json.loads(out.read_text())["target"]
+    assert (target["loader"], target["measured"]) == ("dali", rows["dali"]["images_per_s"])
+    assert "dali-seq     alone  failed: RuntimeError" in capsys.readouterr().err
+
+
 def test_benchmark_refuses_without_cuda(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _bench_module().main([]) != 0
