@@ -20,7 +20,7 @@ from torch import nn
 
 import fasttrain.data
 from fasttrain.data import dali as dali_mod
-from fasttrain.data.dali import DaliLoader, DaliUnavailableError, dali_available, epoch_plan
+from fasttrain.data.dali import GRAPHS, DaliLoader, DaliUnavailableError, dali_available, epoch_plan
 from fasttrain.data.loader_torch import TorchLoader
 
 # The README's test command installs the dali extra: without it these tests fail (never skip),
@@ -43,6 +43,11 @@ def loader(x, y, **kw) -> DaliLoader:
     args = dict(batch_size=32, train=True, device="cpu", mean=MEAN, std=STD)
     args.update(kw)
     return DaliLoader(x, y, **args)
+
+
+def loader_of(graph: str, x, y, **kw) -> DaliLoader:
+    """`loader` with one of DALI's two graphs: the protocol's tests run through both."""
+    return loader(x, y, graph=graph, **kw)
 
 
 def reference_normalize(x_nhwc: np.ndarray) -> torch.Tensor:
@@ -377,9 +382,10 @@ def test_epoch_covers_each_image_once_and_reshuffles():
 
 
 @needs_dali
-def test_same_seed_same_batches_and_resume():
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_same_seed_same_batches_and_resume(graph):
     x, y = random_images(160, seed=6), np.arange(160)
-    a, b = loader(x, y, seed=9), loader(x, y, seed=9)
+    a, b = loader_of(graph, x, y, seed=9), loader_of(graph, x, y, seed=9)
     for epoch in (0, 1):
         a.set_epoch(epoch)
         b.set_epoch(epoch)
@@ -387,11 +393,11 @@ def test_same_seed_same_batches_and_resume():
         assert len(pairs) == len(a) > 0
         for (ai, al), (bi, bl) in pairs:
             assert torch.equal(al, bl) and torch.equal(ai, bi)
-    other = collect(loader(x, y, seed=10))[1]
-    first = collect(loader(x, y, seed=9))[1]
+    other = collect(loader_of(graph, x, y, seed=10))[1]
+    first = collect(loader_of(graph, x, y, seed=9))[1]
     assert not torch.equal(first, other)
     # without set_epoch each pass moves on; set_epoch(e) replays epoch e exactly (resume)
-    c = loader(x, y, seed=9)
+    c = loader_of(graph, x, y, seed=9)
     e0, e1 = collect(c), collect(c)
     assert not torch.equal(e0[1], e1[1])
     c.set_epoch(1)
@@ -419,13 +425,14 @@ def test_two_ranks_get_disjoint_shards_that_cover_the_epoch():
 
 
 @needs_dali
-def test_an_abandoned_epoch_does_not_leak_into_the_next():
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_an_abandoned_epoch_does_not_leak_into_the_next(graph):
     x, y = random_images(256, seed=8), np.arange(256)
-    dl = loader(x, y, seed=1, prefetch=3)
+    dl = loader_of(graph, x, y, seed=1, prefetch=3)
     it = iter(dl)
     next(it), next(it)  # break off after two batches of epoch 0
     dl.set_epoch(4)
-    fresh = loader(x, y, seed=1)
+    fresh = loader_of(graph, x, y, seed=1)
     fresh.set_epoch(4)
     got, want = collect(dl), collect(fresh)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
@@ -434,7 +441,8 @@ def test_an_abandoned_epoch_does_not_leak_into_the_next():
 
 
 @needs_dali
-def test_an_abandoned_epoch_is_drained_of_its_prefetched_batches_only(monkeypatch):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_an_abandoned_epoch_is_drained_of_its_prefetched_batches_only(graph, monkeypatch):
     """Breaking off an epoch costs at most the `prefetch` batches DALI already started: the next epoch's
     drain stops the callbacks instead of running the rest of the old epoch (97 batches of 512 for
     CIFAR-10's training set) through the pipeline. Counted at the image callback, by epoch."""
@@ -448,7 +456,7 @@ def test_an_abandoned_epoch_is_drained_of_its_prefetched_batches_only(monkeypatc
 
     monkeypatch.setattr(dali_mod._Feeder, "images_batch", counting)
     x, y = random_images(512, seed=8), np.arange(512)
-    dl = loader(x, y, seed=1, prefetch=3)
+    dl = loader_of(graph, x, y, seed=1, prefetch=3)
     assert len(dl) == 16
     it = iter(dl)
     next(it), next(it)
@@ -460,11 +468,12 @@ def test_an_abandoned_epoch_is_drained_of_its_prefetched_batches_only(monkeypatc
 
 
 @needs_dali
-def test_an_evaluation_rank_without_images_yields_no_batches():
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_an_evaluation_rank_without_images_yields_no_batches(graph):
     """More ranks than evaluation images: the empty shard's loader is built and yields nothing (evaluate
     sums the counts across ranks), the others yield their image each, as TorchLoader does."""
     x = random_images(3)
-    shards = [loader(x, np.arange(3), batch_size=2, train=False, rank=r, world_size=4) for r in range(4)]
+    shards = [loader_of(graph, x, np.arange(3), batch_size=2, train=False, rank=r, world_size=4) for r in range(4)]
     assert [(s.num_samples, len(s)) for s in shards] == [(0, 0), (1, 1), (1, 1), (1, 1)]
     assert [[labels.tolist() for _, labels in s] for s in shards] == [[], [[0]], [[1]], [[2]]]
 
