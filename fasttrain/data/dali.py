@@ -27,15 +27,17 @@ Design
   2-core CPU, DALI 2.4.0; its GPU gain is measured by benchmarks/bench_loader.py.)
 * **Two graphs** (`graph`, the config's ``data.dali_graph``). ``samples`` (the default): each image
   is one DALI sample, cropped, flipped and normalised by the one operator above. ``sequence``: the
-  whole batch is ONE sample, a sequence of frames (layout ``FHWC``), so DALI's executor and its
-  operators' per-sample work on the host (argument handling, kernel set-up) run once a batch,
-  not once an image: `fn.warp_affine` with one matrix per frame (`fn.per_frame`), nearest-pixel,
+  whole batch is ONE sample, a sequence of frames (layout ``FHWC``), so DALI's executor handles
+  one sample a batch, not 512, and less of the operators' host work (argument inputs, set-up) is
+  per image: `fn.warp_affine` with one matrix per frame (`fn.per_frame`), nearest-pixel,
   does the crop (a whole-pixel translation whose outside reads 0: the zero padding, so the images
   are stored unpadded) and the flip (x -> W - x at pixel centres), then `fn.crop_mirror_normalize`
   normalises the sequence and `fn.erase` takes every frame's cutout box as one region of it. Both
   graphs yield the same batches to the bit (tests/test_dali.py); which is faster on a GPU is for
   benchmarks/bench_loader.py to say (``dali`` against ``dali-seq``). On DALI's 2-core CPU backend
-  the two are even (3.9 ms a batch of 512): there the pixels, not the per-sample work, dominate.
+  the two are even on CIFAR's images (3.9 ms a batch of 512: the pixels dominate there); on 4x4
+  images, where the per-image overhead is nearly all, the sequence graph takes 1.3 ms a batch of
+  512 against 2.5 (CPU timings by hand, 2026-11-27).
 * **How the crop stays discrete.** The offsets ``(dy, dx)`` are drawn uniformly from the ``2p + 1``
   integers per axis, so all ``(2p + 1)^2`` positions are equally likely, and each is handed to
   the operator as the exact position ``(dy + p) / 2p``, which DALI turns back into the window's
