@@ -666,6 +666,8 @@ def test_build_data(tmp_path):
         assert (cut.train.cutout, cut.val.cutout, cut.test.cutout) == (8, 0, 0), loader
     graphs = build_data(data_cfg(tmp_path, loader="dali", dali_graph="sequence"), batch_size=32, **common)
     assert (graphs.train.graph, graphs.val.graph, graphs.test.graph) == ("sequence",) * 3  # DALI's every loader
+    assert graphs.source.endswith("; loader DaliLoader (sequence graph)")  # the run's summary names the graph
+    assert bundle.source.endswith("; loader TorchLoader")
     with pytest.raises(DataError, match=r"batch_size=64 is larger than .*\(90 images / 2 rank\(s\) = 45\)"):
         build_data(data_cfg(tmp_path), batch_size=64, rank=1, world_size=2, **common)
     with pytest.raises(DataError, match="data.loader must be auto, dali or torch"):

@@ -73,15 +73,17 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
     common = dict(device=device, dtype=dtype, mean=data_cfg.mean, std=data_cfg.std, channels_last=channels_last,
                   crop_padding=data_cfg.crop_padding, flip=data_cfg.flip, flip_mode=data_cfg.flip_mode, seed=seed,
                   rank=rank, world_size=world_size)
+    loader_name = loader_class.__name__
     if loader_class is not TorchLoader:  # DALI's own switch (config: "data.loader dali only")
         common["graph"] = getattr(data_cfg, "dali_graph", "samples")
+        loader_name += f" ({common['graph']} graph)"
     test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
     if test_only:
         return DataBundle(train=None, val=None, test=test, classes=arrays.classes, test_images=len(test_x),
-                          source=f"{arrays.source}; test {len(test_x)} images; loader {loader_class.__name__}")
+                          source=f"{arrays.source}; test {len(test_x)} images; loader {loader_name}")
     train = loader_class(train_x, train_y, batch_size=batch_size, train=True, cutout=data_cfg.cutout, **common)
     val = None if val_x is None else loader_class(val_x, val_y, batch_size=eval_batch_size, train=False, **common)
     source = (f"{arrays.source}; train {len(train_x)}, val {0 if val_x is None else len(val_x)}, "
-              f"test {len(test_x)} images; loader {loader_class.__name__}")
+              f"test {len(test_x)} images; loader {loader_name}")
     return DataBundle(train=train, val=val, test=test, classes=arrays.classes, source=source,
                       test_images=len(test_x), train_images=train_x)
