@@ -189,6 +189,11 @@ def profile(d: Path) -> list[str]:
         if by_class:
             lines.append("         GPU ms by class: " + ", ".join(f"{label} {ms:.2f}" for label, ms in
                                                                list(by_class.items())[:4]))
+        floor = r.get("floor")  # older files have none
+        if floor:
+            lines.append(f"         floor {floor['step_ms']:.2f} ms ({floor['compute_ms']:.2f} compute + "
+                         f"{floor['norm_traffic_ms']:.2f} norm traffic) = {floor['images_per_second']:,.0f} img/s; "
+                         f"the step runs at {100 * floor['step_ms'] / r['wall_ms_per_step']:.0f}% of it")
     return lines
 
 

@@ -490,7 +490,8 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
         {"row": "7", "batch_size": 128, "status": "ok", "reason": None, "wall_ms_per_step": 10.5,
          "host_ms_per_step": 10.25, "gpu_busy_ms_per_step": 3.125, "kernels_per_step": 412.0,
          "syncs_per_step": 0.0, "verdict": "host-bound", "gpu_ms_by_class": {
-             "convolution": 2.0, "compiled fusions": 0.75, "eager ATen": 0.25, "copies": 0.125, "other": 0.0625}},
+             "convolution": 2.0, "compiled fusions": 0.75, "eager ATen": 0.25, "copies": 0.125, "other": 0.0625},
+         "floor": {"compute_ms": 1.5, "norm_traffic_ms": 1.125, "step_ms": 2.625, "images_per_second": 48761.9}},
         {"row": "9", "batch_size": 128, "status": "skipped", "reason": "CUDA graphs need a CUDA GPU"}]}))
     (d / "odd.json").write_text("[1, 2]")  # not a result file: ignored, never a crash
     (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\nseed\t137\t70\n")
@@ -509,6 +510,8 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     assert "  7      b128   10.50 / 10.25 / 3.12 ms, 412 kernels, 0.0 syncs: host-bound" in text
     assert ("         GPU ms by class: convolution 2.00, compiled fusions 0.75, eager ATen 0.25, copies 0.12\n"
             in text)  # the four largest
+    assert ("         floor 2.62 ms (1.50 compute + 1.12 norm traffic) = 48,762 img/s; the step runs at 25% of it\n"
+            in text)
     assert "  9      skipped: CUDA graphs need a CUDA GPU" in text
     assert "bench_se    stem 512x64x32x32 fwd+bwd ms: triton 0.200 (2.50x), eager-ref 0.500, compiled-ref 0.250 (2.00x)" in text
     assert "gpu tests   1 failed, 96 passed, 276 deselected in 58.21s" in text and "failed: tests/test_x.py::test_y" in text
