@@ -846,6 +846,25 @@ def test_a_resume_reads_its_checkpoint_once(tmp_path, good_run, monkeypatch):
         assert resumed.pop() == (path, load_checkpoint(path)["epoch"]), args
 
 
+def test_a_checkpoint_read_for_another_file_than_rank_0_chose_is_not_used(tmp_path, good_run, monkeypatch):
+    """Under torchrun the run resumes from rank 0's choice (broadcast): a rank whose CLI read another file (its
+    --resume auto looked at the folder a moment apart) drops what it read and reads rank 0's file itself."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    last, prev = run / "last.pt", run / "prev.pt"
+    assert load_checkpoint(last)["epoch"] != load_checkpoint(prev)["epoch"]
+    real_broadcast = trainer_module.broadcast_object
+    monkeypatch.setattr(trainer_module, "broadcast_object",  # rank 0 chose last.pt where this rank found prev.pt
+                        lambda obj, dist: last if obj == prev else real_broadcast(obj, dist))
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *args, **kw: reads.append(Path(f)) or real_load(f, *args, **kw))
+    cfg = load_config(run / "config.yaml", ["--output.dir", str(run)])
+    trainer = Trainer(cfg, device="cpu", resume=prev, resume_checkpoint=load_checkpoint(prev), console=quiet())
+    assert trainer.resume_path == last and trainer.start_epoch == load_checkpoint(last)["epoch"]
+    assert reads[:2] == [prev, last]  # this rank's own read (the test's), then rank 0's file, read by the trainer
+
+
 def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(good_run, tmp_path, capsys):
     """`eval --checkpoint runs/X`: the folder, not "not found" (it exists), with the checkpoints to pick."""
     with pytest.raises(CheckpointError, match=rf"is a folder, not a checkpoint: pass a checkpoint file "
