@@ -260,7 +260,8 @@ def main(argv=None) -> int:
             print(f"{name:<12} train  {result['images_per_s']:>12,.0f} images/s", flush=True)
 
     # the target's figure: the faster DALI graph alone, device-resident (the one data.dali_graph would then name)
-    best = max((r for r in rows if r["loader"] in ("dali", "dali-seq") and r["mode"] == "alone" and "images_per_s" in r),
+    best = max((r for r in rows
+                if r["loader"] in ("dali", "dali-seq") and r["mode"] == "alone" and "images_per_s" in r),
                key=lambda r: r["images_per_s"], default=None)
     dali_alone = None if best is None else best["images_per_s"]
     meta = run_metadata(device, flat=True,

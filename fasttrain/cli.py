@@ -20,10 +20,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_path_problem
-from fasttrain.config import (ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
+from fasttrain.config import (Config, ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
                               load_config)
 from fasttrain.files import file_error_message
 from fasttrain.ranks import place_in_the_job, prints_here, say_once
@@ -158,7 +157,7 @@ def resolve_resume(resume: str | None, cfg) -> tuple[str | None, dict | None]:
     return (str(found[0]), found[1]) if found else (None, None)
 
 
-def _checkpoint_config(resume: str, rest: list[str]) -> tuple[Any, dict]:
+def _checkpoint_config(resume: str, rest: list[str]) -> tuple[Config, dict]:
     """`--resume RUN/last.pt` without --config: the config the checkpoint was trained with (the defaults
     would be another architecture), with the command line's overrides, continued in the checkpoint's
     folder (where it lies now) unless --output.dir says otherwise; and the checkpoint, read once, for

@@ -437,7 +437,8 @@ class DaliLoader:
             pos_y, pos_x = fn.external_source(source=feeder.crop_pos_batch, batch=True, num_outputs=2,
                                               dtype=[types.FLOAT, types.FLOAT], ndim=[0, 0])
             crop = dict(crop_h=height, crop_w=width, crop_pos_y=pos_y, crop_pos_x=pos_x)
-        mirror = fn.external_source(source=feeder.mirror_batch, batch=True, dtype=types.INT32, ndim=0) if self.flip else 0
+        mirror = (fn.external_source(source=feeder.mirror_batch, batch=True, dtype=types.INT32, ndim=0)
+                  if self.flip else 0)
         return fn.crop_mirror_normalize(imgs, mirror=mirror, **crop, **norm,
                                         output_layout="HWC" if self._nhwc else "CHW")
 
