@@ -105,7 +105,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"                # sgd | adamw
+    name: str = "sgd"                # sgd | adamw | muon (Muon on the conv filters, SGD on the rest: fasttrain/muon.py)
     impl: str = "torch"              # torch | fused (one-launch Lookahead-SGD, fasttrain.kernels)
     lr: float = 0.1                  # peak learning rate (per the global batch, see README)
     momentum: float = 0.9            # SGD momentum (AdamW: beta1 comes from `betas`)
@@ -122,6 +122,8 @@ class OptimConfig:
     warmup_epochs: float = 0.0       # linear warmup, in epochs (fractions allowed): step i of W at lr x (i+1)/W
     final_lr_frac: float = 0.0       # lr at the end, as a fraction of `lr`
     label_smoothing: float = 0.0     # cross-entropy label smoothing, 0-1 (0: off, the paper's recipe)
+    muon_lr: float = 0.05            # muon only: the conv filters' peak learning rate (optim.lr: the rest's)
+    muon_momentum: float = 0.95      # muon only: the conv filters' (Nesterov) momentum
 
 
 @dataclass
@@ -190,7 +192,7 @@ CHOICES = {
     "model.se_placement": ("stem", "blocks"),
     "model.se_impl": ("torch", "triton"),
     "model.stem_init": ("kaiming", "whiten"),
-    "optim.name": ("sgd", "adamw"),
+    "optim.name": ("sgd", "adamw", "muon"),
     "optim.impl": ("torch", "fused"),
     "optim.clip": ("none", "value", "norm"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -649,6 +651,11 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "0 <= ls < 1")
     _require(o.impl == "torch" or o.name == "sgd", "optim.impl", o.impl,
              "the fused step implements SGD only: use optim.name sgd or optim.impl torch")
+    _require(0 < o.muon_lr <= FLOAT32_MAX, "optim.muon_lr", o.muon_lr, f"must be > 0 and at most {F32_MAX_SHOWN}")
+    _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "0 <= momentum < 1")
+    _require(o.name != "muon" or o.lookahead_k == 0, "optim.lookahead_k", o.lookahead_k,
+             "must be 0 with optim.name muon (Lookahead's every-k-steps sync would sit on the host, outside a "
+             "CUDA graph): pass --optim.lookahead_k 0")
 
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _validate_batch(d, t)

@@ -12,7 +12,8 @@ What it needs (`graph_problems` lists what a config lacks, before anything is bu
   least 11 eager DDP iterations run before capture (`DDP_WARMUP_ITERS`), every rank captures the same
   step and replays it in lockstep, and capture is thread-local (NCCL's watchdog thread polls events
   meanwhile). Not combined with train.sync_bn;
-* `optim.impl: fused`: its learning rate, step counter and Lookahead condition live in device memory.
+* `optim.impl: fused` (or `optim.name: muon`): its learning rate, step counter and Lookahead condition live
+  in device memory.
   torch.optim.SGD passes the learning rate to its kernels as a Python float, which a graph would
   freeze at its capture value, and fasttrain's Python Lookahead decides on the host;
 * bf16 or fp32: fp16's GradScaler reads its found-inf flag on the host every step;
@@ -52,9 +53,10 @@ def graph_problems(cfg, world_size: int, precision: str) -> list[str]:
     if world_size > 1 and cfg.train.sync_bn:
         problems.append("it is not combined with train.sync_bn (SyncBatchNorm's collectives inside forward "
                         "and backward are untried under capture): pass --train.sync_bn false")
-    if cfg.optim.impl != "fused":  # the fused step is SGD's only (config.validate): name both switches then
+    if cfg.optim.impl != "fused" and cfg.optim.name != "muon":  # the fused step is SGD's only (config.validate)
         fix = ("--optim.impl fused" if cfg.optim.name == "sgd" else
-               f"the fused SGD step, and optim.name {cfg.optim.name} has none: pass --optim.name sgd --optim.impl fused")
+               f"the fused SGD step (or optim.name muon), and optim.name {cfg.optim.name} has none: pass "
+               "--optim.name sgd --optim.impl fused")
         problems.append(f"it needs {fix} (torch.optim takes the learning rate as a Python float, which a captured "
                         "graph would freeze)")
     if precision == "fp16":

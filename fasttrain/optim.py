@@ -110,8 +110,16 @@ def param_groups(params: list[nn.Parameter], cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW, with Lookahead when k > 0, or the fused one-launch Lookahead-SGD."""
-    params = param_groups([p for p in params if p.requires_grad], cfg)
+    """SGD or AdamW, with Lookahead when k > 0, the fused one-launch Lookahead-SGD, or Muon (fasttrain/muon.py)."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "muon":  # config.validate: impl torch, no Lookahead
+        from fasttrain.muon import Muon, is_filter_bank, muon_param_groups
+
+        others = param_groups([p for p in params if not is_filter_bank(p)], cfg)
+        groups = muon_param_groups(params, others, lr=cfg.lr, muon_lr=cfg.muon_lr,
+                                   muon_momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
+        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    params = param_groups(params, cfg)
     if cfg.impl == "fused":
         from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD
 
@@ -190,7 +198,7 @@ class LRSchedule:
     def apply(self) -> float:
         lr = self.lr_at(self.step_count)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's filters: optim.muon_lr / optim.lr
         return lr
 
     def step(self) -> float:

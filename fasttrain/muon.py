@@ -1,0 +1,177 @@
+"""`optim.name: muon`: Muon for the convolutions' filters, Nesterov SGD for every other parameter.
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks"; the CIFAR-10
+speedrun's optimizer since airbench94_muon) takes SGD's momentum update of a weight matrix and replaces it
+by the nearest semi-orthogonal matrix, U V^T of its singular value decomposition U S V^T: every direction
+the update moves in gets the same step, instead of the few dominant ones that a raw gradient favours. A
+filter bank [out, in, kh, kw] is the matrix [out, in * kh * kw]. Per filter bank, step t::
+
+    buf = mu * buf + g                      (g: the gradient; buf starts at 0)
+    d   = g + mu * buf  (Nesterov)  or  buf
+    O   = orthogonalize(d as [out, in*kh*kw])
+    p   = p * (1 - lr * wd) - lr * sqrt(max(1, rows / cols)) * O      (decoupled weight decay)
+
+`orthogonalize` runs five Newton-Schulz iterations (the quintic with coefficients 3.4445, -4.7750, 2.0315
+from the Muon write-up) on the matrix scaled to Frobenius norm 1: they push its singular values towards 1
+(into roughly 0.7..1.2, which is all Muon needs) with matrix products only, no SVD. On a GPU they run in
+bf16 (the products of a step take microseconds); elsewhere in fp32. Filter banks of one shape are
+orthogonalized together, as one batched product.
+
+Everything else (BN scales and shifts, the SE block's and the head's linear layers: parameters that are not
+filter banks) takes torch.optim.SGD's update with `optim.lr`, `optim.momentum`, `optim.nesterov` and
+`optim.weight_decay` (L2, as SGD; not on 1-D parameters with optim.decay_norm_and_bias false). The filters'
+learning rate is `optim.muon_lr`, their momentum `optim.muon_momentum`; the schedule scales both learning
+rates alike (each group's ``lr_scale``).
+
+For train.cuda_graph: the learning rates live in device tensors, written by `_sync_hyperparameters` (the
+trainer calls it outside the graph before each replay; an eager step calls it itself), and the momentum
+buffers exist from construction, so the graph's warmup and capture find every tensor a step changes. No
+step reads a tensor back to the host. Lookahead is not combined with it (config.validate refuses it): its
+every-k-steps decision would sit on the host.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+# the quintic Newton-Schulz iteration's coefficients (Muon's write-up): x <- A x + (B xx^T + C (xx^T)^2) x
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def is_filter_bank(p: torch.Tensor) -> bool:
+    """The parameters Muon updates: convolution weights [out, in, kh, kw]."""
+    return p.ndim == 4
+
+
+@torch.no_grad()
+def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An approximately semi-orthogonal matrix near U V^T for each matrix of `m` ([..., rows, cols]), in
+    `dtype`: `steps` Newton-Schulz iterations on m / ||m||_F (run on the wide orientation, so the
+    products are the small rows x rows ones)."""
+    a, b, c = NS_COEFFICIENTS
+    x = m.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now <= 1, where the iteration converges
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on the groups marked ``muon: True`` (filter banks), Nesterov/momentum SGD on the others.
+
+    Group keys: lr (set by the schedule), lr_scale (the schedule multiplies its rate by it), momentum,
+    nesterov, weight_decay (decoupled on Muon's groups, L2 on the others), muon. State per parameter:
+    ``momentum_buffer`` (torch.optim.SGD's name and layout), created at construction."""
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
+                 weight_decay: float = 0.0):
+        defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        muon=False)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["muon"] and not all(is_filter_bank(p) for p in group["params"]):
+                raise ValueError("Muon's groups hold convolution filters [out, in, kh, kw] only")
+        self._lr_tensors: list[torch.Tensor | None] = []
+        self._lr_keys: list[float | None] = []
+        self._build()
+
+    def _build(self) -> None:
+        """Momentum buffers for every parameter (kept if loaded) and one device lr tensor per group.
+        `build_count` counts the builds: a captured CUDA graph holds the old tensors' addresses."""
+        self.build_count = getattr(self, "build_count", 0) + 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._lr_tensors = [torch.zeros((), dtype=torch.float32, device=g["params"][0].device) if g["params"]
+                            else None for g in self.param_groups]
+        self._lr_keys = [None] * len(self.param_groups)
+        self._sync_hyperparameters()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_lr_tensors"):  # after __init__: a new group gets its buffers and lr tensor
+            self._build()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._build()  # the base class replaced the state's tensors: new addresses
+
+    def _sync_hyperparameters(self) -> None:
+        """Each group's lr into its device tensor, where it changed: no host sync, and nothing to do inside a
+        CUDA-graph capture (the trainer syncs just before it), where a write would be frozen into the graph."""
+        for i, group in enumerate(self.param_groups):
+            lr = float(group["lr"])
+            if self._lr_tensors[i] is None or self._lr_keys[i] == lr:
+                continue
+            t = self._lr_tensors[i]
+            if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("Muon's learning rate changed during CUDA graph capture: call "
+                                   "_sync_hyperparameters() before capturing")
+            t.fill_(lr)
+            self._lr_keys[i] = lr
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_hyperparameters()
+        for group, lr in zip(self.param_groups, self._lr_tensors):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            directions = self._momentum_directions(group, params)
+            if group["muon"]:
+                self._muon_update(group, params, directions, lr)
+            else:
+                torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
+        return loss
+
+    def _momentum_directions(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """buf = mu buf + g, then g + mu buf (Nesterov) or buf; g takes the L2 term on SGD's groups."""
+        grads = [p.grad for p in params]
+        mu, wd = group["momentum"], group["weight_decay"]
+        if wd != 0 and not group["muon"]:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        if mu == 0:
+            return grads
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+
+    @staticmethod
+    def _muon_update(group: dict, params: list[torch.Tensor], directions: list[torch.Tensor],
+                     lr: torch.Tensor) -> None:
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        ns_dtype = torch.bfloat16 if params[0].device.type == "cuda" else torch.float32
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_shape[(p.shape[0], p[0].numel())].append(i)
+        for (rows, cols), members in by_shape.items():
+            stacked = torch.stack([directions[i].reshape(rows, cols) for i in members])
+            ortho = orthogonalize(stacked, dtype=ns_dtype).to(params[0].dtype)
+            step = lr * math.sqrt(max(1.0, rows / cols))
+            updates = [(o * step).reshape(params[i].shape) for o, i in zip(ortho.unbind(0), members)]
+            torch._foreach_sub_([params[i] for i in members], updates)
+
+
+def muon_param_groups(params: list[nn.Parameter], groups_for_others: list[dict], *, lr: float, muon_lr: float,
+                      muon_momentum: float, weight_decay: float) -> list[dict]:
+    """Muon's group (the filter banks of `params`) first, then `groups_for_others` (the rest, grouped by the
+    weight-decay rule) as SGD's groups. The order is fixed, so checkpoints pair up."""
+    filters = [p for p in params if is_filter_bank(p)]
+    muon = [{"params": filters, "muon": True, "lr_scale": muon_lr / lr, "momentum": muon_momentum,
+             "nesterov": True, "weight_decay": weight_decay}] if filters else []
+    return muon + groups_for_others
