@@ -172,6 +172,6 @@ def muon_param_groups(params: list[nn.Parameter], groups_for_others: list[dict],
     """Muon's group (the filter banks of `params`) first, then `groups_for_others` (the rest, grouped by the
     weight-decay rule) as SGD's groups. The order is fixed, so checkpoints pair up."""
     filters = [p for p in params if is_filter_bank(p)]
-    muon = [{"params": filters, "muon": True, "lr_scale": muon_lr / lr, "momentum": muon_momentum,
+    muon = [{"params": filters, "muon": True, "lr": muon_lr, "lr_scale": muon_lr / lr, "momentum": muon_momentum,
              "nesterov": True, "weight_decay": weight_decay}] if filters else []
     return muon + groups_for_others

@@ -1,0 +1,235 @@
+"""optim.name muon (fasttrain/muon.py) against references written from its formulas; on a GPU, its step as a
+CUDA graph against the eager step."""
+import math
+
+import pytest
+import torch
+
+from fasttrain.config import ConfigError, OptimConfig, load_config
+from fasttrain.graph import graph_problems
+from fasttrain.muon import NS_COEFFICIENTS, Muon, muon_param_groups, orthogonalize
+from fasttrain.optim import LRSchedule, build_optimizer
+from fasttrain.trainer import Trainer
+from test_train import quiet, tiny_config
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (7, 5), (64, 576), (128, 64), (3, 16, 144), (1, 1)],
+                         ids=["wide", "tall", "filters-64x3x3", "shortcut-tall", "batched", "1x1"])
+def test_orthogonalize_keeps_the_singular_vectors_and_pulls_the_singular_values_towards_1(shape):
+    """Newton-Schulz changes only the singular values (U f(S) V^T): U^T O V is diagonal, and the quintic's
+    five steps leave them in about 0.68..1.13 (from ~1e-2 x the largest up), whatever the input's scale."""
+    torch.manual_seed(0)
+    m = torch.randn(shape, dtype=torch.float64) * 37.0
+    o = orthogonalize(m, dtype=torch.float64)
+    assert o.shape == m.shape and o.dtype == torch.float64
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    core = u.mT @ o @ vh.mT  # [.., k, k]: diagonal iff O shares m's singular vectors
+    diag = torch.diagonal(core, dim1=-2, dim2=-1)
+    off = core - torch.diag_embed(diag)
+    assert off.abs().max() < 1e-6
+    kept = s >= 1e-2 * s[..., :1]  # tiny singular values rise slowly from 0 (Muon does not care)
+    assert diag[kept].min() > 0.6 and diag.max() < 1.2
+
+
+def test_orthogonalize_is_the_documented_quintic():
+    """One step by hand: x <- a x + (b xx^T + c (xx^T)^2) x on x / ||x||_F."""
+    torch.manual_seed(1)
+    m = torch.randn(4, 9, dtype=torch.float64)
+    a, b, c = NS_COEFFICIENTS
+    x = m / (m.norm() + 1e-7)
+    g = x @ x.T
+    torch.testing.assert_close(orthogonalize(m, steps=1, dtype=torch.float64), a * x + (b * g + c * g @ g) @ x)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 1, bias=False),  # a 1x1 shortcut-like bank: 16 x 8 is tall
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4))
+
+
+def _batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(n)]
+
+
+def _train(net, opt, batches, lrs=None):
+    for i, (x, y) in enumerate(batches):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[i] * group.get("lr_scale", 1.0)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True):
+    params = list(net.parameters())
+    others = [{"params": [p for p in params if p.ndim != 4]}]
+    groups = muon_param_groups(params, others, lr=lr, muon_lr=muon_lr, muon_momentum=0.95, weight_decay=wd)
+    return Muon(groups, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=wd)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_its_formulas_step_by_step(nesterov):
+    """Filters: buf = mu buf + g; d = g + mu buf; p = p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(d); the rest:
+    torch.optim.SGD's update (L2, momentum, Nesterov as configured), with the lr changing every step."""
+    net, ref = _net(), _net()
+    opt = _muon(net, nesterov=nesterov)
+    lr_scale = 0.05 / 0.1
+    ref_others = torch.optim.SGD([p for p in ref.parameters() if p.ndim != 4], lr=0.1, momentum=0.9,
+                                 nesterov=nesterov, weight_decay=5e-4)
+    ref_filters = [p for p in ref.parameters() if p.ndim == 4]
+    bufs = [torch.zeros_like(p) for p in ref_filters]
+    lrs = [0.1, 0.05, 0.2, 0.01]
+    batches = _batches(len(lrs))
+    _train(net, opt, batches, lrs)
+    for lr, (x, y) in zip(lrs, batches):
+        ref.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        for group in ref_others.param_groups:
+            group["lr"] = lr
+        ref_others.step()
+        with torch.no_grad():
+            for p, buf in zip(ref_filters, bufs):
+                buf.mul_(0.95).add_(p.grad)
+                d = p.grad + 0.95 * buf
+                rows, cols = p.shape[0], p[0].numel()
+                o = orthogonalize(d.reshape(rows, cols)).reshape(p.shape)
+                p.mul_(1 - lr * lr_scale * 5e-4).sub_(lr * lr_scale * math.sqrt(max(1.0, rows / cols)) * o)
+    for (name, a), b in zip(ref.named_parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=name)
+    for p, buf in zip([p for p in net.parameters() if p.ndim == 4], bufs):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf, atol=2e-6, rtol=1e-5)
+
+
+def test_muon_buffers_exist_from_construction_in_the_parameters_layout():
+    """A CUDA graph's warmup snapshot and capture must find every tensor a step changes before the first
+    step: zero momentum buffers with each parameter's strides (channels_last filters stay channels_last)."""
+    net = _net().to(memory_format=torch.channels_last)
+    opt = _muon(net)
+    for p in net.parameters():
+        buf = opt.state[p]["momentum_buffer"]
+        assert buf.stride() == p.stride() and not buf.any()
+    assert opt.build_count == 1
+
+
+def test_muon_state_dict_resumes_the_same_trajectory():
+    """3 steps, save, a fresh net and optimizer load it, 3 more == 6 steps straight; the load rebuilds
+    (build_count: a captured graph would hold the old buffers' addresses)."""
+    batches = _batches(6)
+    net = _net()
+    opt = _muon(net)
+    _train(net, opt, batches)
+    other = _net(seed=5)
+    opt2 = _muon(other)
+    half = _net()
+    opt_half = _muon(half)
+    _train(half, opt_half, batches[:3])
+    other.load_state_dict(half.state_dict())
+    opt2.load_state_dict(opt_half.state_dict())
+    assert opt2.build_count == 2
+    _train(other, opt2, batches[3:])
+    for a, b in zip(net.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_unchanged_lr_is_not_written_again_and_a_changed_one_is():
+    """The lr reaches its device tensor only when it changes (what keeps a CUDA-graph capture free of writes)."""
+    net = _net()
+    opt = _muon(net)
+    tensors = opt._lr_tensors
+    assert [float(t) for t in tensors] == pytest.approx([0.05, 0.1])
+    opt.param_groups[0]["lr"] = 0.5
+    opt._sync_hyperparameters()
+    assert [float(t) for t in tensors] == pytest.approx([0.5, 0.1])
+    with torch.no_grad():
+        tensors[1].fill_(7.0)  # stands in for "not rewritten": an unchanged lr leaves the tensor alone
+    opt._sync_hyperparameters()
+    assert float(tensors[1]) == 7.0
+
+
+def test_a_zero_learning_rate_leaves_every_parameter_where_it_is():
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = _muon(net)
+    _train(net, opt, _batches(2), lrs=[0.0, 0.0])
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_muon_refuses_a_non_filter_in_its_group():
+    with pytest.raises(ValueError, match="convolution filters"):
+        Muon([{"params": [torch.nn.Parameter(torch.zeros(3, 4))], "muon": True}])
+
+
+def test_build_optimizer_puts_the_filters_in_muons_group_and_the_schedule_scales_it():
+    net = _net()
+    cfg = OptimConfig(name="muon", lr=0.4, muon_lr=0.1, muon_momentum=0.8, lookahead_k=0, decay_norm_and_bias=False,
+                      nesterov=True, momentum=0.9, weight_decay=1e-3)
+    opt = build_optimizer(net.parameters(), cfg)
+    assert isinstance(opt, Muon)
+    muon, decayed, plain = opt.param_groups
+    assert muon["muon"] and {id(p) for p in muon["params"]} == {id(p) for p in net.parameters() if p.ndim == 4}
+    assert (muon["momentum"], muon["lr_scale"], muon["weight_decay"]) == (0.8, pytest.approx(0.25), 1e-3)
+    assert [p.ndim for p in decayed["params"]] == [2] and all(p.ndim == 1 for p in plain["params"])
+    assert plain["weight_decay"] == 0.0 and not decayed["muon"] and decayed["momentum"] == 0.9
+    schedule = LRSchedule(opt, OptimConfig(**{**cfg.__dict__, "schedule": "constant"}), steps_per_epoch=4, epochs=2)
+    assert schedule.lr == pytest.approx(0.4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.4, 0.4])
+
+
+@pytest.mark.parametrize("flags, key, words", [
+    (["--optim.lookahead_k", "5"], "optim.lookahead_k", "--optim.lookahead_k 0"),
+    (["--optim.lookahead_k", "0", "--optim.impl", "fused"], "optim.impl", "SGD only"),
+    (["--optim.lookahead_k", "0", "--optim.muon_lr", "0"], "optim.muon_lr", "must be > 0"),
+    (["--optim.lookahead_k", "0", "--optim.muon_momentum", "1.0"], "optim.muon_momentum", "0 <= momentum < 1"),
+])
+def test_muon_config_mistakes_are_named(flags, key, words):
+    with pytest.raises(ConfigError) as refused:
+        load_config("configs/smoke.yaml", ["--optim.name", "muon", *flags])
+    assert key in str(refused.value) and words in str(refused.value)
+
+
+def test_the_cuda_graph_takes_muon_and_still_refuses_torch_sgd():
+    muon = load_config("configs/best.yaml", ["--optim.name", "muon", "--optim.impl", "torch", "--optim.lookahead_k", "0"])
+    assert graph_problems(muon, world_size=1, precision="bf16") == []
+    sgd = load_config("configs/best.yaml", ["--optim.impl", "torch"])
+    assert any("--optim.impl fused" in p for p in graph_problems(sgd, world_size=1, precision="bf16"))
+
+
+def test_smoke_run_with_muon_learns_and_resumes_exactly(cifar_dir, tmp_path):
+    """The trainer end to end: clearly above chance, and 1 epoch + resume + 1 epoch == 2 epochs (the momentum
+    buffers and the schedule's position travel in the checkpoint)."""
+    muon = {"optim__name": "muon", "optim__lookahead_k": "0", "optim__muon_lr": "0.05"}
+    full = Trainer(tiny_config(cifar_dir, tmp_path / "a", **muon), device="cpu", console=quiet())
+    summary = full.fit()
+    assert summary["final_test_acc"] > 20.0, summary  # chance is 10%
+    half = Trainer(tiny_config(cifar_dir, tmp_path / "b", **muon), device="cpu", console=quiet())
+    half.fit(stop_after_epochs=1)
+    resumed = Trainer(half.cfg, device="cpu", console=quiet(), resume=tmp_path / "b" / "last.pt")
+    resumed.fit()
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_muon_replayed_as_a_cuda_graph_trains_like_the_eager_step(cifar_dir, tmp_path):
+    """Same init and batches, 8 steps with the lr changing every step: a learning rate frozen at capture, or a
+    buffer the graph does not address, would show (fp32, deterministic kernels)."""
+    settings = dict(optim__name="muon", optim__impl="torch", optim__lookahead_k="0", train__precision="fp32",
+                    train__deterministic="true", optim__schedule="cosine", optim__warmup_epochs="0.5")
+    eager = Trainer(tiny_config(cifar_dir, tmp_path / "e", train__cuda_graph="false", **settings), device="cuda",
+                    console=quiet())
+    graphed = Trainer(tiny_config(cifar_dir, tmp_path / "g", train__cuda_graph="true", **settings), device="cuda",
+                      console=quiet())
+    eager.data.train.set_epoch(0)
+    batches = [(x.clone(), y.clone()) for (x, y), _ in zip(eager.data.train, range(8))]
+    graphed.capture_graph(*batches[0])
+    for images, labels in batches:
+        le, _ = eager._train_step(images, labels)
+        lg, _ = graphed._train_step(images, labels)
+        torch.testing.assert_close(lg, le, atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
