@@ -80,6 +80,8 @@ class Trainer(Resumable):
         self._device_flag = "" if device == "auto" else f" --device {device}"  # for the printed resume command
         self.precision = Precision.resolve(cfg.train.precision, self.device)
         self.console = console or RunConsole(cfg.output.progress, enabled=self.dist.is_main)
+        self.git_sha = git_sha()  # the code this process runs, read at its start: a commit made during the run
+        # (the working tree's next change) must not relabel it in summary.json
         if self.dist.enabled and cfg.train.sync_bn and self.device.type != "cuda":
             raise ConfigError("train.sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only): "
                               "pass --train.sync_bn false for a CPU run")
@@ -769,7 +771,7 @@ class Trainer(Resumable):
             "wall_seconds": self.wall_seconds(),
             "images_per_second": (sum(rates) / len(rates)) if (rates := self.epoch_images_per_second) else None,
             "device": device_name(self.device), "world_size": self.dist.world_size,
-            "precision": self.precision.name, "torch": torch.__version__, "git_sha": git_sha(),
+            "precision": self.precision.name, "torch": torch.__version__, "git_sha": self.git_sha,
             "data_source": self.data.source, "run_dir": str(self.run_dir),
         }
         if completed < cfg.train.epochs:

@@ -127,6 +127,16 @@ def test_smoke_config_learns(cifar_dir, tmp_path):
     assert load_config(tmp_path / "config.yaml", ["--name", "smoke"]) == cfg  # the resolved config is saved
 
 
+def test_summary_names_the_code_the_run_started_with(cifar_dir, tmp_path, monkeypatch):
+    """git_sha is read when the trainer starts: a commit made while a run trains (the tree's next change) must
+    not relabel the run in summary.json. Each read of the fake sha returns a new one."""
+    reads = iter(f"sha-{i}" for i in range(100))
+    monkeypatch.setattr("fasttrain.trainer.git_sha", lambda: next(reads))
+    summary = Trainer(tiny_config(cifar_dir, tmp_path, train__epochs="1"), device="cpu", console=quiet()).fit()
+    assert summary["git_sha"] == "sha-0"
+    assert json.loads((tmp_path / "summary.json").read_text())["git_sha"] == "sha-0"
+
+
 def test_smoke_config_learns_through_the_dali_loader(cifar_dir, tmp_path, one_torch_thread):
     """data.loader=dali end to end (DALI CPU-only here): same recipe, clearly above chance."""
     cfg = load_config("configs/smoke.yaml", ["--data.dir", str(cifar_dir), "--output.dir", str(tmp_path),
