@@ -37,8 +37,9 @@
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
 #               runs SEARCH_ONLY (6 runs with base, all at once: variants aimed at issue 6's 30 s on an H100,
-#               best.yaml at 36 epochs alone, with the whitened, frozen stem, with it and the alternating flip,
-#               with label smoothing 0.2, and blocks [2,2,2] at 48 epochs), JOBS (6) at a
+#               best.yaml at 36 epochs alone, with the whitened, frozen stem, with Muon on the filters (at 36
+#               and 24 epochs, and at 36 with the frozen stem): optim.name muon, +6-8 points over SGD on a CPU
+#               proxy at 8 epochs), JOBS (6) at a
 #               time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search
 #   writeup     the same, with ABLATION_ONLY: best.yaml with one ingredient taken away at a time (issue 6's
@@ -316,7 +317,7 @@ ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,no_nesterov
 # search's: what may reach A_paper in issue 6's goal of 30 s on an H100, where best.yaml's [3,3,2] trains
 # 0.80 s an epoch (2026-11-27): ~36 epochs, or 48 of the lighter [2,2,2]; base (80) is the control.
 # ~260 [3,3,2]-epochs in all: ~250 s side by side on an H100
-SEARCH_ONLY=epochs_36,epochs_36_whiten_frozen,epochs_36_whiten_frozen_alternating_flip,epochs_36_label_smoothing_0.2,blocks_2_2_2_epochs_48
+SEARCH_ONLY=epochs_36,epochs_36_whiten_frozen,epochs_36_muon,epochs_24_muon,epochs_36_muon_whiten_frozen
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
