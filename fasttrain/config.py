@@ -107,8 +107,8 @@ class ModelConfig:
 class OptimConfig:
     name: str = "sgd"                # sgd | adamw | muon (Muon on the conv filters, SGD on the rest: fasttrain/muon.py)
     impl: str = "torch"              # torch | fused (one-launch Lookahead-SGD, fasttrain.kernels)
-    lr: float = 0.1                  # peak learning rate (per the global batch, see README)
-    momentum: float = 0.9            # SGD momentum (AdamW: beta1 comes from `betas`)
+    lr: float = 0.1                  # peak learning rate (per the global batch, see README; muon: not the filters')
+    momentum: float = 0.9            # SGD momentum (AdamW: beta1 comes from `betas`; muon: not the filters')
     nesterov: bool = False           # Nesterov momentum (SGD only; the paper: false)
     weight_decay: float = 5e-4       # L2 as in torch SGD (decoupled for AdamW)
     decay_norm_and_bias: bool = True  # false: no weight decay on 1-D parameters (BN, biases); the paper: true

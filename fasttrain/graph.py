@@ -12,8 +12,8 @@ What it needs (`graph_problems` lists what a config lacks, before anything is bu
   least 11 eager DDP iterations run before capture (`DDP_WARMUP_ITERS`), every rank captures the same
   step and replays it in lockstep, and capture is thread-local (NCCL's watchdog thread polls events
   meanwhile). Not combined with train.sync_bn;
-* `optim.impl: fused` (or `optim.name: muon`): its learning rate, step counter and Lookahead condition live
-  in device memory.
+* `optim.impl: fused`: its learning rate, step counter and Lookahead condition live in device memory (so do
+  `optim.name: muon`'s learning rates; it has no Lookahead).
   torch.optim.SGD passes the learning rate to its kernels as a Python float, which a graph would
   freeze at its capture value, and fasttrain's Python Lookahead decides on the host;
 * bf16 or fp32: fp16's GradScaler reads its found-inf flag on the host every step;

@@ -17,8 +17,8 @@ from the Muon write-up) on the matrix scaled to Frobenius norm 1: they push its 
 bf16 (the products of a step take microseconds); elsewhere in fp32. Filter banks of one shape are
 orthogonalized together, as one batched product.
 
-Everything else (BN scales and shifts, the SE block's and the head's linear layers: parameters that are not
-filter banks) takes torch.optim.SGD's update with `optim.lr`, `optim.momentum`, `optim.nesterov` and
+Every other parameter (BN scales and shifts, biases, the head's linear layer; the SE block's 1x1 convolutions
+are filter banks) takes torch.optim.SGD's update with `optim.lr`, `optim.momentum`, `optim.nesterov` and
 `optim.weight_decay` (L2, as SGD; not on 1-D parameters with optim.decay_norm_and_bias false). The filters'
 learning rate is `optim.muon_lr`, their momentum `optim.muon_momentum`; the schedule scales both learning
 rates alike (each group's ``lr_scale``).
