@@ -122,7 +122,8 @@ class OptimConfig:
     warmup_epochs: float = 0.0       # linear warmup, in epochs (fractions allowed): step i of W at lr x (i+1)/W
     final_lr_frac: float = 0.0       # lr at the end, as a fraction of `lr`
     label_smoothing: float = 0.0     # cross-entropy label smoothing, 0-1 (0: off, the paper's recipe)
-    muon_lr: float = 0.05            # muon only: the conv filters' peak learning rate (optim.lr: the rest's)
+    muon_lr: float = 0.1             # muon only: the conv filters' peak learning rate (optim.lr: the rest's); the
+                                     # CPU proxy's best of 0.02-0.2 (benchmarks/results/2026-11-28-cpu-proxy-muon)
     muon_momentum: float = 0.95      # muon only: the conv filters' (Nesterov) momentum
 
 
