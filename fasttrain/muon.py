@@ -64,6 +64,17 @@ def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     return x.mT if tall else x
 
 
+def orthogonalize_flops(params, steps: int = NS_STEPS) -> int:
+    """The matrix-product FLOPs of one step's orthogonalizations over the filter banks among `params`: per
+    iteration 4 r^2 c + 2 r^3 (x x^T, its square, and the product with x; r x c the wide orientation)."""
+    flops = 0
+    for p in params:
+        if is_filter_bank(p):
+            r, c = sorted((p.shape[0], p[0].numel()))
+            flops += steps * (4 * r * r * c + 2 * r ** 3)
+    return flops
+
+
 class Muon(torch.optim.Optimizer):
     """Muon on the groups marked ``muon: True`` (filter banks), Nesterov/momentum SGD on the others.
 
