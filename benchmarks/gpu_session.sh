@@ -38,8 +38,8 @@
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
 #               runs SEARCH_ONLY (6 runs with base, all at once: variants aimed at issue 6's 30 s on an H100,
 #               best.yaml at 36 epochs alone, with the whitened, frozen stem, with Muon on the filters (at 36
-#               and 24 epochs, and at 36 with the frozen stem): optim.name muon, +6-8 points over SGD on a CPU
-#               proxy at 8 epochs), JOBS (6) at a
+#               and 24 epochs, and at 36 with the frozen stem): optim.name muon, 4-6 points over SGD's best rate
+#               on a CPU proxy at 8 epochs), JOBS (6) at a
 #               time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search
 #   writeup     the same, with ABLATION_ONLY: best.yaml with one ingredient taken away at a time (issue 6's
