@@ -1134,7 +1134,7 @@ def test_gpu_result_files_partial_until_finished(bench, tmp_path, capsys):
 @pytest.mark.parametrize("script, rows", [
     ("bench_se.py", [(placement, impl) for placement in ("stem", "block")
                      for impl in ("triton", "eager-ref", "compiled-ref", "eager-module", "compiled-module")]),
-    ("bench_optim.py", [(None, impl) for impl in ("fused", "foreach+python", "fused-sgd+lerp")]),
+    ("bench_optim.py", [(None, impl) for impl in ("fused", "foreach+python", "fused-sgd+lerp", "muon")]),
 ])
 def test_kernel_benchmark_cpu_smoke_runs_every_implementation(repo_root, tmp_path, script, rows):
     """What the GPU session's kernels stage runs, on a CPU: every implementation of each case is built,

@@ -6,6 +6,10 @@ alpha=0.5; fp32 parameters):
   foreach+python   clip_grad_value_(foreach) + SGD(foreach=True) + a per-tensor Python Lookahead loop
   fused-sgd+lerp   clip_grad_value_(foreach) + SGD(fused=True) inside the trainer's Lookahead wrapper
                    (fasttrain.optim.Lookahead: _foreach_lerp_/_foreach_copy_)
+  muon             clip_grad_value_(foreach) + fasttrain.muon.Muon (optim.name muon: Newton-Schulz on the
+                   27 filter banks, muon_lr 0.1, momentum 0.95; Nesterov SGD on the rest; no Lookahead). What
+                   its step costs beside the others; its GB/s counts the same bytes, though its time is mostly
+                   the orthogonalization's small matrix products (21 GFLOPs a step on this network)
 
 Times are per step, averaged over blocks of k steps (so every block holds one Lookahead sync) and
 medianed over blocks; they include the host-side launch overhead (each block starts on an idle GPU). Effective
@@ -32,6 +36,7 @@ from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_ben
 from fasttrain.config import ModelConfig  # noqa: E402
 from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD  # noqa: E402
 from fasttrain.model import build_model  # noqa: E402
+from fasttrain.muon import Muon, is_filter_bank, muon_param_groups  # noqa: E402
 from fasttrain.optim import Lookahead  # noqa: E402
 
 K, ALPHA, CLIP = 5, 0.5, 0.1
@@ -74,6 +79,11 @@ def make_step(impl: str, params):
     if impl == "fused-sgd+lerp":  # the trainer's Lookahead wrapper (fasttrain.optim), around the fused SGD
         opt = Lookahead(torch.optim.SGD(params, **HYPER, fused=True), K, ALPHA)
         after_step = None
+    elif impl == "muon":  # build_optimizer's groups for optim.name muon
+        others = [{"params": [p for p in params if not is_filter_bank(p)]}]
+        opt = Muon(muon_param_groups(params, others, lr=HYPER["lr"], muon_lr=0.1, muon_momentum=0.95,
+                                     weight_decay=HYPER["weight_decay"]), **HYPER)
+        after_step = None
     else:
         opt, after_step = torch.optim.SGD(params, **HYPER, foreach=True), PythonLookahead(params).after_step
 
@@ -88,8 +98,8 @@ def make_step(impl: str, params):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impls", nargs="+", default=["fused", "foreach+python", "fused-sgd+lerp"],
-                        choices=["fused", "foreach+python", "fused-sgd+lerp"])
+    parser.add_argument("--impls", nargs="+", default=["fused", "foreach+python", "fused-sgd+lerp", "muon"],
+                        choices=["fused", "foreach+python", "fused-sgd+lerp", "muon"])
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
     add_kernel_bench_arguments(parser, "a tiny CPU run (2 blocks, 1 warmup block) that checks every implementation "
                                        "steps and the result file is written; its times mean nothing (the fused one "
