@@ -94,8 +94,10 @@
 #        per-image work on the host); the second tells a per-batch from a per-sample cost, the third whether
 #        DALI's CPU threads (default min(4, cores)) are what it waits for. If dali-seq is the
 #        faster, data.dali_graph's default becomes sequence (and the gpu tests already cover its graph))
-#   then give_back. After that: best with SEEDS=5 BEST_ARGS='--optim.lookahead_k=0' (the ablation's reading
-#   that Lookahead does not help at 80 epochs, tested on the test set, not tuned on it), the tile sweep
+#   then give_back. After that: best with SEEDS=5 and BEST_FROM the search's verdict if a variant (a Muon
+#   one, say) reached A_paper on validation sooner than best.yaml, else BEST_ARGS='--optim.lookahead_k=0' (the
+#   ablation's reading that Lookahead does not help at 80 epochs, tested on the test set, not tuned on it);
+#   `kernels` (bench_optim's muon row: what Muon's step costs beside the fused step), the tile sweep
 #   (`tune`) and throughput ROWS=1,11@512 (inductor's autotuning inside the graph: minutes of compile, for
 #   issue 5's GPU time: at batch 512 convolutions are 5.3 ms of the step's 10.2, inductor's fusions 4.5), then
 #   `profile` with PROFILE_ROWS=9@512,11@512: it now prints each row's floor from the card's ceilings measured
