@@ -7,7 +7,7 @@ alpha=0.5; fp32 parameters):
   fused-sgd+lerp   clip_grad_value_(foreach) + SGD(fused=True) inside the trainer's Lookahead wrapper
                    (fasttrain.optim.Lookahead: _foreach_lerp_/_foreach_copy_)
   muon             clip_grad_value_(foreach) + fasttrain.muon.Muon (optim.name muon: Newton-Schulz on the
-                   27 filter banks, muon_lr 0.1, momentum 0.95; Nesterov SGD on the rest; no Lookahead). What
+                   27 filter banks, muon_lr 0.1, momentum 0.9; Nesterov SGD on the rest; no Lookahead). What
                    its step costs beside the others; its GB/s counts the same bytes, though its time is mostly
                    the orthogonalization's small matrix products (21 GFLOPs a step on this network)
 
@@ -81,7 +81,7 @@ def make_step(impl: str, params):
         after_step = None
     elif impl == "muon":  # build_optimizer's groups for optim.name muon
         others = [{"params": [p for p in params if not is_filter_bank(p)]}]
-        opt = Muon(muon_param_groups(params, others, lr=HYPER["lr"], muon_lr=0.1, muon_momentum=0.95,
+        opt = Muon(muon_param_groups(params, others, lr=HYPER["lr"], muon_lr=0.1, muon_momentum=0.9,
                                      weight_decay=HYPER["weight_decay"]), **HYPER)
         after_step = None
     else:
