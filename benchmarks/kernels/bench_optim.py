@@ -6,10 +6,11 @@ alpha=0.5; fp32 parameters):
   foreach+python   clip_grad_value_(foreach) + SGD(foreach=True) + a per-tensor Python Lookahead loop
   fused-sgd+lerp   clip_grad_value_(foreach) + SGD(fused=True) inside the trainer's Lookahead wrapper
                    (fasttrain.optim.Lookahead: _foreach_lerp_/_foreach_copy_)
-  muon             clip_grad_value_(foreach) + fasttrain.muon.Muon (optim.name muon: Newton-Schulz on the
-                   27 filter banks, muon_lr 0.1, momentum 0.9; Nesterov SGD on the rest; no Lookahead). What
-                   its step costs beside the others; its GB/s counts the same bytes, though its time is mostly
-                   the orthogonalization's small matrix products (21 GFLOPs a step on this network)
+  muon             clip_grad_value_(foreach) + build_optimizer's fasttrain.muon.Muon for optim.name muon
+                   (Newton-Schulz on the 27 filter banks at the default muon_lr 0.1 and momentum 0.9;
+                   Nesterov SGD on the rest; no Lookahead). What its step costs beside the others; its GB/s
+                   counts the same bytes, though its time is mostly the orthogonalization's small matrix
+                   products (21 GFLOPs a step on this network)
 
 Times are per step, averaged over blocks of k steps (so every block holds one Lookahead sync) and
 medianed over blocks; they include the host-side launch overhead (each block starts on an idle GPU). Effective
@@ -33,11 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_bench_out,  # noqa: E402
                     start_gpu_benchmark, times_ms)
 
-from fasttrain.config import ModelConfig  # noqa: E402
+from fasttrain.config import ModelConfig, OptimConfig  # noqa: E402
 from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD  # noqa: E402
 from fasttrain.model import build_model  # noqa: E402
-from fasttrain.muon import Muon, is_filter_bank, muon_param_groups  # noqa: E402
-from fasttrain.optim import Lookahead  # noqa: E402
+from fasttrain.optim import Lookahead, build_optimizer  # noqa: E402
 
 K, ALPHA, CLIP = 5, 0.5, 0.1
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -79,10 +79,8 @@ def make_step(impl: str, params):
     if impl == "fused-sgd+lerp":  # the trainer's Lookahead wrapper (fasttrain.optim), around the fused SGD
         opt = Lookahead(torch.optim.SGD(params, **HYPER, fused=True), K, ALPHA)
         after_step = None
-    elif impl == "muon":  # build_optimizer's groups for optim.name muon
-        others = [{"params": [p for p in params if not is_filter_bank(p)]}]
-        opt = Muon(muon_param_groups(params, others, lr=HYPER["lr"], muon_lr=0.1, muon_momentum=0.9,
-                                     weight_decay=HYPER["weight_decay"]), **HYPER)
+    elif impl == "muon":  # what the trainer builds for optim.name muon (its default muon_lr and muon_momentum)
+        opt = build_optimizer(params, OptimConfig(name="muon", lookahead_k=0, **HYPER))
         after_step = None
     else:
         opt, after_step = torch.optim.SGD(params, **HYPER, foreach=True), PythonLookahead(params).after_step
