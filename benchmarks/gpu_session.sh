@@ -85,15 +85,18 @@
 #   run: on the same warm machine, with what is left (~200 s; BUDGET_S = left - 40):
 #        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[12] .stage/ && bash .stage/01/unstage.sh
 #         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=...;
-#         LOADER_ARGS='--loaders dali,dali-seq,dali-host,torchvision --no-train' bash benchmarks/gpu_session.sh loader $OUT/l;
-#         LOADER_ARGS='--loaders dali,dali-seq --no-train --batch-size 2048' bash benchmarks/gpu_session.sh loader $OUT/l2;
-#         LOADER_ARGS='--loaders dali,dali-seq --no-train --dali-threads 8' bash benchmarks/gpu_session.sh loader $OUT/l3)"
+#         LOADER_ARGS='--loaders dali,dali-seq,dali-slice,dali-host,torchvision --no-train' bash benchmarks/gpu_session.sh loader $OUT/l;
+#         LOADER_ARGS='--loaders dali,dali-seq,dali-slice --no-train --batch-size 2048' bash benchmarks/gpu_session.sh loader $OUT/l2;
+#         LOADER_ARGS='--loaders dali,dali-seq,dali-slice --no-train --dali-threads 8' bash benchmarks/gpu_session.sh loader $OUT/l3)"
 #        (DALI alone fell from 199k img/s on the first H200 machine to 87k on the fifth session's H100 machine,
 #        more than the host-bound rows fell; the first call repeats it on another machine with the host's CPU
-#        recorded, and dali-seq is the sequence graph (data.dali_graph: the batch as one DALI sample, less
-#        per-image work on the host); the second tells a per-batch from a per-sample cost, the third whether
-#        DALI's CPU threads (default min(4, cores)) are what it waits for. If dali-seq is the
-#        faster, data.dali_graph's default becomes sequence (and the gpu tests already cover its graph))
+#        recorded, dali-seq is the sequence graph (data.dali_graph: the batch as one DALI sample, less
+#        per-image work on the host) and dali-slice the slice graph (the first H200's pipeline: fn.slice at integer
+#        starts, then crop_mirror_normalize; the default graph since crops by float positions in one operator):
+#        dali against dali-slice on one machine says whether the code or the machine lost the 199k; the second
+#        call tells a per-batch from a per-sample cost, the third whether DALI's CPU threads (default min(4,
+#        cores)) are what it waits for. The fastest graph becomes data.dali_graph's default (the gpu tests
+#        already cover all three))
 #   then give_back. After that: best with SEEDS=5 and BEST_FROM the search's verdict if a variant (a Muon
 #   one, say) reached A_paper on validation sooner than best.yaml, else BEST_ARGS='--optim.lookahead_k=0' (the
 #   ablation's reading that Lookahead does not help at 80 epochs, tested on the test set, not tuned on it);

@@ -66,7 +66,7 @@ class DataConfig:
     dir: Optional[str] = None        # folder holding CIFAR-10; None: $FASTTRAIN_DATA, else ./data
     download: bool = True            # fetch the official tarball when nothing is found
     loader: str = "auto"             # auto | dali | torch  (see README: why auto picks what it does)
-    dali_graph: str = "samples"      # data.loader dali only: samples (a DALI sample per image) | sequence
+    dali_graph: str = "samples"      # data.loader dali only: samples (a DALI sample per image) | sequence | slice
                                      # (the batch as one sample of frames; fasttrain/data/dali.py)
     val_size: int = 0                # images held out from the END of the training set for tuning
     train_subset: int = 0            # use only the first N training images (0: all); smoke runs
@@ -190,7 +190,7 @@ CLI_OPTIONS = ("--config", "--device", "--resume", "--overwrite", "--dry-run", "
 CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
     "data.flip_mode": ("random", "alternating"),
-    "data.dali_graph": ("samples", "sequence"),
+    "data.dali_graph": ("samples", "sequence", "slice"),
     "model.se_placement": ("stem", "blocks"),
     "model.se_impl": ("torch", "triton"),
     "model.stem_init": ("kaiming", "whiten"),

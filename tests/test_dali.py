@@ -46,7 +46,7 @@ def loader(x, y, **kw) -> DaliLoader:
 
 
 def loader_of(graph: str, x, y, **kw) -> DaliLoader:
-    """`loader` with one of DALI's two graphs: the protocol's tests run through both."""
+    """`loader` with one of DALI's graphs: the protocol's tests run through each."""
     return loader(x, y, graph=graph, **kw)
 
 
@@ -166,7 +166,7 @@ def test_bad_arguments_are_refused():
     # tested there does not fail only on the GPU machine
     with pytest.raises(ValueError, match="residency must be 'device' or 'host'; got 'gpu'"):
         loader(x, y, residency="gpu")
-    with pytest.raises(ValueError, match="graph must be one of samples, sequence; got 'frames'"):
+    with pytest.raises(ValueError, match="graph must be one of samples, sequence, slice; got 'frames'"):
         loader(x, y, graph="frames")
     with pytest.raises(ValueError, match="runs on 'cpu' or a CUDA device; got meta"):
         loader(x, y, device="meta")
@@ -333,16 +333,18 @@ def test_training_stream_is_the_torch_paths_stream(cutout, flip_mode):
     dict(cutout=12), dict(crop_padding=1), dict(crop_padding=3, flip_mode="alternating"), dict(crop_padding=7),
     dict(crop_padding=0), dict(flip=False), dict(train=False), dict(channels_last=False, cutout=8, dtype=torch.float16),
 ], ids=["cutout", "pad-1", "pad-3-alternating", "pad-7", "flip-only", "crop-only", "eval", "fp16-nchw-cutout"])
-def test_the_sequence_graph_yields_the_samples_graphs_batches_to_the_bit(settings):
-    """graph="sequence" (the batch as one sample: warp_affine per frame, then normalise) against the default
-    graph, already checked against the torch path and the pixels above: the same images, bit for bit, in the
-    same dtype and strides, both ends of every padding (whose warp moves by whole pixels) and the last
+@pytest.mark.parametrize("graph", [g for g in GRAPHS if g != "samples"])
+def test_every_graph_yields_the_samples_graphs_batches_to_the_bit(settings, graph):
+    """graph="sequence" (the batch as one sample: warp_affine per frame, then normalise) and graph="slice"
+    (fn.slice at the integer start, zeros outside, then flip and normalise) against the default graph,
+    already checked against the torch path and the pixels above: the same images, bit for bit, in the same
+    dtype and strides, both ends of every padding (whose warp or slice moves by whole pixels) and the last
     partial evaluation batch (a shorter sequence) included; two epochs of rank 1 of 2."""
     n = 300
     x, y = random_images(n, seed=13), np.random.default_rng(13).integers(0, 10, n)
     kw = dict(batch_size=64, seed=3, rank=1, world_size=2, **settings)
-    samples, sequence = loader(x, y, graph="samples", **kw), loader(x, y, graph="sequence", **kw)
-    assert sequence.graph == "sequence" and (len(sequence), sequence.num_samples) == (len(samples), samples.num_samples)
+    samples, sequence = loader(x, y, graph="samples", **kw), loader(x, y, graph=graph, **kw)
+    assert sequence.graph == graph and (len(sequence), sequence.num_samples) == (len(samples), samples.num_samples)
     batches = 0
     for epoch in (0, 1):
         for (si, sl), (qi, ql) in epoch_pairs(samples, sequence, epoch):
@@ -483,7 +485,7 @@ def test_an_evaluation_rank_without_images_yields_no_batches(graph):
 
 
 @needs_dali
-@pytest.mark.parametrize("graph", ["samples", "sequence"])
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_dtype_and_layout(dtype, channels_last, graph):
@@ -593,16 +595,16 @@ def test_benchmark_cpu_smoke(tmp_path, capsys):
     assert report["cpu_smoke"] and report["device"].startswith("CPU")
     assert {"torch", "dali", "git_sha", "command", "results"} <= report.keys()
     measured = {(r["loader"], r["mode"]) for r in report["results"] if r.get("images_per_s")}
-    for name in ("dali", "dali-seq", "torch", "torchvision"):
+    for name in ("dali", "dali-seq", "dali-slice", "torch", "torchvision"):
         assert {(name, "alone"), (name, "train-step")} <= measured
     assert ("none", "train-step") in measured
     # every rate is the images over the seconds they took: 2 timed epochs of 256 alone, 2 steps of 32 training
     for r in report["results"]:
         assert r["images"] == (2 * 256 if r["mode"] == "alone" else 2 * 32), r
         assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"]), r
-    # the target's figure is DALI's own, alone (not the train-step's), of the faster of its two graphs
+    # the target's figure is DALI's own, alone (not the train-step's), of the fastest of its graphs
     alone = {r["loader"]: r["images_per_s"] for r in report["results"] if r["mode"] == "alone"}
-    faster = max(("dali", "dali-seq"), key=alone.get)
+    faster = max(("dali", "dali-seq", "dali-slice"), key=alone.get)
     assert (report["target"]["measured"], report["target"]["loader"]) == (alone[faster], faster)
     assert report["target"]["met"] is None
     printed = capsys.readouterr().out
@@ -659,7 +661,7 @@ def test_close_releases_the_pipeline_and_the_dataset():
 
 @needs_dali
 @pytest.mark.gpu
-@pytest.mark.parametrize("graph", ["samples", "sequence"])
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("residency", ["device", "host"])
 def test_gpu_pipeline_yields_the_cpu_pipelines_batches(residency, graph):
     n = 300
@@ -699,10 +701,10 @@ def test_gpu_loader_refuses_to_run_under_graph_capture(monkeypatch):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("residency", ["device", "host"])
-@pytest.mark.parametrize("graph", ["samples", "sequence"])
+@pytest.mark.parametrize("graph", GRAPHS)
 def test_gpu_pipeline_exact_dtypes_and_layouts(graph, residency, channels_last, dtype, tol):
-    """fp32 to float rounding (bf16 above hides small errors), fp16, and both memory layouts, through both
-    graphs (the sequence graph's warp_affine runs on the GPU here)."""
+    """fp32 to float rounding (bf16 above hides small errors), fp16, and both memory layouts, through every
+    graph (the sequence graph's warp_affine and the slice graph's fn.slice run on the GPU here)."""
     n = 200
     x, y = random_images(n, seed=11), np.arange(n)
     kw = dict(batch_size=50, seed=5, train=True, dtype=dtype, channels_last=channels_last, graph=graph)

@@ -695,12 +695,13 @@ def test_build_data_batch_sizes_and_inclusive_limits(tmp_path):
     assert sizes(second_rank.train) == [45]
 
 
-@pytest.mark.parametrize("loader, graph", [("torch", "samples"), ("dali", "samples"), ("dali", "sequence")])
+@pytest.mark.parametrize("loader, graph", [("torch", "samples"), ("dali", "samples"), ("dali", "sequence"),
+                                           ("dali", "slice")])
 def test_build_data_hands_crop_and_flip_settings_to_the_training_loader(tmp_path, loader, graph):
     """data.crop_padding, data.flip and data.flip_mode reach the training loader, read back from its pixels:
     padding 2 crops at offsets 0..4 (not the loaders' default 4), flip false never mirrors (flip_mode
     alternating included), and flip_mode alternating mirrors each image in exactly one of epochs 0 and 1.
-    With DALI, through both of its graphs (data.dali_graph)."""
+    With DALI, through each of its graphs (data.dali_graph)."""
     write_binary(tmp_path, make_arrays())
     common = dict(eval_batch_size=16, device="cpu", dtype=torch.float32, channels_last=False, seed=3)
 

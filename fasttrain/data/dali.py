@@ -25,7 +25,7 @@ Design
   absolute starts and ``out_of_bounds_policy="pad"`` before it did the same in two operators;
   with one, the loader on DALI's CPU backend went from 53,475 to 61,852 images/s, batch 512, on a
   2-core CPU, DALI 2.4.0; its GPU gain is measured by benchmarks/bench_loader.py.)
-* **Two graphs** (`graph`, the config's ``data.dali_graph``). ``samples`` (the default): each image
+* **Three graphs** (`graph`, the config's ``data.dali_graph``). ``samples`` (the default): each image
   is one DALI sample, cropped, flipped and normalised by the one operator above. ``sequence``: the
   whole batch is ONE sample, a sequence of frames (layout ``FHWC``), so DALI's executor handles
   one sample a batch, not 512, and less of the operators' host work (argument inputs, set-up) is
@@ -34,7 +34,13 @@ Design
   are stored unpadded) and the flip (x -> W - x at pixel centres), then `fn.crop_mirror_normalize`
   normalises the sequence and `fn.erase` takes every frame's cutout box as one region of it. Both
   graphs yield the same batches to the bit (tests/test_dali.py); which is faster on a GPU is for
-  benchmarks/bench_loader.py to say (``dali`` against ``dali-seq``). On DALI's 2-core CPU backend
+  benchmarks/bench_loader.py to say (``dali`` against ``dali-seq``). ``slice``: a sample per image,
+  stored unpadded, cropped by `fn.slice` with the window's integer start ``(dy, dx)`` in ``[-p, p]``
+  and ``out_of_bounds_policy="pad"`` (zeros outside: the zero padding), then flipped and normalised
+  by `fn.crop_mirror_normalize`: two operators, but integer per-sample arguments. It is the first
+  H200 session's pipeline (199,000 images/s alone there, before ``samples`` replaced it; ``samples``
+  gave 87,000 on a later H100 machine), kept to tell on one machine whether ``samples``' float crop
+  positions or the machine made that difference (``dali-slice``). On DALI's 2-core CPU backend
   the two are even on CIFAR's images (3.9 ms a batch of 512: the pixels dominate there); on 4x4
   images, where the per-image overhead is nearly all, the sequence graph takes 1.3 ms a batch of
   512 against 2.5 (CPU timings by hand, 2026-11-27).
@@ -87,7 +93,7 @@ __all__ = ["DaliLoader", "DaliUnavailableError", "dali_available", "epoch_plan"]
 INSTALL_HINT = "pip install 'fasttrain-resnet[dali]'  (installs nvidia-dali-cuda130)"
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-GRAPHS = CHOICES["data.dali_graph"]  # samples | sequence: the config's list (see the module docstring)
+GRAPHS = CHOICES["data.dali_graph"]  # samples | sequence | slice: the config's list (see the module docstring)
 
 
 class DaliUnavailableError(ImportError):
@@ -250,6 +256,10 @@ class _Feeder:
         pos = self.crop_pos[self._rows(iteration)]
         return np.ascontiguousarray(pos[:, 0]), np.ascontiguousarray(pos[:, 1])
 
+    def starts_batch(self, iteration: int) -> np.ndarray:
+        """int32 [B, 2]: the slice graph's crop windows, (dy, dx) relative to the unpadded image."""
+        return self.plan.starts[self._rows(iteration)]
+
     def mirror_batch(self, iteration: int) -> np.ndarray:
         return self.plan.mirror[self._rows(iteration)]
 
@@ -354,6 +364,7 @@ class DaliLoader:
         self.flip_mode = flip_mode
         self.graph = graph
         self._sequence = graph == "sequence"
+        self._stored_padded = graph == "samples"  # the other graphs crop unpadded images, zeros outside
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self._batch_size = int(batch_size)
@@ -373,15 +384,16 @@ class DaliLoader:
         # plan order).
         self._labels = torch.from_numpy(y.astype(np.int64))  # a private, writable copy
         p = self.crop_padding
-        if p > 0 and not self._sequence:  # stored padded: the crop becomes an in-bounds window of
-            x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))   # crop_mirror_normalize
+        if p > 0 and self._stored_padded:  # the crop becomes an in-bounds window of
+            x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # crop_mirror_normalize
         if self.residency == "device":
             self._gather_stream = torch.cuda.Stream(self.device)
             images = torch.tensor(x, device=self.device)  # one host-to-device copy, at start
         else:
             self._gather_stream = None
             images = np.ascontiguousarray(x)
-        self._feeder = _Feeder(images, gather_stream=self._gather_stream, crop_padding=p, sequence=self._sequence)
+        self._feeder = _Feeder(images, gather_stream=self._gather_stream, crop_padding=p if self._stored_padded else 0,
+                               sequence=self._sequence)
 
         # DALI emits fp32 or fp16; bf16 is cast by torch (DALI 2.4 has no bfloat16 type).
         self._dali_torch_dtype = torch.float16 if dtype == torch.float16 else torch.float32
@@ -415,7 +427,8 @@ class DaliLoader:
                 device="gpu" if self.residency == "device" else "cpu", cuda_stream=self._gather_stream)
             if on_gpu and self.residency == "host":
                 imgs = imgs.gpu()
-            graph = self._sequence_graph if self._sequence else self._samples_graph
+            graph = {"samples": self._samples_graph, "sequence": self._sequence_graph,
+                     "slice": self._slice_graph}[self.graph]
             out = graph(fn, types, imgs, norm)
             if self.cutout > 0:  # after normalization, as in the torch path: the box becomes 0
                 anchor = fn.external_source(source=self._feeder.erase_anchor_batch, batch=True,
@@ -441,6 +454,17 @@ class DaliLoader:
                   if self.flip else 0)
         return fn.crop_mirror_normalize(imgs, mirror=mirror, **crop, **norm,
                                         output_layout="HWC" if self._nhwc else "CHW")
+
+    def _slice_graph(self, fn, types, imgs, norm: dict):
+        """A sample per unpadded image: fn.slice takes the window at its integer start (zeros where it leaves
+        the image), then crop_mirror_normalize flips and normalises."""
+        if self.crop_padding > 0:
+            starts = fn.external_source(source=self._feeder.starts_batch, batch=True, dtype=types.INT32, ndim=1)
+            imgs = fn.slice(imgs, start=starts, shape=list(self._image_hw), axis_names="HW",
+                            out_of_bounds_policy="pad", fill_values=0)
+        mirror = (fn.external_source(source=self._feeder.mirror_batch, batch=True, dtype=types.INT32, ndim=0)
+                  if self.flip else 0)
+        return fn.crop_mirror_normalize(imgs, mirror=mirror, **norm, output_layout="HWC" if self._nhwc else "CHW")
 
     def _sequence_graph(self, fn, types, imgs, norm: dict):
         """The batch as one sequence of unpadded frames: crop and flip as each frame's affine map (nearest
