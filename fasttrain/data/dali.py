@@ -32,18 +32,19 @@ Design
   per image: `fn.warp_affine` with one matrix per frame (`fn.per_frame`), nearest-pixel,
   does the crop (a whole-pixel translation whose outside reads 0: the zero padding, so the images
   are stored unpadded) and the flip (x -> W - x at pixel centres), then `fn.crop_mirror_normalize`
-  normalises the sequence and `fn.erase` takes every frame's cutout box as one region of it. Both
-  graphs yield the same batches to the bit (tests/test_dali.py); which is faster on a GPU is for
-  benchmarks/bench_loader.py to say (``dali`` against ``dali-seq``). ``slice``: a sample per image,
-  stored unpadded, cropped by `fn.slice` with the window's integer start ``(dy, dx)`` in ``[-p, p]``
-  and ``out_of_bounds_policy="pad"`` (zeros outside: the zero padding), then flipped and normalised
-  by `fn.crop_mirror_normalize`: two operators, but integer per-sample arguments. It is the first
-  H200 session's pipeline (199,000 images/s alone there, before ``samples`` replaced it; ``samples``
-  gave 87,000 on a later H100 machine), kept to tell on one machine whether ``samples``' float crop
-  positions or the machine made that difference (``dali-slice``). On DALI's 2-core CPU backend
-  the two are even on CIFAR's images (3.9 ms a batch of 512: the pixels dominate there); on 4x4
-  images, where the per-image overhead is nearly all, the sequence graph takes 1.3 ms a batch of
-  512 against 2.5 (CPU timings by hand, 2026-11-27).
+  normalises the sequence and `fn.erase` takes every frame's cutout box as one region of it.
+  ``slice``: a sample per image, stored unpadded, cropped by `fn.slice` with the window's integer
+  start ``(dy, dx)`` in ``[-p, p]`` and ``out_of_bounds_policy="pad"`` (zeros outside: the zero
+  padding), then flipped and normalised by `fn.crop_mirror_normalize`: two operators, but integer
+  per-sample arguments. It is the first H200 session's pipeline (199,000 images/s alone there,
+  before ``samples`` replaced it; ``samples`` gave 87,000 on a later H100 machine), kept to tell on
+  one machine whether ``samples``' float crop positions or the machine made that difference.
+  All three graphs yield the same batches to the bit (tests/test_dali.py); which is fastest on a
+  GPU is for benchmarks/bench_loader.py to say (its ``dali``, ``dali-seq`` and ``dali-slice`` rows).
+  On DALI's 2-core CPU backend ``samples`` and ``sequence`` are even on CIFAR's images (3.9 ms a
+  batch of 512: the pixels dominate there; ``slice``'s two operators ran at 53,475 images/s against
+  ``samples``' 61,852, above); on 4x4 images, where the per-image overhead is nearly all, the
+  sequence graph takes 1.3 ms a batch of 512 against 2.5 (CPU timings by hand, 2026-11-27).
 * **How the crop stays discrete.** The offsets ``(dy, dx)`` are drawn uniformly from the ``2p + 1``
   integers per axis, so all ``(2p + 1)^2`` positions are equally likely, and each is handed to
   the operator as the exact position ``(dy + p) / 2p``, which DALI turns back into the window's
