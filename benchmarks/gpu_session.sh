@@ -37,9 +37,9 @@
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
 #               runs SEARCH_ONLY (6 runs with base, all at once: variants aimed at issue 6's 30 s on an H100,
-#               best.yaml at 36 epochs alone, with the whitened, frozen stem, with Muon on the filters (at 36
-#               and 24 epochs, and at 36 with the frozen stem): optim.name muon, 4-6 points over SGD's best rate
-#               on a CPU proxy at 8 epochs), JOBS (6) at a
+#               best.yaml at 36 epochs alone, and without Lookahead at lr 0.8, with Muon on the filters at 36,
+#               30 and 24 epochs: optim.name muon, 3.2 points over SGD's best rate on a CPU proxy at batch 512,
+#               8 epochs, 0.9 at 16), JOBS (6) at a
 #               time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search
 #   writeup     the same, with ABLATION_ONLY: best.yaml with one ingredient taken away at a time (issue 6's
@@ -321,8 +321,9 @@ stage_torchrun() {    # the torchrun launcher against a plain run, then the DDP 
 ABLATION_ONLY=no_cutout,no_label_smoothing,no_lookahead,no_nesterov
 # search's: what may reach A_paper in issue 6's goal of 30 s on an H100, where best.yaml's [3,3,2] trains
 # 0.80 s an epoch (2026-11-27): ~36 epochs, or 48 of the lighter [2,2,2]; base (80) is the control.
-# ~260 [3,3,2]-epochs in all: ~250 s side by side on an H100
-SEARCH_ONLY=epochs_36,epochs_36_whiten_frozen,epochs_36_muon,epochs_24_muon,epochs_36_muon_whiten_frozen
+# ~240 [3,3,2]-epochs in all: ~250 s side by side on an H100. Not the whitened, frozen stem (recipe_variants.yaml's
+# *whiten_frozen): on the CPU proxy it moved neither SGD nor Muon at 8 epochs (2026-11-28-cpu-proxy-muon)
+SEARCH_ONLY=epochs_36,epochs_36_no_lookahead_lr0.8,epochs_36_muon,epochs_30_muon,epochs_24_muon
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
