@@ -753,12 +753,14 @@ def test_the_collective_timeout_comes_from_the_environment_and_must_be_positive(
 
 def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone(monkeypatch):
     """all_reduce_min finds the first bad step over the ranks (MAX would hide one rank's divergence);
-    shutdown on the way out of an exception does not wait on peers that may be gone."""
+    shutdown on the way out of an exception does not wait on peers that may be gone; on success the ranks
+    meet at a barrier before they leave."""
     from fasttrain import distributed
 
     ops, destroyed = [], []
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op: ops.append(op))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: destroyed.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(1))
     two = DistInfo(rank=0, world_size=2)
     distributed.all_reduce_min(torch.zeros(2), two)
@@ -769,11 +771,11 @@ def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone
     except RuntimeError:
         distributed.shutdown(two)
     assert destroyed == []
-    distributed.shutdown(two)  # a run that ended normally
-    assert destroyed == [1]
+    distributed.shutdown(two)  # a run that ended normally: the ranks meet, then leave
+    assert destroyed == ["barrier", 1]
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     distributed.shutdown(two)  # no group to leave (it was never joined, or already left)
-    assert destroyed == [1]
+    assert destroyed == ["barrier", 1]
 
 
 def test_the_first_bad_step_of_an_epoch_is_the_earliest_any_rank_had(monkeypatch):
