@@ -451,7 +451,12 @@ class DaliLoader:
             pos_y, pos_x = fn.external_source(source=feeder.crop_pos_batch, batch=True, num_outputs=2,
                                               dtype=[types.FLOAT, types.FLOAT], ndim=[0, 0])
             crop = dict(crop_h=height, crop_w=width, crop_pos_y=pos_y, crop_pos_x=pos_x)
-        mirror = (fn.external_source(source=feeder.mirror_batch, batch=True, dtype=types.INT32, ndim=0)
+        return self._flip_normalize(fn, types, imgs, norm, **crop)
+
+    def _flip_normalize(self, fn, types, imgs, norm: dict, **crop):
+        """crop_mirror_normalize over a sample per image: the plan's flips, the normalisation and `crop`'s window
+        (none: the images are already cropped)."""
+        mirror = (fn.external_source(source=self._feeder.mirror_batch, batch=True, dtype=types.INT32, ndim=0)
                   if self.flip else 0)
         return fn.crop_mirror_normalize(imgs, mirror=mirror, **crop, **norm,
                                         output_layout="HWC" if self._nhwc else "CHW")
@@ -463,9 +468,7 @@ class DaliLoader:
             starts = fn.external_source(source=self._feeder.starts_batch, batch=True, dtype=types.INT32, ndim=1)
             imgs = fn.slice(imgs, start=starts, shape=list(self._image_hw), axis_names="HW",
                             out_of_bounds_policy="pad", fill_values=0)
-        mirror = (fn.external_source(source=self._feeder.mirror_batch, batch=True, dtype=types.INT32, ndim=0)
-                  if self.flip else 0)
-        return fn.crop_mirror_normalize(imgs, mirror=mirror, **norm, output_layout="HWC" if self._nhwc else "CHW")
+        return self._flip_normalize(fn, types, imgs, norm)
 
     def _sequence_graph(self, fn, types, imgs, norm: dict):
         """The batch as one sequence of unpadded frames: crop and flip as each frame's affine map (nearest
