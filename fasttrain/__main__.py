@@ -33,4 +33,10 @@ if __name__ == "__main__":
     # A Ctrl-C while Python exits (torch's atexit callbacks) ends the process by the signal at once, as SIGTERM
     # does, not with a KeyboardInterrupt traceback out of a callback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # A process that joined a torchrun job's process group ends without Python's object teardown, which its native
+    # threads can abort (fasttrain.distributed.exit_process); fasttrain.distributed is imported only by a command
+    # that can join one.
+    distributed = sys.modules.get("fasttrain.distributed")
+    if distributed is not None:
+        distributed.exit_process(code)
     sys.exit(code)

@@ -13,6 +13,7 @@ such an error instead of hanging.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import signal
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ STOP_AGREEMENT_EVERY = 16
 # on: it did not hit the error after all), which it then delays by as much.
 QUIET_RANK_WAIT_S = 10.0
 AGENT_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent for its workers, which it stops when one fails
+_joined_group = False  # this process joined a process group (init_distributed): exit_process ends it by os._exit
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def init_distributed(device_type: str) -> DistInfo:
     The timeout ($FASTTRAIN_DIST_TIMEOUT, else 300 s) bounds how long a collective
     waits for a dead peer, so a rank that dies ends the job with an error instead of a silent hang.
     """
+    global _joined_group
     info = launch_info()
     if not info.enabled:
         return info
@@ -105,6 +108,7 @@ def init_distributed(device_type: str) -> DistInfo:
                 f"LOCAL_RANK {local_rank} has no GPU: this node has {visible} visible GPU(s): pass torchrun "
                 "--nproc_per_node at most the number of GPUs per node", every_rank=False)
         torch.cuda.set_device(local_rank)
+    _joined_group = True  # from here on the group's native threads may exist, a half-made group's included
     if not dist.is_initialized():
         if device_type == "cuda":
             # device_id binds the group to this rank's GPU (eager NCCL init, barriers on the right GPU)
@@ -180,22 +184,50 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    """Leave the process group at the end of a run: every rank meets at a barrier, then destroys it.
-
-    The barrier keeps a rank from tearing its connections down while a peer still has work on them
-    (rank 0 writes the run's files after the last collective, the others do not): without it, a rank
-    that left first was seen to abort at exit in gloo's teardown ("terminate called without an
-    active exception", SIGABRT) after training had finished: three times over two sessions' 2-rank CPU
-    test launches (roughly 1-3% of them).
-    While an exception is on its way out (this is called from a `finally`), the group is left as
-    is: a graceful destroy may wait on peers that are gone, and the process is exiting anyway.
-    """
+    """Leave the process group at the end of a run (destroy it). While an exception is on its way out
+    (this is called from a `finally`), the group is left as is: a graceful destroy may wait on peers
+    that are gone, and the process is exiting anyway. The process then ends by exit_process."""
     if not (info.enabled and dist.is_initialized()):
         return
     if sys.exc_info()[0] is not None:
         return
-    barrier(info)
     dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with exit status `code`, as sys.exit(code) does; in a process that joined a
+    process group, without Python's teardown of its objects: non-daemon threads are joined and the
+    atexit callbacks run, as in any exit, then stdio is flushed and os._exit(code) ends it.
+
+    Why: the group's native threads (gloo's worker threads; NCCL's watchdog likewise frees finished
+    works) free each collective's work after the caller's wait has returned, and a work may hold the
+    last C++ reference to a tensor made in Python (a barrier's work keeps the works that were in flight
+    when it was issued). Freeing that reference takes the GIL (TensorImpl::decref_pyobject, in the
+    torch 2.11 and 2.14 builds this project runs). A thread that asks for the GIL once Python has begun
+    to finalize (after the atexit callbacks) is ended by pthread_exit, whose unwinding through a
+    noexcept destructor calls std::terminate: "terminate called without an active exception", SIGABRT,
+    after a run that had succeeded. The core dump of such a rank (a 2-rank gloo run on 2 CPU cores)
+    shows exactly that: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork ->
+    decref_pyobject -> PyEval_AcquireThread -> PyThread_exit_thread -> std::terminate, while the main
+    thread ran Py_FinalizeEx's garbage collection (pytorch/pytorch#117762; Python 3.14 parks such a
+    thread instead of ending it). The threads cannot be joined first: destroy_process_group drops the
+    group, but DistributedDataParallel's construction leaves references to it that outlive the model,
+    so its worker threads live until the process ends. os._exit skips only the teardown of objects,
+    whose memory the operating system takes back anyway; the run's files are closed by then.
+    """
+    if not _joined_group:
+        sys.exit(code)
+    main = threading.main_thread()
+    for thread in threading.enumerate():  # what Python's exit waits for first
+        if thread is not main and not thread.daemon and thread is not threading.current_thread():
+            thread.join()
+    atexit._run_exitfuncs()  # torch's own callbacks among them; the GIL still passes between threads
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from fasttrain.checkpoint import unwrap
 from fasttrain.config import load_config
 from fasttrain.console import RunConsole
 from fasttrain.data import build_data
-from fasttrain.distributed import init_distributed, shutdown
+from fasttrain.distributed import exit_process, init_distributed, shutdown
 from fasttrain.evaluate import evaluate
 from fasttrain.signals import RunInterrupted
 from fasttrain.trainer import Trainer
@@ -159,4 +159,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))  # as `python -m fasttrain` ends under torchrun

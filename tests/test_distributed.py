@@ -753,14 +753,13 @@ def test_the_collective_timeout_comes_from_the_environment_and_must_be_positive(
 
 def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone(monkeypatch):
     """all_reduce_min finds the first bad step over the ranks (MAX would hide one rank's divergence);
-    shutdown on the way out of an exception does not wait on peers that may be gone; on success the ranks
-    meet at a barrier before they leave."""
+    shutdown on the way out of an exception does not wait on peers that may be gone; on success it leaves
+    the group."""
     from fasttrain import distributed
 
     ops, destroyed = [], []
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op: ops.append(op))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(distributed.dist, "barrier", lambda: destroyed.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(1))
     two = DistInfo(rank=0, world_size=2)
     distributed.all_reduce_min(torch.zeros(2), two)
@@ -771,11 +770,42 @@ def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone
     except RuntimeError:
         distributed.shutdown(two)
     assert destroyed == []
-    distributed.shutdown(two)  # a run that ended normally: the ranks meet, then leave
-    assert destroyed == ["barrier", 1]
+    distributed.shutdown(two)  # a run that ended normally
+    assert destroyed == [1]
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     distributed.shutdown(two)  # no group to leave (it was never joined, or already left)
-    assert destroyed == ["barrier", 1]
+    assert destroyed == [1]
+
+
+# exit_process in a process that joined a group (sys.argv[1] "joined") or not: a non-daemon thread still at work,
+# an atexit callback, stdout a pipe with a line not yet flushed, and an object whose teardown prints
+EXIT_PROCESS = """
+import atexit, sys, threading, time
+from fasttrain import distributed
+
+class Teardown:
+    def __del__(self):
+        print("teardown", flush=True)
+
+kept = Teardown()
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+atexit.register(lambda: print("atexit", flush=True))
+print("unflushed", end="")
+distributed._joined_group = sys.argv[1] == "joined"
+distributed.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_exit_process_skips_only_the_teardown_of_objects_in_a_process_that_joined_a_group(tmp_path, joined):
+    """A rank that joined a group ends by os._exit: its non-daemon threads finish and its atexit callbacks run
+    first, what it printed reaches the pipe, its exit status is the code; only the teardown of its objects (where
+    a group's native thread asking for the GIL aborts the process) never comes. A process that joined none exits
+    as Python does, teardown included."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROCESS, "joined" if joined else "alone"], capture_output=True,
+                          text=True, cwd=tmp_path, env=worker_env(tmp_path), timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "unflushedthread done\natexit\n" + ("" if joined else "teardown\n"), proc.stdout
 
 
 def test_the_first_bad_step_of_an_epoch_is_the_earliest_any_rank_had(monkeypatch):
@@ -926,11 +956,12 @@ def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     joined = []
+    monkeypatch.setattr(distributed, "_joined_group", False)  # this test's joins are fakes: pytest's process joined none
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
     assert distributed.init_distributed("cpu") == DistInfo()
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert distributed.init_distributed("cpu") == DistInfo() and joined == []
+    assert distributed.init_distributed("cpu") == DistInfo() and joined == [] and not distributed._joined_group
 
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "42")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -938,7 +969,7 @@ def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     timeout = datetime.timedelta(seconds=42)
     assert distributed.init_distributed("cpu") == DistInfo(rank=3, world_size=4, local_rank=1)
-    assert joined == [{"backend": "gloo", "timeout": timeout}]
+    assert joined == [{"backend": "gloo", "timeout": timeout}] and distributed._joined_group  # exit_process: os._exit
 
     joined.clear()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
