@@ -34,8 +34,8 @@ if __name__ == "__main__":
     # does, not with a KeyboardInterrupt traceback out of a callback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     # A process that joined a torchrun job's process group ends without Python's object teardown, which its native
-    # threads can abort (fasttrain.distributed.exit_process); fasttrain.distributed is imported only by a command
-    # that can join one.
+    # threads can abort (fasttrain.distributed.exit_process). cli.main imports fasttrain.distributed before any
+    # command runs; where main never ran (it is absent), no group was joined.
     distributed = sys.modules.get("fasttrain.distributed")
     if distributed is not None:
         distributed.exit_process(code)
