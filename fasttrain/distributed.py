@@ -202,18 +202,20 @@ def exit_process(code: int) -> NoReturn:
     Why: the group's native threads (gloo's worker threads; NCCL's watchdog likewise frees finished
     works) free each collective's work after the caller's wait has returned, and a work may hold the
     last C++ reference to a tensor made in Python (a barrier's work keeps the works that were in flight
-    when it was issued). Freeing that reference takes the GIL (TensorImpl::decref_pyobject, in the
-    torch 2.11 and 2.14 builds this project runs). A thread that asks for the GIL once Python has begun
-    to finalize (after the atexit callbacks) is ended by pthread_exit, whose unwinding through a
-    noexcept destructor calls std::terminate: "terminate called without an active exception", SIGABRT,
-    after a run that had succeeded. The core dump of such a rank (a 2-rank gloo run on 2 CPU cores)
-    shows exactly that: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork ->
-    decref_pyobject -> PyEval_AcquireThread -> PyThread_exit_thread -> std::terminate, while the main
-    thread ran Py_FinalizeEx's garbage collection (pytorch/pytorch#117762; Python 3.14 parks such a
-    thread instead of ending it). The threads cannot be joined first: destroy_process_group drops the
-    group, but DistributedDataParallel's construction leaves references to it that outlive the model,
-    so its worker threads live until the process ends. os._exit skips only the teardown of objects,
-    whose memory the operating system takes back anyway; the run's files are closed by then.
+    when it was issued). Freeing that reference takes the GIL (TensorImpl::decref_pyobject, in the torch
+    2.11 and 2.14 builds this project runs). A thread still waiting for the GIL when Python begins to
+    finalize (after the atexit callbacks) is ended by pthread_exit as it gets it, and the unwinding
+    through a noexcept destructor calls std::terminate: "terminate called without an active exception",
+    SIGABRT, after a run that had succeeded (tests/test_distributed.py makes the moment certain: the
+    abort every time with sys.exit, none with this). The core dump of such a rank (a 2-rank gloo run on
+    2 CPU cores) shows exactly that: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork ->
+    ~AsyncAllgatherWork -> decref_pyobject -> PyEval_AcquireThread -> PyThread_exit_thread ->
+    std::terminate, while the main thread ran Py_FinalizeEx's garbage collection
+    (pytorch/pytorch#117762; Python 3.14 parks such a thread instead of ending it). The threads cannot
+    be joined first: destroy_process_group drops the group, but DistributedDataParallel's construction
+    leaves references to it that outlive the model, so its worker threads live until the process ends.
+    os._exit skips only the teardown of objects, whose memory the operating system takes back anyway;
+    the run's files are closed by then.
     """
     if not _joined_group:
         sys.exit(code)

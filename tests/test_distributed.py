@@ -808,6 +808,75 @@ def test_exit_process_skips_only_the_teardown_of_objects_in_a_process_that_joine
     assert proc.stdout == "unflushedthread done\natexit\n" + ("" if joined else "teardown\n"), proc.stdout
 
 
+# The teardown abort on demand (sys.argv[1]: how rank 0 ends, "exit_process" or "sys.exit"). Rank 0 leaves an
+# all-reduce of a tensor made in Python to gloo's worker thread and exits; its last atexit callback holds the GIL
+# (a switch interval of 1000 s: a waiting thread never asks for it) while rank 1 joins the all-reduce, so the worker
+# thread, freeing the finished work, waits for the GIL (TensorImpl::decref_pyobject) until Python is finalizing.
+# The CI's flake, where the thread came a moment late by chance, made certain.
+LATE_WORK = """
+import atexit, sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+from fasttrain import distributed
+
+info = distributed.init_distributed("cpu")
+kept = torch.ones(4)
+exiting = Path("rank0-exits")
+if info.rank == 1:
+    while not exiting.exists():
+        time.sleep(0.01)
+    dist.all_reduce(kept)
+    time.sleep(1.0)
+    distributed.exit_process(0)
+
+
+class SlowTeardown:
+    def __del__(self):  # Python's teardown of __main__: the GIL passes to a waiting thread in the sleep
+        time.sleep(1.0)
+
+
+def hold_the_gil():
+    exiting.touch()
+    sys.setswitchinterval(1000.0)
+    end = time.perf_counter() + 2.0
+    while time.perf_counter() < end:
+        pass
+
+
+slow = SlowTeardown()
+atexit.register(hold_the_gil)
+dist.all_reduce(kept, async_op=True)  # the handle dropped: the worker thread frees the work
+distributed.exit_process(0) if sys.argv[1] == "exit_process" else sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("ending", ["exit_process", "sys.exit"])
+def test_a_rank_whose_gloo_thread_frees_a_work_during_the_exit_ends_cleanly_by_exit_process(
+        cifar_dir, tmp_path, ending):
+    """The 2-rank teardown abort (CI, rank 1 SIGABRT "terminate called without an active exception" after a run
+    had succeeded), made certain: gloo's worker thread waits for the GIL to free a finished work's tensor until
+    Python finalizes, and Python 3.11-3.13 end it by pthread_exit, which aborts the process. exit_process never
+    finalizes: rank 0 exits 0. The same rank ending by sys.exit aborts, which shows the case is the CI's (Python
+    3.14 parks such a thread instead: there it exits 0 as well)."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", LATE_WORK, ending], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env=worker_env(cifar_dir, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in (0, 1)]
+    try:
+        (_, err0), (_, err1) = (proc.communicate(timeout=120) for proc in procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[1].returncode == 0, err1
+    if ending == "exit_process" or sys.version_info >= (3, 14):
+        assert procs[0].returncode == 0, err0
+    else:
+        assert procs[0].returncode == -signal.SIGABRT, (procs[0].returncode, err0)
+        assert "terminate called without an active exception" in err0, err0
+
+
 def test_the_first_bad_step_of_an_epoch_is_the_earliest_any_rank_had(monkeypatch):
     """_reduce_epoch_stats on a stand-in rank 0 of 2, its peer's side of each reduction faked: loss and
     correct sums add up, and the first non-finite step is the earliest over the ranks that had one. A rank
