@@ -800,8 +800,8 @@ distributed.exit_process(3)
 def test_exit_process_skips_only_the_teardown_of_objects_in_a_process_that_joined_a_group(tmp_path, joined):
     """A rank that joined a group ends by os._exit: its non-daemon threads finish and its atexit callbacks run
     first, what it printed reaches the pipe, its exit status is the code; only the teardown of its objects (where
-    a group's native thread asking for the GIL aborts the process) never comes. A process that joined none exits
-    as Python does, teardown included."""
+    a group's native thread still waiting for the GIL aborts the process) never comes. A process that joined none
+    exits as Python does, teardown included."""
     proc = subprocess.run([sys.executable, "-c", EXIT_PROCESS, "joined" if joined else "alone"], capture_output=True,
                           text=True, cwd=tmp_path, env=worker_env(tmp_path), timeout=120)
     assert proc.returncode == 3, proc.stderr
