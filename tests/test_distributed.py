@@ -851,8 +851,7 @@ distributed.exit_process(0) if sys.argv[1] == "exit_process" else sys.exit(0)
 
 
 @pytest.mark.parametrize("ending", ["exit_process", "sys.exit"])
-def test_a_rank_whose_gloo_thread_frees_a_work_during_the_exit_ends_cleanly_by_exit_process(
-        cifar_dir, tmp_path, ending):
+def test_a_rank_whose_gloo_thread_frees_a_work_during_the_exit_ends_cleanly_by_exit_process(tmp_path, ending):
     """The 2-rank teardown abort (CI, rank 1 SIGABRT "terminate called without an active exception" after a run
     had succeeded), made certain: gloo's worker thread waits for the GIL to free a finished work's tensor until
     Python finalizes, and Python 3.11-3.13 end it by pthread_exit, which aborts the process. exit_process never
@@ -861,8 +860,8 @@ def test_a_rank_whose_gloo_thread_frees_a_work_during_the_exit_ends_cleanly_by_e
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", LATE_WORK, ending], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env=worker_env(cifar_dir, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                              env=worker_env(tmp_path, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))  # reads no data
              for rank in (0, 1)]
     try:
         (_, err0), (_, err1) = (proc.communicate(timeout=120) for proc in procs)
@@ -1025,7 +1024,7 @@ def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     joined = []
-    monkeypatch.setattr(distributed, "_joined_group", False)  # this test's joins are fakes: pytest's process joined none
+    monkeypatch.setattr(distributed, "_joined_group", False)  # the joins below are fakes: pytest's process joins none
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
     assert distributed.init_distributed("cpu") == DistInfo()
