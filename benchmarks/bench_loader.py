@@ -7,9 +7,11 @@ Three training loaders over the same uint8 CIFAR-shaped arrays (synthetic by def
 does not depend on pixel values; `--data DIR` reads real CIFAR-10), each with pad-4 crop, flip,
 normalise:
   * ``dali``        `fasttrain.data.dali.DaliLoader` (ops on the GPU; dataset resident in device
-                    memory, plus ``dali-host``: dataset in host memory, copied per batch, and
-                    ``dali-seq``: device memory, the batch as one DALI sample, graph="sequence", and
-                    ``dali-slice``: device memory, fn.slice at integer starts, graph="slice"),
+                    memory, a DALI sample an image, graph="samples", plus ``dali-host``: the same with
+                    the dataset in host memory, copied per batch, and ``dali-seq``: device memory, the
+                    batch as one DALI sample, graph="sequence" (data.dali_graph's default, the fastest
+                    measured), and ``dali-slice``: device memory, fn.slice at integer starts,
+                    graph="slice"; each row names its graph, so rows compare across sessions),
   * ``torch``       `fasttrain.data.loader_torch.TorchLoader` (GPU-resident, batched tensor ops),
   * ``torchvision`` the paper's pipeline: a map-style Dataset of PIL images with RandomCrop(32, 4),
                     RandomHorizontalFlip, ToTensor, Normalize in CPU worker processes, pinned
@@ -208,11 +210,11 @@ def main(argv=None) -> int:
 
     dali_opts = dict(prefetch=args.dali_prefetch, num_threads=args.dali_threads)
     factories = {
-        "dali": lambda: DaliLoader(x, y, residency="device", **dali_opts, **common),
+        "dali": lambda: DaliLoader(x, y, residency="device", graph="samples", **dali_opts, **common),
         "dali-seq": lambda: DaliLoader(x, y, residency="device", graph="sequence", **dali_opts, **common),
         "dali-slice": lambda: DaliLoader(x, y, residency="device", graph="slice", **dali_opts, **common),
         # on the CPU both residencies are the host one: measure it once
-        "dali-host": (lambda: DaliLoader(x, y, residency="host", **dali_opts, **common))
+        "dali-host": (lambda: DaliLoader(x, y, residency="host", graph="samples", **dali_opts, **common))
         if device.type == "cuda" else None,
         "torch": lambda: TorchLoader(x, y, **common),
         "torchvision": lambda: PaperLoader(x, y, batch_size=args.batch_size, device=device, mean=MEAN, std=STD,

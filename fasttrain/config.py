@@ -66,8 +66,9 @@ class DataConfig:
     dir: Optional[str] = None        # folder holding CIFAR-10; None: $FASTTRAIN_DATA, else ./data
     download: bool = True            # fetch the official tarball when nothing is found
     loader: str = "auto"             # auto | dali | torch  (see README: why auto picks what it does)
-    dali_graph: str = "samples"      # data.loader dali only: samples (a DALI sample per image) | sequence (the
-                                     # batch as one sample of frames) | slice (fn.slice; fasttrain/data/dali.py)
+    dali_graph: str = "sequence"     # data.loader dali only: sequence (the batch as one sample of frames: 280,894
+                                     # img/s alone on an H200) | samples (a DALI sample per image: 80,162) | slice
+                                     # (fn.slice: 152,044; benchmarks/results/2026-11-28-h200-muon, fasttrain/data/dali.py)
     val_size: int = 0                # images held out from the END of the training set for tuning
     train_subset: int = 0            # use only the first N training images (0: all); smoke runs
     test_subset: int = 0             # evaluate on the first N test images (0: all)

@@ -75,7 +75,7 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
                   rank=rank, world_size=world_size)
     loader_name = loader_class.__name__
     if loader_class is not TorchLoader:  # DALI's own switch (config: "data.loader dali only")
-        common["graph"] = getattr(data_cfg, "dali_graph", "samples")
+        common["graph"] = getattr(data_cfg, "dali_graph", "sequence")
         loader_name += f" ({common['graph']} graph)"
     test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
     if test_only:

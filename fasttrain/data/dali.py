@@ -25,9 +25,9 @@ Design
   absolute starts and ``out_of_bounds_policy="pad"`` before it did the same in two operators;
   with one, the loader on DALI's CPU backend went from 53,475 to 61,852 images/s, batch 512, on a
   2-core CPU, DALI 2.4.0; its GPU gain is measured by benchmarks/bench_loader.py.)
-* **Three graphs** (`graph`, the config's ``data.dali_graph``). ``samples`` (the default): each image
-  is one DALI sample, cropped, flipped and normalised by the one operator above. ``sequence``: the
-  whole batch is ONE sample, a sequence of frames (layout ``FHWC``), so DALI's executor handles
+* **Three graphs** (`graph`, the config's ``data.dali_graph``). ``samples``: each image
+  is one DALI sample, cropped, flipped and normalised by the one operator above. ``sequence`` (the
+  default, the fastest measured): the whole batch is ONE sample, a sequence of frames (layout ``FHWC``), so DALI's executor handles
   one sample a batch, not 512, and less of the operators' host work (argument inputs, set-up) is
   per image: `fn.warp_affine` with one matrix per frame (`fn.per_frame`), nearest-pixel,
   does the crop (a whole-pixel translation whose outside reads 0: the zero padding, so the images
@@ -39,8 +39,11 @@ Design
   per-sample arguments. It is the first H200 session's pipeline (199,000 images/s alone there,
   before ``samples`` replaced it; ``samples`` gave 87,000 on a later H100 machine), kept to tell on
   one machine whether ``samples``' float crop positions or the machine made that difference.
-  All three graphs yield the same batches to the bit (tests/test_dali.py); which is fastest on a
-  GPU is for benchmarks/bench_loader.py to say (its ``dali``, ``dali-seq`` and ``dali-slice`` rows).
+  All three graphs yield the same batches to the bit (tests/test_dali.py). On the GPU
+  (benchmarks/bench_loader.py's ``dali``, ``dali-seq`` and ``dali-slice`` rows, one H200 machine,
+  benchmarks/results/2026-11-28-h200-muon, batch 512, alone): ``sequence`` 280,894 images/s,
+  ``slice`` 152,044, ``samples`` 80,162: the executor's per-sample host work was the bottleneck,
+  hence ``sequence`` as the default.
   On DALI's 2-core CPU backend ``samples`` and ``sequence`` are even on CIFAR's images (3.9 ms a
   batch of 512: the pixels dominate there; ``slice``'s two operators ran at 53,475 images/s against
   ``samples``' 61,852, above); on 4x4 images, where the per-image overhead is nearly all, the
@@ -328,8 +331,8 @@ class DaliLoader:
     `device` picks the backend: a CUDA device runs the pipeline's operators on that GPU
     (``device_id`` = its index); ``cpu`` runs the same pipeline definition on DALI's CPU backend
     (``device_id=None``), which is how CI tests it. `residency` ("device" default, or "host")
-    chooses where the uint8 dataset lives on the GPU path, `graph` ("samples" default, or
-    "sequence") how the pipeline holds a batch (see the module docstring for both).
+    chooses where the uint8 dataset lives on the GPU path, `graph` ("sequence" default, "samples" or
+    "slice") how the pipeline holds a batch (see the module docstring for the three).
     """
 
     def __init__(self, x_nhwc_uint8: np.ndarray, y: np.ndarray, *, batch_size: int, train: bool,
@@ -338,7 +341,7 @@ class DaliLoader:
                  crop_padding: int = 4, flip: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: Optional[bool] = None, prefetch: int = 2,
                  residency: str = "device", num_threads: Optional[int] = None, cutout: int = 0,
-                 flip_mode: str = "random", graph: str = "samples"):
+                 flip_mode: str = "random", graph: str = "sequence"):
         fn, types, Pipeline, self._feed_ndarray = _import_dali()
 
         x, y = _host_array(x_nhwc_uint8), _host_array(y)
