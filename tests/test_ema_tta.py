@@ -246,7 +246,7 @@ def test_ema_averages_the_weights_the_trainer_trains(cifar_dir, tmp_path, monkey
 
 def test_tta_modes_in_config():
     assert load_config(None).train.tta == "none"
-    assert load_config("configs/best.yaml").train.tta == "flip"
+    assert load_config("configs/best.yaml").train.tta == "flip_shift"
     with pytest.raises(ConfigError, match=r"train\.tta.*one of none, flip, flip_shift"):
         load_config(None, ["--train.tta", "shift"])
     with pytest.raises(ConfigError, match=r"train\.tta = 'true' is out of range: one of none, flip, flip_shift"):

@@ -221,10 +221,10 @@ def test_muon_config_mistakes_are_named(flags, key, words):
 
 
 def test_the_cuda_graph_takes_muon_and_still_refuses_torch_sgd():
-    muon = load_config("configs/best.yaml",
-                       ["--optim.name", "muon", "--optim.impl", "torch", "--optim.lookahead_k", "0"])
+    muon = load_config("configs/best.yaml")  # best.yaml runs Muon with the graph
+    assert muon.optim.name == "muon" and muon.train.cuda_graph
     assert graph_problems(muon, world_size=1, precision="bf16") == []
-    sgd = load_config("configs/best.yaml", ["--optim.impl", "torch"])
+    sgd = load_config("configs/best.yaml", ["--optim.name", "sgd", "--optim.impl", "torch"])
     assert any("--optim.impl fused" in p for p in graph_problems(sgd, world_size=1, precision="bf16"))
 
 
