@@ -11,7 +11,7 @@ number. Reads:
   gpu-tests.log                  pytest's final counts line
   best.json | best-runs/*/       time_to_accuracy.py's result, else the runs' metrics.jsonl (partial)
   throughput.json                throughput.py's rows (rewritten after each row, so partial is fine)
-  bench_se_*.json, bench_optim_*.json, tune_se_*.json, loader.json, ablation.json (recipe_ablation.py)
+  bench_se_*.json, bench_optim_*.json, tune_se_*.json, loader*.json, ablation.json (recipe_ablation.py)
   profile.json                   profile_step.py's rows: host- or GPU-bound
   seed/, graphseed/, torchrun1/, plain/, apaper-*/ metrics.jsonl (graphseed also sizes apaper)
 """
@@ -276,11 +276,16 @@ def ablation_verdict(result: dict) -> list[str]:
 
 
 def loader(d: Path) -> list[str]:
-    result = _read_json(d / "loader.json")
-    if not result:
-        return []
-    parts = [f"{r['loader']}/{r['mode']} {_n(r.get('images_per_s'))}" for r in result["results"]]
-    return [f"loader      img/s: {', '.join(parts)}"]
+    """One line per loader.json, loader-2.json, ...: the runs of one `loader` stage (LOADER_ARGS's sets)."""
+    lines = []
+    for path in sorted(d.glob("loader*.json"), key=lambda p: (len(p.name), p.name)):
+        result = _read_json(path)
+        if not result:
+            continue
+        parts = [f"{r['loader']}/{r['mode']} {_n(r.get('images_per_s'))}" for r in result["results"]]
+        flags = re.sub(r"\s*--out\s+\S+", "", str(result.get("command", "")).partition("bench_loader.py")[2]).strip()
+        lines.append(f"loader      img/s: {', '.join(parts)}" + (f" ({flags})" if path.name != "loader.json" else ""))
+    return lines
 
 
 def runs(d: Path) -> list[str]:
