@@ -37,11 +37,10 @@
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
 #               runs SEARCH_ONLY (6 runs with base, all at once: variants aimed at issue 6's 30 s on an H100,
-#               best.yaml at 36 epochs alone, and without Lookahead at lr 0.8, with Muon on the filters at 36,
-#               30 and 24 epochs: optim.name muon, 3.2 points over SGD's best rate on a CPU proxy at batch 512,
-#               8 epochs, 0.9 at 16), JOBS (6) at a
-#               time, for the whole budget: one call for both. The third session's search (on the older
-#               base) is in benchmarks/results/2026-11-26-h200-search
+#               today best.yaml (Muon, 36 epochs) at 30-32 epochs with what may buy back the loss), JOBS (6)
+#               at a time, for the whole budget: one call for both. The third session's search (on the older
+#               base) is in benchmarks/results/2026-11-26-h200-search, the sixth's (Muon against SGD at 36
+#               epochs) in benchmarks/results/2026-11-28-h200-muon
 #   writeup     the same, with ABLATION_ONLY: best.yaml with one ingredient taken away at a time (issue 6's
 #               write-up), beside the gpu tests
 #
