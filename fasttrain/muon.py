@@ -57,10 +57,17 @@ def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
+    lead, rows, cols = x.shape[:-2], x.size(-2), x.size(-1)
+    x = x.reshape(-1, rows, cols)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now <= 1, where the iteration converges
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        # three batched products an iteration, the sums folded into them (beta x input + alpha x product):
+        # a GPU step of small banks is bound by kernel count, and this is 3 launches where the plain
+        # expression takes 8 (its scalings and additions each a pass of their own)
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b xx^T + c (xx^T)^2
+        x = torch.baddbmm(x, poly, x, beta=a)                    # a x + poly x
+    x = x.reshape(*lead, rows, cols)
     return x.mT if tall else x
 
 
@@ -172,10 +179,13 @@ class Muon(torch.optim.Optimizer):
             by_shape[(p.shape[0], p[0].numel())].append(i)
         for (rows, cols), members in by_shape.items():
             stacked = torch.stack([directions[i].reshape(rows, cols) for i in members])
-            ortho = orthogonalize(stacked, dtype=ns_dtype).to(params[0].dtype)
-            step = lr * math.sqrt(max(1.0, rows / cols))
-            updates = [(o * step).reshape(params[i].shape) for o, i in zip(ortho.unbind(0), members)]
-            torch._foreach_sub_([params[i] for i in members], updates)
+            ortho = orthogonalize(stacked, dtype=ns_dtype)
+            # one copy casts to the parameters' dtype and lays out [bank, rows, cols] (a tall bank's result
+            # is a transposed view), one multiply scales the group: per bank, only the subtraction's views
+            update = torch.empty((len(members), rows, cols), dtype=params[0].dtype, device=params[0].device)
+            update.copy_(ortho).mul_(lr * math.sqrt(max(1.0, rows / cols)))
+            torch._foreach_sub_([params[i] for i in members],
+                                [u.view(params[i].shape) for u, i in zip(update.unbind(0), members)])
 
 
 def muon_param_groups(params: list[nn.Parameter], groups_for_others: list[dict], *, lr: float, muon_lr: float,
