@@ -178,7 +178,9 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_shape[(p.shape[0], p[0].numel())].append(i)
         for (rows, cols), members in by_shape.items():
-            stacked = torch.stack([directions[i].reshape(rows, cols) for i in members])
+            # stack the 4-D directions first, then view them as matrices: one copy for the group (a channels_last
+            # bank reshaped alone is a copy of its own)
+            stacked = torch.stack([directions[i] for i in members]).reshape(len(members), rows, cols)
             ortho = orthogonalize(stacked, dtype=ns_dtype)
             # one copy casts to the parameters' dtype and lays out [bank, rows, cols] (a tall bank's result
             # is a transposed view), one multiply scales the group: per bank, only the subtraction's views

@@ -144,6 +144,28 @@ def test_muon_buffers_exist_from_construction_in_the_parameters_layout():
     assert opt.build_count == 1
 
 
+def test_a_channels_last_network_takes_the_same_steps_as_a_contiguous_one():
+    """The trainer runs channels_last: its filters' gradients and directions are channels_last 4-D tensors,
+    which the step stacks and views as [bank, rows, cols] (a copy there); the layout must not change a step.
+    The same gradients go to both (a backward through channels_last convolutions rounds differently, ~1e-8,
+    which Newton-Schulz amplifies in a small rank-deficient bank), four steps at changing rates."""
+    plain, last = _net(), _net().to(memory_format=torch.channels_last)
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in last.parameters())
+    opts = _muon(plain), _muon(last)
+    g = torch.Generator().manual_seed(3)
+    for lr in (0.1, 0.05, 0.2, 0.01):
+        for a, b in zip(plain.parameters(), last.parameters()):
+            a.grad = torch.randn(a.shape, generator=g) * 1e-2
+            b.grad = a.grad.clone().to(memory_format=torch.channels_last) if b.ndim == 4 else a.grad.clone()
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            opt.step()
+    for (name, a), b in zip(plain.named_parameters(), last.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-6, msg=name)
+        assert b.ndim != 4 or b.is_contiguous(memory_format=torch.channels_last), name  # the update kept the layout
+
+
 def test_muon_state_dict_resumes_the_same_trajectory():
     """3 steps, save, a fresh net and optimizer load it, 3 more == 6 steps straight; the load rebuilds
     (build_count: a captured graph would hold the old buffers' addresses)."""
