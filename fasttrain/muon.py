@@ -62,8 +62,8 @@ def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now <= 1, where the iteration converges
     for _ in range(steps):
         # three batched products an iteration, the sums folded into them (beta x input + alpha x product):
-        # a GPU step of small banks is bound by kernel count, and this is 3 launches where the plain
-        # expression takes 8 (its scalings and additions each a pass of their own)
+        # 3 launches where the plain expression takes 8 (its scalings and additions each a pass of their
+        # own), for a GPU step over small banks that is likely bound by its launches (not yet measured)
         gram = torch.bmm(x, x.mT)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b xx^T + c (xx^T)^2
         x = torch.baddbmm(x, poly, x, beta=a)                    # a x + poly x

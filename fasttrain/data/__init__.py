@@ -56,8 +56,7 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
                world_size: int = 1, test_only: bool = False) -> DataBundle:
     """The loaders of one run. `test_only` (scoring a checkpoint): the test loader alone; no training
     set is uploaded (240 MB padded on a GPU with DALI) and `train` and `val` are None."""
-    arrays = load_cifar10(resolve_data_dir(getattr(data_cfg, "dir", None)),
-                          download=getattr(data_cfg, "download", True))
+    arrays = load_cifar10(resolve_data_dir(data_cfg.dir), download=data_cfg.download)
     # the validation images come off the end of the full training set first, so train_subset never
     # changes which images are validated on
     train_x, train_y, val_x, val_y = split_validation(arrays, data_cfg.val_size)
@@ -69,13 +68,13 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
                         f"({len(train_x)} images / {world_size} rank(s) = {per_rank}); lower the batch "
                         "size, or raise data.train_subset / lower data.val_size.")
 
-    loader_class = _loader_class(getattr(data_cfg, "loader", "auto"))
+    loader_class = _loader_class(data_cfg.loader)
     common = dict(device=device, dtype=dtype, mean=data_cfg.mean, std=data_cfg.std, channels_last=channels_last,
                   crop_padding=data_cfg.crop_padding, flip=data_cfg.flip, flip_mode=data_cfg.flip_mode, seed=seed,
                   rank=rank, world_size=world_size)
     loader_name = loader_class.__name__
     if loader_class is not TorchLoader:  # DALI's own switch (config: "data.loader dali only")
-        common["graph"] = getattr(data_cfg, "dali_graph", "sequence")
+        common["graph"] = data_cfg.dali_graph
         loader_name += f" ({common['graph']} graph)"
     test = loader_class(test_x, test_y, batch_size=eval_batch_size, train=False, **common)
     if test_only:
