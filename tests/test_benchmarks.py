@@ -1077,17 +1077,15 @@ def test_gpu_session_variant_lists_name_shipped_variants(repo_root):
     script = (repo_root / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", "")
     lists = dict(re.findall(r"^(ABLATION_ONLY|SEARCH_ONLY)=(\S+)$", script, flags=re.M))
     assert set(lists) == {"ABLATION_ONLY", "SEARCH_ONLY"}
-    from fasttrain.config import load_config
-
-    base = load_config("configs/best.yaml")
+    base, _ = ra.variant_config("configs/best.yaml", {}, "base", {}, 5000)
     for name, names in lists.items():
         only = names.split(",")
         assert len(only) <= 5, f"{name}: base and at most 5 more start together at JOBS=6"
         variants = ra.read_variants(ra.DEFAULT_VARIANTS, only)
         assert list(variants) == ["base", *only], name
         for variant in only:  # each changes today's best.yaml (no_lookahead did nothing once best.yaml ran Muon)
-            args = [part for key, value in variants[variant].items() for part in (f"--{key}", json.dumps(value))]
-            assert load_config("configs/best.yaml", args) != base, f"{name}: {variant} is best.yaml itself"
+            cfg, _ = ra.variant_config("configs/best.yaml", {}, variant, variants[variant], 5000)
+            assert cfg != base, f"{name}: {variant} is best.yaml itself"
 
 
 # ------------------------------------------------------------------------------------- SE tile sweep
