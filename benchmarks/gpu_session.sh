@@ -10,14 +10,16 @@
 #               and the tile sweep, both now timing GPU work only (the last ones run only if the earlier
 #               ones finish early). The plan for a session's one big command; the first session's quick
 #               (rows 1-8, best, kernels, loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
-#   tests | profile | throughput | graphseed | best | kernels | tune | loader | seed | torchrun
-#               one stage alone (limit: the deadline). torchrun: a plain run, the same under one-process
+#   tests | profile | throughput | graphseed | best | kernels | optim | tune | loader | seed | torchrun
+#               one stage alone (limit: the deadline). optim: bench_optim.py alone, OPTIM_IMPLS (default
+#               "fused muon muon-padded": Muon's step batched by shape or padded, beside the fused SGD step). torchrun: a plain run, the same under one-process
 #               torchrun (the launcher's cost: one process is a plain run), then the gpu tests of
 #               tests/test_distributed.py (DDP on NCCL in a one-rank group, its step as a CUDA graph, the stop
 #               agreement). profile: benchmarks/profile_step.py (host- or GPU-bound, per row);
 #               best: time_to_accuracy.py on best.yaml, SEEDS seeds, with BEST_ARGS, or
 #               with the candidate of the recipe_ablation result BEST_FROM names (the search keeps its own at
-#               SEARCH_KEEP, /tmp/fasttrain-search.json); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
+#               SEARCH_KEEP, /tmp/fasttrain-search.json), then BEST_EXTRA's flags (an engine switch such as
+#               "--optim.muon_batching padded" on top of the search's pick); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
 #               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
 #               on the one GPU, engine switches in APAPER_ARGS: for issue 6's A_paper. The runs live in
@@ -86,13 +88,15 @@
 #   run: carry [".stage/04"], timeout_s 600,
 #        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=400; mkdir -p .stage && cp -r /tmp/stg/0[123] .stage/ &&
 #         bash .stage/04/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
-#         bash benchmarks/gpu_session.sh search $OUT"
-#        (the gpu tests beside the search on the Muon base: best.yaml at 36 epochs and 30-32-epoch variants,
-#        ~200 s of runs side by side)
-#   run: on the same warm machine, with what is left (BUDGET_S = left - 40):
+#         (BUDGET_S=90 bash benchmarks/gpu_session.sh optim $OUT/o); bash benchmarks/gpu_session.sh search $OUT"
+#        (optim first, on the idle card, ~30 s: Muon's step batched by shape against padded, GPU time alone, which is
+#        what the CUDA graph pays; then the gpu tests beside the search on the Muon base: best.yaml at 36 epochs and
+#        30-32-epoch variants, ~200 s of runs side by side)
+#   run: on the same warm machine, with what is left (BUDGET_S = left - 40), BEST_EXTRA="--optim.muon_batching
+#        padded" if optim's muon-padded row was faster (GPU alone) than muon:
 #        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[123] .stage/ && bash .stage/01/unstage.sh
 #         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=...; SEEDS=5
-#         BEST_FROM=/tmp/fasttrain-search.json bash benchmarks/gpu_session.sh best $OUT)"
+#         BEST_FROM=/tmp/fasttrain-search.json BEST_EXTRA=... bash benchmarks/gpu_session.sh best $OUT)"
 #        (the search's pick, or best.yaml itself when the verdict names the base: 5 seeds, ~240 s; on an H100
 #        this is issue 6's 30 s measured where the issue states it)
 #   then give_back. After that: `writeup` (best.yaml's take-one-away on validation: ABLATION_ONLY); for issue 5
@@ -100,9 +104,8 @@
 #   ceilings: 5.81 ms at batch 512 on an H100, issue 5's 80,000 img/s is 91% of it); the loaders once more
 #   in one stage: LOADER_ARGS='--loaders dali-seq,torch | --loaders dali,dali-seq,dali-slice --no-train
 #   --batch-size 2048 | --loaders dali,dali-seq,dali-slice --no-train --dali-threads 8' (the sequence graph
-#   inside a training step; a per-batch or per-sample cost; DALI's CPU threads); `kernels` (bench_optim's
-#   muon row: what Muon's step costs beside the fused step: best.yaml's epoch is 0.84 s with Muon against 0.70
-#   with the fused SGD step on an H200).
+#   inside a training step; a per-batch or per-sample cost; DALI's CPU threads). (Why optim: best.yaml's epoch
+#   is 0.84 s with Muon against 0.70 with the fused SGD step on an H200, ~1.4 ms a step, 5 s of the 30.5.)
 # Issues 5 and 6 state their targets on one H100: the runs that measure them (throughput, best) name
 # kind nvidia-h100-x1 in the device call (a call that names no kind may land on an H200, as the first three
 # sessions did); the recipe search may run on either.
@@ -119,9 +122,9 @@
 # (every log, JSON, chart and metrics file; no checkpoints) and, after a completed best stage, the
 # trained weights (weights-best-bf16.pt, python -m fasttrain export).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|search|writeup|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun [OUT_DIR]}
+stage=${1:?usage: gpu_session.sh quick|preflight|apaper|ablation|search|writeup|tests|profile|throughput|graphseed|best|kernels|optim|tune|loader|seed|torchrun [OUT_DIR]}
 case $stage in
-  quick|preflight|apaper|ablation|search|writeup|tests|profile|throughput|graphseed|best|kernels|tune|loader|seed|torchrun) ;;
+  quick|preflight|apaper|ablation|search|writeup|tests|profile|throughput|graphseed|best|kernels|optim|tune|loader|seed|torchrun) ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac
 out=${2:-${OUT:-}}
@@ -261,7 +264,7 @@ stage_best() {        # the fast recipe in full, SEEDS (1) seeds, timed; run fol
   # shellcheck disable=SC2086
   limited best "$((left < $1 ? left : $1))" python benchmarks/time_to_accuracy.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
     --targets apaper 94 95 96 --runs-dir "$work/best-runs" --out "$work/best.json" --train.checkpoint_every 1000 \
-    ${BEST_ARGS:-}
+    ${BEST_ARGS:-} ${BEST_EXTRA:-}
   # the trained weights come back beside the archive (which holds no .pt): bf16, ~6 MB for best.yaml, for issue 6;
   # only from a finished run (best.json written), never a checkpoint cut by the limit
   [[ -f $work/best.json ]] || return 0
@@ -293,6 +296,11 @@ stage_bench_se() {    # the SE microbenchmark (issue 4's target: 1.5x the eager 
 stage_kernels() {     # SE and optimizer microbenchmarks (issue 4's targets: 1.5x and 3x)
   stage_bench_se "$1"
   limited bench-optim "$2" python benchmarks/kernels/bench_optim.py --out "$work"
+}
+stage_optim() {       # the optimizer steps alone: Muon's two batchings (optim.muon_batching) beside the fused SGD
+  # shellcheck disable=SC2086
+  limited bench-optim "$1" python benchmarks/kernels/bench_optim.py --impls ${OPTIM_IMPLS:-fused muon muon-padded} \
+    --out "$work"
 }
 stage_tune() {        # SE tile sizes: 16 (gate, reduce) pairs at the network's shapes, checked and ranked (issue 4)
   limited tune-se "$1" python benchmarks/kernels/tune_se.py --out "$work"
@@ -396,6 +404,7 @@ case $stage in
   throughput) stage_throughput "$budget" ;;
   best)       stage_best "$budget" ;;
   kernels)    stage_kernels "$((budget * 2 / 3))" "$((budget / 3))" ;;
+  optim)      stage_optim "$budget" ;;
   tune)       stage_tune "$budget" ;;
   loader)     stage_loader "$budget" ;;
   seed)       stage_seed "$budget" ;;

@@ -218,10 +218,12 @@ def kernels(d: Path) -> list[str]:
                          f"{p['total_ms']:.3f} ms{' (default)' if p['default'] else ''}" for p in ranked[:3])
         lines.append(f"tune_se     best first{note}: {best or 'no ranking (stopped early?)'}")
     for path in sorted(d.glob("bench_optim_*.json")):
-        rows = {r["impl"]: r["step_ms"] for r in (_read_json(path) or {"rows": []})["rows"]}
-        fused = rows.get("fused")
-        parts = [f"{impl} {1e3 * ms:.0f} us" + (f" ({ms / fused:.2f}x fused)" if fused and impl != "fused" else "")
-                 for impl, ms in rows.items()]
+        rows = {r["impl"]: r for r in (_read_json(path) or {"rows": []})["rows"]}
+        fused = rows.get("fused", {}).get("step_ms")
+        parts = [f"{impl} {1e3 * r['step_ms']:.0f} us"
+                 + (f" ({r['step_ms'] / fused:.2f}x fused)" if fused and impl != "fused" else "")
+                 + (f" [GPU alone {1e3 * r['gpu_step_ms']:.0f}]" if "gpu_step_ms" in r else "")
+                 for impl, r in rows.items()]
         lines.append(f"bench_optim {', '.join(parts)}")
     return lines
 

@@ -14,8 +14,16 @@ filter bank [out, in, kh, kw] is the matrix [out, in * kh * kw]. Per filter bank
 `orthogonalize` runs five Newton-Schulz iterations (the quintic with coefficients 3.4445, -4.7750, 2.0315
 from the Muon write-up) on the matrix scaled to Frobenius norm 1: they push its singular values towards 1
 (into roughly 0.7..1.2, which is all Muon needs) with matrix products only, no SVD. On a GPU they run in
-bf16 (the products of a step take microseconds); elsewhere in fp32. Filter banks of one shape are
-orthogonalized together, as one batched product.
+bf16 (the products of a step take microseconds); elsewhere in fp32. How the banks are batched
+(`optim.muon_batching`):
+
+* ``shape``: banks of one shape together, one batched Newton-Schulz per shape (10 on best.yaml: 150 matrix
+  products a step, each with a few output tiles: 64 x 64 to 256 x 256 results);
+* ``padded``: every bank zero-padded into one [banks, R, C] batch (R x C the largest wide orientation): 15
+  products a step, 4.8x the FLOPs on best.yaml (67 GFLOPs; 13.9 by shape). Zero padding changes nothing
+  but rounding: with X = [[A, 0], [0, 0]], X X^T and every polynomial of it keep the block form, so the
+  iteration on X is the iteration on A (and ||X||_F = ||A||_F). Which is faster on a GPU, where the step
+  runs as a CUDA graph and costs GPU time alone, is measured by benchmarks/kernels/bench_optim.py.
 
 Every other parameter (BN scales and shifts, biases, the head's linear layer; the SE block's 1x1 convolutions
 are filter banks) takes torch.optim.SGD's update with `optim.lr`, `optim.momentum`, `optim.nesterov` and
@@ -40,6 +48,7 @@ from torch import nn
 # the quintic Newton-Schulz iteration's coefficients (Muon's write-up): x <- A x + (B xx^T + C (xx^T)^2) x
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
+BATCHINGS = ("shape", "padded")  # optim.muon_batching: see the module docstring
 
 
 def is_filter_bank(p: torch.Tensor) -> bool:
@@ -71,15 +80,21 @@ def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     return x.mT if tall else x
 
 
-def orthogonalize_flops(params, steps: int = NS_STEPS) -> int:
+def wide_shape(p: torch.Tensor) -> tuple[int, int]:
+    """A filter bank's matrix [out, in*kh*kw] in the orientation Newton-Schulz runs on: rows <= cols."""
+    rows, cols = p.shape[0], p[0].numel()
+    return (rows, cols) if rows <= cols else (cols, rows)
+
+
+def orthogonalize_flops(params, steps: int = NS_STEPS, batching: str = "shape") -> int:
     """The matrix-product FLOPs of one step's orthogonalizations over the filter banks among `params`: per
-    iteration 4 r^2 c + 2 r^3 (x x^T, its square, and the product with x; r x c the wide orientation)."""
-    flops = 0
-    for p in params:
-        if is_filter_bank(p):
-            r, c = sorted((p.shape[0], p[0].numel()))
-            flops += steps * (4 * r * r * c + 2 * r ** 3)
-    return flops
+    iteration 4 r^2 c + 2 r^3 (x x^T, its square, and the product with x; r x c the wide orientation, with
+    `batching` padded the largest r and the largest c of all banks, zeros included)."""
+    shapes = [wide_shape(p) for p in params if is_filter_bank(p)]
+    if batching == "padded" and shapes:
+        r, c = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        shapes = [(r, c)] * len(shapes)
+    return sum(steps * (4 * r * r * c + 2 * r ** 3) for r, c in shapes)
 
 
 class Muon(torch.optim.Optimizer):
@@ -90,10 +105,15 @@ class Muon(torch.optim.Optimizer):
     ``momentum_buffer`` (torch.optim.SGD's name and layout), created at construction."""
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, batching: str = "shape"):
+        if batching not in BATCHINGS:
+            raise ValueError(f"Muon's batching must be one of {BATCHINGS}, not {batching!r}")
         defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         muon=False)
         super().__init__(params, defaults)
+        # how the step batches its banks (module docstring): the optimizer's, not a group's, so a checkpoint
+        # written under one resumes under the other (the same update, rounded differently)
+        self.batching = batching
         for group in self.param_groups:
             if group["muon"] and not all(is_filter_bank(p) for p in group["params"]):
                 raise ValueError("Muon's groups hold convolution filters [out, in, kh, kw] only")
@@ -150,7 +170,10 @@ class Muon(torch.optim.Optimizer):
                 continue
             directions = self._momentum_directions(group, params)
             if group["muon"]:
-                self._muon_update(group, params, directions, lr)
+                if group["weight_decay"] != 0:
+                    torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+                update = _padded_update if self.batching == "padded" else _update_by_shape
+                update(params, directions, lr)
             else:
                 torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
         return loss
@@ -168,26 +191,55 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(bufs, grads)
         return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
 
-    @staticmethod
-    def _muon_update(group: dict, params: list[torch.Tensor], directions: list[torch.Tensor],
-                     lr: torch.Tensor) -> None:
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-        ns_dtype = torch.bfloat16 if params[0].device.type == "cuda" else torch.float32
-        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
-            by_shape[(p.shape[0], p[0].numel())].append(i)
-        for (rows, cols), members in by_shape.items():
-            # stack the 4-D directions first, then view them as matrices: one copy for the group (a channels_last
-            # bank reshaped alone is a copy of its own)
-            stacked = torch.stack([directions[i] for i in members]).reshape(len(members), rows, cols)
-            ortho = orthogonalize(stacked, dtype=ns_dtype)
-            # one copy casts to the parameters' dtype and lays out [bank, rows, cols] (a tall bank's result
-            # is a transposed view), one multiply scales the group: per bank, only the subtraction's views
-            update = torch.empty((len(members), rows, cols), dtype=params[0].dtype, device=params[0].device)
-            update.copy_(ortho).mul_(lr * math.sqrt(max(1.0, rows / cols)))
-            torch._foreach_sub_([params[i] for i in members],
-                                [u.view(params[i].shape) for u, i in zip(update.unbind(0), members)])
+
+def _ns_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if p.device.type == "cuda" else torch.float32
+
+
+def _update_by_shape(params: list[torch.Tensor], directions: list[torch.Tensor], lr: torch.Tensor) -> None:
+    """p -= lr sqrt(max(1, rows/cols)) NS(d), one batched Newton-Schulz per bank shape."""
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        by_shape[(p.shape[0], p[0].numel())].append(i)
+    for (rows, cols), members in by_shape.items():
+        # stack the 4-D directions first, then view them as matrices: one copy for the group (a channels_last
+        # bank reshaped alone is a copy of its own)
+        stacked = torch.stack([directions[i] for i in members]).reshape(len(members), rows, cols)
+        ortho = orthogonalize(stacked, dtype=_ns_dtype(params[0]))
+        # one copy casts to the parameters' dtype and lays out [bank, rows, cols] (a tall bank's result
+        # is a transposed view), one multiply scales the group: per bank, only the subtraction's views
+        update = torch.empty((len(members), rows, cols), dtype=params[0].dtype, device=params[0].device)
+        update.copy_(ortho).mul_(lr * math.sqrt(max(1.0, rows / cols)))
+        torch._foreach_sub_([params[i] for i in members],
+                            [u.view(params[i].shape) for u, i in zip(update.unbind(0), members)])
+
+
+def _bank_slot(padded: torch.Tensor, i: int, p: torch.Tensor) -> torch.Tensor:
+    """Bank i's place in the padded batch, as a view shaped like `p` ([out, in, kh, kw]): the top-left
+    rows x cols block of matrix i, or for a tall bank the transpose of its top-left cols x rows block.
+    (Splitting the matrix's column dimension into in, kh, kw is a view whatever its stride.)"""
+    rows, cols = p.shape[0], p[0].numel()
+    if rows <= cols:
+        return padded[i, :rows, :cols].view(p.shape)
+    return padded[i, :cols, :rows].mT.view(p.shape)
+
+
+def _padded_update(params: list[torch.Tensor], directions: list[torch.Tensor], lr: torch.Tensor) -> None:
+    """The same update as _update_by_shape, every bank in one zero-padded Newton-Schulz batch: a copy in and
+    one fused multiply-add out per bank, 15 matrix products for all of them."""
+    shapes = [wide_shape(p) for p in params]
+    rows, cols = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    padded = torch.zeros((len(params), rows, cols), dtype=_ns_dtype(params[0]), device=params[0].device)
+    for i, (p, d) in enumerate(zip(params, directions)):
+        _bank_slot(padded, i, p).copy_(d)  # any layout of d (channels_last too): one strided copy
+    ortho = orthogonalize(padded, dtype=padded.dtype)
+    steps: dict[float, torch.Tensor] = {}  # -lr sqrt(max(1, rows/cols)) per distinct ratio: a few kernels
+    for i, p in enumerate(params):
+        scale = math.sqrt(max(1.0, p.shape[0] / p[0].numel()))
+        if scale not in steps:
+            steps[scale] = lr * -scale
+        # p += -lr scale NS(d), computed in p's dtype from NS's (bf16 on a GPU): one kernel a bank
+        p.addcmul_(_bank_slot(ortho, i, p), steps[scale])
 
 
 def muon_param_groups(params: list[nn.Parameter], groups_for_others: list[dict], *, lr: float, muon_lr: float,

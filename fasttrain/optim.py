@@ -118,7 +118,8 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
         others = param_groups([p for p in params if not is_filter_bank(p)], cfg)
         groups = muon_param_groups(params, others, lr=cfg.lr, muon_lr=cfg.muon_lr,
                                    muon_momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
-        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                    batching=cfg.muon_batching)
     params = param_groups(params, cfg)
     if cfg.impl == "fused":
         from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD

@@ -615,7 +615,8 @@ def test_gpu_summary_has_a_line_per_loader_run_of_one_stage(bench, tmp_path):
 
 def test_gpu_summary_shows_the_peak_share_in_percent_and_optimizers_against_fused(bench, tmp_path):
     """throughput.json's bf16_peak_fraction is a fraction (0.39), shown as 39.0% of the peak; bench_optim's
-    ratios are each implementation's step time over the fused kernel's (4x slower shows as 4.00x fused)."""
+    ratios are each implementation's step time over the fused kernel's (4x slower shows as 4.00x fused), its
+    GPU-alone time (a CUDA graph's cost) beside it where the file has one (files before it do not)."""
     summary = bench["gpu_summary"]
     (tmp_path / "throughput.json").write_text(json.dumps({
         "model": {"name": "seed"}, "complete": True, "bf16_peak_tflops": 989.0, "measured_bf16_matmul_tflops": None,
@@ -625,6 +626,10 @@ def test_gpu_summary_shows_the_peak_share_in_percent_and_optimizers_against_fuse
     (tmp_path / "bench_optim_nvidia-h100.json").write_text(json.dumps({"rows": [
         {"impl": "fused", "step_ms": 0.5}, {"impl": "foreach+python", "step_ms": 2.0}]}))
     assert summary.kernels(tmp_path) == ["bench_optim fused 500 us, foreach+python 2000 us (4.00x fused)"]
+    (tmp_path / "bench_optim_nvidia-h100.json").write_text(json.dumps({"rows": [
+        {"impl": "fused", "step_ms": 0.5, "gpu_step_ms": 0.25}, {"impl": "muon", "step_ms": 3.0, "gpu_step_ms": 1.2}]}))
+    assert summary.kernels(tmp_path) == ["bench_optim fused 500 us [GPU alone 250], muon 3000 us (6.00x fused) "
+                                         "[GPU alone 1200]"]
 
 
 GRAPH_OFF = 'ablation with ABLATION_ARGS="--train.cuda_graph false" and BUDGET_S from what is left: '
@@ -1184,7 +1189,8 @@ def test_gpu_result_files_partial_until_finished(bench, tmp_path, capsys):
 @pytest.mark.parametrize("script, rows", [
     ("bench_se.py", [(placement, impl) for placement in ("stem", "block")
                      for impl in ("triton", "eager-ref", "compiled-ref", "eager-module", "compiled-module")]),
-    ("bench_optim.py", [(None, impl) for impl in ("fused", "foreach+python", "fused-sgd+lerp", "muon")]),
+    ("bench_optim.py", [(None, impl) for impl in ("fused", "foreach+python", "fused-sgd+lerp", "muon",
+                                                   "muon-padded")]),
 ])
 def test_kernel_benchmark_cpu_smoke_runs_every_implementation(repo_root, tmp_path, script, rows):
     """What the GPU session's kernels stage runs, on a CPU: every implementation of each case is built,
@@ -1200,8 +1206,9 @@ def test_kernel_benchmark_cpu_smoke_runs_every_implementation(repo_root, tmp_pat
     assert result.name == f"{script[:-3]}_cpu.json" and report["cpu_smoke"] is True
     assert report["device"].startswith("CPU") and report["git_sha"]
     assert [(r.get("placement"), r["impl"]) for r in report["rows"]] == rows
-    times = [r[k] for r in report["rows"] for k in ("forward_ms", "forward_backward_ms", "step_ms") if k in r]
-    assert len(times) == len(rows) * (2 if script == "bench_se.py" else 1)
+    times = [r[k] for r in report["rows"] for k in ("forward_ms", "forward_backward_ms", "step_ms", "gpu_step_ms")
+             if k in r]
+    assert len(times) == len(rows) * 2  # bench_se: forward, forward+backward; bench_optim: with host, GPU alone
     assert all(math.isfinite(t) and t > 0 for t in times)
     if script == "bench_optim.py":
         assert {r["params"] for r in report["rows"]} == {4_697_742}

@@ -8,7 +8,8 @@ import torch
 from fasttrain.config import ConfigError, OptimConfig, load_config
 from fasttrain.graph import graph_problems
 from fasttrain.model import build_model
-from fasttrain.muon import NS_COEFFICIENTS, Muon, muon_param_groups, orthogonalize, orthogonalize_flops
+from fasttrain.muon import (NS_COEFFICIENTS, Muon, _bank_slot, muon_param_groups, orthogonalize,
+                           orthogonalize_flops)
 from fasttrain.optim import LRSchedule, build_optimizer
 from fasttrain.trainer import Trainer
 from test_train import quiet, tiny_config
@@ -67,6 +68,45 @@ def test_orthogonalize_flops_counts_the_products_of_every_filter_bank():
     model = build_model(load_config("configs/best.yaml", []).model, device="cpu")
     assert sum(p.ndim == 4 for p in model.parameters()) == 21
     assert orthogonalize_flops(model.parameters()) == pytest.approx(13.86e9, rel=1e-3)
+    # padded: every bank counted at the largest wide orientation, 256 x 2304 (64 x 27's, too: its padding)
+    assert orthogonalize_flops(banks, batching="padded") == 2 * 5 * (4 * 16 ** 2 * 72 + 2 * 16 ** 3)
+    assert orthogonalize_flops(model.parameters(), batching="padded") == 21 * 5 * (4 * 256 ** 2 * 2304 + 2 * 256 ** 3)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_banks_slot_is_its_matrix_at_the_top_left_of_the_padded_batch(layout):
+    """The padded batch holds bank i's [out, in*kh*kw] matrix (a tall one transposed, as Newton-Schulz runs
+    it) in its top-left corner and zeros elsewhere, whatever the bank's memory layout."""
+    torch.manual_seed(0)
+    banks = [torch.randn(4, 2, 3, 3), torch.randn(6, 2, 1, 1), torch.randn(3, 5, 1, 1)]  # 4x18, tall 6x2, 3x5
+    banks = [b.contiguous(memory_format=layout) for b in banks]
+    padded = torch.zeros(3, 4, 18)
+    for i, b in enumerate(banks):
+        _bank_slot(padded, i, b).copy_(b)
+    expected = torch.zeros(3, 4, 18)
+    expected[0, :4, :18] = banks[0].reshape(4, 18)
+    expected[1, :2, :6] = banks[1].reshape(6, 2).T
+    expected[2, :3, :5] = banks[2].reshape(3, 5)
+    assert torch.equal(padded, expected)
+    for i, b in enumerate(banks):
+        assert torch.equal(_bank_slot(padded, i, b), b)  # and read back as the bank
+
+
+def test_newton_schulz_on_a_zero_padded_batch_is_newton_schulz_on_each_matrix():
+    """Why optim.muon_batching padded is the same update: each matrix's result sits in its top-left block
+    and the padding stays exactly zero."""
+    torch.manual_seed(0)
+    mats = [torch.randn(5, 9, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64) * 50,
+            torch.randn(6, 6, dtype=torch.float64) * 1e-3]
+    padded = torch.zeros(3, 6, 9, dtype=torch.float64)
+    for i, m in enumerate(mats):
+        padded[i, :m.size(0), :m.size(1)] = m
+    out = orthogonalize(padded, dtype=torch.float64)
+    for i, m in enumerate(mats):
+        torch.testing.assert_close(out[i, :m.size(0), :m.size(1)], orthogonalize(m, dtype=torch.float64))
+        rest = out[i].clone()
+        rest[:m.size(0), :m.size(1)] = 0
+        assert not rest.any()
 
 
 def _net(seed=0):
@@ -93,19 +133,21 @@ def _train(net, opt, batches, lrs=None):
         opt.step()
 
 
-def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True):
+def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True, batching="shape"):
     params = list(net.parameters())
     others = [{"params": [p for p in params if p.ndim != 4]}]
     groups = muon_param_groups(params, others, lr=lr, muon_lr=muon_lr, muon_momentum=0.95, weight_decay=wd)
-    return Muon(groups, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=wd)
+    return Muon(groups, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=wd, batching=batching)
 
 
+@pytest.mark.parametrize("batching", ["shape", "padded"])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_matches_its_formulas_step_by_step(nesterov):
+def test_muon_matches_its_formulas_step_by_step(nesterov, batching):
     """Filters: buf = mu buf + g; d = g + mu buf; p = p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(d); the rest:
-    torch.optim.SGD's update (L2, momentum, Nesterov as configured), with the lr changing every step."""
+    torch.optim.SGD's update (L2, momentum, Nesterov as configured), with the lr changing every step. Both
+    batchings of the banks (by shape, or all in one zero-padded batch) take this update."""
     net, ref = _net(), _net()
-    opt = _muon(net, nesterov=nesterov)
+    opt = _muon(net, nesterov=nesterov, batching=batching)
     lr_scale = 0.05 / 0.1
     ref_others = torch.optim.SGD([p for p in ref.parameters() if p.ndim != 4], lr=0.1, momentum=0.9,
                                  nesterov=nesterov, weight_decay=5e-4)
@@ -144,19 +186,25 @@ def test_muon_buffers_exist_from_construction_in_the_parameters_layout():
     assert opt.build_count == 1
 
 
-def test_a_channels_last_network_takes_the_same_steps_as_a_contiguous_one():
+@pytest.mark.parametrize("batching", ["shape", "padded"])
+def test_a_channels_last_network_takes_the_same_steps_as_a_contiguous_one(batching):
     """The trainer runs channels_last: its filters' gradients and directions are channels_last 4-D tensors,
-    which the step stacks and views as [bank, rows, cols] (a copy there); the layout must not change a step.
-    The same gradients go to both (a backward through channels_last convolutions rounds differently, ~1e-8,
-    which Newton-Schulz amplifies in a small rank-deficient bank), four steps at changing rates."""
+    which the step stacks and views as [bank, rows, cols] (a copy there), or copies into the padded batch;
+    the layout must not change a step. The same gradients go to both (a backward through channels_last
+    convolutions rounds differently, ~1e-8, which Newton-Schulz amplifies in a small rank-deficient bank),
+    four steps at changing rates; a bank without a gradient is left alone (its buffer too)."""
     plain, last = _net(), _net().to(memory_format=torch.channels_last)
     assert any(p.ndim == 4 and not p.is_contiguous() for p in last.parameters())
-    opts = _muon(plain), _muon(last)
+    opts = _muon(plain, batching=batching), _muon(last, batching=batching)
+    idle = [p for p in last.parameters() if p.ndim == 4][1]
+    idle_before = idle.detach().clone()
     g = torch.Generator().manual_seed(3)
     for lr in (0.1, 0.05, 0.2, 0.01):
         for a, b in zip(plain.parameters(), last.parameters()):
             a.grad = torch.randn(a.shape, generator=g) * 1e-2
             b.grad = a.grad.clone().to(memory_format=torch.channels_last) if b.ndim == 4 else a.grad.clone()
+            if b is idle:
+                a.grad = b.grad = None
         for opt in opts:
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -164,6 +212,7 @@ def test_a_channels_last_network_takes_the_same_steps_as_a_contiguous_one():
     for (name, a), b in zip(plain.named_parameters(), last.parameters()):
         torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-6, msg=name)
         assert b.ndim != 4 or b.is_contiguous(memory_format=torch.channels_last), name  # the update kept the layout
+    assert torch.equal(idle, idle_before) and not opts[1].state[idle]["momentum_buffer"].any()
 
 
 def test_muon_state_dict_resumes_the_same_trajectory():
@@ -209,6 +258,15 @@ def test_a_zero_learning_rate_leaves_every_parameter_where_it_is():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+def test_build_optimizer_passes_optim_muon_batching_and_muon_refuses_an_unknown_one():
+    net = _net()
+    for batching in ("shape", "padded"):
+        cfg = OptimConfig(name="muon", lookahead_k=0, muon_batching=batching)
+        assert build_optimizer(net.parameters(), cfg).batching == batching
+    with pytest.raises(ValueError, match="batching"):
+        _muon(net, batching="stacked")
+
+
 def test_muon_refuses_a_non_filter_in_its_group():
     with pytest.raises(ValueError, match="convolution filters"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(3, 4))], "muon": True}])
@@ -235,6 +293,7 @@ def test_build_optimizer_puts_the_filters_in_muons_group_and_the_schedule_scales
     (["--optim.lookahead_k", "0", "--optim.impl", "fused"], "optim.impl", "SGD only"),
     (["--optim.lookahead_k", "0", "--optim.muon_lr", "0"], "optim.muon_lr", "must be > 0"),
     (["--optim.lookahead_k", "0", "--optim.muon_momentum", "1.0"], "optim.muon_momentum", "0 <= momentum < 1"),
+    (["--optim.lookahead_k", "0", "--optim.muon_batching", "stacked"], "optim.muon_batching", "padded"),
 ])
 def test_muon_config_mistakes_are_named(flags, key, words):
     with pytest.raises(ConfigError) as refused:
@@ -279,11 +338,13 @@ def test_a_muon_resume_trains_with_the_configs_muon_settings(cifar_dir, tmp_path
 
 
 @pytest.mark.gpu
-def test_muon_replayed_as_a_cuda_graph_trains_like_the_eager_step(cifar_dir, tmp_path):
+@pytest.mark.parametrize("batching", ["shape", "padded"])
+def test_muon_replayed_as_a_cuda_graph_trains_like_the_eager_step(cifar_dir, tmp_path, batching):
     """Same init and batches, 8 steps with the lr changing every step: a learning rate frozen at capture, or a
     buffer the graph does not address, would show (fp32, deterministic kernels)."""
     settings = dict(optim__name="muon", optim__impl="torch", optim__lookahead_k="0", train__precision="fp32",
-                    train__deterministic="true", optim__schedule="cosine", optim__warmup_epochs="0.5")
+                    train__deterministic="true", optim__schedule="cosine", optim__warmup_epochs="0.5",
+                    optim__muon_batching=batching)
     eager = Trainer(tiny_config(cifar_dir, tmp_path / "e", train__cuda_graph="false", **settings), device="cuda",
                     console=quiet())
     graphed = Trainer(tiny_config(cifar_dir, tmp_path / "g", train__cuda_graph="true", **settings), device="cuda",
@@ -297,3 +358,28 @@ def test_muon_replayed_as_a_cuda_graph_trains_like_the_eager_step(cifar_dir, tmp
         torch.testing.assert_close(lg, le, atol=1e-5, rtol=1e-5)
     for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_padded_batching_takes_the_steps_of_batching_by_shape():
+    """On the GPU Newton-Schulz runs in bf16, where the padded batch's products may sum in another order:
+    best.yaml's network, channels_last, 3 steps from the same gradients, the same parameters to 2e-4 (bf16
+    rounds an update element of ~2e-3 to ~1e-5), while every filter bank moved by more than 1e-3."""
+    model_cfg = load_config("configs/best.yaml", []).model
+    torch.manual_seed(0)
+    nets = [build_model(model_cfg, device="cuda").to(memory_format=torch.channels_last) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    opts = [build_optimizer(net.parameters(), OptimConfig(name="muon", lookahead_k=0, muon_batching=batching))
+            for net, batching in zip(nets, ("shape", "padded"))]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            a.grad = torch.randn(a.shape, generator=g, device="cuda").to(memory_format=torch.channels_last) * 1e-2 \
+                if a.ndim == 4 else torch.randn(a.shape, generator=g, device="cuda") * 1e-2
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+    for (name, a), b, p0 in zip(nets[0].named_parameters(), nets[1].parameters(), start):
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=0, msg=name)
+        assert a.ndim != 4 or (a - p0).abs().max() > 1e-3, name

@@ -8,12 +8,17 @@ alpha=0.5; fp32 parameters):
                    (fasttrain.optim.Lookahead: _foreach_lerp_/_foreach_copy_)
   muon             clip_grad_value_(foreach) + build_optimizer's fasttrain.muon.Muon for optim.name muon
                    (Newton-Schulz on the 27 filter banks at the default muon_lr 0.1 and momentum 0.9;
-                   Nesterov SGD on the rest; no Lookahead). What its step costs beside the others; its GB/s
-                   counts the same bytes, though its time is mostly the orthogonalization's small matrix
-                   products (21 GFLOPs a step on this network)
+                   Nesterov SGD on the rest; no Lookahead), banks batched by shape (optim.muon_batching
+                   shape). What its step costs beside the others; its GB/s counts the same bytes, though
+                   its time is mostly the orthogonalization's small matrix products (21 GFLOPs a step on
+                   this network)
+  muon-padded      the same with optim.muon_batching padded: every bank in one zero-padded batch (fewer,
+                   larger products; more FLOPs)
 
 Times are per step, averaged over blocks of k steps (so every block holds one Lookahead sync) and
-medianed over blocks; they include the host-side launch overhead (each block starts on an idle GPU). Effective
+medianed over blocks, two ways: `us / step` includes the host-side launch overhead (each block starts on an
+idle GPU: what an eager training loop pays), `GPU us / step` is the GPU's time alone (every launch queued
+before the clock starts: what a step replayed as a CUDA graph pays, as train.cuda_graph runs Muon). Effective
 bandwidth = compulsory bytes / time with compulsory bytes = 4 B x numel x (5 + 3 / k): read p, g, buf
 and write p, buf every step, and read slow, write slow and p again on the sync step. It is compared
 with the device-to-device copy bandwidth measured here.
@@ -79,8 +84,9 @@ def make_step(impl: str, params):
     if impl == "fused-sgd+lerp":  # the trainer's Lookahead wrapper (fasttrain.optim), around the fused SGD
         opt = Lookahead(torch.optim.SGD(params, **HYPER, fused=True), K, ALPHA)
         after_step = None
-    elif impl == "muon":  # what the trainer builds for optim.name muon (its default muon_lr and muon_momentum)
-        opt = build_optimizer(params, OptimConfig(name="muon", lookahead_k=0, **HYPER))
+    elif impl in ("muon", "muon-padded"):  # what the trainer builds for optim.name muon (default muon_lr, momentum)
+        batching = "padded" if impl == "muon-padded" else "shape"
+        opt = build_optimizer(params, OptimConfig(name="muon", lookahead_k=0, muon_batching=batching, **HYPER))
         after_step = None
     else:
         opt, after_step = torch.optim.SGD(params, **HYPER, foreach=True), PythonLookahead(params).after_step
@@ -96,8 +102,8 @@ def make_step(impl: str, params):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impls", nargs="+", default=["fused", "foreach+python", "fused-sgd+lerp", "muon"],
-                        choices=["fused", "foreach+python", "fused-sgd+lerp", "muon"])
+    impls = ["fused", "foreach+python", "fused-sgd+lerp", "muon", "muon-padded"]
+    parser.add_argument("--impls", nargs="+", default=impls, choices=impls)
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
     add_kernel_bench_arguments(parser, "a tiny CPU run (2 blocks, 1 warmup block) that checks every implementation "
                                        "steps and the result file is written; its times mean nothing (the fused one "
@@ -117,20 +123,21 @@ def main() -> None:
             for _ in range(K):
                 step()
 
-        ms = median(times_ms(device, block, warmup=1 if args.cpu_smoke else 4, iters=args.blocks,
-                             include_host=True)) / K
+        warmup = 1 if args.cpu_smoke else 4
+        ms = median(times_ms(device, block, warmup=warmup, iters=args.blocks, include_host=True)) / K
+        gpu_ms = median(times_ms(device, block, warmup=warmup, iters=args.blocks)) / K
         gbs = 4 * numel * (5 + 3 / K) / (ms * 1e-3) / 1e9
-        rows.append({"impl": impl, "params": numel, "tensors": len(params), "step_ms": ms, "gbs": gbs,
-                     "pct_copy": 100 * gbs / copy_gbs, "param_source": "fasttrain.model"})
-        print(f"  {impl}: {ms * 1e3:.1f} us/step", file=sys.stderr)
+        rows.append({"impl": impl, "params": numel, "tensors": len(params), "step_ms": ms, "gpu_step_ms": gpu_ms,
+                     "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs, "param_source": "fasttrain.model"})
+        print(f"  {impl}: {ms * 1e3:.1f} us/step, GPU alone {gpu_ms * 1e3:.1f}", file=sys.stderr)
 
     finish_gpu_benchmark(out, "bench_optim", device, {
         **meta, "copy_gbs": copy_gbs, "k": K, "clip_value": CLIP, **HYPER,
         "bandwidth_definition": "4 B x numel x (5 + 3/k) per step / median step time", "rows": rows}, (
         f"Lookahead-SGD step, {rows[0]['params']:,} fp32 parameters in {rows[0]['tensors']} tensors, "
         f"{meta['device']} (copy {copy_gbs:,.0f} GB/s)",
-        ["impl", "us / step", "GB/s", "% copy"],
-        [[r["impl"], r["step_ms"] * 1e3, r["gbs"], r["pct_copy"]] for r in rows]))
+        ["impl", "us / step", "GPU us / step", "GB/s", "% copy"],
+        [[r["impl"], r["step_ms"] * 1e3, r["gpu_step_ms"] * 1e3, r["gbs"], r["pct_copy"]] for r in rows]))
 
 
 if __name__ == "__main__":
