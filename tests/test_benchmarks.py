@@ -1212,6 +1212,11 @@ def test_kernel_benchmark_cpu_smoke_runs_every_implementation(repo_root, tmp_pat
     assert all(math.isfinite(t) and t > 0 for t in times)
     if script == "bench_optim.py":
         assert {r["params"] for r in report["rows"]} == {4_697_742}
+        # each step's calls, counted: Muon by shape runs 5 x 3 products per bank shape (10 on the seed network),
+        # padded 15 in all, in fewer calls; the SGD steps multiply no matrices
+        calls = {r["impl"]: (r["aten_calls"], r["matmuls"]) for r in report["rows"]}
+        assert calls["muon"][1] == 15 * 10 and calls["muon-padded"][1] == 15
+        assert calls["muon-padded"][0] < calls["muon"][0] and calls["fused"][1] == 0
 
 
 def test_tile_sweep_cpu_smoke_runs_every_pair(repo_root, tmp_path):

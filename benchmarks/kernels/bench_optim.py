@@ -18,7 +18,9 @@ alpha=0.5; fp32 parameters):
 Times are per step, averaged over blocks of k steps (so every block holds one Lookahead sync) and
 medianed over blocks, two ways: `us / step` includes the host-side launch overhead (each block starts on an
 idle GPU: what an eager training loop pays), `GPU us / step` is the GPU's time alone (every launch queued
-before the clock starts: what a step replayed as a CUDA graph pays, as train.cuda_graph runs Muon). Effective
+before the clock starts: what a step replayed as a CUDA graph pays, as train.cuda_graph runs Muon). Each row
+also counts one step's ATen calls (views excluded: each of the others is at least one kernel launch on a
+GPU, a foreach call one for a list) and its matrix products, on any device. Effective
 bandwidth = compulsory bytes / time with compulsory bytes = 4 B x numel x (5 + 3 / k): read p, g, buf
 and write p, buf every step, and read slow, write slow and p again on the sync step. It is compared
 with the device-to-device copy bandwidth measured here.
@@ -34,6 +36,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers in common.py
 from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_bench_out,  # noqa: E402
@@ -74,6 +77,29 @@ class PythonLookahead:
             for slow, p in zip(self.slow, self.params):
                 slow.add_(p - slow, alpha=ALPHA)
                 p.copy_(slow)
+
+
+class CallCounter(TorchDispatchMode):
+    """Counts the ATen calls made under it that are not views (a view launches nothing), and the matrix
+    products among them."""
+    MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.calls += 1
+            self.matmuls += func.overloadpacket in self.MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+def count_calls(step) -> tuple[int, int]:
+    """(ATen calls, matrix products) of one call of `step` (after the timing: it moves the parameters)."""
+    with CallCounter() as counter:
+        step()
+    return counter.calls, counter.matmuls
 
 
 def make_step(impl: str, params):
@@ -127,17 +153,20 @@ def main() -> None:
         ms = median(times_ms(device, block, warmup=warmup, iters=args.blocks, include_host=True)) / K
         gpu_ms = median(times_ms(device, block, warmup=warmup, iters=args.blocks)) / K
         gbs = 4 * numel * (5 + 3 / K) / (ms * 1e-3) / 1e9
+        calls, matmuls = count_calls(step)
         rows.append({"impl": impl, "params": numel, "tensors": len(params), "step_ms": ms, "gpu_step_ms": gpu_ms,
-                     "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs, "param_source": "fasttrain.model"})
-        print(f"  {impl}: {ms * 1e3:.1f} us/step, GPU alone {gpu_ms * 1e3:.1f}", file=sys.stderr)
+                     "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs, "aten_calls": calls, "matmuls": matmuls,
+                     "param_source": "fasttrain.model"})
+        print(f"  {impl}: {ms * 1e3:.1f} us/step, GPU alone {gpu_ms * 1e3:.1f}, {calls} ATen calls", file=sys.stderr)
 
     finish_gpu_benchmark(out, "bench_optim", device, {
         **meta, "copy_gbs": copy_gbs, "k": K, "clip_value": CLIP, **HYPER,
         "bandwidth_definition": "4 B x numel x (5 + 3/k) per step / median step time", "rows": rows}, (
         f"Lookahead-SGD step, {rows[0]['params']:,} fp32 parameters in {rows[0]['tensors']} tensors, "
         f"{meta['device']} (copy {copy_gbs:,.0f} GB/s)",
-        ["impl", "us / step", "GPU us / step", "GB/s", "% copy"],
-        [[r["impl"], r["step_ms"] * 1e3, r["gpu_step_ms"] * 1e3, r["gbs"], r["pct_copy"]] for r in rows]))
+        ["impl", "us / step", "GPU us / step", "GB/s", "% copy", "ATen calls", "matmuls"],
+        [[r["impl"], r["step_ms"] * 1e3, r["gpu_step_ms"] * 1e3, r["gbs"], r["pct_copy"], r["aten_calls"],
+          r["matmuls"]] for r in rows]))
 
 
 if __name__ == "__main__":
