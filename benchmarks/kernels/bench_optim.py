@@ -20,7 +20,8 @@ medianed over blocks, two ways: `us / step` includes the host-side launch overhe
 idle GPU: what an eager training loop pays), `GPU us / step` is the GPU's time alone (every launch queued
 before the clock starts: what a step replayed as a CUDA graph pays, as train.cuda_graph runs Muon). Each row
 also counts one step's ATen calls (views excluded: each of the others is at least one kernel launch on a
-GPU, a foreach call one for a list) and its matrix products, on any device. Effective
+GPU, a foreach call one for a list) and its matrix products, on any device; the step counted is the first
+of a Lookahead period (no sync), and on a CPU the fused step's count is its PyTorch fallback's. Effective
 bandwidth = compulsory bytes / time with compulsory bytes = 4 B x numel x (5 + 3 / k): read p, g, buf
 and write p, buf every step, and read slow, write slow and p again on the sync step. It is compared
 with the device-to-device copy bandwidth measured here.
