@@ -363,23 +363,32 @@ def test_muon_replayed_as_a_cuda_graph_trains_like_the_eager_step(cifar_dir, tmp
 @pytest.mark.gpu
 def test_on_a_gpu_padded_batching_takes_the_steps_of_batching_by_shape():
     """On the GPU Newton-Schulz runs in bf16, where the padded batch's products may sum in another order:
-    best.yaml's network, channels_last, 3 steps from the same gradients, the same parameters to 2e-4 (bf16
-    rounds an update element of ~2e-3 to ~1e-5), while every filter bank moved by more than 1e-3."""
+    best.yaml's network, channels_last, 3 steps from the same gradients. Each filter bank moves the same way
+    to 5% of its movement (bf16 keeps 8 bits: rounding differs by under 1%; a transposed or mis-scaled bank
+    would differ by its whole size); the other parameters take the same SGD step."""
+    _same_steps_both_ways("cuda")
+
+
+def _same_steps_both_ways(device: str) -> None:
     model_cfg = load_config("configs/best.yaml", []).model
     torch.manual_seed(0)
-    nets = [build_model(model_cfg, device="cuda").to(memory_format=torch.channels_last) for _ in range(2)]
+    nets = [build_model(model_cfg, device=device).to(memory_format=torch.channels_last) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     start = [p.detach().clone() for p in nets[0].parameters()]
     opts = [build_optimizer(net.parameters(), OptimConfig(name="muon", lookahead_k=0, muon_batching=batching))
             for net, batching in zip(nets, ("shape", "padded"))]
-    g = torch.Generator(device="cuda").manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1)
     for _ in range(3):
         for a, b in zip(nets[0].parameters(), nets[1].parameters()):
-            a.grad = torch.randn(a.shape, generator=g, device="cuda").to(memory_format=torch.channels_last) * 1e-2 \
-                if a.ndim == 4 else torch.randn(a.shape, generator=g, device="cuda") * 1e-2
+            a.grad = torch.randn(a.shape, generator=g, device=device) * 1e-2
+            if a.ndim == 4:
+                a.grad = a.grad.contiguous(memory_format=torch.channels_last)
             b.grad = a.grad.clone()
         for opt in opts:
             opt.step()
     for (name, a), b, p0 in zip(nets[0].named_parameters(), nets[1].parameters(), start):
-        torch.testing.assert_close(b, a, atol=2e-4, rtol=0, msg=name)
-        assert a.ndim != 4 or (a - p0).abs().max() > 1e-3, name
+        if a.ndim == 4:
+            moved = (a - p0).norm()
+            assert moved > 1e-3 and (b - a).norm() <= 0.05 * moved, name
+        else:
+            torch.testing.assert_close(b, a, msg=name)
