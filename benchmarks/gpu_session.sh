@@ -12,15 +12,16 @@
 #               (rows 1-8, best, kernels, loader, seed) is recorded in benchmarks/results/2026-11-26-h200.
 #   tests | profile | throughput | graphseed | best | kernels | optim | tune | loader | seed | torchrun
 #               one stage alone (limit: the deadline). optim: bench_optim.py alone, OPTIM_IMPLS (default
-#               "fused muon muon-padded": Muon's step batched by shape or padded, beside the fused SGD step). torchrun: a plain run, the same under one-process
+#               "fused muon muon-padded": Muon's step batched by shape or padded, beside the fused SGD
+#               step). torchrun: a plain run, the same under one-process
 #               torchrun (the launcher's cost: one process is a plain run), then the gpu tests of
 #               tests/test_distributed.py (DDP on NCCL in a one-rank group, its step as a CUDA graph, the stop
 #               agreement). profile: benchmarks/profile_step.py (host- or GPU-bound, per row);
 #               best: time_to_accuracy.py on best.yaml, SEEDS seeds, with BEST_ARGS, or
 #               with the candidate of the recipe_ablation result BEST_FROM names (the search keeps its own at
 #               SEARCH_KEEP, /tmp/fasttrain-search.json), then BEST_EXTRA's flags (an engine switch such as
-#               "--optim.muon_batching padded" on top of the search's pick); graphseed: seed.yaml for 3 epochs with compile, the fused optimizer
-#               and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
+#               "--optim.muon_batching padded" on top of the search's pick); graphseed: seed.yaml for 3
+#               epochs with compile, the fused optimizer and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
 #               on the one GPU, engine switches in APAPER_ARGS: for issue 6's A_paper. The runs live in
 #               /tmp/apaper on the device and checkpoint their exact position at the stage's limit, so a

@@ -872,22 +872,22 @@ def test_recipe_verdict_prints_the_candidates_flags_or_says_why_there_is_none(re
 
 def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_path):
     """gpu_session.sh best with BEST_FROM: the ablation result's candidate flags become the run's
-    overrides (no copying by hand within a warm machine's 30 s); with no candidate the stage says so
-    and trains nothing. A CPU-sized candidate of best.yaml, run as the device runs it."""
+    overrides (no copying by hand within a warm machine's 30 s), BEST_EXTRA's flags added on top; with no
+    candidate the stage says so and trains nothing. A CPU-sized candidate of best.yaml, run as the device runs it."""
     tiny = ("--train.compile=false --train.cuda_graph=false --model.base_channels=8 --model.blocks=[1,1,1] "
             "--data.train_subset=384 --data.test_subset=100 --train.epochs=2 --train.batch_size=64 "
             "--output.progress=false --data.cutout=4")  # 2 epochs on 384 images: seed 1 scores above seed 0
     env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir), OMP_NUM_THREADS="1", INSTALL="0", BUDGET_S="240",
                SEARCH_KEEP=str(tmp_path / "kept.json"))
-    env.pop("BEST_ARGS", None)
-    env.pop("GPU_SESSION_T0", None)
+    for name in ("BEST_ARGS", "BEST_EXTRA", "GPU_SESSION_T0"):
+        env.pop(name, None)
 
-    def session(name: str, doc: dict, seeds: int = 1) -> tuple[subprocess.CompletedProcess, Path]:
+    def session(name: str, doc: dict, seeds: int = 1, **more_env) -> tuple[subprocess.CompletedProcess, Path]:
         (tmp_path / f"{name}.json").write_text(json.dumps(doc))
         out = tmp_path / name
         out.mkdir()
         proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "best", str(out)], cwd=repo_root,
-                              env=dict(env, BEST_FROM=str(tmp_path / f"{name}.json"), SEEDS=str(seeds)),
+                              env=dict(env, BEST_FROM=str(tmp_path / f"{name}.json"), SEEDS=str(seeds), **more_env),
                               capture_output=True, text=True, timeout=280)
         return proc, out
 
@@ -907,7 +907,7 @@ def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_p
     pick = {"target": "92.52", "kind": "plain", "variant": "tiny", "val_acc": 93.0, "margin": 0.48, "epochs": 1,
             "best_args": tiny}
     proc, out = session("tiny", {"benchmark": "recipe_ablation", "complete": True, "fastest": {"92.52": {}},
-                                 "next": pick}, seeds=2)
+                                 "next": pick}, seeds=2, BEST_EXTRA="--optim.muon_batching padded")
     assert proc.returncode == 0, proc.stderr
     assert "BEST_ARGS=" + tiny in proc.stdout and "best        ok" in (out / "summary.txt").read_text()
     limit = int(re.search(r"== best \(limit (\d+)s\)", proc.stdout).group(1))
@@ -917,6 +917,7 @@ def test_gpu_session_best_runs_the_searchs_candidate(repo_root, cifar_dir, tmp_p
     assert best["complete"] is True and best["seeds"] == [0, 1]
     assert best["config"]["model"]["base_channels"] == 8 and best["config"]["data"]["cutout"] == 4
     assert best["config"]["train"]["compile"] is False and best["config"]["train"]["epochs"] == 2
+    assert best["config"]["optim"]["muon_batching"] == "padded"  # BEST_EXTRA, beside the candidate's flags
     assert (out / "weights-best-bf16.pt").is_file()
     from fasttrain.checkpoint import load_checkpoint
     note = load_checkpoint(out / "weights-best-bf16.pt")["export"]["note"]
