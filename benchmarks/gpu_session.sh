@@ -101,8 +101,10 @@
 #        (the search's pick, or best.yaml itself when the verdict names the base: 5 seeds, ~240 s; on an H100
 #        this is issue 6's 30 s measured where the issue states it)
 #   then give_back. After that: `writeup` (best.yaml's take-one-away on validation: ABLATION_ONLY); for issue 5
-#   throughput ROWS=1,11@512 and `profile` with PROFILE_ROWS=9@512,11@512 (each row's floor from the card's
-#   ceilings: 5.81 ms at batch 512 on an H100, issue 5's 80,000 img/s is 91% of it); the loaders once more
+#   throughput ROWS=1,11@512,12@512,13@512 and `profile` with PROFILE_ROWS=9@512,11@512,12@512 (each row's
+#   floor from the card's ceilings: 5.81 ms at batch 512 on an H100, issue 5's 80,000 img/s is 91% of it; 12 and
+#   13: Muon's step inside row 9's, by shape and padded; profile's GPU time by class splits out its products, as
+#   matmul); the loaders once more
 #   in one stage: LOADER_ARGS='--loaders dali-seq,torch | --loaders dali,dali-seq,dali-slice --no-train
 #   --batch-size 2048 | --loaders dali,dali-seq,dali-slice --no-train --dali-threads 8' (the sequence graph
 #   inside a training step; a per-batch or per-sample cost; DALI's CPU threads). (Why optim: best.yaml's epoch

@@ -15,7 +15,12 @@ in the same process, so the ratios between rows are trustworthy:
   8 DALI instead of the torch GPU data path
   9 step 7 with the whole step as one CUDA graph (train.cuda_graph; fasttrain/graph.py)
  10 step 7 with torch.compile mode reduce-overhead (torch's own CUDA graphs of forward and backward)
-then steps 7, 8 and 9 again at each larger --batch-sizes.
+ 11 step 9 with torch.compile mode max-autotune-no-cudagraphs (inductor's autotuning)
+ 12 step 9 with Muon on the filters instead of Lookahead-SGD (optim.name muon, optim.muon_batching shape;
+    Nesterov SGD on the rest, no Lookahead: best.yaml's optimizer, here on the paper's network)
+ 13 step 12 with optim.muon_batching padded (every filter bank in one Newton-Schulz batch)
+then steps 7, 8, 9, 11, 12 and 13 again at each larger --batch-sizes. Rows 12 and 13 are no step of the
+paper's recipe: they say what Muon's step costs inside a training step, and which batching is faster.
 
 Each row is a fasttrain Trainer built from the config with that row's settings; the timed step is the
 trainer's own training step (forward, loss, backward, clipping, optimizer, schedule). A row is warmed
@@ -70,6 +75,7 @@ class Knobs:
     batch_size: int = 128
     cuda_graph: bool = False     # train.cuda_graph: the whole step as one CUDA graph
     compile_mode: str = "default"
+    muon: str | None = None      # None: the config's optimizer | shape | padded: Muon (optim.muon_batching)
 
 
 @dataclass(frozen=True)
@@ -112,12 +118,19 @@ def ablation(batch: int, batch_sizes: list[int]) -> list[Variant]:
     # cuDNN for the convolutions, tuned fusions) goes after the GPU time itself; the compile takes minutes
     autotuned = replace(graphed, compile_mode="max-autotune-no-cudagraphs")
     rows.append(Variant("11", "step 9, compile mode max-autotune-no-cudagraphs", "cuda_graph", autotuned))
+    # Muon (best.yaml's optimizer) in row 9's step: what its orthogonalizations cost there, by shape or padded.
+    # Not a feature row: on a machine without CUDA graphs they run eagerly, and their note says so
+    muon = {"12": ("step 9 with Muon (banks batched by shape)", replace(graphed, optim_impl="torch", muon="shape")),
+            "13": ("step 12, Muon's banks padded into one batch", replace(graphed, optim_impl="torch", muon="padded"))}
+    rows += [Variant(step, name, None, knobs) for step, (name, knobs) in muon.items()]
     for b in batch_sizes:
         if b != batch:
             rows.append(Variant(f"7@{b}", f"step 7 at batch {b}", None, replace(knobs, batch_size=b)))
             rows.append(Variant(f"8@{b}", f"DALI at batch {b}", "dali", replace(knobs, data="dali", batch_size=b)))
             rows.append(Variant(f"9@{b}", f"step 9 at batch {b}", "cuda_graph", replace(graphed, batch_size=b)))
             rows.append(Variant(f"11@{b}", f"step 11 at batch {b}", "cuda_graph", replace(autotuned, batch_size=b)))
+            rows += [Variant(f"{step}@{b}", f"step {step} at batch {b}", None, replace(k, batch_size=b))
+                     for step, (_, k) in muon.items()]
     return rows
 
 
@@ -163,6 +176,9 @@ def variant_config(base, knobs: Knobs):
     cfg.train.cuda_graph = knobs.cuda_graph
     cfg.model.se_impl = knobs.se_impl
     cfg.optim.impl = knobs.optim_impl
+    if knobs.muon is not None:  # as best.yaml runs it: no Lookahead (Muon refuses it), Nesterov on the rest
+        cfg.optim.name, cfg.optim.muon_batching = "muon", knobs.muon
+        cfg.optim.lookahead_k, cfg.optim.nesterov = 0, True
     cfg.data.loader = "dali" if knobs.data == "dali" else "torch"
     validate(cfg)
     return cfg
@@ -313,8 +329,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--smoke", action="store_true", help="tiny model and step counts: seconds on a CPU")
     p.add_argument("--batch", type=int, help="the ablation's batch size (default 128, the paper's; --smoke 32)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="steps 7, 8 and 9 again at these batch sizes "
-                                                              "(default 128 512 1024; --smoke 32 64)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="steps 7, 8, 9, 11, 12 and 13 again at these batch "
+                                                              "sizes (default 128 512 1024; --smoke 32 64)")
     p.add_argument("--steps", type=int, help="timed steps per window (default 100; --smoke 3)")
     p.add_argument("--warmup-steps", type=int, help="untimed steps first (default 15; --smoke 1)")
     p.add_argument("--repeats", type=int, help="timed windows per row, the median is reported (default 3; --smoke 1)")

@@ -340,13 +340,23 @@ def test_speedup_and_share_of_the_bf16_peak(bench):
 def test_unavailable_feature_skips_its_row_and_is_dropped_later(bench, tmp_path):
     tp = bench["throughput"]
     variants = {v.step: v for v in tp.ablation(128, [128, 512])}
-    assert list(variants) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "7@512", "8@512", "9@512",
-                              "11@512"]
+    assert list(variants) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "7@512", "8@512",
+                              "9@512", "11@512", "12@512", "13@512"]
     assert variants["9"].knobs == replace(variants["7"].knobs, cuda_graph=True)
     assert variants["10"].knobs == replace(variants["7"].knobs, compile_mode="reduce-overhead")
     assert variants["11"].knobs == replace(variants["9"].knobs, compile_mode="max-autotune-no-cudagraphs")
     assert variants["11@512"].knobs == replace(variants["11"].knobs, batch_size=512)
     assert variants["9@512"].knobs == replace(variants["9"].knobs, batch_size=512)
+    assert variants["12"].knobs == replace(variants["9"].knobs, optim_impl="torch", muon="shape")
+    assert variants["13"].knobs == replace(variants["12"].knobs, muon="padded")
+    assert variants["13@512"].knobs == replace(variants["13"].knobs, batch_size=512)
+    seed = load_config("configs/seed.yaml")
+    for step, batching in (("12", "shape"), ("13", "padded")):  # best.yaml's optimizer on the paper's network
+        cfg = tp.variant_config(seed, variants[step].knobs)
+        assert (cfg.optim.name, cfg.optim.muon_batching, cfg.optim.impl) == ("muon", batching, "torch")
+        assert cfg.optim.lookahead_k == 0 and cfg.optim.nesterov and cfg.train.cuda_graph
+        assert cfg.model == replace(seed.model, se_impl="triton") and cfg.optim.lr == seed.optim.lr  # row 9's SE
+    assert tp.variant_config(seed, variants["9"].knobs).optim.name == "sgd"
     unavailable = {"triton_se": "no kernel here"}
     skipped = tp.run_variant(variants["6"], None, None, unavailable, None, tmp_path)  # returns before building
     assert skipped["status"] == "skipped" and skipped["reason"] == "no kernel here"
@@ -403,7 +413,8 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
 
     assert result["complete"] is True
     rows = {r["step"]: r for r in result["rows"]}
-    assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "7@32", "8@32", "9@32", "11@32"]
+    assert list(rows) == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "7@32", "8@32", "9@32",
+                          "11@32", "12@32", "13@32"]
     assert rows["5"]["status"] == "skipped" and "compile" in rows["5"]["reason"]  # --smoke on a CPU
     assert rows["10"]["status"] == "skipped" and "compile" in rows["10"]["reason"]
     for graphed in ("9", "9@32", "11", "11@32"):  # CUDA graphs: GPU only, and the row says so
@@ -411,6 +422,10 @@ def test_throughput_smoke_script(repo_root, cifar_dir, tmp_path):
     # the Triton SE row (its op, running the PyTorch reference on a CPU: run_script unsets the interpreter)
     # and DALI (its CPU backend) rows run: a broken import would otherwise pass as a row skipped with a reason
     assert rows["6"]["status"] == rows["8"]["status"] == rows["8@32"]["status"] == "ok"
+    # Muon's rows are step 9's without the graph a CPU lacks (eager, and they say so), not skipped
+    for step, batching in (("12", "shape"), ("13", "padded"), ("12@32", "shape"), ("13@32", "padded")):
+        assert rows[step]["status"] == "ok" and "cuda_graph" in rows[step]["note"], rows[step]
+        assert rows[step]["settings"]["muon"] == batching and rows[step]["settings"]["optim_impl"] == "torch"
     base = rows["1"]["images_per_second"]
     for r in rows.values():
         assert r["status"] in ("ok", "skipped"), r  # never failed; skipped rows say why
