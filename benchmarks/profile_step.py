@@ -74,7 +74,8 @@ KERNEL_CLASSES = (
     ("compiled fusions", re.compile(r"^triton_")),
     ("copies", re.compile(r"^Mem(cpy|set)")),
     ("convolution", re.compile(r"fprop|dgrad|wgrad|conv|winograd|implicit_gemm|cudnn", re.IGNORECASE)),
-    ("matmul", re.compile(r"gemm|cutlass|cublas", re.IGNORECASE)),
+    # cuBLAS names its Hopper GEMMs nvjet_* (Muon's bf16 products, rows 12 and 13), older ones *gemm*
+    ("matmul", re.compile(r"gemm|cutlass|cublas|nvjet", re.IGNORECASE)),
     ("eager ATen", re.compile(r"at::native::|^void at::")),
 )
 

@@ -136,6 +136,8 @@ def test_summarize_cuda_window(ps, with_activity_type):
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "matmul"),
     ("Memset (Device)", "copies"),
     ("void cutlass::Kernel2<cutlass_80_tensorop_s16816gemm>", "matmul"),
+    ("nvjet_tst_128x64_64x6_1x2_h_bz_TNT", "matmul"),  # cuBLAS's Hopper GEMMs name no gemm
+    ("nvjet_sm90_tst_64x32_64x16_2x1_v_bz_TNN", "matmul"),
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "other"),
 ])
 def test_kernel_classes(ps, name, label):
