@@ -309,11 +309,14 @@ def test_the_cuda_graph_takes_muon_and_still_refuses_torch_sgd():
     assert any("--optim.impl fused" in p for p in graph_problems(sgd, world_size=1, precision="bf16"))
 
 
-def test_smoke_run_with_muon_learns_and_resumes_exactly(cifar_dir, tmp_path):
+@pytest.mark.parametrize("batching", ["shape", "padded"])
+def test_smoke_run_with_muon_learns_and_resumes_exactly(cifar_dir, tmp_path, batching):
     """The trainer end to end: clearly above chance, and 1 epoch + resume + 1 epoch == 2 epochs (the momentum
-    buffers and the schedule's position travel in the checkpoint)."""
-    muon = {"optim__name": "muon", "optim__lookahead_k": "0", "optim__muon_lr": "0.05"}
+    buffers and the schedule's position travel in the checkpoint), with either batching of the banks."""
+    muon = {"optim__name": "muon", "optim__lookahead_k": "0", "optim__muon_lr": "0.05",
+            "optim__muon_batching": batching}
     full = Trainer(tiny_config(cifar_dir, tmp_path / "a", **muon), device="cpu", console=quiet())
+    assert full.optimizer.batching == batching
     summary = full.fit()
     assert summary["final_test_acc"] > 20.0, summary  # chance is 10%
     half = Trainer(tiny_config(cifar_dir, tmp_path / "b", **muon), device="cpu", console=quiet())
