@@ -328,12 +328,14 @@ def test_smoke_run_with_muon_learns_and_resumes_exactly(cifar_dir, tmp_path, bat
 
 
 def test_a_muon_resume_trains_with_the_configs_muon_settings(cifar_dir, tmp_path):
-    """A resume under another muon_lr / muon_momentum trains with them (the saved groups' values would otherwise
-    come back with load_state_dict), the filters' lr the schedule's times the new ratio."""
+    """A resume under another muon_lr / muon_momentum / muon_batching trains with them (the saved groups' values
+    would otherwise come back with load_state_dict), the filters' lr the schedule's times the new ratio."""
     muon = {"optim__name": "muon", "optim__lookahead_k": "0"}
     Trainer(tiny_config(cifar_dir, tmp_path, **muon), device="cpu", console=quiet()).save_checkpoint(1)
-    changed = tiny_config(cifar_dir, tmp_path, optim__muon_lr="0.02", optim__muon_momentum="0.5", **muon)
+    changed = tiny_config(cifar_dir, tmp_path, optim__muon_lr="0.02", optim__muon_momentum="0.5",
+                          optim__muon_batching="padded", **muon)
     resumed = Trainer(changed, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
+    assert resumed.optimizer.batching == "padded"  # how the step batches its banks is the config's, not saved
     filters, rest = resumed.optimizer.param_groups[:2]
     assert filters["muon"] and filters["momentum"] == 0.5 and not rest["muon"]
     lr = resumed.schedule.lr_at(resumed.schedule.step_count)
