@@ -158,7 +158,11 @@ def test_bf16_export_is_half_the_size_and_still_evaluates(run, cifar_dir, tmp_pa
     assert info["run"] == {}  # the run's accuracy is its EMA's: not these weights' figures
     run_cli("export", str(run / "last.pt"), str(bf16), "--weights", "model", "--dtype", "bf16")
     assert load_checkpoint(bf16)["model"]["fc.weight"].dtype == torch.bfloat16
-    assert bf16.stat().st_size < 0.6 * fp32.stat().st_size
+    # the weights take half the bytes, and the file shrinks by that: judged on the tensors' bytes, since on this
+    # 20k-parameter net the file's fixed part (config, notes: a few kB) is a sizeable share of it
+    tensor_bytes = [sum(t.numel() * t.element_size() for t in load_checkpoint(f)["model"].values()) for f in (fp32, bf16)]
+    assert tensor_bytes[1] <= 0.51 * tensor_bytes[0]
+    assert fp32.stat().st_size - bf16.stat().st_size >= 0.95 * (tensor_bytes[0] - tensor_bytes[1])
     exact = eval_json(run / "last.pt", cifar_dir, "--weights", "model")["test_acc"]
     assert abs(eval_json(bf16, cifar_dir)["test_acc"] - exact) <= 2.0  # bf16 rounding of the weights only
 
