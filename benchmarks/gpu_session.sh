@@ -350,7 +350,7 @@ ABLATION_ONLY=no_cutout,no_label_smoothing,no_warmup,sgd_lookahead
 # base: 36 epochs of Muon reached it on validation, 30.5 s on an H200, ~35 s on an H100) made Muon at 36 epochs
 # best.yaml, the base and control here; this one tries 30-32 epochs with what may buy back the loss (recipe_variants.yaml's
 # "On the Muon base"), and the shorter network [2,2,2] at 36 epochs (0.74x the FLOPs: ~27 epochs of [3,3,2]'s
-# time; on the CPU proxy, at about equal compute, 0.6 points above [3,3,2]: 2026-11-28-cpu-proxy-muon-blocks):
+# time; on the CPU proxy, at about equal compute, 0.6 points above [3,3,2], 2 seeds: 2026-11-28-cpu-proxy-muon-blocks):
 # ~190 [3,3,2]-epochs, ~200 s side by side. Not the whitened, frozen stem: on the CPU proxy it moved
 # neither SGD nor Muon at 8 epochs (2026-11-28-cpu-proxy-muon); nor label smoothing 0.2 or alternating flip,
 # which did not help the proxy of best.yaml's Muon at 8 epochs (2026-11-28-cpu-proxy-muon-flip-ls)
