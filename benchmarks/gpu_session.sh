@@ -21,7 +21,8 @@
 #               with the candidate of the recipe_ablation result BEST_FROM names (the search keeps its own at
 #               SEARCH_KEEP, /tmp/fasttrain-search.json), then BEST_EXTRA's flags (an engine switch such as
 #               "--optim.muon_batching padded" on top of the search's pick); graphseed: seed.yaml for 3
-#               epochs with compile, the fused optimizer and train.cuda_graph (sizes apaper); tune: the SE tile sweep (benchmarks/kernels/tune_se.py)
+#               epochs with compile, the fused optimizer and train.cuda_graph (sizes apaper); tune: the SE
+#               tile sweep (benchmarks/kernels/tune_se.py)
 #   apaper      configs/seed.yaml, the paper's recipe, 200 epochs, seeds 0 and 1 (APAPER_SEEDS) side by side
 #               on the one GPU, engine switches in APAPER_ARGS: for issue 6's A_paper. The runs live in
 #               /tmp/apaper on the device and checkpoint their exact position at the stage's limit, so a

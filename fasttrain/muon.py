@@ -45,10 +45,12 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from fasttrain.config import CHOICES
+
 # the quintic Newton-Schulz iteration's coefficients (Muon's write-up): x <- A x + (B xx^T + C (xx^T)^2) x
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
-BATCHINGS = ("shape", "padded")  # optim.muon_batching: see the module docstring
+BATCHINGS = CHOICES["optim.muon_batching"]  # shape | padded: see the module docstring
 
 
 def is_filter_bank(p: torch.Tensor) -> bool:
@@ -80,20 +82,36 @@ def orthogonalize(m: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     return x.mT if tall else x
 
 
+def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
+    """A filter bank [out, in, kh, kw] as the matrix Muon orthogonalizes: (out, in * kh * kw)."""
+    return p.shape[0], p[0].numel()
+
+
 def wide_shape(p: torch.Tensor) -> tuple[int, int]:
-    """A filter bank's matrix [out, in*kh*kw] in the orientation Newton-Schulz runs on: rows <= cols."""
-    rows, cols = p.shape[0], p[0].numel()
+    """A filter bank's matrix in the orientation Newton-Schulz runs on: rows <= cols."""
+    rows, cols = matrix_shape(p)
     return (rows, cols) if rows <= cols else (cols, rows)
+
+
+def padded_shape(banks) -> tuple[int, int]:
+    """The [rows, cols] every bank of `banks` is zero-padded to under optim.muon_batching padded: the largest
+    wide orientation's rows and the largest's cols."""
+    shapes = [wide_shape(p) for p in banks]
+    return max(r for r, _ in shapes), max(c for _, c in shapes)
+
+
+def update_scale(p: torch.Tensor) -> float:
+    """Muon's per-bank factor on the learning rate: sqrt(max(1, rows / cols))."""
+    rows, cols = matrix_shape(p)
+    return math.sqrt(max(1.0, rows / cols))
 
 
 def orthogonalize_flops(params, steps: int = NS_STEPS, batching: str = "shape") -> int:
     """The matrix-product FLOPs of one step's orthogonalizations over the filter banks among `params`: per
     iteration 4 r^2 c + 2 r^3 (x x^T, its square, and the product with x; r x c the wide orientation, with
     `batching` padded the largest r and the largest c of all banks, zeros included)."""
-    shapes = [wide_shape(p) for p in params if is_filter_bank(p)]
-    if batching == "padded" and shapes:
-        r, c = max(s[0] for s in shapes), max(s[1] for s in shapes)
-        shapes = [(r, c)] * len(shapes)
+    banks = [p for p in params if is_filter_bank(p)]
+    shapes = [padded_shape(banks)] * len(banks) if batching == "padded" and banks else map(wide_shape, banks)
     return sum(steps * (4 * r * r * c + 2 * r ** 3) for r, c in shapes)
 
 
@@ -200,7 +218,7 @@ def _update_by_shape(params: list[torch.Tensor], directions: list[torch.Tensor],
     """p -= lr sqrt(max(1, rows/cols)) NS(d), one batched Newton-Schulz per bank shape."""
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
-        by_shape[(p.shape[0], p[0].numel())].append(i)
+        by_shape[matrix_shape(p)].append(i)
     for (rows, cols), members in by_shape.items():
         # stack the 4-D directions first, then view them as matrices: one copy for the group (a channels_last
         # bank reshaped alone is a copy of its own)
@@ -209,7 +227,7 @@ def _update_by_shape(params: list[torch.Tensor], directions: list[torch.Tensor],
         # one copy casts to the parameters' dtype and lays out [bank, rows, cols] (a tall bank's result
         # is a transposed view), one multiply scales the group: per bank, only the subtraction's views
         update = torch.empty((len(members), rows, cols), dtype=params[0].dtype, device=params[0].device)
-        update.copy_(ortho).mul_(lr * math.sqrt(max(1.0, rows / cols)))
+        update.copy_(ortho).mul_(lr * update_scale(params[members[0]]))
         torch._foreach_sub_([params[i] for i in members],
                             [u.view(params[i].shape) for u, i in zip(update.unbind(0), members)])
 
@@ -218,7 +236,7 @@ def _bank_slot(padded: torch.Tensor, i: int, p: torch.Tensor) -> torch.Tensor:
     """Bank i's place in the padded batch, as a view shaped like `p` ([out, in, kh, kw]): the top-left
     rows x cols block of matrix i, or for a tall bank the transpose of its top-left cols x rows block.
     (Splitting the matrix's column dimension into in, kh, kw is a view whatever its stride.)"""
-    rows, cols = p.shape[0], p[0].numel()
+    rows, cols = matrix_shape(p)
     if rows <= cols:
         return padded[i, :rows, :cols].view(p.shape)
     return padded[i, :cols, :rows].mT.view(p.shape)
@@ -227,15 +245,13 @@ def _bank_slot(padded: torch.Tensor, i: int, p: torch.Tensor) -> torch.Tensor:
 def _padded_update(params: list[torch.Tensor], directions: list[torch.Tensor], lr: torch.Tensor) -> None:
     """The same update as _update_by_shape, every bank in one zero-padded Newton-Schulz batch: a copy in and
     one fused multiply-add out per bank, 15 matrix products for all of them."""
-    shapes = [wide_shape(p) for p in params]
-    rows, cols = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    padded = torch.zeros((len(params), rows, cols), dtype=_ns_dtype(params[0]), device=params[0].device)
+    padded = torch.zeros((len(params), *padded_shape(params)), dtype=_ns_dtype(params[0]), device=params[0].device)
     for i, (p, d) in enumerate(zip(params, directions)):
         _bank_slot(padded, i, p).copy_(d)  # any layout of d (channels_last too): one strided copy
     ortho = orthogonalize(padded, dtype=padded.dtype)
     steps: dict[float, torch.Tensor] = {}  # -lr sqrt(max(1, rows/cols)) per distinct ratio: a few kernels
     for i, p in enumerate(params):
-        scale = math.sqrt(max(1.0, p.shape[0] / p[0].numel()))
+        scale = update_scale(p)
         if scale not in steps:
             steps[scale] = lr * -scale
         # p += -lr scale NS(d), computed in p's dtype from NS's (bf16 on a GPU): one kernel a bank
