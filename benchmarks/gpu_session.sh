@@ -13,7 +13,8 @@
 #   tests | profile | throughput | graphseed | best | kernels | optim | tune | loader | seed | torchrun
 #               one stage alone (limit: the deadline). optim: bench_optim.py alone, OPTIM_IMPLS (default
 #               "fused muon muon-padded": Muon's step batched by shape or padded, beside the fused SGD
-#               step). torchrun: a plain run, the same under one-process
+#               step), each Muon impl at OPTIM_NS_STEPS Newton-Schulz iterations (default "5 3").
+#               torchrun: a plain run, the same under one-process
 #               torchrun (the launcher's cost: one process is a plain run), then the gpu tests of
 #               tests/test_distributed.py (DDP on NCCL in a one-rank group, its step as a CUDA graph, the stop
 #               agreement). profile: benchmarks/profile_step.py (host- or GPU-bound, per row);
@@ -304,7 +305,7 @@ stage_kernels() {     # SE and optimizer microbenchmarks (issue 4's targets: 1.5
 stage_optim() {       # the optimizer steps alone: Muon's two batchings (optim.muon_batching) beside the fused SGD
   # shellcheck disable=SC2086
   limited bench-optim "$1" python benchmarks/kernels/bench_optim.py --impls ${OPTIM_IMPLS:-fused muon muon-padded} \
-    --out "$work"
+    --muon-ns-steps ${OPTIM_NS_STEPS:-5 3} --out "$work"
 }
 stage_tune() {        # SE tile sizes: 16 (gate, reduce) pairs at the network's shapes, checked and ranked (issue 4)
   limited tune-se "$1" python benchmarks/kernels/tune_se.py --out "$work"

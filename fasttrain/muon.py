@@ -11,14 +11,15 @@ filter bank [out, in, kh, kw] is the matrix [out, in * kh * kw]. Per filter bank
     O   = orthogonalize(d as [out, in*kh*kw])
     p   = p * (1 - lr * wd) - lr * sqrt(max(1, rows / cols)) * O      (decoupled weight decay)
 
-`orthogonalize` runs five Newton-Schulz iterations (the quintic with coefficients 3.4445, -4.7750, 2.0315
-from the Muon write-up) on the matrix scaled to Frobenius norm 1: they push its singular values towards 1
-(into roughly 0.7..1.2, which is all Muon needs) with matrix products only, no SVD. On a GPU they run in
-bf16 (the products of a step take microseconds); elsewhere in fp32. How the banks are batched
-(`optim.muon_batching`):
+`orthogonalize` runs `optim.muon_ns_steps` Newton-Schulz iterations (Muon's 5; the quintic with coefficients
+3.4445, -4.7750, 2.0315 from the Muon write-up) on the matrix scaled to Frobenius norm 1: they push its
+singular values towards 1 (into roughly 0.7..1.2, which is all Muon needs) with matrix products only, no
+SVD. Each iteration multiplies a small singular value by ~3.4, so fewer leave the update's weakest
+directions short of 1 (a trade measured on accuracy, not assumed). On a GPU they run in bf16 (the products
+of a step take microseconds); elsewhere in fp32. How the banks are batched (`optim.muon_batching`):
 
 * ``shape``: banks of one shape together, one batched Newton-Schulz per shape (10 on best.yaml: 150 matrix
-  products a step, each with a few output tiles: 64 x 64 to 256 x 256 results);
+  products a step at 5 iterations, each with a few output tiles: 64 x 64 to 256 x 256 results);
 * ``padded``: every bank zero-padded into one [banks, R, C] batch (R x C the largest wide orientation): 15
   products a step, 4.8x the FLOPs on best.yaml (67 GFLOPs; 13.9 by shape). Zero padding changes nothing
   but rounding: with X = [[A, 0], [0, 0]], X X^T and every polynomial of it keep the block form, so the
@@ -123,15 +124,19 @@ class Muon(torch.optim.Optimizer):
     ``momentum_buffer`` (torch.optim.SGD's name and layout), created at construction."""
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, batching: str = "shape"):
+                 weight_decay: float = 0.0, batching: str = "shape", ns_steps: int = NS_STEPS):
         if batching not in BATCHINGS:
             raise ValueError(f"Muon's batching must be one of {BATCHINGS}, not {batching!r}")
+        if not (isinstance(ns_steps, int) and ns_steps >= 1):
+            raise ValueError(f"Muon's ns_steps (Newton-Schulz iterations a step) must be an int >= 1, not {ns_steps!r}")
         defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         muon=False)
         super().__init__(params, defaults)
         # how the step batches its banks (module docstring): the optimizer's, not a group's, so a checkpoint
         # written under one resumes under the other (the same update, rounded differently)
         self.batching = batching
+        # like batching, the config's and not saved: a resume takes the config's count
+        self.ns_steps = ns_steps
         for group in self.param_groups:
             if group["muon"] and not all(is_filter_bank(p) for p in group["params"]):
                 raise ValueError("Muon's groups hold convolution filters [out, in, kh, kw] only")
@@ -191,7 +196,7 @@ class Muon(torch.optim.Optimizer):
                 if group["weight_decay"] != 0:
                     torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
                 update = _padded_update if self.batching == "padded" else _update_by_shape
-                update(params, directions, lr)
+                update(params, directions, lr, self.ns_steps)
             else:
                 torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
         return loss
@@ -214,7 +219,8 @@ def _ns_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if p.device.type == "cuda" else torch.float32
 
 
-def _update_by_shape(params: list[torch.Tensor], directions: list[torch.Tensor], lr: torch.Tensor) -> None:
+def _update_by_shape(params: list[torch.Tensor], directions: list[torch.Tensor], lr: torch.Tensor,
+                     steps: int = NS_STEPS) -> None:
     """p -= lr sqrt(max(1, rows/cols)) NS(d), one batched Newton-Schulz per bank shape."""
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -223,7 +229,7 @@ def _update_by_shape(params: list[torch.Tensor], directions: list[torch.Tensor],
         # stack the 4-D directions first, then view them as matrices: one copy for the group (a channels_last
         # bank reshaped alone is a copy of its own)
         stacked = torch.stack([directions[i] for i in members]).reshape(len(members), rows, cols)
-        ortho = orthogonalize(stacked, dtype=_ns_dtype(params[0]))
+        ortho = orthogonalize(stacked, steps, dtype=_ns_dtype(params[0]))
         # one copy casts to the parameters' dtype and lays out [bank, rows, cols] (a tall bank's result
         # is a transposed view), one multiply scales the group: per bank, only the subtraction's views
         update = torch.empty((len(members), rows, cols), dtype=params[0].dtype, device=params[0].device)
@@ -242,13 +248,14 @@ def _bank_slot(padded: torch.Tensor, i: int, p: torch.Tensor) -> torch.Tensor:
     return padded[i, :cols, :rows].mT.view(p.shape)
 
 
-def _padded_update(params: list[torch.Tensor], directions: list[torch.Tensor], lr: torch.Tensor) -> None:
+def _padded_update(params: list[torch.Tensor], directions: list[torch.Tensor], lr: torch.Tensor,
+                   steps: int = NS_STEPS) -> None:
     """The same update as _update_by_shape, every bank in one zero-padded Newton-Schulz batch: a copy in and
     one fused multiply-add out per bank, 15 matrix products for all of them."""
     padded = torch.zeros((len(params), *padded_shape(params)), dtype=_ns_dtype(params[0]), device=params[0].device)
     for i, (p, d) in enumerate(zip(params, directions)):
         _bank_slot(padded, i, p).copy_(d)  # any layout of d (channels_last too): one strided copy
-    ortho = orthogonalize(padded, dtype=padded.dtype)
+    ortho = orthogonalize(padded, steps, dtype=padded.dtype)
     steps: dict[float, torch.Tensor] = {}  # -lr sqrt(max(1, rows/cols)) per distinct ratio: a few kernels
     for i, p in enumerate(params):
         scale = update_scale(p)

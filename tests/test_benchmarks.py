@@ -1109,6 +1109,29 @@ def test_gpu_session_variant_lists_name_shipped_variants(repo_root):
             assert cfg != base, f"{name}: {variant} is best.yaml itself"
 
 
+def test_bench_optim_runs_muon_at_each_newton_schulz_count_as_rows_of_their_own(repo_root):
+    """--muon-ns-steps 5 3: each Muon impl once per count (a count but 5 named in the row), the SGD ones once;
+    the step built for a row runs its count: 3 products an iteration per bank shape (by shape) or per step
+    (padded), counted on a two-shape network."""
+    sys.path.insert(0, str(repo_root / "benchmarks" / "kernels"))
+    try:
+        bench_optim = importlib.import_module("bench_optim")
+    finally:
+        sys.path.remove(str(repo_root / "benchmarks" / "kernels"))
+    rows = bench_optim.benchmark_rows(["fused", "muon", "muon-padded"], [5, 3])
+    assert rows == [("fused", "fused", None), ("muon", "muon", 5), ("muon-ns3", "muon", 3),
+                    ("muon-padded", "muon-padded", 5), ("muon-padded-ns3", "muon-padded", 3)]
+    assert bench_optim.benchmark_rows(["muon"], [2]) == [("muon-ns2", "muon", 2)]
+    for impl, products_per_iteration in (("muon", 3 * 2), ("muon-padded", 3)):
+        for ns_steps in (5, 3, 1):
+            params = [torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(8, 8, 1, 1, requires_grad=True),
+                      torch.randn(8, requires_grad=True)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            step = bench_optim.make_step(impl, params, ns_steps)
+            assert bench_optim.count_calls(step)[1] == ns_steps * products_per_iteration, (impl, ns_steps)
+
+
 # ------------------------------------------------------------------------------------- SE tile sweep
 def test_tile_sweep_ranks_only_correct_pairs_by_the_stem_then_the_total(repo_root):
     sys.path.insert(0, str(repo_root / "benchmarks" / "kernels"))

@@ -60,6 +60,26 @@ def test_orthogonalize_is_the_documented_quintic():
     torch.testing.assert_close(orthogonalize(m, steps=1, dtype=torch.float64), a * x + (b * g + c * g @ g) @ x)
 
 
+def test_each_newton_schulz_iteration_brings_the_small_singular_values_closer_to_1():
+    """What optim.muon_ns_steps trades: on a filter bank's shape with singular values spread over 3 decades,
+    every added iteration up to Muon's 5 raises the smallest kept ones (each multiplies a small one by
+    ~3.4445; measured here: 0.015, 0.053, 0.18, 0.59, 0.68, where a 6th leaves them), none past 1.25; 3
+    iterations leave a direction at 1% of the largest at under half the step of the largest ones."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(576, 64, dtype=torch.float64))
+    s = torch.logspace(0, -3, 64, dtype=torch.float64)
+    m = u @ torch.diag(s) @ v.T
+    lows = []
+    for steps in range(1, 6):
+        core = u.T @ orthogonalize(m, steps=steps, dtype=torch.float64) @ v
+        sv = torch.diagonal(core)
+        assert sv.max() < 1.25, steps
+        lows.append(float(sv[s >= 1e-2].min()))
+    assert all(a < b for a, b in zip(lows, lows[1:])), lows
+    assert lows[2] < 0.5 < 0.6 < lows[4], lows  # 3 iterations against Muon's 5
+
+
 def test_orthogonalize_flops_counts_the_products_of_every_filter_bank():
     """By hand for two banks, and best.yaml's figure the README quotes (13.9 GFLOPs a step, 21 banks)."""
     banks = [torch.zeros(16, 8, 3, 3), torch.zeros(32, 8, 1, 1), torch.zeros(10, 5)]  # the last is no filter bank
@@ -134,21 +154,24 @@ def _train(net, opt, batches, lrs=None):
         opt.step()
 
 
-def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True, batching="shape"):
+def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True, batching="shape", ns_steps=5):
     params = list(net.parameters())
     others = [{"params": [p for p in params if p.ndim != 4]}]
     groups = muon_param_groups(params, others, lr=lr, muon_lr=muon_lr, muon_momentum=0.95, weight_decay=wd)
-    return Muon(groups, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=wd, batching=batching)
+    return Muon(groups, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=wd, batching=batching,
+                ns_steps=ns_steps)
 
 
+@pytest.mark.parametrize("ns_steps", [5, 3])
 @pytest.mark.parametrize("batching", ["shape", "padded"])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_matches_its_formulas_step_by_step(nesterov, batching):
+def test_muon_matches_its_formulas_step_by_step(nesterov, batching, ns_steps):
     """Filters: buf = mu buf + g; d = g + mu buf; p = p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(d); the rest:
     torch.optim.SGD's update (L2, momentum, Nesterov as configured), with the lr changing every step. Both
-    batchings of the banks (by shape, or all in one zero-padded batch) take this update."""
+    batchings of the banks (by shape, or all in one zero-padded batch) take this update, NS with the
+    configured count of Newton-Schulz iterations."""
     net, ref = _net(), _net()
-    opt = _muon(net, nesterov=nesterov, batching=batching)
+    opt = _muon(net, nesterov=nesterov, batching=batching, ns_steps=ns_steps)
     lr_scale = 0.05 / 0.1
     ref_others = torch.optim.SGD([p for p in ref.parameters() if p.ndim != 4], lr=0.1, momentum=0.9,
                                  nesterov=nesterov, weight_decay=5e-4)
@@ -168,7 +191,7 @@ def test_muon_matches_its_formulas_step_by_step(nesterov, batching):
                 buf.mul_(0.95).add_(p.grad)
                 d = p.grad + 0.95 * buf
                 rows, cols = p.shape[0], p[0].numel()
-                o = orthogonalize(d.reshape(rows, cols)).reshape(p.shape)
+                o = orthogonalize(d.reshape(rows, cols), steps=ns_steps).reshape(p.shape)
                 p.mul_(1 - lr * lr_scale * 5e-4).sub_(lr * lr_scale * math.sqrt(max(1.0, rows / cols)) * o)
     for (name, a), b in zip(ref.named_parameters(), net.parameters()):
         torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=name)
@@ -259,13 +282,17 @@ def test_a_zero_learning_rate_leaves_every_parameter_where_it_is():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def test_build_optimizer_passes_optim_muon_batching_and_muon_refuses_an_unknown_one():
+def test_build_optimizer_passes_optim_muon_batching_and_ns_steps_and_muon_refuses_bad_ones():
     net = _net()
-    for batching in ("shape", "padded"):
-        cfg = OptimConfig(name="muon", lookahead_k=0, muon_batching=batching)
-        assert build_optimizer(net.parameters(), cfg).batching == batching
+    for batching, ns_steps in (("shape", 5), ("padded", 3)):
+        cfg = OptimConfig(name="muon", lookahead_k=0, muon_batching=batching, muon_ns_steps=ns_steps)
+        opt = build_optimizer(net.parameters(), cfg)
+        assert (opt.batching, opt.ns_steps) == (batching, ns_steps)
     with pytest.raises(ValueError, match="batching"):
         _muon(net, batching="stacked")
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="ns_steps"):
+            _muon(net, ns_steps=bad)
 
 
 def test_muon_refuses_a_non_filter_in_its_group():
@@ -295,6 +322,9 @@ def test_build_optimizer_puts_the_filters_in_muons_group_and_the_schedule_scales
     (["--optim.lookahead_k", "0", "--optim.muon_lr", "0"], "optim.muon_lr", "must be > 0"),
     (["--optim.lookahead_k", "0", "--optim.muon_momentum", "1.0"], "optim.muon_momentum", "0 <= momentum < 1"),
     (["--optim.lookahead_k", "0", "--optim.muon_batching", "stacked"], "optim.muon_batching", "padded"),
+    (["--optim.lookahead_k", "0", "--optim.muon_ns_steps", "0"], "optim.muon_ns_steps", "must be 1..10"),
+    (["--optim.lookahead_k", "0", "--optim.muon_ns_steps", "50"], "optim.muon_ns_steps", "must be 1..10"),
+    (["--optim.lookahead_k", "0", "--optim.muon_ns_steps", "2.5"], "optim.muon_ns_steps", "int"),
 ])
 def test_muon_config_mistakes_are_named(flags, key, words):
     with pytest.raises(ConfigError) as refused:
@@ -329,14 +359,15 @@ def test_smoke_run_with_muon_learns_and_resumes_exactly(cifar_dir, tmp_path, bat
 
 
 def test_a_muon_resume_trains_with_the_configs_muon_settings(cifar_dir, tmp_path):
-    """A resume under another muon_lr / muon_momentum / muon_batching trains with them (the saved groups' values
+    """A resume under another muon_lr / muon_momentum / muon_batching / muon_ns_steps trains with them (the saved groups' values
     would otherwise come back with load_state_dict), the filters' lr the schedule's times the new ratio."""
     muon = {"optim__name": "muon", "optim__lookahead_k": "0"}
     Trainer(tiny_config(cifar_dir, tmp_path, **muon), device="cpu", console=quiet()).save_checkpoint(1)
     changed = tiny_config(cifar_dir, tmp_path, optim__muon_lr="0.02", optim__muon_momentum="0.5",
-                          optim__muon_batching="padded", **muon)
+                          optim__muon_batching="padded", optim__muon_ns_steps="3", **muon)
     resumed = Trainer(changed, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
-    assert resumed.optimizer.batching == "padded"  # how the step batches its banks is the config's, not saved
+    # how the step batches its banks and how many iterations it runs are the config's, not saved
+    assert (resumed.optimizer.batching, resumed.optimizer.ns_steps) == ("padded", 3)
     filters, rest = resumed.optimizer.param_groups[:2]
     assert filters["muon"] and filters["momentum"] == 0.5 and not rest["muon"]
     lr = resumed.schedule.lr_at(resumed.schedule.step_count)

@@ -15,6 +15,9 @@ alpha=0.5; fp32 parameters):
   muon-padded      the same with optim.muon_batching padded: every bank in one zero-padded batch (fewer,
                    larger products: 86 GFLOPs a step on this network)
 
+The Muon rows run at each of --muon-ns-steps (default 5, Muon's; optim.muon_ns_steps): a count other than 5
+is a row of its own, its impl named with it (muon-ns3, muon-padded-ns3).
+
 Times are per step, averaged over blocks of k steps (so every block holds one Lookahead sync) and
 medianed over blocks, two ways: `us / step` includes the host-side launch overhead (each block starts on an
 idle GPU: what an eager training loop pays), `GPU us / step` is the GPU's time alone (every launch queued
@@ -26,7 +29,7 @@ bandwidth = compulsory bytes / time with compulsory bytes = 4 B x numel x (5 + 3
 and write p, buf every step, and read slow, write slow and p again on the sync step. It is compared
 with the device-to-device copy bandwidth measured here.
 
-    python benchmarks/kernels/bench_optim.py [--blocks 50]
+    python benchmarks/kernels/bench_optim.py [--blocks 50] [--muon-ns-steps 5 3]
     python benchmarks/kernels/bench_optim.py --cpu-smoke   # seconds on a CPU: every implementation steps
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_bench_out,  # noqa: E402
                     start_gpu_benchmark, times_ms)
 
-from fasttrain.config import ModelConfig, OptimConfig  # noqa: E402
+from fasttrain.config import MAX_NS_STEPS, ModelConfig, OptimConfig  # noqa: E402
 from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD  # noqa: E402
 from fasttrain.model import build_model  # noqa: E402
 from fasttrain.optim import Lookahead, build_optimizer  # noqa: E402
@@ -103,8 +106,16 @@ def count_calls(step) -> tuple[int, int]:
     return counter.calls, counter.matmuls
 
 
-def make_step(impl: str, params):
-    """A zero-argument callable doing one optimizer step of `impl` on `params`."""
+def benchmark_rows(impls: list[str], ns_counts: list[int]) -> list[tuple[str, str, int | None]]:
+    """(row name, impl, Newton-Schulz iterations or None) for each row: a Muon impl once per count, named
+    with it where the count is not Muon's 5 (muon-ns3); the SGD impls once."""
+    return [(impl if n in (None, 5) else f"{impl}-ns{n}", impl, n) for impl in impls
+            for n in (ns_counts if impl.startswith("muon") else [None])]
+
+
+def make_step(impl: str, params, ns_steps: int = 5):
+    """A zero-argument callable doing one optimizer step of `impl` on `params` (Muon's: `ns_steps` Newton-Schulz
+    iterations)."""
     if impl == "fused":
         opt = FusedLookaheadSGD(params, **HYPER, clip_value=CLIP, lookahead_k=K, lookahead_alpha=ALPHA)
         return opt.step
@@ -113,7 +124,8 @@ def make_step(impl: str, params):
         after_step = None
     elif impl in ("muon", "muon-padded"):  # what the trainer builds for optim.name muon (default muon_lr, momentum)
         batching = "padded" if impl == "muon-padded" else "shape"
-        opt = build_optimizer(params, OptimConfig(name="muon", lookahead_k=0, muon_batching=batching, **HYPER))
+        opt = build_optimizer(params, OptimConfig(name="muon", lookahead_k=0, muon_batching=batching,
+                                                  muon_ns_steps=ns_steps, **HYPER))
         after_step = None
     else:
         opt, after_step = torch.optim.SGD(params, **HYPER, foreach=True), PythonLookahead(params).after_step
@@ -132,19 +144,23 @@ def main() -> None:
     impls = ["fused", "foreach+python", "fused-sgd+lerp", "muon", "muon-padded"]
     parser.add_argument("--impls", nargs="+", default=impls, choices=impls)
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
+    parser.add_argument("--muon-ns-steps", type=int, nargs="+", default=[5], metavar="N",
+                        help="Newton-Schulz iterations of the Muon rows (optim.muon_ns_steps), a row for each")
     add_kernel_bench_arguments(parser, "a tiny CPU run (2 blocks, 1 warmup block) that checks every implementation "
                                        "steps and the result file is written; its times mean nothing (the fused one "
                                        "takes its PyTorch path on a CPU)")
     args = parser.parse_args()
+    if any(not 1 <= n <= MAX_NS_STEPS for n in args.muon_ns_steps):
+        parser.error(f"--muon-ns-steps: each count must be 1..{MAX_NS_STEPS}, as optim.muon_ns_steps")
     if args.cpu_smoke:
         args.blocks = 2
     device, meta, copy_gbs = start_gpu_benchmark("bench_optim.py", args.cpu_smoke)
     out = kernel_bench_out(args)
     rows = []
-    for impl in args.impls:
+    for name, impl, ns_steps in benchmark_rows(args.impls, args.muon_ns_steps):
         params = network_parameters(device)
         numel = sum(p.numel() for p in with_grads(params))
-        step = make_step(impl, params)
+        step = make_step(impl, params, ns_steps or 5)
 
         def block():
             for _ in range(K):
@@ -155,10 +171,10 @@ def main() -> None:
         gpu_ms = median(times_ms(device, block, warmup=warmup, iters=args.blocks)) / K
         gbs = 4 * numel * (5 + 3 / K) / (ms * 1e-3) / 1e9
         calls, matmuls = count_calls(step)
-        rows.append({"impl": impl, "params": numel, "tensors": len(params), "step_ms": ms, "gpu_step_ms": gpu_ms,
+        rows.append({"impl": name, "ns_steps": ns_steps, "params": numel, "tensors": len(params), "step_ms": ms, "gpu_step_ms": gpu_ms,
                      "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs, "aten_calls": calls, "matmuls": matmuls,
                      "param_source": "fasttrain.model"})
-        print(f"  {impl}: {ms * 1e3:.1f} us/step, GPU alone {gpu_ms * 1e3:.1f}, {calls} ATen calls", file=sys.stderr)
+        print(f"  {name}: {ms * 1e3:.1f} us/step, GPU alone {gpu_ms * 1e3:.1f}, {calls} ATen calls", file=sys.stderr)
 
     finish_gpu_benchmark(out, "bench_optim", device, {
         **meta, "copy_gbs": copy_gbs, "k": K, "clip_value": CLIP, **HYPER,
