@@ -130,6 +130,10 @@ class OptimConfig:
     muon_batching: str = "shape"     # muon only: shape (one Newton-Schulz batch per filter-bank shape) | padded
                                      # (all banks zero-padded into one batch: 15 matrix products a step instead
                                      # of 150 on best.yaml, 4.8x their FLOPs); the same update either way
+    muon_se: bool = True             # muon only: Muon on the SE blocks' two 1x1 convolutions too (their fully
+                                     # connected layers); false: Nesterov SGD on them, as on the head. With
+                                     # true, best.yaml's trained stem SE is dead (every squeeze unit's ReLU off
+                                     # on every image, the gate a constant): README, "Muon"
     muon_ns_steps: int = 5           # muon only: Newton-Schulz iterations a step (Muon's 5; each costs a fifth of
                                      # the orthogonalizations' matrix products and leaves the smallest singular
                                      # values of the update ~3.4x further from 1 when dropped)

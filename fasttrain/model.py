@@ -126,6 +126,12 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+def squeeze_excite_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The SE blocks' fc1 and fc2 weights: fully connected layers in role, written as 1x1 convolutions (so
+    filter banks by shape; optim.muon_se says which optimizer they take)."""
+    return [p for m in model.modules() if isinstance(m, SqueezeExcite) for p in (m.fc1.weight, m.fc2.weight)]
+
+
 def count_params(model: nn.Module) -> int:
     """Trainable parameters, the quantity the 5M budget is about."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

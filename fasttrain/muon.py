@@ -26,8 +26,8 @@ of a step take microseconds); elsewhere in fp32. How the banks are batched (`opt
   iteration on X is the iteration on A (and ||X||_F = ||A||_F). Which is faster on a GPU, where the step
   runs as a CUDA graph and costs GPU time alone, is measured by benchmarks/kernels/bench_optim.py.
 
-Every other parameter (BN scales and shifts, biases, the head's linear layer; the SE block's 1x1 convolutions
-are filter banks) takes torch.optim.SGD's update with `optim.lr`, `optim.momentum`, `optim.nesterov` and
+Every other parameter (BN scales and shifts, biases, the head's linear layer; the SE blocks' 1x1 convolutions
+too with `optim.muon_se` false) takes torch.optim.SGD's update with `optim.lr`, `optim.momentum`, `optim.nesterov` and
 `optim.weight_decay` (L2, as SGD; not on 1-D parameters with optim.decay_norm_and_bias false). The filters'
 learning rate is `optim.muon_lr`, their momentum `optim.muon_momentum`; the schedule scales both learning
 rates alike (each group's ``lr_scale``).
@@ -265,11 +265,10 @@ def _padded_update(params: list[torch.Tensor], directions: list[torch.Tensor], l
         p.addcmul_(_bank_slot(ortho, i, p), steps[scale])
 
 
-def muon_param_groups(params: list[nn.Parameter], groups_for_others: list[dict], *, lr: float, muon_lr: float,
+def muon_param_groups(filters: list[nn.Parameter], groups_for_others: list[dict], *, lr: float, muon_lr: float,
                       muon_momentum: float, weight_decay: float) -> list[dict]:
-    """Muon's group (the filter banks of `params`) first, then `groups_for_others` (the rest, grouped by the
+    """Muon's group (`filters`, filter banks) first, then `groups_for_others` (the rest, grouped by the
     weight-decay rule) as SGD's groups. The order is fixed, so checkpoints pair up."""
-    filters = [p for p in params if is_filter_bank(p)]
     muon = [{"params": filters, "muon": True, "lr": muon_lr, "lr_scale": muon_lr / lr, "momentum": muon_momentum,
              "nesterov": True, "weight_decay": weight_decay}] if filters else []
     return muon + groups_for_others

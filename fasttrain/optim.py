@@ -109,14 +109,20 @@ def param_groups(params: list[nn.Parameter], cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW, with Lookahead when k > 0, the fused one-launch Lookahead-SGD, or Muon (fasttrain/muon.py)."""
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig,
+                    fully_connected: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """SGD or AdamW, with Lookahead when k > 0, the fused one-launch Lookahead-SGD, or Muon (fasttrain/muon.py).
+    `fully_connected`: 4-D parameters among `params` that are fully connected layers in role (the SE blocks',
+    model.squeeze_excite_weights): Muon leaves them to SGD unless optim.muon_se."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "muon":  # config.validate: impl torch, no Lookahead
         from fasttrain.muon import Muon, is_filter_bank, muon_param_groups
 
-        others = param_groups([p for p in params if not is_filter_bank(p)], cfg)
-        groups = muon_param_groups(params, others, lr=cfg.lr, muon_lr=cfg.muon_lr,
+        not_muon = set() if cfg.muon_se else {id(p) for p in fully_connected}
+        filters = [p for p in params if is_filter_bank(p) and id(p) not in not_muon]
+        muon_ids = {id(p) for p in filters}
+        others = param_groups([p for p in params if id(p) not in muon_ids], cfg)
+        groups = muon_param_groups(filters, others, lr=cfg.lr, muon_lr=cfg.muon_lr,
                                    muon_momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
         return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                     batching=cfg.muon_batching, ns_steps=cfg.muon_ns_steps)

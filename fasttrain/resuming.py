@@ -219,7 +219,9 @@ class Resumable:
             raise CheckpointError(
                 f"{path} holds optimizer state this config's optimizer cannot take ({e}); it was saved with "
                 f"optim.name {saved.optim.name}, impl {saved.optim.impl}, lookahead_k {saved.optim.lookahead_k}, "
-                f"decay_norm_and_bias {saved.optim.decay_norm_and_bias}: resume with the config saved in the "
+                f"decay_norm_and_bias {saved.optim.decay_norm_and_bias}"
+                + (f", muon_se {saved.optim.muon_se}" if saved.optim.name == "muon" else "")
+                + ": resume with the config saved in the "
                 "run folder (config.yaml)") from e
 
     def _warn_config_changes(self, path: Path, saved: Config) -> None:

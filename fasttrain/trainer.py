@@ -41,7 +41,7 @@ from fasttrain.distributed import (DistInfo, StopAgreement, all_reduce_min, all_
                                    die_now, fault_injection_step, is_peer_failure, peer_failure_message, rank_seed,
                                    sync_buffers)
 from fasttrain.graph import DDP_WARMUP_ITERS, WARMUP_ITERS, GraphedStep, graph_problems, side_stream, step_state
-from fasttrain.model import build_model, count_params
+from fasttrain.model import build_model, count_params, squeeze_excite_weights
 from fasttrain.optim import LRSchedule, build_optimizer, clip_gradients
 from fasttrain.resuming import Resumable, TrainingError
 from fasttrain.run_folder import (LOCK, SUMMARY, FolderLock, append_metrics, choose_run_dir, claim_run_dir,
@@ -120,7 +120,7 @@ class Trainer(Resumable):
             whiten_stem(self.model.stem[0], self.data.train_images, cfg.data.mean, cfg.data.std)
             self.stem_init_seconds = time.perf_counter() - t0
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # listed once, not per step
-        self.optimizer = build_optimizer(self.trainable, cfg.optim)
+        self.optimizer = build_optimizer(self.trainable, cfg.optim, squeeze_excite_weights(self.model))
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None)
         self.use_graph = self._check_cuda_graph()

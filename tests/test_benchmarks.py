@@ -1132,6 +1132,30 @@ def test_bench_optim_runs_muon_at_each_newton_schulz_count_as_rows_of_their_own(
             assert bench_optim.count_calls(step)[1] == ns_steps * products_per_iteration, (impl, ns_steps)
 
 
+def test_muon_ns_check_compares_each_count_with_five_iterations_and_the_polar_factor(repo_root, tmp_path, cifar_dir):
+    """benchmarks/muon_ns_check.py on smoke.yaml's network at initialization: a row per count, 5 against itself
+    exactly, every figure a cosine in (0, 1] or a ratio, and more iterations nearer U V^T; each bank's figures
+    in the file."""
+    out = tmp_path / "ns.json"
+    proc = subprocess.run([sys.executable, "benchmarks/muon_ns_check.py", "--config", "configs/smoke.yaml",
+                           "--batches", "2", "--batch-size", "32", "--steps", "1", "3", "5", "--out", str(out)],
+                          cwd=repo_root, env=dict(os.environ, FASTTRAIN_DATA=str(cifar_dir)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert META_KEYS <= set(report) and report["batches"] == 2 and report["banks_without_gradient"] == []
+    rows = {r["ns_steps"]: r for r in report["rows"]}
+    assert sorted(rows) == [1, 3, 5]
+    assert rows[5]["cos_ns5"] == pytest.approx(1.0) and rows[5]["norm_ratio"] == pytest.approx(1.0)
+    assert all(0 < r[k] <= 1 + 1e-9 for r in rows.values() for k in ("cos_ns5", "cos_ns5_min", "cos_polar"))
+    assert rows[1]["cos_polar"] < rows[3]["cos_polar"] < rows[5]["cos_polar"]
+    assert rows[1]["norm_ratio"] < rows[3]["norm_ratio"]  # one iteration leaves the weak directions short
+    smoke_banks = [n for n, p in build_model(load_config("configs/smoke.yaml", []).model).named_parameters()
+                   if p.ndim == 4]
+    assert sorted(report["banks"]) == sorted(smoke_banks)
+    assert "cos U V^T" in proc.stdout
+
+
 # ------------------------------------------------------------------------------------- SE tile sweep
 def test_tile_sweep_ranks_only_correct_pairs_by_the_stem_then_the_total(repo_root):
     sys.path.insert(0, str(repo_root / "benchmarks" / "kernels"))

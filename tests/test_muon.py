@@ -7,7 +7,8 @@ import torch
 
 from fasttrain.config import ConfigError, OptimConfig, load_config
 from fasttrain.graph import graph_problems
-from fasttrain.model import build_model
+from fasttrain.checkpoint import CheckpointError
+from fasttrain.model import build_model, squeeze_excite_weights
 from fasttrain.muon import (NS_COEFFICIENTS, Muon, _bank_slot, muon_param_groups, orthogonalize,
                            orthogonalize_flops)
 from fasttrain.optim import LRSchedule, build_optimizer
@@ -157,7 +158,8 @@ def _train(net, opt, batches, lrs=None):
 def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True, batching="shape", ns_steps=5):
     params = list(net.parameters())
     others = [{"params": [p for p in params if p.ndim != 4]}]
-    groups = muon_param_groups(params, others, lr=lr, muon_lr=muon_lr, muon_momentum=0.95, weight_decay=wd)
+    groups = muon_param_groups([p for p in params if p.ndim == 4], others, lr=lr, muon_lr=muon_lr, muon_momentum=0.95,
+                               weight_decay=wd)
     return Muon(groups, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=wd, batching=batching,
                 ns_steps=ns_steps)
 
@@ -293,6 +295,37 @@ def test_build_optimizer_passes_optim_muon_batching_and_ns_steps_and_muon_refuse
     for bad in (0, 2.0):
         with pytest.raises(ValueError, match="ns_steps"):
             _muon(net, ns_steps=bad)
+
+
+@pytest.mark.parametrize("placement", ["stem", "blocks"])
+def test_optim_muon_se_false_leaves_the_se_layers_to_sgd(placement):
+    """The SE blocks' fc1 / fc2 are 1x1 convolutions, filter banks by shape: Muon's with optim.muon_se true (the
+    default), SGD's (with the head) with false; every other filter bank stays Muon's either way."""
+    model_cfg = load_config("configs/best.yaml", ["--model.se_placement", placement]).model
+    net = build_model(model_cfg, device="cpu")
+    se = squeeze_excite_weights(net)
+    assert len(se) == (2 if placement == "stem" else 2 * sum(model_cfg.blocks)) and all(p.ndim == 4 for p in se)
+    filters = {id(p) for p in net.parameters() if p.ndim == 4}
+    for muon_se, in_muon in ((True, filters), (False, filters - {id(p) for p in se})):
+        cfg = OptimConfig(name="muon", lookahead_k=0, muon_se=muon_se, decay_norm_and_bias=False)
+        opt = build_optimizer(net.parameters(), cfg, se)
+        muon, decayed, plain = opt.param_groups
+        assert muon["muon"] and {id(p) for p in muon["params"]} == in_muon, muon_se
+        assert {id(p) for p in decayed["params"]} == {id(p) for p in net.parameters() if p.ndim > 1} - in_muon
+        assert all(p.ndim == 1 for p in plain["params"]) and not decayed["muon"]
+
+
+def test_a_muon_checkpoint_does_not_resume_under_the_other_muon_se(cifar_dir, tmp_path):
+    """optim.muon_se moves the SE's weights between groups: a checkpoint's momentum buffers cannot pair up
+    with the other grouping, and the error names the saved setting and the fix."""
+    muon = {"optim__name": "muon", "optim__lookahead_k": "0"}
+    saved = Trainer(tiny_config(cifar_dir, tmp_path, **muon), device="cpu", console=quiet())
+    assert any(id(p) in {id(q) for q in saved.optimizer.param_groups[0]["params"]}
+               for p in squeeze_excite_weights(saved.model))  # smoke.yaml has an SE: muon_se true takes it
+    saved.save_checkpoint(1)
+    with pytest.raises(CheckpointError, match="muon_se True.*config.yaml"):
+        Trainer(tiny_config(cifar_dir, tmp_path, optim__muon_se="false", **muon), device="cpu", console=quiet(),
+                resume=tmp_path / "last.pt")
 
 
 def test_muon_refuses_a_non_filter_in_its_group():
