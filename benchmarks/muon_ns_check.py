@@ -32,7 +32,7 @@ from common import print_table, run_main, run_metadata, write_json  # noqa: E402
 
 from fasttrain.config import MAX_NS_STEPS, load_config  # noqa: E402
 from fasttrain.data import build_data  # noqa: E402
-from fasttrain.evaluate import load_model  # noqa: E402
+from fasttrain.evaluate import load_model, use_local_data  # noqa: E402
 from fasttrain.model import build_model  # noqa: E402
 from fasttrain.muon import NS_STEPS, is_filter_bank, matrix_shape, orthogonalize  # noqa: E402
 
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.weights:
         model, cfg = load_model(args.weights, device=device)
+        use_local_data(cfg)  # $FASTTRAIN_DATA before the path the run was trained with
     else:
         cfg = load_config(args.config, [])
         torch.manual_seed(cfg.train.seed)

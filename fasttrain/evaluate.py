@@ -132,6 +132,15 @@ def _network(ckpt: dict, cfg, weights: str, path: str | Path) -> tuple[str, torc
     return used, model
 
 
+def use_local_data(cfg, data_dir: str | None = None) -> None:
+    """Point a checkpoint's config at this machine's CIFAR-10: `data_dir`, else $FASTTRAIN_DATA, else the
+    run's own data.dir (its training machine's path), else ./data."""
+    if data_dir is not None:
+        cfg.data.dir = data_dir
+    elif os.environ.get(ENV_VAR):  # this machine's copy, before the path the run was trained with
+        cfg.data.dir = None
+
+
 def load_model(path: str | Path, *, weights: str = "auto", device: str | torch.device = "cpu"):
     """A checkpoint's or exported weights file's network for your own code: (model, config), the model
     in eval mode, fp32, on `device`. Its input: RGB images as floats in [0, 1], N x 3 x 32 x 32, each
@@ -163,10 +172,7 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     if test_subset is not None:  # validated with the rest (a ConfigError, exit 2, naming the range)
         values = {**values, "data": {**values.get("data", {}), "test_subset": test_subset}}
     cfg = config_from_dict(values)
-    if data_dir is not None:
-        cfg.data.dir = data_dir
-    elif os.environ.get(ENV_VAR):  # this machine's copy, before the path the run was trained with
-        cfg.data.dir = None
+    use_local_data(cfg, data_dir)
     used, model = _network(ckpt, cfg, weights, path)
     model = model.to(dev)
     channels_last = use_channels_last(cfg, dev)

@@ -1156,6 +1156,42 @@ def test_muon_ns_check_compares_each_count_with_five_iterations_and_the_polar_fa
     assert "cos U V^T" in proc.stdout
 
 
+def test_se_gate_check_tells_a_dead_squeeze_from_a_live_one(repo_root, tmp_path, cifar_dir):
+    """benchmarks/se_gate_check.py: on a smoke checkpoint, then on the same network with the squeeze's
+    pre-activations pushed below 0 for every image (what Muon did to best.yaml's stem SE): 0 units alive and
+    a gate that no longer varies over images, sigmoid(fc2.bias) exactly."""
+    from fasttrain.trainer import Trainer
+    from test_train import quiet, tiny_config
+
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    try:
+        gate_check = importlib.import_module("se_gate_check")
+    finally:
+        sys.path.remove(str(repo_root / "benchmarks"))
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path), device="cpu", console=quiet())
+    trainer.save_checkpoint(1)
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 32, 32)
+    live = gate_check.se_activity(trainer.model, images)["stem_se"]
+    assert live["hidden"] == 2 and live["alive"] >= 1 and live["gate_std"] > 0  # smoke.yaml: 8 channels, r 4
+    se = trainer.model.stem_se
+    with torch.no_grad():
+        se.fc1.bias.fill_(-1e3)  # no image's pooled features can lift it over 0
+    dead = gate_check.se_activity(trainer.model, images)["stem_se"]
+    assert dead["alive"] == 0 and max(dead["pre_max"]) < 0 and dead["gate_std"] == 0
+    expected = torch.sigmoid(se.fc2.bias.detach())
+    assert (dead["gate_min"], dead["gate_max"]) == (pytest.approx(float(expected.min())),
+                                                    pytest.approx(float(expected.max())))
+    out = tmp_path / "se.json"
+    proc = subprocess.run([sys.executable, "benchmarks/se_gate_check.py", str(tmp_path / "last.pt"), "--images", "100",
+                           "--out", str(out)], cwd=repo_root, env=dict(os.environ, FASTTRAIN_DATA=str(cifar_dir)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"].values()
+    assert result["images"] == 100 and result["blocks"]["stem_se"]["alive"] >= 1
+    assert "stem_se" in proc.stdout
+
+
 # ------------------------------------------------------------------------------------- SE tile sweep
 def test_tile_sweep_ranks_only_correct_pairs_by_the_stem_then_the_total(repo_root):
     sys.path.insert(0, str(repo_root / "benchmarks" / "kernels"))
