@@ -37,6 +37,7 @@ from fasttrain.model import build_model  # noqa: E402
 from fasttrain.muon import NS_STEPS, is_filter_bank, matrix_shape, orthogonalize  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SCRIPT = "benchmarks/muon_ns_check.py"  # in the result's command line, as typed from the repository root
 
 
 def muon_directions(model: torch.nn.Module, batches, mu: float, label_smoothing: float) -> dict[str, torch.Tensor]:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if idle:
         print(f"without a gradient at these weights (left out): {', '.join(idle)}")
     if args.out:
-        path = write_json(args.out, {**run_metadata(device, argv=argv), "weights": source, "batches": args.batches,
+        path = write_json(args.out, {**run_metadata(device, argv=[SCRIPT, *(sys.argv[1:] if argv is None else argv)]), "weights": source, "batches": args.batches,
                                      "batch_size": args.batch_size, "dtype": args.dtype, "rows": rows,
                                      "banks_without_gradient": idle,
                                      "banks": {b: {"shape": list(directions[b].shape), **{str(n): f for n, f in

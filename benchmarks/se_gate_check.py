@@ -26,6 +26,8 @@ from fasttrain.data import build_data  # noqa: E402
 from fasttrain.evaluate import load_model, use_local_data  # noqa: E402
 from fasttrain.model import SqueezeExcite  # noqa: E402
 
+SCRIPT = "benchmarks/se_gate_check.py"  # in the result's command line, as typed from the repository root
+
 
 @torch.no_grad()
 def se_activity(model: torch.nn.Module, images: torch.Tensor) -> dict[str, dict]:
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(f"SE blocks over {args.images} test images: squeeze units alive (pre-activation > 0 on some image)",
                 ["weights", "SE block", "alive", "max pre-act", "gate std over images", "gate range"], rows)
     if args.out:
-        print(f"wrote {write_json(args.out, {**run_metadata(torch.device('cpu'), argv=argv), 'results': results})}")
+        meta = run_metadata(torch.device("cpu"), argv=[SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+        print(f"wrote {write_json(args.out, {**meta, 'results': results})}")
 
 
 if __name__ == "__main__":

@@ -1153,7 +1153,7 @@ def test_muon_ns_check_compares_each_count_with_five_iterations_and_the_polar_fa
     smoke_banks = [n for n, p in build_model(load_config("configs/smoke.yaml", []).model).named_parameters()
                    if p.ndim == 4]
     assert sorted(report["banks"]) == sorted(smoke_banks)
-    assert "cos U V^T" in proc.stdout
+    assert "cos U V^T" in proc.stdout and "benchmarks/muon_ns_check.py --config configs/smoke.yaml" in report["command"]
 
 
 def test_se_gate_check_tells_a_dead_squeeze_from_a_live_one(repo_root, tmp_path, cifar_dir):
@@ -1187,7 +1187,9 @@ def test_se_gate_check_tells_a_dead_squeeze_from_a_live_one(repo_root, tmp_path,
                            "--out", str(out)], cwd=repo_root, env=dict(os.environ, FASTTRAIN_DATA=str(cifar_dir)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = json.loads(out.read_text())["results"].values()
+    report = json.loads(out.read_text())
+    assert report["command"].endswith(f"benchmarks/se_gate_check.py {tmp_path / 'last.pt'} --images 100 --out {out}")
+    (result,) = report["results"].values()
     assert result["images"] == 100 and result["blocks"]["stem_se"]["alive"] >= 1
     assert "stem_se" in proc.stdout
 
