@@ -134,9 +134,9 @@ class OptimConfig:
                                      # connected layers); false: Nesterov SGD on them, as on the head. With
                                      # true, best.yaml's trained stem SE is dead (every squeeze unit's ReLU off
                                      # on every image, the gate a constant): README, "Muon"
-    muon_ns_steps: int = 5           # muon only: Newton-Schulz iterations a step (Muon's 5; each costs a fifth of
-                                     # the orthogonalizations' matrix products and leaves the smallest singular
-                                     # values of the update ~3.4x further from 1 when dropped)
+    muon_ns_steps: int = 5           # muon only: Newton-Schulz iterations a step (Muon's 5); each is a fifth of
+                                     # the orthogonalization's matrix products, and fewer leave the update's weak
+                                     # directions shorter (how much: benchmarks/muon_ns_check.py)
 
 
 @dataclass
