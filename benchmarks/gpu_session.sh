@@ -42,7 +42,7 @@
 #               split only: issue 6's tuning
 #   search      the gpu tests (2 workers, 240 s a test, limit 450 s) in the background while the ablation
 #               runs SEARCH_ONLY (6 runs with base, all at once: variants aimed at issue 6's 30 s on an H100,
-#               today best.yaml (Muon, 36 epochs) at 30-32 epochs with what may buy back the loss), JOBS (6)
+#               today best.yaml (Muon, 36 epochs) with Muon's own knobs, 32 epochs, [2,2,2]), JOBS (6)
 #               at a time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search, the sixth's (Muon against SGD at 36
 #               epochs) in benchmarks/results/2026-11-28-h200-muon
@@ -92,11 +92,14 @@
 #        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=400; mkdir -p .stage && cp -r /tmp/stg/0[123] .stage/ &&
 #         bash .stage/04/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
 #         (BUDGET_S=90 bash benchmarks/gpu_session.sh optim $OUT/o); bash benchmarks/gpu_session.sh search $OUT"
-#        (optim first, on the idle card, ~30 s: Muon's step batched by shape against padded, GPU time alone, which is
-#        what the CUDA graph pays; then the gpu tests beside the search on the Muon base: best.yaml at 36 epochs and
-#        30-32-epoch variants, ~200 s of runs side by side)
-#   run: on the same warm machine, with what is left (BUDGET_S = left - 40), BEST_EXTRA="--optim.muon_batching
-#        padded" if optim's muon-padded row was faster (GPU alone) than muon:
+#        (optim first, on the idle card, ~30 s: Muon's step batched by shape against padded, at 5 and 3
+#        Newton-Schulz iterations, GPU time alone, which is what the CUDA graph pays; then the gpu tests beside
+#        the search on the Muon base: best.yaml at 36 epochs, the SE's layers on SGD, 3 iterations, 32 epochs,
+#        [2,2,2], ~200 s of runs side by side)
+#   run: on the same warm machine, with what is left (BUDGET_S = left - 40), BEST_EXTRA with
+#        "--optim.muon_batching padded" if optim's muon-padded row was faster (GPU alone) than muon, and
+#        "--optim.muon_ns_steps 3" if ns_steps_3 reached A_paper on validation about as well as base (its
+#        saving per step is optim's muon-ns3 row against muon; the verdict does not count it):
 #        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[123] .stage/ && bash .stage/01/unstage.sh
 #         >/dev/null && . .stage/env.sh && (export GPU_SESSION_T0=$(date +%s) BUDGET_S=...; SEEDS=5
 #         BEST_FROM=/tmp/fasttrain-search.json BEST_EXTRA=... bash benchmarks/gpu_session.sh best $OUT)"
@@ -355,8 +358,12 @@ ABLATION_ONLY=no_cutout,no_label_smoothing,no_warmup,sgd_lookahead
 # time; on the CPU proxy, at about equal compute, 0.6 points above [3,3,2], 2 seeds: 2026-11-28-cpu-proxy-muon-blocks):
 # ~190 [3,3,2]-epochs, ~200 s side by side. Not the whitened, frozen stem: on the CPU proxy it moved
 # neither SGD nor Muon at 8 epochs (2026-11-28-cpu-proxy-muon); nor label smoothing 0.2 or alternating flip,
-# which did not help the proxy of best.yaml's Muon at 8 epochs (2026-11-28-cpu-proxy-muon-flip-ls)
-SEARCH_ONLY=epochs_32,epochs_30_muon_lr0.2,epochs_30_cutout_16,blocks_2_2_2,epochs_30_lr0.8
+# which did not help the proxy of best.yaml's Muon at 8 epochs (2026-11-28-cpu-proxy-muon-flip-ls). The seventh
+# session (CPU) put Muon's own knobs in (2026-11-28-cpu-muon-se-ns): the SE's layers left to SGD (muon_se_off:
+# Muon killed best.yaml's stem SE), at 36 and 32 epochs, and 3 Newton-Schulz iterations (ns_steps_3: a cheaper
+# step, which the verdict's epochs x FLOPs does not see: read its accuracy here and its step in the optim stage);
+# out for them went muon_lr 0.2 (flat from 0.1 to 0.4 on the proxy), cutout 16 and lr 0.8 at 30 epochs
+SEARCH_ONLY=muon_se_off,ns_steps_3,epochs_32,epochs_32_muon_se_off,blocks_2_2_2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
