@@ -360,8 +360,9 @@ ABLATION_ONLY=no_cutout,no_label_smoothing,no_warmup,sgd_lookahead
 # neither SGD nor Muon at 8 epochs (2026-11-28-cpu-proxy-muon); nor label smoothing 0.2 or alternating flip,
 # which did not help the proxy of best.yaml's Muon at 8 epochs (2026-11-28-cpu-proxy-muon-flip-ls). The seventh
 # session (CPU) put Muon's own knobs in (2026-11-28-cpu-muon-se-ns): the SE's layers left to SGD (muon_se_off:
-# Muon killed best.yaml's stem SE), at 36 and 32 epochs, and 3 Newton-Schulz iterations (ns_steps_3: a cheaper
-# step, which the verdict's epochs x FLOPs does not see: read its accuracy here and its step in the optim stage);
+# best.yaml's trained stem SE is dead under Muon, the SGD recipe's alive), at 36 and 32 epochs, and 3
+# Newton-Schulz iterations (ns_steps_3: a cheaper step, which the verdict's epochs x FLOPs does not see: read
+# its accuracy here and its step in the optim stage);
 # out for them went muon_lr 0.2 (flat from 0.1 to 0.4 on the proxy), cutout 16 and lr 0.8 at 30 epochs
 SEARCH_ONLY=muon_se_off,ns_steps_3,epochs_32,epochs_32_muon_se_off,blocks_2_2_2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)

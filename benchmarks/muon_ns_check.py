@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     data.train.set_epoch(0)
     batches = [(x, y) for (x, y), _ in zip(data.train, range(args.batches))]
     directions = muon_directions(model, batches, cfg.optim.muon_momentum, cfg.optim.label_smoothing)
-    # a bank without a gradient (a dead ReLU's: Muon's step on the SE's layers can kill its squeeze) has no
+    # a bank without a gradient (behind a dead ReLU: best.yaml's trained stem SE has every squeeze unit off) has no
     # direction to compare: named, not averaged in
     idle = sorted(name for name, d in directions.items() if not d.any())
     per_bank = {name: bank_figures(d, args.steps, DTYPES[args.dtype]) for name, d in directions.items()

@@ -131,9 +131,9 @@ class OptimConfig:
                                      # (all banks zero-padded into one batch: 15 matrix products a step instead
                                      # of 150 on best.yaml, 4.8x their FLOPs); the same update either way
     muon_se: bool = True             # muon only: Muon on the SE blocks' two 1x1 convolutions too (their fully
-                                     # connected layers); false: Nesterov SGD on them, as on the head. With
-                                     # true, best.yaml's trained stem SE is dead (every squeeze unit's ReLU off
-                                     # on every image, the gate a constant): README, "Muon"
+                                     # connected layers); false: Nesterov SGD on them, as on the head.
+                                     # best.yaml's trained weights (true) have a dead stem SE (every squeeze
+                                     # unit's ReLU off on every image, the gate a constant): README, "Muon"
     muon_ns_steps: int = 5           # muon only: Newton-Schulz iterations a step (Muon's 5); each is a fifth of
                                      # the orthogonalization's matrix products, and fewer leave the update's weak
                                      # directions shorter (how much: benchmarks/muon_ns_check.py)
