@@ -134,6 +134,11 @@ class OptimConfig:
                                      # connected layers); false: Nesterov SGD on them, as on the head.
                                      # best.yaml's trained weights (true) have a dead stem SE (every squeeze
                                      # unit's ReLU off on every image, the gate a constant): README, "Muon"
+    muon_normalize: bool = False     # muon only: before each step, every Muon filter bank rescaled to Frobenius
+                                     # norm sqrt(out channels) (airbench94_muon's), which holds the step's size
+                                     # relative to the weights fixed; its weight decay is then not applied (the
+                                     # rescaling sets the norm). false: decoupled weight decay, and the weights
+                                     # grow (best.yaml's stem filters: norm ~0.6 at init, ~15 trained)
     muon_ns_steps: int = 5           # muon only: Newton-Schulz iterations a step (Muon's 5); each is a fifth of
                                      # the orthogonalization's matrix products, and fewer leave the update's weak
                                      # directions shorter (how much: benchmarks/muon_ns_check.py)

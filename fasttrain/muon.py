@@ -11,6 +11,10 @@ filter bank [out, in, kh, kw] is the matrix [out, in * kh * kw]. Per filter bank
     O   = orthogonalize(d as [out, in*kh*kw])
     p   = p * (1 - lr * wd) - lr * sqrt(max(1, rows / cols)) * O      (decoupled weight decay)
 
+or, with `optim.muon_normalize`, p = p * sqrt(out) / ||p||_F - lr * sqrt(max(1, rows / cols)) * O: the bank
+held at a unit filter norm on average (airbench94_muon's), so a step of lr moves it by the same fraction all
+run long, where weight decay alone lets Muon's steady steps grow the weights (and so shrink that fraction).
+
 `orthogonalize` runs `optim.muon_ns_steps` Newton-Schulz iterations (Muon's 5; the quintic with coefficients
 3.4445, -4.7750, 2.0315 from the Muon write-up) on the matrix scaled to Frobenius norm 1: they push its
 singular values towards 1 (into roughly 0.7..1.2, which is all Muon needs) with matrix products only, no
@@ -124,7 +128,8 @@ class Muon(torch.optim.Optimizer):
     ``momentum_buffer`` (torch.optim.SGD's name and layout), created at construction."""
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, batching: str = "shape", ns_steps: int = NS_STEPS):
+                 weight_decay: float = 0.0, batching: str = "shape", ns_steps: int = NS_STEPS,
+                 normalize: bool = False):
         if batching not in BATCHINGS:
             raise ValueError(f"Muon's batching must be one of {BATCHINGS}, not {batching!r}")
         if not (isinstance(ns_steps, int) and ns_steps >= 1):
@@ -135,8 +140,9 @@ class Muon(torch.optim.Optimizer):
         # how the step batches its banks (module docstring): the optimizer's, not a group's, so a checkpoint
         # written under one resumes under the other (the same update, rounded differently)
         self.batching = batching
-        # like batching, the config's and not saved: a resume takes the config's count
+        # like batching, the config's and not saved: a resume takes the config's count and normalization
         self.ns_steps = ns_steps
+        self.normalize = normalize
         for group in self.param_groups:
             if group["muon"] and not all(is_filter_bank(p) for p in group["params"]):
                 raise ValueError("Muon's groups hold convolution filters [out, in, kh, kw] only")
@@ -193,7 +199,9 @@ class Muon(torch.optim.Optimizer):
                 continue
             directions = self._momentum_directions(group, params)
             if group["muon"]:
-                if group["weight_decay"] != 0:
+                if self.normalize:
+                    _normalize_banks(params)
+                elif group["weight_decay"] != 0:
                     torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
                 update = _padded_update if self.batching == "padded" else _update_by_shape
                 update(params, directions, lr, self.ns_steps)
@@ -213,6 +221,15 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
         return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+
+
+def _normalize_banks(params: list[torch.Tensor]) -> None:
+    """Each bank [out, ...] rescaled to Frobenius norm sqrt(out), on the device (no host sync): a unit-norm
+    filter on average, as airbench94_muon keeps them."""
+    scales = torch._foreach_norm(params)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, [math.sqrt(p.shape[0]) for p in params])
+    torch._foreach_mul_(params, scales)
 
 
 def _ns_dtype(p: torch.Tensor) -> torch.dtype:

@@ -125,7 +125,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig,
         groups = muon_param_groups(filters, others, lr=cfg.lr, muon_lr=cfg.muon_lr,
                                    muon_momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
         return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                    batching=cfg.muon_batching, ns_steps=cfg.muon_ns_steps)
+                    batching=cfg.muon_batching, ns_steps=cfg.muon_ns_steps, normalize=cfg.muon_normalize)
     params = param_groups(params, cfg)
     if cfg.impl == "fused":
         from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD

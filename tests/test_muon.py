@@ -155,25 +155,27 @@ def _train(net, opt, batches, lrs=None):
         opt.step()
 
 
-def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True, batching="shape", ns_steps=5):
+def _muon(net, *, lr=0.1, muon_lr=0.05, wd=5e-4, nesterov=True, batching="shape", ns_steps=5, normalize=False):
     params = list(net.parameters())
     others = [{"params": [p for p in params if p.ndim != 4]}]
     groups = muon_param_groups([p for p in params if p.ndim == 4], others, lr=lr, muon_lr=muon_lr, muon_momentum=0.95,
                                weight_decay=wd)
     return Muon(groups, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=wd, batching=batching,
-                ns_steps=ns_steps)
+                ns_steps=ns_steps, normalize=normalize)
 
 
-@pytest.mark.parametrize("ns_steps", [5, 3])
+@pytest.mark.parametrize("ns_steps, normalize", [(5, False), (3, False), (5, True)],
+                         ids=["ns5", "ns3", "normalized"])
 @pytest.mark.parametrize("batching", ["shape", "padded"])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_matches_its_formulas_step_by_step(nesterov, batching, ns_steps):
-    """Filters: buf = mu buf + g; d = g + mu buf; p = p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(d); the rest:
-    torch.optim.SGD's update (L2, momentum, Nesterov as configured), with the lr changing every step. Both
-    batchings of the banks (by shape, or all in one zero-padded batch) take this update, NS with the
-    configured count of Newton-Schulz iterations."""
+def test_muon_matches_its_formulas_step_by_step(nesterov, batching, ns_steps, normalize):
+    """Filters: buf = mu buf + g; d = g + mu buf; p = p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(d), or with
+    normalize p = p sqrt(out) / ||p||_F - lr sqrt(max(1, rows/cols)) NS(d); the rest: torch.optim.SGD's update
+    (L2, momentum, Nesterov as configured), with the lr changing every step. Both batchings of the banks (by
+    shape, or all in one zero-padded batch) take this update, NS with the configured count of Newton-Schulz
+    iterations."""
     net, ref = _net(), _net()
-    opt = _muon(net, nesterov=nesterov, batching=batching, ns_steps=ns_steps)
+    opt = _muon(net, nesterov=nesterov, batching=batching, ns_steps=ns_steps, normalize=normalize)
     lr_scale = 0.05 / 0.1
     ref_others = torch.optim.SGD([p for p in ref.parameters() if p.ndim != 4], lr=0.1, momentum=0.9,
                                  nesterov=nesterov, weight_decay=5e-4)
@@ -194,7 +196,8 @@ def test_muon_matches_its_formulas_step_by_step(nesterov, batching, ns_steps):
                 d = p.grad + 0.95 * buf
                 rows, cols = p.shape[0], p[0].numel()
                 o = orthogonalize(d.reshape(rows, cols), steps=ns_steps).reshape(p.shape)
-                p.mul_(1 - lr * lr_scale * 5e-4).sub_(lr * lr_scale * math.sqrt(max(1.0, rows / cols)) * o)
+                p.mul_(math.sqrt(rows) / p.norm() if normalize else 1 - lr * lr_scale * 5e-4)
+                p.sub_(lr * lr_scale * math.sqrt(max(1.0, rows / cols)) * o)
     for (name, a), b in zip(ref.named_parameters(), net.parameters()):
         torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=name)
     for p, buf in zip([p for p in net.parameters() if p.ndim == 4], bufs):
@@ -286,10 +289,11 @@ def test_a_zero_learning_rate_leaves_every_parameter_where_it_is():
 
 def test_build_optimizer_passes_optim_muon_batching_and_ns_steps_and_muon_refuses_bad_ones():
     net = _net()
-    for batching, ns_steps in (("shape", 5), ("padded", 3)):
-        cfg = OptimConfig(name="muon", lookahead_k=0, muon_batching=batching, muon_ns_steps=ns_steps)
+    for batching, ns_steps, normalize in (("shape", 5, False), ("padded", 3, True)):
+        cfg = OptimConfig(name="muon", lookahead_k=0, muon_batching=batching, muon_ns_steps=ns_steps,
+                          muon_normalize=normalize)
         opt = build_optimizer(net.parameters(), cfg)
-        assert (opt.batching, opt.ns_steps) == (batching, ns_steps)
+        assert (opt.batching, opt.ns_steps, opt.normalize) == (batching, ns_steps, normalize)
     with pytest.raises(ValueError, match="batching"):
         _muon(net, batching="stacked")
     for bad in (0, 2.0):
@@ -392,15 +396,17 @@ def test_smoke_run_with_muon_learns_and_resumes_exactly(cifar_dir, tmp_path, bat
 
 
 def test_a_muon_resume_trains_with_the_configs_muon_settings(cifar_dir, tmp_path):
-    """A resume under another muon_lr / muon_momentum / muon_batching / muon_ns_steps trains with them (the saved groups' values
-    would otherwise come back with load_state_dict), the filters' lr the schedule's times the new ratio."""
+    """A resume under another muon_lr / muon_momentum / muon_batching / muon_ns_steps / muon_normalize trains
+    with them (the saved groups' values would otherwise come back with load_state_dict), the filters' lr the
+    schedule's times the new ratio."""
     muon = {"optim__name": "muon", "optim__lookahead_k": "0"}
     Trainer(tiny_config(cifar_dir, tmp_path, **muon), device="cpu", console=quiet()).save_checkpoint(1)
     changed = tiny_config(cifar_dir, tmp_path, optim__muon_lr="0.02", optim__muon_momentum="0.5",
-                          optim__muon_batching="padded", optim__muon_ns_steps="3", **muon)
+                          optim__muon_batching="padded", optim__muon_ns_steps="3", optim__muon_normalize="true",
+                          **muon)
     resumed = Trainer(changed, device="cpu", console=quiet(), resume=tmp_path / "last.pt")
-    # how the step batches its banks and how many iterations it runs are the config's, not saved
-    assert (resumed.optimizer.batching, resumed.optimizer.ns_steps) == ("padded", 3)
+    # how the step batches its banks, how many iterations it runs and whether it normalizes are the config's
+    assert (resumed.optimizer.batching, resumed.optimizer.ns_steps, resumed.optimizer.normalize) == ("padded", 3, True)
     filters, rest = resumed.optimizer.param_groups[:2]
     assert filters["muon"] and filters["momentum"] == 0.5 and not rest["muon"]
     lr = resumed.schedule.lr_at(resumed.schedule.step_count)
@@ -408,13 +414,13 @@ def test_a_muon_resume_trains_with_the_configs_muon_settings(cifar_dir, tmp_path
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batching", ["shape", "padded"])
-def test_muon_replayed_as_a_cuda_graph_trains_like_the_eager_step(cifar_dir, tmp_path, batching):
+@pytest.mark.parametrize("batching, normalize", [("shape", "false"), ("padded", "false"), ("shape", "true")])
+def test_muon_replayed_as_a_cuda_graph_trains_like_the_eager_step(cifar_dir, tmp_path, batching, normalize):
     """Same init and batches, 8 steps with the lr changing every step: a learning rate frozen at capture, or a
     buffer the graph does not address, would show (fp32, deterministic kernels)."""
     settings = dict(optim__name="muon", optim__impl="torch", optim__lookahead_k="0", train__precision="fp32",
                     train__deterministic="true", optim__schedule="cosine", optim__warmup_epochs="0.5",
-                    optim__muon_batching=batching)
+                    optim__muon_batching=batching, optim__muon_normalize=normalize)
     eager = Trainer(tiny_config(cifar_dir, tmp_path / "e", train__cuda_graph="false", **settings), device="cuda",
                     console=quiet())
     graphed = Trainer(tiny_config(cifar_dir, tmp_path / "g", train__cuda_graph="true", **settings), device="cuda",
