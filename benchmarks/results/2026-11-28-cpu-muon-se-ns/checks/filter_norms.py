@@ -20,3 +20,8 @@ with torch.no_grad():
         if p0.ndim == 4:
             print(f"{name:30s} {float(p0.norm()):8.2f} {float(p1.norm()):8.2f} {float(p2.norm()):8.2f} "
                   f"{float(p1.norm() / p0.norm()):10.1f}")
+    for label, net in (("init", init), ("Muon", muon), ("SGD", sgd)):
+        rows = net.stem_se.fc1.weight.flatten(1).norm(dim=1)
+        filters = net.stem[0].weight.flatten(1).norm(dim=1)
+        print(f"{label}: stem SE fc1 row norms {', '.join(f'{float(r):.2f}' for r in rows)}; "
+              f"stem filters' mean norm {float(filters.mean()):.2f}")
