@@ -215,7 +215,9 @@ def test_profile_step_script_on_cpu(ps, cifar_dir, tmp_path, monkeypatch, capsys
         ops = {o["name"]: o for o in r["top_ops"]}
         assert all(name.startswith("aten::") and o["ms_per_step"] > 0 for name, o in ops.items())
         assert ops["aten::conv2d"]["count_per_step"] == convs  # one top-level call per conv layer per step
-        assert sum(o["ms_per_step"] for o in r["top_ops"]) < 1.5 * r["wall_ms_per_step"]
+        # top-level ops run one after another on the one host thread: their time fits in the profiled window
+        # (compared with that window, not with the timed ones before it, which a busy machine makes differ)
+        assert sum(o["ms_per_step"] for o in r["top_ops"]) * steps <= 1e3 * r["profiled_window_seconds"]
         for key in ("gpu_busy_ms_per_step", "gpu_busy_fraction", "kernels_per_step", "launches_per_step",
                     "syncs_per_step", "top_kernels", "floor"):
             assert r[key] is None, key

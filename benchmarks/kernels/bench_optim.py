@@ -146,14 +146,14 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
     parser.add_argument("--muon-ns-steps", type=int, nargs="+", default=[5], metavar="N",
                         help="Newton-Schulz iterations of the Muon rows (optim.muon_ns_steps), a row for each")
-    add_kernel_bench_arguments(parser, "a tiny CPU run (2 blocks, 1 warmup block) that checks every implementation "
+    add_kernel_bench_arguments(parser, "a tiny CPU run (1 block, no warmup) that checks every implementation "
                                        "steps and the result file is written; its times mean nothing (the fused one "
                                        "takes its PyTorch path on a CPU)")
     args = parser.parse_args()
     if any(not 1 <= n <= MAX_NS_STEPS for n in args.muon_ns_steps):
         parser.error(f"--muon-ns-steps: each count must be 1..{MAX_NS_STEPS}, as optim.muon_ns_steps")
-    if args.cpu_smoke:
-        args.blocks = 2
+    if args.cpu_smoke:  # Muon padded is ~2 s a step on 2 CPU cores: 11 steps an implementation, not 31
+        args.blocks = 1
     device, meta, copy_gbs = start_gpu_benchmark("bench_optim.py", args.cpu_smoke)
     out = kernel_bench_out(args)
     rows = []
@@ -166,7 +166,7 @@ def main() -> None:
             for _ in range(K):
                 step()
 
-        warmup = 1 if args.cpu_smoke else 4
+        warmup = 0 if args.cpu_smoke else 4
         ms = median(times_ms(device, block, warmup=warmup, iters=args.blocks, include_host=True)) / K
         gpu_ms = median(times_ms(device, block, warmup=warmup, iters=args.blocks)) / K
         gbs = 4 * numel * (5 + 3 / K) / (ms * 1e-3) / 1e9
