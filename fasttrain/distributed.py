@@ -219,10 +219,18 @@ def exit_process(code: int) -> NoReturn:
     """
     if not _joined_group:
         sys.exit(code)
-    main = threading.main_thread()
-    for thread in threading.enumerate():  # what Python's exit waits for first
-        if thread is not main and not thread.daemon and thread is not threading.current_thread():
-            thread.join()
+    # what Python's exit does first, in its order: threading's own exit callbacks, then the joins. The callbacks
+    # wake idle ThreadPoolExecutor workers (concurrent.futures registers there; torch.compile's compile pool
+    # leaves such threads): joined before them, a worker waits on its queue forever, and so does this exit
+    # (seen: a 2-rank compiled CPU run that wrote its results and never ended)
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
+    else:
+        main = threading.main_thread()
+        for thread in threading.enumerate():
+            if thread is not main and not thread.daemon and thread is not threading.current_thread():
+                thread.join()
     atexit._run_exitfuncs()  # torch's own callbacks among them; the GIL still passes between threads
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -778,10 +778,15 @@ def test_reductions_use_their_operation_and_a_failing_run_leaves_the_group_alone
 
 
 # exit_process in a process that joined a group (sys.argv[1] "joined") or not: a non-daemon thread still at work,
-# an atexit callback, stdout a pipe with a line not yet flushed, and an object whose teardown prints
+# an idle ThreadPoolExecutor worker (as torch.compile's compile pool leaves one), an atexit callback, stdout a pipe
+# with a line not yet flushed, and an object whose teardown prints
 EXIT_PROCESS = """
 import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from fasttrain import distributed
+
+pool = ThreadPoolExecutor(1)
+pool.submit(print, "pool ran", flush=True).result()  # its worker now waits on the pool's queue
 
 class Teardown:
     def __del__(self):
@@ -799,13 +804,14 @@ distributed.exit_process(3)
 @pytest.mark.parametrize("joined", [True, False])
 def test_exit_process_skips_only_the_teardown_of_objects_in_a_process_that_joined_a_group(tmp_path, joined):
     """A rank that joined a group ends by os._exit: its non-daemon threads finish and its atexit callbacks run
-    first, what it printed reaches the pipe, its exit status is the code; only the teardown of its objects (where
-    a group's native thread still waiting for the GIL aborts the process) never comes. A process that joined none
-    exits as Python does, teardown included."""
+    first (an idle ThreadPoolExecutor's worker is woken, as Python's exit wakes it, not waited for forever), what it
+    printed reaches the pipe, its exit status is the code; only the teardown of its objects (where a group's native
+    thread still waiting for the GIL aborts the process) never comes. A process that joined none exits as Python
+    does, teardown included."""
     proc = subprocess.run([sys.executable, "-c", EXIT_PROCESS, "joined" if joined else "alone"], capture_output=True,
-                          text=True, cwd=tmp_path, env=worker_env(tmp_path), timeout=120)
+                          text=True, cwd=tmp_path, env=worker_env(tmp_path), timeout=60)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "unflushedthread done\natexit\n" + ("" if joined else "teardown\n"), proc.stdout
+    assert proc.stdout == "pool ran\nunflushedthread done\natexit\n" + ("" if joined else "teardown\n"), proc.stdout
 
 
 # The teardown abort on demand (sys.argv[1]: how rank 0 ends, "exit_process" or "sys.exit"). Rank 0 leaves an
