@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     if idle:
         print(f"without a gradient at these weights (left out): {', '.join(idle)}")
     if args.out:
-        path = write_json(args.out, {**run_metadata(device, argv=[SCRIPT, *(sys.argv[1:] if argv is None else argv)]), "weights": source, "batches": args.batches,
-                                     "batch_size": args.batch_size, "dtype": args.dtype, "rows": rows,
-                                     "banks_without_gradient": idle,
-                                     "banks": {b: {"shape": list(directions[b].shape), **{str(n): f for n, f in
-                                                                                        per_bank[b].items()}}
-                                               for b in per_bank}})
+        meta = run_metadata(device, argv=[SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+        banks = {b: {"shape": list(directions[b].shape), **{str(n): f for n, f in per_bank[b].items()}}
+                 for b in per_bank}
+        path = write_json(args.out, {**meta, "weights": source, "batches": args.batches, "batch_size": args.batch_size,
+                                     "dtype": args.dtype, "rows": rows, "banks_without_gradient": idle,
+                                     "banks": banks})
         print(f"wrote {path}")
 
 

@@ -49,6 +49,7 @@ from common import (add_kernel_bench_arguments, finish_gpu_benchmark, kernel_ben
 from fasttrain.config import MAX_NS_STEPS, ModelConfig, OptimConfig  # noqa: E402
 from fasttrain.kernels.lookahead_sgd import FusedLookaheadSGD  # noqa: E402
 from fasttrain.model import build_model  # noqa: E402
+from fasttrain.muon import NS_STEPS  # noqa: E402
 from fasttrain.optim import Lookahead, build_optimizer  # noqa: E402
 
 K, ALPHA, CLIP = 5, 0.5, 0.1
@@ -109,11 +110,11 @@ def count_calls(step) -> tuple[int, int]:
 def benchmark_rows(impls: list[str], ns_counts: list[int]) -> list[tuple[str, str, int | None]]:
     """(row name, impl, Newton-Schulz iterations or None) for each row: a Muon impl once per count, named
     with it where the count is not Muon's 5 (muon-ns3); the SGD impls once."""
-    return [(impl if n in (None, 5) else f"{impl}-ns{n}", impl, n) for impl in impls
+    return [(impl if n in (None, NS_STEPS) else f"{impl}-ns{n}", impl, n) for impl in impls
             for n in (ns_counts if impl.startswith("muon") else [None])]
 
 
-def make_step(impl: str, params, ns_steps: int = 5):
+def make_step(impl: str, params, ns_steps: int = NS_STEPS):
     """A zero-argument callable doing one optimizer step of `impl` on `params` (Muon's: `ns_steps` Newton-Schulz
     iterations)."""
     if impl == "fused":
@@ -144,7 +145,7 @@ def main() -> None:
     impls = ["fused", "foreach+python", "fused-sgd+lerp", "muon", "muon-padded"]
     parser.add_argument("--impls", nargs="+", default=impls, choices=impls)
     parser.add_argument("--blocks", type=int, default=50, help="timed blocks of k steps")
-    parser.add_argument("--muon-ns-steps", type=int, nargs="+", default=[5], metavar="N",
+    parser.add_argument("--muon-ns-steps", type=int, nargs="+", default=[NS_STEPS], metavar="N",
                         help="Newton-Schulz iterations of the Muon rows (optim.muon_ns_steps), a row for each")
     add_kernel_bench_arguments(parser, "a tiny CPU run (1 block, no warmup) that checks every implementation "
                                        "steps and the result file is written; its times mean nothing (the fused one "
@@ -160,7 +161,7 @@ def main() -> None:
     for name, impl, ns_steps in benchmark_rows(args.impls, args.muon_ns_steps):
         params = network_parameters(device)
         numel = sum(p.numel() for p in with_grads(params))
-        step = make_step(impl, params, ns_steps or 5)
+        step = make_step(impl, params, ns_steps or NS_STEPS)
 
         def block():
             for _ in range(K):
