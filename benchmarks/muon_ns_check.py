@@ -91,7 +91,7 @@ def summarize(per_bank: dict[str, dict], sizes: dict[str, int], steps: list[int]
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/best.yaml", help="the network, data and loss (default best.yaml)")
     parser.add_argument("--weights", help="a checkpoint or exported weights file: measure at its weights (default: "
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if idle:
         print(f"without a gradient at these weights (left out): {', '.join(idle)}")
     if args.out:
-        meta = run_metadata(device, argv=[SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+        meta = run_metadata(device, argv=[SCRIPT, *argv])
         banks = {b: {"shape": list(directions[b].shape), **{str(n): f for n, f in per_bank[b].items()}}
                  for b in per_bank}
         path = write_json(args.out, {**meta, "weights": source, "batches": args.batches, "batch_size": args.batch_size,

@@ -53,7 +53,7 @@ def se_activity(model: torch.nn.Module, images: torch.Tensor) -> dict[str, dict]
     return blocks
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("weights", nargs="+", help="checkpoints or exported weights files")
     parser.add_argument("--images", type=int, default=2000, help="test images to look at (default 2000)")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(f"SE blocks over {args.images} test images: squeeze units alive (pre-activation > 0 on some image)",
                 ["weights", "SE block", "alive", "max pre-act", "gate std over images", "gate range"], rows)
     if args.out:
-        meta = run_metadata(torch.device("cpu"), argv=[SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+        meta = run_metadata(torch.device("cpu"), argv=[SCRIPT, *argv])
         print(f"wrote {write_json(args.out, {**meta, 'results': results})}")
 
 
