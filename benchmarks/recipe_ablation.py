@@ -134,10 +134,11 @@ def variant_config(config: str, cli: dict, name: str, changes: dict, val_size: i
 
 
 def summarize(rows: list[dict], targets: list[float], gflops: dict[str, float], seeds: int = 1,
-              failed: list[dict] = ()) -> dict:
+              failed: list[dict] = (), optimizers: dict[str, str] | None = None) -> dict:
     """Per variant: the aggregate over its seeds, the change of mean val accuracy against base, its
     epochs, its cost in epoch-GFLOPs (epochs x forward GFLOPs per image: proportional to its training
-    compute, whatever the network; the verdict's ranking of runs that shared the GPU), and whether all
+    compute, whatever the network) and its optimizer (`optimizers`: optim.name; the verdict weighs the
+    two into its ranking of runs that shared the GPU, recipe_verdict.training_cost), and whether all
     its `seeds` finished ("all_seeds": a variant with a failed or unfinished seed is shown, not judged)."""
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
@@ -149,6 +150,8 @@ def summarize(rows: list[dict], targets: list[float], gflops: dict[str, float], 
         agg["epochs"] = max(len(r["epochs"]) for r in by_variant[name])  # metrics rows: epochs trained
         agg["forward_gflops"] = gflops[name]
         agg["epoch_gflops"] = agg["epochs"] * gflops[name]
+        if optimizers:
+            agg["optimizer"] = optimizers[name]
         agg["all_seeds"] = agg["seeds"] >= seeds and name not in failed_variants
         mean = agg["final_val_acc_mean"]
         agg["delta_val_acc_vs_base"] = None if base is None or mean is None else mean - base
@@ -276,6 +279,7 @@ def main(argv: list[str]) -> int:
     built = {name: variant_config(args.config, overrides, name, changes, args.val_size) for name, changes in variants.items()}
     configs = {name: cfg for name, (cfg, _) in built.items()}
     gflops = {name: flops for name, (_, flops) in built.items()}
+    optimizers = {name: cfg.optim.name for name, cfg in configs.items()}
     base_cfg = configs["base"]
     check_runs_dir(args.runs_dir, [f"{name}-seed-{cfg.train.seed + i}" for name, cfg in configs.items()
                                    for i in range(args.seeds)], args.overwrite)
@@ -290,7 +294,7 @@ def main(argv: list[str]) -> int:
     out = args.out or default_result_path("recipe_ablation", base_cfg.name, device)
 
     def judge() -> None:
-        result["aggregate"] = summarize(result["runs"], args.targets, gflops, args.seeds, result["failed"])
+        result["aggregate"] = summarize(result["runs"], args.targets, gflops, args.seeds, result["failed"], optimizers)
         result["fastest"] = fastest_reaching(result["aggregate"], {target_key(t): t for t in args.targets}, args.jobs)
         result["next"] = next_candidate(result)
         write_json(out, result)  # after every run: a time limit loses only the runs in flight

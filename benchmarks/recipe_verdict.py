@@ -19,6 +19,16 @@ import sys
 
 TTA_KINDS = ("plain", "flip", "flip_shift")  # how a final accuracy was measured: no TTA, then each TTA mode
 
+# An epoch's time under each optimizer (optim.name) relative to SGD's, on the same network and batch with the
+# whole step as a CUDA graph: what compute alone misses when ranking runs that shared the GPU. Measured on an
+# H200 for best.yaml's network ([3,3,2]) at batch 512: Muon (5 Newton-Schulz iterations, banks batched by
+# shape) 0.843 s an epoch (5 seeds, 30.36 s / 36 epochs: results/2026-11-28-h200-muon/best) against 0.716 s
+# for the fused Lookahead-SGD step (4 seeds, 57.29 s / 80: results/2026-11-26-h200-search/best). Muon's
+# cheaper settings (3 iterations, padded banks) have not run in a timed training run: they get Muon's factor,
+# no credit for what they may save; another network gets it too (its orthogonalizations scale with its banks,
+# not exactly with its FLOPs).
+EPOCH_COST = {"sgd": 1.0, "muon": 0.843 / 0.716}
+
 
 def kind_accuracy(agg: dict, kind: str) -> float | None:
     """A variant's mean final validation accuracy measured as `kind` (see TTA_KINDS)."""
@@ -37,10 +47,10 @@ def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], job
 
     Quickest: the shortest median training clock when the runs ran one at a time. With `jobs` > 1 the
     clocks are shared-device times that depend on how many runs happened to share the GPU with each
-    (a run queued late has fewer neighbours and a shorter clock), so the least training compute ranks
-    first instead (epoch-GFLOPs: epochs x the network's forward GFLOPs per image; plain epochs where
-    the aggregate has no FLOP count), the higher accuracy breaking ties. Compute is a fair measure of
-    cost between variants of one batch size; it ignores how well a batch size uses the GPU."""
+    (a run queued late has fewer neighbours and a shorter clock), so the least training cost ranks
+    first instead (training_cost: compute, weighted by the optimizer's measured epoch time), the higher
+    accuracy breaking ties. It is a fair measure between variants of one batch size; it ignores how
+    well a batch size uses the GPU."""
     judged = {name: agg for name, agg in aggregates.items() if agg.get("all_seeds", True)}  # none missing
     out = {}
     for key, target in targets.items():  # the JSON's key of a target ("92.52") and its value
@@ -59,10 +69,17 @@ def fastest_reaching(aggregates: dict[str, dict], targets: dict[str, float], job
     return out
 
 
+def training_cost(agg: dict) -> float:
+    """A variant's training cost in SGD-epoch-GFLOPs: epoch-GFLOPs (epochs x the network's forward GFLOPs per
+    image; plain epochs where the aggregate has no FLOP count) x its optimizer's EPOCH_COST (1 where the
+    aggregate names none or an unmeasured one). At equal epochs and network, Muon costs 1.18x SGD."""
+    return agg.get("epoch_gflops", agg["epochs"]) * EPOCH_COST.get(agg.get("optimizer"), 1.0)
+
+
 def cost_key(agg: dict, jobs: int) -> tuple:
     """What ranks a variant's cost: its median training clock when the runs ran one at a time, its
-    training compute when they shared the GPU (see fastest_reaching)."""
-    return (agg["train_seconds_median"],) if jobs == 1 else (agg.get("epoch_gflops", agg["epochs"]),)
+    training_cost when they shared the GPU (see fastest_reaching)."""
+    return (agg["train_seconds_median"],) if jobs == 1 else (training_cost(agg),)
 
 
 # command-line overrides of the ablation that are plumbing, not recipe: the best stage sets its own
@@ -112,7 +129,8 @@ def override_flags(changes: dict) -> str:
 
 def fastest_lines(result: dict) -> list[str]:
     """The verdict in words, a line per target (printed above the table, which stays last)."""
-    shared = " (shared-device times; ranked by compute)" if result.get("jobs", 1) > 1 else ""
+    shared = (" (shared-device times; ranked by compute, a Muon epoch as "
+              f"{EPOCH_COST['muon']:.2f} SGD epochs)") if result.get("jobs", 1) > 1 else ""
     lines = []
     for key, kinds in result.get("fastest", {}).items():
         parts = []

@@ -780,7 +780,7 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     result["overrides"] = {}
     pick, line = verdict({"92.5": fastest["92.5"]})
     assert ("fastest to 92.5% val: without TTA: cutout (92.60%, +0.10; 40 epochs, 41.0 s (shared-device times; "
-            "ranked by compute))") in recipe_verdict.fastest_lines(result)[0]
+            "ranked by compute, a Muon epoch as 1.18 SGD epochs))") in recipe_verdict.fastest_lines(result)[0]
     # the cheapest reaching the first target, a tie going to less TTA; its overrides as flags
     assert pick["kind"] == "plain" and pick["best_args"] == "--data.cutout=12 --model.blocks=[4,4,3]"
     assert line.startswith("next        best on nvidia-h100-x1 with SEEDS=5 BEST_ARGS='--data.cutout=12 "
@@ -806,6 +806,39 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     result.update(complete=False, aggregate={name: aggregates[name] for name in ("base", "cutout")})
     _, line = verdict(recipe_verdict.fastest_reaching(result["aggregate"], {"92.5": 92.5}, jobs=6))
     assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, late not judged);" in line
+
+
+def test_side_by_side_runs_rank_a_muon_epoch_at_its_measured_cost_over_sgds(repo_root):
+    """Runs that shared the GPU rank by compute weighted by the optimizer's epoch time: at the same network
+    and epochs SGD's fused step is the cheaper (the higher accuracy no longer decides a tie of compute), and
+    fewer Muon epochs win only where they save more than Muon's extra (1.18x: 32 Muon epochs cost more than
+    36 of SGD, 30 less). An aggregate naming no optimizer, or one never timed, ranks by compute alone."""
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    try:
+        recipe_verdict = importlib.import_module("recipe_verdict")
+    finally:
+        sys.path.remove(str(repo_root / "benchmarks"))
+    assert recipe_verdict.EPOCH_COST["muon"] == pytest.approx(1.177, abs=1e-3)
+
+    def agg(epochs: int, optimizer: str | None, acc: float) -> dict:
+        out = {"final_val_acc_mean": acc, "final_val_acc_by_tta_mean": {"flip_shift": acc},
+               "train_seconds_median": 10.0, "epochs": epochs, "epoch_gflops": epochs * 1.14}
+        return out if optimizer is None else dict(out, optimizer=optimizer)
+
+    def pick(aggregates: dict) -> str:
+        return recipe_verdict.fastest_reaching(aggregates, {"92.52": 92.52}, jobs=6)["92.52"]["flip_shift"]["variant"]
+
+    assert pick({"muon36": agg(36, "muon", 92.76), "sgd36": agg(36, "sgd", 92.74)}) == "sgd36"
+    assert pick({"muon32": agg(32, "muon", 92.6), "sgd36": agg(36, "sgd", 92.6)}) == "sgd36"
+    assert pick({"muon30": agg(30, "muon", 92.6), "sgd36": agg(36, "sgd", 92.6)}) == "muon30"
+    assert recipe_verdict.training_cost(agg(30, "muon", 92.6)) == pytest.approx(30 * 1.14 * 0.843 / 0.716)
+    # without an optimizer named (an older result) or with an unmeasured one: compute alone, accuracy breaks ties
+    assert pick({"a": agg(36, None, 92.76), "b": agg(36, "sgd", 92.74)}) == "a"
+    assert recipe_verdict.training_cost(agg(36, "adamw", 92.0)) == pytest.approx(36 * 1.14)
+    # one run at a time the measured clock decides, whatever the optimizer
+    clocked = {"muon36": dict(agg(36, "muon", 92.76), train_seconds_median=30.0),
+               "sgd36": dict(agg(36, "sgd", 92.74), train_seconds_median=31.0)}
+    assert recipe_verdict.fastest_reaching(clocked, {"92.52": 92.52}, jobs=1)["92.52"]["flip_shift"]["variant"] == "muon36"
 
 
 def ablation_row(variant: str, seed: int, acc: float, seconds: float, epochs: int) -> dict:
@@ -835,7 +868,8 @@ def test_recipe_ablation_ranks_runs_side_by_side_by_compute(bench, repo_root, tm
     CLI's)."""
     ra = bench["recipe_ablation"]
     variants = tmp_path / "variants.yaml"
-    variants.write_text("base: {}\nwide: {model.base_channels: 32, optim.lr: 0.25}\n")
+    variants.write_text("base: {}\nwide: {model.base_channels: 32, optim.lr: 0.25}\n"
+                        "muon: {optim.name: muon, optim.impl: torch, optim.lookahead_k: 0}\n")
     lrs = {}
 
     def fake_parallel(tasks, jobs, root, done, failed):
@@ -850,9 +884,12 @@ def test_recipe_ablation_ranks_runs_side_by_side_by_compute(bench, repo_root, tm
                     str(variants), "--seeds", "1", "--val-size", "100", "--targets", "90", "--jobs", "2",
                     "--out", str(out), "--optim.lr", "0.3"]) == 0
     result = json.loads(out.read_text())
-    assert lrs == {"base": 0.3, "wide": 0.25}
+    assert lrs == {"base": 0.3, "wide": 0.25, "muon": 0.3}
     agg = result["aggregate"]
     assert agg["wide"]["epoch_gflops"] > 10 * agg["base"]["epoch_gflops"]
+    # each variant's optimizer, for the verdict's weighing: muon, the same compute as base, ranks after it
+    assert {name: a["optimizer"] for name, a in agg.items()} == {"base": "sgd", "wide": "sgd", "muon": "muon"}
+    assert agg["muon"]["epoch_gflops"] == agg["base"]["epoch_gflops"]
     assert result["fastest"]["90"]["plain"]["variant"] == "base" and result["next"]["variant"] == "base"
     assert "fastest to 90% val: without TTA: base (" in capsys.readouterr().out
 
