@@ -88,14 +88,14 @@
 # The next session's calls (15 minutes in all), kind nvidia-h100-x1 where it is lent (issue 6's 30 s is an
 # H100's; best.yaml's 30.5 s was an H200's). The parts parked in /tmp as above (01, 02, 03; the 4th carried
 # with the first command), then
-#   run: carry [".stage/04"], timeout_s 420, issue 6's measurement first, on the idle card: SGD without Lookahead
+#   run: carry [".stage/04"], timeout_s 450, issue 6's measurement first, on the idle card: SGD without Lookahead
 #        at lr 0.8 on the fused step, 36 epochs, flip_shift TTA (best.yaml but the optimizer: the recipe that
 #        reached A_paper on validation in the sixth session's search beside Muon, 92.74% against 92.76%; an epoch
 #        0.72 s on an H200 against Muon's 0.84: ~26 s there, ~29 s on an H100), 5 seeds on the test set:
-#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=330; mkdir -p .stage && cp -r /tmp/stg/0[123] .stage/ &&
+#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=360; mkdir -p .stage && cp -r /tmp/stg/0[123] .stage/ &&
 #         bash .stage/04/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
 #         SEEDS=5 BEST_ARGS='--optim.name=sgd --optim.impl=fused --optim.lr=0.8' bash benchmarks/gpu_session.sh
-#         best $OUT"   (~200 s with a cold compile)
+#         best $OUT"   (~220 s with a cold compile: the sixth session's Muon run took 243 s)
 #   run: on the same warm machine, with what is left (BUDGET_S = left - 40): optim first, on the idle card, ~30 s
 #        (Muon's step batched by shape against padded, at 5 and 3 Newton-Schulz iterations, GPU time alone, which
 #        is what the CUDA graph pays), then the gpu tests beside the search on the Muon base (best.yaml at 36
