@@ -26,7 +26,7 @@ TTA_KINDS = ("plain", "flip", "flip_shift")  # how a final accuracy was measured
 # for the fused Lookahead-SGD step (4 seeds, 57.29 s / 80: results/2026-11-26-h200-search/best). Muon's
 # cheaper settings (3 iterations, padded banks) have not run in a timed training run: they get Muon's factor,
 # no credit for what they may save; another network gets it too (its orthogonalizations scale with its banks,
-# not exactly with its FLOPs).
+# not exactly with its FLOPs); and SGD is SGD's figure whatever its optim.impl (the fused step's, measured).
 EPOCH_COST = {"sgd": 1.0, "muon": 0.843 / 0.716}
 
 
