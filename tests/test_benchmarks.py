@@ -1146,6 +1146,24 @@ def test_gpu_session_variant_lists_name_shipped_variants(repo_root):
             assert cfg != base, f"{name}: {variant} is best.yaml itself"
 
 
+def test_gpu_session_runbooks_best_args_make_a_valid_config_other_than_best_yaml(repo_root):
+    """Each BEST_ARGS='...' the runbook (gpu_session.sh's header) tells a device call to pass parses and loads
+    with configs/best.yaml into another config within the parameter budget: a typo there would cost the call
+    (the next session's first, issue 6's measurement) its staging minutes."""
+    from fasttrain.config import load_config, parse_overrides
+    from fasttrain.model import build_model
+    script = (repo_root / "benchmarks" / "gpu_session.sh").read_text()
+    lines = re.findall(r"BEST_ARGS='([^']+)'", script)
+    assert lines, "the runbook names no BEST_ARGS"
+    base = load_config(repo_root / "configs" / "best.yaml", [])
+    for line in lines:
+        overrides = parse_overrides(line.split())  # gpu_session.sh splits BEST_ARGS on spaces
+        cfg = load_config(repo_root / "configs" / "best.yaml", overrides)
+        assert cfg != base, line
+        build_model(cfg.model)  # refuses a model over model.max_params
+    assert "--optim.name=sgd --optim.impl=fused --optim.lr=0.8" in lines
+
+
 def test_bench_optim_runs_muon_at_each_newton_schulz_count_as_rows_of_their_own(repo_root):
     """--muon-ns-steps 5 3: each Muon impl once per count (a count but 5 named in the row), the SGD ones once;
     the step built for a row runs its count: 3 products an iteration per bank shape (by shape) or per step
