@@ -91,7 +91,7 @@
 #   run: carry [".stage/04"], timeout_s 450, issue 6's measurement first, on the idle card: SGD without Lookahead
 #        at lr 0.8 on the fused step, 36 epochs, flip_shift TTA (best.yaml but the optimizer: the recipe that
 #        reached A_paper on validation in the sixth session's search beside Muon, 92.74% against 92.76%; an epoch
-#        0.72 s on an H200 against Muon's 0.84: ~26 s there, ~29 s on an H100), 5 seeds on the test set:
+#        0.716 s on an H200 against Muon's 0.843, training clock / epochs: ~26 s there, ~29 s on an H100), 5 seeds on the test set:
 #        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=360; mkdir -p .stage && cp -r /tmp/stg/0[123] .stage/ &&
 #         bash .stage/04/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
 #         SEEDS=5 BEST_ARGS='--optim.name=sgd --optim.impl=fused --optim.lr=0.8' bash benchmarks/gpu_session.sh
