@@ -33,7 +33,8 @@ def bench(repo_root):
     sys.path.insert(0, str(repo_root / "benchmarks"))
     try:
         yield {name: importlib.import_module(name) for name in ("common", "time_to_accuracy", "throughput",
-                                                                "gpu_summary", "recipe_ablation", "bench_loader")}
+                                                                "gpu_summary", "recipe_ablation", "recipe_verdict",
+                                                                "bench_loader", "se_gate_check")}
     finally:
         sys.path.remove(str(repo_root / "benchmarks"))
 
@@ -731,12 +732,8 @@ def test_recipe_ablation_tunes_on_validation_only(repo_root, cifar_dir, tmp_path
     assert f": {quick} reached 0% without TTA on validation" in text
 
 
-def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_kind(repo_root):
-    sys.path.insert(0, str(repo_root / "benchmarks"))
-    try:
-        recipe_verdict, summary = importlib.import_module("recipe_verdict"), importlib.import_module("gpu_summary")
-    finally:
-        sys.path.remove(str(repo_root / "benchmarks"))
+def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_kind(bench):
+    recipe_verdict, summary = bench["recipe_verdict"], bench["gpu_summary"]
     aggregates = {  # name: (mean val % without TTA, with flip, with flip_shift, median train s, epochs)
         name: {"final_val_acc_mean": acc, "final_val_acc_by_tta_mean": {"none": acc, "flip": flip, "flip_shift": shift},
                "train_seconds_median": secs, "epochs": epochs}
@@ -808,16 +805,12 @@ def test_fastest_reaching_picks_the_quickest_variant_over_each_target_and_tta_ki
     assert "cutout reached 92.5% without TTA on validation (PARTIAL: long, late not judged);" in line
 
 
-def test_side_by_side_runs_rank_a_muon_epoch_at_its_measured_cost_over_sgds(repo_root):
+def test_side_by_side_runs_rank_a_muon_epoch_at_its_measured_cost_over_sgds(bench):
     """Runs that shared the GPU rank by compute weighted by the optimizer's epoch time: at the same network
     and epochs SGD's fused step is the cheaper (the higher accuracy no longer decides a tie of compute), and
     fewer Muon epochs win only where they save more than Muon's extra (1.18x: 32 Muon epochs cost more than
     36 of SGD, 30 less). An aggregate naming no optimizer, or one never timed, ranks by compute alone."""
-    sys.path.insert(0, str(repo_root / "benchmarks"))
-    try:
-        recipe_verdict = importlib.import_module("recipe_verdict")
-    finally:
-        sys.path.remove(str(repo_root / "benchmarks"))
+    recipe_verdict = bench["recipe_verdict"]
     assert recipe_verdict.EPOCH_COST["muon"] == pytest.approx(1.177, abs=1e-3)
 
     def agg(epochs: int, optimizer: str | None, acc: float) -> dict:
@@ -1105,13 +1098,9 @@ def test_recipe_ablation_refuses_bad_variants_before_training(repo_root, cifar_d
     assert not (held / "base-seed-0").exists()
 
 
-def test_shipped_recipe_variants_all_build():
+def test_shipped_recipe_variants_all_build(bench):
     """Every variant in benchmarks/recipe_variants.yaml is a valid config of configs/best.yaml under the budget."""
-    sys.path.insert(0, "benchmarks")
-    try:
-        ra = importlib.import_module("recipe_ablation")
-    finally:
-        sys.path.remove("benchmarks")
+    ra = bench["recipe_ablation"]
     variants = ra.read_variants(ra.DEFAULT_VARIANTS, None)
     assert list(variants)[0] == "base" and len(variants) > 10
     gflops = {}
@@ -1124,14 +1113,10 @@ def test_shipped_recipe_variants_all_build():
     assert gflops["epochs_60"] == gflops["base"] and gflops["blocks_2_2_2"] < 0.75 * gflops["base"]
 
 
-def test_gpu_session_variant_lists_name_shipped_variants(repo_root):
+def test_gpu_session_variant_lists_name_shipped_variants(bench, repo_root):
     """gpu_session.sh's ABLATION_ONLY and SEARCH_ONLY name variants of benchmarks/recipe_variants.yaml: a
     typo there would end a device call at recipe_ablation's --only check, its minutes spent on staging."""
-    sys.path.insert(0, "benchmarks")
-    try:
-        ra = importlib.import_module("recipe_ablation")
-    finally:
-        sys.path.remove("benchmarks")
+    ra = bench["recipe_ablation"]
     script = (repo_root / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", "")
     lists = dict(re.findall(r"^(ABLATION_ONLY|SEARCH_ONLY)=(\S+)$", script, flags=re.M))
     assert set(lists) == {"ABLATION_ONLY", "SEARCH_ONLY"}
@@ -1211,18 +1196,14 @@ def test_muon_ns_check_compares_each_count_with_five_iterations_and_the_polar_fa
     assert "cos U V^T" in proc.stdout and "benchmarks/muon_ns_check.py --config configs/smoke.yaml" in report["command"]
 
 
-def test_se_gate_check_tells_a_dead_squeeze_from_a_live_one(repo_root, tmp_path, cifar_dir):
+def test_se_gate_check_tells_a_dead_squeeze_from_a_live_one(bench, repo_root, tmp_path, cifar_dir):
     """benchmarks/se_gate_check.py: on a smoke checkpoint, then on the same network with the squeeze's
     pre-activations pushed below 0 for every image (what Muon did to best.yaml's stem SE): 0 units alive and
     a gate that no longer varies over images, sigmoid(fc2.bias) exactly."""
     from fasttrain.trainer import Trainer
     from test_train import quiet, tiny_config
 
-    sys.path.insert(0, str(repo_root / "benchmarks"))
-    try:
-        gate_check = importlib.import_module("se_gate_check")
-    finally:
-        sys.path.remove(str(repo_root / "benchmarks"))
+    gate_check = bench["se_gate_check"]
     trainer = Trainer(tiny_config(cifar_dir, tmp_path), device="cpu", console=quiet())
     trainer.save_checkpoint(1)
     torch.manual_seed(0)
