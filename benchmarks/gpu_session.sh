@@ -34,8 +34,9 @@
 #               (275 s of training at 1.37 s an epoch). Rerun it only for other data (the official files).
 #   preflight   tests + graphseed (~150 s): whether the CUDA graph is right (the gpu tests) and learns
 #               (graphseed: the paper's recipe, 3 epochs, with the graph; 1.41 s an epoch on an H200).
-#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ABLATION_ONLY: best.yaml
-#               with one ingredient taken away at a time, for issue 6's write-up; the search is `search`), SEEDS (1) seeds each, JOBS
+#   ablation    benchmarks/recipe_ablation.py on best.yaml: base + ONLY (default ABLATION_ONLY, else the list
+#               for best.yaml's optimizer, ABLATION_ONLY_MUON or _SGD: best.yaml with one ingredient taken away
+#               at a time, for issue 6's write-up; the search is `search`), SEEDS (1) seeds each, JOBS
 #               (6) runs at a time on the one GPU (their compiles overlap on the 16 cores; accuracies as one
 #               at a time, times shared), ABLATION_ARGS for every run (the next-call line turns best.yaml's
 #               CUDA graph off when it is not proven: graphseed or a test named *graph* failed), validation
@@ -46,7 +47,7 @@
 #               at a time, for the whole budget: one call for both. The third session's search (on the older
 #               base) is in benchmarks/results/2026-11-26-h200-search, the sixth's (Muon against SGD at 36
 #               epochs) in benchmarks/results/2026-11-28-h200-muon
-#   writeup     the same, with ABLATION_ONLY: best.yaml with one ingredient taken away at a time (issue 6's
+#   writeup     the same, with ablation's list: best.yaml with one ingredient taken away at a time (issue 6's
 #               write-up), beside the gpu tests
 #
 # The deadline is BUDGET_S (default 500) seconds after GPU_SESSION_T0 (epoch seconds; export it at the
@@ -108,7 +109,8 @@
 #        optim's muon-padded row was faster (GPU alone) than muon and "--optim.muon_ns_steps 3" if ns_steps_3
 #        reached A_paper on validation about as well as base (the verdict gives neither credit). If the first
 #        call's 5 seeds reach A_paper (their mean, flip_shift), best.yaml becomes that recipe, with its weights
-#   then give_back. After that: `writeup` (best.yaml's take-one-away on validation: ABLATION_ONLY); for issue 5
+#   then give_back. After that: `writeup` (best.yaml's take-one-away on validation: the list for its optimizer,
+#   ABLATION_ONLY_MUON or _SGD, so no edit when the SGD recipe becomes best.yaml); for issue 5
 #   throughput ROWS=1,11@512,12@512,13@512 and `profile` with PROFILE_ROWS=9@512,11@512,12@512 (each row's
 #   floor from the card's ceilings: 5.81 ms at batch 512 on an H100, issue 5's 80,000 img/s is 91% of it; 12 and
 #   13: Muon's step inside row 9's, by shape and padded; profile's GPU time by class splits out its products, as
@@ -192,7 +194,9 @@ if [[ ${INSTALL:-1} != 0 ]]; then  # INSTALL=0: the project is installed from th
   python -m pip install -q --no-deps --no-build-isolation -e . >"$work/pip.log" 2>&1 ||
     echo "gpu_session: pip install -e . failed (see pip.log in the archive): fasttrain.kernels will be missing" >&2
 fi
-python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" \
+# a CPU rehearsal (the tests run stages there) says so instead of printing a traceback
+python -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+  'no CUDA device (a CPU rehearsal)', '| torch', torch.__version__)" \
   | tee "$work/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv >>"$work/device.txt" 2>&1 || true
@@ -348,12 +352,30 @@ stage_torchrun() {    # the torchrun launcher against a plain run, then the DDP 
   # as distributed, and the ranks' stop agreement on CUDA: what one GPU can run of the torchrun path
   limited ddp-tests "$2" python -m pytest -m gpu -q -rfE -p no:cacheprovider tests/test_distributed.py
 }
-# ablation's (and writeup's): what each ingredient of best.yaml (Muon, 36 epochs, since the sixth session)
-# buys, one taken away at a time (issue 6's write-up; the SGD recipe's is in 2026-11-27-h100-writeup):
-# cutout, label smoothing, warmup, and Muon itself (sgd_lookahead: the SGD recipe's optimizer at 36 epochs).
-# Not no_nesterov (Muon's filters keep their Nesterov momentum; the flag reaches only the other parameters).
-# 5 runs of 36 epochs side by side: ~180 epoch-runs at ~0.84 s alone on an H200, ~20% lost to sharing: ~200 s
-ABLATION_ONLY=no_cutout,no_label_smoothing,no_warmup,sgd_lookahead
+# ablation's (and writeup's): what each ingredient of best.yaml buys, one taken away at a time (issue 6's
+# write-up; the 80-epoch SGD recipe's is in 2026-11-27-h100-writeup). The list follows best.yaml's optimizer
+# (ABLATION_ONLY, when set, overrides it), so the write-up call needs no edit when the first call's 5 seeds
+# make the SGD recipe best.yaml. On Muon (best.yaml since the sixth session): cutout, label smoothing, warmup,
+# and Muon itself (sgd_lookahead: the SGD recipe's optimizer at 36 epochs); not no_nesterov (Muon's filters
+# keep their Nesterov momentum; the flag reaches only the other parameters). 5 runs of 36 epochs side by side:
+# ~180 epoch-runs at ~0.84 s alone on an H200, ~20% lost to sharing: ~200 s.
+ABLATION_ONLY_MUON=no_cutout,no_label_smoothing,no_warmup,sgd_lookahead
+# On SGD without Lookahead at lr 0.8 (the first call's candidate): cutout, label smoothing, warmup, the rate
+# doubled with Lookahead dropped (lookahead_lr0.4: the earlier SGD recipe's optimizer at 36 epochs), and SGD
+# itself (muon_recipe: best.yaml's Muon as it stood). No no_nesterov: 2026-11-27-h100-writeup measured it on
+# SGD; 5 runs, ~160 epoch-runs at ~0.72 s: ~150 s.
+ABLATION_ONLY_SGD=no_cutout,no_label_smoothing,no_warmup,lookahead_lr0.4,muon_recipe
+best_yaml_ablation() {  # best.yaml's take-one-away list, by its optimizer (loaded as the trainer loads it)
+  local optimizer
+  optimizer=$(python -c 'from fasttrain.config import load_config; print(load_config("configs/best.yaml").optim.name)') \
+    || return 1
+  case $optimizer in
+    muon) echo "$ABLATION_ONLY_MUON" ;;
+    sgd)  echo "$ABLATION_ONLY_SGD" ;;
+    *) echo "gpu_session: no take-one-away list for best.yaml's optimizer $optimizer: set ABLATION_ONLY" >&2
+       return 1 ;;
+  esac
+}
 # search's: what may reach A_paper in issue 6's goal of 30 s on an H100. The sixth session's search (on the SGD
 # base: 36 epochs of Muon reached it on validation, 30.5 s on an H200, ~35 s on an H100) made Muon at 36 epochs
 # best.yaml, the base and control here; this one tries 30-32 epochs with what may buy back the loss (recipe_variants.yaml's
@@ -374,7 +396,7 @@ SEARCH_ONLY=muon_se_off,ns_steps_3,epochs_32,epochs_32_sgd_lr0.8,blocks_2_2_2
 stage_ablation() {    # issue 6's tuning: recipe variants on the validation split (ONLY: which, comma-separated)
   # shellcheck disable=SC2086  # ABLATION_ARGS: extra overrides for every variant (a CPU rehearsal shrinks the runs)
   limited ablation "$1" python benchmarks/recipe_ablation.py --config configs/best.yaml --seeds "${SEEDS:-1}" \
-    --targets apaper 93 94 --only "${ONLY:-${2:-$ABLATION_ONLY}}" \
+    --targets apaper 93 94 --only "${ONLY:-$2}" \
     --jobs "${JOBS:-6}" --runs-dir "$work/ablation-runs" --out "$work/ablation.json" --train.checkpoint_every 1000 \
     ${ABLATION_ARGS:-}
 }
@@ -411,6 +433,10 @@ stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, co
   wait "${pids[@]}"  # these runs only: a bare `wait` would also wait for the watchdog
 }
 
+if [[ $stage == ablation || $stage == writeup ]]; then
+  ablation_only=${ABLATION_ONLY:-$(best_yaml_ablation)} || exit 2
+  echo "gpu_session: $stage runs base and $ablation_only"
+fi
 case $stage in
   quick)  # the first session (2026-11-26) measured rows 1-8, best, kernels, loader, seed: now the CUDA graph
     stage_tests 100
@@ -434,8 +460,8 @@ case $stage in
   graphseed)  stage_graphseed "$budget" ;;
   torchrun)   stage_torchrun "$((budget / 4))" "$budget" ;;  # the DDP gpu tests get what is left
   apaper)     stage_apaper "$budget" ;;
-  ablation)   stage_ablation "$budget" ;;
+  ablation)   stage_ablation "$budget" "$ablation_only" ;;
   search)     stage_search 450 "$budget" "$SEARCH_ONLY" ;;
-  writeup)    stage_search 450 "$budget" "$ABLATION_ONLY" ;;
+  writeup)    stage_search 450 "$budget" "$ablation_only" ;;
   *) echo "gpu_session: unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -1114,21 +1114,56 @@ def test_shipped_recipe_variants_all_build(bench):
 
 
 def test_gpu_session_variant_lists_name_shipped_variants(bench, repo_root):
-    """gpu_session.sh's ABLATION_ONLY and SEARCH_ONLY name variants of benchmarks/recipe_variants.yaml: a
-    typo there would end a device call at recipe_ablation's --only check, its minutes spent on staging."""
+    """gpu_session.sh's ABLATION_ONLY_* and SEARCH_ONLY name variants of benchmarks/recipe_variants.yaml: a
+    typo there would end a device call at recipe_ablation's --only check, its minutes spent on staging. Each
+    variant changes the recipe its list is for: the SGD list's base is best.yaml with the runbook's SGD flags."""
+    from fasttrain.config import parse_overrides
     ra = bench["recipe_ablation"]
     script = (repo_root / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", "")
-    lists = dict(re.findall(r"^(ABLATION_ONLY|SEARCH_ONLY)=(\S+)$", script, flags=re.M))
-    assert set(lists) == {"ABLATION_ONLY", "SEARCH_ONLY"}
-    base, _ = ra.variant_config("configs/best.yaml", {}, "base", {}, 5000)
+    lists = dict(re.findall(r"^(ABLATION_ONLY_MUON|ABLATION_ONLY_SGD|SEARCH_ONLY)=(\S+)$", script, flags=re.M))
+    assert set(lists) == {"ABLATION_ONLY_MUON", "ABLATION_ONLY_SGD", "SEARCH_ONLY"}
+    sgd = parse_overrides("--optim.name=sgd --optim.impl=fused --optim.lr=0.8".split())
+    bases = {"ABLATION_ONLY_SGD": sgd, "ABLATION_ONLY_MUON": {}, "SEARCH_ONLY": {}}
     for name, names in lists.items():
         only = names.split(",")
         assert len(only) <= 5, f"{name}: base and at most 5 more start together at JOBS=6"
         variants = ra.read_variants(ra.DEFAULT_VARIANTS, only)
         assert list(variants) == ["base", *only], name
-        for variant in only:  # each changes today's best.yaml (no_lookahead did nothing once best.yaml ran Muon)
-            cfg, _ = ra.variant_config("configs/best.yaml", {}, variant, variants[variant], 5000)
-            assert cfg != base, f"{name}: {variant} is best.yaml itself"
+        base, _ = ra.variant_config("configs/best.yaml", bases[name], "base", {}, 5000)
+        for variant in only:  # each changes its recipe (no_lookahead did nothing once best.yaml ran Muon)
+            cfg, _ = ra.variant_config("configs/best.yaml", bases[name], variant, variants[variant], 5000)
+            assert cfg != base, f"{name}: {variant} is its base itself"
+    # the SGD list's optimizer rows are the two recipes it is weighed against, key for key
+    muon_recipe, _ = ra.variant_config("configs/best.yaml", sgd, "muon_recipe",
+                                       ra.read_variants(ra.DEFAULT_VARIANTS, ["muon_recipe"])["muon_recipe"], 5000)
+    shipped, _ = ra.variant_config("configs/best.yaml", {}, "base", {}, 5000)
+    assert muon_recipe.optim == shipped.optim, "muon_recipe is not best.yaml's Muon as shipped"
+    lookahead, _ = ra.variant_config("configs/best.yaml", sgd, "lookahead_lr0.4",
+                                     ra.read_variants(ra.DEFAULT_VARIANTS, ["lookahead_lr0.4"])["lookahead_lr0.4"], 5000)
+    assert (lookahead.optim.name, lookahead.optim.impl, lookahead.optim.lr, lookahead.optim.lookahead_k) == \
+        ("sgd", "fused", 0.4, 5)
+
+
+@pytest.mark.parametrize("optimizer, expected", [("muon", "ABLATION_ONLY_MUON"), ("sgd", "ABLATION_ONLY_SGD"),
+                                                 ("adamw", "no take-one-away list for best.yaml's optimizer adamw"),
+                                                 ("adam", "optim.name")])
+def test_gpu_session_takes_the_write_up_list_for_best_yamls_optimizer(repo_root, tmp_path, optimizer, expected):
+    """The writeup and ablation stages take the take-one-away list for the optimizer configs/best.yaml names,
+    so making the SGD recipe best.yaml needs no edit of the call; an optimizer with no list is a clear error."""
+    script = (repo_root / "benchmarks" / "gpu_session.sh").read_text()
+    chooser = script[script.index("ABLATION_ONLY_MUON="):script.index("\n}\n", script.index("best_yaml_ablation()")) + 3]
+    (tmp_path / "configs").mkdir()
+    best = (repo_root / "configs" / "best.yaml").read_text()
+    assert "\n  name: muon " in best
+    (tmp_path / "configs" / "best.yaml").write_text(best.replace("\n  name: muon ", f"\n  name: {optimizer} "))
+    proc = subprocess.run(["bash", "-c", chooser + "\nbest_yaml_ablation"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    lists = dict(re.findall(r"^(ABLATION_ONLY_\w+)=(\S+)$", script, flags=re.M))
+    if expected not in lists:  # adamw has no list (set ABLATION_ONLY); adam is no optimizer: the config's error
+        assert proc.returncode != 0 and proc.stdout == "" and expected in proc.stderr, proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == lists[expected]
 
 
 def test_gpu_session_runbooks_best_args_make_a_valid_config_other_than_best_yaml(repo_root):
