@@ -363,7 +363,8 @@ ABLATION_ONLY_MUON=no_cutout,no_label_smoothing,no_warmup,sgd_lookahead
 # On SGD without Lookahead at lr 0.8 (the first call's candidate): cutout, label smoothing, warmup, the rate
 # doubled with Lookahead dropped (lookahead_lr0.4: the earlier SGD recipe's optimizer at 36 epochs), and SGD
 # itself (muon_recipe: best.yaml's Muon as it stood). No no_nesterov: 2026-11-27-h100-writeup measured it on
-# SGD; 5 runs, ~160 epoch-runs at ~0.72 s: ~150 s.
+# SGD; 6 runs of 36 epochs side by side: ~216 epoch-runs at ~0.72 s alone on an H200 (muon_recipe's at 0.84),
+# ~20% lost to sharing: ~190 s.
 ABLATION_ONLY_SGD=no_cutout,no_label_smoothing,no_warmup,lookahead_lr0.4,muon_recipe
 best_yaml_ablation() {  # best.yaml's take-one-away list, by its optimizer (loaded as the trainer loads it)
   local optimizer

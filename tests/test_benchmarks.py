@@ -1133,13 +1133,21 @@ def test_gpu_session_variant_lists_name_shipped_variants(bench, repo_root):
         for variant in only:  # each changes its recipe (no_lookahead did nothing once best.yaml ran Muon)
             cfg, _ = ra.variant_config("configs/best.yaml", bases[name], variant, variants[variant], 5000)
             assert cfg != base, f"{name}: {variant} is its base itself"
-    # the SGD list's optimizer rows are the two recipes it is weighed against, key for key
-    muon_recipe, _ = ra.variant_config("configs/best.yaml", sgd, "muon_recipe",
-                                       ra.read_variants(ra.DEFAULT_VARIANTS, ["muon_recipe"])["muon_recipe"], 5000)
-    shipped, _ = ra.variant_config("configs/best.yaml", {}, "base", {}, 5000)
-    assert muon_recipe.optim == shipped.optim, "muon_recipe is not best.yaml's Muon as shipped"
-    lookahead, _ = ra.variant_config("configs/best.yaml", sgd, "lookahead_lr0.4",
-                                     ra.read_variants(ra.DEFAULT_VARIANTS, ["lookahead_lr0.4"])["lookahead_lr0.4"], 5000)
+    # the SGD list's optimizer rows are the two recipes it is weighed against, whatever best.yaml is by then:
+    # each sets every key the SGD flags set, and muon_recipe is the sixth session's Muon key for key (its run's
+    # recorded config; keys added since keep their defaults)
+    from fasttrain.config import config_to_dict
+    rows = ra.read_variants(ra.DEFAULT_VARIANTS, ["muon_recipe", "lookahead_lr0.4"])
+    for row in ("muon_recipe", "lookahead_lr0.4"):
+        on_sgd, _ = ra.variant_config("configs/best.yaml", sgd, row, rows[row], 5000)
+        alone, _ = ra.variant_config("configs/best.yaml", {}, row, rows[row], 5000)
+        assert on_sgd == alone, f"{row} leaves a key of the SGD flags to its base"
+    muon_recipe = config_to_dict(ra.variant_config("configs/best.yaml", sgd, "muon_recipe", rows["muon_recipe"],
+                                                   5000)[0])["optim"]
+    recorded = json.loads((repo_root / "benchmarks" / "results" / "2026-11-28-h200-muon" / "best" / "best.json")
+                          .read_text())["config"]["optim"]
+    assert {key: muon_recipe[key] for key in recorded} == recorded
+    lookahead = ra.variant_config("configs/best.yaml", sgd, "lookahead_lr0.4", rows["lookahead_lr0.4"], 5000)[0]
     assert (lookahead.optim.name, lookahead.optim.impl, lookahead.optim.lr, lookahead.optim.lookahead_k) == \
         ("sgd", "fused", 0.4, 5)
 
@@ -1153,9 +1161,10 @@ def test_gpu_session_takes_the_write_up_list_for_best_yamls_optimizer(repo_root,
     script = (repo_root / "benchmarks" / "gpu_session.sh").read_text()
     chooser = script[script.index("ABLATION_ONLY_MUON="):script.index("\n}\n", script.index("best_yaml_ablation()")) + 3]
     (tmp_path / "configs").mkdir()
-    best = (repo_root / "configs" / "best.yaml").read_text()
-    assert "\n  name: muon " in best
-    (tmp_path / "configs" / "best.yaml").write_text(best.replace("\n  name: muon ", f"\n  name: {optimizer} "))
+    best, count = re.subn(r"\n  name: \w+ ", f"\n  name: {optimizer} ",  # optim's: the one indented name key
+                          (repo_root / "configs" / "best.yaml").read_text())
+    assert count == 1
+    (tmp_path / "configs" / "best.yaml").write_text(best)
     proc = subprocess.run(["bash", "-c", chooser + "\nbest_yaml_ablation"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     lists = dict(re.findall(r"^(ABLATION_ONLY_\w+)=(\S+)$", script, flags=re.M))
