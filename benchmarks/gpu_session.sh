@@ -382,8 +382,8 @@ best_yaml_ablation() {  # best.yaml's take-one-away list, by its optimizer (load
 # sixth session's search (sgd_lr0.8: Nesterov SGD at lr 0.8 on the fused step, no Lookahead, 36 epochs, 92.74%
 # flip_shift on validation, ~26 s on an H200 and ~29 s on an H100; the first call measures it on the test set):
 # 32 epochs, and the shorter network [2,2,2] (0.74x the FLOPs) at 30, 36 and 42 epochs (about 22, 27 and 31 of
-# [3,3,2]'s), since the CPU proxy put it 3 points above [3,3,2] with this SGD at about equal compute
-# (2026-11-28-cpu-proxy-sgd-blocks; 0.6 with Muon, 2026-11-28-cpu-proxy-muon-blocks); and Muon on [2,2,2] at 36
+# [3,3,2]'s), since the CPU proxy put it 3 points above [3,3,2] with this SGD at about equal compute, 2 when twice
+# as long (2026-11-28-cpu-proxy-sgd-blocks; 0.6 with Muon, 2026-11-28-cpu-proxy-muon-blocks); and Muon on [2,2,2] at 36
 # epochs, the Muon fallback at ~31 SGD-epochs of cost. ~186 [3,3,2]-SGD-epochs, ~200 s side by side.
 # Out of it went Muon's own knobs (recipe_variants.yaml's "On the Muon base": the SE's layers on SGD, 3
 # Newton-Schulz iterations, 32 Muon epochs): Muon at 36 epochs costs 42.5 SGD-epochs, so it must reach A_paper in
