@@ -1113,6 +1113,10 @@ def test_shipped_recipe_variants_all_build(bench):
     assert gflops["epochs_60"] == gflops["base"] and gflops["blocks_2_2_2"] < 0.75 * gflops["base"]
 
 
+# the runbook's first call: best.yaml with the SGD recipe the verdict picks (gpu_session.sh's header)
+SGD_RECIPE_FLAGS = "--optim.name=sgd --optim.impl=fused --optim.lr=0.8"
+
+
 def test_gpu_session_variant_lists_name_shipped_variants(bench, repo_root):
     """gpu_session.sh's ABLATION_ONLY_* and SEARCH_ONLY name variants of benchmarks/recipe_variants.yaml: a
     typo there would end a device call at recipe_ablation's --only check, its minutes spent on staging. Each
@@ -1122,7 +1126,7 @@ def test_gpu_session_variant_lists_name_shipped_variants(bench, repo_root):
     script = (repo_root / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", "")
     lists = dict(re.findall(r"^(ABLATION_ONLY_MUON|ABLATION_ONLY_SGD|SEARCH_ONLY)=(\S+)$", script, flags=re.M))
     assert set(lists) == {"ABLATION_ONLY_MUON", "ABLATION_ONLY_SGD", "SEARCH_ONLY"}
-    sgd = parse_overrides("--optim.name=sgd --optim.impl=fused --optim.lr=0.8".split())
+    sgd = parse_overrides(SGD_RECIPE_FLAGS.split())
     bases = {"ABLATION_ONLY_SGD": sgd, "ABLATION_ONLY_MUON": {}, "SEARCH_ONLY": {}}
     for name, names in lists.items():
         only = names.split(",")
@@ -1137,19 +1141,17 @@ def test_gpu_session_variant_lists_name_shipped_variants(bench, repo_root):
     # each sets every key the SGD flags set, and muon_recipe is the sixth session's Muon key for key (its run's
     # recorded config; keys added since keep their defaults)
     from fasttrain.config import config_to_dict
-    rows = ra.read_variants(ra.DEFAULT_VARIANTS, ["muon_recipe", "lookahead_lr0.4"])
+    rows, on_sgd = ra.read_variants(ra.DEFAULT_VARIANTS, ["muon_recipe", "lookahead_lr0.4"]), {}
     for row in ("muon_recipe", "lookahead_lr0.4"):
-        on_sgd, _ = ra.variant_config("configs/best.yaml", sgd, row, rows[row], 5000)
+        on_sgd[row], _ = ra.variant_config("configs/best.yaml", sgd, row, rows[row], 5000)
         alone, _ = ra.variant_config("configs/best.yaml", {}, row, rows[row], 5000)
-        assert on_sgd == alone, f"{row} leaves a key of the SGD flags to its base"
-    muon_recipe = config_to_dict(ra.variant_config("configs/best.yaml", sgd, "muon_recipe", rows["muon_recipe"],
-                                                   5000)[0])["optim"]
+        assert on_sgd[row] == alone, f"{row} leaves a key of the SGD flags to its base"
+    muon_recipe = config_to_dict(on_sgd["muon_recipe"])["optim"]
     recorded = json.loads((repo_root / "benchmarks" / "results" / "2026-11-28-h200-muon" / "best" / "best.json")
                           .read_text())["config"]["optim"]
     assert {key: muon_recipe[key] for key in recorded} == recorded
-    lookahead = ra.variant_config("configs/best.yaml", sgd, "lookahead_lr0.4", rows["lookahead_lr0.4"], 5000)[0]
-    assert (lookahead.optim.name, lookahead.optim.impl, lookahead.optim.lr, lookahead.optim.lookahead_k) == \
-        ("sgd", "fused", 0.4, 5)
+    lookahead = on_sgd["lookahead_lr0.4"].optim
+    assert (lookahead.name, lookahead.impl, lookahead.lr, lookahead.lookahead_k) == ("sgd", "fused", 0.4, 5)
 
 
 @pytest.mark.parametrize("optimizer, expected", [("muon", "ABLATION_ONLY_MUON"), ("sgd", "ABLATION_ONLY_SGD"),
@@ -1190,7 +1192,7 @@ def test_gpu_session_runbooks_best_args_make_a_valid_config_other_than_best_yaml
         cfg = load_config(repo_root / "configs" / "best.yaml", overrides)
         assert cfg != base, line
         build_model(cfg.model)  # refuses a model over model.max_params
-    assert "--optim.name=sgd --optim.impl=fused --optim.lr=0.8" in lines
+    assert SGD_RECIPE_FLAGS in lines
 
 
 def test_bench_optim_runs_muon_at_each_newton_schulz_count_as_rows_of_their_own(repo_root):
