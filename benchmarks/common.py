@@ -68,7 +68,10 @@ def a_paper(runs: Path = APAPER_RUNS) -> float:
 def accuracy_target(text: str) -> float:
     """A --targets entry: a percentage, or `apaper` for A_paper (read from the recorded runs)."""
     if text.strip().lower().replace("_", "") == "apaper":
-        return a_paper()
+        try:
+            return a_paper()
+        except ValueError as e:  # argparse shows only an ArgumentTypeError's message; a ValueError's is lost
+            raise argparse.ArgumentTypeError(f"apaper: {e}") from None
     try:
         return float(text)
     except ValueError:  # argparse prints an ArgumentTypeError's own message
@@ -101,6 +104,8 @@ def check_out(path: Path | None) -> None:
 
     if path is None:
         return
+    if path.is_dir():  # the probe below writes beside it, so a folder would pass and fail at the first write
+        raise ConfigError(f"--out {path} is a folder: --out names the result file (e.g. {path / 'result.json'})")
     probe = path.with_name(f".{path.name}.probe")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

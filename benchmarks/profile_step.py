@@ -52,8 +52,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, Timer, copy_bandwidth_gbs, default_result_path, matmul_tflops, parse_known_overrides,
-                    run_main, run_metadata, wide_console, write_complete, write_json)
+from common import (REPO_ROOT, Timer, check_out, copy_bandwidth_gbs, default_result_path, matmul_tflops,
+                    parse_known_overrides, run_main, run_metadata, wide_console, write_complete, write_json)
 from rich.table import Table
 from throughput import TRAIN_FLOPS_PER_FORWARD, ablation, prepared_row, run_variant, unavailable_features
 
@@ -301,6 +301,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--workers", type=int, help="DataLoader workers of row 1 (default 4; --smoke 1)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/profile_step-MODEL-DEVICE-TIME.json)")
     args, overrides = parse_known_overrides(p, argv)
+    check_out(args.out)  # before any row is measured: the first write comes after it
     defaults = (dict(config=REPO_ROOT / "configs/smoke.yaml", batch=32, rows=["4", "5", "7", "7@64"], steps=3,
                      warmup_steps=1, repeats=1, workers=1) if args.smoke else
                 dict(config=REPO_ROOT / "configs/seed.yaml", batch=128, rows=["4", "5", "7", "7@512"], steps=20,

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from common import (REPO_ROOT, bf16_peak_tflops, default_result_path, endless, matmul_tflops, PaperLoader,
+from common import (REPO_ROOT, bf16_peak_tflops, check_out, default_result_path, endless, matmul_tflops, PaperLoader,
                     parse_known_overrides, release_memory, run_main, run_metadata, Timer, wide_console,
                     write_complete, write_json)
 from rich.table import Table
@@ -341,6 +341,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/throughput-MODEL-DEVICE-TIME.json);"
                                             " the chart is written beside it as .png")
     args, overrides = parse_known_overrides(p, argv)
+    check_out(args.out)  # before any row is measured: the first write comes after it
     defaults = (dict(config=REPO_ROOT / "configs/smoke.yaml", batch=32, batch_sizes=[32, 64], steps=3,
                      warmup_steps=1, repeats=1, workers=1) if args.smoke else
                 dict(config=REPO_ROOT / "configs/seed.yaml", batch=128, batch_sizes=[128, 512, 1024], steps=100,

@@ -99,6 +99,19 @@ def time_to_target(epochs: list[dict], target: float, split: str = "test") -> tu
 
 
 # ------------------------------------------------------------------------------------- one seed
+def check_reports_the_test_set(cfg) -> None:
+    """Refuse, before any seed trains, a config that would not give the test-set figure this script is
+    for: one that never scores the test set (every accuracy null), or one that trains on fewer images
+    than the whole training set (issue 6: the final measurement trains on all 50,000)."""
+    if not cfg.train.eval_test:
+        raise ConfigError("train.eval_test is false: time_to_accuracy.py times test accuracy; pass "
+                          "--train.eval_test true (recipe_ablation.py tunes on the validation split)")
+    if cfg.data.val_size:
+        raise ConfigError(f"data.val_size is {cfg.data.val_size}: time_to_accuracy.py reports the test set of a "
+                          "run on the whole training set; pass --data.val_size 0 (recipe_ablation.py tunes on "
+                          "the validation split)")
+
+
 def seed_config(base, seed: int, run_dir: Path):
     cfg = copy.deepcopy(base)
     cfg.train.seed = seed
@@ -254,6 +267,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     base = load_config(args.config, overrides)
     base.train.eval_every = 1
+    check_reports_the_test_set(base)
     check_runs_dir(args.runs_dir, [f"seed-{base.train.seed + i}" for i in range(args.seeds)], args.overwrite)
     result = {"benchmark": "time_to_accuracy", "meta": None, "config": config_to_dict(base), "seeds": [],
               "targets": args.targets, "runs": [], "aggregate": None, "complete": False, "process_wall_seconds": None}

@@ -117,7 +117,7 @@ def test_aggregate_medians_only_over_seeds_that_reached(bench):
     assert times["92"]["time_by_mean_final"] == {"none": None, "flip": 31.0}
 
 
-def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tmp_path, capsys):
+def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tmp_path, capsys, monkeypatch):
     """A_paper (`--targets apaper`) from the recorded seed.yaml runs: recomputed here from their
     metrics.jsonl (the last epoch's test accuracy), and refused from anything but 2+ finished runs."""
     runs = sorted(bench["common"].APAPER_RUNS.glob("*/metrics.jsonl"))
@@ -148,6 +148,13 @@ def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tm
             json.dumps({"name": "seed", "epochs": 200, "final_test_acc": acc}))
     assert bench["common"].a_paper(tmp_path / "three") == 92.0
 
+    # `--targets apaper` over such runs says why on the command line (argparse drops a ValueError's words)
+    real = bench["common"].a_paper
+    monkeypatch.setattr(bench["common"], "a_paper", lambda: real(tmp_path / "one"))
+    with pytest.raises(SystemExit):
+        parse(["--config", "c.yaml", "--targets", "apaper"])
+    assert "apaper: " in (err := capsys.readouterr().err) and "is not a finished 200-epoch run" in err, err
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--target", "50"], "unknown option --target: did you mean --targets?"),  # the script's own, suggested
@@ -156,6 +163,10 @@ def test_a_paper_is_the_mean_final_accuracy_of_the_recorded_paper_runs(bench, tm
     (["--targets", "925"], "accuracies are percentages in 0..100"),  # 92.5 mistyped: no run ever reaches it
     (["--seeds", "0"], "--seeds 0: need at least 1"),
     (["--out", "/proc/nowhere/t.json"], "--out /proc/nowhere/t.json: cannot write there"),
+    (["--out", "HELD"], "is a folder: --out names the result file"),  # its probe wrote beside it: passed
+    # every seed trained, then a result of null accuracies (or a figure from 45,000 images) marked complete
+    (["--data.val_size", "100", "--train.eval_test", "false"], "train.eval_test is false: time_to_accuracy.py times"),
+    (["--data.val_size", "100"], "data.val_size is 100: time_to_accuracy.py reports the test set"),
     (["--runs-dir", "HELD"], "already holds runs (seed-1): pass --overwrite to replace them, or another --runs-dir"),
 ])
 def test_time_to_accuracy_refuses_before_training(repo_root, cifar_dir, tmp_path, extra, message):
@@ -462,12 +473,17 @@ def test_throughput_rows_subset_has_no_speedup_without_step_1(repo_root, cifar_d
     (["--rows", "2,99"], ["--rows 2,99", "7@64"]),
     # no timed window at all: a median of nothing, after every row's warmup was spent
     (["--repeats", "0"], ["--steps, --repeats and batch sizes must be >= 1"]),
+    # the result is first written after the first row: --out is checked before any is measured
+    (["--out", "/proc/nowhere/t.json"], ["--out /proc/nowhere/t.json: cannot write there"]),
+    (["--out", "TMP"], ["is a folder"]),
 ])
 def test_throughput_unknown_row_or_a_zero_count_is_a_clear_error(repo_root, cifar_dir, tmp_path, extra, messages):
-    """An unknown row or a count below 1 is refused up front (exit 2, one line), before any row is built."""
+    """An unknown row, a count below 1 or an --out that cannot be written is refused up front (exit 2,
+    one line), before any row is built."""
     env = dict(os.environ, FASTTRAIN_DATA=str(cifar_dir))
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--smoke", *extra,
-                           "--out", str(tmp_path / "t.json")], cwd=repo_root, env=env, capture_output=True,
+    extra = [str(tmp_path) if arg == "TMP" else arg for arg in extra]
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--smoke",
+                           "--out", str(tmp_path / "t.json"), *extra], cwd=repo_root, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and all(m in proc.stderr for m in messages), proc.stderr
     assert not (tmp_path / "t.json").exists()

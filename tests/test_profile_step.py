@@ -170,6 +170,15 @@ def test_unknown_row_is_a_clear_error(ps, tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize("out, message", [("/proc/nowhere/p.json", "cannot write there"), ("FOLDER", "is a folder")])
+def test_an_unwritable_out_is_refused_before_any_row(ps, tmp_path, out, message):
+    """The result is first written after the first row is measured: an --out that cannot take it is
+    refused while parsing, not after minutes of GPU time."""
+    out = str(tmp_path) if out == "FOLDER" else out
+    with pytest.raises(ConfigError, match=message):
+        ps.parse_args(["--smoke", "--out", out])
+
+
 # ------------------------------------------------------------------------------------- the script on a CPU
 def test_profile_step_script_on_cpu(ps, cifar_dir, tmp_path, monkeypatch, capsys, one_torch_thread):
     snapshots = []
