@@ -289,14 +289,14 @@ def main(argv=None) -> int:
     out = write_json(Path(args.out) if args.out else RESULTS_DIR / f"loader-{device_slug(device)}.json",
                      report)
 
-    print()
-    print(f"{meta['device']}; {data_what}; batch {args.batch_size}; {dtype}; torch {meta['torch']}, "
-          f"DALI {meta['dali']}")
-    print_results(rows)
+    print(f"wrote {out}")
     if dali_alone is not None and not args.cpu_smoke:
         verdict = "met" if dali_alone >= TARGET_IMAGES_PER_S else "NOT met"
         print(f"target: DALI alone > {TARGET_IMAGES_PER_S:,} images/s: {verdict} ({best['loader']}, the faster graph)")
-    print(f"wrote {out}")
+    print()
+    print(f"{meta['device']}; {data_what}; batch {args.batch_size}; {dtype}; torch {meta['torch']}, "
+          f"DALI {meta['dali']}")
+    print_results(rows)  # last, as every script's table: what a terminal or a log ends with
     return 0
 
 

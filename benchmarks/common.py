@@ -45,6 +45,7 @@ BF16_PEAK_TFLOPS = (
     (("H100", "PCIE"), 756.0),
     (("H100", "HBM3"), 989.0),   # the SXM5 board reports itself as "NVIDIA H100 80GB HBM3"
     (("H100", "SXM"), 989.0),
+    (("H200", "NVL"), 835.0),    # the NVL board's lower power limit: 1,671 with sparsity, not 1,979
     (("H200",), 989.0),
     (("A100",), 312.0),
 )

@@ -324,6 +324,8 @@ def test_bf16_peak_table(bench):
     assert peak("NVIDIA H100 80GB HBM3") == 989.0
     assert peak("NVIDIA H100 PCIe") == 756.0
     assert peak("NVIDIA H200") == 989.0
+    assert peak("NVIDIA H200 NVL") == 835.0  # not the SXM board's figure
+    assert peak("NVIDIA H100 NVL") is None  # neither PCIe nor SXM: no guess
     assert peak("NVIDIA A100-SXM4-40GB") == 312.0
     assert peak("NVIDIA GeForce RTX 4090") is None  # unknown: no guess
 
