@@ -1,5 +1,6 @@
 """CIFAR-10 readers: both official versions as folders and tarballs, the restricted unpickler, validation
 errors, data-dir resolution, the download (md5, offline), build_data, and the real data set."""
+import functools
 import gzip
 import hashlib
 import io
@@ -356,12 +357,21 @@ def test_python_label_out_of_range(tmp_path, bad):
         load_cifar10(tmp_path, download=False)
 
 
+LABELS = r"b'labels' must be a list of 20 integers, found "  # what a python batch's labels are, then what was found
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(data=np.zeros((PER_BATCH, 3000), np.uint8)), r"b'data' is uint8 \[20, 3000\], expected uint8 \[20, 3072\]"),
     (dict(data=np.zeros((PER_BATCH, 3072), np.float32)), r"b'data' is float32"),
-    (dict(labels=[1, 2, 3]), r"b'labels' must be 20 integers"),
-    (dict(labels=[1.5] * PER_BATCH), r"b'labels' must be 20 integers, found float64 \[20\]"),  # not truncated to 1
-    (dict(labels=[[1, 2]] * (PER_BATCH - 1) + [[3]]), r"b'labels' must be 20 integers, found object \[\]"),  # ragged
+    (dict(labels=[1, 2, 3]), LABELS + r"a list of 3\."),
+    (dict(labels=[1] * 5 + [1.5] * 15), LABELS + r"float 1\.5 at index 5"),  # not truncated to 1
+    (dict(labels=[[1, 2]] * (PER_BATCH - 1) + [[3]]), LABELS + r"list \[1, 2\] at index 0"),  # ragged
+    # a list nested in itself 24 deep: a few hundred bytes of pickle that np.asarray expanded to 2^24 elements
+    (dict(labels=[functools.reduce(lambda inner, _: [inner, inner], range(24), [0])] * PER_BATCH),
+     LABELS + r"list \[\[\[\[\[\[.* at index 0"),
+    (dict(labels=[True] * PER_BATCH), LABELS + r"bool True at index 0"),
+    (dict(labels=np.zeros(PER_BATCH, np.int64)), LABELS + r"ndarray\."),
+    (dict(labels=[0] * (PER_BATCH - 1) + [2**70]), r"b'labels' holds an integer outside 0\.\.9 \(beyond int64\)"),
 ])
 def test_python_wrong_shapes(tmp_path, change, message):
     folder = write_python(tmp_path, make_arrays())
@@ -442,6 +452,21 @@ def test_tarball_that_is_not_gzip_or_whose_deflate_data_breaks(tmp_path, damage)
     with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz: cannot read the tarball .*truncated or corrupt\. "
                                         r"Delete it and download it again\."):
         load_cifar10(tmp_path, download=False)
+
+
+def test_an_unreadable_tarball_is_not_called_corrupt(tmp_path, monkeypatch):
+    """Permissions (or a failing disk) are not the file's fault: the error says so, and does not tell the
+    user to delete a good tarball (root here reads anything, so the open is made to fail)."""
+    tarball = FORMS["binary-tarball"](tmp_path, make_arrays())
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tarball))
+
+    monkeypatch.setattr(cifar.tarfile, "open", denied)
+    with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz: cannot read the tarball \(Permission denied\); "
+                                        r"make it readable to this user") as err:
+        load_cifar10(tmp_path, download=False)
+    assert "Delete it" not in str(err.value)
 
 
 def test_a_bad_member_of_a_tarball_is_named_as_a_member(tmp_path):
@@ -565,7 +590,25 @@ def test_download_verifies_md5_and_renames_atomically(tmp_path, served_tarball, 
     np.testing.assert_array_equal(loaded.train_x, served_tarball[0])
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]  # no temp file left
     assert "downloading" in capsys.readouterr().err  # plain progress: pytest's stderr is not a terminal
-    load_cifar10(root, download=True)  # the second time reads the tarball, no download
+    again = load_cifar10(root, download=True)  # the second time reads the tarball, no download
+    np.testing.assert_array_equal(again.train_x, served_tarball[0])
+    assert "downloading" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["cifar-10-batches-py", "cifar-10-batches-bin", "cifar-10-python.tar.gz"])
+def test_a_data_dir_one_level_too_deep_downloads_beside_it(tmp_path, served_tarball, capsys, name):
+    """--data.dir named like a form of CIFAR-10 that is not there yet (FASTTRAIN_DATA pointed one level too
+    deep): the download goes to its parent, where the next run finds it. Into the path itself, the next run
+    took that folder for an unpacked one missing its batches, and under torchrun every rank but the first
+    read it so on the first run."""
+    root = tmp_path / "data" / name
+    load_cifar10(root, download=True)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-python.tar.gz"]
+    assert (tmp_path / "data" / "cifar-10-python.tar.gz").is_file()  # not a folder of that name holding it
+    assert "downloading" in capsys.readouterr().err
+    again = load_cifar10(root, download=True)
+    np.testing.assert_array_equal(again.train_x, served_tarball[0])
+    assert "downloading" not in capsys.readouterr().err
 
 
 def test_downloaded_tarball_gets_the_mode_the_umask_allows(tmp_path, served_tarball):
@@ -580,10 +623,10 @@ def test_downloaded_tarball_gets_the_mode_the_umask_allows(tmp_path, served_tarb
 
 def test_download_with_wrong_md5_is_deleted(tmp_path, served_tarball, monkeypatch):
     monkeypatch.setattr(cifar, "CIFAR10_MD5", "0" * 32)
-    root = tmp_path / "data"
+    root = tmp_path / "fresh" / "data"
     with pytest.raises(DataError, match=r"md5 is [0-9a-f]{32}, not 0{32}.*deleted"):
         load_cifar10(root, download=True)
-    assert not root.exists()  # the folder made for the download goes with it
+    assert list(tmp_path.iterdir()) == [tmp_path / "server"]  # the folders made for the download go with it
 
 
 def test_download_disabled_never_touches_the_network(tmp_path, monkeypatch):

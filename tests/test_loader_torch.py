@@ -249,6 +249,9 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match=r"10 images but labels of shape \[9\]"):
         TorchLoader(random_images(10), np.arange(9), batch_size=5, train=True, device="cpu", dtype=torch.float32,
                     mean=[0.0] * 3, std=[1.0] * 3)
+    with pytest.raises(ValueError, match="labels must be integers, got torch.float64"):  # not truncated to ints
+        TorchLoader(random_images(4), np.array([1.5, 2.7, -0.5, 9.9]), batch_size=2, train=True, device="cpu",
+                    dtype=torch.float32, mean=[0.0] * 3, std=[1.0] * 3)
     with pytest.raises(ValueError, match="rank=2/world_size=2"):
         make_loader(random_images(10), rank=2, world_size=2)
     with pytest.raises(ValueError, match="cutout=-1"):

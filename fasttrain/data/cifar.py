@@ -6,11 +6,14 @@ Every problem with the files is a `DataError` that names the file and says how t
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import http.client
 import io
+import itertools
 import os
 import pickle
+import reprlib
 import sys
 import tarfile
 import zlib
@@ -134,7 +137,8 @@ def download_cifar10(root: Path) -> Path:
     """Fetch the official python tarball into `root`: a temp file, md5 check, then an atomic rename,
     so an interrupted or corrupt download never leaves a file that looks complete."""
     target = root / "cifar-10-python.tar.gz"
-    made = not root.exists()  # a folder made for a download that fails is removed again: nothing left behind
+    # the folders made for a download that fails are removed again, root first: nothing left behind
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), (root, *root.parents)))
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, partial = create_temp(root, prefix=".cifar-10-python.", suffix=".part")
@@ -157,9 +161,10 @@ def download_cifar10(root: Path) -> Path:
         ) from err
     finally:
         partial.unlink(missing_ok=True)
-        if made and not target.exists():
-            with contextlib.suppress(OSError):  # not empty (someone else's files): kept
-                root.rmdir()
+        if not target.exists():
+            for folder in made:
+                with contextlib.suppress(OSError):  # not empty (someone else's files): kept
+                    folder.rmdir()
     return target
 
 
@@ -212,6 +217,11 @@ def load_cifar10(root: str | Path, download: bool = True) -> CifarArrays:
     """Read CIFAR-10 from `root` (any of the four official forms), downloading it first if allowed."""
     root = Path(root).expanduser().absolute()
     location = find_cifar10(root)
+    if location is None and not root.exists() and root.name in _FORM_NAMES:
+        # one level too deep, at a form not there yet: the folder meant is its parent. A download into
+        # `root` itself would be found next time as an (empty) batches folder and refused.
+        root = root.parent
+        location = find_cifar10(root)
     if location is None and root.exists() and not root.is_dir():
         raise DataError(f"{root} is a file, not a folder: --data.dir (or {ENV_VAR}) names the folder that holds "
                         f"CIFAR-10, or one of its official tarballs.\n" + placement_help(root.parent))
@@ -296,9 +306,12 @@ def _read_tarball(location: CifarLocation) -> dict[str, bytes]:
             # without this, a flipped bit in a member would load as a changed pixel.
             while tar.fileobj.read(1 << 20):
                 pass
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise DataError(f"{location.path}: cannot read the tarball ({err}); it is truncated or corrupt. "
                         f"Delete it and download it again.") from err
+    except OSError as err:  # not the file's fault (permissions, a failing disk): nothing to delete
+        raise DataError(f"{location.path}: cannot read the tarball ({err.strerror or err}); make it readable "
+                        f"to this user, or point --data.dir (or {ENV_VAR}) at another copy.") from err
     missing = [member for member, name in wanted.items() if name not in raw]
     if missing:
         raise DataError(f"{location.path} lacks {', '.join(missing)}: it is not the official "
@@ -438,14 +451,28 @@ def _decode_python_batch(raw: bytes, where: str, records: int) -> tuple[np.ndarr
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (records, IMAGE_BYTES):
         found = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{where}: b'data' is {found}, expected uint8 [{records}, {IMAGE_BYTES}]. {fix}")
+    # checked as the list it is before numpy sees it: np.asarray of a list nested in itself k deep (a few
+    # KB of pickle) builds 2^k elements, and of floats it would hide them as float64 to be truncated
+    labels = batch[b"labels"]
+    found = _describe_labels(labels, records)
+    if found:
+        raise DataError(f"{where}: b'labels' must be a list of {records} integers, found {found}. {fix}")
     try:
-        labels = np.asarray(batch[b"labels"])
-    except ValueError:  # a ragged list
-        labels = np.asarray(None)
-    if labels.shape != (records,) or labels.dtype.kind not in "iu":
-        raise DataError(f"{where}: b'labels' must be {records} integers, found {labels.dtype} "
-                        f"{list(labels.shape)}. {fix}")
+        labels = np.asarray(labels, dtype=np.int64)
+    except OverflowError:  # an int beyond int64: outside 0..9 as surely as any
+        raise DataError(f"{where}: b'labels' holds an integer outside 0..9 (beyond int64). {fix}") from None
     return _planes_to_nhwc(data), _check_labels(labels, where)
+
+
+def _describe_labels(labels, records: int) -> str | None:
+    """What is wrong with a python batch's b'labels' (None: a list of `records` ints), in a few words."""
+    if not isinstance(labels, list):
+        return type(labels).__name__
+    if len(labels) != records:
+        return f"a list of {len(labels)}"
+    bad = next((i for i, v in enumerate(labels) if type(v) is not int), None)  # a bool is not a label either
+    # reprlib: a plain repr of a list nested in itself would walk its 2^depth leaves
+    return None if bad is None else f"{type(labels[bad]).__name__} {reprlib.repr(labels[bad])[:20]} at index {bad}"
 
 
 def _decode_python_meta(raw: bytes, where: str) -> list[str]:
@@ -468,6 +495,7 @@ PYTHON_LAYOUT = _Layout(
     meta_file="batches.meta", decode_batch=_decode_python_batch, decode_meta=_decode_python_meta,
 )
 LAYOUTS = (BINARY_LAYOUT, PYTHON_LAYOUT)  # search order: binary first, it needs no unpickling
+_FORM_NAMES = {name for layout in LAYOUTS for name in (layout.folder, layout.tarball)}
 
 
 # ---------------------------------------------------------------------------------------------------

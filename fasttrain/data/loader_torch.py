@@ -151,9 +151,13 @@ class TorchLoader:
         cutout: int = 0,
         flip_mode: str = "random",
     ):
-        images, labels = _as_tensor(x_nhwc_uint8), _as_tensor(y).long()
+        images, labels = _as_tensor(x_nhwc_uint8), _as_tensor(y)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            # .long() would truncate 1.5 to 1 without a word (DaliLoader refuses them alike)
+            raise ValueError(f"labels must be integers, got {labels.dtype}")
+        labels = labels.long()
         if labels.shape != images.shape[:1]:
             raise ValueError(f"{len(images)} images but labels of shape {list(labels.shape)}")
         if not 0 <= rank < world_size or batch_size < 1 or crop_padding < 0 or seed < 0 or cutout < 0:
