@@ -55,7 +55,7 @@ def build_data(data_cfg, *, batch_size: int, eval_batch_size: int, device: str |
                dtype: torch.dtype, channels_last: bool, seed: int, rank: int = 0,
                world_size: int = 1, test_only: bool = False) -> DataBundle:
     """The loaders of one run. `test_only` (scoring a checkpoint): the test loader alone; no training
-    set is uploaded (240 MB padded on a GPU with DALI) and `train` and `val` are None."""
+    set is uploaded (154-240 MB of a GPU's memory) and `train` and `val` are None."""
     arrays = load_cifar10(resolve_data_dir(data_cfg.dir), download=data_cfg.download)
     # the validation images come off the end of the full training set first, so train_subset never
     # changes which images are validated on

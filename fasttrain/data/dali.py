@@ -17,8 +17,8 @@ Design
   streams independent of the world size. The alternative, DALI's own `fn.random.*` with a seed
   per (seed, epoch, rank), would need a pipeline rebuild per epoch and could be checked only
   statistically.
-* **One operator for crop, flip and normalisation.** The training loader keeps its uint8 images
-  zero-padded by p once, at construction (``(H + 2p) x (W + 2p)``: 240 MB for CIFAR-10's 50,000
+* **One operator for crop, flip and normalisation.** The ``samples`` graph keeps its uint8 training
+  images zero-padded by p once, at construction (``(H + 2p) x (W + 2p)``: 240 MB for CIFAR-10's 50,000
   training images instead of 154 MB), so the random crop is an in-bounds window of the padded image
   and `fn.crop_mirror_normalize` does crop, flip and ``(x - 255 mean) / (255 std)``
   (= ``(x / 255 - mean) / std``) in one pass, with no intermediate batch. (An `fn.slice` with
@@ -59,9 +59,9 @@ Design
   cast keeps channels_last).
 * **Cutout** (``cutout`` > 0, training only): `fn.erase` sets each sample's box of the normalised
   output to 0, the box fed like the crop offsets (drawn by ``epoch_draws``, clipped to the image).
-* **Residency (GPU).** By default the uint8 dataset lives in device memory (240 MB for CIFAR-10's
-  padded training set) and each batch is gathered there by one `index_select` on a side stream,
-  which DALI's external source then copies from on the same stream. The training thread's work per
+* **Residency (GPU).** By default the uint8 dataset lives in device memory (CIFAR-10's training
+  set: 154 MB, 240 MB padded for the ``samples`` graph) and each batch is gathered there by one
+  `index_select` on a side stream, which DALI's external source then copies from on the same stream. The training thread's work per
   batch is then one kernel launch, not a 2.5 MB random-row numpy gather (tenths of a ms at batch
   512) plus a host-to-device copy -- and at the 200k images/s target a whole batch-512 step has
   ~2.5 ms. ``residency="host"``
@@ -585,7 +585,7 @@ class DaliLoader:
         """Release the pipeline (its threads and buffers) now rather than at garbage collection."""
         self._generation += 1
         self._pipe = None  # nothing else references it: freed here
-        self._feeder = None  # and the dataset it gathers from (240 MB of device memory on a GPU, padded)
+        self._feeder = None  # and the dataset it gathers from (154-240 MB of device memory on a GPU)
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"
