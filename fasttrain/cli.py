@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_path_problem
 from fasttrain.config import (Config, ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
-                              load_config)
+                              load_config, parse_overrides)
 from fasttrain.files import file_error_message
 from fasttrain.ranks import place_in_the_job, prints_here, say_once
 from fasttrain.signals import LAUNCHER_REPEAT_S, STARTING, Interrupted, exit_code, interrupting
@@ -177,7 +177,8 @@ def _checkpoint_config(resume: str, rest: list[str]) -> tuple[Config, dict]:
 
 
 def _gives_output_dir(rest: list[str]) -> bool:
-    return any(a == "--output.dir" or a.startswith("--output.dir=") for a in rest)
+    # parsed, not looked for: --output '{dir: X}' names it too (a section mapping sets the keys it names)
+    return "output.dir" in parse_overrides(rest)
 
 
 def _follow_a_moved_run(cfg, args, rest: list[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Iterator
 from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 def format_seconds(seconds: float) -> str:
@@ -40,9 +41,11 @@ class _OutlivingConsole(RichConsole):
 class RunConsole:
     def __init__(self, progress: bool = True, enabled: bool = True):
         self.enabled = enabled  # only rank 0 of a distributed run prints
-        self.rich = _OutlivingConsole(highlight=False)
+        # what is printed holds the user's text (names, paths): no emoji codes (":smile:") are replaced in it,
+        # and no rich markup ("[exp]" vanished, "[/b]" ended the run) is read from it (info, warn, summary)
+        self.rich = _OutlivingConsole(highlight=False, emoji=False)
         if not self.rich.is_terminal:  # a log file: one line per message, never wrapped (tables: 240 columns)
-            self.rich = _OutlivingConsole(highlight=False, width=240, soft_wrap=True)
+            self.rich = _OutlivingConsole(highlight=False, emoji=False, width=240, soft_wrap=True)
         self.show_bar = progress and enabled and self.rich.is_terminal
 
     def print(self, *args, **kwargs) -> None:
@@ -50,10 +53,10 @@ class RunConsole:
             self.rich.print(*args, **kwargs)
 
     def info(self, message: str) -> None:
-        self.print(message)
+        self.print(Text(message))
 
     def warn(self, message: str) -> None:
-        self.print(f"[bold yellow]warning:[/] {message}")
+        self.print(Text.assemble(("warning:", "bold yellow"), " ", message))
 
     @contextlib.contextmanager
     def epoch_bar(self, epoch: int, epochs: int, steps: int) -> Iterator:
@@ -75,7 +78,7 @@ class RunConsole:
                 parts.append(f"{label} {row[key]:6.2f}%")
         parts += [f"{row['epoch_seconds']:.2f}s", f"{row['images_per_second']:,.0f} img/s",
                   f"eta {format_seconds(eta_seconds)}"]
-        self.print("  ".join(parts))
+        self.print(Text("  ".join(parts)))
 
     def summary(self, summary: dict) -> None:
         table = Table(title="fasttrain run summary", show_header=False)
@@ -93,5 +96,5 @@ class RunConsole:
                     "final_val_acc", "final_val_acc_tta", "train_seconds", "compile_seconds", "wall_seconds",
                     "images_per_second", "device", "torch", "git_sha", "run_dir"):
             if summary.get(key) is not None:
-                table.add_row(key, fmt.get(key, str)(summary[key]))
+                table.add_row(key, Text(fmt.get(key, str)(summary[key])))
         self.print(table)

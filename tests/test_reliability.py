@@ -1976,17 +1976,19 @@ def test_resume_without_a_config_needs_a_checkpoint_that_holds_one(tmp_path, cap
     assert f"{path} holds no config: pass the --config it was trained with" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spelling", ["--output.dir DIR", "--output.dir=DIR"])
+@pytest.mark.parametrize("spelling", ["--output.dir DIR", "--output.dir=DIR", "--output {dir: DIR}"])
 def test_resume_without_a_config_goes_where_output_dir_says(cifar_dir, tmp_path, capsys, spelling):
     """`--resume RUN/last.pt` alone continues in RUN (the checkpoint's config names the folder it started
-    in); an --output.dir, in either spelling the config flags take, is the folder the run goes on in."""
+    in); an --output.dir, in any spelling the config flags take, is the folder the run goes on in (the
+    section mapping was missed: the run went on in RUN, and changed the run it was to branch from)."""
     from fasttrain.config import config_to_dict
 
     run, elsewhere = tmp_path / "run", str(tmp_path / "elsewhere")
     run.mkdir()
     saved = config_to_dict(tiny_config(cifar_dir, tmp_path / "where-it-started"))
     path = write_checkpoint({"format": FORMAT, "model": {}, "config": saved}, run / "last.pt", previous=None)
-    flag = [f"--output.dir={elsewhere}"] if "=" in spelling else ["--output.dir", elsewhere]
+    flag = {"--output.dir DIR": ["--output.dir", elsewhere], "--output.dir=DIR": [f"--output.dir={elsewhere}"],
+            "--output {dir: DIR}": ["--output", f"{{dir: {elsewhere}}}"]}[spelling]
     assert cli.main(["--device", "cpu", "--resume", str(path), "--dry-run", "--json", *flag]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["output"]["dir"] == elsewhere
     assert cli.main(["--device", "cpu", "--resume", str(path), "--dry-run", "--json"]) == 0
@@ -2059,6 +2061,8 @@ def test_a_moved_run_is_followed_unless_output_dir_says_otherwise(cifar_dir, tmp
 
     assert planned() == (str(moved), True)
     assert planned("--output.dir", str(tmp_path / "C")) == (str(tmp_path / "C"), False)
+    # a section mapping names it too: it was missed, and the run went on in (and changed) the old folder
+    assert planned("--output", f"{{dir: {tmp_path / 'D'}}}") == (str(tmp_path / "D"), False)
     save_config(tiny_config(cifar_dir, moved), moved / "config.yaml")  # a run in the folder it started in
     assert planned() == (str(moved), False)
 

@@ -704,6 +704,19 @@ def test_the_epoch_line_and_the_summary_in_a_log_file_name_each_figure(capsys):
                                                                 "final_test_acc": "93.10%", "train_seconds": "3.00 s"}
 
 
+def test_names_and_paths_are_printed_as_typed(capsys):
+    """A run's name and folder are the user's text: rich markup in them is not read ("[exp]" vanished from
+    the start-up line, "exp[/b]" ended the run with a MarkupError), nor are emoji codes replaced."""
+    console = RunConsole(progress=False, enabled=True)
+    console.info("fasttrain: [exp] | run runs/exp[/b]:smile:")
+    console.warn("runs/[bold]x[/] was trained with another config")
+    console.summary({"run_dir": "runs/[red]exp[/]", "device": "cpu[/b]"})
+    out = capsys.readouterr().out
+    assert "fasttrain: [exp] | run runs/exp[/b]:smile:\n" in out
+    assert "warning: runs/[bold]x[/] was trained with another config\n" in out
+    assert "runs/[red]exp[/]" in out and "cpu[/b]" in out
+
+
 def test_the_progress_bar_is_drawn_on_a_terminal_by_rank_0_alone(capsys, monkeypatch):
     """A bar only where asked for (output.progress) and only on rank 0's terminal: other ranks print nothing
     at all. The bar counts the steps a mid-epoch resume skips, given in one call."""
