@@ -233,9 +233,11 @@ class _StrictLoader(yaml.SafeLoader):
     def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
         # YAML 1.2 where 1.1 changes what was typed: yes/no/on/off are strings, not bools (the type check
         # then says "use true or false"), 1:30 is a string, not the base-60 number 90, and so is 010,
-        # not the octal 8 (YAML 1.2 would read ten: refused rather than guessed)
+        # not the octal 8 (YAML 1.2 would read ten: refused rather than guessed), and 2024-01-15 is a
+        # string, not a date (YAML 1.2's core schema has no timestamps)
         tag = super().resolve(kind, value, implicit)
         if (tag == "tag:yaml.org,2002:bool" and value.lower() not in ("true", "false")
+                or tag == "tag:yaml.org,2002:timestamp"
                 or tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in value
                 or tag == "tag:yaml.org,2002:int" and re.fullmatch(r"[-+]?0[0-7_]+", value)):
             return "tag:yaml.org,2002:str"
@@ -289,6 +291,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     parent = getattr(loader, "mapping_paths", {}).get(id(node), ())
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # YAML 1.1's <<, which 1.2 dropped: its keys would hide
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: YAML merge keys (<<) are not read: write "
+                              "the keys out (a config is a few dozen)")
         key = loader.construct_object(key_node, deep=deep)
         try:
             hash(key)
@@ -473,8 +478,9 @@ def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> 
         inline = "=" in arg
         key, text = arg[2:].split("=", 1) if inline else (arg[2:], args[i + 1] if i + 1 < len(args) else None)
         _check_flag(key, text, options)
-        if text is None:
-            raise ConfigError(f"{arg} needs a value, e.g. {arg} 0.1")
+        if text is None or not inline and re.match(r"--[A-Za-z]", text):  # the next flag, not this one's value
+            hint = "" if text is None else f" ({text} is the next flag; a value that starts with -- goes as {arg}=VALUE)"
+            raise ConfigError(f"{arg} needs a value, e.g. {arg} 0.1{hint}")
         i += 1 if inline else 2
         tp = _field_type(key)
         # a name or a path stays as typed (YAML would read --name 1e-3 as a number and cut "run #2" at the
@@ -616,6 +622,9 @@ def validate(cfg: Config) -> None:
         _require(value in allowed, dotted, value, "one of " + ", ".join(allowed))
 
     d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    for key, value in (("name", cfg.name), ("data.dir", d.dir), ("output.dir", cfg.output.dir)):
+        # each names a folder: the OS refuses a NUL in a path, which would be a traceback after start-up
+        _require(value is None or "\0" not in value, key, value, "no NUL character (\\0): it names a folder")
     _validate_sizes(d)
     _require(0 <= d.crop_padding < 32, "data.crop_padding", d.crop_padding,
              "0 <= padding < 32 (the image is 32x32)")

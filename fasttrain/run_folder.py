@@ -51,10 +51,17 @@ def choose_run_dir(cfg: Config, run_dir: str | Path | None, resume_path: Path | 
     run_dir = Path(run_dir)
     held = holds_run(run_dir)
     if held and resume_path is None and not overwrite:
-        if not checkpoint_candidates(run_dir):  # it stopped or failed before its first checkpoint
+        found = checkpoint_candidates(run_dir)
+        if not found:  # it stopped or failed before its first checkpoint
             raise ConfigError(
                 f"the output folder {str(run_dir)!r} holds the config.yaml of a run that saved no checkpoint "
                 "(it stopped or failed before its first): pass --overwrite to replace it, or another --output.dir"
+            )
+        if not (run_dir / "config.yaml").exists() and not (run_dir / LAST).is_file():  # e.g. exported weights
+            raise ConfigError(
+                f"the output folder {str(run_dir)!r} holds {', '.join(p.name for p in found)} but no run (no "
+                f"config.yaml or {LAST}) to continue: pass another --output.dir, or --overwrite to write this run "
+                "there beside them"
             )
         raise ConfigError(
             f"the output folder {str(run_dir)!r} already holds a run: pass --resume "

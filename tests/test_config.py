@@ -140,6 +140,12 @@ def test_dotted_overrides_parse_yaml_values():
 def test_override_errors():
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--optim.lr"])
+    # a flag whose value was forgotten does not take the next flag as it (output.dir was '--data.dir=/d')
+    for args in (["--output.dir", "--data.dir=/d"], ["--name", "--train.epochs", "3"]):
+        with pytest.raises(ConfigError, match=rf"{args[0]} needs a value, e.g. {args[0]} 0.1 \({args[1]} is the next "
+                                              rf"flag; a value that starts with -- goes as {args[0]}=VALUE\)"):
+            parse_overrides(args)
+    assert parse_overrides(["--name=--odd", "--optim.lr", "-0.5"]) == {"name": "--odd", "optim.lr": -0.5}
     with pytest.raises(ConfigError, match="given twice"):
         parse_overrides(["--optim.lr", "1", "--optim.lr", "2"])
     with pytest.raises(ConfigError, match="unexpected argument"):
@@ -301,6 +307,28 @@ def test_yes_and_base_60_look_alikes_are_strings_in_a_file(tmp_path):
     assert parse_yaml("[010, 0, 10, 0x1F, 0.5, 1_000]") == ["010", 0, 10, 31, 0.5, 1000]
     assert load_config(write(tmp_path, "name: 1:30\noutput:\n  dir: yes\n")).output.dir == "yes"
     assert load_config(write(tmp_path, "name: 1:30\n")).name == "1:30"
+    # a date is YAML 1.1's timestamp, not 1.2's: a name typed as a date is that text
+    assert parse_yaml("[2024-01-15, 2001-12-14t21:59:43.10-05:00]") == ["2024-01-15", "2001-12-14t21:59:43.10-05:00"]
+    assert load_config(write(tmp_path, "name: 2024-01-15\n")).name == "2024-01-15"
+
+
+@pytest.mark.parametrize("key", ["name", "data.dir", "output.dir"])
+def test_a_nul_in_a_folder_name_is_refused_when_the_config_loads(tmp_path, key):
+    """YAML's "\\0" is a NUL, which no path may hold: refused as the config loads, not a ValueError
+    traceback from mkdir after start-up (a --dry-run passed it)."""
+    section, _, leaf = key.rpartition(".")
+    text = f'{section}:\n  {leaf}: "runs/a\\0b"\n' if section else f'{leaf}: "runs/a\\0b"\n'
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} = 'runs/a\\x00b' is out of range: no NUL character"):
+        load_config(write(tmp_path, text))
+
+
+def test_a_yaml_merge_key_is_refused_by_name(tmp_path):
+    """YAML 1.1's `<<` (1.2 has none) failed by accident, in PyYAML's words ("could not determine a
+    constructor for the tag ...merge"); now one line that says what to do."""
+    with pytest.raises(ConfigError, match=r"c\.yaml: line 2: YAML merge keys \(<<\) are not read: write the keys out"):
+        load_config(write(tmp_path, "train:\n  <<: {epochs: 3}\n"))
+    with pytest.raises(ConfigError, match=r"line 3: YAML merge keys"):
+        parse_yaml("base: &b {epochs: 3}\ntrain:\n  <<: *b\n")
 
 
 @pytest.mark.parametrize("name", ["seed", "resnet18", "best", "smoke"])

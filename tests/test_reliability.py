@@ -1894,6 +1894,20 @@ def test_a_folder_whose_run_saved_no_checkpoint_says_overwrite(cifar_dir, tmp_pa
     assert "saved no checkpoint" in err and "--overwrite" in err and "last.pt" not in err
 
 
+def test_a_folder_of_exported_weights_is_not_called_a_run(cifar_dir, tmp_path, capsys, good_run):
+    """A folder holding only `fasttrain export`'s weights file: the refusal names that file and does not
+    offer to resume a last.pt that is not there; --overwrite writes the run beside it, keeping it."""
+    run = tmp_path / "exp1"
+    assert cli.main(["export", str(good_run / "last.pt"), str(run / "weights.pt")]) == 0
+    capsys.readouterr()
+    assert cli.main(cli_args(cifar_dir, run)) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "holds weights.pt but no run (no config.yaml or last.pt) to continue" in err and "--resume" not in err, err
+    weights = (run / "weights.pt").read_bytes()
+    assert cli.main(cli_args(cifar_dir, run, "--train.epochs", "1") + ["--overwrite"]) == 0
+    assert (run / "last.pt").is_file() and (run / "weights.pt").read_bytes() == weights
+
+
 def test_resume_auto_starts_over_when_killed_before_the_first_checkpoint(cifar_dir, tmp_path, capsys):
     """A scheduler restarting `--resume auto` after a kill in epoch 1 must not be stuck on
     "already holds a run": the folder has this run's config.yaml and no checkpoint."""
