@@ -74,6 +74,12 @@ def use_channels_last(cfg: Config, device: torch.device, warn=None) -> bool:
 def git_sha() -> str:
     here = Path(__file__).resolve().parent
     try:
+        # this very file tracked, or the repository is not fasttrain's: an installed copy inside a user's own
+        # repository (a .venv in a project, a $HOME kept in git) would report that repository's commit
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here,
+                                 capture_output=True, text=True, timeout=5)
+        if tracked.returncode != 0:
+            return "unknown"
         head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=here, capture_output=True,
                               text=True, timeout=5)
         sha = head.stdout.strip() if head.returncode == 0 else ""

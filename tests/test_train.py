@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -634,11 +635,12 @@ def test_git_sha_marks_uncommitted_changes_and_is_unknown_outside_a_checkout(mon
     def git(args, **kwargs):
         if answers.get("missing"):
             raise FileNotFoundError(2, "No such file or directory", "git")
-        return {"rev-parse": SimpleNamespace(returncode=answers["head_rc"], stdout="0123abc\n"),
+        return {"ls-files": SimpleNamespace(returncode=answers["tracked_rc"], stdout=""),
+                "rev-parse": SimpleNamespace(returncode=answers["head_rc"], stdout="0123abc\n"),
                 "status": SimpleNamespace(returncode=0, stdout=answers["status"])}[args[1]]
 
     monkeypatch.setattr(runtime.subprocess, "run", git)
-    answers.update(head_rc=0, status="")
+    answers.update(tracked_rc=0, head_rc=0, status="")
     assert runtime.git_sha() == "0123abc"
     answers.update(status=" M fasttrain/trainer.py\n")
     assert runtime.git_sha() == "0123abc-dirty"
@@ -646,6 +648,27 @@ def test_git_sha_marks_uncommitted_changes_and_is_unknown_outside_a_checkout(mon
     assert runtime.git_sha() == "unknown"
     answers.update(missing=True)  # no git at all
     assert runtime.git_sha() == "unknown"
+
+
+def test_git_sha_of_a_copy_inside_another_repository_is_unknown(tmp_path):
+    """An installed copy inside a user's own repository (a .venv in a project): git finds that repository
+    from the package's folder, whose commit (and edits) are not fasttrain's; a real git, a real copy."""
+    import shutil
+
+    project = tmp_path / "project"
+    site = project / ".venv" / "site"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fasttrain", site / "fasttrain")
+    (project / "notes.txt").write_text("the user's own file\n")
+    env = dict(os.environ, GIT_AUTHOR_NAME="u", GIT_AUTHOR_EMAIL="u@x", GIT_COMMITTER_NAME="u",
+               GIT_COMMITTER_EMAIL="u@x")
+    for args in (["init", "-q"], ["add", "notes.txt"], ["commit", "-q", "-m", "the user's commit"]):
+        subprocess.run(["git", *args], cwd=project, env=env, check=True, capture_output=True)
+    read = subprocess.run([sys.executable, "-c", "import fasttrain.runtime as r; print(r.__file__, r.git_sha())"],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True,
+                          timeout=120)
+    assert read.returncode == 0, read.stderr
+    where, sha = read.stdout.split()
+    assert where.startswith(str(site)) and sha == "unknown", read.stdout
 
 
 def test_the_fused_optimizers_pytorch_path_trains_like_its_kernel(cifar_dir, tmp_path, monkeypatch):
