@@ -25,7 +25,7 @@ from fasttrain.checkpoint import WEIGHT_CHOICES, CheckpointError, checkpoint_pat
 from fasttrain.config import (Config, ConfigError, config_changes, config_to_dict, config_with_overrides, dump_yaml,
                               load_config, parse_overrides)
 from fasttrain.files import file_error_message
-from fasttrain.ranks import place_in_the_job, prints_here, say_once
+from fasttrain.ranks import LaunchEnvironmentError, place_in_the_job, prints_here, say_once
 from fasttrain.signals import LAUNCHER_REPEAT_S, STARTING, Interrupted, exit_code, interrupting
 
 EXIT_ERROR = 1        # the run failed (data, checkpoint, divergence, out of memory)
@@ -368,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _writing = None  # a previous call's (tests, notebooks)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    try:  # before anything reads it: a traceback (KeyError 'RANK') from deep inside otherwise
+        place_in_the_job()
+    except LaunchEnvironmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if command in ONE_PROCESS and not prints_here():
         return 0
     try:  # seconds of imports (the trainer's modules), before any file is read or written

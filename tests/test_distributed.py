@@ -1057,6 +1057,23 @@ def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
     assert not refused.value.every_rank  # this rank's own: printed by it (report_error), named by the CLI
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),  # a launcher that sets some of them
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is negative"),
+])
+def test_an_environment_torchrun_would_not_give_is_one_error_line(tmp_path, env, message):
+    """WORLD_SIZE left in a shell, or set without RANK: one line naming the variable and the fix, before
+    anything is read (it was a KeyError or ValueError traceback, even from --dry-run)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "fasttrain", "--config", "configs/smoke.yaml", "--dry-run"],
+                          cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == f"error: {message}: launch with torchrun (it sets WORLD_SIZE, RANK and LOCAL_RANK), or " \
+                          "unset WORLD_SIZE for one process\n", proc.stderr
+
+
 def test_sync_buffers_gives_every_rank_rank_0s_buffers(monkeypatch):
     """Rank 1's side of the broadcast: rank 0's BN statistics (float) and batch counts (int64), one flat
     tensor per dtype, come back into the right buffers."""
