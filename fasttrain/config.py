@@ -113,7 +113,7 @@ class OptimConfig:
     impl: str = "torch"              # torch | fused (one-launch Lookahead-SGD, fasttrain.kernels)
     lr: float = 0.1                  # peak learning rate (per the global batch, see README; muon: not the filters')
     momentum: float = 0.9            # SGD momentum (AdamW: beta1 comes from `betas`; muon: not the filters')
-    nesterov: bool = False           # Nesterov momentum (SGD only; the paper: false)
+    nesterov: bool = False           # Nesterov momentum of SGD (and, under muon, of its SGD group; the paper: false)
     weight_decay: float = 5e-4       # L2 as in torch SGD (decoupled for AdamW)
     decay_norm_and_bias: bool = True  # false: no weight decay on 1-D parameters (BN, biases); the paper: true
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
@@ -134,7 +134,7 @@ class OptimConfig:
                                      # (all banks zero-padded into one batch: 15 matrix products a step instead
                                      # of 150 on best.yaml, 4.8x their FLOPs); the same update either way
     muon_se: bool = True             # muon only: Muon on the SE blocks' two 1x1 convolutions too (their fully
-                                     # connected layers); false: Nesterov SGD on them, as on the head.
+                                     # connected layers); false: SGD (optim.nesterov) on them, as on the head.
                                      # best.yaml's trained weights (true) have a dead stem SE (every squeeze
                                      # unit's ReLU off on every image, the gate a constant): README, "Muon"
     muon_normalize: bool = False     # muon only: before each step, every Muon filter bank rescaled to Frobenius

@@ -1,4 +1,4 @@
-"""`optim.name: muon`: Muon for the convolutions' filters, Nesterov SGD for every other parameter.
+"""`optim.name: muon`: Muon for the convolutions' filters, SGD (`optim.nesterov`) for every other parameter.
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks"; the CIFAR-10
 speedrun's optimizer since airbench94_muon) takes SGD's momentum update of a weight matrix and replaces it
