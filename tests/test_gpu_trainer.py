@@ -87,8 +87,11 @@ def test_an_eager_gpu_run_autotunes_off_the_clock(cifar_dir, tmp_path):
 @pytest.mark.parametrize("engine", [
     {"optim.impl": "torch", "train.cuda_graph": "false"},  # torch SGD + the Python Lookahead, eager
     {"optim.impl": "fused", "train.cuda_graph": "false", "model.se_impl": "triton"},
-    {"optim.impl": "fused", "train.cuda_graph": "true"},  # the replayed graph, as best.yaml runs
-], ids=["torch-eager", "fused-triton-eager", "fused-graph"])
+    {"optim.impl": "fused", "train.cuda_graph": "true"},  # the replayed graph
+    # best.yaml's optimizer: its device-resident rates (fill_), foreach ops and Newton-Schulz, eager and graphed
+    {"optim.name": "muon", "optim.lookahead_k": "0", "train.cuda_graph": "false"},
+    {"optim.name": "muon", "optim.lookahead_k": "0", "train.cuda_graph": "true"},  # as best.yaml runs
+], ids=["torch-eager", "fused-triton-eager", "fused-graph", "muon-eager", "muon-graph"])
 def test_the_training_loop_never_syncs_the_host_per_step(cifar_dir, tmp_path, engine):
     """The rule the trainer's docstring states, checked by CUDA itself: torch.cuda.set_sync_debug_mode
     warns at every synchronizing call (an .item(), a blocking copy, a stream or event synchronize).
