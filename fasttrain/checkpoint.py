@@ -162,6 +162,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     problem = checkpoint_path_problem(path)
     if problem:
         raise CheckpointError(problem)
+    # a damaged last.pt is not the end of its run: the one before it is named wherever the file is refused
+    fallback = (f". The run folder keeps the checkpoint before as {shlex.quote(str(path.parent / PREVIOUS))}: use "
+                f"it instead (--resume auto --output.dir {shlex.quote(str(path.parent))} falls back to it)"
+                if path.name == LAST and (path.parent / PREVIOUS).is_file() else "")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -170,7 +174,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # bytes fail as an unpickling error too, without one: corrupt
         if "GLOBAL" not in str(e):
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a checkpoint (it was loaded with "
-                                  "weights_only=True, so nothing in it ran)") from None
+                                  f"weights_only=True, so nothing in it ran){fallback}") from None
         # weights_only met a global (a class, a function): what a crafted or whole-object pickle holds
         raise CheckpointError(
             f"{str(path)!r} holds pickled Python objects (a whole model saved with torch.save(model), or code), "
@@ -178,13 +182,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "tensors and plain values only (last.pt, or python -m fasttrain export)") from None
     except Exception as e:  # truncated zip, bad magic: refused (torch's own advice would be to load unsafely)
         detail = (str(e).strip().splitlines() or [""])[0]
-        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        if "weights_only" in detail:  # torch's text goes on to advise loading with weights_only=False: never
+            detail = "torch cannot read it with weights_only=True (an old torch.save format, or zeroed bytes)"
+        else:
+            detail = f"{type(e).__name__}: " + (detail if len(detail) <= 200 else detail[:197] + "...")
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt, truncated or not a fasttrain checkpoint "
-            f"(it was loaded with weights_only=True, so nothing in it ran): {type(e).__name__}: {detail}"
-            + (f". The run folder keeps the checkpoint before as {shlex.quote(str(path.parent / PREVIOUS))}: use "
-               f"it instead (--resume auto --output.dir {shlex.quote(str(path.parent))} falls back to it)"
-               if path.name == LAST and (path.parent / PREVIOUS).is_file() else "")
+            f"(it was loaded with weights_only=True, so nothing in it ran): {detail}{fallback}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint (no '{FORMAT}' marker)")
@@ -194,7 +198,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               "(it was not written by this version of fasttrain, or was rewritten by hand)")
     if stored != state_checksum(ckpt):
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its content does not match the checksum "
-                              "stored with it (the file was damaged after it was written)")
+                              f"stored with it (the file was damaged after it was written){fallback}")
     return ckpt
 
 

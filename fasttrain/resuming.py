@@ -133,8 +133,12 @@ class Resumable:
         # alone: how SE runs (se_impl) and the budget (max_params) may change, with the warning below
         engine = {k: getattr(self.cfg.model, k) for k in ENGINE_MODEL_KEYS}
         if dataclasses.replace(saved.model, **engine) != self.cfg.model:
-            raise CheckpointError(f"{path} was trained with another model section than this config's; "
-                                  "resume with the config saved in the run folder (config.yaml)")
+            changed = "; ".join(f"model.{f.name} {getattr(saved.model, f.name)!r} -> {getattr(self.cfg.model, f.name)!r}"
+                                for f in dataclasses.fields(saved.model) if f.name not in ENGINE_MODEL_KEYS
+                                and getattr(saved.model, f.name) != getattr(self.cfg.model, f.name))
+            raise CheckpointError(f"{path} was trained with another model section than this config's ({changed}): "
+                                  "drop the flag that changes it, or resume with the config saved in the run folder "
+                                  "(config.yaml)")
         trained_on = ckpt.get("data_source")
         # another folder (FASTTRAIN_DATA unset: ./data, maybe downloaded there: the official images under a run
         # of the JPEG stand-in). The rest of the source (the split, the loader) is config: named in the warning
