@@ -255,10 +255,16 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
             raise ValueError(f"invalid lookahead_alpha {group['lookahead_alpha']}")
 
     def add_param_group(self, param_group: dict) -> None:
+        # checked before the base class keeps it: a refused group must leave the optimizer as it was
+        self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
-        self._validate(self.param_groups[-1])
         if self._buckets:  # a group added after construction: rebuild the flat state around it
-            self._build()
+            try:
+                self._build()
+            except Exception:  # its parameters refused (not dense): back to the groups before it
+                self.param_groups.pop()
+                self._build()
+                raise
 
     @torch.no_grad()
     def _build(self) -> None:
@@ -272,6 +278,7 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
                     raise ValueError(f"FusedLookaheadSGD needs dense parameters, got strides {p.stride()}")
                 by_key.setdefault((p.device, p.dtype), []).append((gi, p))
         steps: dict[torch.device, torch.Tensor] = {}
+        self._slow_views: dict[torch.Tensor, torch.Tensor] = {}  # each param's slot in its bucket's slow weights
         self._buckets = [self._make_bucket(dev, dt, members, steps) for (dev, dt), members in by_key.items()]
         for b in self._buckets:  # the last launch on a device advances its step counter
             b.bump_step = b is [c for c in self._buckets if c.device == b.device][-1]
@@ -326,6 +333,20 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
         if lookahead:
             state["slow_param"] = slow_view
         self.state[p] = state
+        self._slow_views[p] = slow_view
+
+    @torch.no_grad()
+    def _follow_lookahead_switches(self) -> None:
+        """A group whose lookahead_k turned from 0 to > 0 starts its slow weights at the parameters as they
+        are now (not as they were when the optimizer was built, which its slots still hold), in its state
+        (so state_dict saves them); one turned to 0 drops them. Only on a change of hyperparameters."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if group["lookahead_k"] > 0 and "slow_param" not in state:
+                    state["slow_param"] = self._slow_views[p].copy_(p)
+                elif group["lookahead_k"] == 0:
+                    state.pop("slow_param", None)
 
     def _new_hp_tables(self, device) -> dict:
         num_groups = len(self.param_groups)
@@ -337,9 +358,14 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
         if "lookahead" in state_dict:  # fasttrain.optim.Lookahead's layout: slow weights beside the inner state
             raise ValueError("this optimizer state keeps its Lookahead slow weights apart from the per-parameter "
                              "state: it was saved by optim.impl torch (set it to resume it)")
+        # checked before the base class replaces anything: a refused state must leave the optimizer as it was
+        for saved in state_dict.get("param_groups", []):
+            missing = sorted(set(self.defaults) - saved.keys())
+            if missing:
+                raise ValueError(f"this optimizer state has no {', '.join(missing)}: it was not saved by "
+                                 "FusedLookaheadSGD (a torch.optim.SGD state is resumed by optim.impl torch)")
+            self._validate(saved)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            self._validate(group)
         self._build()  # the base class replaced self.state with loaded copies: re-flatten them
 
     # -- the step --------------------------------------------------------------------------------
@@ -352,6 +378,8 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
     def _sync_hyperparameters(self) -> None:
         """Mirror the param groups into the device tables: lr every step (no sync), the rest on change."""
         rows = [self._hp_row(g) for g in self.param_groups]
+        if any(tables["hp_key"] != rows for tables in self._hp_tables.values()):
+            self._follow_lookahead_switches()
         for device, tables in self._hp_tables.items():
             for gi, group in enumerate(self.param_groups):
                 lr = group["lr"]

@@ -423,6 +423,38 @@ def test_hyperparameter_changes_mid_run_take_effect(interpreted, change):
         torch.testing.assert_close(p, q, **FP32_TOL)
 
 
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_lookahead_turned_on_mid_run_starts_from_the_weights_of_then(request, monkeypatch, path):
+    """lookahead_k from 0 to 2 before step 4: the slow weights start as the parameters are then (as
+    Lookahead wrapped around the run from that step), not as they were at construction (the kernel pulled
+    the weights back toward their initial values; the PyTorch path raised KeyError 'slow_param'), and
+    state_dict carries them from then on; back to 0, they are dropped."""
+    if path == "kernel":
+        request.getfixturevalue("interpreted")
+    else:
+        monkeypatch.setattr(lookahead_sgd, "use_triton", lambda tensor: False)
+    fused_params, ref_params = make_params(SHAPES[:2]), make_params(SHAPES[:2])
+    fused = FusedLookaheadSGD(fused_params, **HYPER, lookahead_k=0)
+    sgd = torch.optim.SGD(ref_params, **HYPER)
+    lookahead = ReferenceLookahead(ref_params, 0, 0.5)
+    for t in range(1, 9):
+        if t == 4:
+            fused.param_groups[0]["lookahead_k"] = 2
+            lookahead.k, lookahead.slow = 2, [p.detach().clone() for p in ref_params]
+        set_grads(fused_params, t)
+        set_grads(ref_params, t)
+        fused.step()
+        reference_step(sgd, lookahead, ref_params, None)
+    for p, q in zip(fused_params, ref_params):
+        torch.testing.assert_close(p, q, **FP32_TOL)
+    saved = fused.state_dict()["state"]
+    assert all("slow_param" in saved[i] for i in range(len(fused_params)))
+    torch.testing.assert_close(saved[0]["slow_param"], lookahead.slow[0], **FP32_TOL)
+    fused.param_groups[0]["lookahead_k"] = 0
+    fused.step()
+    assert not any("slow_param" in state for state in fused.state_dict()["state"].values())
+
+
 def test_gradient_updated_in_place_in_another_layout(interpreted):
     """A channels_last parameter whose .grad is one contiguous tensor, refilled in place every step
     (same address each step): the kernel reads a re-laid-out copy, which must be made afresh each
@@ -583,5 +615,33 @@ def test_a_state_dict_with_bad_hyperparameters_is_refused_on_load():
     p = torch.zeros(4, requires_grad=True)
     saved = FusedLookaheadSGD([p], lr=0.1, lookahead_k=2).state_dict()
     saved["param_groups"][0]["lookahead_alpha"] = 0.0
+    target = FusedLookaheadSGD([p], lr=0.1, lookahead_k=2)
+    before = target.state_dict()
     with pytest.raises(ValueError, match="alpha"):
-        FusedLookaheadSGD([p], lr=0.1, lookahead_k=2).load_state_dict(saved)
+        target.load_state_dict(saved)
+    # refused before anything was replaced: the settings and the state the kernel updates are as they were
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"] and after["param_groups"][0]["lookahead_alpha"] == 0.5
+    assert target.state[p]["momentum_buffer"].data_ptr() == target._buckets[0].momentum.data_ptr()
+    # a torch.optim.SGD state (no clip_value, no Lookahead) is named as such, not a bare KeyError
+    sgd_state = torch.optim.SGD([p], lr=0.1, momentum=0.9).state_dict()
+    with pytest.raises(ValueError, match=r"has no clip_value, lookahead_alpha, lookahead_k: it was not saved by "
+                                         r"FusedLookaheadSGD"):
+        target.load_state_dict(sgd_state)
+    assert target.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
+    """add_param_group with a bad setting, or with parameters the kernel cannot take: refused, and the
+    groups (and the next step) are those of before (a refused group stayed, and step() then failed)."""
+    p, q = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    opt = FusedLookaheadSGD([p], lr=0.1, lookahead_k=2)
+    with pytest.raises(ValueError, match="invalid lookahead_alpha 0.0"):
+        opt.add_param_group({"params": [q], "lookahead_alpha": 0.0})
+    strided = torch.zeros(4, 2)[:, 0].requires_grad_()  # a view with gaps: not dense
+    with pytest.raises(ValueError, match="needs dense parameters"):
+        opt.add_param_group({"params": [strided]})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]
+    p.grad = torch.ones(4)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), -0.1))
