@@ -112,6 +112,14 @@ def reference_step(sgd, lookahead, params, clip):
     lookahead.after_inner_step()
 
 
+def step_both(t, fused, fused_params, sgd, lookahead, ref_params, clip=None):
+    """Step `t` of the fused optimizer and of the reference (torch SGD + ReferenceLookahead), same gradients."""
+    set_grads(fused_params, t)
+    set_grads(ref_params, t)
+    fused.step()
+    reference_step(sgd, lookahead, ref_params, clip)
+
+
 def make_params(shapes, device="cpu", dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes]
@@ -134,10 +142,7 @@ def run_pair(steps, nesterov, clip, k, device="cpu", lr_at=lambda t: HYPER["lr"]
     for t in range(1, steps + 1):
         for opt in (fused, sgd):
             opt.param_groups[0]["lr"] = lr_at(t)
-        set_grads(fused_params, t)
-        set_grads(ref_params, t)
-        fused.step()
-        reference_step(sgd, lookahead, ref_params, clip)
+        step_both(t, fused, fused_params, sgd, lookahead, ref_params, clip)
     return fused_params, ref_params, fused
 
 
@@ -187,10 +192,7 @@ def test_tensor_lr(interpreted):
     for t in range(1, 8):
         lr.fill_(0.1 / t)
         sgd.param_groups[0]["lr"] = 0.1 / t
-        set_grads(params, t)
-        set_grads(ref, t)
-        fused.step()
-        reference_step(sgd, lookahead, ref, None)
+        step_both(t, fused, params, sgd, lookahead, ref)
     for p, q in zip(params, ref):
         torch.testing.assert_close(p, q, **FP32_TOL)
 
@@ -403,10 +405,7 @@ def _steps_with_a_change_at(t_change, change, steps=8, k=3):
             clip = change.get("clip_value", clip)
             lookahead.k = change.get("lookahead_k", lookahead.k)
             lookahead.alpha = change.get("lookahead_alpha", lookahead.alpha)
-        set_grads(fused_params, t)
-        set_grads(ref_params, t)
-        fused.step()
-        reference_step(sgd, lookahead, ref_params, clip)
+        step_both(t, fused, fused_params, sgd, lookahead, ref_params, clip)
     return fused_params, ref_params
 
 
@@ -441,10 +440,7 @@ def test_lookahead_turned_on_mid_run_starts_from_the_weights_of_then(request, mo
         if t == 4:
             fused.param_groups[0]["lookahead_k"] = 2
             lookahead.k, lookahead.slow = 2, [p.detach().clone() for p in ref_params]
-        set_grads(fused_params, t)
-        set_grads(ref_params, t)
-        fused.step()
-        reference_step(sgd, lookahead, ref_params, None)
+        step_both(t, fused, fused_params, sgd, lookahead, ref_params)
     for p, q in zip(fused_params, ref_params):
         torch.testing.assert_close(p, q, **FP32_TOL)
     saved = fused.state_dict()["state"]
