@@ -57,6 +57,7 @@ BLOCK = 2048           # elements per program (one chunk of one tensor)
 _NUM_WARPS = 8         # 8 elements per thread: 40 registers on sm_90 (4 warps: 168 and spills)
 _STATE_ALIGN = 16      # flat state offsets are multiples of this many elements (16-byte loads)
 _HP_FIELDS = ("momentum", "weight_decay", "clip_value", "nesterov", "lookahead_k", "lookahead_alpha")
+_SETTINGS = ("lr", *_HP_FIELDS)  # what a param group of this optimizer holds besides its params
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ class FusedLookaheadSGD(torch.optim.Optimizer):
                              "state: it was saved by optim.impl torch (set it to resume it)")
         # checked before the base class replaces anything: a refused state must leave the optimizer as it was
         for saved in state_dict.get("param_groups", []):
-            missing = sorted(set(self.defaults) - saved.keys())
+            missing = [key for key in _SETTINGS if key not in saved]
             if missing:
                 raise ValueError(f"this optimizer state has no {', '.join(missing)}: it was not saved by "
                                  "FusedLookaheadSGD (a torch.optim.SGD state is resumed by optim.impl torch)")

@@ -621,7 +621,7 @@ def test_a_state_dict_with_bad_hyperparameters_is_refused_on_load():
     assert target.state[p]["momentum_buffer"].data_ptr() == target._buckets[0].momentum.data_ptr()
     # a torch.optim.SGD state (no clip_value, no Lookahead) is named as such, not a bare KeyError
     sgd_state = torch.optim.SGD([p], lr=0.1, momentum=0.9).state_dict()
-    with pytest.raises(ValueError, match=r"has no clip_value, lookahead_alpha, lookahead_k: it was not saved by "
+    with pytest.raises(ValueError, match=r"has no clip_value, lookahead_k, lookahead_alpha: it was not saved by "
                                          r"FusedLookaheadSGD"):
         target.load_state_dict(sgd_state)
     assert target.state_dict()["param_groups"] == before["param_groups"]
