@@ -97,14 +97,16 @@
 #         bash .stage/04/unstage.sh >/dev/null && cp -a .stage/payload /tmp/stg/ && . .stage/env.sh &&
 #         SEEDS=5 BEST_ARGS='--optim.name=sgd --optim.impl=fused --optim.lr=0.8' bash benchmarks/gpu_session.sh
 #         best $OUT"   (~220 s with a cold compile: the sixth session's Muon run took 243 s)
-#   run: on the same warm machine, with what is left (BUDGET_S = left - 40): optim first, on the idle card, ~30 s
+#   run: on the same warm machine, with what is left (BUDGET_S = min(left, 600) - 70: the watchdog's 25 s and the
+#        summary's ~10 s must end before the device's 600 s a command and the session's time): optim first, on the idle card, ~30 s
 #        (Muon's step batched by shape against padded, at 5 and 3 Newton-Schulz iterations, GPU time alone, which
 #        is what the CUDA graph pays), then the gpu tests beside the search (best.yaml, Muon at 36 epochs, as the
 #        control; the first call's SGD recipe at 32 epochs and on [2,2,2] at 30, 36 and 42; Muon on [2,2,2];
 #        ~200 s side by side):
-#        "mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[123] .stage/ && bash .stage/01/unstage.sh
-#         >/dev/null && . .stage/env.sh && export GPU_SESSION_T0=$(date +%s) BUDGET_S=...;
-#         (BUDGET_S=90 bash benchmarks/gpu_session.sh optim $OUT/o); bash benchmarks/gpu_session.sh search $OUT"
+#        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=...; mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[123]
+#         .stage/ && bash .stage/01/unstage.sh >/dev/null && . .stage/env.sh &&
+#         (BUDGET_S=90 bash benchmarks/gpu_session.sh optim $OUT/o); INSTALL=0 bash benchmarks/gpu_session.sh search $OUT"
+#        (INSTALL=0: optim installed the project a minute before)
 #        The search's pick (recipe_verdict: compute, a Muon epoch at 1.18 SGD epochs) is the next session's best
 #        run (BEST_FROM, or its BEST_ARGS) when it costs less than the first call's recipe; with Muon, BEST_EXTRA
 #        "--optim.muon_batching padded" if optim's muon-padded row was faster (GPU alone) than muon. If the
@@ -144,7 +146,7 @@ out=${2:-${OUT:-}}
 if [[ -n $out ]]; then work=$out/session; else work=gpu-out; fi
 mkdir -p "$work"
 budget=${BUDGET_S:-500}
-SEARCH_KEEP=${SEARCH_KEEP:-/tmp/fasttrain-search.json}  # the last ablation's result, kept for BEST_FROM
+SEARCH_KEEP=${SEARCH_KEEP:-/tmp/fasttrain-search.json}  # the last search's result, kept for BEST_FROM
 deadline=$((${GPU_SESSION_T0:-$(date +%s)} + budget))  # epoch seconds
 now() { date +%s; }
 
@@ -164,8 +166,12 @@ finish() {  # the summary (printed last: the reply keeps the end of the output) 
   # sleep holds no output open and ends with the machine
   [[ -n ${watchdog:-} ]] && kill "$watchdog" 2>/dev/null
   collect_apaper
-  # the search's verdict stays on the machine for a best call with BEST_FROM (OUT is emptied per call)
-  [[ -f $work/ablation.json ]] && cp "$work/ablation.json" "$SEARCH_KEEP"
+  # a stage the watchdog cut (its `limited` never returned) gets its row: else it vanished from the summary
+  [[ -n ${running:-} ]] && printf '%s\tcut\t%s\t%s\n' "$running" "$((SECONDS - running_t0))" "$running_limit" \
+    >>"$work/stages.tsv"
+  # the search's verdict stays on the machine for a best call with BEST_FROM (OUT is emptied per call); only a
+  # search's: an ablation's or write-up's take-one-away result is no candidate list
+  [[ $stage == search && -f $work/ablation.json ]] && cp "$work/ablation.json" "$SEARCH_KEEP"
   python benchmarks/gpu_summary.py "$work" | tee "$work/summary.txt"
   echo "gpu_session: finished $(( $(now) - deadline + budget ))s after the session's start (deadline ${budget}s)"
   if [[ -n $out ]]; then
@@ -206,21 +212,25 @@ python -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print('h
   >>"$work/device.txt" 2>&1 || true
 
 # limited NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left before the deadline), log it to
-# NAME.log, and record "NAME<TAB>exit code<TAB>seconds" in stages.tsv (124/137: stopped at its limit).
+# NAME.log, and record "NAME<TAB>exit code<TAB>seconds<TAB>limit" in stages.tsv (124/137: stopped at its limit).
+# A stage with a longer KILL_AFTER than the default 10 s gets that much less, so that timeout's SIGKILL still
+# lands before the watchdog's TERM (deadline + 25 s): else the script ended, the stage still running.
 limited() {
   local name=$1 limit=$2; shift 2
-  local left=$((deadline - $(now)))
+  local left=$((deadline - $(now) - ${KILL_AFTER:-10} + 10))
   ((limit > left)) && limit=$left
   if ((limit < 20)); then
-    printf '%s\tskip\t0\n' "$name" >>"$work/stages.tsv"
+    printf '%s\tskip\t0\t%s\n' "$name" "$limit" >>"$work/stages.tsv"
     echo "== $name: skipped, ${left}s left"
     return 0
   fi
   local t0=$SECONDS
+  running=$name running_t0=$t0 running_limit=$limit  # for finish, should the watchdog cut it
   echo "== $name (limit ${limit}s): $*"
   timeout -k "${KILL_AFTER:-10}" "$limit" "$@" >"$work/$name.log" 2>&1
   local rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$work/stages.tsv"
+  running=
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$limit" >>"$work/stages.tsv"
   tail -n 3 "$work/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0))s"
 }
@@ -433,7 +443,7 @@ stage_apaper() {      # issue 6's A_paper: seeds of the paper's exact recipe, co
 
 if [[ $stage == ablation || $stage == writeup ]]; then
   ablation_only=${ABLATION_ONLY:-$(best_yaml_ablation)} || exit 2
-  echo "gpu_session: $stage runs base and $ablation_only"
+  echo "gpu_session: $stage runs base and ${ONLY:-$ablation_only}"
 fi
 case $stage in
   quick)  # the first session (2026-11-26) measured rows 1-8, best, kernels, loader, seed: now the CUDA graph

@@ -55,13 +55,21 @@ def _n(x, spec=",.0f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _stage_rows(d: Path) -> list[tuple[str, str, str]] | None:
-    """stages.tsv as (name, exit code, seconds) rows; None when the file is missing."""
+def _stage_rows(d: Path) -> list[tuple[str, str, str, str]] | None:
+    """stages.tsv as (name, exit code, seconds, limit in seconds) rows, the limit "" where an older session
+    wrote none; None when the file is missing."""
     try:
         lines = (d / "stages.tsv").read_text(encoding="utf-8").splitlines()
     except OSError:
         return None
-    return [tuple((line.split("\t") + ["", ""])[:3]) for line in lines]
+    return [tuple((line.split("\t") + ["", "", ""])[:4]) for line in lines]
+
+
+def _killed(seconds: str, limit: str) -> str:
+    """timeout's 137: its SIGKILL after the limit, or another's (the kernel's OOM killer) before it."""
+    if not (seconds.isdigit() and limit.isdigit()) or int(seconds) + 2 >= int(limit):
+        return "TIME LIMIT (killed)"
+    return "KILLED (not its limit)"
 
 
 def stages(d: Path) -> list[str]:
@@ -69,9 +77,9 @@ def stages(d: Path) -> list[str]:
     if rows is None:
         return ["stages: no stages.tsv"]
     out = []
-    for name, code, seconds in rows:
-        verdict = {"0": "ok", "124": "TIME LIMIT", "137": "TIME LIMIT (killed)",
-                   "skip": "skipped (no time left)",
+    for name, code, seconds, limit in rows:
+        verdict = {"0": "ok", "124": "TIME LIMIT", "137": _killed(seconds, limit),
+                   "skip": "skipped (no time left)", "cut": "CUT (session deadline)",
                    "no-candidate": "skipped (BEST_FROM: no candidate)",
                    "no-file": "skipped (BEST_FROM: no such file)"}.get(code, f"exit {code}")
         out.append(f"{name:<11} {verdict:<22} {seconds}s")
@@ -331,7 +339,7 @@ def next_call(d: Path) -> list[str]:
     6's write-up; the search is the `search` stage), which runs the whole-step CUDA graph. The graph stays on when graphseed trained and the gpu tests ran to the end
     (pytest's exit code 0, or 1: some failed) with none of the graph's tests (every test named *graph*)
     among the failures; otherwise the ablation turns it off."""
-    codes = {name: code for name, code, _ in _stage_rows(d) or []}
+    codes = {name: code for name, code, *_ in _stage_rows(d) or []}
     if "graphseed" not in codes:
         return []
     graph_failed = [name for name in _failed_tests(_gpu_tests_log(d) or "") if "graph" in name.lower()]

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -531,7 +532,9 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
          "floor": {"compute_ms": 1.5, "norm_traffic_ms": 1.125, "step_ms": 2.625, "images_per_second": 48761.9}},
         {"row": "9", "batch_size": 128, "status": "skipped", "reason": "CUDA graphs need a CUDA GPU"}]}))
     (d / "odd.json").write_text("[1, 2]")  # not a result file: ignored, never a crash
-    (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\nseed\t137\t70\n")
+    (d / "stages.tsv").write_text("gpu-tests\t0\t61\nthroughput\t124\t150\nloader\tskip\t0\nseed\t137\t70\n"
+                                  # with their limits (since session 30): killed before its limit, cut by the watchdog
+                                  "tune\t137\t80\t70\nkernels\t137\t12\t500\nddp-tests\tcut\t40\t34\n")
     (d / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
                                      "1 failed, 96 passed, 276 deselected in 58.21s\n")  # pytest -q's last line
     proc = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(d)], cwd=repo_root,
@@ -542,7 +545,9 @@ def test_gpu_summary_reads_what_a_session_wrote(repo_root, cifar_dir, tmp_path):
     best = json.loads((d / "best.json").read_text())["runs"][0]
     assert text.startswith("GPU session summary: ") and tp["meta"]["git_sha"] in text.splitlines()[0]
     assert "throughput  TIME LIMIT" in text and "loader      skipped (no time left)" in text
-    assert "seed        TIME LIMIT (killed)" in text
+    assert "seed        TIME LIMIT (killed)" in text and "tune        TIME LIMIT (killed)" in text
+    assert "kernels     KILLED (not its limit) 12s" in text  # the OOM killer's 137 is no time limit
+    assert "ddp-tests   CUT (session deadline) 40s" in text
     assert "profile     host- or GPU-bound per step (PARTIAL)" in text
     assert "  7      b128   10.50 / 10.25 / 3.12 ms, 412 kernels, 0.0 syncs: host-bound" in text
     assert ("         GPU ms by class: convolution 2.00, compiled fusions 0.75, eager ATen 0.25, copies 0.12\n"
@@ -609,6 +614,45 @@ def test_gpu_summary_best_lines_are_the_result_files_figures(bench, tmp_path):
         "best.yaml   time to 90% by the mean final: none 120.0 s, flip 120.0 s",
         "best.yaml   time to 91% by the mean final: flip 120.0 s"]  # and no line for 92%: nothing reaches it
     assert "92.00%" not in "\n".join(lines)
+
+
+def test_gpu_session_limits_a_stage_so_its_kill_lands_before_the_watchdog(repo_root, tmp_path):
+    """`limited` under KILL_AFTER=45 (torchrun's): the stage gets 35 s less than what is left, so timeout's
+    SIGKILL comes by the deadline + 10 s, before the watchdog's TERM at + 25 s (which ended the script with
+    the stage still running, holding the GPU); the default KILL_AFTER leaves the limit as it was."""
+    script = (repo_root / "benchmarks" / "gpu_session.sh").read_text()
+    start = script.index("limited() {")
+    function = script[start:script.index("\n}\n", start) + 3]
+    proc = subprocess.run(["bash", "-c", "now() { date +%s; }; work=$1; deadline=$(( $(now) + 100 ))\n" + function +
+                           "limited a 500 true >/dev/null; KILL_AFTER=45 limited b 500 true >/dev/null; "
+                           "limited c 30 true >/dev/null", "-", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()]
+    assert [(name, code) for name, code, _, _ in rows] == [("a", "0"), ("b", "0"), ("c", "0")]
+    limits = [int(limit) for *_, limit in rows]
+    assert limits[0] in (99, 100) and limits[1] == limits[0] - 35 and limits[2] == 30, limits
+
+
+def test_a_stage_cut_by_the_watchdog_keeps_its_row(repo_root, tmp_path):
+    """The watchdog's TERM (sent here by hand) in the middle of a stage: the summary names the stage as cut,
+    not silently without it (its row was written only when the stage returned)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f"#!/bin/bash\nif [[ \"$1 $2\" == \"-m fasttrain\" ]]; then sleep 8; exit 0; fi\n"
+                                 f"exec {sys.executable} \"$@\"\n")
+    (shim / "python").chmod(0o755)
+    env = dict(os.environ, INSTALL="0", BUDGET_S="200", PATH=f"{shim}:{os.environ['PATH']}")
+    env.pop("GPU_SESSION_T0", None)
+    out = tmp_path / "out"
+    session = subprocess.Popen(["bash", "benchmarks/gpu_session.sh", "seed", str(out)], cwd=repo_root, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in session.stdout:
+        if line.startswith("== seed (limit"):
+            session.send_signal(signal.SIGTERM)  # as the watchdog does
+            break
+    rest = session.communicate(timeout=60)[0]
+    assert "seed        CUT (session deadline)" in (out / "summary.txt").read_text(), rest
 
 
 def test_gpu_session_loader_runs_each_set_of_loader_args_into_one_folder(repo_root, tmp_path):
