@@ -264,9 +264,13 @@ def cmd_eval(argv: list[str]) -> int:
     if len(named) != 1:
         parser.error("name one checkpoint: python -m fasttrain eval RUN_DIR/last.pt (or --checkpoint RUN_DIR/last.pt)"
                      if not named else f"two checkpoints named ({', '.join(sorted(named))}): name one")
+    checkpoint = named.pop()
+    problem = checkpoint_path_problem(checkpoint)
+    if problem:  # a typo or a folder is a bad command line (exit 2), as for --resume
+        raise ConfigError(problem)
     from fasttrain.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(named.pop(), tta=args.tta, device=args.device, data_dir=args.data_dir,
+    result = evaluate_checkpoint(checkpoint, tta=args.tta, device=args.device, data_dir=args.data_dir,
                                  weights=args.weights, test_subset=args.test_subset)
     if args.json:
         print(json.dumps(result))
@@ -286,6 +290,9 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
+    problem = checkpoint_path_problem(args.checkpoint)
+    if problem:  # a typo or a folder is a bad command line (exit 2), as for --resume
+        raise ConfigError(problem)
     from fasttrain.export import export_weights
 
     out = Path(args.out)

@@ -893,7 +893,7 @@ def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(good_run, tmp
         load_checkpoint(good_run)
     with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint: .* \(it holds none\)"):
         load_checkpoint(tmp_path)
-    assert cli.main(["eval", "--checkpoint", str(good_run), "--device", "cpu"]) == cli.EXIT_ERROR
+    assert cli.main(["eval", "--checkpoint", str(good_run), "--device", "cpu"]) == cli.EXIT_USAGE  # as --resume's
     assert "is a folder, not a checkpoint" in capsys.readouterr().err
 
 
@@ -909,7 +909,7 @@ def test_a_checkpoint_that_is_not_there_names_what_its_folder_holds(good_run, tm
     with pytest.raises(CheckpointError, match=r"not found: .* holds no checkpoint \(\*\.pt\)$"):
         load_checkpoint(tmp_path / "last.pt")
     for command in (["eval", str(typo)], ["export", str(typo), str(tmp_path / "w.pt")]):
-        assert cli.main(command) == cli.EXIT_ERROR
+        assert cli.main(command) == cli.EXIT_USAGE  # a bad command line, as --resume's typo
         err = capsys.readouterr().err
         assert "holds last.pt, prev.pt" in err and "--resume" not in err
     for config in ([], ["--config", str(good_run / "config.yaml")]):  # refused before the config is even read
