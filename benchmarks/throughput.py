@@ -251,7 +251,10 @@ def run_variant(variant: Variant, base, args, unavailable: dict[str, str], devic
     row["settings"] = asdict(knobs)
     notes = ["without " + ", ".join(dropped) + " (unavailable)"] if dropped else []
     if device.type == "cpu" and knobs.se_impl == "triton":
-        notes.append("on a CPU the SE op runs its PyTorch reference, not the kernel")
+        from fasttrain.kernels._utils import INTERPRET
+
+        notes.append("on a CPU the SE kernel runs in Triton's interpreter (TRITON_INTERPRET=1): slow by design"
+                     if INTERPRET else "on a CPU the SE op runs its PyTorch reference, not the kernel")
     row["note"] = "; ".join(notes) or None
     try:
         row.update(measure_row(variant_config(base, knobs), knobs, args, tmp / f"row-{variant.step}"))

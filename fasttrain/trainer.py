@@ -671,8 +671,11 @@ class Trainer(Resumable):
             kernels = [k for k, on in (("model.se_impl triton", cfg.model.se and cfg.model.se_impl == "triton"),
                                        ("optim.impl fused", cfg.optim.impl == "fused")) if on]
             if kernels:  # the Triton kernels need a GPU: their ops fall back to the PyTorch reference
-                con.info(f"{' and '.join(kernels)}: on the CPU the PyTorch reference runs (the Triton kernels "
-                         "need a CUDA GPU)")
+                from fasttrain.kernels._utils import INTERPRET
+
+                con.info(f"{' and '.join(kernels)}: " + (
+                    "on the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1): very slow"
+                    if INTERPRET else "on the CPU the PyTorch reference runs (the Triton kernels need a CUDA GPU)"))
         con.info(f"fasttrain: {cfg.name} | {self.params:,} params | {device_name(self.device)} | "
                  f"{self.precision.name} | data {self.data.source} | {self.steps_per_epoch} steps/epoch"
                  f" x {self.dist.world_size} rank(s) | run {self.run_dir}")

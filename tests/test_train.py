@@ -387,6 +387,21 @@ def test_resume_with_another_optimizer_is_refused_by_name(cifar_dir, tmp_path, s
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("interpret", [True, False])
+def test_the_cpu_note_on_the_triton_kernels_says_which_code_runs(cifar_dir, tmp_path, monkeypatch, interpret):
+    """optim.impl fused on the CPU: under TRITON_INTERPRET=1 the kernel runs in the interpreter (slow), not
+    the PyTorch reference the note used to name whatever ran."""
+    import fasttrain.kernels._utils as kernel_utils
+
+    monkeypatch.setattr(kernel_utils, "INTERPRET", interpret)
+    console, said = recording_console()
+    trainer = Trainer(tiny_config(cifar_dir, tmp_path, optim__impl="fused", train__epochs="1"), device="cpu",
+                      console=console)
+    trainer._announce()
+    (note,) = [line for line in said if line.startswith("optim.impl fused: ")]
+    assert ("Triton's interpreter" in note) is interpret and ("PyTorch reference runs" in note) is not interpret
+
+
 @pytest.mark.parametrize("impl", ["torch", "fused"])
 def test_lookahead_switched_on_at_a_resume_starts_from_the_resumed_weights(cifar_dir, tmp_path, impl):
     """lookahead_k 0 -> 3, both implementations alike: the slow weights are the resumed weights (not the
