@@ -192,6 +192,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint (no '{FORMAT}' marker)")
+    # the layout the readers rely on (a file sealed with the right marker by other code gave KeyErrors and
+    # TypeErrors from deep inside eval): the weights as named tensors, the epoch a whole number
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint: its 'model' is not a state dict of "
+                              "named tensors")
+    if "epoch" in ckpt and type(ckpt["epoch"]) is not int:
+        raise CheckpointError(f"{str(path)!r} is not a fasttrain checkpoint: its 'epoch' is "
+                              f"{type(ckpt['epoch']).__name__}, not a whole number")
     stored = ckpt.pop(CHECKSUM_KEY, None)
     if stored is None:
         raise CheckpointError(f"checkpoint {str(path)!r} has no checksum, so its content cannot be verified "
@@ -200,6 +210,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its content does not match the checksum "
                               f"stored with it (the file was damaged after it was written){fallback}")
     return ckpt
+
+
+def saved_config(ckpt: dict, path: str | Path):
+    """The Config a checkpoint (or exported weights file) was trained with, read as this version reads any
+    config; a CheckpointError naming the file when it holds none, or one this version refuses (an unknown
+    key from a newer fasttrain would otherwise read as a key the user typed)."""
+    from fasttrain.config import ConfigError, config_from_dict
+
+    values = ckpt.get("config")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{str(path)!r} holds no config (the settings it was trained with): it was not "
+                              "written by fasttrain's trainer or export")
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
+        raise CheckpointError(f"the config saved in {str(path)!r} is not one this version of fasttrain reads "
+                              f"({e}): a checkpoint of another version?") from None
 
 
 WEIGHT_CHOICES = ("auto", "ema", "model")

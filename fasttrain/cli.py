@@ -162,12 +162,13 @@ def _checkpoint_config(resume: str, rest: list[str]) -> tuple[Config, dict]:
     would be another architecture), with the command line's overrides, continued in the checkpoint's
     folder (where it lies now) unless --output.dir says otherwise; and the checkpoint, read once, for
     the trainer."""
-    from fasttrain.checkpoint import load_checkpoint
+    from fasttrain.checkpoint import load_checkpoint, saved_config
 
     ckpt = load_checkpoint(resume)
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{resume} holds no config: pass the --config it was trained with")
+    saved_config(ckpt, resume)  # one this version reads: else the overrides' error would blame the command line
     # overrides are applied into a copy: the trainer compares the checkpoint's own config with the run's
     cfg = config_with_overrides(copy.deepcopy(saved), rest)
     if not _gives_output_dir(rest):

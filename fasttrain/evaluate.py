@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.checkpoint import check_architecture, load_checkpoint, select_weights
+from fasttrain.checkpoint import check_architecture, load_checkpoint, saved_config, select_weights
 from fasttrain.config import CHOICES, config_from_dict
 from fasttrain.data import build_data
 from fasttrain.data.cifar import ENV_VAR
@@ -147,7 +147,7 @@ def load_model(path: str | Path, *, weights: str = "auto", device: str | torch.d
     channel normalized with config.data.mean and config.data.std; its output: model.num_classes logits
     (CIFAR-10's 10 in the order of its batches.meta). Read safely (weights_only, checksummed), like `eval` reads it."""
     ckpt = load_checkpoint(path, map_location="cpu")
-    cfg = config_from_dict(ckpt["config"])
+    cfg = saved_config(ckpt, path)
     _, model = _network(ckpt, cfg, weights, path)
     return model.to(device).eval(), cfg
 
@@ -168,10 +168,13 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
         raise ValueError(f"tta mode {tta!r}: expected one of {', '.join(TTA_MODES)}, or all")
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, map_location=dev)
-    values = ckpt["config"]
+    cfg = saved_config(ckpt, path)
     if test_subset is not None:  # validated with the rest (a ConfigError, exit 2, naming the range)
-        values = {**values, "data": {**values.get("data", {}), "test_subset": test_subset}}
-    cfg = config_from_dict(values)
+        values = ckpt["config"]
+        cfg = config_from_dict({**values, "data": {**values.get("data", {}), "test_subset": test_subset}})
+    # the test images are read in order alike by both loaders: the torch path scores weights trained with
+    # DALI where DALI is not installed (a laptop, a CPU box) without a word of it
+    cfg.data.loader = "torch"
     use_local_data(cfg, data_dir)
     used, model = _network(ckpt, cfg, weights, path)
     model = model.to(dev)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.checkpoint import (FORMAT, check_architecture, load_checkpoint, run_summary, select_weights,
-                                  write_checkpoint)
-from fasttrain.config import config_from_dict
+from fasttrain.checkpoint import (FORMAT, check_architecture, load_checkpoint, run_summary, saved_config,
+                                  select_weights, write_checkpoint)
 from fasttrain.model import build_model, count_params
 from fasttrain.runtime import git_sha
 
@@ -44,7 +43,7 @@ def export_weights(checkpoint: str | Path, out: str | Path, *, weights: str = "a
     checkpoint, out = Path(checkpoint), Path(out)
     ckpt = load_checkpoint(checkpoint)
     used, state = select_weights(ckpt, weights, str(checkpoint))
-    model = build_model(config_from_dict(ckpt["config"]).model, check=False)
+    model = build_model(saved_config(ckpt, checkpoint).model, check=False)
     check_architecture(model, state, str(checkpoint))  # weights that do not fit the config are refused
     cast = DTYPES[dtype]
     state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from fasttrain.checkpoint import (FORMAT, LAST, PREVIOUS, CheckpointError, check_architecture, load_checkpoint,
-                                  rng_state, set_rng_state, unwrap, write_checkpoint)
-from fasttrain.config import Config, EveryRankFlag, config_changes, config_from_dict, config_to_dict
+                                  rng_state, saved_config, set_rng_state, unwrap, write_checkpoint)
+from fasttrain.config import Config, EveryRankFlag, config_changes, config_to_dict
 from fasttrain.data import data_location
 from fasttrain.distributed import all_gather_objects, barrier
 from fasttrain.export import KIND as EXPORT_KIND
@@ -128,7 +128,7 @@ class Resumable:
                                   "optimizer state to resume from; evaluate it with python -m fasttrain eval "
                                   "--checkpoint, or resume from the run's last.pt")
         check_architecture(unwrap(self.model), ckpt["model"], str(path))
-        saved = config_from_dict(ckpt["config"])
+        saved = saved_config(ckpt, path)
         # the model section is the architecture, but for the switches that leave the weights' meaning
         # alone: how SE runs (se_impl) and the budget (max_params) may change, with the warning below
         engine = {k: getattr(self.cfg.model, k) for k in ENGINE_MODEL_KEYS}

@@ -1512,6 +1512,46 @@ def test_bad_input_is_one_clear_error_and_leaves_the_run_folder_alone(cifar_dir,
     assert folder_snapshot(good_run) == before
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("config"), r"holds no config \(the settings it was trained with\)"),
+    (lambda c: c.update(epoch="x"), r"its 'epoch' is str, not a whole number"),
+    (lambda c: c.update(model=[1, 2]), r"its 'model' is not a state dict of named tensors"),
+    (lambda c: c["config"]["model"].update(nonsense_key=1),
+     r"the config saved in .* is not one this version of fasttrain reads \(unknown key 'model\.nonsense_key'"),
+], ids=["no-config", "epoch-str", "model-list", "unknown-config-key"])
+def test_a_sealed_file_of_another_layout_is_one_error_naming_it(good_run, tmp_path, capsys, change, message):
+    """A file with the right marker and a valid checksum (sealed by other code, or a newer fasttrain) but
+    another layout: eval and export say what is wrong with the file, exit 1; they ended in KeyError,
+    ValueError or TypeError tracebacks, and a newer config's key read as one the user had typed (exit 2)."""
+    ckpt = load_checkpoint(good_run / "last.pt")
+    change(ckpt)
+    path = write_checkpoint(ckpt, tmp_path / "odd.pt", previous=None)
+    for command in (["eval", str(path), "--device", "cpu"], ["export", str(path), str(tmp_path / "w.pt")]):
+        assert cli.main(command) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
+
+
+def test_weights_trained_with_dali_are_scored_where_dali_is_missing(cifar_dir, good_run, tmp_path, monkeypatch,
+                                                                     capsys):
+    """eval reads the test set with the torch loader whatever data.loader trained the weights: the same
+    images in the same order, and no DALI needed on the machine that scores them (it was refused, and eval
+    takes no --data.loader to get round it)."""
+    import sys as system
+
+    ckpt = load_checkpoint(good_run / "last.pt")
+    ckpt["config"]["data"]["loader"] = "dali"
+    path = write_checkpoint(ckpt, tmp_path / "dali.pt", previous=None)
+    for name in [m for m in system.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
+        monkeypatch.delitem(system.modules, name)
+    monkeypatch.setitem(system.modules, "nvidia.dali", None)  # import nvidia.dali raises ImportError
+    assert cli.main(["eval", str(path), "--device", "cpu", "--data.dir", str(cifar_dir), "--json"]) == 0, \
+        capsys.readouterr().err
+    dali = json.loads(capsys.readouterr().out)
+    assert cli.main(["eval", str(good_run / "last.pt"), "--device", "cpu", "--data.dir", str(cifar_dir), "--json"]) == 0
+    assert dali["test_acc"] == json.loads(capsys.readouterr().out)["test_acc"]
+
+
 def test_a_resume_may_switch_the_se_implementation_and_the_budget(cifar_dir, tmp_path, reference_run, capsys):
     """model.se_impl (how SE runs) and model.max_params (the budget) are engine switches: a resume under
     another value goes on with a warning, as for other switches; another architecture is refused."""
