@@ -40,11 +40,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise ConfigError(f"{path} not found: RUN_DIR must be a fasttrain run folder (it holds metrics.jsonl "
                           "once the first epoch has finished)")
     rows, skipped = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # undecodable bytes make their line unreadable (left out with the others), not the whole file
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
-        row = decoded_row(line)
-        if row is None or not isinstance(row.get("epoch"), int) or isinstance(row.get("epoch"), bool):
+        row = decoded_row(line)  # None unless an object with a whole-number epoch
+        if row is None:
             skipped.append(number)
             continue
         rows.append(row)

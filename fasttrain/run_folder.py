@@ -8,7 +8,6 @@ at a time writes a folder: it holds the folder's lock file from its first write 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import socket
@@ -198,7 +197,7 @@ def keep_metrics(run_dir: Path, completed_epochs: int, source: Path | None, warn
     then start with the source run's epochs (replacing what the folder held)."""
     path = run_dir / METRICS
     try:
-        lines = (source or path).read_text(encoding="utf-8").splitlines()
+        lines = (source or path).read_text(encoding="utf-8", errors="replace").splitlines()  # bad bytes: a bad line
     except FileNotFoundError:
         if source is None:
             return
@@ -207,14 +206,15 @@ def keep_metrics(run_dir: Path, completed_epochs: int, source: Path | None, warn
     torn = sum(row is None for _, row in rows)
     if torn:  # a write cut by a kill or a full disk: that row's epoch is after the checkpoint, or logged again
         warn(f"{source or path}: dropped {torn} unreadable line(s)")
-    keep = [line for line, row in rows if row is not None and row.get("epoch", math.inf) <= completed_epochs]
+    keep = [line for line, row in rows if row is not None and row["epoch"] <= completed_epochs]
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def decoded_row(line: str) -> dict | None:
-    """A metrics.jsonl line as its row, or None when it is not one (a torn write)."""
+    """A metrics.jsonl line as its row (a JSON object with a whole-number epoch), or None when it is not one
+    (a torn write, a line edited by hand)."""
     try:
         row = json.loads(line)
     except ValueError:
         return None
-    return row if isinstance(row, dict) else None
+    return row if isinstance(row, dict) and type(row.get("epoch")) is int else None

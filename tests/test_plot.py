@@ -68,11 +68,11 @@ def test_plot_leaves_out_lines_that_are_not_rows_and_refuses_an_out_it_cannot_wr
     """A write torn by a kill (the trainer drops such a line on resume), or JSON that is not a row: left
     out with a warning. An --out that is a folder or has no image suffix: exit 2, nothing written."""
     run = write_run(tmp_path / "run", metrics_rows())
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write('[1, 2]\n{"epoch": "4"}\n{"epoch": 4, "lr": 0.0')
+    with open(run / "metrics.jsonl", "ab") as f:  # and bytes that are no UTF-8 (a traceback, not a left-out line)
+        f.write(b'[1, 2]\n{"epoch": "4"}\n\xff\xfe garbage\n{"epoch": 4, "lr": 0.0')
     assert main(["plot", str(run)]) == 0
     err = capsys.readouterr().err
-    assert "left out 3 line(s) that are not metrics rows (line 4, 5, 6)" in err
+    assert "left out 4 line(s) that are not metrics rows (line 4, 5, 6, 7)" in err
     assert (run / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
     for out, why in ((tmp_path, "is a folder"), (tmp_path / "c.txt", "the file name's suffix picks the format")):
         assert main(["plot", str(run), "--out", str(out)]) == 2

@@ -1925,13 +1925,18 @@ def test_export_takes_a_summary_only_for_its_own_checkpoint(tmp_path, reference_
 
 
 def test_metrics_kept_on_resume_are_the_rows_up_to_the_checkpoint(tmp_path):
-    """keep_metrics keeps a row only when its epoch is the checkpoint's or before: a JSON object without
-    an epoch is no row of the run (plot leaves it out too), so it goes with the rows after the checkpoint."""
+    """keep_metrics keeps a row only when its epoch is the checkpoint's or before; a line that is no row of
+    the run (plot leaves it out too: an object without a whole-number epoch, bytes that are no UTF-8) is
+    dropped with a warning (an epoch "4" ended the resume in a TypeError, bad bytes in a UnicodeDecodeError)."""
     from fasttrain.run_folder import keep_metrics
 
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"note": "no epoch"}\n{"epoch": 2}\n{"epoch": 3}\n')
-    keep_metrics(tmp_path, 2, None, warn=pytest.fail)  # nothing torn: no warning
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n{"note": "no epoch"}\n{"epoch": "4"}\n\xff\xfe\n'
+                                             b'{"epoch": 2}\n{"epoch": 3}\n')
+    warned = []
+    keep_metrics(tmp_path, 2, None, warn=warned.append)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert warned == [f"{tmp_path / 'metrics.jsonl'}: dropped 3 unreadable line(s)"]
+    keep_metrics(tmp_path, 2, None, warn=pytest.fail)  # nothing unreadable left: no warning
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(cifar_dir, tmp_path, reference_run, capsys):
