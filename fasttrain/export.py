@@ -47,10 +47,14 @@ def export_weights(checkpoint: str | Path, out: str | Path, *, weights: str = "a
     check_architecture(model, state, str(checkpoint))  # weights that do not fit the config are refused
     cast = DTYPES[dtype]
     state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    # an exported file exported again (fp32 to bf16) keeps its label and its run's figures, unless given anew:
+    # there is no summary.json beside it, and the label names the data the weights were trained on
+    earlier = ckpt.get("export") if isinstance(ckpt.get("export"), dict) else {}
     info = {
         "weights": used, "dtype": dtype, "epoch": int(ckpt["epoch"]), "params": count_params(model),
-        "trained_on": ckpt.get("data_source"), "run": _run_summary(checkpoint, ckpt, used),
-        "note": note,
+        "trained_on": ckpt.get("data_source"),
+        "run": _run_summary(checkpoint, ckpt, used) if not earlier else earlier.get("run") or {},
+        "note": note if note is not None else earlier.get("note"),
         "exported_from": str(checkpoint), "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "exported_by_git_sha": git_sha(), "torch": str(torch.__version__),
     }

@@ -38,6 +38,14 @@ def test_export_keeps_only_the_weights_and_evaluates_the_same(run, cifar_dir, tm
     assert all(torch.equal(exported["model"][k], full["ema"][k]) for k in full["ema"])
     assert out.stat().st_size < (run / "last.pt").stat().st_size / 2
 
+    # exported again (to bf16): the label and the run's figures go with the weights (no summary.json beside
+    # them; the label names the data they were trained on); a new --note replaces the label
+    again = json.loads(run_cli("export", str(out), str(tmp_path / "bf16.pt"), "--dtype", "bf16", "--json").stdout)
+    assert again["note"] == "tiny test run" and again["weights"] == info["weights"] == "ema"  # still the EMA's
+    assert again["run"] == info["run"], (again["run"], info["run"])
+    relabelled = json.loads(run_cli("export", str(out), str(tmp_path / "b.pt"), "--note", "new", "--json").stdout)
+    assert relabelled["note"] == "new"
+
     from_checkpoint, from_export = eval_json(run / "last.pt", cifar_dir), eval_json(out, cifar_dir)
     assert from_checkpoint["weights"] == "ema" and from_export["weights"] == "ema"  # the EMA, stored as the model
     assert from_export["test_acc"] == from_checkpoint["test_acc"] == summary["final_test_acc"]
