@@ -68,7 +68,11 @@ def write_atomic(path: Path, write: Callable[[IO], object], text: bool = False,
     own try block) left the temp file behind, beside an exported OUT for good."""
     made: list[Path] = []  # the temp file, named there before it is created
     try:
-        fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp", made=made)
+        try:
+            fd, tmp = create_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp", made=made)
+        except OSError as e:  # named by the file being written: the temp file's hidden name means nothing to a user
+            e.filename, e.filename2 = str(path), None
+            raise
         with naming(path), os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

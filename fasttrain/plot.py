@@ -97,7 +97,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     _panel(lr_ax, rows, [("lr", "lr")], "learning rate (at the epoch's start)", "lr")
     _panel(speed_ax, rows, [("images_per_second", "train")], "training throughput", "images / s")
     best = max((r["test_acc"] for r in rows if isinstance(r.get("test_acc"), (int, float))), default=None)
-    fig.suptitle(f"{run_dir.name}: {len(rows)} epoch(s)" + (f", best test {best:.2f}%" if best is not None else ""))
+    # resolved: `plot .` has a name too
+    fig.suptitle(f"{run_dir.resolve().name}: {len(rows)} epoch(s)" + (f", best test {best:.2f}%" if best is not None
+                                                                      else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     # a temp file renamed over OUT: a Ctrl-C while the image was written left OUT torn (0 bytes, or its first
     # chunks), the run folder's curves.png of an earlier plot lost

@@ -74,6 +74,9 @@ def test_plot_leaves_out_lines_that_are_not_rows_and_refuses_an_out_it_cannot_wr
     err = capsys.readouterr().err
     assert "left out 4 line(s) that are not metrics rows (line 4, 5, 6, 7)" in err
     assert (run / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    # where the file system refuses it, OUT is named, not the hidden temp file beside it
+    assert main(["plot", str(run), "--out", "/proc/c.png"]) == 1
+    assert capsys.readouterr().err.endswith("\nerror: /proc/c.png: No such file or directory\n")
     for out, why in ((tmp_path, "is a folder"), (tmp_path / "c.txt", "the file name's suffix picks the format")):
         assert main(["plot", str(run), "--out", str(out)]) == 2
         err = capsys.readouterr().err
