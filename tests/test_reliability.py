@@ -1314,6 +1314,24 @@ def test_out_of_memory_names_no_fix_the_run_already_has(cifar_dir, tmp_path, mon
     assert cli.main(cli_args(cifar_dir, tmp_path / "run", *settings)) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "error: out of GPU memory" in err and taken not in err, err
+    if "--train.eval_batch_size" in settings:  # neither batch can be halved
+        assert "lower --train.eval_batch_size" not in err, err
+
+
+def test_out_of_memory_names_each_fix_the_run_can_take(cifar_dir, tmp_path):
+    """The other side: a run that could take every fix is told each of them (without a compile: the
+    fixes are read from the config, so a stand-in trainer of max-autotune settings will do)."""
+    from types import SimpleNamespace
+
+    cfg = tiny_config(cifar_dir, tmp_path, "--train.batch_size", "64", "--train.eval_batch_size", "256",
+                      "--train.compile", "true", "--train.compile_mode", "max-autotune")
+    fixes = Trainer._oom_fixes(SimpleNamespace(cfg=cfg, precision=SimpleNamespace(name="fp32")))
+    assert fixes == ("lower --train.batch_size (e.g. 32, and optim.lr with it); lower --train.eval_batch_size; "
+                     "do not use compile mode max-autotune (--train.compile_mode default); use --train.precision bf16")
+    cfg.train.batch_size = cfg.train.eval_batch_size = 1
+    cfg.train.compile_mode = "default"
+    assert Trainer._oom_fixes(SimpleNamespace(cfg=cfg, precision=SimpleNamespace(name="bf16"))) == \
+        "free the GPU's memory held by other processes (nvidia-smi lists them)"
 
 
 def test_the_out_of_memory_detail_is_the_first_line_of_torchs_message_bounded():
