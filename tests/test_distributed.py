@@ -275,19 +275,21 @@ def test_an_error_every_rank_hits_is_printed_once_and_the_exit_codes_stay(cifar_
 @contextlib.contextmanager
 def agent_stops_the_waiting_rank():
     """torchrun's agent, which SIGTERMs every worker once one exits: the signal comes while the quiet rank waits
-    (once its wait has set a handler; never before, which would end pytest)."""
-    before, done = signal.getsignal(signal.SIGTERM), threading.Event()
+    (once its wait has set a handler; never before, which would end pytest). Yields a list that holds True once
+    the signal was sent: a rank that exits without waiting sets no handler and is never signalled."""
+    before, done, sent = signal.getsignal(signal.SIGTERM), threading.Event(), []
 
     def stop():
         while not done.wait(0.01):
             if signal.getsignal(signal.SIGTERM) is not before:
+                sent.append(True)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
     thread = threading.Thread(target=stop, daemon=True)
     thread.start()
     try:
-        yield
+        yield sent
     finally:
         done.set()
         thread.join()
@@ -307,9 +309,9 @@ def test_a_quiet_rank_waits_for_torchrun_to_stop_it_and_else_prints_the_error(ra
     rank_of_a_torchrun_job(1)
     monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 60.0)
     t0 = time.monotonic()
-    with agent_stops_the_waiting_rank():
+    with agent_stops_the_waiting_rank() as sent:
         assert cli.main(bad) == 2
-    assert capsys.readouterr().err == "" and time.monotonic() - t0 < 30
+    assert sent == [True] and capsys.readouterr().err == "" and time.monotonic() - t0 < 30
     monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 0.2)
     assert cli.main(bad) == 2 and capsys.readouterr().err == "error: rank 1 of 2: " + line
 
@@ -330,9 +332,15 @@ def test_a_usage_error_is_printed_once_per_node_as_an_error_every_rank_hits(rank
     assert err.endswith("\npython -m fasttrain: error: --config is given twice: keep one\n"), err
     rank_of_a_torchrun_job(1)
     monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 60.0)
-    with agent_stops_the_waiting_rank(), pytest.raises(SystemExit) as exited:
+    with agent_stops_the_waiting_rank() as sent, pytest.raises(SystemExit) as exited:
         cli.main(twice)
-    assert exited.value.code == cli.EXIT_USAGE and capsys.readouterr().err == ""
+    # it waited (the agent's signal found it waiting): a rank exiting at once is never signalled, and passed
+    assert sent == [True] and exited.value.code == cli.EXIT_USAGE and capsys.readouterr().err == ""
+    monkeypatch.setattr(distributed, "QUIET_RANK_WAIT_S", 0.2)  # no signal within the wait: it prints it itself
+    with pytest.raises(SystemExit) as exited:
+        cli.main(twice)
+    err = capsys.readouterr().err
+    assert exited.value.code == cli.EXIT_USAGE and "error: rank 1 of 2: --config is given twice: keep one" in err, err
 
 
 @pytest.mark.parametrize("failure", ["no_gpu_for_its_local_rank", "out_of_gpu_memory"])
@@ -1002,24 +1010,27 @@ def test_objects_are_gathered_in_rank_order_and_broadcast_from_rank_0(monkeypatc
     folder and resume path are rank 0's on every rank. One process: no collective."""
     from fasttrain import distributed
 
-    calls = []
+    calls, rank = [], 1
 
-    def gather(out, obj):
+    def gather(out, obj):  # the other ranks' values around the one this rank hands in (which must be sent)
         calls.append("gather")
-        out[:] = [f"rank {r}'s" for r in range(len(out))]
+        out[:] = [obj if r == rank else f"rank {r}'s" for r in range(len(out))]
 
-    def broadcast(box, src):
+    def broadcast(box, src):  # the source rank's box is sent as it is; every other rank's is filled
         calls.append(("broadcast", src))
-        box[0] = f"rank {src}'s"
+        if rank != src:
+            box[0] = f"rank {src}'s"
 
     monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
     monkeypatch.setattr(distributed.dist, "broadcast_object_list", broadcast)
     three = DistInfo(rank=1, world_size=3)
-    assert distributed.all_gather_objects("rank 1's", three) == ["rank 0's", "rank 1's", "rank 2's"]
-    assert distributed.broadcast_object("rank 1's", three) == "rank 0's"
-    assert calls == ["gather", ("broadcast", 0)]
+    assert distributed.all_gather_objects("mine", three) == ["rank 0's", "mine", "rank 2's"]
+    assert distributed.broadcast_object("mine", three) == "rank 0's"
+    rank = 0  # rank 0 sends its own value and keeps it
+    assert distributed.broadcast_object("rank 0's own", DistInfo(rank=0, world_size=3)) == "rank 0's own"
+    assert calls == ["gather", ("broadcast", 0), ("broadcast", 0)]
     assert distributed.all_gather_objects("mine", DistInfo()) == ["mine"]
-    assert distributed.broadcast_object("mine", DistInfo()) == "mine" and len(calls) == 2
+    assert distributed.broadcast_object("mine", DistInfo()) == "mine" and len(calls) == 3
 
 
 def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
