@@ -479,7 +479,8 @@ def parse_overrides(args: list[str], options: tuple[str, ...] = CLI_OPTIONS) -> 
         key, text = arg[2:].split("=", 1) if inline else (arg[2:], args[i + 1] if i + 1 < len(args) else None)
         _check_flag(key, text, options)
         if text is None or not inline and re.match(r"--[A-Za-z]", text):  # the next flag, not this one's value
-            hint = "" if text is None else f" ({text} is the next flag; a value that starts with -- goes as {arg}=VALUE)"
+            hint = ("" if text is None
+                    else f" ({text} is the next flag; a value that starts with -- goes as {arg}=VALUE)")
             raise ConfigError(f"{arg} needs a value, e.g. {arg} 0.1{hint}")
         i += 1 if inline else 2
         tp = _field_type(key)

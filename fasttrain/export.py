@@ -1,8 +1,8 @@
 """`python -m fasttrain export CHECKPOINT OUT`: the weights of a run, small enough to ship.
 
 A training checkpoint (last.pt) carries the optimizer's momentum, the Lookahead slow weights, the EMA
-and the RNG: 2-4x the model (Muon alone: 2x; SGD with Lookahead: 3x; with an EMA: 4x). The exported file keeps one set of weights (the EMA's when the run
-had one, or as chosen) with the config, the data they were trained on and the run's own accuracy
+and the RNG: 2-4x the model (Muon alone: 2x; SGD with Lookahead: 3x; with an EMA: 4x). The exported
+file keeps one set of weights (the EMA's when the run had one, or as chosen) with the config, the data they were trained on and the run's own accuracy
 figures, sealed with the same checksum as a checkpoint, so `python -m fasttrain eval OUT`
 measures it like any checkpoint. It cannot be resumed from (the trainer says so). `--dtype bf16`
 halves the file again; evaluation casts the weights back to the model's fp32.

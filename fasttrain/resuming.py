@@ -133,9 +133,10 @@ class Resumable:
         # alone: how SE runs (se_impl) and the budget (max_params) may change, with the warning below
         engine = {k: getattr(self.cfg.model, k) for k in ENGINE_MODEL_KEYS}
         if dataclasses.replace(saved.model, **engine) != self.cfg.model:
-            changed = "; ".join(f"model.{f.name} {getattr(saved.model, f.name)!r} -> {getattr(self.cfg.model, f.name)!r}"
-                                for f in dataclasses.fields(saved.model) if f.name not in ENGINE_MODEL_KEYS
-                                and getattr(saved.model, f.name) != getattr(self.cfg.model, f.name))
+            old, new = saved.model, self.cfg.model
+            changed = "; ".join(f"model.{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+                                for f in dataclasses.fields(old) if f.name not in ENGINE_MODEL_KEYS
+                                and getattr(old, f.name) != getattr(new, f.name))
             raise CheckpointError(f"{path} was trained with another model section than this config's ({changed}): "
                                   "drop the flag that changes it, or resume with the config saved in the run folder "
                                   "(config.yaml)")

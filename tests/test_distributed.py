@@ -494,8 +494,8 @@ def wait_for_file(proc, path: Path, timeout: float = 240.0) -> None:
 def sigterm_torchrun_mid_epoch(cifar_dir, tmp_path, run: Path, every_process: bool) -> tuple[int, str]:
     """torchrun -m fasttrain (LONG, steps slowed by 100 ms), SIGTERM half a second (a few steps) into the
     epoch (it must come before step STOP_AGREEMENT_EVERY: 30 ms steps left ~0.2 s for the test's own delays, which
-    a loaded 2-core machine can exceed; 100 ms steps leave ~1 s); every_process: to the agent and to both workers at once (a Slurm or systemd stop), else to
-    the agent alone (Ctrl-C, a container stop), which forwards it. Returns torchrun's exit code and output."""
+    a loaded 2-core machine can exceed; 100 ms steps leave ~1 s); every_process: to the agent and to both workers
+    at once (a Slurm or systemd stop), else to the agent alone (Ctrl-C, a container stop), which forwards it. Returns torchrun's exit code and output."""
     log = tmp_path / "torchrun.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "-m", "fasttrain", "--config", SMOKE, *LONG, "--output.dir", str(run), "--device", "cpu"]

@@ -61,8 +61,8 @@ Design
   output to 0, the box fed like the crop offsets (drawn by ``epoch_draws``, clipped to the image).
 * **Residency (GPU).** By default the uint8 dataset lives in device memory (CIFAR-10's training
   set: 154 MB, 240 MB padded for the ``samples`` graph) and each batch is gathered there by one
-  `index_select` on a side stream, which DALI's external source then copies from on the same stream. The training thread's work per
-  batch is then one kernel launch, not a 2.5 MB random-row numpy gather (tenths of a ms at batch
+  `index_select` on a side stream, which DALI's external source then copies from on the same stream.
+  The training thread's work per batch is then one kernel launch, not a 2.5 MB random-row numpy gather (tenths of a ms at batch
   512) plus a host-to-device copy -- and at the 200k images/s target a whole batch-512 step has
   ~2.5 ms. ``residency="host"``
   keeps the data in host memory instead (numpy gather in the iterating thread into ordinary,
