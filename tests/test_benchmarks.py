@@ -631,7 +631,8 @@ def test_gpu_session_limits_a_stage_so_its_kill_lands_before_the_watchdog(repo_r
     rows = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()]
     assert [(name, code) for name, code, _, _ in rows] == [("a", "0"), ("b", "0"), ("c", "0")]
     limits = [int(limit) for *_, limit in rows]
-    assert limits[0] in (99, 100) and limits[1] == limits[0] - 35 and limits[2] == 30, limits
+    # a second may tick between the calls: b's limit is 35 s under a's, give or take that second
+    assert limits[0] in (99, 100) and limits[0] - 36 <= limits[1] <= limits[0] - 35 and limits[2] == 30, limits
 
 
 def test_a_stage_cut_by_the_watchdog_keeps_its_row(repo_root, tmp_path):
