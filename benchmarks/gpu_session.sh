@@ -99,8 +99,8 @@
 #         best $OUT"   (~220 s with a cold compile: the sixth session's Muon run took 243 s)
 #   run: on the same warm machine, with what is left (BUDGET_S = min(left, 600) - 70: the watchdog's 25 s and
 #        the summary's ~10 s must end before the device's 600 s a command and the session's time): optim first,
-#        on the idle card, ~30 s (Muon's step batched by shape against padded, at 5 and 3 Newton-Schulz iterations, GPU time alone, which
-#        is what the CUDA graph pays), then the gpu tests beside the search (best.yaml, Muon at 36 epochs, as the
+#        on the idle card, ~30 s (Muon's step batched by shape against padded, at 5 and 3 Newton-Schulz
+#        iterations, GPU time alone, which is what the CUDA graph pays), then the gpu tests beside the search (best.yaml, Muon at 36 epochs, as the
 #        control; the first call's SGD recipe at 32 epochs and on [2,2,2] at 30, 36 and 42; Muon on [2,2,2];
 #        ~200 s side by side):
 #        "export GPU_SESSION_T0=$(date +%s) BUDGET_S=...; mkdir -p .stage && cp -a /tmp/stg/payload /tmp/stg/0[123]

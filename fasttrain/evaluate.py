@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrain.checkpoint import check_architecture, load_checkpoint, saved_config, select_weights
-from fasttrain.config import CHOICES, config_from_dict
+from fasttrain.config import CHOICES, validate
 from fasttrain.data import build_data
 from fasttrain.data.cifar import ENV_VAR
 from fasttrain.distributed import DistInfo, all_reduce_sum
@@ -170,8 +170,8 @@ def evaluate_checkpoint(path: str | Path, *, tta: str = "none", device: str = "a
     ckpt = load_checkpoint(path, map_location=dev)
     cfg = saved_config(ckpt, path)
     if test_subset is not None:  # validated with the rest (a ConfigError, exit 2, naming the range)
-        values = ckpt["config"]
-        cfg = config_from_dict({**values, "data": {**values.get("data", {}), "test_subset": test_subset}})
+        cfg.data.test_subset = test_subset
+        validate(cfg)
     # the test images are read in order alike by both loaders: the torch path scores weights trained with
     # DALI where DALI is not installed (a laptop, a CPU box) without a word of it
     cfg.data.loader = "torch"

@@ -132,11 +132,10 @@ class Resumable:
         # the model section is the architecture, but for the switches that leave the weights' meaning
         # alone: how SE runs (se_impl) and the budget (max_params) may change, with the warning below
         engine = {k: getattr(self.cfg.model, k) for k in ENGINE_MODEL_KEYS}
-        if dataclasses.replace(saved.model, **engine) != self.cfg.model:
-            old, new = saved.model, self.cfg.model
-            changed = "; ".join(f"model.{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
-                                for f in dataclasses.fields(old) if f.name not in ENGINE_MODEL_KEYS
-                                and getattr(old, f.name) != getattr(new, f.name))
+        architecture = dataclasses.replace(saved.model, **engine)
+        if architecture != self.cfg.model:
+            changed = "; ".join(c for c in config_changes(dataclasses.replace(saved, model=architecture), self.cfg)
+                                if c.startswith("model."))
             raise CheckpointError(f"{path} was trained with another model section than this config's ({changed}): "
                                   "drop the flag that changes it, or resume with the config saved in the run folder "
                                   "(config.yaml)")
